@@ -1,0 +1,1 @@
+//! The agent daemon. (Owned by the agent work.)

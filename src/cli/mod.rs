@@ -1,0 +1,398 @@
+//! Command-line edge: clap definitions, dispatch, and mapping of typed errors to exit codes.
+//! Handlers live in one file per command group; this file only wires them.
+
+mod agentcmd;
+mod docs;
+mod offline;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::exit::{Exit, ExitClass};
+
+/// Default configuration file (vault credentials, volumes, agent policy).
+pub const DEFAULT_CONFIG: &str = "/etc/kvcrypt/kvcrypt.toml";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kvcrypt",
+    version,
+    about = "Block-device encryption with keys held in your Azure Key Vault / Managed HSM",
+    long_about = "kvcrypt encrypts a block device with AES-256-XTS under a random volume master key \
+                  (VMK). The VMK is stored on the device only wrapped by a key in the customer's Azure \
+                  Key Vault or Managed HSM; revoking access to that key locks the data."
+)]
+pub struct Cli {
+    /// Configuration file (vault credentials, volumes, policies).
+    #[arg(long, global = true, env = "KVCRYPT_CONFIG", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a new kvcrypt header to DEVICE, wrapping a fresh volume key with a Key Vault key.
+    Format(FormatArgs),
+    /// Inspect, back up or restore the volume header.
+    #[command(subcommand)]
+    Header(HeaderCmd),
+    /// Print udev IMPORT{program} properties for a kvcrypt volume (silent, non-zero otherwise).
+    Probe(ProbeArgs),
+    /// Add a key slot wrapped by another key (or the latest key version); optionally remove slots.
+    Rewrap(RewrapArgs),
+    /// Measure the XTS engine (MB/s per core), like `cryptsetup benchmark`.
+    Benchmark(BenchmarkArgs),
+    /// Unlock DEVICE and serve its plaintext as a block device named NAME.
+    Open(OpenArgs),
+    /// Flush and remove the served device NAME.
+    Close(CloseArgs),
+    /// Run the agent daemon (boot-time unlock, access checks, revocation handling).
+    Agent(AgentArgs),
+    /// Lock a volume now: freeze, suspend I/O, wipe its key (as on revocation).
+    Lock(NameArgs),
+    /// Undo `kvcrypt lock`: unwrap the key again and resume I/O.
+    Unlock(NameArgs),
+    /// Show the state of volumes served by the agent.
+    Status(StatusArgs),
+    /// Run the whole story on a scratch file with the bundled Key Vault emulator.
+    Demo(DemoArgs),
+    /// Print shell completions.
+    Completions(CompletionsArgs),
+    /// Write man pages.
+    Man(ManArgs),
+    /// Internal: serve one volume (started by `open` and by the agent; reads its key from a pipe).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FormatArgs {
+    /// Block device or file to format.
+    pub device: PathBuf,
+    /// Versioned or versionless Key Vault key id: https://VAULT/keys/NAME[/VERSION].
+    #[arg(long)]
+    pub key_id: String,
+    /// Wrap algorithm (default: RSA-OAEP-256 for RSA keys, A256KW / CKM_AES_KEY_WRAP for oct keys).
+    #[arg(long)]
+    pub algorithm: Option<String>,
+    /// Volume label (up to 47 bytes of UTF-8).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Encryption sector size in bytes.
+    #[arg(long, default_value_t = 4096, value_parser = parse_sector_size)]
+    pub sector_size: u32,
+    /// Use this 64-byte volume master key (raw binary file) instead of a random one.
+    #[arg(long)]
+    pub master_key_file: Option<PathBuf>,
+    /// Overwrite an existing kvcrypt header or filesystem/partition signature.
+    #[arg(long)]
+    pub yes: bool,
+    /// Encrypt zeros over the whole data area (slow; hides which blocks were ever written).
+    #[arg(long)]
+    pub wipe: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HeaderCmd {
+    /// Print the header (both copies' state, key slots).
+    Dump(HeaderDumpArgs),
+    /// Save both header copies and the metadata area to FILE.
+    Backup { device: PathBuf, file: PathBuf },
+    /// Write a header backup from FILE back to DEVICE.
+    Restore {
+        device: PathBuf,
+        file: PathBuf,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct HeaderDumpArgs {
+    pub device: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Unwrap and print the volume master key (hex) for emergency dm-crypt access. Root only;
+    /// asks for confirmation on the terminal unless --yes-i-understand is given.
+    #[arg(long)]
+    pub dump_master_key: bool,
+    /// Confirm --dump-master-key without a terminal prompt.
+    #[arg(long, requires = "dump_master_key")]
+    pub yes_i_understand: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Device to probe (a name like `sdb` is taken relative to /dev).
+    pub device: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RewrapArgs {
+    pub device: PathBuf,
+    /// Key to wrap the new slot with (default: latest version of the key of slot 0).
+    #[arg(long)]
+    pub key_id: Option<String>,
+    /// Wrap algorithm for the new slot.
+    #[arg(long)]
+    pub algorithm: Option<String>,
+    /// Remove this slot after adding the new one (repeatable).
+    #[arg(long = "remove-slot")]
+    pub remove_slot: Vec<u32>,
+    /// Only remove slots, add none.
+    #[arg(long)]
+    pub no_add: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchmarkArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 1.0)]
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// ublk if /dev/ublk-control exists, FUSE + loop otherwise.
+    Auto,
+    Ublk,
+    Fuse,
+}
+
+#[derive(Debug, Args)]
+pub struct OpenArgs {
+    /// Encrypted block device or file.
+    pub device: PathBuf,
+    /// Name of the plaintext device (/dev/disk/by-kvcrypt/NAME).
+    pub name: String,
+    #[arg(long, value_enum, default_value_t = TransportKind::Auto)]
+    pub transport: TransportKind,
+    /// Hardware queues (ublk) / worker threads (FUSE); default one per CPU.
+    #[arg(long)]
+    pub queues: Option<u16>,
+    /// Queue depth per queue.
+    #[arg(long, default_value_t = 128)]
+    pub queue_depth: u16,
+    /// Pass discards through (reveals which blocks are in use).
+    #[arg(long)]
+    pub allow_discards: bool,
+    /// Serve read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Stay in the foreground (serve until SIGTERM/SIGINT).
+    #[arg(long)]
+    pub foreground: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CloseArgs {
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Run one unlock pass and exit (for tests and `ExecStartPre`-style checks).
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this volume.
+    pub name: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Scratch directory (default: a new temporary directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Size of the scratch volume in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub size_mib: u64,
+    /// Keep the scratch directory and emulator state afterwards.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Directory to write kvcrypt.1 and kvcrypt-SUBCOMMAND.1 into.
+    #[arg(long, default_value = ".")]
+    pub out_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    pub device: PathBuf,
+    pub name: String,
+    #[arg(long, value_enum, default_value_t = TransportKind::Auto)]
+    pub transport: TransportKind,
+    #[arg(long)]
+    pub queues: Option<u16>,
+    #[arg(long, default_value_t = 128)]
+    pub queue_depth: u16,
+    #[arg(long)]
+    pub allow_discards: bool,
+    #[arg(long)]
+    pub read_only: bool,
+    /// File descriptor to read the 64-byte volume key from (then closed).
+    #[arg(long, default_value_t = 3)]
+    pub key_fd: i32,
+    /// File descriptor to write one readiness line to (device path), then closed.
+    #[arg(long)]
+    pub ready_fd: Option<i32>,
+    /// Re-attach an existing ublk device (after a crash or suspend) instead of adding one.
+    #[arg(long)]
+    pub recover_dev_id: Option<u32>,
+}
+
+fn parse_sector_size(s: &str) -> Result<u32, String> {
+    match s {
+        "4096" => Ok(4096),
+        "512" => Ok(512),
+        _ => Err(format!("sector size must be 4096 or 512, not {s}")),
+    }
+}
+
+/// Entry point of the `kvcrypt` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let exit = classify(&e);
+            eprintln!("kvcrypt: {e:#}");
+            ExitCode::from(exit.code())
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVCRYPT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config;
+    match cli.command {
+        Command::Format(a) => offline::format(&config, a),
+        Command::Header(h) => offline::header(&config, h),
+        Command::Probe(a) => offline::probe(a),
+        Command::Rewrap(a) => offline::rewrap(&config, a),
+        Command::Benchmark(a) => offline::benchmark(a),
+        Command::Open(a) => serve::open(&config, a),
+        Command::Close(a) => serve::close(a),
+        Command::Worker(a) => serve::worker(a),
+        Command::Agent(a) => agentcmd::agent(&config, a),
+        Command::Lock(a) => agentcmd::lock(a),
+        Command::Unlock(a) => agentcmd::unlock(a),
+        Command::Status(a) => agentcmd::status(a),
+        Command::Demo(a) => agentcmd::demo(a),
+        Command::Completions(a) => docs::completions(a),
+        Command::Man(a) => docs::man(a),
+    }
+}
+
+/// Maps the first typed error found in the chain to its exit code.
+/// Every library error type that implements [`ExitClass`] must be listed here.
+pub fn classify(err: &anyhow::Error) -> Exit {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<crate::header::HeaderError>() {
+            return e.exit_class();
+        }
+        if let Some(e) = cause.downcast_ref::<crate::keys::KeyError>() {
+            return e.exit_class();
+        }
+        if let Some(e) = cause.downcast_ref::<CliError>() {
+            return e.exit_class();
+        }
+        if let Some(e) = cause.downcast_ref::<std::io::Error>() {
+            return match e.kind() {
+                std::io::ErrorKind::NotFound => Exit::NotFound,
+                std::io::ErrorKind::PermissionDenied => Exit::Permission,
+                _ => Exit::Device,
+            };
+        }
+    }
+    Exit::Failure
+}
+
+/// Errors raised at the CLI edge itself.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Permission(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl ExitClass for CliError {
+    fn exit_class(&self) -> Exit {
+        match self {
+            CliError::Usage(_) => Exit::Usage,
+            CliError::Config(_) => Exit::Config,
+            CliError::Busy(_) => Exit::Busy,
+            CliError::NotFound(_) => Exit::NotFound,
+            CliError::Permission(_) => Exit::Permission,
+            CliError::Unsupported(_) => Exit::Unsupported,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,1 @@
+//! Sector I/O on the backing device. (Owned by the data-path work.)

@@ -1,0 +1,1 @@
+//! How the kernel sees the plaintext device: ublk or FUSE + loop. (Owned by the data-path work.)
