@@ -20,6 +20,19 @@ pub fn probe(_a: ProbeArgs) -> anyhow::Result<()> {
 pub fn rewrap(_config: &Path, _a: RewrapArgs) -> anyhow::Result<()> {
     todo_cmd("rewrap")
 }
-pub fn benchmark(_a: BenchmarkArgs) -> anyhow::Result<()> {
-    todo_cmd("benchmark")
+pub fn benchmark(a: BenchmarkArgs) -> anyhow::Result<()> {
+    if !(a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 600.0) {
+        return Err(CliError::Usage(format!(
+            "--seconds {} is out of range: give a duration between 0 and 600 seconds",
+            a.seconds
+        ))
+        .into());
+    }
+    let report = crate::crypto::bench::run_benchmark(a.seconds);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
 }

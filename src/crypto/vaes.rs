@@ -1,4 +1,4 @@
-//! AES-256-XTS kernel for x86_64 CPUs with VAES + AVX2 — the only `unsafe` code of `crypto`.
+//! AES-256-XTS kernel for x86_64 CPUs with VAES + VPCLMULQDQ + AVX2 — the only `unsafe` code of `crypto`.
 //!
 //! Why hand-written: the `aes` crate 0.8 pipelines 8 blocks of 128-bit AES-NI, which caps it at
 //! roughly half of what the CPU can do: VAES executes two AES rounds per 256-bit instruction
@@ -8,8 +8,8 @@
 //! tweaks 16 blocks at a time with one byte-shift per lane (T·x^16, see [`mul_x16`]).
 //!
 //! VAES intrinsics (`_mm256_aesenc_epi128`) are only stable from Rust 1.89 while the crate's
-//! MSRV is 1.88, so the four VAES instructions are emitted by the tiny [`vaes!`] `asm!` macro
-//! (pure, no memory, no flags); everything else is stable AES-NI / AVX2 intrinsics.
+//! MSRV is 1.88, so the four VAES instructions and VPCLMULQDQ are emitted by tiny register-only
+//! `asm!` blocks (pure, no memory, no flags); everything else is stable AES-NI / AVX2 intrinsics.
 //!
 //! Key schedules are expanded directly into caller-provided secret memory ([`Keys`] lives in a
 //! `SecretBox`), so no copy of them is left on the stack. Tweak scratch arrays are wiped before
@@ -25,7 +25,7 @@ use zeroize::Zeroize;
 
 use crate::secmem::Pod;
 
-cpufeatures::new!(vaes_cpu, "aes", "avx2", "vaes");
+cpufeatures::new!(vaes_cpu, "aes", "avx2", "vaes", "vpclmulqdq");
 
 /// True if this CPU (and OS) can run the kernel.
 pub(super) fn available() -> bool {
@@ -148,16 +148,23 @@ fn mul_x(t: u128) -> u128 {
     (t << 1) ^ (0u128.wrapping_sub(t >> 127) & 0x87)
 }
 
-/// Each 128-bit lane · x^16: shift left two bytes, fold the 16 bits shifted out back in with
-/// x^128 = x^7 + x^2 + x + 1.
+/// Each 128-bit lane · x^16: shift left two bytes and fold the 16 bits shifted out back in
+/// with x^128 = x^7 + x^2 + x + 1 (one carry-less multiply by 0x87). Four vector ops per two
+/// tweaks; the shift-and-xor version without VPCLMULQDQ needed nine and cost ~5 % speed.
 #[inline]
 #[target_feature(enable = "aes,avx2")]
 fn mul_x16(t: __m256i) -> __m256i {
-    let top = _mm256_bsrli_epi128::<14>(t);
-    let red = _mm256_xor_si256(
-        _mm256_xor_si256(top, _mm256_slli_epi64::<1>(top)),
-        _mm256_xor_si256(_mm256_slli_epi64::<2>(top), _mm256_slli_epi64::<7>(top)),
-    );
+    let mut red = _mm256_bsrli_epi128::<14>(t);
+    let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
+    // SAFETY: register-only VPCLMULQDQ (checked together with VAES in `available()`).
+    unsafe {
+        asm!(
+            "vpclmulqdq {r}, {r}, {p}, 0x00",
+            r = inout(ymm_reg) red,
+            p = in(ymm_reg) poly,
+            options(pure, nomem, nostack, preserves_flags)
+        )
+    };
     _mm256_xor_si256(_mm256_bslli_epi128::<2>(t), red)
 }
 
