@@ -67,7 +67,9 @@ fn not_a_kvcrypt_device() {
     let zeros = sized_file(dir.path(), "zeros.img", 4 * MIB);
     let empty = sized_file(dir.path(), "empty.img", 0);
     let noise = sized_file(dir.path(), "noise.img", 2 * MIB);
-    let bytes: Vec<u8> = (0..2 * MIB).map(|i| (i * 2654435761 >> 13) as u8).collect();
+    let bytes: Vec<u8> = (0..2 * MIB)
+        .map(|i| ((i * 2654435761) >> 13) as u8)
+        .collect();
     write_at(&noise, 0, &bytes);
     for p in [&zeros, &empty, &noise] {
         let e = header::read(p).unwrap_err();
