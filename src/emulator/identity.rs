@@ -4,6 +4,11 @@
 //! Response shapes follow what `azure_identity` parses (App Service/IMDS `expires_on` is a
 //! *string*; Entra returns `expires_in` as a number).
 
+#![allow(
+    clippy::result_large_err,
+    reason = "error values are finished HTTP responses, built once per request and returned straight to hyper"
+)]
+
 use super::Shared;
 use super::errors::{Resp, aad_error, json};
 use super::model::{Principal, TokenInfo, now, random_hex};
@@ -333,7 +338,7 @@ pub fn msi_token(shared: &Shared, query: &str, headers: &HeaderMap, imds: bool) 
             "The X-IDENTITY-HEADER header is missing or does not match this environment's IDENTITY_HEADER.",
         ));
     }
-    if q.get("api-version").is_none() {
+    if !q.contains_key("api-version") {
         return fail(if imds {
             imds_err(
                 StatusCode::BAD_REQUEST,

@@ -215,7 +215,7 @@ impl Material {
                 .map_err(|e| CryptoError::BadParameter(format!("Invalid plaintext: {e}"))),
             (Material::Oct(k), alg) => {
                 let pad = aes_alg(alg, k.len())?;
-                if !pad && (data.len() % 8 != 0 || data.len() < 16) {
+                if !pad && (!data.len().is_multiple_of(8) || data.len() < 16) {
                     return Err(CryptoError::BadParameter(format!(
                         "The plaintext length must be a multiple of 8 bytes and at least 16 bytes for {alg}."
                     )));

@@ -2,6 +2,11 @@
 //! challenge, authorization (RBAC / access-policy flavoured 403s), firewall, and the key
 //! operations themselves.
 
+#![allow(
+    clippy::result_large_err,
+    reason = "error values are finished HTTP responses, built once per request and returned straight to hyper"
+)]
+
 use super::Shared;
 use super::errors::{
     Resp, bad_parameter, caller, firewall, forbidden, json, key_not_found, kv_error, no_content,
