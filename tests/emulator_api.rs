@@ -969,3 +969,133 @@ async fn state_survives_restart() {
     let t2 = token(&c, &emu, &p, "https://vault.azure.net").await;
     assert_ne!(t, t2);
 }
+
+fn jwt(header: Value, claims: Value, key: Option<&RsaPrivateKey>) -> String {
+    use rsa::signature::{SignatureEncoding, Signer};
+    let signed = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = match key {
+        Some(k) => rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(k.clone())
+            .sign(signed.as_bytes())
+            .to_vec(),
+        None => b"unsigned".to_vec(),
+    };
+    format!("{signed}.{}", b64(&sig))
+}
+
+async fn assertion_token(
+    c: &reqwest::Client,
+    emu: &kvcrypt::emulator::EmulatorHandle,
+    client_id: &str,
+    assertion: &str,
+) -> (u16, Value) {
+    let r = c
+        .post(emu.token_url())
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", assertion),
+            ("scope", "https://vault.azure.net/.default"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn certificate_and_federated_client_assertions() {
+    use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+    let emu = start();
+    let c = client(&emu);
+    // A certificate credential: self-signed cert over the customer's RSA key.
+    let k = customer_key();
+    let pem = k.to_pkcs8_pem(LineEnding::LF).unwrap();
+    let kp = rcgen::KeyPair::from_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["kvcrypt-app".to_string()])
+        .unwrap()
+        .self_signed(&kp)
+        .unwrap();
+    let p = emu
+        .create_principal(NewPrincipal {
+            kind: PrincipalKind::Certificate,
+            certificate_pem: Some(cert.pem()),
+            ..Default::default()
+        })
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({"aud": emu.token_url(), "iss": p.client_id, "sub": p.client_id,
+        "jti": "1", "nbf": now, "exp": now + 600});
+    let header = json!({"alg": "RS256", "typ": "JWT"});
+    let (s, v) = assertion_token(
+        &c,
+        &emu,
+        &p.client_id,
+        &jwt(header.clone(), claims.clone(), Some(k)),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["access_token"].is_string());
+    // Signed by another key → AADSTS700027.
+    let other = RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+    let (s, v) = assertion_token(
+        &c,
+        &emu,
+        &p.client_id,
+        &jwt(header.clone(), claims.clone(), Some(&other)),
+    )
+    .await;
+    assert_eq!((s, v["error"].as_str()), (401, Some("invalid_client")));
+    assert_eq!(v["error_codes"], json!([700027]));
+    // Expired assertion → AADSTS700024.
+    let mut old = claims.clone();
+    old["exp"] = json!(now - 3600);
+    let (s, v) = assertion_token(&c, &emu, &p.client_id, &jwt(header.clone(), old, Some(k))).await;
+    assert_eq!(s, 401);
+    assert_eq!(v["error_codes"], json!([700024]));
+
+    // Federated (workload identity): accepted on a registered issuer + subject.
+    let f = emu
+        .create_principal(NewPrincipal {
+            kind: PrincipalKind::Federated,
+            issuer: Some("https://oidc.example.test/cluster".into()),
+            subject: Some("system:serviceaccount:kvcrypt:agent".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let fed = |sub: &str| {
+        jwt(
+            json!({"alg": "RS256", "typ": "JWT"}),
+            json!({"iss": "https://oidc.example.test/cluster", "sub": sub,
+                "aud": "api://AzureADTokenExchange", "exp": now + 600}),
+            None,
+        )
+    };
+    let (s, _) = assertion_token(
+        &c,
+        &emu,
+        &f.client_id,
+        &fed("system:serviceaccount:kvcrypt:agent"),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, v) = assertion_token(
+        &c,
+        &emu,
+        &f.client_id,
+        &fed("system:serviceaccount:other:x"),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert_eq!(v["error_codes"], json!([70021]));
+}

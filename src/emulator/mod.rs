@@ -25,7 +25,6 @@ pub use admin::{
     PrincipalKind,
 };
 pub use cli::cli_main;
-pub use keycrypto::Material;
 pub use model::{AuthMode, Op};
 
 use model::State;
