@@ -73,11 +73,12 @@ impl HttpClient for EmuHttp {
 fn client_options(http: &Arc<EmuHttp>, authority: &str) -> ClientOptions {
     let mut cloud = azure_core::cloud::CustomConfiguration::default();
     cloud.authority_host = authority.to_string();
-    let mut o = ClientOptions::default();
-    o.transport = Some(Transport::new(http.clone()));
-    o.cloud = Some(Arc::new(cloud.into()));
-    o.retry = azure_core::http::RetryOptions::none();
-    o
+    ClientOptions {
+        transport: Some(Transport::new(http.clone())),
+        cloud: Some(Arc::new(cloud.into())),
+        retry: azure_core::http::RetryOptions::none(),
+        ..Default::default()
+    }
 }
 
 #[tokio::test]
@@ -97,8 +98,10 @@ async fn official_sdk_wraps_and_unwraps_through_the_emulator() {
         }),
     )
     .unwrap();
-    let mut kopts = KeyClientOptions::default();
-    kopts.client_options = client_options(&http, &emu.authority_host());
+    let kopts = KeyClientOptions {
+        client_options: client_options(&http, &emu.authority_host()),
+        ..Default::default()
+    };
     // verify_challenge_resource stays at its default (true).
     let kc = KeyClient::new(&emu.vault_url("myvault"), cred, Some(kopts)).unwrap();
 
@@ -113,9 +116,11 @@ async fn official_sdk_wraps_and_unwraps_through_the_emulator() {
     );
 
     let vmk = vec![0x5au8; 64];
-    let mut params = KeyOperationParameters::default();
-    params.algorithm = Some(EncryptionAlgorithm::RsaOaep256);
-    params.value = Some(vmk.clone());
+    let params = KeyOperationParameters {
+        algorithm: Some(EncryptionAlgorithm::RsaOaep256),
+        value: Some(vmk.clone()),
+        ..Default::default()
+    };
     let wrapped = kc
         .wrap_key("cmk", params.try_into().unwrap(), None)
         .await
@@ -123,9 +128,11 @@ async fn official_sdk_wraps_and_unwraps_through_the_emulator() {
         .into_model()
         .unwrap();
     assert_eq!(wrapped.kid.as_deref(), Some(kid.as_str()));
-    let mut params = KeyOperationParameters::default();
-    params.algorithm = Some(EncryptionAlgorithm::RsaOaep256);
-    params.value = wrapped.result.clone();
+    let params = KeyOperationParameters {
+        algorithm: Some(EncryptionAlgorithm::RsaOaep256),
+        value: wrapped.result.clone(),
+        ..Default::default()
+    };
     let unwrapped = kc
         .unwrap_key("cmk", &version, params.try_into().unwrap(), None)
         .await
@@ -136,9 +143,11 @@ async fn official_sdk_wraps_and_unwraps_through_the_emulator() {
 
     // Revocation surfaces as an HTTP 403 whose raw body carries ForbiddenByRbac.
     emu.revoke(&p.client_id, &[Op::Unwrap], None).unwrap();
-    let mut params = KeyOperationParameters::default();
-    params.algorithm = Some(EncryptionAlgorithm::RsaOaep256);
-    params.value = wrapped.result.clone();
+    let params = KeyOperationParameters {
+        algorithm: Some(EncryptionAlgorithm::RsaOaep256),
+        value: wrapped.result.clone(),
+        ..Default::default()
+    };
     let err = kc
         .unwrap_key("cmk", &version, params.try_into().unwrap(), None)
         .await

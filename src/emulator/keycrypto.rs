@@ -7,7 +7,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey};
-use rsa::traits::{PrivateKeyParts, PublicKeyParts};
+use rsa::traits::PublicKeyParts;
 use rsa::{BigUint, Oaep, RsaPrivateKey};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -192,14 +192,6 @@ impl Material {
         if let Material::Rsa(k) = self {
             jwk.insert("n".into(), b64url(&k.n().to_bytes_be()).into());
             jwk.insert("e".into(), b64url(&k.e().to_bytes_be()).into());
-        }
-    }
-
-    /// The private exponent, only for tests that check an import round-trips.
-    pub fn rsa_private_exponent(&self) -> Option<Vec<u8>> {
-        match self {
-            Material::Rsa(k) => Some(k.d().to_bytes_be()),
-            Material::Oct(_) => None,
         }
     }
 
