@@ -310,7 +310,13 @@ async fn handle(
         .await;
         entry.principal = out.principal;
         entry.op = out.op.map(str::to_string);
-        vault_headers(out.resp, &request_id)
+        let mut resp = vault_headers(out.resp, &request_id);
+        // The service echoes the client's request id (the SDK logs it for correlation).
+        if let Some(v) = headers.get("x-ms-client-request-id") {
+            resp.headers_mut()
+                .insert("x-ms-client-request-id", v.clone());
+        }
+        resp
     };
     entry.status = resp.status().as_u16();
     shared.log().push(entry);
