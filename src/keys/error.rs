@@ -392,6 +392,10 @@ fn classify_vault(status: u16, body: Body, target: &Target) -> KeyError {
                     "the key's permitted operations (key_ops) exclude {op}, or the key is not \
                      yet valid / expired for it; check the key's properties"
                 ),
+                Some("KeyExpired") | Some("KeyNotYetValid") => format!(
+                    "the key version is expired or not yet valid, so it may not {op} new keys \
+                     (existing slots still unwrap): rotate the key or fix its activation/expiry dates"
+                ),
                 Some("ForbiddenByFirewall") => {
                     "the vault's firewall rejects this host's address; check the vault's network \
                      rules / private endpoint"
