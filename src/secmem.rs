@@ -13,7 +13,9 @@ pub struct SecretBytes<const N: usize> {
 
 impl<const N: usize> SecretBytes<N> {
     pub fn zeroed() -> Self {
-        Self { bytes: Box::new([0u8; N]) }
+        Self {
+            bytes: Box::new([0u8; N]),
+        }
     }
     pub fn from_slice(src: &[u8]) -> Option<Self> {
         if src.len() != N {

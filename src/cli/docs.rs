@@ -14,8 +14,7 @@ pub fn completions(a: CompletionsArgs) -> anyhow::Result<()> {
 }
 
 pub fn man(a: ManArgs) -> anyhow::Result<()> {
-    fs::create_dir_all(&a.out_dir)
-        .with_context(|| format!("creating {}", a.out_dir.display()))?;
+    fs::create_dir_all(&a.out_dir).with_context(|| format!("creating {}", a.out_dir.display()))?;
     let cmd = Cli::command();
     clap_mangen::generate_to(cmd, &a.out_dir)
         .with_context(|| format!("writing man pages to {}", a.out_dir.display()))?;
