@@ -342,6 +342,9 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         if let Some(e) = cause.downcast_ref::<crate::keys::KeyError>() {
             return e.exit_class();
         }
+        if let Some(e) = cause.downcast_ref::<crate::transport::ublk::UblkTransportError>() {
+            return e.exit_class();
+        }
         if let Some(e) = cause.downcast_ref::<CliError>() {
             return e.exit_class();
         }

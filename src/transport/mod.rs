@@ -1,19 +1,19 @@
 //! How the kernel sees the plaintext device.
 //!
-//! - `ublk` (primary; added by the ublk work as `src/transport/ublk.rs` — declare
-//!   `pub mod ublk;` here and set [`UBLK_COMPILED_IN`] to true when that file lands).
+//! - [`ublk`]: the primary transport (libublk; `/dev/ublkbN`).
 //! - [`fuse`]: the fallback where `/dev/ublk-control` is missing — the plaintext is one file in
 //!   a private FUSE mount, attached to a [`loopdev`] loop device with direct I/O.
 
 pub mod fuse;
 pub mod loopdev;
+pub mod ublk;
 
 use std::path::Path;
 
 use crate::exit::{Exit, ExitClass};
 
-/// True once the ublk transport module is part of the build (see the module comment).
-pub const UBLK_COMPILED_IN: bool = false;
+/// The ublk transport is always compiled in; whether the kernel offers it is checked at run time.
+pub const UBLK_COMPILED_IN: bool = true;
 
 /// Where runtime state of served volumes lives.
 pub const RUN_DIR: &str = "/run/kvcrypt";
