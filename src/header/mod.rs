@@ -10,6 +10,8 @@
 
 mod auth;
 mod device;
+#[doc(hidden)]
+pub mod fuzzing;
 mod kdf;
 pub mod layout;
 mod metadata;
@@ -217,6 +219,16 @@ impl ExitClass for HeaderError {
             HeaderError::Invalid(_) => Exit::Usage,
         }
     }
+}
+
+/// Encodes `h` as a complete header-area image (both copies, 1 MiB) with `sequence`, exactly
+/// as [`write`] puts it on disk. For tests, fuzzing and tools that build images offline.
+pub fn encode_image(h: &VolumeHeader, sequence: u64) -> Result<Vec<u8>, HeaderError> {
+    let mut image = Vec::with_capacity(layout::HEADER_AREA_SIZE as usize);
+    for c in Copy::BOTH {
+        image.extend_from_slice(&h.encode_copy(c, sequence)?);
+    }
+    Ok(image)
 }
 
 /// Current time as RFC 3339 (UTC, seconds), for `KeySlot::created_at`.
