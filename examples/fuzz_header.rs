@@ -2,6 +2,7 @@
 //! nightly (the `fuzz/` directory has the cargo-fuzz target with the same entry point).
 //!
 //! `cargo run --release --example fuzz_header -- [EXECUTIONS] [RNG_SEED]`
+//! `cargo run --example fuzz_header -- --seeds DIR` writes the seed inputs (for cargo-fuzz).
 //!
 //! Starts from valid header copies (`kvcrypt::header::fuzzing::seed_inputs`), applies random
 //! stacked mutations (bit flips, byte/integer overwrites with boundary values, JSON-token
@@ -93,7 +94,19 @@ fn mutate(rng: &mut StdRng, input: &mut Vec<u8>) {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("--seeds") {
+        let Some(dir) = argv.get(1) else {
+            eprintln!("usage: fuzz_header --seeds DIR");
+            std::process::exit(2);
+        };
+        std::fs::create_dir_all(dir).expect("create seed directory");
+        for (i, s) in seed_inputs().iter().enumerate() {
+            std::fs::write(format!("{dir}/seed-{i}"), s).expect("write seed");
+        }
+        return;
+    }
+    let mut args = argv.into_iter();
     let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let seed: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
     let mut rng = StdRng::seed_from_u64(seed);
