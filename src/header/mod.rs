@@ -283,14 +283,14 @@ impl VolumeHeader {
     /// MAC-covered field (label, geometry, slots). The caller must have verified `vmk` first
     /// (sealing with a wrong key would lock the volume's real key out).
     pub fn seal(&mut self, vmk: &VolumeKey) {
-        self.key_check = auth::key_check(vmk, &self.uuid);
+        self.key_check = auth::key_check(vmk);
         self.mac = auth::mac(vmk, self, &self.key_check);
     }
 
     /// Checks that `vmk` is this volume's key (key-check digest → [`HeaderError::WrongKey`]) and
     /// that the header is authentic (MAC → [`HeaderError::Tampered`]).
     pub fn verify_key(&self, vmk: &VolumeKey) -> Result<(), HeaderError> {
-        if !auth::ct_eq(&auth::key_check(vmk, &self.uuid), &self.key_check) {
+        if !auth::ct_eq(&auth::key_check(vmk), &self.key_check) {
             return Err(HeaderError::WrongKey);
         }
         if !auth::ct_eq(&auth::mac(vmk, self, &self.key_check), &self.mac) {
