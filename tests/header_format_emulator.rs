@@ -175,7 +175,7 @@ fn format_dump_rewrap_against_the_emulator() {
 
     // Revoked unwrap permission: exit 5 (access denied).
     kv.emu.revoke(&p.client_id, &[Op::Unwrap], None).unwrap();
-    let denied = master_key(&cfg, devs).err().expect("denied");
+    let denied = master_key(&cfg, devs).expect_err("denied");
     assert_eq!(
         denied.status.code(),
         Some(5),

@@ -53,8 +53,8 @@ fn load_vault_config(config: &Path) -> anyhow::Result<crate::keys::VaultConfig> 
     })?;
     let vault_text = toml::to_string(vault)
         .map_err(|e| CliError::Config(format!("config file {}: [vault]: {e}", config.display())))?;
-    Ok(crate::keys::VaultConfig::from_toml(&vault_text)
-        .with_context(|| format!("config file {}", config.display()))?)
+    crate::keys::VaultConfig::from_toml(&vault_text)
+        .with_context(|| format!("config file {}", config.display()))
 }
 
 /// The real provider: Azure Key Vault / Managed HSM (errors stay `keys::KeyError`, so the
