@@ -7,13 +7,12 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use kvcrypt::emulator::{EmulatorHandle, Op, PrincipalInfo};
 use serde_json::{Value, json};
-use std::net::SocketAddr;
 
 pub const VAULT: &str = "myvault.vault.azure.net";
 pub const HSM: &str = "myhsm.managedhsm.azure.net";
 
 pub fn client(emu: &EmulatorHandle) -> reqwest::Client {
-    let addr = SocketAddr::from(([127, 0, 0, 1], emu.port()));
+    let addr = emu.addr();
     reqwest::Client::builder()
         .tls_built_in_root_certs(false)
         .add_root_certificate(
