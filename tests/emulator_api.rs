@@ -44,7 +44,7 @@ async fn client_credentials_and_identity_errors() {
     // Success shape (what azure_identity parses).
     let r = c
         .post(emu.token_url())
-        .form_body(&[
+        .form(&[
             ("grant_type", "client_credentials"),
             ("client_id", &p.client_id),
             ("client_secret", p.secret.as_deref().unwrap()),
@@ -54,7 +54,7 @@ async fn client_credentials_and_identity_errors() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let v: Value = json_of(r).await;
+    let v: Value = r.json().await.unwrap();
     assert_eq!(v["token_type"], "Bearer");
     assert!(v["expires_in"].as_i64().unwrap() > 3000);
     assert!(!v["access_token"].as_str().unwrap().is_empty());
@@ -63,8 +63,8 @@ async fn client_credentials_and_identity_errors() {
         let c = c.clone();
         let url = format!("{}/{tenant}/oauth2/v2.0/token", emu.base_url());
         async move {
-            let r = c.post(url).form_body(&form).send().await.unwrap();
-            (r.status().as_u16(), json_of::<Value>(r).await)
+            let r = c.post(url).form(&form).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
         }
     };
     let tenant = emu.tenant_id().to_string();
@@ -146,7 +146,7 @@ async fn managed_identity_endpoints() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let v: Value = json_of(r).await;
+    let v: Value = r.json().await.unwrap();
     assert_eq!(v["client_id"], mi.client_id);
     assert_eq!(v["resource"], "https://vault.azure.net");
     assert_eq!(v["token_type"], "Bearer");
@@ -163,7 +163,7 @@ async fn managed_identity_endpoints() {
         .send()
         .await
         .unwrap();
-    let v: Value = json_of(r).await;
+    let v: Value = r.json().await.unwrap();
     assert_eq!(v["client_id"], user.client_id);
     // IMDS: Metadata header required; unknown identity → 400.
     let r = c
@@ -179,7 +179,7 @@ async fn managed_identity_endpoints() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let v: Value = json_of(r).await;
+    let v: Value = r.json().await.unwrap();
     assert_eq!(v["error_description"], "Identity not found");
     let r = c
         .get(format!("{}?{q}", emu.imds_endpoint()))
@@ -188,7 +188,7 @@ async fn managed_identity_endpoints() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let v: Value = json_of(r).await;
+    let v: Value = r.json().await.unwrap();
     assert_eq!(v["client_id"], mi.client_id);
     // An MSI token works against the vault once granted.
     let tok = v["access_token"].as_str().unwrap().to_string();
@@ -221,7 +221,7 @@ async fn challenge_and_bad_tokens() {
         // The SDK's check: the request host must end with "." + the challenge host.
         let challenge_host = resource.trim_start_matches("https://");
         assert!(host.ends_with(&format!(".{challenge_host}")));
-        let v: Value = json_of(r).await;
+        let v: Value = r.json().await.unwrap();
         assert_eq!(
             v,
             json!({"error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer or PoP token."}})
@@ -796,7 +796,7 @@ async fn fault_injection() {
     emu.inject_fault(Fault::new(FaultKind::Status { status: 500 }).target(FaultTarget::Token));
     let r = c
         .post(emu.token_url())
-        .form_body(&[("grant_type", "x")])
+        .form(&[("grant_type", "x")])
         .send()
         .await
         .unwrap();
@@ -805,7 +805,7 @@ async fn fault_injection() {
     emu.clear_faults();
     let r = c
         .post(emu.token_url())
-        .form_body(&[("grant_type", "x")])
+        .form(&[("grant_type", "x")])
         .send()
         .await
         .unwrap();
@@ -831,7 +831,7 @@ async fn admin_http_api() {
     let admin = emu.admin_url();
     let r = c
         .post(format!("{admin}/principals"))
-        .json_body(&json!({"kind": "secret"}))
+        .json(&json!({"kind": "secret"}))
         .send()
         .await
         .unwrap();
@@ -839,16 +839,16 @@ async fn admin_http_api() {
     let r = c
         .post(format!("{admin}/principals"))
         .bearer_auth(emu.admin_token())
-        .json_body(&json!({"kind": "secret", "name": "ops"}))
+        .json(&json!({"kind": "secret", "name": "ops"}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let p: kvcrypt::emulator::PrincipalInfo = json_of(r).await;
+    let p: kvcrypt::emulator::PrincipalInfo = r.json().await.unwrap();
     let r = c
         .post(format!("{admin}/keys/k1"))
         .bearer_auth(emu.admin_token())
-        .json_body(&json!({"kty": "oct", "key_size": 256}))
+        .json(&json!({"kty": "oct", "key_size": 256}))
         .send()
         .await
         .unwrap();
@@ -856,7 +856,7 @@ async fn admin_http_api() {
     let r = c
         .post(format!("{admin}/grant"))
         .bearer_auth(emu.admin_token())
-        .json_body(&json!({"principal": p.client_id, "ops": "get,list"}))
+        .json(&json!({"principal": p.client_id, "ops": "get,list"}))
         .send()
         .await
         .unwrap();
@@ -871,7 +871,7 @@ async fn admin_http_api() {
     let r = c
         .post(format!("{admin}/faults"))
         .bearer_auth(emu.admin_token())
-        .json_body(&json!({"kind": "status", "status": 502, "count": 1}))
+        .json(&json!({"kind": "status", "status": 502, "count": 1}))
         .send()
         .await
         .unwrap();
@@ -888,7 +888,7 @@ async fn admin_http_api() {
         .send()
         .await
         .unwrap();
-    let v: Value = json_of(r).await;
+    let v: Value = r.json().await.unwrap();
     assert_eq!(v["counters"]["by_status"]["502"], 1);
     // The faulted request never reached routing, so only the first list counts as an op.
     assert_eq!(v["counters"]["by_op"]["list"], 1);
@@ -900,7 +900,7 @@ async fn admin_http_api() {
         .send()
         .await
         .unwrap();
-    let v: Value = json_of(r).await;
+    let v: Value = r.json().await.unwrap();
     assert_eq!(v["keys"][0]["name"], "k1");
     assert!(
         v.to_string().find(p.secret.as_deref().unwrap()).is_none(),
@@ -994,7 +994,7 @@ async fn assertion_token(
 ) -> (u16, Value) {
     let r = c
         .post(emu.token_url())
-        .form_body(&[
+        .form(&[
             ("grant_type", "client_credentials"),
             ("client_id", client_id),
             (
@@ -1007,7 +1007,7 @@ async fn assertion_token(
         .send()
         .await
         .unwrap();
-    (r.status().as_u16(), json_of(r).await)
+    (r.status().as_u16(), r.json().await.unwrap())
 }
 
 #[tokio::test]

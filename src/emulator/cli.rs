@@ -407,9 +407,7 @@ fn admin_main(a: AdminArgs) -> anyhow::Result<()> {
             .request(method, format!("{base}/{path}"))
             .bearer_auth(&token);
         if let Some(b) = body {
-            req = req
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(b.to_string());
+            req = req.json(&b);
         }
         let resp = req
             .send()

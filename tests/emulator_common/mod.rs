@@ -23,33 +23,6 @@ pub fn client(emu: &EmulatorHandle) -> reqwest::Client {
         .expect("client")
 }
 
-/// Form and JSON bodies by hand: the package's reqwest has neither its `form` nor `json`
-/// feature enabled (the provider does not need them).
-pub trait BodyExt {
-    fn form_body<K: AsRef<str>, V: AsRef<str>>(self, pairs: &[(K, V)]) -> Self;
-    fn json_body(self, v: &Value) -> Self;
-}
-
-impl BodyExt for reqwest::RequestBuilder {
-    fn form_body<K: AsRef<str>, V: AsRef<str>>(self, pairs: &[(K, V)]) -> Self {
-        let mut ser = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in pairs {
-            ser.append_pair(k.as_ref(), v.as_ref());
-        }
-        self.header("content-type", "application/x-www-form-urlencoded")
-            .body(ser.finish())
-    }
-    fn json_body(self, v: &Value) -> Self {
-        self.header("content-type", "application/json")
-            .body(v.to_string())
-    }
-}
-
-pub async fn json_of<T: serde::de::DeserializeOwned>(r: reqwest::Response) -> T {
-    let bytes = r.bytes().await.expect("response body");
-    serde_json::from_slice(&bytes).expect("JSON body")
-}
-
 pub fn b64(data: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(data)
 }
@@ -67,7 +40,7 @@ pub async fn token(
 ) -> String {
     let r = c
         .post(emu.token_url())
-        .form_body(&[
+        .form(&[
             ("grant_type", "client_credentials"),
             ("client_id", p.client_id.as_str()),
             ("client_secret", p.secret.as_deref().unwrap_or_default()),
@@ -77,7 +50,7 @@ pub async fn token(
         .await
         .expect("token request");
     assert_eq!(r.status(), 200);
-    let v: Value = json_of(r).await;
+    let v: Value = r.json().await.unwrap();
     v["access_token"]
         .as_str()
         .expect("access_token")
@@ -111,7 +84,7 @@ pub async fn call(
 ) -> (u16, reqwest::header::HeaderMap, Value) {
     let mut rb = c.request(method, url).bearer_auth(token);
     if let Some(b) = body {
-        rb = rb.json_body(&b);
+        rb = rb.json(&b);
     }
     let r = rb.send().await.expect("request");
     let status = r.status().as_u16();
