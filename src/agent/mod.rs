@@ -8,8 +8,16 @@
 
 pub mod backoff;
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod discover;
+pub mod freeze;
+pub mod hook;
+pub mod logging;
+pub mod notify;
 pub mod ports;
 pub mod status;
 pub mod volume;
 #[cfg(test)]
 mod volume_tests;
+pub mod workerproc;

@@ -104,7 +104,9 @@ impl<P: Platform> VolumeCtl<P> {
         loop {
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
-                    None => { self.shutdown().await; return; }
+                    // The daemon went away without asking to close (e.g. `--once`): leave the
+                    // worker serving; a later agent adopts it.
+                    None => return,
                     Some(Command::Shutdown(done)) => {
                         self.shutdown().await;
                         let _ = done.send(());

@@ -3,8 +3,10 @@
 //! The data area of a kvcrypt volume is encrypted exactly like dm-crypt's
 //! `aes-xts-plain64` with `--iv-large-sectors`: IEEE 1619 XTS-AES-256, one data unit per
 //! sector, tweak = little-endian 128-bit sector number counted in units of the sector size
-//! from the start of the data area.
+//! from the start of the data area. Data key = VMK[0..32], tweak key = VMK[32..64].
 
+#[cfg(target_arch = "x86_64")]
+mod vaes;
 mod xts;
 
-pub use xts::{CryptoError, XtsCipher};
+pub use xts::{CryptoError, Implementation, XtsCipher};
