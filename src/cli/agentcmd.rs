@@ -1,25 +1,274 @@
-//! Agent commands: agent, lock, unlock, status, demo. (Owned by the agent work.)
+//! Agent commands: agent, lock, unlock, status, attach, udev-name, demo.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::{AgentArgs, CliError, DemoArgs, NameArgs, StatusArgs};
+use anyhow::Context;
 
-fn todo_cmd(what: &str) -> anyhow::Result<()> {
-    Err(CliError::Unsupported(format!("{what}: not implemented yet")).into())
+use crate::agent::config::Config;
+use crate::agent::control::{self, Request, Response};
+use crate::agent::status::{VolumeStatus, unix_now};
+use crate::agent::workerproc;
+
+use super::{AgentArgs, AttachArgs, CliError, DemoArgs, NameArgs, StatusArgs, UdevNameArgs};
+
+/// Lock/unlock can wait for a Key Vault round trip and a worker; status is quick.
+const SLOW_REQUEST: Duration = Duration::from_secs(120);
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
-pub fn agent(_config: &Path, _a: AgentArgs) -> anyhow::Result<()> {
-    todo_cmd("agent")
+pub fn agent(config: &Path, a: AgentArgs) -> anyhow::Result<()> {
+    harden();
+    let cfg = Config::load(config)?;
+    if cfg.volumes.is_empty() {
+        tracing::warn!(config = %config.display(), "no [[volume]] configured; the agent only answers the control socket");
+    }
+    let opts = crate::agent::daemon::Options { once: a.once };
+    run_daemon(config, cfg, opts)
 }
-pub fn lock(_a: NameArgs) -> anyhow::Result<()> {
-    todo_cmd("lock")
+
+fn harden() {
+    // Not dumpable, no core files: this process briefly holds volume keys.
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointers.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!("cannot mark the process non-dumpable");
+    }
 }
-pub fn unlock(_a: NameArgs) -> anyhow::Result<()> {
-    todo_cmd("unlock")
+
+fn run_daemon(path: &Path, cfg: Config, opts: crate::agent::daemon::Options) -> anyhow::Result<()> {
+    let vault = cfg
+        .vault
+        .clone()
+        .ok_or_else(|| crate::agent::config::ConfigError::Invalid {
+            path: path.to_owned(),
+            field: "vault".into(),
+            message: "missing: the agent needs a [vault] table (credentials) to unwrap keys".into(),
+        })?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let p = Arc::new(
+            crate::agent::real::RealPlatform::new(&vault).with_context(|| {
+                format!("setting up the Key Vault client from {}", path.display())
+            })?,
+        );
+        crate::agent::daemon::run(cfg, p, opts).await?;
+        anyhow::Ok(())
+    })
 }
-pub fn status(_a: StatusArgs) -> anyhow::Result<()> {
-    todo_cmd("status")
+
+fn call(req: Request, timeout: Duration) -> anyhow::Result<Response> {
+    Ok(control::request(&control::socket_path(), &req, timeout)?)
 }
+
+pub fn lock(a: NameArgs) -> anyhow::Result<()> {
+    let r = call(Request::Lock { name: a.name }, SLOW_REQUEST)?;
+    println!("{}", r.message.unwrap_or_default());
+    Ok(())
+}
+
+pub fn unlock(a: NameArgs) -> anyhow::Result<()> {
+    let r = call(Request::Unlock { name: a.name }, SLOW_REQUEST)?;
+    println!("{}", r.message.unwrap_or_default());
+    Ok(())
+}
+
+pub fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let r = call(Request::Status { name: a.name }, Duration::from_secs(10))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r.volumes)?);
+    } else {
+        print!("{}", render_status(&r.volumes, unix_now()));
+    }
+    Ok(())
+}
+
+fn ago(t: Option<f64>, now: f64) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => {
+            let s = (now - t).max(0.0).round() as u64;
+            format!("{} ago", humantime::format_duration(Duration::from_secs(s)))
+        }
+    }
+}
+
+/// Human-readable `kvcrypt status`.
+pub fn render_status(vols: &[VolumeStatus], now: f64) -> String {
+    let mut out = String::new();
+    if vols.is_empty() {
+        out.push_str("no volumes configured\n");
+    }
+    for v in vols {
+        out.push_str(&format!("{}: {}", v.name, v.state));
+        if v.manual {
+            out.push_str(" (locked by kvcrypt lock)");
+        }
+        out.push('\n');
+        if let Some(r) = &v.reason {
+            out.push_str(&format!("  reason:      {r}\n"));
+        }
+        if let Some(d) = &v.device {
+            out.push_str(&format!("  device:      {d}\n"));
+        }
+        if let Some(b) = &v.block_device {
+            out.push_str(&format!(
+                "  plaintext:   {b} (/dev/disk/by-kvcrypt/{})\n",
+                v.name
+            ));
+        }
+        if let Some(k) = &v.key_id {
+            out.push_str(&format!("  key:         {k}\n"));
+        }
+        out.push_str(&format!("  last check:  {}\n", ago(v.last_ok, now)));
+        if let Some(s) = v.suspended_at {
+            out.push_str(&format!("  suspended:   {}\n", ago(Some(s), now)));
+        }
+        if let Some(e) = &v.last_error {
+            out.push_str(&format!(
+                "  last error:  {} ({}): {}\n",
+                e.class,
+                ago(Some(e.at as f64), now),
+                e.message
+            ));
+        }
+        if let Some(w) = &v.worker {
+            let counters: Vec<String> = [
+                "reads",
+                "writes",
+                "read_bytes",
+                "written_bytes",
+                "flushes",
+                "discards",
+                "errors",
+            ]
+            .iter()
+            .filter_map(|k| w.get(*k).map(|x| format!("{k}={x}")))
+            .collect();
+            if !counters.is_empty() {
+                out.push_str(&format!("  I/O:         {}\n", counters.join(" ")));
+            }
+        }
+    }
+    out
+}
+
+/// Kernel name or path → /dev path.
+fn dev_path(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        Path::new("/dev").join(p)
+    }
+}
+
+pub fn attach(config: &Path, a: AttachArgs) -> anyhow::Result<()> {
+    let dev = dev_path(&a.device);
+    let req = Request::Attach {
+        device: dev.display().to_string(),
+    };
+    match control::request(&control::socket_path(), &req, Duration::from_secs(10)) {
+        Ok(r) => {
+            println!("{}", r.message.unwrap_or_default());
+            Ok(())
+        }
+        Err(control::ClientError::NotRunning(_)) => {
+            // No agent (early boot, or not enabled): unlock the matching volumes ourselves and
+            // leave their workers running; the agent adopts them when it starts.
+            let cfg = Config::load(config)?;
+            let id = probe(&dev);
+            let mut cfg2 = cfg.clone();
+            cfg2.volumes.retain(|v| {
+                let s = cfg.volume_settings().into_iter().find(|s| s.name == v.name);
+                s.is_some_and(|s| match &s.selector {
+                    crate::agent::config::Selector::Path(p) => {
+                        p.canonicalize().ok() == dev.canonicalize().ok()
+                    }
+                    sel => id
+                        .as_ref()
+                        .is_some_and(|id| crate::agent::discover::matches(sel, id)),
+                })
+            });
+            if cfg2.volumes.is_empty() {
+                println!(
+                    "{}: no configured volume matches this device",
+                    dev.display()
+                );
+                return Ok(());
+            }
+            harden();
+            run_daemon(config, cfg2, crate::agent::daemon::Options { once: true })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn probe(dev: &Path) -> Option<crate::agent::discover::Identity> {
+    crate::agent::real::probe_identity(dev)
+}
+
+pub fn udev_name(a: UdevNameArgs) -> anyhow::Result<()> {
+    let dev = dev_path(&a.device);
+    match workerproc::name_of_block_device(&dev) {
+        Some(n) => {
+            println!("{n}");
+            Ok(())
+        }
+        None => Err(CliError::NotFound(format!(
+            "{} is not a served kvcrypt device",
+            dev.display()
+        ))
+        .into()),
+    }
+}
+
 pub fn demo(_a: DemoArgs) -> anyhow::Result<()> {
-    todo_cmd("demo")
+    Err(CliError::Unsupported("demo: not implemented yet".into()).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::ports::AccessClass;
+    use crate::agent::status::{LastError, VolumeState};
+
+    #[test]
+    fn status_rendering_shows_what_operators_need() {
+        let mut v = VolumeStatus::new("data");
+        v.state = VolumeState::Suspended;
+        v.reason = Some("access denied: ForbiddenByRbac".into());
+        v.device = Some("/dev/sdb".into());
+        v.block_device = Some("/dev/loop3".into());
+        v.key_id = Some("https://v.vault.azure.net/keys/k/1".into());
+        v.last_ok = Some(1000.0);
+        v.last_error = Some(LastError {
+            class: AccessClass::Denied,
+            message: "403 ForbiddenByRbac".into(),
+            at: 1030,
+        });
+        v.worker = Some(serde_json::json!({"reads": 5, "writes": 7}));
+        let s = render_status(&[v], 1040.0);
+        assert!(s.starts_with("data: suspended\n"), "{s}");
+        assert!(
+            s.contains("plaintext:   /dev/loop3 (/dev/disk/by-kvcrypt/data)"),
+            "{s}"
+        );
+        assert!(s.contains("last check:  40s ago"), "{s}");
+        assert!(
+            s.contains("last error:  denied (10s ago): 403 ForbiddenByRbac"),
+            "{s}"
+        );
+        assert!(s.contains("I/O:         reads=5 writes=7"), "{s}");
+        assert!(
+            s.contains("key:         https://v.vault.azure.net/keys/k/1"),
+            "{s}"
+        );
+    }
 }

@@ -72,6 +72,13 @@ pub enum Command {
     /// Internal: serve one volume (started by `open` and by the agent; reads its key from a pipe).
     #[command(hide = true)]
     Worker(WorkerArgs),
+    /// Internal (udev, kvcrypt-attach@.service): a kvcrypt device appeared; ask the running
+    /// agent to attach it, or unlock it directly when no agent runs.
+    #[command(hide = true)]
+    Attach(AttachArgs),
+    /// Internal (udev PROGRAM=): print the volume name served by a block device (e.g. loop3).
+    #[command(hide = true)]
+    UdevName(UdevNameArgs),
 }
 
 #[derive(Debug, Args)]
@@ -212,6 +219,18 @@ pub struct AgentArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// The device that appeared (`/dev/sdb`, or a kernel name like `sdb`).
+    pub device: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct UdevNameArgs {
+    /// Kernel name or path of a block device (`loop3`, `/dev/ublkb0`).
+    pub device: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct NameArgs {
     pub name: String,
 }
@@ -285,7 +304,9 @@ fn parse_sector_size(s: &str) -> Result<u32, String> {
 /// Entry point of the `kvcrypt` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    // The daemon logs its state changes (info) by default; other commands only warnings.
+    let daemon = matches!(cli.command, Command::Agent(_) | Command::Attach(_));
+    init_logging(cli.verbose + u8::from(daemon));
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -305,6 +326,18 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("KVCRYPT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Under systemd (stderr is the journal stream) log structured fields to journald.
+    if crate::agent::logging::stderr_is_journal()
+        && let Ok(layer) = tracing_journald::layer()
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(layer.with_syslog_identifier("kvcrypt".into()))
+            .try_init();
+        return;
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -329,6 +362,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(a) => agentcmd::demo(a),
         Command::Completions(a) => docs::completions(a),
         Command::Man(a) => docs::man(a),
+        Command::Attach(a) => agentcmd::attach(&config, a),
+        Command::UdevName(a) => agentcmd::udev_name(a),
     }
 }
 
@@ -340,6 +375,24 @@ pub fn classify(err: &anyhow::Error) -> Exit {
             return e.exit_class();
         }
         if let Some(e) = cause.downcast_ref::<crate::keys::KeyError>() {
+            return e.exit_class();
+        }
+        if let Some(e) = cause.downcast_ref::<crate::transport::TransportError>() {
+            return e.exit_class();
+        }
+        if let Some(e) = cause.downcast_ref::<crate::engine::EngineError>() {
+            return e.exit_class();
+        }
+        if let Some(e) = cause.downcast_ref::<crate::transport::ublk::UblkTransportError>() {
+            return e.exit_class();
+        }
+        if let Some(e) = cause.downcast_ref::<crate::agent::config::ConfigError>() {
+            return e.exit_class();
+        }
+        if let Some(e) = cause.downcast_ref::<crate::agent::control::ClientError>() {
+            return e.exit_class();
+        }
+        if let Some(e) = cause.downcast_ref::<crate::agent::daemon::DaemonError>() {
             return e.exit_class();
         }
         if let Some(e) = cause.downcast_ref::<CliError>() {

@@ -1,25 +1,299 @@
 //! Offline commands: format, header, probe, rewrap, benchmark. (Owned by the format/XTS work.)
+//!
+//! Submodules: `format` (format logic), `slots` (key-slot logic behind the `KeyWrapper` trait),
+//! `signatures` (existing-content detection), `udev` (probe output encoding), `dump` (header
+//! dump rendering).
 
-use std::path::Path;
+mod dump;
+mod format;
+mod signatures;
+mod slots;
+mod udev;
 
-use super::{BenchmarkArgs, CliError, FormatArgs, HeaderCmd, ProbeArgs, RewrapArgs};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
 
-fn todo_cmd(what: &str) -> anyhow::Result<()> {
-    Err(CliError::Unsupported(format!("{what}: not implemented yet")).into())
+use anyhow::Context;
+
+use super::{
+    BenchmarkArgs, CliError, FormatArgs, HeaderCmd, HeaderDumpArgs, ProbeArgs, RewrapArgs,
+};
+use crate::exit::Exit;
+use crate::header;
+use slots::KeyWrapper;
+
+/// THE wiring point to the Key Vault provider: builds the `KeyWrapper` used by `format`,
+/// `rewrap` and `header dump --dump-master-key` from the `[vault]` table of the config file.
+fn vault_wrapper(config: &Path) -> anyhow::Result<Box<dyn KeyWrapper>> {
+    let cfg = load_vault_config(config)?;
+    Ok(Box::new(crate::keys::BlockingProvider::new(&cfg)?))
 }
 
-pub fn format(_config: &Path, _a: FormatArgs) -> anyhow::Result<()> {
-    todo_cmd("format")
+/// Reads only the `[vault]` table of the config file (the offline commands need nothing else,
+/// and must not fail on agent settings they do not use).
+fn load_vault_config(config: &Path) -> anyhow::Result<crate::keys::VaultConfig> {
+    let text = std::fs::read_to_string(config).map_err(|e| {
+        CliError::Config(format!(
+            "cannot read config file {} ({e}); its [vault] table says how to reach Key Vault \
+             (see --config / KVCRYPT_CONFIG)",
+            config.display()
+        ))
+    })?;
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| CliError::Config(format!("config file {}: {e}", config.display())))?;
+    let vault = table.get("vault").ok_or_else(|| {
+        CliError::Config(format!(
+            "config file {} has no [vault] table",
+            config.display()
+        ))
+    })?;
+    let vault_text = toml::to_string(vault)
+        .map_err(|e| CliError::Config(format!("config file {}: [vault]: {e}", config.display())))?;
+    crate::keys::VaultConfig::from_toml(&vault_text)
+        .with_context(|| format!("config file {}", config.display()))
 }
-pub fn header(_config: &Path, _h: HeaderCmd) -> anyhow::Result<()> {
-    todo_cmd("header")
+
+/// The real provider: Azure Key Vault / Managed HSM (errors stay `keys::KeyError`, so the
+/// CLI's exit code tells denied from unreachable).
+impl KeyWrapper for crate::keys::BlockingProvider {
+    fn wrap(
+        &self,
+        key_id: &str,
+        algorithm: Option<&str>,
+        vmk: &crate::secmem::VolumeKey,
+    ) -> anyhow::Result<slots::Wrapped> {
+        let w = crate::keys::BlockingProvider::wrap(self, key_id, algorithm, vmk)?;
+        Ok(slots::Wrapped {
+            key_id: w.key_id,
+            algorithm: w.algorithm,
+            wrapped: w.wrapped,
+        })
+    }
+    fn unwrap(
+        &self,
+        key_id: &str,
+        algorithm: &str,
+        wrapped: &[u8],
+    ) -> anyhow::Result<crate::secmem::VolumeKey> {
+        Ok(crate::keys::BlockingProvider::unwrap(
+            self, key_id, algorithm, wrapped,
+        )?)
+    }
+    fn latest_version(&self, key_id: &str) -> anyhow::Result<String> {
+        Ok(crate::keys::BlockingProvider::latest_version(self, key_id)?)
+    }
 }
-pub fn probe(_a: ProbeArgs) -> anyhow::Result<()> {
-    todo_cmd("probe")
+
+pub fn format(config: &Path, a: FormatArgs) -> anyhow::Result<()> {
+    let plan = format::FormatPlan {
+        key_id: a.key_id,
+        algorithm: a.algorithm,
+        label: a.label.unwrap_or_default(),
+        sector_size: a.sector_size,
+        master_key_file: a.master_key_file,
+        force: a.yes,
+        wipe: a.wipe,
+        progress: true,
+    };
+    let w = vault_wrapper(config)?;
+    let h = format::format_device(&a.device, &plan, w.as_ref())?;
+    println!(
+        "Formatted {} as kvcrypt volume {} ({} bytes of data in {}-byte sectors); key slot 0: {} ({})",
+        a.device.display(),
+        h.uuid,
+        h.data_length,
+        h.sector_size,
+        h.slots[0].key_id,
+        h.slots[0].algorithm
+    );
+    Ok(())
 }
-pub fn rewrap(_config: &Path, _a: RewrapArgs) -> anyhow::Result<()> {
-    todo_cmd("rewrap")
+
+pub fn header(config: &Path, h: HeaderCmd) -> anyhow::Result<()> {
+    match h {
+        HeaderCmd::Dump(a) => header_dump(config, a),
+        HeaderCmd::Backup { device, file } => {
+            let l = header::backup(&device, &file)?;
+            warn_damaged(&device, &l);
+            println!(
+                "Saved the header area of {} (volume {}) to {}",
+                device.display(),
+                l.uuid,
+                file.display()
+            );
+            Ok(())
+        }
+        HeaderCmd::Restore { device, file, yes } => header_restore(&device, &file, yes),
+    }
 }
+
+fn warn_damaged(device: &Path, l: &header::LoadedHeader) {
+    for d in &l.damaged {
+        eprintln!(
+            "kvcrypt: warning: {}: {} is damaged ({}); it will be repaired by the next header \
+             write (e.g. `kvcrypt rewrap`), or restore a backup",
+            device.display(),
+            d.copy,
+            d.reason
+        );
+    }
+}
+
+/// Asks the operator to type YES on the terminal; refuses without a terminal.
+fn confirm(question: &str, flag: &str) -> anyhow::Result<()> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return Err(CliError::Usage(format!(
+            "{question} — no terminal to confirm on; pass {flag} to confirm non-interactively"
+        ))
+        .into());
+    }
+    eprint!("{question}\nType YES (in capitals) to continue: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .context("reading the confirmation")?;
+    if line.trim_end_matches(['\r', '\n']) != "YES" {
+        return Err(CliError::Usage("not confirmed; nothing done".into()).into());
+    }
+    Ok(())
+}
+
+fn header_dump(config: &Path, a: HeaderDumpArgs) -> anyhow::Result<()> {
+    let l = header::read(&a.device)?;
+    let master_key = if a.dump_master_key {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(CliError::Permission(
+                "--dump-master-key needs root: the master key gives full access to the data".into(),
+            )
+            .into());
+        }
+        if !a.yes_i_understand {
+            confirm(
+                &format!(
+                    "This prints the volume master key of {} in clear text. Anyone who sees it \
+                     can read the volume forever, whatever happens to the Key Vault key.",
+                    a.device.display()
+                ),
+                "--yes-i-understand",
+            )?;
+        }
+        let w = vault_wrapper(config)?;
+        let (vmk, slot) = slots::unlock(&l, w.as_ref())?;
+        Some((vmk, slot))
+    } else {
+        None
+    };
+    let mk = master_key.as_ref().map(|(k, s)| (k, *s));
+    if a.json {
+        println!("{}", dump::json(&a.device, &l, mk).as_str());
+    } else {
+        print!("{}", dump::text(&a.device, &l, mk).as_str());
+        warn_damaged(&a.device, &l);
+    }
+    Ok(())
+}
+
+fn header_restore(device: &Path, file: &Path, yes: bool) -> anyhow::Result<()> {
+    let backup = header::read_backup(file)?;
+    let current = match header::read(device) {
+        Ok(l) if l.uuid == backup.uuid => format!("the header of the same volume {}", l.uuid),
+        Ok(l) => format!("a DIFFERENT kvcrypt volume {}", l.uuid),
+        Err(e) => format!("no usable header ({e})"),
+    };
+    if !yes {
+        confirm(
+            &format!(
+                "Restore the header of volume {} from {} onto {}, which currently holds {}?",
+                backup.uuid,
+                file.display(),
+                device.display(),
+                current
+            ),
+            "--yes",
+        )?;
+    }
+    let h = header::restore(device, file)?;
+    println!(
+        "Restored the header of volume {} onto {} (sequence {})",
+        h.uuid,
+        device.display(),
+        h.sequence
+    );
+    Ok(())
+}
+
+/// `sdb` → `/dev/sdb` when no such relative path exists (udev passes kernel names).
+fn probe_path(p: &Path) -> PathBuf {
+    if p.components().count() == 1 && !p.exists() {
+        let dev = Path::new("/dev").join(p);
+        if dev.exists() {
+            return dev;
+        }
+    }
+    p.to_path_buf()
+}
+
+/// Silent by contract (udev `IMPORT{program}`): prints properties for a kvcrypt volume, and for
+/// anything else exits with `Exit::NotKvcrypt` without a word — hence the direct `exit`
+/// instead of an error that `main` would print.
+pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
+    let Some(info) = header::probe(probe_path(&a.device)) else {
+        std::process::exit(i32::from(Exit::NotKvcrypt.code()));
+    };
+    let mut out = std::io::stdout().lock();
+    let text = format!(
+        "ID_FS_TYPE=kvcrypt\nID_FS_USAGE=crypto\nID_FS_VERSION={}\nID_FS_UUID={}\nID_FS_UUID_ENC={}\n\
+         ID_FS_LABEL={}\nID_FS_LABEL_ENC={}\n",
+        info.version,
+        info.uuid,
+        info.uuid,
+        udev::safe(&info.label),
+        udev::encode(&info.label)
+    );
+    if out
+        .write_all(text.as_bytes())
+        .and_then(|_| out.flush())
+        .is_err()
+    {
+        std::process::exit(i32::from(Exit::Failure.code()));
+    }
+    Ok(())
+}
+
+pub fn rewrap(config: &Path, a: RewrapArgs) -> anyhow::Result<()> {
+    let mut l = header::read(&a.device)?;
+    warn_damaged(&a.device, &l);
+    let plan = slots::RewrapPlan {
+        key_id: a.key_id,
+        algorithm: a.algorithm,
+        add: !a.no_add,
+        remove: a.remove_slot,
+    };
+    let w = vault_wrapper(config)?;
+    let out = slots::rewrap(&mut l.header, w.as_ref(), &plan)?;
+    if out.added.is_none() && out.removed.is_empty() {
+        println!(
+            "Nothing changed: key slot {} already wraps the volume key with that key version",
+            out.already_present.unwrap_or_default()
+        );
+        return Ok(());
+    }
+    header::write(&a.device, &mut l.header)?;
+    if let Some(id) = out.added
+        && let Some(s) = l.slots.iter().find(|s| s.id == id)
+    {
+        println!("Added key slot {id}: {} ({})", s.key_id, s.algorithm);
+    }
+    for id in &out.removed {
+        println!("Removed key slot {id}");
+    }
+    Ok(())
+}
+
 pub fn benchmark(a: BenchmarkArgs) -> anyhow::Result<()> {
     if !(a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 600.0) {
         return Err(CliError::Usage(format!(

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs everything kvcrypt's build, demo and tests need on a fresh Debian 12 machine (as root).
+# Idempotent: packages already present are skipped, so a second run costs a few dpkg queries.
+set -euo pipefail
+
+packages=(
+  build-essential pkg-config libclang-dev clang  # libublk generates its kernel bindings with bindgen
+  libssl-dev openssl ca-certificates
+  fuse3 util-linux e2fsprogs kmod                # FUSE + loop transport, mkfs/e2fsck for tests
+  fio jq                                         # data-path tests and benchmarks
+  qemu-system-x86 qemu-utils busybox-static cpio xz-utils  # ublk tests inside a qemu VM
+  udev systemd                                   # udevadm / systemd-analyze checks of our rules and units
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found; install the Rust toolchain (rustup, stable) first" >&2
+  exit 1
+fi
+rustup component add clippy rustfmt >/dev/null 2>&1 || true

@@ -1,1 +1,0 @@
-//! The agent daemon. (Owned by the agent work.)

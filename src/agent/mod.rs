@@ -1,0 +1,25 @@
+//! The agent daemon: boot-time unlock with retries, periodic access checks, and the
+//! revoke → suspend → resume / remove state machine (DESIGN.md §Revocation, §Boot and hotplug).
+//!
+//! Layout: `config` (the TOML file), `volume` (per-volume state machine over the `ports`
+//! trait), `control` (root-only JSON-line socket), `notify` (sd_notify), `freeze`
+//! (FIFREEZE/FITHAW), `hook`, `discover` (finding devices), `daemon` (wiring), `real` (the
+//! production [`ports::Platform`]).
+
+pub mod backoff;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod discover;
+pub mod freeze;
+pub mod hook;
+pub mod lab;
+pub mod logging;
+pub mod notify;
+pub mod ports;
+pub mod real;
+pub mod status;
+pub mod volume;
+#[cfg(test)]
+mod volume_tests;
+pub mod workerproc;

@@ -1,0 +1,137 @@
+//! What the agent's state machine needs from the outside world, as one trait.
+//!
+//! The real implementation (`real.rs`) talks to Key Vault, the header code, the worker
+//! processes and the kernel; unit tests drive the state machine with a fake. Keeping every
+//! side effect behind this trait is what makes the revocation logic testable without root.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+use crate::secmem::VolumeKey;
+
+use super::config::{Selector, VolumeSettings};
+
+/// Class of a failed Key Vault call, as the agent acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessClass {
+    /// Access revoked (permission removed, key disabled/deleted, firewall, identity deleted).
+    Denied,
+    /// Vault unreachable or failing for now (network, 5xx, 429, timeout).
+    Transient,
+    /// Local setup is wrong (credentials, key id, header); retrying will not fix it.
+    Misconfigured,
+}
+
+impl std::fmt::Display for AccessClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AccessClass::Denied => "denied",
+            AccessClass::Transient => "transient",
+            AccessClass::Misconfigured => "misconfigured",
+        })
+    }
+}
+
+/// A classified failure with an operator-readable message (never key material).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessError {
+    pub class: AccessClass,
+    pub message: String,
+}
+
+impl AccessError {
+    pub fn new(class: AccessClass, message: impl Into<String>) -> Self {
+        Self {
+            class,
+            message: message.into(),
+        }
+    }
+}
+
+/// One key slot as the agent uses it: enough to call unwrapKey.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotRef {
+    pub key_id: String,
+    pub algorithm: String,
+    pub wrapped: Vec<u8>,
+}
+
+/// A device being served by a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    /// The encrypted backing device or file.
+    pub backing: PathBuf,
+    /// The plaintext block device (`/dev/loopN`, `/dev/ublkbN`).
+    pub block_device: PathBuf,
+    /// The worker is currently suspended (only meaningful when adopting).
+    pub suspended: bool,
+}
+
+/// Everything with side effects. Blocking work must be moved off the runtime by the
+/// implementation (the state machine awaits these on tokio).
+pub trait Platform: Send + Sync + 'static {
+    /// A parsed, self-verified header.
+    type Header: Send + Sync + 'static;
+    /// Handles of frozen filesystems (kept open so a lazily unmounted one can still be thawed).
+    type Frozen: Send + 'static;
+
+    /// Finds the device a selector names, if present now.
+    fn locate(&self, sel: &Selector) -> impl Future<Output = Option<PathBuf>> + Send;
+    /// Reads the header of `dev`.
+    fn read_header(
+        &self,
+        dev: &Path,
+    ) -> impl Future<Output = Result<Self::Header, AccessError>> + Send;
+    /// Key slots of a header, in the order to try them.
+    fn slots(&self, h: &Self::Header) -> Vec<SlotRef>;
+    /// Checks an unwrapped key against the header's key-check digest.
+    fn verify_key(&self, h: &Self::Header, key: &VolumeKey) -> Result<(), AccessError>;
+    /// unwrapKey (the call revocation takes away).
+    fn unwrap_key(
+        &self,
+        slot: &SlotRef,
+    ) -> impl Future<Output = Result<VolumeKey, AccessError>> + Send;
+
+    /// Starts a worker serving `dev` as `settings.name`.
+    fn spawn(
+        &self,
+        settings: &VolumeSettings,
+        dev: &Path,
+        key: &VolumeKey,
+    ) -> impl Future<Output = Result<Served, String>> + Send;
+    /// Finds a worker left running by a previous agent.
+    fn adopt(&self, name: &str) -> impl Future<Output = Option<Served>> + Send;
+    /// Worker status (I/O counters etc.); an error means the worker is gone.
+    fn worker_status(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<serde_json::Value, String>> + Send;
+    /// Wipes the worker's key; new I/O waits.
+    fn suspend(&self, name: &str) -> impl Future<Output = Result<(), String>> + Send;
+    /// Gives the worker its key back; held I/O proceeds.
+    fn resume(
+        &self,
+        name: &str,
+        key: &VolumeKey,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Flushes, removes the device, ends the worker.
+    fn close(&self, name: &str) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// FIFREEZE every filesystem mounted on `block_device`.
+    fn freeze(&self, block_device: &Path) -> impl Future<Output = Self::Frozen> + Send;
+    /// FITHAW what `freeze` froze (or, with `None`, every filesystem on the device: after an
+    /// agent restart the handles are gone).
+    fn thaw(
+        &self,
+        block_device: &Path,
+        frozen: Option<Self::Frozen>,
+    ) -> impl Future<Output = ()> + Send;
+    /// Runs the configured hook (with its timeout) before a device is removed.
+    fn run_hook(
+        &self,
+        settings: &VolumeSettings,
+        block_device: &Path,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}

@@ -1,0 +1,102 @@
+//! Published per-volume status: what `kvcrypt status` shows and the control protocol carries.
+
+use serde::{Deserialize, Serialize};
+
+use super::ports::AccessClass;
+
+/// `locked → unlocking → serving → suspended → serving` / `→ removed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeState {
+    /// Not served: device absent, or not unlocked yet (retrying).
+    Locked,
+    /// Unwrapping the key / starting the worker.
+    Unlocking,
+    /// Plaintext device up, access checked periodically.
+    Serving,
+    /// Key wiped, filesystems frozen, I/O held; resumes in place when access returns.
+    Suspended,
+    /// Device removed after revocation (hold expired or policy `remove`); re-attached when
+    /// access returns.
+    Removed,
+}
+
+impl std::fmt::Display for VolumeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VolumeState::Locked => "locked",
+            VolumeState::Unlocking => "unlocking",
+            VolumeState::Serving => "serving",
+            VolumeState::Suspended => "suspended",
+            VolumeState::Removed => "removed",
+        })
+    }
+}
+
+/// Last failure seen for a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastError {
+    pub class: AccessClass,
+    pub message: String,
+    /// Unix time (seconds).
+    pub at: u64,
+}
+
+/// Status of one configured volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub state: VolumeState,
+    /// Why the volume is in this state (e.g. "access denied", "kvcrypt lock", "offline 5m").
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Encrypted backing device.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Plaintext device.
+    #[serde(default)]
+    pub block_device: Option<String>,
+    /// Versioned key id of the slot in use.
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// Unix time (seconds, fractional) of the last successful access check / unlock.
+    #[serde(default)]
+    pub last_ok: Option<f64>,
+    #[serde(default)]
+    pub last_error: Option<LastError>,
+    /// Unix time (fractional) the volume was suspended.
+    #[serde(default)]
+    pub suspended_at: Option<f64>,
+    /// Locked by `kvcrypt lock` (does not resume by itself).
+    #[serde(default)]
+    pub manual: bool,
+    /// Worker status (I/O counters), when serving.
+    #[serde(default)]
+    pub worker: Option<serde_json::Value>,
+}
+
+impl VolumeStatus {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            state: VolumeState::Locked,
+            reason: None,
+            device: None,
+            block_device: None,
+            key_id: None,
+            last_ok: None,
+            last_error: None,
+            suspended_at: None,
+            manual: false,
+            worker: None,
+        }
+    }
+}
+
+/// Now as Unix seconds (fractional).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}

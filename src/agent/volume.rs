@@ -1,0 +1,624 @@
+//! The per-volume state machine: one tokio task per configured volume.
+//!
+//! `locked → unlocking → serving → suspended → serving` / `→ removed` (DESIGN.md §Revocation).
+//! Timers and commands drive it; every side effect goes through [`Platform`]. The agent never
+//! keeps a volume key: keys live in the worker; the agent only holds one briefly between
+//! unwrap and hand-over (or the key check), in a zeroizing [`VolumeKey`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::secmem::VolumeKey;
+
+use super::backoff::{Backoff, jitter};
+use super::config::{RevokePolicy, VolumeSettings};
+use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef};
+use super::status::{LastError, VolumeState, VolumeStatus, unix_now};
+
+/// Requests to a volume task (from the control socket, udev attach, shutdown).
+#[derive(Debug)]
+pub enum Command {
+    /// Lock now, as on revocation; stays locked until `Unlock`.
+    Lock(oneshot::Sender<Result<String, String>>),
+    /// Undo `Lock` (or retry a locked/removed volume now): unwrap again, resume/attach.
+    Unlock(oneshot::Sender<Result<String, String>>),
+    /// A device appeared: retry now if not served.
+    Wake,
+    /// Close the device (flush, remove, wipe) and end the task.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Handle kept by the daemon for one volume task.
+#[derive(Debug, Clone)]
+pub struct VolumeHandle {
+    pub name: String,
+    pub tx: mpsc::Sender<Command>,
+    pub status: watch::Receiver<VolumeStatus>,
+}
+
+/// Far enough in the future to mean "no timer".
+const IDLE: Duration = Duration::from_secs(86_400 * 365);
+
+pub struct VolumeCtl<P: Platform> {
+    s: VolumeSettings,
+    p: Arc<P>,
+    status_tx: watch::Sender<VolumeStatus>,
+    rx: mpsc::Receiver<Command>,
+    state: VolumeState,
+    reason: Option<String>,
+    header: Option<P::Header>,
+    slot: Option<SlotRef>,
+    served: Option<Served>,
+    frozen: Option<P::Frozen>,
+    last_ok: Option<Instant>,
+    last_ok_unix: Option<f64>,
+    last_error: Option<LastError>,
+    suspended_at: Option<Instant>,
+    suspended_unix: Option<f64>,
+    manual: bool,
+    backoff: Backoff,
+    next: Instant,
+    worker: Option<serde_json::Value>,
+    rng: StdRng,
+}
+
+/// Starts the task for one volume.
+pub fn spawn_volume<P: Platform>(settings: VolumeSettings, p: Arc<P>) -> VolumeHandle {
+    let (tx, rx) = mpsc::channel(16);
+    let (status_tx, status) = watch::channel(VolumeStatus::new(&settings.name));
+    let name = settings.name.clone();
+    let ctl = VolumeCtl {
+        backoff: Backoff::new(settings.unlock_retry.clone()),
+        s: settings,
+        p,
+        status_tx,
+        rx,
+        state: VolumeState::Locked,
+        reason: None,
+        header: None,
+        slot: None,
+        served: None,
+        frozen: None,
+        last_ok: None,
+        last_ok_unix: None,
+        last_error: None,
+        suspended_at: None,
+        suspended_unix: None,
+        manual: false,
+        next: Instant::now(),
+        worker: None,
+        rng: StdRng::from_entropy(),
+    };
+    tokio::spawn(ctl.run());
+    VolumeHandle { name, tx, status }
+}
+
+impl<P: Platform> VolumeCtl<P> {
+    async fn run(mut self) {
+        self.adopt().await;
+        loop {
+            tokio::select! {
+                cmd = self.rx.recv() => match cmd {
+                    // The daemon went away without asking to close (e.g. `--once`): leave the
+                    // worker serving; a later agent adopts it.
+                    None => return,
+                    Some(Command::Shutdown(done)) => {
+                        self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(c) => self.command(c).await,
+                },
+                _ = tokio::time::sleep_until(self.next) => self.tick().await,
+            }
+        }
+    }
+
+    fn interval(&mut self) -> Duration {
+        jitter(self.s.check_interval, self.s.check_jitter, &mut self.rng)
+    }
+
+    /// Publishes the status; logs one event per state change (no secrets: ids and reasons).
+    fn set_state(&mut self, state: VolumeState, reason: Option<String>) {
+        let changed = state != self.state || reason != self.reason;
+        if changed {
+            let key_id = self.slot.as_ref().map(|s| s.key_id.as_str()).unwrap_or("-");
+            let why = reason.as_deref().unwrap_or("-");
+            if state == VolumeState::Unlocking
+                || (state == self.state && state != VolumeState::Serving)
+            {
+                tracing::debug!(volume = %self.s.name, key_id, reason = why, from = %self.state, to = %state, "volume state");
+            } else {
+                tracing::info!(volume = %self.s.name, key_id, reason = why, from = %self.state, to = %state, "volume state change");
+            }
+        }
+        self.state = state;
+        self.reason = reason;
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let st = VolumeStatus {
+            name: self.s.name.clone(),
+            state: self.state,
+            reason: self.reason.clone(),
+            device: self
+                .served
+                .as_ref()
+                .map(|s| s.backing.display().to_string()),
+            block_device: self
+                .served
+                .as_ref()
+                .map(|s| s.block_device.display().to_string()),
+            key_id: self.slot.as_ref().map(|s| s.key_id.clone()),
+            last_ok: self.last_ok_unix,
+            last_error: self.last_error.clone(),
+            suspended_at: self.suspended_unix,
+            manual: self.manual,
+            worker: self.worker.clone(),
+        };
+        self.status_tx.send_replace(st);
+    }
+
+    fn record_error(&mut self, e: &AccessError) {
+        self.last_error = Some(LastError {
+            class: e.class,
+            message: e.message.clone(),
+            at: unix_now() as u64,
+        });
+    }
+
+    fn record_ok(&mut self) {
+        self.last_ok = Some(Instant::now());
+        self.last_ok_unix = Some(unix_now());
+    }
+
+    /// Takes over a worker left by a previous agent (crash / restart).
+    async fn adopt(&mut self) {
+        let Some(sv) = self.p.adopt(&self.s.name).await else {
+            self.publish();
+            return;
+        };
+        tracing::info!(volume = %self.s.name, block_device = %sv.block_device.display(), "adopting running worker");
+        match self.p.read_header(&sv.backing).await {
+            Ok(h) => self.header = Some(h),
+            Err(e) => self.record_error(&e),
+        }
+        let suspended = sv.suspended;
+        self.served = Some(sv);
+        // Counting from now is the conservative choice for offline_lock_after: the previous
+        // agent's last check is unknown.
+        self.record_ok();
+        if suspended {
+            self.suspended_at = Some(Instant::now());
+            self.suspended_unix = Some(unix_now());
+            self.set_state(
+                VolumeState::Suspended,
+                Some("adopted a suspended worker".into()),
+            );
+        } else {
+            self.set_state(VolumeState::Serving, Some("adopted running worker".into()));
+        }
+        self.next = Instant::now();
+    }
+
+    async fn tick(&mut self) {
+        match self.state {
+            VolumeState::Locked | VolumeState::Unlocking => {
+                if self.manual {
+                    self.next = Instant::now() + IDLE;
+                } else {
+                    self.try_unlock().await;
+                }
+            }
+            VolumeState::Removed => {
+                if self.manual {
+                    self.next = Instant::now() + IDLE;
+                } else {
+                    self.try_unlock().await;
+                }
+            }
+            VolumeState::Serving => self.check_serving().await,
+            VolumeState::Suspended => self.check_suspended().await,
+        }
+    }
+
+    /// Unwraps the key of the stored slot (or each slot until one works) and checks it
+    /// against the header's key check. The caller drops (zeroizes) the key when done.
+    async fn check_access(&mut self) -> Result<VolumeKey, AccessError> {
+        if self.header.is_none() {
+            let dev = match &self.served {
+                Some(s) => s.backing.clone(),
+                None => {
+                    return Err(AccessError::new(
+                        AccessClass::Misconfigured,
+                        "no device to read the header from",
+                    ));
+                }
+            };
+            self.header = Some(self.p.read_header(&dev).await?);
+        }
+        let Some(h) = self.header.as_ref() else {
+            return Err(AccessError::new(AccessClass::Misconfigured, "no header"));
+        };
+        let slots = match &self.slot {
+            Some(s) => vec![s.clone()],
+            None => self.p.slots(h),
+        };
+        if slots.is_empty() {
+            return Err(AccessError::new(
+                AccessClass::Misconfigured,
+                "the volume header has no key slot",
+            ));
+        }
+        let mut errors: Vec<AccessError> = Vec::new();
+        for slot in slots {
+            let res = tokio::time::timeout(self.s.check_timeout, self.p.unwrap_key(&slot)).await;
+            match res {
+                Err(_) => errors.push(AccessError::new(
+                    AccessClass::Transient,
+                    format!(
+                        "unwrapKey with {} timed out after {:?}",
+                        slot.key_id, self.s.check_timeout
+                    ),
+                )),
+                Ok(Err(e)) => errors.push(e),
+                Ok(Ok(key)) => match self.p.verify_key(h, &key) {
+                    Ok(()) => {
+                        self.slot = Some(slot);
+                        return Ok(key);
+                    }
+                    // A key that unwraps but fails the key check is not this volume's key:
+                    // never serve with it, and treat it like a denial.
+                    Err(e) => errors.push(AccessError::new(
+                        AccessClass::Denied,
+                        format!(
+                            "key unwrapped by {} fails the volume's key check: {}",
+                            slot.key_id, e.message
+                        ),
+                    )),
+                },
+            }
+        }
+        // With several slots, one transient failure means "maybe later": do not treat the
+        // volume as revoked while any slot could still work.
+        let class = if errors.iter().any(|e| e.class == AccessClass::Transient) {
+            AccessClass::Transient
+        } else if errors.iter().any(|e| e.class == AccessClass::Denied) {
+            AccessClass::Denied
+        } else {
+            AccessClass::Misconfigured
+        };
+        let message = errors
+            .iter()
+            .map(|e| e.message.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(AccessError::new(class, message))
+    }
+
+    /// locked/removed → unlocking → serving (or back, with a retry scheduled).
+    async fn try_unlock(&mut self) -> bool {
+        let from = self.state;
+        let fail = |ctl: &mut Self, reason: String| {
+            let back = if from == VolumeState::Removed {
+                VolumeState::Removed
+            } else {
+                VolumeState::Locked
+            };
+            // A removed volume waits for restored access: poll it at the check interval.
+            // A locked one (boot, absent, vault down) backs off.
+            let delay = if back == VolumeState::Removed {
+                ctl.interval()
+            } else {
+                ctl.backoff.next_delay(&mut ctl.rng)
+            };
+            ctl.next = Instant::now() + delay;
+            ctl.set_state(back, Some(reason));
+        };
+        let Some(dev) = self.p.locate(&self.s.selector).await else {
+            let r = format!("device not present ({})", self.s.selector);
+            fail(self, r);
+            return false;
+        };
+        self.set_state(
+            VolumeState::Unlocking,
+            Some(format!("unlocking {}", dev.display())),
+        );
+        match self.p.read_header(&dev).await {
+            Ok(h) => self.header = Some(h),
+            Err(e) => {
+                self.record_error(&e);
+                fail(self, format!("cannot read header of {}", dev.display()));
+                return false;
+            }
+        }
+        self.slot = None;
+        let key = match self.check_access().await {
+            Ok(k) => k,
+            Err(e) => {
+                self.record_error(&e);
+                fail(self, format!("cannot unwrap the key ({})", e.class));
+                return false;
+            }
+        };
+        let res = self.p.spawn(&self.s, &dev, &key).await;
+        drop(key);
+        match res {
+            Ok(sv) => {
+                self.served = Some(sv);
+                self.record_ok();
+                self.backoff.reset();
+                self.manual = false;
+                self.next = Instant::now() + self.interval();
+                let why = if from == VolumeState::Removed {
+                    "access restored, re-attached"
+                } else {
+                    "unlocked"
+                };
+                self.set_state(VolumeState::Serving, Some(why.into()));
+                true
+            }
+            Err(msg) => {
+                let e = AccessError::new(
+                    AccessClass::Transient,
+                    format!("cannot start the worker for {}: {msg}", dev.display()),
+                );
+                self.record_error(&e);
+                fail(self, "worker failed to start".into());
+                false
+            }
+        }
+    }
+
+    async fn check_serving(&mut self) {
+        match self.p.worker_status(&self.s.name).await {
+            Ok(v) => self.worker = Some(v),
+            Err(e) => {
+                // The worker died (killed, crashed): its key died with it. Re-attach.
+                tracing::warn!(volume = %self.s.name, error = %e, "worker gone; re-attaching");
+                self.served = None;
+                self.worker = None;
+                self.next = Instant::now();
+                self.set_state(VolumeState::Locked, Some(format!("worker gone: {e}")));
+                return;
+            }
+        }
+        match self.check_access().await {
+            Ok(key) => {
+                drop(key);
+                self.record_ok();
+                self.publish();
+            }
+            Err(e) => {
+                self.record_error(&e);
+                tracing::warn!(volume = %self.s.name, class = %e.class, error = %e.message, "access check failed");
+                if e.class == AccessClass::Denied {
+                    self.lock(format!("access denied: {}", e.message), false)
+                        .await;
+                    return;
+                }
+                if let (Some(limit), Some(ok)) = (self.s.offline_lock_after, self.last_ok)
+                    && ok.elapsed() >= limit
+                {
+                    let r = format!(
+                        "no successful access check for {} (offline_lock_after)",
+                        humantime::format_duration(Duration::from_secs(ok.elapsed().as_secs()))
+                    );
+                    self.lock(r, false).await;
+                    return;
+                }
+                self.publish();
+            }
+        }
+        self.next = Instant::now() + self.interval();
+    }
+
+    /// serving → suspended (→ removed with policy `remove`): freeze, wipe, hold I/O.
+    async fn lock(&mut self, reason: String, manual: bool) {
+        self.manual = manual;
+        let Some(sv) = self.served.clone() else {
+            self.set_state(VolumeState::Locked, Some(reason));
+            return;
+        };
+        // Freeze first so everything the filesystem acknowledged is on the device before
+        // I/O stops; thaw only after resume (thawing writes the superblock).
+        self.frozen = Some(self.p.freeze(&sv.block_device).await);
+        if let Err(e) = self.p.suspend(&self.s.name).await {
+            // If the worker is unreachable its key is gone with it or it is wedged; either way
+            // we must not report it as serving.
+            tracing::error!(volume = %self.s.name, error = %e, "suspending the worker failed");
+        }
+        self.suspended_at = Some(Instant::now());
+        self.suspended_unix = Some(unix_now());
+        self.set_state(VolumeState::Suspended, Some(reason.clone()));
+        if self.s.revoke_policy == RevokePolicy::Remove {
+            self.remove(reason).await;
+            return;
+        }
+        self.next = if manual {
+            Instant::now() + IDLE
+        } else {
+            Instant::now() + self.interval()
+        };
+    }
+
+    async fn check_suspended(&mut self) {
+        if self.manual {
+            self.next = Instant::now() + IDLE;
+            return;
+        }
+        let since = self.suspended_at.unwrap_or_else(Instant::now);
+        if since.elapsed() >= self.s.hold {
+            let r = format!(
+                "access not restored within hold ({})",
+                humantime::format_duration(self.s.hold)
+            );
+            self.remove(r).await;
+            return;
+        }
+        match self.check_access().await {
+            Ok(key) => {
+                let _ = self.resume(key, "access restored").await;
+            }
+            Err(e) => {
+                self.record_error(&e);
+                self.publish();
+                let hold_end = since + self.s.hold;
+                self.next = (Instant::now() + self.interval()).min(hold_end);
+            }
+        }
+    }
+
+    /// suspended → serving: key back to the worker, then thaw.
+    async fn resume(&mut self, key: VolumeKey, why: &str) -> Result<(), String> {
+        let res = self.p.resume(&self.s.name, &key).await;
+        drop(key);
+        let bd = self.served.as_ref().map(|s| s.block_device.clone());
+        match res {
+            Ok(()) => {
+                if let Some(bd) = bd {
+                    let fz = self.frozen.take();
+                    self.p.thaw(&bd, fz).await;
+                }
+                self.record_ok();
+                self.manual = false;
+                self.suspended_at = None;
+                self.suspended_unix = None;
+                self.next = Instant::now() + self.interval();
+                self.set_state(VolumeState::Serving, Some(why.into()));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(volume = %self.s.name, error = %e, "resuming the worker failed; re-attaching");
+                let _ = self.p.close(&self.s.name).await;
+                if let Some(bd) = bd {
+                    let fz = self.frozen.take();
+                    self.p.thaw(&bd, fz).await;
+                }
+                self.served = None;
+                self.next = Instant::now();
+                self.set_state(VolumeState::Locked, Some(format!("resume failed: {e}")));
+                Err(e)
+            }
+        }
+    }
+
+    /// suspended → removed: hook, then close the device.
+    async fn remove(&mut self, reason: String) {
+        if let Some(sv) = self.served.take() {
+            if let Err(e) = self.p.run_hook(&self.s, &sv.block_device, &reason).await {
+                tracing::warn!(volume = %self.s.name, error = %e, "hook failed; removing anyway");
+            }
+            if let Err(e) = self.p.close(&self.s.name).await {
+                tracing::error!(volume = %self.s.name, error = %e, "closing the device failed");
+            }
+            // Thaw after removal only to let a lazily unmounted filesystem go away.
+            let fz = self.frozen.take();
+            self.p.thaw(&sv.block_device, fz).await;
+        }
+        self.header = None;
+        self.worker = None;
+        self.next = if self.manual {
+            Instant::now() + IDLE
+        } else {
+            Instant::now() + self.interval()
+        };
+        self.set_state(VolumeState::Removed, Some(reason));
+    }
+
+    async fn command(&mut self, c: Command) {
+        match c {
+            Command::Lock(reply) => {
+                let msg = match self.state {
+                    VolumeState::Serving => {
+                        self.lock("locked by kvcrypt lock".into(), true).await;
+                        "locked".to_owned()
+                    }
+                    VolumeState::Suspended => {
+                        self.manual = true;
+                        self.next = Instant::now() + IDLE;
+                        self.publish();
+                        "already suspended; now stays locked until kvcrypt unlock".to_owned()
+                    }
+                    _ => {
+                        self.manual = true;
+                        self.next = Instant::now() + IDLE;
+                        self.publish();
+                        format!(
+                            "not served ({}); will not be unlocked until kvcrypt unlock",
+                            self.state
+                        )
+                    }
+                };
+                let _ = reply.send(Ok(msg));
+            }
+            Command::Unlock(reply) => {
+                self.manual = false;
+                let res = match self.state {
+                    VolumeState::Serving => Ok("already serving".to_owned()),
+                    VolumeState::Suspended => match self.check_access().await {
+                        Ok(key) => self
+                            .resume(key, "unlocked by kvcrypt unlock")
+                            .await
+                            .map(|()| "resumed".to_owned()),
+                        Err(e) => {
+                            self.record_error(&e);
+                            self.next = Instant::now() + self.interval();
+                            self.publish();
+                            Err(format!(
+                                "cannot unwrap the key ({}): {}",
+                                e.class, e.message
+                            ))
+                        }
+                    },
+                    _ => {
+                        self.backoff.reset();
+                        if self.try_unlock().await {
+                            Ok("unlocked".to_owned())
+                        } else {
+                            let detail = self
+                                .last_error
+                                .as_ref()
+                                .map(|e| format!(": {} ({})", e.message, e.class))
+                                .unwrap_or_default();
+                            Err(format!(
+                                "{}{detail}",
+                                self.reason
+                                    .clone()
+                                    .unwrap_or_else(|| "unlock failed".into())
+                            ))
+                        }
+                    }
+                };
+                let _ = reply.send(res);
+            }
+            Command::Wake => {
+                if matches!(self.state, VolumeState::Locked | VolumeState::Removed) && !self.manual
+                {
+                    self.backoff.reset();
+                    self.next = Instant::now();
+                }
+            }
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(sv) = self.served.take() {
+            if let Err(e) = self.p.close(&self.s.name).await {
+                tracing::error!(volume = %self.s.name, error = %e, "closing the device failed");
+            }
+            if let Some(fz) = self.frozen.take() {
+                self.p.thaw(&sv.block_device, Some(fz)).await;
+            }
+        }
+        self.worker = None;
+        self.set_state(VolumeState::Locked, Some("agent stopped".into()));
+    }
+}

@@ -1,0 +1,441 @@
+//! State-machine tests with a fake platform and tokio's paused clock (no root, no vault).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::secmem::VolumeKey;
+
+use super::config::{RetryConfig, RevokePolicy, Selector, VolumeSettings};
+use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef};
+use super::status::VolumeState;
+use super::volume::{Command, VolumeHandle, spawn_volume};
+
+/// What the fake vault answers for unwrapKey.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Vault {
+    Ok,
+    Denied,
+    Transient,
+    Hang,
+    WrongKey,
+}
+
+#[derive(Default)]
+struct World {
+    vault: Option<Vault>,
+    present: bool,
+    worker: Option<WorkerSim>,
+    events: Vec<String>,
+    frozen: bool,
+}
+
+#[derive(Debug, Clone)]
+struct WorkerSim {
+    key: Option<[u8; 64]>,
+}
+
+struct Fake(Mutex<World>);
+
+const GOOD: u8 = 0x42;
+
+impl Fake {
+    fn new() -> Arc<Fake> {
+        Arc::new(Fake(Mutex::new(World {
+            vault: Some(Vault::Ok),
+            present: true,
+            ..Default::default()
+        })))
+    }
+    fn set_vault(&self, v: Vault) {
+        self.0.lock().unwrap().vault = Some(v);
+    }
+    fn ev(&self, e: impl Into<String>) {
+        self.0.lock().unwrap().events.push(e.into());
+    }
+    fn events(&self) -> Vec<String> {
+        self.0.lock().unwrap().events.clone()
+    }
+    fn worker_key(&self) -> Option<Option<[u8; 64]>> {
+        self.0.lock().unwrap().worker.as_ref().map(|w| w.key)
+    }
+}
+
+impl Platform for Fake {
+    type Header = ();
+    type Frozen = String;
+
+    async fn locate(&self, _sel: &Selector) -> Option<PathBuf> {
+        self.0
+            .lock()
+            .unwrap()
+            .present
+            .then(|| PathBuf::from("/dev/fake"))
+    }
+    async fn read_header(&self, _dev: &Path) -> Result<(), AccessError> {
+        Ok(())
+    }
+    fn slots(&self, _h: &()) -> Vec<SlotRef> {
+        vec![SlotRef {
+            key_id: "https://v.vault.azure.net/keys/k/1".into(),
+            algorithm: "RSA-OAEP-256".into(),
+            wrapped: vec![1, 2, 3],
+        }]
+    }
+    fn verify_key(&self, _h: &(), key: &VolumeKey) -> Result<(), AccessError> {
+        if key.expose().iter().all(|b| *b == GOOD) {
+            Ok(())
+        } else {
+            Err(AccessError::new(
+                AccessClass::Misconfigured,
+                "key check mismatch",
+            ))
+        }
+    }
+    async fn unwrap_key(&self, _slot: &SlotRef) -> Result<VolumeKey, AccessError> {
+        let v = self.0.lock().unwrap().vault;
+        self.ev(format!("unwrap:{v:?}"));
+        match v {
+            Some(Vault::Ok) => Ok(VolumeKey::from_slice(&[GOOD; 64]).unwrap()),
+            Some(Vault::WrongKey) => Ok(VolumeKey::from_slice(&[7; 64]).unwrap()),
+            Some(Vault::Denied) => Err(AccessError::new(AccessClass::Denied, "ForbiddenByRbac")),
+            Some(Vault::Transient) | None => Err(AccessError::new(AccessClass::Transient, "503")),
+            Some(Vault::Hang) => {
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+        }
+    }
+    async fn spawn(
+        &self,
+        _s: &VolumeSettings,
+        dev: &Path,
+        key: &VolumeKey,
+    ) -> Result<Served, String> {
+        self.ev("spawn");
+        self.0.lock().unwrap().worker = Some(WorkerSim {
+            key: Some(*key.expose()),
+        });
+        Ok(Served {
+            backing: dev.to_owned(),
+            block_device: "/dev/loop9".into(),
+            suspended: false,
+        })
+    }
+    async fn adopt(&self, _name: &str) -> Option<Served> {
+        let w = self.0.lock().unwrap().worker.clone();
+        w.map(|w| Served {
+            backing: "/dev/fake".into(),
+            block_device: "/dev/loop9".into(),
+            suspended: w.key.is_none(),
+        })
+    }
+    async fn worker_status(&self, _name: &str) -> Result<serde_json::Value, String> {
+        match &self.0.lock().unwrap().worker {
+            Some(_) => Ok(serde_json::json!({"reads": 1})),
+            None => Err("no worker".into()),
+        }
+    }
+    async fn suspend(&self, _name: &str) -> Result<(), String> {
+        self.ev("suspend");
+        match self.0.lock().unwrap().worker.as_mut() {
+            Some(w) => {
+                w.key = None;
+                Ok(())
+            }
+            None => Err("no worker".into()),
+        }
+    }
+    async fn resume(&self, _name: &str, key: &VolumeKey) -> Result<(), String> {
+        self.ev("resume");
+        match self.0.lock().unwrap().worker.as_mut() {
+            Some(w) => {
+                w.key = Some(*key.expose());
+                Ok(())
+            }
+            None => Err("no worker".into()),
+        }
+    }
+    async fn close(&self, _name: &str) -> Result<(), String> {
+        self.ev("close");
+        self.0.lock().unwrap().worker = None;
+        Ok(())
+    }
+    async fn freeze(&self, bd: &Path) -> String {
+        self.ev("freeze");
+        self.0.lock().unwrap().frozen = true;
+        bd.display().to_string()
+    }
+    async fn thaw(&self, _bd: &Path, _f: Option<String>) {
+        let mut w = self.0.lock().unwrap();
+        // Thaw before the key is back would block on the superblock write.
+        if w.worker.as_ref().is_some_and(|w| w.key.is_none()) {
+            w.events.push("thaw-while-suspended".into());
+        }
+        w.frozen = false;
+        w.events.push("thaw".into());
+    }
+    async fn run_hook(&self, _s: &VolumeSettings, bd: &Path, _r: &str) -> Result<(), String> {
+        self.ev(format!("hook:{}", bd.display()));
+        Ok(())
+    }
+}
+
+fn settings() -> VolumeSettings {
+    VolumeSettings {
+        name: "data".into(),
+        selector: Selector::Path("/dev/fake".into()),
+        transport: crate::cli::TransportKind::Fuse,
+        queues: None,
+        queue_depth: 128,
+        allow_discards: false,
+        read_only: false,
+        check_interval: Duration::from_secs(1),
+        check_jitter: 0.0,
+        check_timeout: Duration::from_secs(5),
+        hold: Duration::from_secs(10),
+        revoke_policy: RevokePolicy::Suspend,
+        offline_lock_after: None,
+        unlock_retry: RetryConfig {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(4),
+            multiplier: 2.0,
+            jitter: 0.0,
+        },
+        hook: None,
+        hook_timeout: Duration::from_secs(5),
+    }
+}
+
+async fn wait_state(h: &VolumeHandle, want: VolumeState, within: Duration) {
+    let mut rx = h.status.clone();
+    tokio::time::timeout(within, rx.wait_for(|s| s.state == want))
+        .await
+        .unwrap_or_else(|_| panic!("state {want} not reached; now {:?}", h.status.borrow()))
+        .unwrap();
+}
+
+async fn send(
+    h: &VolumeHandle,
+    f: fn(tokio::sync::oneshot::Sender<Result<String, String>>) -> Command,
+) -> Result<String, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    h.tx.send(f(tx)).await.unwrap();
+    rx.await.unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn unlocks_then_denied_suspends_and_restore_resumes() {
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+    let st = h.status.borrow().clone();
+    assert_eq!(st.block_device.as_deref(), Some("/dev/loop9"));
+    assert_eq!(
+        st.key_id.as_deref(),
+        Some("https://v.vault.azure.net/keys/k/1")
+    );
+
+    f.set_vault(Vault::Denied);
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+    assert_eq!(f.worker_key(), Some(None), "key wiped in the worker");
+    assert!(f.0.lock().unwrap().frozen);
+    assert_eq!(
+        h.status.borrow().last_error.as_ref().unwrap().class,
+        AccessClass::Denied
+    );
+
+    f.set_vault(Vault::Ok);
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+    assert!(!f.0.lock().unwrap().frozen);
+    let ev = f.events();
+    assert!(!ev.contains(&"thaw-while-suspended".to_string()), "{ev:?}");
+    let order: Vec<&str> = ev
+        .iter()
+        .map(|s| s.as_str())
+        .filter(|e| ["freeze", "suspend", "resume", "thaw"].contains(e))
+        .collect();
+    assert_eq!(order, vec!["freeze", "suspend", "resume", "thaw"]);
+    assert_eq!(
+        ev.iter().filter(|e| *e == "spawn").count(),
+        1,
+        "resumed in place"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn hold_expiry_runs_hook_removes_and_restore_reattaches() {
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.set_vault(Vault::Denied);
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+    wait_state(&h, VolumeState::Removed, Duration::from_secs(12)).await;
+    let ev = f.events();
+    let hook = ev
+        .iter()
+        .position(|e| e == "hook:/dev/loop9")
+        .expect("hook ran");
+    let close = ev.iter().position(|e| e == "close").expect("closed");
+    assert!(hook < close, "{ev:?}");
+    assert!(f.worker_key().is_none());
+    f.set_vault(Vault::Ok);
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(3)).await;
+    assert_eq!(f.events().iter().filter(|e| *e == "spawn").count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_remove_removes_at_once() {
+    let f = Fake::new();
+    let mut s = settings();
+    s.revoke_policy = RevokePolicy::Remove;
+    let h = spawn_volume(s, f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.set_vault(Vault::Denied);
+    wait_state(&h, VolumeState::Removed, Duration::from_secs(2)).await;
+    assert!(f.events().contains(&"hook:/dev/loop9".to_string()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_and_hangs_never_lock_without_offline_policy() {
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.set_vault(Vault::Transient);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    f.set_vault(Vault::Hang);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Serving);
+    assert_eq!(
+        h.status.borrow().last_error.as_ref().unwrap().class,
+        AccessClass::Transient
+    );
+    assert!(!f.events().contains(&"suspend".to_string()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn offline_lock_after_locks_on_time() {
+    let f = Fake::new();
+    let mut s = settings();
+    s.offline_lock_after = Some(Duration::from_secs(5));
+    let h = spawn_volume(s, f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.set_vault(Vault::Transient);
+    let t0 = tokio::time::Instant::now();
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(10)).await;
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(4) && took <= Duration::from_secs(7),
+        "{took:?}"
+    );
+    assert!(
+        h.status
+            .borrow()
+            .reason
+            .as_ref()
+            .unwrap()
+            .contains("offline_lock_after")
+    );
+    f.set_vault(Vault::Ok);
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(3)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn wrong_key_from_vault_locks() {
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.set_vault(Vault::WrongKey);
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(3)).await;
+    assert_eq!(f.worker_key(), Some(None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn boot_with_vault_down_retries_with_backoff() {
+    let f = Fake::new();
+    f.set_vault(Vault::Transient);
+    let h = spawn_volume(settings(), f.clone());
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Locked);
+    let tries = f
+        .events()
+        .iter()
+        .filter(|e| e.starts_with("unwrap"))
+        .count();
+    // 0, 0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5 s: capped exponential, not a tight loop.
+    assert!((6..=9).contains(&tries), "{tries} attempts");
+    f.set_vault(Vault::Ok);
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn absent_device_waits_and_wake_attaches() {
+    let f = Fake::new();
+    f.0.lock().unwrap().present = false;
+    let h = spawn_volume(settings(), f.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Locked);
+    assert!(
+        h.status
+            .borrow()
+            .reason
+            .as_ref()
+            .unwrap()
+            .contains("not present")
+    );
+    f.0.lock().unwrap().present = true;
+    h.tx.send(Command::Wake).await.unwrap();
+    wait_state(&h, VolumeState::Serving, Duration::from_millis(10)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn manual_lock_holds_until_unlock() {
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    assert_eq!(send(&h, Command::Lock).await.unwrap(), "locked");
+    assert_eq!(h.status.borrow().state, VolumeState::Suspended);
+    assert_eq!(f.worker_key(), Some(None));
+    // Neither restored access nor hold expiry changes a manual lock.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Suspended);
+    f.set_vault(Vault::Denied);
+    assert!(send(&h, Command::Unlock).await.is_err());
+    assert_eq!(h.status.borrow().state, VolumeState::Suspended);
+    f.set_vault(Vault::Ok);
+    assert_eq!(send(&h, Command::Unlock).await.unwrap(), "resumed");
+    assert_eq!(h.status.borrow().state, VolumeState::Serving);
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+}
+
+#[tokio::test(start_paused = true)]
+async fn adopts_running_worker_and_dead_worker_is_reattached() {
+    let f = Fake::new();
+    f.0.lock().unwrap().worker = Some(WorkerSim {
+        key: Some([GOOD; 64]),
+    });
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_millis(10)).await;
+    assert!(
+        !f.events().contains(&"spawn".to_string()),
+        "adopted, not respawned"
+    );
+    f.0.lock().unwrap().worker = None;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Serving);
+    assert_eq!(f.events().iter().filter(|e| *e == "spawn").count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_closes_the_device() {
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    h.tx.send(Command::Shutdown(tx)).await.unwrap();
+    rx.await.unwrap();
+    assert!(f.worker_key().is_none());
+    assert_eq!(h.status.borrow().state, VolumeState::Locked);
+}

@@ -1,0 +1,341 @@
+//! `kvcrypt format`: safety checks, VMK generation, first key slot, optional wipe, header write.
+
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rand::RngCore;
+
+use super::signatures;
+use super::slots::{KeyWrapper, make_slot};
+use crate::cli::CliError;
+use crate::crypto::XtsCipher;
+use crate::header::{self, HeaderError, VolumeHeader, layout};
+use crate::secmem::{VMK_LEN, VolumeKey};
+
+/// Everything `format` needs besides the key provider.
+pub struct FormatPlan {
+    pub key_id: String,
+    pub algorithm: Option<String>,
+    pub label: String,
+    pub sector_size: u32,
+    pub master_key_file: Option<PathBuf>,
+    /// Overwrite existing signatures (`--yes`).
+    pub force: bool,
+    pub wipe: bool,
+    /// Show a progress bar for the wipe (only when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// Reads a customer-supplied VMK: exactly 64 raw bytes, two different AES-256 halves
+/// (IEEE 1619 / FIPS 140 require the XTS data and tweak keys to differ).
+pub fn read_master_key_file(path: &Path) -> anyhow::Result<VolumeKey> {
+    let mut f =
+        File::open(path).with_context(|| format!("opening master key file {}", path.display()))?;
+    let mut vmk = VolumeKey::zeroed();
+    let mut extra = [0u8; 1];
+    f.read_exact(vmk.expose_mut()).map_err(|_| {
+        CliError::Usage(format!(
+            "master key file {} must hold exactly {VMK_LEN} raw bytes (it is shorter)",
+            path.display()
+        ))
+    })?;
+    if f.read(&mut extra)
+        .with_context(|| format!("reading {}", path.display()))?
+        != 0
+    {
+        return Err(CliError::Usage(format!(
+            "master key file {} must hold exactly {VMK_LEN} raw bytes (it is longer)",
+            path.display()
+        ))
+        .into());
+    }
+    let k = vmk.expose();
+    if k[..32] == k[32..] {
+        return Err(CliError::Usage(format!(
+            "master key file {}: the two 32-byte halves are equal, which XTS forbids",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(vmk)
+}
+
+/// A fresh random VMK from the operating system's CSPRNG.
+pub fn random_master_key() -> VolumeKey {
+    let mut vmk = VolumeKey::zeroed();
+    rand::rngs::OsRng.fill_bytes(vmk.expose_mut());
+    vmk
+}
+
+/// Refuses to overwrite recognisable content unless forced. Returns what was found.
+fn check_existing(f: &File, path: &Path, force: bool) -> anyhow::Result<Vec<&'static str>> {
+    let mut head = vec![0u8; signatures::SCAN_LEN];
+    let mut got = 0;
+    while got < head.len() {
+        match f.read_at(&mut head[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+    let found = signatures::detect(&head[..got]);
+    if !found.is_empty() && !force {
+        return Err(CliError::Busy(format!(
+            "{} already holds: {}; refusing to overwrite it (use --yes to format anyway; this \
+             destroys the existing data)",
+            path.display(),
+            found.join(", ")
+        ))
+        .into());
+    }
+    Ok(found)
+}
+
+/// Opens the device for writing. Block devices are opened with `O_EXCL`, which Linux refuses
+/// with `EBUSY` while the device is mounted, swapped on or held by device-mapper/another
+/// exclusive opener — formatting such a device would destroy live data.
+fn open_exclusive(path: &Path) -> anyhow::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let is_block = std::fs::metadata(path)
+        .with_context(|| format!("cannot access {}", path.display()))?
+        .file_type()
+        .is_block_device();
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if is_block {
+        o.custom_flags(libc::O_EXCL);
+    }
+    o.open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            CliError::Busy(format!(
+                "{} is in use (mounted, active swap, or opened exclusively by another program)",
+                path.display()
+            ))
+            .into()
+        } else {
+            anyhow::Error::new(e).context(format!("opening {} for writing", path.display()))
+        }
+    })
+}
+
+/// Formats `path`: returns the header written (sequence 1 on a fresh device).
+pub fn format_device(
+    path: &Path,
+    plan: &FormatPlan,
+    w: &dyn KeyWrapper,
+) -> anyhow::Result<VolumeHeader> {
+    if plan.label.len() > layout::LABEL_MAX || plan.label.contains('\0') {
+        return Err(CliError::Usage(format!(
+            "label must be at most {} bytes of UTF-8 without NUL",
+            layout::LABEL_MAX
+        ))
+        .into());
+    }
+    let mut f = open_exclusive(path)?;
+    let size = header::device_size(&mut f, path)?;
+    let needed = layout::HEADER_AREA_SIZE + u64::from(plan.sector_size);
+    if size < needed {
+        return Err(HeaderError::DeviceTooSmall {
+            path: path.to_path_buf(),
+            size,
+            needed,
+        }
+        .into());
+    }
+    check_existing(&f, path, plan.force)?;
+
+    let vmk = match &plan.master_key_file {
+        Some(p) => read_master_key_file(p)?,
+        None => random_master_key(),
+    };
+    let mut h = VolumeHeader::new_for_device(size, plan.sector_size, &plan.label, &vmk).map_err(
+        |e| match e {
+            HeaderError::DeviceTooSmall { size, needed, .. } => HeaderError::DeviceTooSmall {
+                path: path.to_path_buf(),
+                size,
+                needed,
+            },
+            e => e,
+        },
+    )?;
+    // Wrap before touching the device: a vault failure leaves it unchanged.
+    let slot = make_slot(w, &plan.key_id, plan.algorithm.as_deref(), &vmk)?;
+    h.add_slot(slot);
+    h.seal(&vmk);
+    if plan.wipe {
+        wipe_data_area(&f, path, &h, &vmk, plan.progress)?;
+    }
+    drop(f);
+    header::write(path, &mut h)?;
+    Ok(h)
+}
+
+/// Encrypts zeros over the whole data area, so unwritten blocks look like written ones.
+fn wipe_data_area(
+    f: &File,
+    path: &Path,
+    h: &VolumeHeader,
+    vmk: &VolumeKey,
+    progress: bool,
+) -> anyhow::Result<()> {
+    const CHUNK: u64 = 4 * 1024 * 1024; // a multiple of both sector sizes
+    let cipher = XtsCipher::new(vmk);
+    let ss = u64::from(h.sector_size);
+    let bar = (progress && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(h.data_length);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "wiping {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut done = 0u64;
+    while done < h.data_length {
+        let n = CHUNK.min(h.data_length - done);
+        let chunk = &mut buf[..n as usize];
+        chunk.fill(0);
+        cipher
+            .encrypt_sectors(chunk, done / ss, h.sector_size as usize)
+            .map_err(|e| anyhow::anyhow!("encrypting the wipe pattern: {e}"))?;
+        f.write_all_at(chunk, h.data_offset + done)
+            .with_context(|| {
+                format!("wiping {} at byte {}", path.display(), h.data_offset + done)
+            })?;
+        done += n;
+        if let Some(b) = &bar {
+            b.set_position(done);
+        }
+    }
+    f.sync_data()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::slots::testing::XorWrapper;
+    use super::super::slots::unlock;
+    use super::*;
+
+    const K: &str = "https://a.vault.azure.net/keys/vol/v1";
+
+    fn plan() -> FormatPlan {
+        FormatPlan {
+            key_id: "https://a.vault.azure.net/keys/vol".into(),
+            algorithm: None,
+            label: "test".into(),
+            sector_size: 4096,
+            master_key_file: None,
+            force: false,
+            wipe: false,
+            progress: false,
+        }
+    }
+
+    fn file(dir: &Path, size: u64) -> PathBuf {
+        let p = dir.join("dev.img");
+        File::create(&p).unwrap().set_len(size).unwrap();
+        p
+    }
+
+    #[test]
+    fn formats_with_a_master_key_file_and_wipes_to_ciphertext_of_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = file(dir.path(), 3 << 20);
+        let keyfile = dir.path().join("vmk.bin");
+        let key: Vec<u8> = (0..64u8).collect();
+        std::fs::write(&keyfile, &key).unwrap();
+        let w = XorWrapper::new(&[K]);
+        let mut pl = plan();
+        pl.master_key_file = Some(keyfile);
+        pl.wipe = true;
+        pl.sector_size = 512;
+        let h = format_device(&p, &pl, &w).unwrap();
+        assert_eq!(h.slots[0].key_id, K, "slot stores the versioned id");
+        let loaded = header::read(&p).unwrap();
+        assert_eq!(loaded.header, h);
+        let (vmk, _) = unlock(&loaded, &w).unwrap();
+        assert_eq!(&vmk.expose()[..], &key[..]);
+        // The data area holds XTS(0…) under the VMK: decrypting sector 5 gives zeros.
+        let mut sector = vec![0u8; 512];
+        File::open(&p)
+            .unwrap()
+            .read_exact_at(&mut sector, (1 << 20) + 5 * 512)
+            .unwrap();
+        assert!(sector.iter().any(|&b| b != 0));
+        XtsCipher::new(&vmk)
+            .decrypt_sectors(&mut sector, 5, 512)
+            .unwrap();
+        assert!(sector.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn refuses_existing_content_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = file(dir.path(), 4 << 20);
+        let w = XorWrapper::new(&[K]);
+        // ext4 magic at 1080.
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all_at(&[0x53, 0xef], 1080)
+            .unwrap();
+        let e = format_device(&p, &plan(), &w).unwrap_err();
+        assert!(format!("{e}").contains("ext2/3/4"), "{e}");
+        assert!(matches!(
+            e.downcast_ref::<CliError>(),
+            Some(CliError::Busy(_))
+        ));
+        let mut pl = plan();
+        pl.force = true;
+        let first = format_device(&p, &pl, &w).unwrap();
+        // Now it holds a kvcrypt header: refused again without --yes.
+        let e = format_device(&p, &plan(), &w).unwrap_err();
+        assert!(format!("{e}").contains("kvcrypt header"), "{e}");
+        assert_eq!(
+            header::read(&p).unwrap().uuid,
+            first.uuid,
+            "refused format wrote nothing"
+        );
+    }
+
+    #[test]
+    fn refuses_small_devices_bad_key_files_and_vault_failures_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = XorWrapper::new(&[K]);
+        let p = file(dir.path(), (1 << 20) + 4095);
+        let e = format_device(&p, &plan(), &w).unwrap_err();
+        assert!(matches!(
+            e.downcast_ref::<HeaderError>(),
+            Some(HeaderError::DeviceTooSmall { .. })
+        ));
+
+        let p = file(dir.path(), 4 << 20);
+        let kf = dir.path().join("short.bin");
+        std::fs::write(&kf, [1u8; 63]).unwrap();
+        let mut pl = plan();
+        pl.master_key_file = Some(kf.clone());
+        assert!(format_device(&p, &pl, &w).is_err());
+        std::fs::write(&kf, [1u8; 65]).unwrap();
+        assert!(format_device(&p, &pl, &w).is_err());
+        std::fs::write(&kf, [1u8; 64]).unwrap();
+        assert!(format_device(&p, &pl, &w).is_err(), "equal halves refused");
+
+        let denied = XorWrapper::new(&[]);
+        assert!(format_device(&p, &plan(), &denied).is_err());
+        let mut head = vec![0u8; 8];
+        File::open(&p).unwrap().read_exact_at(&mut head, 0).unwrap();
+        assert_eq!(head, vec![0u8; 8], "nothing written after failures");
+    }
+}

@@ -1,0 +1,436 @@
+//! Key-slot logic of `format`, `rewrap` and `header dump --dump-master-key`, behind the small
+//! [`KeyWrapper`] trait so it is testable without a vault (the real implementation is the
+//! Key Vault provider; see `vault_wrapper` in `offline.rs`).
+
+use anyhow::{Context, bail};
+
+use crate::header::{self, HeaderError, KeySlot, VolumeHeader};
+use crate::secmem::VolumeKey;
+
+/// The VMK wrapped by one key: what the provider returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wrapped {
+    /// Versioned key id that did the wrapping.
+    pub key_id: String,
+    pub algorithm: String,
+    pub wrapped: Vec<u8>,
+}
+
+/// What the offline commands need from a key provider.
+pub trait KeyWrapper {
+    /// Wraps `vmk` with `key_id` (versioned or versionless; versionless means the latest).
+    fn wrap(
+        &self,
+        key_id: &str,
+        algorithm: Option<&str>,
+        vmk: &VolumeKey,
+    ) -> anyhow::Result<Wrapped>;
+    /// Unwraps a slot's bytes with its versioned key id.
+    fn unwrap(&self, key_id: &str, algorithm: &str, wrapped: &[u8]) -> anyhow::Result<VolumeKey>;
+    /// Versioned id of the latest version of `key_id`.
+    fn latest_version(&self, key_id: &str) -> anyhow::Result<String>;
+}
+
+/// `https://VAULT/keys/NAME/VERSION` → `https://VAULT/keys/NAME` (unchanged if versionless).
+pub fn versionless(key_id: &str) -> String {
+    let trimmed = key_id.trim_end_matches('/');
+    let parts: Vec<&str> = trimmed.split('/').collect();
+    // ["https:", "", host, "keys", name, version]
+    if parts.len() == 6 && parts[3] == "keys" {
+        parts[..5].join("/")
+    } else {
+        trimmed.to_string()
+    }
+}
+
+/// Wraps `vmk` into a new slot (id assigned when added to a header) and proves the slot works
+/// by unwrapping it again — a slot that cannot be unwrapped would only be discovered when the
+/// volume is needed.
+pub fn make_slot(
+    w: &dyn KeyWrapper,
+    key_id: &str,
+    algorithm: Option<&str>,
+    vmk: &VolumeKey,
+) -> anyhow::Result<KeySlot> {
+    let wr = w
+        .wrap(key_id, algorithm, vmk)
+        .with_context(|| format!("wrapping the volume key with {key_id}"))?;
+    let back = w
+        .unwrap(&wr.key_id, &wr.algorithm, &wr.wrapped)
+        .with_context(|| {
+            format!(
+                "unwrapping the new key slot with {} to verify it",
+                wr.key_id
+            )
+        })?;
+    if back.expose() != vmk.expose() {
+        bail!(
+            "key {} returned a wrapped key that does not unwrap to the volume key; refusing to \
+             store it",
+            wr.key_id
+        );
+    }
+    Ok(KeySlot {
+        id: 0,
+        provider: header::PROVIDER_AZURE.into(),
+        key_id: wr.key_id,
+        algorithm: wr.algorithm,
+        wrapped: wr.wrapped,
+        created_at: header::now_rfc3339(),
+    })
+}
+
+/// Unwraps the VMK from the first slot that works and passes the key check and MAC.
+/// Returns the key and the slot id. A MAC failure aborts at once (the header is not to be
+/// trusted); otherwise the error of the last slot tried is returned, with all slots' reasons.
+pub fn unlock(h: &VolumeHeader, w: &dyn KeyWrapper) -> anyhow::Result<(VolumeKey, u32)> {
+    let mut reasons = Vec::new();
+    let mut last: Option<anyhow::Error> = None;
+    for s in &h.slots {
+        if s.provider != header::PROVIDER_AZURE {
+            reasons.push(format!("slot {}: unknown provider {:?}", s.id, s.provider));
+            continue;
+        }
+        match w.unwrap(&s.key_id, &s.algorithm, &s.wrapped) {
+            Ok(vmk) => match h.verify_key(&vmk) {
+                Ok(()) => return Ok((vmk, s.id)),
+                Err(HeaderError::Tampered) => return Err(HeaderError::Tampered.into()),
+                Err(e) => {
+                    reasons.push(format!("slot {} ({}): {e}", s.id, s.key_id));
+                    last = Some(e.into());
+                }
+            },
+            Err(e) => {
+                reasons.push(format!("slot {} ({}): {e:#}", s.id, s.key_id));
+                last = Some(e);
+            }
+        }
+    }
+    let summary = reasons.join("; ");
+    Err(match last {
+        Some(e) => e.context(format!("no key slot could be unlocked ({summary})")),
+        None => {
+            HeaderError::Invalid(format!("the volume has no usable key slot ({summary})")).into()
+        }
+    })
+}
+
+/// What `kvcrypt rewrap` should do.
+#[derive(Debug, Default)]
+pub struct RewrapPlan {
+    /// Key for the new slot; `None` = latest version of the key of the first slot.
+    pub key_id: Option<String>,
+    pub algorithm: Option<String>,
+    pub add: bool,
+    pub remove: Vec<u32>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct RewrapOutcome {
+    pub unlocked_with: u32,
+    pub added: Option<u32>,
+    /// Set when no slot was added because one already used the target key version.
+    pub already_present: Option<u32>,
+    pub removed: Vec<u32>,
+}
+
+/// Adds/removes slots in `h` and re-seals it. The caller writes it (only if something changed).
+pub fn rewrap(
+    h: &mut VolumeHeader,
+    w: &dyn KeyWrapper,
+    plan: &RewrapPlan,
+) -> anyhow::Result<RewrapOutcome> {
+    if !plan.add && plan.remove.is_empty() {
+        return Err(
+            HeaderError::Invalid("nothing to do: --no-add without --remove-slot".into()).into(),
+        );
+    }
+    let mut remove = plan.remove.clone();
+    remove.sort_unstable();
+    remove.dedup();
+    for id in &remove {
+        if !h.slots.iter().any(|s| s.id == *id) {
+            return Err(HeaderError::Invalid(format!("no key slot {id} on this volume")).into());
+        }
+    }
+    // With an add, a slot for the target key always remains (added, or present and kept).
+    if !plan.add && remove.len() >= h.slots.len() {
+        return Err(HeaderError::Invalid(
+            "refusing to remove every key slot: the volume could never be opened again".into(),
+        )
+        .into());
+    }
+    let (vmk, unlocked_with) = unlock(h, w)?;
+    let mut out = RewrapOutcome {
+        unlocked_with,
+        added: None,
+        already_present: None,
+        removed: Vec::new(),
+    };
+    if plan.add {
+        let target = match &plan.key_id {
+            Some(k) => k.clone(),
+            None => {
+                let first = h
+                    .slots
+                    .first()
+                    .ok_or_else(|| HeaderError::Invalid("no key slots".into()))?;
+                w.latest_version(&versionless(&first.key_id))
+                    .with_context(|| format!("looking up the latest version of {}", first.key_id))?
+            }
+        };
+        let algorithm = plan.algorithm.as_deref();
+        let present = h.slots.iter().find(|s| {
+            s.key_id == target
+                && algorithm.is_none_or(|a| a == s.algorithm)
+                && !remove.contains(&s.id)
+        });
+        if let Some(s) = present {
+            out.already_present = Some(s.id);
+        } else {
+            let slot = make_slot(w, &target, algorithm, &vmk)?;
+            out.added = Some(h.add_slot(slot));
+        }
+    }
+    for id in &remove {
+        h.remove_slot(*id)?;
+        out.removed.push(*id);
+    }
+    h.seal(&vmk);
+    h.verify_key(&vmk)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+pub mod testing {
+    //! A local stand-in for the vault, for unit tests ONLY: "wraps" by XOR with a pad derived
+    //! from the versioned key id. It proves nothing about Key Vault; it exercises slot logic.
+    use super::*;
+    use sha2::{Digest, Sha512};
+    use std::collections::HashMap;
+
+    pub struct XorWrapper {
+        /// versionless key id → latest version id; keys not listed are "denied".
+        pub latest: HashMap<String, String>,
+    }
+
+    impl XorWrapper {
+        pub fn new(keys: &[&str]) -> Self {
+            let latest = keys
+                .iter()
+                .map(|k| (versionless(k), k.to_string()))
+                .collect();
+            XorWrapper { latest }
+        }
+        fn pad(key_id: &str) -> [u8; 64] {
+            Sha512::digest(key_id.as_bytes()).into()
+        }
+        fn resolve(&self, key_id: &str) -> anyhow::Result<String> {
+            let base = versionless(key_id);
+            let latest = self
+                .latest
+                .get(&base)
+                .ok_or_else(|| anyhow::anyhow!("denied: {key_id}"))?;
+            Ok(if base == key_id.trim_end_matches('/') {
+                latest.clone()
+            } else {
+                key_id.to_string()
+            })
+        }
+    }
+
+    impl KeyWrapper for XorWrapper {
+        fn wrap(
+            &self,
+            key_id: &str,
+            algorithm: Option<&str>,
+            vmk: &VolumeKey,
+        ) -> anyhow::Result<Wrapped> {
+            let kid = self.resolve(key_id)?;
+            let pad = Self::pad(&kid);
+            let wrapped = vmk
+                .expose()
+                .iter()
+                .zip(pad.iter())
+                .map(|(a, b)| a ^ b)
+                .collect();
+            Ok(Wrapped {
+                key_id: kid,
+                algorithm: algorithm.unwrap_or("RSA-OAEP-256").into(),
+                wrapped,
+            })
+        }
+        fn unwrap(&self, key_id: &str, _alg: &str, wrapped: &[u8]) -> anyhow::Result<VolumeKey> {
+            let kid = self.resolve(key_id)?;
+            let pad = Self::pad(&kid);
+            let plain: Vec<u8> = wrapped.iter().zip(pad.iter()).map(|(a, b)| a ^ b).collect();
+            VolumeKey::from_slice(&plain).ok_or_else(|| anyhow::anyhow!("bad length"))
+        }
+        fn latest_version(&self, key_id: &str) -> anyhow::Result<String> {
+            self.latest
+                .get(&versionless(key_id))
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("denied: {key_id}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::XorWrapper;
+    use super::*;
+
+    const K1: &str = "https://a.vault.azure.net/keys/vol/v1";
+    const K2: &str = "https://a.vault.azure.net/keys/vol/v2";
+    const OTHER: &str = "https://b.vault.azure.net/keys/recovery/r1";
+
+    fn vmk(b: u8) -> VolumeKey {
+        VolumeKey::from_slice(&[b; 64]).unwrap()
+    }
+
+    fn volume(w: &XorWrapper) -> (VolumeHeader, VolumeKey) {
+        let k = vmk(7);
+        let mut h = VolumeHeader::new_for_device(16 << 20, 4096, "t", &k).unwrap();
+        h.add_slot(make_slot(w, K1, None, &k).unwrap());
+        h.seal(&k);
+        (h, k)
+    }
+
+    #[test]
+    fn versionless_ids() {
+        assert_eq!(versionless(K1), "https://a.vault.azure.net/keys/vol");
+        assert_eq!(
+            versionless("https://a.vault.azure.net/keys/vol"),
+            "https://a.vault.azure.net/keys/vol"
+        );
+        assert_eq!(
+            versionless("https://a.vault.azure.net/keys/vol/"),
+            "https://a.vault.azure.net/keys/vol"
+        );
+    }
+
+    #[test]
+    fn unlock_finds_the_working_slot() {
+        let w = XorWrapper::new(&[K1, OTHER]);
+        let (mut h, k) = volume(&w);
+        let (got, id) = unlock(&h, &w).unwrap();
+        assert_eq!((got.expose(), id), (k.expose(), 0));
+        // A slot of a wrong key placed first is skipped; the good one still unlocks.
+        let bad = make_slot(&w, OTHER, None, &vmk(9)).unwrap();
+        let bad_id = h.add_slot(bad);
+        let good = h.slots.remove(0);
+        h.slots.push(good);
+        h.seal(&k);
+        let (_, id) = unlock(&h, &w).unwrap();
+        assert_eq!(id, 0);
+        assert_ne!(id, bad_id);
+        // Only the wrong-key slot left: WrongKey.
+        h.slots.retain(|s| s.id == bad_id);
+        h.seal(&k);
+        let e = unlock(&h, &w).unwrap_err();
+        assert!(
+            matches!(e.downcast_ref::<HeaderError>(), Some(HeaderError::WrongKey)),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn unlock_stops_on_tampering_and_reports_denied_slots() {
+        let w = XorWrapper::new(&[K1]);
+        let (mut h, _) = volume(&w);
+        h.label = "changed".into();
+        let e = unlock(&h, &w).unwrap_err();
+        assert!(matches!(
+            e.downcast_ref::<HeaderError>(),
+            Some(HeaderError::Tampered)
+        ));
+        let (h, _) = volume(&w);
+        let denied = XorWrapper::new(&[OTHER]);
+        let e = unlock(&h, &denied).unwrap_err();
+        assert!(format!("{e:#}").contains("denied"), "{e:#}");
+    }
+
+    #[test]
+    fn rewrap_to_latest_version_then_remove_old_slot() {
+        let mut w = XorWrapper::new(&[K1]);
+        let (mut h, k) = volume(&w);
+        // Same key, no new version yet: nothing added.
+        let plan = RewrapPlan {
+            add: true,
+            ..Default::default()
+        };
+        let out = rewrap(&mut h, &w, &plan).unwrap();
+        assert_eq!(out.already_present, Some(0));
+        assert_eq!(out.added, None);
+        // The key is rotated to v2: a new slot for v2, and slot 0 removed.
+        w.latest.insert(versionless(K1), K2.to_string());
+        let plan = RewrapPlan {
+            add: true,
+            remove: vec![0],
+            ..Default::default()
+        };
+        let out = rewrap(&mut h, &w, &plan).unwrap();
+        assert_eq!(out.added, Some(1));
+        assert_eq!(out.removed, vec![0]);
+        assert_eq!(h.slots.len(), 1);
+        assert_eq!(h.slots[0].key_id, K2);
+        h.verify_key(&k).unwrap();
+        let (got, id) = unlock(&h, &w).unwrap();
+        assert_eq!((got.expose(), id), (k.expose(), 1));
+    }
+
+    #[test]
+    fn rewrap_adds_a_second_vault_and_refuses_bad_removals() {
+        let w = XorWrapper::new(&[K1, OTHER]);
+        let (mut h, k) = volume(&w);
+        let plan = RewrapPlan {
+            add: true,
+            key_id: Some(OTHER.into()),
+            algorithm: Some("RSA-OAEP".into()),
+            remove: vec![],
+        };
+        let out = rewrap(&mut h, &w, &plan).unwrap();
+        assert_eq!(out.added, Some(1));
+        assert_eq!(h.slots[1].algorithm, "RSA-OAEP");
+        h.verify_key(&k).unwrap();
+        let bad = RewrapPlan {
+            add: false,
+            remove: vec![5],
+            ..Default::default()
+        };
+        assert!(rewrap(&mut h, &w, &bad).is_err());
+        let all = RewrapPlan {
+            add: false,
+            remove: vec![0, 1],
+            ..Default::default()
+        };
+        assert!(
+            rewrap(&mut h, &w, &all).is_err(),
+            "removing every slot must fail"
+        );
+        assert_eq!(h.slots.len(), 2, "a refused rewrap changes nothing");
+        let none = RewrapPlan::default();
+        assert!(rewrap(&mut h, &w, &none).is_err());
+    }
+
+    #[test]
+    fn make_slot_rejects_a_wrap_that_does_not_round_trip() {
+        struct Broken;
+        impl KeyWrapper for Broken {
+            fn wrap(&self, k: &str, _: Option<&str>, _: &VolumeKey) -> anyhow::Result<Wrapped> {
+                Ok(Wrapped {
+                    key_id: k.into(),
+                    algorithm: "A256KW".into(),
+                    wrapped: vec![1; 72],
+                })
+            }
+            fn unwrap(&self, _: &str, _: &str, _: &[u8]) -> anyhow::Result<VolumeKey> {
+                Ok(VolumeKey::zeroed())
+            }
+            fn latest_version(&self, k: &str) -> anyhow::Result<String> {
+                Ok(k.into())
+            }
+        }
+        assert!(make_slot(&Broken, K1, None, &vmk(3)).is_err());
+    }
+}

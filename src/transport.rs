@@ -1,1 +1,0 @@
-//! How the kernel sees the plaintext device: ublk or FUSE + loop. (Owned by the data-path work.)

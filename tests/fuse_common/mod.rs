@@ -1,0 +1,110 @@
+//! Helpers shared by the data-path tests (tests/fuse_*.rs).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use kvcrypt::crypto::XtsCipher;
+use kvcrypt::secmem::VolumeKey;
+
+/// Data offset used by tests that build a volume without a header (1 MiB, like the format).
+pub const DATA_OFFSET: u64 = 1 << 20;
+
+/// A fixed test key (not secret).
+pub fn test_key(seed: u8) -> VolumeKey {
+    let bytes: Vec<u8> = (0..64u8)
+        .map(|i| i.wrapping_mul(7).wrapping_add(seed))
+        .collect();
+    VolumeKey::from_slice(&bytes).expect("64-byte key")
+}
+
+pub fn cipher(seed: u8) -> XtsCipher {
+    XtsCipher::new(&test_key(seed))
+}
+
+/// Creates a sparse backing file of `data_len` bytes after a header area filled with 0xA5.
+pub fn backing_file(dir: &Path, data_len: u64) -> PathBuf {
+    let path = dir.join("backing.img");
+    let f = std::fs::File::create(&path).expect("create backing file");
+    f.set_len(DATA_OFFSET + data_len)
+        .expect("size backing file");
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&vec![0xA5u8; DATA_OFFSET as usize], 0)
+        .expect("fill header area");
+    path
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures are reproducible.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// True if any `chunk`-sized aligned piece of `needle` occurs anywhere in `haystack` (at any
+/// multiple of `step`). Pieces are indexed by their first 8 bytes so the scan is linear.
+pub fn contains_any_chunk(haystack: &[u8], needle: &[u8], chunk: usize, step: usize) -> bool {
+    let mut index = std::collections::HashMap::new();
+    for c in needle.chunks_exact(chunk) {
+        index
+            .entry(u64::from_le_bytes(c[..8].try_into().unwrap()))
+            .or_insert_with(Vec::new)
+            .push(c);
+    }
+    if haystack.len() < chunk {
+        return false;
+    }
+    (0..=haystack.len() - chunk).step_by(step).any(|i| {
+        let key = u64::from_le_bytes(haystack[i..i + 8].try_into().unwrap());
+        index
+            .get(&key)
+            .is_some_and(|cs| cs.iter().any(|c| &haystack[i..i + chunk] == *c))
+    })
+}
+
+/// Returns true (and prints why) if the kernel facilities for the FUSE+loop path are missing.
+pub fn skip_without_fuse_loop() -> bool {
+    for dev in ["/dev/fuse", "/dev/loop-control"] {
+        if !Path::new(dev).exists() {
+            eprintln!(
+                "\n!!! SKIPPING: {dev} is missing on this machine; the FUSE+loop data path cannot be tested !!!\n"
+            );
+            return true;
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("\n!!! SKIPPING: FUSE+loop tests need root (CI runs as root) !!!\n");
+        return true;
+    }
+    false
+}
+
+/// Hex sha256 of a file's contents.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let data = std::fs::read(path).expect("read file for checksum");
+    format!("{:x}", Sha256::digest(&data))
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,142 @@
+//! The `kvcrypt` binary's offline header commands: output and exit codes (src/exit.rs).
+
+mod header_common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use header_common::*;
+use kvcrypt::header;
+
+fn kvcrypt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kvcrypt"))
+        .args(args)
+        .env("KVCRYPT_CONFIG", "/nonexistent/kvcrypt.toml")
+        .env_remove("KVCRYPT_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kvcrypt")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn probe_is_silent_and_nonzero_for_anything_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let zeros = sized_file(dir.path(), "zeros.img", 4 * MIB);
+    let missing = dir.path().join("missing.img");
+    for p in [&zeros, &missing] {
+        let out = kvcrypt(&["probe", s(p)]);
+        assert_eq!(out.status.code(), Some(3), "{}", p.display());
+        assert!(
+            out.stdout.is_empty(),
+            "{:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{:?}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn probe_prints_udev_properties() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "db disk\n1");
+    let out = kvcrypt(&["probe", s(&p)]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let want = format!(
+        "ID_FS_TYPE=kvcrypt\nID_FS_USAGE=crypto\nID_FS_VERSION=1\nID_FS_UUID={u}\n\
+         ID_FS_UUID_ENC={u}\nID_FS_LABEL=db_disk_1\nID_FS_LABEL_ENC=db\\x20disk\\x0a1\n",
+        u = h.uuid
+    );
+    assert_eq!(text, want);
+}
+
+#[test]
+fn dump_exit_codes_for_bad_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let zeros = sized_file(dir.path(), "zeros.img", 4 * MIB);
+    let out = kvcrypt(&["header", "dump", s(&zeros)]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a kvcrypt volume"), "{err}");
+    assert!(out.stdout.is_empty());
+
+    let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "x");
+    flip(&p, PRIMARY + 100);
+    flip(&p, SECONDARY + 100);
+    let out = kvcrypt(&["header", "dump", s(&p)]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kvcrypt header restore"), "{err}");
+
+    let out = kvcrypt(&["header", "dump", s(&dir.path().join("missing"))]);
+    assert_eq!(out.status.code(), Some(11));
+}
+
+#[test]
+fn dump_json_describes_the_header_and_reports_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "x");
+    write_at(&p, SECONDARY, &[0u8; 64]);
+    let out = kvcrypt(&["header", "dump", "--json", s(&p)]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["uuid"], h.uuid.to_string());
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["data_offset"], MIB);
+    assert_eq!(v["sector_size"], 4096);
+    assert_eq!(v["keyslots"][0]["key_id"], h.slots[0].key_id);
+    assert_eq!(v["copies"][0]["in_use"], true);
+    assert_eq!(v["copies"][1]["valid"], false);
+    assert!(v["dm_crypt"].as_str().unwrap().contains("--offset 2048"));
+    assert!(v.get("master_key_hex").is_none());
+    let text = kvcrypt(&["header", "dump", s(&p)]);
+    assert_eq!(text.status.code(), Some(0));
+    let t = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        t.contains(&h.uuid.to_string()) && t.contains("DAMAGED"),
+        "{t}"
+    );
+    assert!(String::from_utf8_lossy(&text.stderr).contains("repaired by the next header write"));
+}
+
+#[test]
+fn backup_and_restore_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "x");
+    let bak = dir.path().join("v.hdr");
+    let out = kvcrypt(&["header", "backup", s(&p), s(&bak)]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    write_at(&p, 0, &vec![0u8; MIB as usize]);
+    // No terminal and no --yes: refused, nothing written.
+    let out = kvcrypt(&["header", "restore", s(&p), s(&bak)]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(header::probe(&p).is_none());
+    let out = kvcrypt(&["header", "restore", "--yes", s(&p), s(&bak)]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = header::read(&p).unwrap();
+    assert_eq!(l.uuid, h.uuid);
+    l.verify_key(&key(1)).unwrap();
+}
