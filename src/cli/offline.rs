@@ -310,3 +310,42 @@ pub fn benchmark(a: BenchmarkArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::ExitClass;
+
+    fn cfg(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kvcrypt.toml");
+        std::fs::write(&p, text).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn vault_config_errors_are_configuration_errors() {
+        let (_d, p) = cfg("[agent]\n");
+        let e = load_vault_config(&p).unwrap_err();
+        assert!(format!("{e:#}").contains("no [vault] table"), "{e:#}");
+        assert_eq!(super::super::classify(&e), Exit::Config);
+        let e = load_vault_config(Path::new("/nonexistent/kvcrypt.toml")).unwrap_err();
+        assert_eq!(super::super::classify(&e), Exit::Config);
+        let (_d, p) = cfg("[vault]\nbogus = 1\n");
+        let e = load_vault_config(&p).unwrap_err();
+        assert_eq!(super::super::classify(&e), Exit::Config, "{e:#}");
+        let (_d, p) = cfg("[vault.credential]\nkind = \"managed-identity\"\n");
+        let c = load_vault_config(&p).unwrap();
+        assert!(matches!(
+            c.credential,
+            crate::keys::CredentialConfig::ManagedIdentity(_)
+        ));
+        // Not a TOML file at all.
+        let (_d, p) = cfg("this is = = not toml");
+        let e = load_vault_config(&p).unwrap_err();
+        assert_eq!(
+            e.downcast_ref::<CliError>().map(|c| c.exit_class()),
+            Some(Exit::Config)
+        );
+    }
+}
