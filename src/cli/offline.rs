@@ -28,20 +28,15 @@ fn todo_cmd(what: &str) -> anyhow::Result<()> {
 
 /// THE wiring point to the Key Vault provider: builds the `KeyWrapper` used by `format`,
 /// `rewrap` and `header dump --dump-master-key` from the `[vault]` table of the config file.
-///
-/// TEMPORARY: the `keyvault` branch (`crate::keys::BlockingProvider`, `crate::keys::VaultConfig`)
-/// is not merged yet. Once it is, replace the body with:
-/// ```ignore
-/// let cfg = load_vault_config(config)?;            // [vault] table → keys::VaultConfig
-/// Ok(Box::new(crate::keys::BlockingProvider::new(&cfg)?))
-/// ```
-/// plus `impl KeyWrapper for crate::keys::BlockingProvider` (three forwarding methods).
 fn vault_wrapper(config: &Path) -> anyhow::Result<Box<dyn KeyWrapper>> {
-    Err(CliError::Unsupported(format!(
-        "the Azure Key Vault provider is not built into this kvcrypt yet (config {} not used)",
-        config.display()
-    ))
-    .into())
+    let cfg = crate::agent::config::Config::load(config)?;
+    let vault = cfg.vault.ok_or_else(|| {
+        crate::keys::KeyError::Config(format!(
+            "{}: no [vault] table: kvcrypt needs it to reach Key Vault (see docs/CONFIG-vault.md)",
+            config.display()
+        ))
+    })?;
+    Ok(Box::new(crate::keys::BlockingProvider::new(&vault)?))
 }
 
 pub fn format(config: &Path, a: FormatArgs) -> anyhow::Result<()> {

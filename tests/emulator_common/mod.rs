@@ -15,9 +15,7 @@ pub const HSM: &str = "myhsm.managedhsm.azure.net";
 pub fn client(emu: &EmulatorHandle) -> reqwest::Client {
     let addr = SocketAddr::from(([127, 0, 0, 1], emu.port()));
     reqwest::Client::builder()
-        .tls_certs_only([
-            reqwest::Certificate::from_pem(emu.ca_pem().as_bytes()).expect("CA PEM")
-        ])
+        .tls_certs_only([reqwest::Certificate::from_pem(emu.ca_pem().as_bytes()).expect("CA PEM")])
         .resolve(VAULT, addr)
         .resolve(HSM, addr)
         .resolve("login.microsoftonline.com", addr)
