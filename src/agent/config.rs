@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer};
 use crate::cli::TransportKind;
 use crate::exit::{Exit, ExitClass};
 
-/// The `[vault]` table: owned by the Key Vault provider (`docs/CONFIG-vault.md`).
+/// The `[vault]` table: owned by the Key Vault provider.
 pub type VaultConfig = crate::keys::VaultConfig;
 
 /// A configuration error, naming the file and the field so the operator can fix it.

@@ -29,14 +29,63 @@ fn todo_cmd(what: &str) -> anyhow::Result<()> {
 /// THE wiring point to the Key Vault provider: builds the `KeyWrapper` used by `format`,
 /// `rewrap` and `header dump --dump-master-key` from the `[vault]` table of the config file.
 fn vault_wrapper(config: &Path) -> anyhow::Result<Box<dyn KeyWrapper>> {
-    let cfg = crate::agent::config::Config::load(config)?;
-    let vault = cfg.vault.ok_or_else(|| {
-        crate::keys::KeyError::Config(format!(
-            "{}: no [vault] table: kvcrypt needs it to reach Key Vault (see docs/CONFIG-vault.md)",
+    let cfg = load_vault_config(config)?;
+    Ok(Box::new(crate::keys::BlockingProvider::new(&cfg)?))
+}
+
+/// Reads only the `[vault]` table of the config file (the offline commands need nothing else,
+/// and must not fail on agent settings they do not use).
+fn load_vault_config(config: &Path) -> anyhow::Result<crate::keys::VaultConfig> {
+    let text = std::fs::read_to_string(config).map_err(|e| {
+        CliError::Config(format!(
+            "cannot read config file {} ({e}); its [vault] table says how to reach Key Vault \
+             (see --config / KVCRYPT_CONFIG)",
             config.display()
         ))
     })?;
-    Ok(Box::new(crate::keys::BlockingProvider::new(&vault)?))
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| CliError::Config(format!("config file {}: {e}", config.display())))?;
+    let vault = table.get("vault").ok_or_else(|| {
+        CliError::Config(format!(
+            "config file {} has no [vault] table",
+            config.display()
+        ))
+    })?;
+    let vault_text = toml::to_string(vault)
+        .map_err(|e| CliError::Config(format!("config file {}: [vault]: {e}", config.display())))?;
+    crate::keys::VaultConfig::from_toml(&vault_text)
+        .with_context(|| format!("config file {}", config.display()))
+}
+
+/// The real provider: Azure Key Vault / Managed HSM (errors stay `keys::KeyError`, so the
+/// CLI's exit code tells denied from unreachable).
+impl KeyWrapper for crate::keys::BlockingProvider {
+    fn wrap(
+        &self,
+        key_id: &str,
+        algorithm: Option<&str>,
+        vmk: &crate::secmem::VolumeKey,
+    ) -> anyhow::Result<slots::Wrapped> {
+        let w = crate::keys::BlockingProvider::wrap(self, key_id, algorithm, vmk)?;
+        Ok(slots::Wrapped {
+            key_id: w.key_id,
+            algorithm: w.algorithm,
+            wrapped: w.wrapped,
+        })
+    }
+    fn unwrap(
+        &self,
+        key_id: &str,
+        algorithm: &str,
+        wrapped: &[u8],
+    ) -> anyhow::Result<crate::secmem::VolumeKey> {
+        Ok(crate::keys::BlockingProvider::unwrap(
+            self, key_id, algorithm, wrapped,
+        )?)
+    }
+    fn latest_version(&self, key_id: &str) -> anyhow::Result<String> {
+        Ok(crate::keys::BlockingProvider::latest_version(self, key_id)?)
+    }
 }
 
 pub fn format(config: &Path, a: FormatArgs) -> anyhow::Result<()> {

@@ -26,7 +26,7 @@ use libublk::{UblkError, UblkFlags, sys};
 
 use crate::exit::{Exit, ExitClass};
 
-pub use os::{exit_immediately, isolate_mount_namespace};
+pub use os::{device_in_use, exit_immediately, isolate_mount_namespace};
 
 /// The ublk control node; present when the `ublk_drv` module is loaded.
 pub const UBLK_CONTROL: &str = "/dev/ublk-control";
@@ -351,7 +351,7 @@ pub fn serve<T: BlockTarget>(
     }
     let shift = sector_shift(target.sector_size())?;
     let size = target.size();
-    if size == 0 || size % (1u64 << shift) != 0 {
+    if size == 0 || !size.is_multiple_of(1u64 << shift) {
         return Err(UblkTransportError::Geometry(format!(
             "data area of {size} bytes is not a positive multiple of the {}-byte sector",
             1u64 << shift
@@ -365,7 +365,7 @@ pub fn serve<T: BlockTarget>(
         )));
     }
     let page = 4096u32;
-    if opts.max_io_bytes < page.max(1 << shift) || opts.max_io_bytes % page != 0 {
+    if opts.max_io_bytes < page.max(1 << shift) || !opts.max_io_bytes.is_multiple_of(page) {
         return Err(UblkTransportError::Geometry(format!(
             "max I/O size {} (must be a multiple of {page})",
             opts.max_io_bytes

@@ -31,31 +31,6 @@ pub trait KeyWrapper {
     fn latest_version(&self, key_id: &str) -> anyhow::Result<String>;
 }
 
-/// The production implementation: the Key Vault provider's blocking facade.
-impl KeyWrapper for crate::keys::BlockingProvider {
-    fn wrap(
-        &self,
-        key_id: &str,
-        algorithm: Option<&str>,
-        vmk: &VolumeKey,
-    ) -> anyhow::Result<Wrapped> {
-        let w = crate::keys::BlockingProvider::wrap(self, key_id, algorithm, vmk)?;
-        Ok(Wrapped {
-            key_id: w.key_id,
-            algorithm: w.algorithm,
-            wrapped: w.wrapped,
-        })
-    }
-    fn unwrap(&self, key_id: &str, algorithm: &str, wrapped: &[u8]) -> anyhow::Result<VolumeKey> {
-        Ok(crate::keys::BlockingProvider::unwrap(
-            self, key_id, algorithm, wrapped,
-        )?)
-    }
-    fn latest_version(&self, key_id: &str) -> anyhow::Result<String> {
-        Ok(crate::keys::BlockingProvider::latest_version(self, key_id)?)
-    }
-}
-
 /// `https://VAULT/keys/NAME/VERSION` → `https://VAULT/keys/NAME` (unchanged if versionless).
 pub fn versionless(key_id: &str) -> String {
     let trimmed = key_id.trim_end_matches('/');
