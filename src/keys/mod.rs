@@ -552,6 +552,22 @@ mod tests {
         }
     }
 
+    /// The agent drives the provider from a multi-threaded runtime: the provider must be
+    /// shareable and its futures `Send` (a compile-time check).
+    #[test]
+    fn provider_and_its_futures_are_send() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>(_: &T) {}
+        send_sync::<KeyVaultProvider>();
+        send_sync::<KeyError>();
+        #[allow(dead_code)]
+        fn futures(p: &KeyVaultProvider, vmk: &VolumeKey) {
+            send(&p.wrap("k", None, vmk));
+            send(&p.unwrap("k", "RSA-OAEP-256", &[]));
+            send(&p.latest_version("k"));
+        }
+    }
+
     #[test]
     fn algorithms_round_trip() {
         for a in WrapAlgorithm::ALL {
