@@ -70,6 +70,7 @@ fn block_device_round_trip_and_ciphertext_on_disk() {
     f.read_exact_at(&mut back, 5 * MIB).unwrap();
     assert_eq!(&back[..], &data[..]);
     drop(f);
+    let mut dev = dev;
     dev.close(false).expect("close");
     assert!(
         !bdev.exists()

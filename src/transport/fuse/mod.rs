@@ -234,7 +234,15 @@ impl FuseDevice {
 
     /// Orderly removal: refuses while the device is in use (unless `force`), flushes, detaches
     /// the loop device, unmounts the FUSE file and stops the threads.
-    pub fn close(mut self, force: bool) -> Result<(), TransportError> {
+    /// After an error the device is still served (nothing was torn down) unless the error is
+    /// from the final flush.
+    pub fn close(&mut self, force: bool) -> Result<(), TransportError> {
+        // udev probes a device right after it is closed or unmounted (blkid holds it for a
+        // moment): only a device that stays busy for a while counts as in use.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while !force && self.in_use() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         if !force && self.in_use() {
             let dev = self
                 .block_device()
