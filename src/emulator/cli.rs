@@ -301,8 +301,7 @@ fn admin_main(a: AdminArgs) -> anyhow::Result<()> {
         std::fs::read(&ca_path).with_context(|| format!("cannot read {}", ca_path.display()))?;
     let ca = reqwest::Certificate::from_pem(&ca_pem).context("invalid CA certificate")?;
     let client = reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(ca)
+        .tls_certs_only([ca])
         .timeout(std::time::Duration::from_secs(120))
         .build()?;
     let base = a.url.trim_end_matches('/').to_string();

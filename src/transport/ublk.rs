@@ -26,7 +26,7 @@ use libublk::{UblkError, UblkFlags, sys};
 
 use crate::exit::{Exit, ExitClass};
 
-pub use os::{exit_immediately, isolate_mount_namespace};
+pub use os::{device_in_use, exit_immediately, isolate_mount_namespace};
 
 /// The ublk control node; present when the `ublk_drv` module is loaded.
 pub const UBLK_CONTROL: &str = "/dev/ublk-control";
@@ -38,8 +38,7 @@ const TARGET_NAME: &str = "kvcrypt";
 const DEFAULT_MAX_IO_BYTES: u32 = 512 * 1024;
 
 /// Recovery flags, always set (see module docs).
-const RECOVERY_FLAGS: u64 =
-    (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+const RECOVERY_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
 
 /// The block device a transport serves, with whole-sector requests. `crate::engine::Engine`
 /// implements it; tests and other targets may too. Methods take `&self`: every queue thread
@@ -161,16 +160,22 @@ pub enum UblkTransportError {
     #[error("cannot serve this volume over ublk: {0}")]
     Geometry(String),
     #[error("ublk {op} failed for {dev}: {detail}")]
-    Control { op: &'static str, dev: String, detail: String },
+    Control {
+        op: &'static str,
+        dev: String,
+        detail: String,
+    },
     #[error("ublk queue {qid} of /dev/ublkb{dev_id} failed: {detail}")]
-    Queue { dev_id: u32, qid: u16, detail: String },
+    Queue {
+        dev_id: u32,
+        qid: u16,
+        detail: String,
+    },
     #[error("cannot recover /dev/ublkb{dev_id}: {reason}")]
     NotRecoverable { dev_id: u32, reason: String },
     #[error("cannot recover /dev/ublkb{dev_id}: it belongs to another volume ({what})")]
     Mismatch { dev_id: u32, what: String },
-    #[error(
-        "could not give the ublk server a private mount namespace (needs CAP_SYS_ADMIN): {0}"
-    )]
+    #[error("could not give the ublk server a private mount namespace (needs CAP_SYS_ADMIN): {0}")]
     Namespace(#[source] io::Error),
 }
 
@@ -255,7 +260,11 @@ pub fn device_state(dev_id: u32) -> Option<(DeviceState, i32)> {
 /// volume is being closed while no worker serves it). Queued requests fail with EIO.
 pub fn delete_device(dev_id: u32) -> Result<()> {
     let dev = format!("/dev/ublkb{dev_id}");
-    let ctrl_err = |op, e: UblkError| UblkTransportError::Control { op, dev: dev.clone(), detail: describe(&e) };
+    let ctrl_err = |op, e: UblkError| UblkTransportError::Control {
+        op,
+        dev: dev.clone(),
+        detail: describe(&e),
+    };
     let id = i32::try_from(dev_id)
         .map_err(|_| UblkTransportError::Geometry(format!("device id {dev_id} out of range")))?;
     let ctrl = UblkCtrl::new_simple(id).map_err(|e| ctrl_err("open", e))?;
@@ -342,7 +351,7 @@ pub fn serve<T: BlockTarget>(
     }
     let shift = sector_shift(target.sector_size())?;
     let size = target.size();
-    if size == 0 || size % (1u64 << shift) != 0 {
+    if size == 0 || !size.is_multiple_of(1u64 << shift) {
         return Err(UblkTransportError::Geometry(format!(
             "data area of {size} bytes is not a positive multiple of the {}-byte sector",
             1u64 << shift
@@ -356,7 +365,7 @@ pub fn serve<T: BlockTarget>(
         )));
     }
     let page = 4096u32;
-    if opts.max_io_bytes < page.max(1 << shift) || opts.max_io_bytes % page != 0 {
+    if opts.max_io_bytes < page.max(1 << shift) || !opts.max_io_bytes.is_multiple_of(page) {
         return Err(UblkTransportError::Geometry(format!(
             "max I/O size {} (must be a multiple of {page})",
             opts.max_io_bytes
@@ -447,10 +456,18 @@ pub fn serve<T: BlockTarget>(
     if let Err(e) = ctrl.start_dev(&dev) {
         // A queue that failed to set up explains the failure better than start_dev's errno.
         let queue_failure = rx.try_iter().find_map(|ev| match ev {
-            Event::QueueFailed(qid, detail) => Some(UblkTransportError::Queue { dev_id, qid, detail }),
+            Event::QueueFailed(qid, detail) => Some(UblkTransportError::Queue {
+                dev_id,
+                qid,
+                detail,
+            }),
             _ => None,
         });
-        let op = if recover_dev_id.is_some() { "end recovery" } else { "start" };
+        let op = if recover_dev_id.is_some() {
+            "end recovery"
+        } else {
+            "start"
+        };
         let err = queue_failure.unwrap_or_else(|| ctrl_err(op, e));
         return Err(abandon(&ctrl, recover_dev_id, err, &rx, threads, dev));
     }
@@ -460,7 +477,12 @@ pub fn serve<T: BlockTarget>(
     while !bdev.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    tracing::info!(dev_id, ms = started.elapsed().as_millis() as u64, "ublk: {} is live", bdev.display());
+    tracing::info!(
+        dev_id,
+        ms = started.elapsed().as_millis() as u64,
+        "ublk: {} is live",
+        bdev.display()
+    );
     on_ready(&bdev, dev_id);
 
     // ---- serve until asked to stop, or until the queues go away ----
@@ -478,7 +500,11 @@ pub fn serve<T: BlockTarget>(
             }
             Ok(Event::QueueFailed(qid, detail)) => {
                 exited += 1;
-                failure = Some(UblkTransportError::Queue { dev_id, qid, detail });
+                failure = Some(UblkTransportError::Queue {
+                    dev_id,
+                    qid,
+                    detail,
+                });
                 break Some(StopRequest::Close);
             }
             // Unreachable while `tx` (kept in StopSignal) lives; treat as close.
@@ -507,7 +533,12 @@ pub fn serve<T: BlockTarget>(
             let stopped = ctrl.kill_dev();
             if !wait_queues(&rx, nr_queues - exited, Duration::from_secs(60)) {
                 ctrl.disown();
-                return Err(ctrl_err("stop (queues did not exit)", stopped.err().unwrap_or(UblkError::OtherError(-libc::ETIMEDOUT))));
+                return Err(ctrl_err(
+                    "stop (queues did not exit)",
+                    stopped
+                        .err()
+                        .unwrap_or(UblkError::OtherError(-libc::ETIMEDOUT)),
+                ));
             }
             join_all(threads);
             drop(dev); // closes /dev/ublkcN, which DEL_DEV waits for
@@ -527,11 +558,16 @@ pub fn serve<T: BlockTarget>(
             let ok = wait_queues(&rx, nr_queues - exited, Duration::from_secs(120));
             if !ok {
                 ctrl.disown();
-                return Err(ctrl_err("quiesce (queues did not exit)", UblkError::OtherError(-libc::ETIMEDOUT)));
+                return Err(ctrl_err(
+                    "quiesce (queues did not exit)",
+                    UblkError::OtherError(-libc::ETIMEDOUT),
+                ));
             }
             join_all(threads);
             drop(dev);
-            let res = waiter.join().unwrap_or(Err(UblkError::OtherError(-libc::EIO)));
+            let res = waiter
+                .join()
+                .unwrap_or(Err(UblkError::OtherError(-libc::EIO)));
             ctrl.disown();
             res.map_err(|e| ctrl_err("quiesce", e))?;
             if let Err(e) = target.flush() {
@@ -616,7 +652,9 @@ fn recover_ctrl(dev_id: u32, opts: &UblkOptions, size: u64, shift: u8) -> Result
         )));
     }
     let mut params = sys::ublk_params::default();
-    probe.get_params(&mut params).map_err(|e| not(describe(&e)))?;
+    probe
+        .get_params(&mut params)
+        .map_err(|e| not(describe(&e)))?;
     if params.basic.dev_sectors != size >> 9 || params.basic.logical_bs_shift != shift {
         return Err(UblkTransportError::Mismatch {
             dev_id,
@@ -630,9 +668,11 @@ fn recover_ctrl(dev_id: u32, opts: &UblkOptions, size: u64, shift: u8) -> Result
         });
     }
     if let Some(want) = &opts.volume_id {
-        let recorded = probe
-            .get_target_data_from_json()
-            .and_then(|v| v.pointer("/kvcrypt/volume_id").and_then(|s| s.as_str()).map(str::to_owned));
+        let recorded = probe.get_target_data_from_json().and_then(|v| {
+            v.pointer("/kvcrypt/volume_id")
+                .and_then(|s| s.as_str())
+                .map(str::to_owned)
+        });
         match recorded {
             Some(have) if &have != want => {
                 return Err(UblkTransportError::Mismatch {
@@ -641,7 +681,10 @@ fn recover_ctrl(dev_id: u32, opts: &UblkOptions, size: u64, shift: u8) -> Result
                 });
             }
             Some(_) => {}
-            None => tracing::warn!(dev_id, "ublk: no volume id recorded for the device; recovering on geometry match only"),
+            None => tracing::warn!(
+                dev_id,
+                "ublk: no volume id recorded for the device; recovering on geometry match only"
+            ),
         }
     }
     let r = probe
@@ -695,11 +738,16 @@ fn abandon(
         join_all(threads);
         drop(dev);
         if let Err(e) = ctrl.del_dev() {
-            tracing::warn!("ublk: could not delete the half-started device: {}", describe(&e));
+            tracing::warn!(
+                "ublk: could not delete the half-started device: {}",
+                describe(&e)
+            );
         }
     } else {
         drop(threads); // detached
-        tracing::warn!("ublk: queues of the half-started device did not exit; it goes away with this process");
+        tracing::warn!(
+            "ublk: queues of the half-started device did not exit; it goes away with this process"
+        );
     }
     err
 }

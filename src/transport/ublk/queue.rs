@@ -76,7 +76,9 @@ pub(super) fn run_queue<T: BlockTarget>(qid: u16, dev: &UblkDev, ctx: QueueCtx<T
             // start_dev() waits until every queue registered its buffers; report this queue as
             // failed so that wait ends (with an error) instead of hanging.
             dev.notify_buffer_registration_complete(true);
-            let _ = ctx.events.send(Event::QueueFailed(qid, super::describe(&e)));
+            let _ = ctx
+                .events
+                .send(Event::QueueFailed(qid, super::describe(&e)));
             return;
         }
     };
@@ -89,13 +91,27 @@ pub(super) fn run_queue<T: BlockTarget>(qid: u16, dev: &UblkDev, ctx: QueueCtx<T
         let (op_flags, start_sector, nr_sectors) = (iod.op_flags, iod.start_sector, iod.nr_sectors);
         let res = match bufs.get_mut(tag as usize) {
             Some(buf) => {
-                let res = handle_request(&*ctx.target, &geo, op_flags, start_sector, nr_sectors, buf);
-                q.complete_io_cmd_unified(tag, BufDesc::Slice(buf.as_slice()), Ok(UblkIORes::Result(res)))
+                let res =
+                    handle_request(&*ctx.target, &geo, op_flags, start_sector, nr_sectors, buf);
+                q.complete_io_cmd_unified(
+                    tag,
+                    BufDesc::Slice(buf.as_slice()),
+                    Ok(UblkIORes::Result(res)),
+                )
             }
-            None => q.complete_io_cmd_unified(tag, BufDesc::Slice(&[]), Ok(UblkIORes::Result(-libc::EINVAL))),
+            None => q.complete_io_cmd_unified(
+                tag,
+                BufDesc::Slice(&[]),
+                Ok(UblkIORes::Result(-libc::EINVAL)),
+            ),
         };
         if let Err(e) = res {
-            tracing::error!(qid, tag, "ublk: completing a request failed: {}", super::describe(&e));
+            tracing::error!(
+                qid,
+                tag,
+                "ublk: completing a request failed: {}",
+                super::describe(&e)
+            );
         }
         ctx.fence.leave();
     });
@@ -119,9 +135,14 @@ pub(super) fn handle_request<T: BlockTarget + ?Sized>(
         return errno_result(target.flush(), 0);
     }
     let in_bounds = offset.checked_add(len).is_some_and(|end| end <= geo.size);
-    let aligned = offset % geo.sector_size == 0 && len % geo.sector_size == 0;
+    let aligned = offset.is_multiple_of(geo.sector_size) && len.is_multiple_of(geo.sector_size);
     if !in_bounds || !aligned {
-        tracing::warn!(op, offset, len, "ublk: rejecting misaligned or out-of-range request");
+        tracing::warn!(
+            op,
+            offset,
+            len,
+            "ublk: rejecting misaligned or out-of-range request"
+        );
         return -libc::EINVAL;
     }
     match op {

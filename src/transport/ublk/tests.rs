@@ -19,7 +19,12 @@ struct MemTarget {
 
 impl MemTarget {
     fn new(size: usize, sector: u32) -> Self {
-        Self { data: Mutex::new(vec![0; size]), sector, log: Mutex::new(Vec::new()), fail_with: None }
+        Self {
+            data: Mutex::new(vec![0; size]),
+            sector,
+            log: Mutex::new(Vec::new()),
+            fail_with: None,
+        }
     }
     fn note(&self, s: String) -> io::Result<()> {
         self.log.lock().unwrap().push(s);
@@ -47,7 +52,8 @@ impl BlockTarget for MemTarget {
         self.note(format!("read {offset} {}", buf.len()))
     }
     fn write_at(&self, offset: u64, buf: &mut [u8], fua: bool) -> io::Result<()> {
-        self.data.lock().unwrap()[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        self.data.lock().unwrap()[offset as usize..offset as usize + buf.len()]
+            .copy_from_slice(buf);
         self.note(format!("write {offset} {} fua={fua}", buf.len()))
     }
     fn flush(&self) -> io::Result<()> {
@@ -62,7 +68,12 @@ impl BlockTarget for MemTarget {
 }
 
 fn geo(t: &MemTarget) -> Geometry {
-    Geometry { size: t.size(), sector_size: t.sector as u64, read_only: false, allow_discards: false }
+    Geometry {
+        size: t.size(),
+        sector_size: t.sector as u64,
+        read_only: false,
+        allow_discards: false,
+    }
 }
 
 const MIB: usize = 1 << 20;
@@ -72,16 +83,28 @@ fn write_then_read_round_trips_at_the_sector_offset() {
     let t = MemTarget::new(MIB, 4096);
     let g = geo(&t);
     let mut buf = vec![0u8; 64 * 1024];
-    buf[..8192].iter_mut().enumerate().for_each(|(i, b)| *b = (i % 251) as u8);
+    buf[..8192]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i % 251) as u8);
     // start_sector is in 512-byte units: sector 16 = byte 8192.
     let r = handle_request(&t, &g, sys::UBLK_IO_OP_WRITE, 16, 16, &mut buf);
     assert_eq!(r, 8192);
     let stored = t.data.lock().unwrap()[8192..16384].to_vec();
-    assert_eq!(stored, (0..8192).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+    assert_eq!(
+        stored,
+        (0..8192).map(|i| (i % 251) as u8).collect::<Vec<_>>()
+    );
     let mut back = vec![0xffu8; 64 * 1024];
-    assert_eq!(handle_request(&t, &g, sys::UBLK_IO_OP_READ, 16, 16, &mut back), 8192);
+    assert_eq!(
+        handle_request(&t, &g, sys::UBLK_IO_OP_READ, 16, 16, &mut back),
+        8192
+    );
     assert_eq!(&back[..8192], &stored[..]);
-    assert!(back[8192..].iter().all(|&b| b == 0xff), "bytes past the request untouched");
+    assert!(
+        back[8192..].iter().all(|&b| b == 0xff),
+        "bytes past the request untouched"
+    );
     assert_eq!(t.log(), ["write 8192 8192 fua=false", "read 8192 8192"]);
 }
 
@@ -92,7 +115,10 @@ fn fua_flag_reaches_the_target_and_flush_maps_to_flush() {
     let mut buf = vec![7u8; 4096];
     let op = sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_F_FUA;
     assert_eq!(handle_request(&t, &g, op, 0, 8, &mut buf), 4096);
-    assert_eq!(handle_request(&t, &g, sys::UBLK_IO_OP_FLUSH, 0, 0, &mut buf), 0);
+    assert_eq!(
+        handle_request(&t, &g, sys::UBLK_IO_OP_FLUSH, 0, 0, &mut buf),
+        0
+    );
     assert_eq!(t.log(), ["write 0 4096 fua=true", "flush"]);
 }
 
@@ -102,26 +128,57 @@ fn misaligned_out_of_range_and_oversized_requests_are_refused() {
     let g = geo(&t);
     let mut buf = vec![0u8; 8192];
     // 512-byte aligned but not 4096-aligned.
-    assert_eq!(handle_request(&t, &g, sys::UBLK_IO_OP_READ, 1, 8, &mut buf), -libc::EINVAL);
-    assert_eq!(handle_request(&t, &g, sys::UBLK_IO_OP_READ, 0, 1, &mut buf), -libc::EINVAL);
+    assert_eq!(
+        handle_request(&t, &g, sys::UBLK_IO_OP_READ, 1, 8, &mut buf),
+        -libc::EINVAL
+    );
+    assert_eq!(
+        handle_request(&t, &g, sys::UBLK_IO_OP_READ, 0, 1, &mut buf),
+        -libc::EINVAL
+    );
     // Past the end of the device.
     let last = (MIB as u64 >> 9) - 8;
-    assert_eq!(handle_request(&t, &g, sys::UBLK_IO_OP_READ, last, 16, &mut buf), -libc::EINVAL);
-    assert_eq!(handle_request(&t, &g, sys::UBLK_IO_OP_READ, last, 8, &mut buf), 4096);
-    assert_eq!(handle_request(&t, &g, sys::UBLK_IO_OP_READ, u64::MAX >> 9, 8, &mut buf), -libc::EINVAL);
+    assert_eq!(
+        handle_request(&t, &g, sys::UBLK_IO_OP_READ, last, 16, &mut buf),
+        -libc::EINVAL
+    );
+    assert_eq!(
+        handle_request(&t, &g, sys::UBLK_IO_OP_READ, last, 8, &mut buf),
+        4096
+    );
+    assert_eq!(
+        handle_request(&t, &g, sys::UBLK_IO_OP_READ, u64::MAX >> 9, 8, &mut buf),
+        -libc::EINVAL
+    );
     // Larger than the request buffer.
-    assert_eq!(handle_request(&t, &g, sys::UBLK_IO_OP_READ, 0, 32, &mut buf), -libc::EINVAL);
+    assert_eq!(
+        handle_request(&t, &g, sys::UBLK_IO_OP_READ, 0, 32, &mut buf),
+        -libc::EINVAL
+    );
     assert_eq!(t.log(), [format!("read {} 4096", last << 9)]);
 }
 
 #[test]
 fn read_only_refuses_writes_and_discards() {
     let t = MemTarget::new(MIB, 512);
-    let g = Geometry { read_only: true, allow_discards: true, ..geo(&t) };
+    let g = Geometry {
+        read_only: true,
+        allow_discards: true,
+        ..geo(&t)
+    };
     let mut buf = vec![1u8; 512];
-    assert_eq!(handle_request(&t, &g, sys::UBLK_IO_OP_WRITE, 3, 1, &mut buf), -libc::EROFS);
-    assert_eq!(handle_request(&t, &g, sys::UBLK_IO_OP_DISCARD, 0, 8, &mut buf), -libc::EOPNOTSUPP);
-    assert_eq!(handle_request(&t, &g, sys::UBLK_IO_OP_READ, 3, 1, &mut buf), 512);
+    assert_eq!(
+        handle_request(&t, &g, sys::UBLK_IO_OP_WRITE, 3, 1, &mut buf),
+        -libc::EROFS
+    );
+    assert_eq!(
+        handle_request(&t, &g, sys::UBLK_IO_OP_DISCARD, 0, 8, &mut buf),
+        -libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        handle_request(&t, &g, sys::UBLK_IO_OP_READ, 3, 1, &mut buf),
+        512
+    );
     assert!(t.data.lock().unwrap().iter().all(|&b| b == 0));
     assert_eq!(t.log(), ["read 1536 512"]);
 }
@@ -131,13 +188,31 @@ fn discards_only_when_allowed() {
     let t = MemTarget::new(MIB, 4096);
     let mut buf = vec![0u8; 4096];
     let off = geo(&t);
-    assert_eq!(handle_request(&t, &off, sys::UBLK_IO_OP_DISCARD, 8, 16, &mut buf), -libc::EOPNOTSUPP);
-    assert_eq!(handle_request(&t, &off, sys::UBLK_IO_OP_WRITE_ZEROES, 8, 16, &mut buf), -libc::EOPNOTSUPP);
-    let on = Geometry { allow_discards: true, ..off };
-    assert_eq!(handle_request(&t, &on, sys::UBLK_IO_OP_DISCARD, 8, 16, &mut buf), 0);
-    assert_eq!(handle_request(&t, &on, sys::UBLK_IO_OP_WRITE_ZEROES, 16, 8, &mut buf), 0);
+    assert_eq!(
+        handle_request(&t, &off, sys::UBLK_IO_OP_DISCARD, 8, 16, &mut buf),
+        -libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        handle_request(&t, &off, sys::UBLK_IO_OP_WRITE_ZEROES, 8, 16, &mut buf),
+        -libc::EOPNOTSUPP
+    );
+    let on = Geometry {
+        allow_discards: true,
+        ..off
+    };
+    assert_eq!(
+        handle_request(&t, &on, sys::UBLK_IO_OP_DISCARD, 8, 16, &mut buf),
+        0
+    );
+    assert_eq!(
+        handle_request(&t, &on, sys::UBLK_IO_OP_WRITE_ZEROES, 16, 8, &mut buf),
+        0
+    );
     assert_eq!(t.log(), ["discard 4096 8192", "zeroes 8192 4096"]);
-    assert_eq!(handle_request(&t, &on, sys::UBLK_IO_OP_WRITE_SAME, 0, 8, &mut buf), -libc::EOPNOTSUPP);
+    assert_eq!(
+        handle_request(&t, &on, sys::UBLK_IO_OP_WRITE_SAME, 0, 8, &mut buf),
+        -libc::EOPNOTSUPP
+    );
 }
 
 #[test]
@@ -146,8 +221,14 @@ fn target_errors_become_negative_errno() {
     t.fail_with = Some(libc::ENOSPC);
     let g = geo(&t);
     let mut buf = vec![0u8; 4096];
-    assert_eq!(handle_request(&t, &g, sys::UBLK_IO_OP_WRITE, 0, 8, &mut buf), -libc::ENOSPC);
-    assert_eq!(handle_request(&t, &g, sys::UBLK_IO_OP_FLUSH, 0, 0, &mut buf), -libc::ENOSPC);
+    assert_eq!(
+        handle_request(&t, &g, sys::UBLK_IO_OP_WRITE, 0, 8, &mut buf),
+        -libc::ENOSPC
+    );
+    assert_eq!(
+        handle_request(&t, &g, sys::UBLK_IO_OP_FLUSH, 0, 0, &mut buf),
+        -libc::ENOSPC
+    );
 }
 
 #[test]
@@ -163,14 +244,41 @@ fn params_use_the_sector_size_and_announce_flush_and_fua() {
     assert_ne!(p.basic.attrs & sys::UBLK_ATTR_FUA, 0);
     assert_eq!(p.basic.attrs & sys::UBLK_ATTR_READ_ONLY, 0);
 
-    let ro = UblkOptions { read_only: true, allow_discards: true, ..UblkOptions::default() };
+    let ro = UblkOptions {
+        read_only: true,
+        allow_discards: true,
+        ..UblkOptions::default()
+    };
     let p = ublk_params(MIB as u64, &ro, 9);
     assert_ne!(p.basic.attrs & sys::UBLK_ATTR_READ_ONLY, 0);
-    assert_eq!(p.types & sys::UBLK_PARAM_TYPE_DISCARD, 0, "no discard on a read-only device");
+    assert_eq!(
+        p.types & sys::UBLK_PARAM_TYPE_DISCARD,
+        0,
+        "no discard on a read-only device"
+    );
 
-    let dis = UblkOptions { allow_discards: true, ..UblkOptions::default() };
+    let dis = UblkOptions {
+        allow_discards: true,
+        ..UblkOptions::default()
+    };
     let p = ublk_params(MIB as u64, &dis, 12);
     assert_ne!(p.types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
     assert_eq!(p.discard.discard_granularity, 4096);
     assert_eq!(p.discard.max_discard_segments, 1);
+}
+
+#[test]
+fn ublk_mounts_are_found_in_mountinfo_and_unescaped() {
+    let info = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 259:3 / /mnt/my\\040vol rw,relatime shared:5 - ext4 /dev/ublkb0 rw
+31 30 259:4 / /mnt/my\\040vol/inner rw shared:6 - xfs /dev/ublkb1p1 rw
+32 22 0:25 / /run rw shared:7 - tmpfs tmpfs rw
+";
+    let ublk = |d: &str| d == "259:3" || d == "259:4";
+    assert_eq!(
+        super::os::ublk_mount_points(info, ublk),
+        ["/mnt/my vol", "/mnt/my vol/inner"]
+    );
+    assert!(super::os::ublk_mount_points(info, |_| false).is_empty());
 }
