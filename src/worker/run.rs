@@ -45,6 +45,8 @@ enum Event {
         op: String,
         key: Option<VolumeKey>,
         reply: Sender<serde_json::Value>,
+        /// Signalled once the answer is on the socket (so `close` can answer before exiting).
+        written: Receiver<()>,
     },
     Terminate(i32),
 }
@@ -142,7 +144,12 @@ fn fuse_loop(
                 dev.close(true)?;
                 return Ok(());
             }
-            Event::Op { op, key, reply } => {
+            Event::Op {
+                op,
+                key,
+                reply,
+                written,
+            } => {
                 let answer = match op.as_str() {
                     "status" => status_json(state, engine),
                     "suspend" => match engine.suspend() {
@@ -168,6 +175,7 @@ fn fuse_loop(
                             match dev.close(false) {
                                 Ok(()) => {
                                     let _ = reply.send(json!({"ok": true}));
+                                    let _ = written.recv_timeout(std::time::Duration::from_secs(2));
                                     return Ok(());
                                 }
                                 Err(e @ crate::transport::TransportError::Busy(_)) => {
@@ -281,11 +289,14 @@ fn ublk_control(
             Event::Terminate(_) => {
                 stop.request(ublk::StopRequest::Close);
             }
-            Event::Op { op, reply, .. } => match op.as_str() {
+            Event::Op {
+                op, reply, written, ..
+            } => match op.as_str() {
                 "status" => {
                     let _ = reply.send(status_json(&state, &engine));
                 }
                 "close" | "suspend" => {
+                    drop(written);
                     *pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply);
                     let req = if op == "close" {
                         ublk::StopRequest::Close
@@ -419,11 +430,13 @@ fn serve_conn(conn: UnixStream, tx: Sender<Event>) {
             None
         };
         let (rtx, rrx) = mpsc::channel();
+        let (wtx, wrx) = mpsc::channel();
         if tx
             .send(Event::Op {
                 op,
                 key,
                 reply: rtx,
+                written: wrx,
             })
             .is_err()
         {
@@ -432,7 +445,9 @@ fn serve_conn(conn: UnixStream, tx: Sender<Event>) {
         let answer = rrx
             .recv()
             .unwrap_or_else(|_| json!({"ok": false, "error": "the worker is exiting"}));
-        if writeln!(w, "{answer}").is_err() {
+        let sent = writeln!(w, "{answer}").and_then(|()| w.flush());
+        let _ = wtx.send(());
+        if sent.is_err() {
             return;
         }
     }
