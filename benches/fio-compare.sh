@@ -117,7 +117,9 @@ bench_ceiling() {
 }
 
 bench_peer() {
-    command -v qemu-storage-daemon >/dev/null || { echo "peer: qemu-storage-daemon missing (apt-get install qemu-system-x86)" >&2; return; }
+    for t in qemu-storage-daemon qemu-img; do
+        command -v $t >/dev/null || { echo "peer: $t missing (apt-get install qemu-system-x86 qemu-utils)" >&2; return; }
+    done
     qemu-img create -q -f luks --object secret,id=sec0,data=benchpass \
         -o key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,iter-time=10 \
         "$WORK/luks.img" "${SIZE_MIB}M"
