@@ -297,3 +297,29 @@ fn writes_wait_while_suspended_and_complete_after_resume() {
     c.close().expect("close");
     wait_gone(info.pid);
 }
+
+#[test]
+fn a_worker_given_the_wrong_key_fails_with_its_reason() {
+    if skip_without_fuse_loop() {
+        return;
+    }
+    let name = "t-fuse-wrongkey";
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let vol = make_volume(dir.path(), 16 * MIB, &test_key(42));
+    let err = spawn_worker(&worker_spec(&vol, name), &test_key(1)).unwrap_err();
+    match &err {
+        WorkerError::Died { log, .. } => assert!(
+            log.to_lowercase().contains("key"),
+            "log does not say why: {log}"
+        ),
+        other => panic!("expected Died, got {other}"),
+    }
+    assert!(
+        kvcrypt::worker::read_state(name).is_none(),
+        "no state left behind"
+    );
+    assert!(matches!(
+        WorkerClient::connect(name),
+        Err(WorkerError::NotOpen(_))
+    ));
+}
