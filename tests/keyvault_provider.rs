@@ -24,8 +24,14 @@ fn assert_err(err: &KeyError, class: ErrorClass, code: Option<&str>, vault: &str
         assert_eq!(err.code(), code, "wrong code for: {err}");
     }
     let msg = err.to_string();
-    assert!(msg.contains(vault), "message does not name the vault: {msg}");
-    assert!(msg.contains(&format!("'{key}'")), "message does not name the key: {msg}");
+    assert!(
+        msg.contains(vault),
+        "message does not name the vault: {msg}"
+    );
+    assert!(
+        msg.contains(&format!("'{key}'")),
+        "message does not name the key: {msg}"
+    );
     let exit = match class {
         ErrorClass::Denied => Exit::AccessDenied,
         ErrorClass::Transient => Exit::VaultUnavailable,
@@ -163,7 +169,10 @@ async fn managed_hsm_oct_key_wraps_per_rfc3394() {
             .await
             .unwrap();
         assert_eq!(slot.algorithm, expect);
-        assert!(slot.key_id.starts_with(&format!("https://{HSM}/keys/aes-kek/")));
+        assert!(
+            slot.key_id
+                .starts_with(&format!("https://{HSM}/keys/aes-kek/"))
+        );
         assert_eq!(slot.wrapped.len(), 72);
         let mut out = [0u8; 64];
         reference.unwrap(&slot.wrapped, &mut out).unwrap();
@@ -202,12 +211,18 @@ async fn rotated_key_still_unwraps_old_slots() {
     let admin = kv.admin_client(VAULT);
     let provider = kv.provider(&kv.principal("host1", CRYPTO_USER));
     let vmk = random_vmk();
-    let old = provider.wrap(&key_id(VAULT, "k"), None, &vmk).await.unwrap();
+    let old = provider
+        .wrap(&key_id(VAULT, "k"), None, &vmk)
+        .await
+        .unwrap();
 
     admin.rotate_key("k", None).await.unwrap();
     let latest = provider.latest_version(&key_id(VAULT, "k")).await.unwrap();
     assert_ne!(latest, old.key_id, "rotation made a new version");
-    let new = provider.wrap(&key_id(VAULT, "k"), None, &vmk).await.unwrap();
+    let new = provider
+        .wrap(&key_id(VAULT, "k"), None, &vmk)
+        .await
+        .unwrap();
     assert_eq!(new.key_id, latest, "versionless wrap uses the new version");
 
     for slot in [&old, &new] {
@@ -226,7 +241,10 @@ async fn expired_key_still_unwraps_but_refuses_wrap() {
     let admin = kv.admin_client(VAULT);
     let provider = kv.provider(&kv.principal("host1", CRYPTO_USER));
     let vmk = random_vmk();
-    let slot = provider.wrap(&key_id(VAULT, "k"), None, &vmk).await.unwrap();
+    let slot = provider
+        .wrap(&key_id(VAULT, "k"), None, &vmk)
+        .await
+        .unwrap();
 
     let past = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -281,10 +299,17 @@ async fn revoked_permission_is_denied_and_restored_access_works() {
         .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
         .await
         .unwrap_err();
-    assert_err(&err, ErrorClass::Denied, Some("ForbiddenByRbac"), VAULT, "k");
+    assert_err(
+        &err,
+        ErrorClass::Denied,
+        Some("ForbiddenByRbac"),
+        VAULT,
+        "k",
+    );
     assert_eq!(err.status(), Some(403));
     assert!(
-        err.to_string().contains("Key Vault Crypto Service Encryption User"),
+        err.to_string()
+            .contains("Key Vault Crypto Service Encryption User"),
         "{err}"
     );
 
@@ -489,9 +514,8 @@ async fn token_endpoint_failure_is_transient() {
     let kv = Kv::start();
     kv.emu.create_key("k", "RSA", Some(2048)).unwrap();
     let provider = kv.provider(&kv.principal("host1", CRYPTO_USER));
-    kv.emu.inject_fault(
-        Fault::new(FaultKind::Status { status: 503 }).target(FaultTarget::Token),
-    );
+    kv.emu
+        .inject_fault(Fault::new(FaultKind::Status { status: 503 }).target(FaultTarget::Token));
     let err = provider
         .wrap(&key_id(VAULT, "k"), None, &random_vmk())
         .await
@@ -515,7 +539,10 @@ async fn unknown_ca_fails_tls_and_is_transient() {
     let msg = err.to_string().to_lowercase();
     assert!(msg.contains("certificate") || msg.contains("tls"), "{msg}");
     let (counters, _) = kv.emu.requests();
-    assert_eq!(counters.total, 0, "no request may pass an unverified TLS connection");
+    assert_eq!(
+        counters.total, 0,
+        "no request may pass an unverified TLS connection"
+    );
 }
 
 #[tokio::test]
@@ -539,7 +566,11 @@ async fn challenge_from_foreign_domain_is_refused() {
     ));
     let provider = KeyVaultProvider::new(&cfg).unwrap();
     let err = provider
-        .wrap("https://myvault.vault.example.net/keys/k", None, &random_vmk())
+        .wrap(
+            "https://myvault.vault.example.net/keys/k",
+            None,
+            &random_vmk(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Misconfigured, "{err}");
@@ -572,7 +603,11 @@ async fn unwrap_of_a_non_vmk_is_rejected() {
     // A slot holding a 32-byte key, made directly through the SDK.
     let body = serde_json::json!({ "alg": "RSA-OAEP-256", "value": b64(&[5u8; 32]) });
     let res = admin
-        .wrap_key("k", RequestContent::from(serde_json::to_vec(&body).unwrap()), None)
+        .wrap_key(
+            "k",
+            RequestContent::from(serde_json::to_vec(&body).unwrap()),
+            None,
+        )
         .await
         .unwrap()
         .into_model()
@@ -586,7 +621,13 @@ async fn unwrap_of_a_non_vmk_is_rejected() {
         )
         .await
         .unwrap_err();
-    assert_err(&err, ErrorClass::Misconfigured, Some("WrongKeyLength"), VAULT, "k");
+    assert_err(
+        &err,
+        ErrorClass::Misconfigured,
+        Some("WrongKeyLength"),
+        VAULT,
+        "k",
+    );
 }
 
 #[tokio::test]
@@ -625,7 +666,10 @@ fn blocking_provider_round_trip() {
     let provider = BlockingProvider::new(&kv.config(&p)).unwrap();
     let vmk = random_vmk();
     let slot = provider.wrap(&key_id(VAULT, "k"), None, &vmk).unwrap();
-    assert_eq!(provider.latest_version(&key_id(VAULT, "k")).unwrap(), slot.key_id);
+    assert_eq!(
+        provider.latest_version(&key_id(VAULT, "k")).unwrap(),
+        slot.key_id
+    );
     let back = provider
         .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
         .unwrap();

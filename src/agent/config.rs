@@ -13,8 +13,7 @@ use crate::cli::TransportKind;
 use crate::exit::{Exit, ExitClass};
 
 /// The `[vault]` table: owned by the Key Vault provider.
-// Placeholder until the Key Vault provider lands: then `crate::keys::VaultConfig`.
-pub type VaultConfig = toml::Table;
+pub type VaultConfig = crate::keys::VaultConfig;
 
 /// A configuration error, naming the file and the field so the operator can fix it.
 #[derive(Debug, thiserror::Error)]

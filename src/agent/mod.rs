@@ -13,9 +13,11 @@ pub mod daemon;
 pub mod discover;
 pub mod freeze;
 pub mod hook;
+pub mod lab;
 pub mod logging;
 pub mod notify;
 pub mod ports;
+pub mod real;
 pub mod status;
 pub mod volume;
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Agent commands: agent, lock, unlock, status, attach, udev-name, demo.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -30,7 +31,7 @@ pub fn agent(config: &Path, a: AgentArgs) -> anyhow::Result<()> {
         tracing::warn!(config = %config.display(), "no [[volume]] configured; the agent only answers the control socket");
     }
     let opts = crate::agent::daemon::Options { once: a.once };
-    run_daemon(cfg, opts)
+    run_daemon(config, cfg, opts)
 }
 
 fn harden() {
@@ -42,12 +43,25 @@ fn harden() {
     }
 }
 
-fn run_daemon(cfg: Config, opts: crate::agent::daemon::Options) -> anyhow::Result<()> {
-    let _ = (&cfg, &opts, runtime);
-    Err(CliError::Unsupported(
-        "agent: the Key Vault provider and header code are not merged into this build yet".into(),
-    )
-    .into())
+fn run_daemon(path: &Path, cfg: Config, opts: crate::agent::daemon::Options) -> anyhow::Result<()> {
+    let vault = cfg
+        .vault
+        .clone()
+        .ok_or_else(|| crate::agent::config::ConfigError::Invalid {
+            path: path.to_owned(),
+            field: "vault".into(),
+            message: "missing: the agent needs a [vault] table (credentials) to unwrap keys".into(),
+        })?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let p = Arc::new(
+            crate::agent::real::RealPlatform::new(&vault).with_context(|| {
+                format!("setting up the Key Vault client from {}", path.display())
+            })?,
+        );
+        crate::agent::daemon::run(cfg, p, opts).await?;
+        anyhow::Ok(())
+    })
 }
 
 fn call(req: Request, timeout: Duration) -> anyhow::Result<Response> {
@@ -190,15 +204,14 @@ pub fn attach(config: &Path, a: AttachArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             harden();
-            run_daemon(cfg2, crate::agent::daemon::Options { once: true })
+            run_daemon(config, cfg2, crate::agent::daemon::Options { once: true })
         }
         Err(e) => Err(e.into()),
     }
 }
 
-/// kvcrypt identity of a device (placeholder until the header code is merged).
-fn probe(_dev: &Path) -> Option<crate::agent::discover::Identity> {
-    None
+fn probe(dev: &Path) -> Option<crate::agent::discover::Identity> {
+    crate::agent::real::probe_identity(dev)
 }
 
 pub fn udev_name(a: UdevNameArgs) -> anyhow::Result<()> {

@@ -1,11 +1,16 @@
-//! TEMPORARY stand-in for `crate::crypto::kdf` (owned by the XTS work) until that branch is
-//! merged; same function names and shapes. Remove this file and point `auth.rs` at
-//! `crate::crypto::kdf` once it exists.
+//! TEMPORARY stand-in for `crate::crypto::kdf` (owned by the XTS work) until that module is
+//! merged; same names, signatures and constants as that module (docs/FORMAT.md §3–4). Remove
+//! this file and point `auth.rs` at `crate::crypto::kdf` once it exists.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::secmem::VolumeKey;
+
+const HKDF_SALT: &[u8] = b"kvcrypt-v1-kdf";
+const KEY_CHECK_INFO: &[u8] = b"kvcrypt v1 key-check key";
+const HEADER_MAC_INFO: &[u8] = b"kvcrypt v1 header-mac key";
+const KEY_CHECK_LABEL: &[u8] = b"kvcrypt v1 key check";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -20,18 +25,16 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
-/// HKDF-SHA256 (RFC 5869) with a 32-byte output: extract then one expand block.
-fn hkdf32(ikm: &[u8], salt: &[u8], info: &[u8]) -> zeroize::Zeroizing<[u8; 32]> {
-    let prk = zeroize::Zeroizing::new(hmac(salt, &[ikm]));
+/// HKDF-SHA256 (RFC 5869) with a 32-byte output: extract, then one expand block.
+fn derive(vmk: &VolumeKey, info: &[u8]) -> zeroize::Zeroizing<[u8; 32]> {
+    let prk = zeroize::Zeroizing::new(hmac(HKDF_SALT, &[vmk.expose()]));
     zeroize::Zeroizing::new(hmac(&prk[..], &[info, &[1u8]]))
 }
 
-pub fn key_check_digest(vmk: &VolumeKey, uuid: &[u8; 16]) -> [u8; 32] {
-    let k = hkdf32(vmk.expose(), uuid, b"kvcrypt v1 key-check");
-    hmac(&k[..], &[b"kvcrypt key check", uuid])
+pub fn key_check_digest(vmk: &VolumeKey) -> [u8; 32] {
+    hmac(&derive(vmk, KEY_CHECK_INFO)[..], &[KEY_CHECK_LABEL])
 }
 
-pub fn header_mac(vmk: &VolumeKey, data: &[u8]) -> [u8; 32] {
-    let k = hkdf32(vmk.expose(), b"", b"kvcrypt v1 header-mac");
-    hmac(&k[..], &[data])
+pub fn header_mac(vmk: &VolumeKey, bytes: &[u8]) -> [u8; 32] {
+    hmac(&derive(vmk, HEADER_MAC_INFO)[..], &[bytes])
 }

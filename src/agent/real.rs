@@ -1,0 +1,209 @@
+//! The production [`Platform`]: Key Vault via `keys`, headers via `header`, workers via the
+//! worker process contract, FIFREEZE via `freeze`. Blocking calls run on tokio's blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::header::{self, LoadedHeader};
+use crate::keys::{ErrorClass, KeyError, KeyVaultProvider};
+use crate::secmem::VolumeKey;
+
+use super::config::{Selector, VaultConfig, VolumeSettings};
+use super::control::run_dir;
+use super::discover::{self, Identity};
+use super::freeze::{self, FrozenSet};
+use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef};
+use super::workerproc;
+
+/// How long a worker may take to come up (FUSE mount + loop device, or ublk add).
+const WORKER_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct RealPlatform {
+    provider: Arc<KeyVaultProvider>,
+    exe: PathBuf,
+}
+
+impl RealPlatform {
+    pub fn new(vault: &VaultConfig) -> Result<Self, KeyError> {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/sbin/kvcrypt"));
+        Ok(Self {
+            provider: Arc::new(KeyVaultProvider::new(vault)?),
+            exe,
+        })
+    }
+}
+
+pub fn access_error(e: &KeyError) -> AccessError {
+    let class = match e.class() {
+        ErrorClass::Denied => AccessClass::Denied,
+        ErrorClass::Transient => AccessClass::Transient,
+        ErrorClass::Misconfigured => AccessClass::Misconfigured,
+    };
+    AccessError::new(class, e.to_string())
+}
+
+pub fn probe_identity(p: &Path) -> Option<Identity> {
+    header::probe(p).map(|i| Identity {
+        uuid: i.uuid,
+        label: i.label,
+    })
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("internal task failed: {e}"))
+}
+
+impl Platform for RealPlatform {
+    type Header = LoadedHeader;
+    type Frozen = FrozenSet;
+
+    async fn locate(&self, sel: &Selector) -> Option<PathBuf> {
+        let sel = sel.clone();
+        let rd = run_dir();
+        let fut = blocking(move || discover::locate(&sel, &rd, &probe_identity));
+        // A dead disk can block a probe for minutes: give up on this round, retry later.
+        match tokio::time::timeout(Duration::from_secs(30), fut).await {
+            Ok(Ok(p)) => p,
+            _ => None,
+        }
+    }
+
+    async fn read_header(&self, dev: &Path) -> Result<LoadedHeader, AccessError> {
+        let d = dev.to_owned();
+        blocking(move || header::read(&d))
+            .await
+            .map_err(|e| AccessError::new(AccessClass::Transient, e))?
+            .map_err(|e| AccessError::new(AccessClass::Misconfigured, e.to_string()))
+    }
+
+    fn slots(&self, h: &LoadedHeader) -> Vec<SlotRef> {
+        h.slots
+            .iter()
+            .map(|s| SlotRef {
+                key_id: s.key_id.clone(),
+                algorithm: s.algorithm.clone(),
+                wrapped: s.wrapped.clone(),
+            })
+            .collect()
+    }
+
+    fn verify_key(&self, h: &LoadedHeader, key: &VolumeKey) -> Result<(), AccessError> {
+        h.verify_key(key)
+            .map_err(|e| AccessError::new(AccessClass::Misconfigured, e.to_string()))
+    }
+
+    async fn unwrap_key(&self, slot: &SlotRef) -> Result<VolumeKey, AccessError> {
+        let p = self.provider.clone();
+        let slot = slot.clone();
+        // Spawned so a slow vault call is isolated from the volume task's own select loop.
+        let r =
+            tokio::spawn(
+                async move { p.unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped).await },
+            )
+            .await
+            .map_err(|e| AccessError::new(AccessClass::Transient, format!("internal: {e}")))?;
+        r.map_err(|e| access_error(&e))
+    }
+
+    async fn spawn(
+        &self,
+        s: &VolumeSettings,
+        dev: &Path,
+        key: &VolumeKey,
+    ) -> Result<Served, String> {
+        let exe = self.exe.clone();
+        let s2 = s.clone();
+        let d = dev.to_owned();
+        // The key copy moves into the blocking task and is zeroized when it is dropped there.
+        let k = VolumeKey::from_slice(key.expose()).ok_or("key length")?;
+        let bd =
+            blocking(move || workerproc::spawn(&exe, &s2, &d, &k, WORKER_READY_TIMEOUT)).await??;
+        request_udev_change(&bd);
+        Ok(Served {
+            backing: dev.to_owned(),
+            block_device: bd,
+            suspended: false,
+        })
+    }
+
+    async fn adopt(&self, name: &str) -> Option<Served> {
+        let n = name.to_owned();
+        blocking(move || {
+            let st = workerproc::read_state(&n)?;
+            let status = workerproc::request(&n, "status", None).ok()?;
+            Some(Served {
+                backing: st.device,
+                block_device: st.block_device,
+                suspended: workerproc::is_suspended(&status),
+            })
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    async fn worker_status(&self, name: &str) -> Result<serde_json::Value, String> {
+        let n = name.to_owned();
+        blocking(move || workerproc::request(&n, "status", None)).await?
+    }
+
+    async fn suspend(&self, name: &str) -> Result<(), String> {
+        let n = name.to_owned();
+        blocking(move || workerproc::request(&n, "suspend", None).map(|_| ())).await?
+    }
+
+    async fn resume(&self, name: &str, key: &VolumeKey) -> Result<(), String> {
+        let n = name.to_owned();
+        let k = VolumeKey::from_slice(key.expose()).ok_or("key length")?;
+        blocking(move || workerproc::request(&n, "resume", Some(&k)).map(|_| ())).await?
+    }
+
+    async fn close(&self, name: &str) -> Result<(), String> {
+        let n = name.to_owned();
+        blocking(move || workerproc::close(&n)).await?
+    }
+
+    async fn freeze(&self, block_device: &Path) -> FrozenSet {
+        let bd = block_device.to_owned();
+        blocking(move || freeze::freeze(&bd))
+            .await
+            .unwrap_or_default()
+    }
+
+    async fn thaw(&self, block_device: &Path, frozen: Option<FrozenSet>) {
+        let bd = block_device.to_owned();
+        let _ = blocking(move || freeze::thaw(&bd, frozen)).await;
+    }
+
+    async fn run_hook(
+        &self,
+        s: &VolumeSettings,
+        block_device: &Path,
+        reason: &str,
+    ) -> Result<(), String> {
+        match &s.hook {
+            None => Ok(()),
+            Some(h) => {
+                super::hook::run_hook(h, s.hook_timeout, &s.name, block_device, None, reason).await
+            }
+        }
+    }
+}
+
+/// Asks udev to re-run the rules for a new served device so /dev/disk/by-kvcrypt/NAME
+/// appears (the state file that names it is written after the kernel's own add event).
+fn request_udev_change(bd: &Path) {
+    if !Path::new("/run/udev/control").exists() {
+        return;
+    }
+    let _ = std::process::Command::new("udevadm")
+        .args(["trigger", "--action=change"])
+        .arg(bd)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}

@@ -1,0 +1,574 @@
+//! End-to-end: the real `kvcrypt agent` against the in-process Key Vault emulator, FUSE + loop
+//! transport, check_interval 1 s. Needs root (loop devices, FUSE, mounts) — CI is root.
+//!
+//! Latencies (revocation → key wiped / I/O held, restore → resumed) are printed and appended to
+//! `$CARGO_TARGET_TMPDIR/agent-latency.jsonl`; nothing here asserts on timing.
+
+use std::io::Write;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvcrypt::agent::lab::{Lab, LabOptions, Revocation};
+use kvcrypt::agent::status::VolumeState;
+use kvcrypt::emulator::{Fault, FaultKind, FaultTarget};
+
+const EXE: &str = env!("CARGO_BIN_EXE_kvcrypt");
+const T: Duration = Duration::from_secs(30);
+
+fn is_root() -> bool {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc::getuid() == 0 }
+}
+
+fn sh(cmd: &str) -> std::process::Output {
+    Command::new("sh").arg("-c").arg(cmd).output().unwrap()
+}
+
+fn must(cmd: &str) -> String {
+    let o = sh(cmd);
+    assert!(
+        o.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn record(scenario: &str, what: &str, d: Duration) {
+    eprintln!(
+        "MEASURE {scenario}: {what} = {:.0} ms",
+        d.as_secs_f64() * 1000.0
+    );
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("agent-latency.jsonl");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+    {
+        let _ = writeln!(
+            f,
+            "{{\"scenario\":\"{scenario}\",\"what\":\"{what}\",\"ms\":{:.1}}}",
+            d.as_secs_f64() * 1000.0
+        );
+    }
+}
+
+/// An agent process and the lab it belongs to; stops the agent (SIGTERM, then SIGKILL) and
+/// unmounts on drop.
+struct Running {
+    lab: Lab,
+    agent: Option<Child>,
+    mnt: Option<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    fn start(opts: LabOptions) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = Lab::start(dir.path(), Path::new(EXE), &opts).unwrap();
+        lab.format().unwrap();
+        let agent = lab.spawn_agent(None).unwrap();
+        let r = Running {
+            lab,
+            agent: Some(agent),
+            mnt: None,
+            _dir: dir,
+        };
+        r.lab
+            .wait_state(VolumeState::Serving, T)
+            .map_err(|e| r.fail(e))
+            .unwrap();
+        r
+    }
+
+    fn fail(&self, e: impl std::fmt::Display) -> String {
+        let log = std::fs::read_to_string(self.lab.dir.join("agent.log")).unwrap_or_default();
+        format!("{e}\n--- agent.log ---\n{log}")
+    }
+
+    fn block_device(&self) -> String {
+        self.lab
+            .status()
+            .unwrap()
+            .block_device
+            .expect("served device")
+    }
+
+    fn mount(&mut self) -> PathBuf {
+        let bd = self.block_device();
+        must(&format!("mkfs.ext4 -q -F {bd}"));
+        let mnt = self.lab.dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        must(&format!("mount {bd} {}", mnt.display()));
+        self.mnt = Some(mnt.clone());
+        mnt
+    }
+
+    fn umount(&mut self) {
+        if let Some(m) = self.mnt.take() {
+            must(&format!("umount {}", m.display()));
+        }
+    }
+
+    fn stop_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(30) {
+                if a.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(m) = self.mnt.take() {
+            // The device may be suspended: restore access first so the unmount can finish.
+            for how in [
+                Revocation::Permission,
+                Revocation::DisableKey,
+                Revocation::Firewall,
+            ] {
+                let _ = self.lab.restore(how);
+            }
+            let _ = self
+                .lab
+                .wait_state(VolumeState::Serving, Duration::from_secs(5));
+            let _ = sh(&format!(
+                "umount {} || umount -l {}",
+                m.display(),
+                m.display()
+            ));
+        }
+        self.stop_agent();
+    }
+}
+
+/// A process doing one O_DIRECT read of the device: it must wait while the volume is locked.
+fn direct_read(bd: &str) -> Child {
+    Command::new("dd")
+        .args([
+            &format!("if={bd}"),
+            "of=/dev/null",
+            "bs=4096",
+            "count=1",
+            "skip=100",
+            "iflag=direct",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn sha256(path: &Path) -> String {
+    must(&format!("sha256sum {}", path.display()))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn boot_with_vault_unreachable_then_reachable() {
+    if !is_root() {
+        eprintln!("needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LabOptions {
+        agent: "check_interval = \"1s\"\ncheck_jitter = 0.0\ncheck_timeout = \"2s\"\n[agent.unlock_retry]\ninitial = \"300ms\"\nmax = \"1s\"\n".into(),
+        ..Default::default()
+    };
+    let lab = Lab::start(dir.path(), Path::new(EXE), &opts).unwrap();
+    lab.format().unwrap();
+    // Network down at boot: every connection to the vault and Entra ID is reset.
+    lab.emu
+        .inject_fault(Fault::new(FaultKind::Reset).target(FaultTarget::All));
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(T)).unwrap();
+    let mut agent = lab.spawn_agent(Some(&notify_path)).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = notify.recv(&mut buf).unwrap();
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.contains("READY=1"), "{msg}");
+    // Not served yet; the failure is classified transient, and it keeps retrying.
+    let st = lab.status().unwrap();
+    assert_eq!(st.state, VolumeState::Locked, "{st:?}");
+    assert_eq!(
+        st.last_error.as_ref().map(|e| e.class),
+        Some(kvcrypt::agent::ports::AccessClass::Transient),
+        "{st:?}"
+    );
+    assert!(st.block_device.is_none());
+    // The network comes back: the volume is served without a restart.
+    let t0 = Instant::now();
+    lab.emu.clear_faults();
+    let (st, _) = lab.wait_state(VolumeState::Serving, T).unwrap();
+    record("boot", "vault reachable -> serving", t0.elapsed());
+    let bd = st.block_device.unwrap();
+    assert!(Path::new(&bd).exists(), "{bd}");
+    // STATUS= followed the change.
+    let mut saw = false;
+    while let Ok(n) = notify.recv(&mut buf) {
+        if String::from_utf8_lossy(&buf[..n]).contains("serving 1/1") {
+            saw = true;
+            break;
+        }
+    }
+    assert!(saw);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    assert!(agent.wait().unwrap().success());
+    assert!(
+        !Path::new(&bd).exists()
+            || must(&format!("losetup -n -O BACK-FILE {bd} || true"))
+                .trim()
+                .is_empty()
+    );
+}
+
+fn revoke_restore_cycle(r: &mut Running, mnt: &Path, how: Revocation, scenario: &str) {
+    let bd = r.block_device();
+    let t0 = Instant::now();
+    r.lab.revoke(how).unwrap();
+    let (st, waited) = r
+        .lab
+        .wait_state(VolumeState::Suspended, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    record(scenario, "revoke -> key wiped (suspended)", waited);
+    assert_eq!(
+        st.last_error.as_ref().map(|e| e.class),
+        Some(kvcrypt::agent::ports::AccessClass::Denied),
+        "{st:?}"
+    );
+    // The worker reports its key gone.
+    if let Some(w) = &st.worker {
+        assert!(
+            w.get("suspended") == Some(&serde_json::Value::Bool(true))
+                || w.get("state").and_then(|s| s.as_str()) == Some("suspended"),
+            "worker status while locked: {w}"
+        );
+    }
+    // I/O is held, not failed.
+    let mut reader = direct_read(&bd);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        reader.try_wait().unwrap().is_none(),
+        "I/O must wait while locked"
+    );
+    let _ = t0;
+    let t1 = Instant::now();
+    r.lab.restore(how).unwrap();
+    r.lab
+        .wait_state(VolumeState::Serving, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    record(scenario, "restore -> resumed (serving)", t1.elapsed());
+    let st = reader.wait().unwrap();
+    assert!(st.success(), "held read must complete after resume");
+    // Same device, resumed in place.
+    assert_eq!(r.block_device(), bd);
+    // The filesystem is thawed: writes go through.
+    must(&format!(
+        "echo after-{scenario} > {}/after-{scenario}; sync",
+        mnt.display()
+    ));
+}
+
+#[test]
+fn revoke_each_way_locks_and_restore_resumes_without_loss() {
+    if !is_root() {
+        eprintln!("needs root");
+        return;
+    }
+    let mut r = Running::start(LabOptions {
+        agent:
+            "check_interval = \"1s\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\nhold = \"5m\"\n"
+                .into(),
+        ..Default::default()
+    });
+    let mnt = r.mount();
+    must(&format!(
+        "head -c 8388608 /dev/urandom > {m}/data.bin && cp {m}/data.bin {m}/copy.bin && sync",
+        m = mnt.display()
+    ));
+    let sum = sha256(&mnt.join("data.bin"));
+    for (how, name) in [
+        (Revocation::Permission, "permission"),
+        (Revocation::DisableKey, "disable-key"),
+        (Revocation::Firewall, "firewall"),
+        (Revocation::DeleteIdentity, "delete-identity"),
+    ] {
+        revoke_restore_cycle(&mut r, &mnt, how, name);
+        assert_eq!(sha256(&mnt.join("data.bin")), sum, "after {name}");
+    }
+    // Drop caches so the check reads the device, not the page cache.
+    must("sync; echo 3 > /proc/sys/vm/drop_caches");
+    assert_eq!(sha256(&mnt.join("data.bin")), sum);
+    assert_eq!(sha256(&mnt.join("copy.bin")), sum);
+    let bd = r.block_device();
+    r.umount();
+    must(&format!("e2fsck -fn {bd}"));
+}
+
+#[test]
+fn fio_verify_across_revoke_and_restore() {
+    if !is_root() {
+        eprintln!("needs root");
+        return;
+    }
+    let r = Running::start(LabOptions::default());
+    let bd = r.block_device();
+    let fio = Command::new("fio")
+        .args([
+            "--name=kv",
+            &format!("--filename={bd}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=24M",
+            "--ioengine=psync",
+            "--direct=1",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--time_based=0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    r.lab.revoke(Revocation::Permission).unwrap();
+    let (_, w) = r.lab.wait_state(VolumeState::Suspended, T).unwrap();
+    record("fio", "revoke -> key wiped (suspended)", w);
+    std::thread::sleep(Duration::from_secs(2));
+    let t1 = Instant::now();
+    r.lab.restore(Revocation::Permission).unwrap();
+    r.lab.wait_state(VolumeState::Serving, T).unwrap();
+    record("fio", "restore -> resumed (serving)", t1.elapsed());
+    let out = fio.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "fio failed:\n{text}");
+    assert!(!text.contains("verify: bad"), "{text}");
+    assert!(text.contains("err= 0"), "{text}");
+}
+
+#[test]
+fn hold_expiry_runs_hook_removes_and_restore_reattaches() {
+    if !is_root() {
+        eprintln!("needs root");
+        return;
+    }
+    let hookdir = tempfile::tempdir().unwrap();
+    let hook_out = hookdir.path().join("hook.out");
+    let r = Running::start(LabOptions {
+        agent: format!(
+            "check_interval = \"1s\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\nhold = \"3s\"\nhook = \"echo $KVCRYPT_NAME $KVCRYPT_DEVICE >> {}\"\n",
+            hook_out.display()
+        ),
+        ..Default::default()
+    });
+    let bd = r.block_device();
+    // Raw data written through the device (no filesystem: the device goes away).
+    must(&format!(
+        "head -c 4194304 /dev/urandom > {d}/pattern && dd if={d}/pattern of={bd} bs=1M oflag=direct conv=fsync status=none",
+        d = r.lab.dir.display()
+    ));
+    let want = sha256(&r.lab.dir.join("pattern"));
+    r.lab.revoke(Revocation::DisableKey).unwrap();
+    r.lab.wait_state(VolumeState::Suspended, T).unwrap();
+    let (st, _) = r
+        .lab
+        .wait_state(VolumeState::Removed, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    assert!(st.block_device.is_none());
+    let hook = std::fs::read_to_string(&hook_out).expect("hook ran");
+    assert_eq!(hook.trim(), format!("demo {bd}"));
+    assert!(
+        !Path::new(&bd).exists()
+            || must(&format!("losetup -n -O BACK-FILE {bd} || true"))
+                .trim()
+                .is_empty(),
+        "device removed"
+    );
+    let t1 = Instant::now();
+    r.lab.restore(Revocation::DisableKey).unwrap();
+    let (st, _) = r
+        .lab
+        .wait_state(VolumeState::Serving, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    record(
+        "hold-expiry",
+        "restore -> re-attached (serving)",
+        t1.elapsed(),
+    );
+    let bd2 = st.block_device.unwrap();
+    let got = must(&format!(
+        "dd if={bd2} bs=1M count=4 iflag=direct status=none | sha256sum"
+    ));
+    assert_eq!(got.split_whitespace().next().unwrap(), want);
+}
+
+#[test]
+fn transient_outage_never_locks_and_offline_lock_after_does() {
+    if !is_root() {
+        eprintln!("needs root");
+        return;
+    }
+    let r = Running::start(LabOptions::default());
+    // 5xx, throttling and hangs for several intervals: stays served.
+    for kind in [
+        FaultKind::Status { status: 503 },
+        FaultKind::Throttle { retry_after: None },
+        FaultKind::Hang,
+    ] {
+        r.lab
+            .emu
+            .inject_fault(Fault::new(kind).target(FaultTarget::All));
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(4) {
+            let st = r.lab.status().unwrap();
+            assert_eq!(st.state, VolumeState::Serving, "{st:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        r.lab.emu.clear_faults();
+    }
+    let st = r.lab.status().unwrap();
+    assert_eq!(
+        st.last_error.map(|e| e.class),
+        Some(kvcrypt::agent::ports::AccessClass::Transient)
+    );
+    drop(r);
+
+    let r = Running::start(LabOptions {
+        agent: "check_interval = \"1s\"\ncheck_jitter = 0.0\ncheck_timeout = \"2s\"\noffline_lock_after = \"4s\"\n".into(),
+        ..Default::default()
+    });
+    let t0 = Instant::now();
+    r.lab
+        .emu
+        .inject_fault(Fault::new(FaultKind::Status { status: 503 }).target(FaultTarget::All));
+    let (st, _) = r.lab.wait_state(VolumeState::Suspended, T).unwrap();
+    record(
+        "offline",
+        "outage -> locked (offline_lock_after 4s)",
+        t0.elapsed(),
+    );
+    assert!(st.reason.unwrap_or_default().contains("offline_lock_after"));
+    r.lab.emu.clear_faults();
+    r.lab.wait_state(VolumeState::Serving, T).unwrap();
+}
+
+#[test]
+fn lock_unlock_status_through_the_cli_and_agent_restart_adopts_workers() {
+    if !is_root() {
+        eprintln!("needs root");
+        return;
+    }
+    let mut r = Running::start(LabOptions::default());
+    let mnt = r.mount();
+    must(&format!("echo hello > {}/f; sync", mnt.display()));
+    let bd = r.block_device();
+    let run = |args: &[&str]| r.lab.kvcrypt().args(args).output().unwrap();
+
+    let t0 = Instant::now();
+    let out = run(&["lock", "demo"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    record("cli", "kvcrypt lock -> returned (suspended)", t0.elapsed());
+    let out = run(&["status", "demo"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("demo: suspended (locked by kvcrypt lock)"),
+        "{text}"
+    );
+    // A manual lock is not undone by the periodic check.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(r.lab.status().unwrap().state, VolumeState::Suspended);
+    let out = run(&["unlock", "demo"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["state"], "serving");
+    assert_eq!(v[0]["block_device"], bd.as_str());
+    assert!(
+        v[0]["worker"].is_object(),
+        "I/O counters from the worker: {v}"
+    );
+    assert!(v[0]["key_id"].as_str().unwrap().contains("/keys/disk-kek/"));
+
+    // Non-root callers are refused.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", EXE])
+        .env("KVCRYPT_RUN_DIR", &r.lab.run_dir)
+        .args(["status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(12), "{out:?}");
+
+    // Agent RSS while serving.
+    let pid = r.agent.as_ref().unwrap().id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    if let Some(l) = status.lines().find(|l| l.starts_with("VmRSS")) {
+        eprintln!("MEASURE agent RSS while serving: {l}");
+    }
+
+    // SIGKILL: the worker keeps serving; a new agent adopts it (same device, no new worker).
+    let mut a = r.agent.take().unwrap();
+    a.kill().unwrap();
+    a.wait().unwrap();
+    must(&format!("echo during-restart > {}/g; sync", mnt.display()));
+    assert_eq!(must(&format!("cat {}/f", mnt.display())).trim(), "hello");
+    let t0 = Instant::now();
+    r.agent = Some(r.lab.spawn_agent(None).unwrap());
+    let (st, _) = r
+        .lab
+        .wait_state(VolumeState::Serving, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    record(
+        "restart",
+        "agent restart -> adopted (serving)",
+        t0.elapsed(),
+    );
+    assert_eq!(st.block_device.as_deref(), Some(bd.as_str()));
+    assert!(st.reason.unwrap_or_default().contains("adopted"));
+    // And it still enforces revocation.
+    r.lab.revoke(Revocation::Permission).unwrap();
+    r.lab.wait_state(VolumeState::Suspended, T).unwrap();
+    r.lab.restore(Revocation::Permission).unwrap();
+    r.lab.wait_state(VolumeState::Serving, T).unwrap();
+    must("sync; echo 3 > /proc/sys/vm/drop_caches");
+    assert_eq!(
+        must(&format!("cat {}/g", mnt.display())).trim(),
+        "during-restart"
+    );
+    r.umount();
+    must(&format!("e2fsck -fn {bd}"));
+}
