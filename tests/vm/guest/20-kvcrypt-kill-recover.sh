@@ -7,7 +7,7 @@ on_fail() {
   echo "--- state files"; cat /run/kvcrypt/volumes/*.json 2>/dev/null; echo "--- worker log"; tail -30 /tmp/worker.log 2>/dev/null
   echo "--- dmesg"; dmesg | tail -20
 }
-trap 'kill $EMU_PID 2>/dev/null; kvcrypt close vol2 >/dev/null 2>&1' EXIT
+trap 'rc=$?; kvcrypt close vol2 >/dev/null 2>&1 || true; emu_stop; exit $rc' EXIT
 state_of() { command -v ublk_file_server >/dev/null && ublk_file_server --state "$1" 2>/dev/null | cut -d' ' -f1 || echo unknown; }
 worker_pid() { sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' /run/kvcrypt/volumes/vol2.json; }
 emu_start

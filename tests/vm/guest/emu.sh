@@ -3,7 +3,7 @@
 # principal, an RSA key "kek" it may use, and /etc/kvcrypt/kvcrypt.toml pointing kvcrypt at it.
 # Sets KEY_ID.
 emu_start() {
-  mkdir -p /tmp/kvemu /etc/kvcrypt
+  rm -rf /tmp/kvemu; mkdir -p /tmp/kvemu /etc/kvcrypt
   kvcrypt-kv-emulator --port 443 --state-dir /tmp/kvemu --ready-file /tmp/kvemu/ready.json \
     >/tmp/kvemu/out 2>/tmp/kvemu/log &
   EMU_PID=$!
@@ -32,4 +32,9 @@ secret_file = "/etc/kvcrypt/sp.secret"
 EOT
   KEY_ID=https://myvault.vault.azure.net/keys/kek
   T "emulator ready (pid $EMU_PID)"
+}
+emu_stop() {
+  [ -n "${EMU_PID:-}" ] || return 0
+  kill "$EMU_PID" 2>/dev/null || true
+  wait_for "[ ! -d /proc/$EMU_PID ]" 100 || kill -9 "$EMU_PID" 2>/dev/null || true
 }
