@@ -256,6 +256,18 @@ pub fn device_state(dev_id: u32) -> Option<(DeviceState, i32)> {
     Some((state_of(info.state), info.ublksrv_pid))
 }
 
+/// Whether ublk device `dev_id` was left behind by a server that is gone (killed, crashed or
+/// suspended) and can be re-attached with `serve(.., Some(dev_id), ..)`: QUIESCED, or still LIVE
+/// with a dead server pid (the kernel notices the death asynchronously). `kvcrypt open` uses this
+/// with the `ublk_dev_id` of a stale state file to recover instead of adding a new device.
+pub fn is_recoverable(dev_id: u32) -> bool {
+    match device_state(dev_id) {
+        Some((DeviceState::Quiesced, _)) => true,
+        Some((DeviceState::Live, pid)) => !os::pid_alive(pid),
+        _ => false,
+    }
+}
+
 /// Stops and deletes ublk device `dev_id` whatever state it is in (e.g. a QUIESCED device whose
 /// volume is being closed while no worker serves it). Queued requests fail with EIO.
 pub fn delete_device(dev_id: u32) -> Result<()> {

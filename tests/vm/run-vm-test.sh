@@ -128,7 +128,7 @@ printf '127.0.0.1 localhost\n::1 localhost\n' > "$R/etc/hosts"
 printf 'root:x:0:0:root:/:/bin/sh\n' > "$R/etc/passwd"
 printf 'root:x:0:\n' > "$R/etc/group"
 : > "$R/etc/mtab"
-cp "$HERE/guest/lib.sh" "$R/kvtest/lib.sh"
+cp "$HERE/guest/lib.sh" "$HERE/guest/emu.sh" "$R/kvtest/"
 for s in "${SCEN[@]}"; do cp "$HERE/guest/$s.sh" "$R/kvtest/$s.sh"; done
 printf '%s\n' "${SCEN[@]}" > "$R/kvtest/scenarios"
 echo "$TEST_TIMEOUT" > "$R/kvtest/test_timeout"
