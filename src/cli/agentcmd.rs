@@ -229,8 +229,9 @@ pub fn udev_name(a: UdevNameArgs) -> anyhow::Result<()> {
     }
 }
 
-pub fn demo(_a: DemoArgs) -> anyhow::Result<()> {
-    Err(CliError::Unsupported("demo: not implemented yet".into()).into())
+pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the kvcrypt binary")?;
+    crate::agent::demo::run_demo(&exe, a.dir, a.size_mib, a.keep)
 }
 
 #[cfg(test)]
