@@ -148,6 +148,7 @@ pub fn render_status(vols: &[VolumeStatus], now: f64) -> String {
                 "flushes",
                 "discards",
                 "errors",
+                "parked",
             ]
             .iter()
             .filter_map(|k| w.get(*k).map(|x| format!("{k}={x}")))
