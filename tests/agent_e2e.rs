@@ -39,6 +39,24 @@ fn ready() -> bool {
         eprintln!("SKIPPED: `kvcrypt worker` is not implemented in this build yet");
         return false;
     }
+    let out = Command::new(EXE)
+        .args([
+            "--config",
+            "/nonexistent/kvcrypt.toml",
+            "format",
+            "/nonexistent",
+            "--key-id",
+            "x",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    if String::from_utf8_lossy(&out.stderr).contains("not built into this kvcrypt yet") {
+        eprintln!(
+            "SKIPPED: `kvcrypt format` is not wired to the Key Vault provider in this build yet"
+        );
+        return false;
+    }
     true
 }
 

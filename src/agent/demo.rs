@@ -184,7 +184,16 @@ fn story(exe: &Path, dir: &Path, size_mib: u64) -> anyhow::Result<()> {
         "→ locked after {}: filesystem frozen, key wiped in the worker, I/O held",
         ms(waited)
     ));
-    d.note(&format!("reason: {}", st.reason.unwrap_or_default()));
+    let reason = st.reason.unwrap_or_default();
+    let short: String = reason.chars().take(150).collect();
+    d.note(&format!(
+        "reason: {short}{}",
+        if short.len() < reason.len() {
+            "…"
+        } else {
+            ""
+        }
+    ));
 
     let mut reader = Command::new("dd")
         .arg(format!("if={bd}"))

@@ -36,10 +36,8 @@ pub fn agent(config: &Path, a: AgentArgs) -> anyhow::Result<()> {
 
 fn harden() {
     // Not dumpable, no core files: this process briefly holds volume keys.
-    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointers.
-    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-    if rc != 0 {
-        tracing::warn!("cannot mark the process non-dumpable");
+    if let Err(e) = crate::secmem::harden_process() {
+        tracing::warn!(error = %e, "cannot harden the process (dumpable / core limit)");
     }
 }
 
