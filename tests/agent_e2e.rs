@@ -347,6 +347,7 @@ fn revoke_each_way_locks_and_restore_resumes_without_loss() {
         (Revocation::DisableKey, "disable-key"),
         (Revocation::Firewall, "firewall"),
         (Revocation::DeleteIdentity, "delete-identity"),
+        (Revocation::DeleteKey, "delete-key"),
     ] {
         revoke_restore_cycle(&mut r, &mnt, how, name);
         assert_eq!(sha256(&mnt.join("data.bin")), sum, "after {name}");
