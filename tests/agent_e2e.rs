@@ -605,3 +605,67 @@ fn lock_unlock_status_through_the_cli_and_agent_restart_adopts_workers() {
     r.umount();
     must(&format!("e2fsck -fn {bd}"));
 }
+
+#[test]
+fn udev_attach_without_agent_then_agent_adopts() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), Path::new(EXE), &LabOptions::default()).unwrap();
+    lab.format().unwrap();
+    // What kvcrypt-attach@.service runs when udev sees the device and no agent is running:
+    // it unlocks the matching configured volume itself and leaves the worker serving.
+    let out = lab
+        .kvcrypt()
+        .arg("attach")
+        .arg(&lab.image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(lab.run_dir.join("volumes/demo.json")).expect("worker state file"),
+    )
+    .unwrap();
+    let bd = state["block_device"].as_str().unwrap().to_owned();
+    assert!(Path::new(&bd).exists());
+    // The udev naming helper maps the served device back to its volume.
+    let kname = bd.trim_start_matches("/dev/");
+    let out = lab.kvcrypt().args(["udev-name", kname]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "demo");
+    let out = lab.kvcrypt().args(["udev-name", "sda"]).output().unwrap();
+    assert!(!out.status.success());
+    // A device that matches no volume is left alone.
+    let other = dir.path().join("other.img");
+    std::fs::write(&other, b"not kvcrypt").unwrap();
+    let out = lab.kvcrypt().arg("attach").arg(&other).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no configured volume"));
+
+    // The agent starts later and adopts the worker instead of starting another.
+    let mut agent = lab.spawn_agent(None).unwrap();
+    let (st, _) = lab.wait_state(VolumeState::Serving, T).unwrap();
+    assert_eq!(st.block_device.as_deref(), Some(bd.as_str()));
+    assert!(st.reason.unwrap_or_default().contains("adopted"));
+    // With the agent running, attach only asks it to retry waiting volumes.
+    let out = lab
+        .kvcrypt()
+        .arg("attach")
+        .arg(&lab.image)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("retry now"));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    assert!(agent.wait().unwrap().success());
+    assert!(
+        !lab.run_dir.join("volumes/demo.json").exists(),
+        "closed on shutdown"
+    );
+}
