@@ -75,7 +75,7 @@ impl Platform for Scripted {
         self.0.lock().unwrap().worker_key = Some(Some(k.expose()[0]));
         Ok(())
     }
-    async fn close(&self, _n: &str) -> Result<(), String> {
+    async fn close(&self, _n: &str, _f: bool) -> Result<(), String> {
         let mut w = self.0.lock().unwrap();
         w.worker_key = None;
         w.closed += 1;

@@ -36,6 +36,8 @@ pub enum Revocation {
     Firewall,
     /// Delete the identity (service principal / managed identity).
     DeleteIdentity,
+    /// Delete the key (soft delete; restored by recovering it).
+    DeleteKey,
 }
 
 pub struct Lab {
@@ -235,6 +237,7 @@ path = "{image}"
                 Ok(())
             }
             Revocation::DeleteIdentity => self.emu.delete_principal(id),
+            Revocation::DeleteKey => return self.key_admin(false),
         };
         r.map_err(|e| anyhow::anyhow!("revoke {how:?}: {e}"))
     }
@@ -265,8 +268,71 @@ path = "{image}"
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                 grant(&self.emu, &self.principal)
             }
+            Revocation::DeleteKey => self.key_admin(true),
         };
         r.with_context(|| format!("restore {how:?}"))
+    }
+
+    /// Deletes (`recover == false`) or recovers the key through the Key Vault API itself, as
+    /// the customer would (the emulator's admin interface has no key deletion).
+    fn key_admin(&self, recover: bool) -> anyhow::Result<()> {
+        use azure_core::credentials::Secret;
+        use azure_core::http::{ClientOptions, Transport};
+        use azure_identity::{ClientSecretCredential, ClientSecretCredentialOptions};
+        use azure_security_keyvault_keys::{KeyClient, KeyClientOptions};
+        use std::sync::Arc;
+
+        let admin = self
+            .emu
+            .create_secret_principal("kvcrypt-lab-admin")
+            .map_err(|e| anyhow::anyhow!("admin principal: {e}"))?;
+        self.emu
+            .grant(&admin.client_id, &Op::ALL, None)
+            .map_err(|e| anyhow::anyhow!("admin grant: {e}"))?;
+        let ca = reqwest::Certificate::from_pem(self.emu.ca_pem().as_bytes())?;
+        let mut b = reqwest::Client::builder().tls_certs_merge([ca]);
+        for h in [VAULT_HOST, LOGIN_HOST] {
+            b = b.resolve(h, ([127, 0, 0, 1], self.emu.port()).into());
+        }
+        let http = b.build()?;
+        let options = || ClientOptions {
+            transport: Some(Transport::new(Arc::new(http.clone()))),
+            ..Default::default()
+        };
+        let cred = ClientSecretCredential::new(
+            self.emu.tenant_id(),
+            admin.client_id.clone(),
+            Secret::new(admin.secret.clone().unwrap_or_default()),
+            Some(ClientSecretCredentialOptions {
+                client_options: options(),
+            }),
+        )?;
+        let client = KeyClient::new(
+            &format!("https://{VAULT_HOST}/"),
+            cred,
+            Some(KeyClientOptions {
+                client_options: options(),
+                ..Default::default()
+            }),
+        )?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            if recover {
+                client.recover_deleted_key(KEY_NAME, None).await.map(|_| ())
+            } else {
+                client.delete_key(KEY_NAME, None).await.map(|_| ())
+            }
+        })
+        .with_context(|| {
+            format!(
+                "{} key {KEY_NAME}",
+                if recover { "recovering" } else { "deleting" }
+            )
+        })?;
+        let _ = self.emu.delete_principal(&admin.client_id);
+        Ok(())
     }
 }
 

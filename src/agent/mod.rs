@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod demo;
 pub mod discover;
 pub mod freeze;
 pub mod hook;

@@ -115,8 +115,9 @@ pub trait Platform: Send + Sync + 'static {
         name: &str,
         key: &VolumeKey,
     ) -> impl Future<Output = Result<(), String>> + Send;
-    /// Flushes, removes the device, ends the worker.
-    fn close(&self, name: &str) -> impl Future<Output = Result<(), String>> + Send;
+    /// Flushes, removes the device, ends the worker. Without `force` a device in use (or a
+    /// suspended one) stays; with `force` it is removed anyway (revocation: the data must go).
+    fn close(&self, name: &str, force: bool) -> impl Future<Output = Result<(), String>> + Send;
 
     /// FIFREEZE every filesystem mounted on `block_device`.
     fn freeze(&self, block_device: &Path) -> impl Future<Output = Self::Frozen> + Send;

@@ -161,9 +161,9 @@ impl Platform for RealPlatform {
         blocking(move || workerproc::request(&n, "resume", Some(&k)).map(|_| ())).await?
     }
 
-    async fn close(&self, name: &str) -> Result<(), String> {
+    async fn close(&self, name: &str, force: bool) -> Result<(), String> {
         let n = name.to_owned();
-        blocking(move || workerproc::close(&n)).await?
+        blocking(move || workerproc::close(&n, force)).await?
     }
 
     async fn freeze(&self, block_device: &Path) -> FrozenSet {

@@ -496,7 +496,7 @@ impl<P: Platform> VolumeCtl<P> {
             }
             Err(e) => {
                 tracing::error!(volume = %self.s.name, error = %e, "resuming the worker failed; re-attaching");
-                let _ = self.p.close(&self.s.name).await;
+                let _ = self.p.close(&self.s.name, true).await;
                 if let Some(bd) = bd {
                     let fz = self.frozen.take();
                     self.p.thaw(&bd, fz).await;
@@ -515,7 +515,7 @@ impl<P: Platform> VolumeCtl<P> {
             if let Err(e) = self.p.run_hook(&self.s, &sv.block_device, &reason).await {
                 tracing::warn!(volume = %self.s.name, error = %e, "hook failed; removing anyway");
             }
-            if let Err(e) = self.p.close(&self.s.name).await {
+            if let Err(e) = self.p.close(&self.s.name, true).await {
                 tracing::error!(volume = %self.s.name, error = %e, "closing the device failed");
             }
             // Thaw after removal only to let a lazily unmounted filesystem go away.
@@ -611,8 +611,10 @@ impl<P: Platform> VolumeCtl<P> {
 
     async fn shutdown(&mut self) {
         if let Some(sv) = self.served.take() {
-            if let Err(e) = self.p.close(&self.s.name).await {
-                tracing::error!(volume = %self.s.name, error = %e, "closing the device failed");
+            // A device still in use (mounted) is left to its worker, which a later agent
+            // adopts: closing it under a mounted filesystem would break that filesystem.
+            if let Err(e) = self.p.close(&self.s.name, false).await {
+                tracing::warn!(volume = %self.s.name, error = %e, "device not closed; its worker keeps serving");
             }
             if let Some(fz) = self.frozen.take() {
                 self.p.thaw(&sv.block_device, Some(fz)).await;

@@ -156,7 +156,7 @@ impl Platform for Fake {
             None => Err("no worker".into()),
         }
     }
-    async fn close(&self, _name: &str) -> Result<(), String> {
+    async fn close(&self, _name: &str, _force: bool) -> Result<(), String> {
         self.ev("close");
         self.0.lock().unwrap().worker = None;
         Ok(())

@@ -181,18 +181,36 @@ pub fn is_suspended(status: &serde_json::Value) -> bool {
         || status.get("state").and_then(|v| v.as_str()) == Some("suspended")
 }
 
-/// Sends `close` and waits (bounded) for the worker to go away.
-pub fn close(name: &str) -> Result<(), String> {
+/// Sends `close` and waits (bounded) for the worker to go away. A worker refuses `close`
+/// while suspended or while its device is in use; with `force` it is then sent SIGTERM,
+/// which makes it remove the device regardless (the contract's forced close).
+pub fn close(name: &str, force: bool) -> Result<(), String> {
     let pid = read_state(name).and_then(|s| s.pid);
-    request(name, "close", None)?;
+    let res = request(name, "close", None).map(|_| ());
+    let res = match (res, force, pid) {
+        (Err(e), true, Some(pid)) => {
+            tracing::info!(volume = name, pid, reason = %e, "forcing the worker to close (SIGTERM)");
+            // SAFETY: plain kill(2) on the pid the worker recorded in its own state file.
+            if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
+                return Err(format!(
+                    "cannot signal worker {pid}: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(())
+        }
+        (r, _, _) => r,
+    };
+    res?;
     if let Some(pid) = pid {
-        for _ in 0..300 {
+        for _ in 0..1500 {
             // SAFETY: kill with signal 0 only checks that the pid exists.
             if unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
-                break;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        return Err(format!("worker {pid} of {name} did not exit within 30 s"));
     }
     Ok(())
 }

@@ -36,10 +36,8 @@ pub fn agent(config: &Path, a: AgentArgs) -> anyhow::Result<()> {
 
 fn harden() {
     // Not dumpable, no core files: this process briefly holds volume keys.
-    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointers.
-    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-    if rc != 0 {
-        tracing::warn!("cannot mark the process non-dumpable");
+    if let Err(e) = crate::secmem::harden_process() {
+        tracing::warn!(error = %e, "cannot harden the process (dumpable / core limit)");
     }
 }
 
@@ -148,6 +146,7 @@ pub fn render_status(vols: &[VolumeStatus], now: f64) -> String {
                 "flushes",
                 "discards",
                 "errors",
+                "parked",
             ]
             .iter()
             .filter_map(|k| w.get(*k).map(|x| format!("{k}={x}")))
@@ -229,8 +228,9 @@ pub fn udev_name(a: UdevNameArgs) -> anyhow::Result<()> {
     }
 }
 
-pub fn demo(_a: DemoArgs) -> anyhow::Result<()> {
-    Err(CliError::Unsupported("demo: not implemented yet".into()).into())
+pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the kvcrypt binary")?;
+    crate::agent::demo::run_demo(&exe, a.dir, a.size_mib, a.keep)
 }
 
 #[cfg(test)]
