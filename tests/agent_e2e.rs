@@ -606,6 +606,32 @@ fn lock_unlock_status_through_the_cli_and_agent_restart_adopts_workers() {
     must(&format!("e2fsck -fn {bd}"));
 }
 
+/// `kvcrypt attach IMAGE` with no agent running, its stdout/stderr captured through pipes
+/// (`output()` reads them to EOF); returns the state file of the worker it leaves serving.
+fn attach_without_agent(lab: &Lab) -> serde_json::Value {
+    let mut cmd = lab.kvcrypt();
+    cmd.arg("attach").arg(&lab.image).stdin(Stdio::null());
+    // Watchdog only: a hang fails the test instead of blocking the whole run.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(cmd.output());
+    });
+    let out = rx
+        .recv_timeout(Duration::from_secs(300))
+        .expect("kvcrypt attach did not return: its worker holds the output pipes")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(
+        &std::fs::read(lab.run_dir.join("volumes/demo.json")).expect("worker state file"),
+    )
+    .unwrap()
+}
+
 #[test]
 fn udev_attach_without_agent_then_agent_adopts() {
     if !ready() {
@@ -616,22 +642,7 @@ fn udev_attach_without_agent_then_agent_adopts() {
     lab.format().unwrap();
     // What kvcrypt-attach@.service runs when udev sees the device and no agent is running:
     // it unlocks the matching configured volume itself and leaves the worker serving.
-    let out = lab
-        .kvcrypt()
-        .arg("attach")
-        .arg(&lab.image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let state: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(lab.run_dir.join("volumes/demo.json")).expect("worker state file"),
-    )
-    .unwrap();
+    let state = attach_without_agent(&lab);
     let bd = state["block_device"].as_str().unwrap().to_owned();
     assert!(Path::new(&bd).exists());
     // The udev naming helper maps the served device back to its volume.
@@ -668,4 +679,41 @@ fn udev_attach_without_agent_then_agent_adopts() {
         !lab.run_dir.join("volumes/demo.json").exists(),
         "closed on shutdown"
     );
+}
+
+/// `kvcrypt attach` with no agent leaves a worker running. The worker must not hold attach's
+/// stdout/stderr: a caller capturing attach's output through pipes (as here) would otherwise
+/// wait for EOF until the worker exits. Its output goes to its log file instead.
+#[test]
+fn attach_output_through_a_pipe_returns_while_the_worker_keeps_serving() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), Path::new(EXE), &LabOptions::default()).unwrap();
+    lab.format().unwrap();
+    let state = attach_without_agent(&lab);
+    let pid = state["pid"].as_u64().unwrap();
+    let bd = state["block_device"].as_str().unwrap().to_owned();
+    assert!(Path::new(&bd).exists(), "the worker still serves {bd}");
+    // Its stdin is /dev/null and its stdout/stderr are its log file.
+    let fd = |n: u32| std::fs::read_link(format!("/proc/{pid}/fd/{n}")).unwrap();
+    assert_eq!(fd(0), PathBuf::from("/dev/null"));
+    let log = lab.run_dir.join("volumes/demo.log");
+    assert_eq!(fd(1), log);
+    assert_eq!(fd(2), log);
+
+    let out = lab
+        .kvcrypt()
+        .args(["close", "demo"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!lab.run_dir.join("volumes/demo.json").exists());
 }

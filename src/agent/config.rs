@@ -383,15 +383,9 @@ fn check_hook(h: &HookCommand) -> Result<(), &'static str> {
     }
 }
 
-/// Volume names become file names under /run/kvcrypt and udev symlinks: keep them tame.
+/// Volume names become file names under /run/kvcrypt and udev symlinks: the worker's rule.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && !name.starts_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    crate::worker::validate_name(name).is_ok()
 }
 
 fn d_check_interval() -> Duration {

@@ -23,4 +23,3 @@ pub mod status;
 pub mod volume;
 #[cfg(test)]
 mod volume_tests;
-pub mod workerproc;

@@ -14,10 +14,13 @@ use super::control::run_dir;
 use super::discover::{self, Identity};
 use super::freeze::{self, FrozenSet};
 use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef};
-use super::workerproc;
+use crate::worker::{self, WorkerClient, WorkerSpec};
 
 /// How long a worker may take to come up (FUSE mount + loop device, or ublk add).
 const WORKER_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on one control request to a worker (and on waiting for it to exit after `close`):
+/// a hung worker must not stall its volume's task for long.
+const WORKER_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct RealPlatform {
     provider: Arc<KeyVaultProvider>,
@@ -114,13 +117,13 @@ impl Platform for RealPlatform {
         dev: &Path,
         key: &VolumeKey,
     ) -> Result<Served, String> {
-        let exe = self.exe.clone();
-        let s2 = s.clone();
-        let d = dev.to_owned();
+        let spec = worker_spec(&self.exe, s, dev, None);
         // The key copy moves into the blocking task and is zeroized when it is dropped there.
         let k = VolumeKey::from_slice(key.expose()).ok_or("key length")?;
-        let bd =
-            blocking(move || workerproc::spawn(&exe, &s2, &d, &k, WORKER_READY_TIMEOUT)).await??;
+        let bd = blocking(move || worker::spawn_worker(&spec, &k))
+            .await?
+            .map_err(|e| e.to_string())?
+            .block_device;
         request_udev_change(&bd);
         Ok(Served {
             backing: dev.to_owned(),
@@ -132,12 +135,12 @@ impl Platform for RealPlatform {
     async fn adopt(&self, name: &str) -> Option<Served> {
         let n = name.to_owned();
         blocking(move || {
-            let st = workerproc::read_state(&n)?;
-            let status = workerproc::request(&n, "status", None).ok()?;
+            let st = worker::read_state(&n)?;
+            let status = client(&n).and_then(|mut c| c.status()).ok()?;
             Some(Served {
                 backing: st.device,
                 block_device: st.block_device,
-                suspended: workerproc::is_suspended(&status),
+                suspended: status.is_suspended(),
             })
         })
         .await
@@ -147,23 +150,31 @@ impl Platform for RealPlatform {
 
     async fn worker_status(&self, name: &str) -> Result<serde_json::Value, String> {
         let n = name.to_owned();
-        blocking(move || workerproc::request(&n, "status", None)).await?
+        blocking(move || client(&n).and_then(|mut c| c.status_json()))
+            .await?
+            .map_err(|e| e.to_string())
     }
 
     async fn suspend(&self, name: &str) -> Result<(), String> {
         let n = name.to_owned();
-        blocking(move || workerproc::request(&n, "suspend", None).map(|_| ())).await?
+        blocking(move || client(&n).and_then(|mut c| c.suspend()))
+            .await?
+            .map_err(|e| e.to_string())
     }
 
     async fn resume(&self, name: &str, key: &VolumeKey) -> Result<(), String> {
         let n = name.to_owned();
         let k = VolumeKey::from_slice(key.expose()).ok_or("key length")?;
-        blocking(move || workerproc::request(&n, "resume", Some(&k)).map(|_| ())).await?
+        blocking(move || client(&n).and_then(|mut c| c.resume(&k)))
+            .await?
+            .map_err(|e| e.to_string())
     }
 
     async fn close(&self, name: &str, force: bool) -> Result<(), String> {
         let n = name.to_owned();
-        blocking(move || workerproc::close(&n, force)).await?
+        blocking(move || worker::close_and_wait(&n, force, WORKER_REQUEST_TIMEOUT))
+            .await?
+            .map_err(|e| e.to_string())
     }
 
     async fn freeze(&self, block_device: &Path) -> FrozenSet {
@@ -191,6 +202,30 @@ impl Platform for RealPlatform {
             }
         }
     }
+}
+
+fn client(name: &str) -> Result<WorkerClient, worker::WorkerError> {
+    WorkerClient::connect_timeout(name, WORKER_REQUEST_TIMEOUT)
+}
+
+/// The worker command line for a configured volume (`recover_dev_id`: re-attach that
+/// quiesced ublk device instead of adding one).
+fn worker_spec(
+    exe: &Path,
+    s: &VolumeSettings,
+    dev: &Path,
+    recover_dev_id: Option<u32>,
+) -> WorkerSpec {
+    let mut spec = WorkerSpec::new(dev, &s.name);
+    spec.transport = s.transport;
+    spec.queues = s.queues;
+    spec.queue_depth = s.queue_depth;
+    spec.allow_discards = s.allow_discards;
+    spec.read_only = s.read_only;
+    spec.recover_dev_id = recover_dev_id;
+    spec.exe = Some(exe.to_owned());
+    spec.ready_timeout = WORKER_READY_TIMEOUT;
+    spec
 }
 
 /// Asks udev to re-run the rules for a new served device so /dev/disk/by-kvcrypt/NAME

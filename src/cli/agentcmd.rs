@@ -9,7 +9,6 @@ use anyhow::Context;
 use crate::agent::config::Config;
 use crate::agent::control::{self, Request, Response};
 use crate::agent::status::{VolumeStatus, unix_now};
-use crate::agent::workerproc;
 
 use super::{AgentArgs, AttachArgs, CliError, DemoArgs, NameArgs, StatusArgs, UdevNameArgs};
 
@@ -215,7 +214,7 @@ fn probe(dev: &Path) -> Option<crate::agent::discover::Identity> {
 
 pub fn udev_name(a: UdevNameArgs) -> anyhow::Result<()> {
     let dev = dev_path(&a.device);
-    match workerproc::name_of_block_device(&dev) {
+    match crate::worker::name_of_block_device(&dev) {
         Some(n) => {
             println!("{n}");
             Ok(())

@@ -23,6 +23,12 @@ pub struct WorkerStatus {
     pub parked: usize,
 }
 
+impl WorkerStatus {
+    pub fn is_suspended(&self) -> bool {
+        self.state == "suspended"
+    }
+}
+
 /// A connection to one worker's control socket.
 pub struct WorkerClient {
     name: String,
@@ -38,7 +44,14 @@ impl std::fmt::Debug for WorkerClient {
 }
 
 impl WorkerClient {
+    /// Connects with generous timeouts (suspend waits for in-flight I/O, close for a flush).
     pub fn connect(name: &str) -> Result<WorkerClient, WorkerError> {
+        Self::connect_timeout(name, Duration::from_secs(600))
+    }
+
+    /// Connects; every read and write on the connection gives up after `timeout` (the agent
+    /// uses a short one so a hung worker cannot stall its volume task for long).
+    pub fn connect_timeout(name: &str, timeout: Duration) -> Result<WorkerClient, WorkerError> {
         validate_name(name)?;
         let path = socket_path(name);
         let s = UnixStream::connect(&path).map_err(|e| match e.kind() {
@@ -51,8 +64,8 @@ impl WorkerClient {
                 source: e,
             },
         })?;
-        // Suspend waits for in-flight I/O and close for a flush: generous, but never forever.
-        let _ = s.set_read_timeout(Some(Duration::from_secs(600)));
+        let _ = s.set_read_timeout(Some(timeout));
+        let _ = s.set_write_timeout(Some(timeout));
         Ok(WorkerClient {
             name: name.to_string(),
             reader: BufReader::new(s),
@@ -106,9 +119,14 @@ impl WorkerClient {
     }
 
     pub fn status(&mut self) -> Result<WorkerStatus, WorkerError> {
-        let v = self.request("status", None)?;
+        let v = self.status_json()?;
         serde_json::from_value(v)
             .map_err(|e| WorkerError::State(format!("bad status from '{}': {e}", self.name)))
+    }
+
+    /// The raw status reply, with any fields beyond [`WorkerStatus`] (shown by `kvcrypt status`).
+    pub fn status_json(&mut self) -> Result<serde_json::Value, WorkerError> {
+        self.request("status", None)
     }
 
     /// Waits for in-flight I/O, flushes, wipes the key; new I/O waits until `resume`.

@@ -12,6 +12,7 @@
 //! - [`WorkerClient`] speaks that protocol: status / suspend / resume(key) / close.
 
 mod client;
+mod manage;
 mod run;
 mod sys;
 
@@ -27,6 +28,7 @@ use crate::exit::{Exit, ExitClass};
 use crate::secmem::VolumeKey;
 
 pub use client::{WorkerClient, WorkerStatus};
+pub use manage::{close_and_wait, name_of_block_device};
 pub use run::{RunOptions, ServeHandle, link_by_name, run_worker, unlink_by_name};
 pub use sys::take_fd;
 
@@ -108,7 +110,7 @@ pub struct WorkerState {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(
-        "invalid volume name '{0}': use 1-64 characters from [A-Za-z0-9._-], not starting with '.'"
+        "invalid volume name '{0}': use 1-64 characters from [A-Za-z0-9._-], not starting with '.' or '-'"
     )]
     BadName(String),
     #[error("volume '{name}' is already open (worker pid {pid}, {block_device})")]
@@ -168,11 +170,13 @@ impl ExitClass for WorkerError {
     }
 }
 
-/// Volume names become file names and device symlinks: keep them boring.
+/// Volume names become file names, device symlinks and a `kvcrypt worker` argument (so no
+/// leading '-'): keep them boring.
 pub fn validate_name(name: &str) -> Result<(), WorkerError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
+        && !name.starts_with('-')
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
@@ -293,7 +297,11 @@ pub fn spawn_worker(spec: &WorkerSpec, key: &VolumeKey) -> Result<WorkerInfo, Wo
     if let Some(id) = spec.recover_dev_id {
         cmd.args(["--recover-dev-id", &id.to_string()]);
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    // Nothing of the caller's terminal or pipes may reach the worker: it outlives the caller,
+    // and a caller reading `kvcrypt attach`'s output through a pipe would wait for EOF until
+    // the worker exits. Its output goes to its log instead.
+    let log_out = log.try_clone().map_err(spawn_err)?;
+    cmd.stdin(Stdio::null()).stdout(log_out).stderr(log);
     let map = [(key_r.as_raw_fd(), 3), (ready_w.as_raw_fd(), 4)];
     // SAFETY: child_setup only performs async-signal-safe calls (setsid, dup2).
     unsafe {
@@ -348,7 +356,7 @@ pub fn spawn_worker(spec: &WorkerSpec, key: &VolumeKey) -> Result<WorkerInfo, Wo
             })
         }
         Err(None) => {
-            sys::signal(pid, libc::SIGKILL);
+            let _ = sys::signal(pid, libc::SIGKILL);
             let _ = child.wait();
             Err(WorkerError::Timeout {
                 name: spec.name.clone(),
@@ -388,5 +396,24 @@ pub fn log_tail(name: &str) -> String {
         "(the worker wrote nothing)".to_string()
     } else {
         tail
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_name;
+
+    #[test]
+    fn names_must_be_safe_as_file_names_and_arguments() {
+        for ok in ["demo", "data-1", "a.b_c", "x"] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        let long = "a".repeat(65);
+        for bad in ["", ".hidden", "-rf", "../x", "a/b", "sp ace", long.as_str()] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        // The agent's config applies the same rule.
+        assert!(!crate::agent::config::valid_name("-rf"));
+        assert!(crate::agent::config::valid_name("data-1"));
     }
 }

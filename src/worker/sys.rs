@@ -126,12 +126,17 @@ pub fn pid_alive(pid: u32) -> bool {
     r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// Sends a signal to a process we started.
-pub fn signal(pid: u32, sig: i32) {
-    if let Ok(pid) = i32::try_from(pid) {
-        // SAFETY: kill has no memory arguments.
-        unsafe { libc::kill(pid, sig) };
+/// Sends a signal to a worker (one we started, or the pid its own state file records).
+pub fn signal(pid: u32, sig: i32) -> io::Result<()> {
+    let pid = match i32::try_from(pid) {
+        Ok(p) if p > 0 => p,
+        _ => return Err(io::Error::from_raw_os_error(libc::ESRCH)),
+    };
+    // SAFETY: kill has no memory arguments.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// Blocks SIGTERM/SIGINT/SIGHUP in the calling thread (and threads it spawns later), so that
