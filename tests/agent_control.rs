@@ -50,12 +50,19 @@ impl Platform for Scripted {
             Ok(VolumeKey::from_slice(&[0x11; 64]).unwrap())
         }
     }
-    async fn spawn(&self, _s: &VolumeSettings, d: &Path, k: &VolumeKey) -> Result<Served, String> {
+    async fn spawn(
+        &self,
+        _s: &VolumeSettings,
+        d: &Path,
+        k: &VolumeKey,
+        _recover: Option<u32>,
+    ) -> Result<Served, String> {
         self.0.lock().unwrap().worker_key = Some(Some(k.expose()[0]));
         Ok(Served {
             backing: d.to_owned(),
             block_device: "/dev/loop99".into(),
             suspended: false,
+            ublk_dev_id: None,
         })
     }
     async fn adopt(&self, _n: &str) -> Option<Served> {

@@ -66,6 +66,9 @@ pub struct Served {
     pub block_device: PathBuf,
     /// The worker is currently suspended (only meaningful when adopting).
     pub suspended: bool,
+    /// ublk device id (`None` for FUSE). A ublk worker ends on suspend and leaves the device
+    /// QUIESCED with its I/O held; resume starts a new worker that recovers this device.
+    pub ublk_dev_id: Option<u32>,
 }
 
 /// Everything with side effects. Blocking work must be moved off the runtime by the
@@ -93,12 +96,14 @@ pub trait Platform: Send + Sync + 'static {
         slot: &SlotRef,
     ) -> impl Future<Output = Result<VolumeKey, AccessError>> + Send;
 
-    /// Starts a worker serving `dev` as `settings.name`.
+    /// Starts a worker serving `dev` as `settings.name`; with `recover_dev_id` it re-attaches
+    /// that QUIESCED ublk device (ublk resume) instead of adding a new device.
     fn spawn(
         &self,
         settings: &VolumeSettings,
         dev: &Path,
         key: &VolumeKey,
+        recover_dev_id: Option<u32>,
     ) -> impl Future<Output = Result<Served, String>> + Send;
     /// Finds a worker left running by a previous agent.
     fn adopt(&self, name: &str) -> impl Future<Output = Option<Served>> + Send;
@@ -109,7 +114,8 @@ pub trait Platform: Send + Sync + 'static {
     ) -> impl Future<Output = Result<serde_json::Value, String>> + Send;
     /// Wipes the worker's key; new I/O waits.
     fn suspend(&self, name: &str) -> impl Future<Output = Result<(), String>> + Send;
-    /// Gives the worker its key back; held I/O proceeds.
+    /// Gives a suspended FUSE worker its key back; held I/O proceeds. (ublk workers are
+    /// gone after suspend: the state machine resumes them with `spawn(.., Some(id))`.)
     fn resume(
         &self,
         name: &str,

@@ -116,19 +116,25 @@ impl Platform for RealPlatform {
         s: &VolumeSettings,
         dev: &Path,
         key: &VolumeKey,
+        recover_dev_id: Option<u32>,
     ) -> Result<Served, String> {
-        let spec = worker_spec(&self.exe, s, dev, None);
+        let spec = worker_spec(&self.exe, s, dev, recover_dev_id);
         // The key copy moves into the blocking task and is zeroized when it is dropped there.
         let k = VolumeKey::from_slice(key.expose()).ok_or("key length")?;
-        let bd = blocking(move || worker::spawn_worker(&spec, &k))
-            .await?
-            .map_err(|e| e.to_string())?
-            .block_device;
+        let (bd, ublk_dev_id) = blocking(move || {
+            let info = worker::spawn_worker(&spec, &k)?;
+            // The worker wrote its state file before its ready line.
+            let id = worker::read_state(&info.name).and_then(|st| st.ublk_dev_id);
+            Ok::<_, worker::WorkerError>((info.block_device, id))
+        })
+        .await?
+        .map_err(|e| e.to_string())?;
         request_udev_change(&bd);
         Ok(Served {
             backing: dev.to_owned(),
             block_device: bd,
             suspended: false,
+            ublk_dev_id,
         })
     }
 
@@ -141,6 +147,7 @@ impl Platform for RealPlatform {
                 backing: st.device,
                 block_device: st.block_device,
                 suspended: status.is_suspended(),
+                ublk_dev_id: st.ublk_dev_id,
             })
         })
         .await

@@ -347,7 +347,7 @@ impl<P: Platform> VolumeCtl<P> {
                 return false;
             }
         };
-        let res = self.p.spawn(&self.s, &dev, &key).await;
+        let res = self.p.spawn(&self.s, &dev, &key, None).await;
         drop(key);
         match res {
             Ok(sv) => {
@@ -477,7 +477,23 @@ impl<P: Platform> VolumeCtl<P> {
 
     /// suspended → serving: key back to the worker, then thaw.
     async fn resume(&mut self, key: VolumeKey, why: &str) -> Result<(), String> {
-        let res = self.p.resume(&self.s.name, &key).await;
+        let res = match self.served.clone() {
+            // ublk: suspend ended the worker and left the device QUIESCED with its I/O held
+            // (there is no in-process resume); a new worker recovers the same device.
+            Some(
+                sv @ Served {
+                    ublk_dev_id: Some(id),
+                    ..
+                },
+            ) => match self.p.spawn(&self.s, &sv.backing, &key, Some(id)).await {
+                Ok(new) => {
+                    self.served = Some(new);
+                    Ok(())
+                }
+                Err(e) => Err(format!("recovering ublk device {id}: {e}")),
+            },
+            _ => self.p.resume(&self.s.name, &key).await,
+        };
         drop(key);
         let bd = self.served.as_ref().map(|s| s.block_device.clone());
         match res {

@@ -28,7 +28,13 @@ struct World {
     worker: Option<WorkerSim>,
     events: Vec<String>,
     frozen: bool,
+    /// Workers serve over ublk (kernel without UBLK_F_QUIESCE): suspend ends the worker and
+    /// leaves the device QUIESCED; only a new worker recovering it brings it back.
+    ublk: bool,
+    quiesced: Option<u32>,
 }
+
+const UBLK_ID: u32 = 3;
 
 #[derive(Debug, Clone)]
 struct WorkerSim {
@@ -111,15 +117,31 @@ impl Platform for Fake {
         _s: &VolumeSettings,
         dev: &Path,
         key: &VolumeKey,
+        recover_dev_id: Option<u32>,
     ) -> Result<Served, String> {
-        self.ev("spawn");
-        self.0.lock().unwrap().worker = Some(WorkerSim {
+        let mut w = self.0.lock().unwrap();
+        match recover_dev_id {
+            None => w.events.push("spawn".into()),
+            Some(id) => {
+                w.events.push(format!("recover:{id}"));
+                if w.quiesced.take() != Some(id) {
+                    return Err(format!("ublk device {id} is not QUIESCED"));
+                }
+            }
+        }
+        w.worker = Some(WorkerSim {
             key: Some(*key.expose()),
         });
+        let ublk = w.ublk;
         Ok(Served {
             backing: dev.to_owned(),
-            block_device: "/dev/loop9".into(),
+            block_device: if ublk {
+                format!("/dev/ublkb{UBLK_ID}").into()
+            } else {
+                "/dev/loop9".into()
+            },
             suspended: false,
+            ublk_dev_id: ublk.then_some(UBLK_ID),
         })
     }
     async fn adopt(&self, _name: &str) -> Option<Served> {
@@ -128,6 +150,7 @@ impl Platform for Fake {
             backing: "/dev/fake".into(),
             block_device: "/dev/loop9".into(),
             suspended: w.key.is_none(),
+            ublk_dev_id: None,
         })
     }
     async fn worker_status(&self, _name: &str) -> Result<serde_json::Value, String> {
@@ -138,7 +161,14 @@ impl Platform for Fake {
     }
     async fn suspend(&self, _name: &str) -> Result<(), String> {
         self.ev("suspend");
-        match self.0.lock().unwrap().worker.as_mut() {
+        let mut w = self.0.lock().unwrap();
+        if w.ublk && w.worker.is_some() {
+            // The worker process exits; the device stays, QUIESCED.
+            w.worker = None;
+            w.quiesced = Some(UBLK_ID);
+            return Ok(());
+        }
+        match w.worker.as_mut() {
             Some(w) => {
                 w.key = None;
                 Ok(())
@@ -438,4 +468,51 @@ async fn shutdown_closes_the_device() {
     rx.await.unwrap();
     assert!(f.worker_key().is_none());
     assert_eq!(h.status.borrow().state, VolumeState::Locked);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ublk_resume_recovers_the_quiesced_device_with_a_new_worker() {
+    let f = Fake::new();
+    f.0.lock().unwrap().ublk = true;
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    assert_eq!(
+        h.status.borrow().block_device.as_deref(),
+        Some("/dev/ublkb3")
+    );
+
+    f.set_vault(Vault::Denied);
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+    assert!(
+        f.worker_key().is_none(),
+        "the ublk worker exited on suspend"
+    );
+    assert_eq!(f.0.lock().unwrap().quiesced, Some(UBLK_ID));
+
+    f.set_vault(Vault::Ok);
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+    assert_eq!(f.0.lock().unwrap().quiesced, None, "device recovered");
+    assert_eq!(
+        h.status.borrow().block_device.as_deref(),
+        Some("/dev/ublkb3")
+    );
+    let ev = f.events();
+    let order: Vec<&str> = ev
+        .iter()
+        .map(|s| s.as_str())
+        .filter(|e| !e.starts_with("unwrap"))
+        .collect();
+    assert_eq!(
+        order,
+        vec!["spawn", "freeze", "suspend", "recover:3", "thaw"],
+        "no resume op, no close, no second device"
+    );
+
+    // A manual lock / unlock takes the same path.
+    assert_eq!(send(&h, Command::Lock).await.unwrap(), "locked");
+    assert_eq!(f.0.lock().unwrap().quiesced, Some(UBLK_ID));
+    assert_eq!(send(&h, Command::Unlock).await.unwrap(), "resumed");
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+    assert_eq!(f.events().iter().filter(|e| *e == "recover:3").count(), 2);
 }
