@@ -88,6 +88,9 @@ impl Platform for Scripted {
         w.closed += 1;
         Ok(())
     }
+    async fn delete_ublk_device(&self, _id: u32) -> Result<(), String> {
+        Err("no ublk here".into())
+    }
     async fn freeze(&self, _b: &Path) {}
     async fn thaw(&self, _b: &Path, _f: Option<()>) {}
     async fn run_hook(&self, _s: &VolumeSettings, _b: &Path, _r: &str) -> Result<(), String> {

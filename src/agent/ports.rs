@@ -124,6 +124,9 @@ pub trait Platform: Send + Sync + 'static {
     /// Flushes, removes the device, ends the worker. Without `force` a device in use (or a
     /// suspended one) stays; with `force` it is removed anyway (revocation: the data must go).
     fn close(&self, name: &str, force: bool) -> impl Future<Output = Result<(), String>> + Send;
+    /// Stops and deletes ublk device `dev_id` with no worker serving it (a suspended ublk
+    /// volume's device sits QUIESCED after its worker exited; removal must still remove it).
+    fn delete_ublk_device(&self, dev_id: u32) -> impl Future<Output = Result<(), String>> + Send;
 
     /// FIFREEZE every filesystem mounted on `block_device`.
     fn freeze(&self, block_device: &Path) -> impl Future<Output = Self::Frozen> + Send;

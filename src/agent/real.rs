@@ -184,6 +184,12 @@ impl Platform for RealPlatform {
             .map_err(|e| e.to_string())
     }
 
+    async fn delete_ublk_device(&self, dev_id: u32) -> Result<(), String> {
+        blocking(move || crate::transport::ublk::delete_device(dev_id))
+            .await?
+            .map_err(|e| e.to_string())
+    }
+
     async fn freeze(&self, block_device: &Path) -> FrozenSet {
         let bd = block_device.to_owned();
         blocking(move || freeze::freeze(&bd))

@@ -512,7 +512,9 @@ impl<P: Platform> VolumeCtl<P> {
             }
             Err(e) => {
                 tracing::error!(volume = %self.s.name, error = %e, "resuming the worker failed; re-attaching");
-                let _ = self.p.close(&self.s.name, true).await;
+                if let Some(sv) = self.served.clone() {
+                    let _ = self.force_remove(&sv, true).await;
+                }
                 if let Some(bd) = bd {
                     let fz = self.frozen.take();
                     self.p.thaw(&bd, fz).await;
@@ -525,13 +527,24 @@ impl<P: Platform> VolumeCtl<P> {
         }
     }
 
+    /// Removes the served device whatever its state (revocation: the data must go). A
+    /// suspended ublk volume has no worker (it exited, leaving the device QUIESCED), so the
+    /// device itself is deleted; otherwise the worker is closed with force.
+    async fn force_remove(&mut self, sv: &Served, suspended: bool) -> Result<(), String> {
+        match sv.ublk_dev_id {
+            Some(id) if suspended => self.p.delete_ublk_device(id).await,
+            _ => self.p.close(&self.s.name, true).await,
+        }
+    }
+
     /// suspended → removed: hook, then close the device.
     async fn remove(&mut self, reason: String) {
         if let Some(sv) = self.served.take() {
             if let Err(e) = self.p.run_hook(&self.s, &sv.block_device, &reason).await {
                 tracing::warn!(volume = %self.s.name, error = %e, "hook failed; removing anyway");
             }
-            if let Err(e) = self.p.close(&self.s.name, true).await {
+            let suspended = self.state == VolumeState::Suspended;
+            if let Err(e) = self.force_remove(&sv, suspended).await {
                 tracing::error!(volume = %self.s.name, error = %e, "closing the device failed");
             }
             // Thaw after removal only to let a lazily unmounted filesystem go away.

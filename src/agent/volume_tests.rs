@@ -188,8 +188,20 @@ impl Platform for Fake {
     }
     async fn close(&self, _name: &str, _force: bool) -> Result<(), String> {
         self.ev("close");
-        self.0.lock().unwrap().worker = None;
+        let mut w = self.0.lock().unwrap();
+        if w.ublk && w.worker.is_none() {
+            return Err("no worker".into());
+        }
+        w.worker = None;
         Ok(())
+    }
+    async fn delete_ublk_device(&self, id: u32) -> Result<(), String> {
+        let mut w = self.0.lock().unwrap();
+        w.events.push(format!("delete:{id}"));
+        match w.quiesced.take() {
+            Some(q) if q == id => Ok(()),
+            _ => Err(format!("no QUIESCED ublk device {id}")),
+        }
     }
     async fn freeze(&self, bd: &Path) -> String {
         self.ev("freeze");
@@ -515,4 +527,52 @@ async fn ublk_resume_recovers_the_quiesced_device_with_a_new_worker() {
     assert_eq!(send(&h, Command::Unlock).await.unwrap(), "resumed");
     assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
     assert_eq!(f.events().iter().filter(|e| *e == "recover:3").count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ublk_hold_expiry_deletes_the_quiesced_device() {
+    let f = Fake::new();
+    f.0.lock().unwrap().ublk = true;
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.set_vault(Vault::Denied);
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+    wait_state(&h, VolumeState::Removed, Duration::from_secs(12)).await;
+    let ev = f.events();
+    let hook = ev
+        .iter()
+        .position(|e| e == "hook:/dev/ublkb3")
+        .expect("hook ran");
+    let delete = ev
+        .iter()
+        .position(|e| e == "delete:3")
+        .expect("device deleted");
+    assert!(hook < delete, "{ev:?}");
+    assert_eq!(
+        f.0.lock().unwrap().quiesced,
+        None,
+        "no QUIESCED device left"
+    );
+    // Restored access attaches a new device (nothing left to recover).
+    f.set_vault(Vault::Ok);
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(3)).await;
+    assert_eq!(f.events().iter().filter(|e| *e == "spawn").count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ublk_failed_recovery_deletes_the_old_device_and_reattaches() {
+    let f = Fake::new();
+    f.0.lock().unwrap().ublk = true;
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    assert_eq!(send(&h, Command::Lock).await.unwrap(), "locked");
+    // The device vanished from under the agent (e.g. deleted by an operator).
+    f.0.lock().unwrap().quiesced = None;
+    assert!(send(&h, Command::Unlock).await.is_err());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    let ev = f.events();
+    assert!(ev.contains(&"recover:3".to_string()), "{ev:?}");
+    assert!(ev.contains(&"delete:3".to_string()), "{ev:?}");
+    assert_eq!(ev.iter().filter(|e| *e == "spawn").count(), 2, "{ev:?}");
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
 }
