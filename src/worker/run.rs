@@ -94,7 +94,7 @@ fn serve_fuse(
 ) -> anyhow::Result<()> {
     // The FUSE file is plaintext: mount it where only this process can see it. Done before
     // any serving thread exists, so all of them live in the private namespace.
-    fuse::enter_private_mount_namespace()
+    fuse::enter_private_mount_namespace(&super::run_dir())
         .context("creating a private mount namespace for the FUSE file")?;
     let mut fopts = FuseOptions::new(&opts.name, fuse_dir().join(&opts.name));
     fopts.read_only = opts.read_only;
