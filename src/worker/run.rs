@@ -295,6 +295,14 @@ fn ublk_control(
                 "status" => {
                     let _ = reply.send(status_json(&state, &engine));
                 }
+                // ublk: closing deletes the disk; refuse while a filesystem is mounted on it or
+                // someone holds it open (SIGTERM still forces it).
+                "close" if ublk::device_in_use(&state.block_device) => {
+                    let _ = reply.send(json!({"ok": false, "busy": true, "error": format!(
+                        "{} is in use (mounted or held open); unmount it first",
+                        state.block_device.display()
+                    )}));
+                }
                 "close" | "suspend" => {
                     drop(written);
                     *pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply);
