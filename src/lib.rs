@@ -14,6 +14,7 @@ pub mod emulator;
 
 pub mod engine;
 pub mod transport;
+pub mod worker;
 
 pub mod agent;
 

@@ -172,3 +172,27 @@ fn refuses_non_loopback_bind() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("only loopback"));
 }
+
+/// The library API from a plain (non-async) test: start, listen, write the CA, shut down.
+#[test]
+fn library_start_and_shutdown_from_plain_test() {
+    use kvcrypt::emulator::{Emulator, EmulatorConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_out = dir.path().join("ca-copy.pem");
+    let emu = Emulator::start(EmulatorConfig {
+        ca_out: Some(ca_out.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(emu.ca_pem_path(), ca_out.as_path());
+    assert_eq!(std::fs::read_to_string(&ca_out).unwrap(), emu.ca_pem());
+    assert!(emu.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    let port = emu.port();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    assert_eq!(
+        emu.vault_url("v"),
+        format!("https://v.vault.azure.net:{port}")
+    );
+    emu.shutdown();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}

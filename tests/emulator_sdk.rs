@@ -4,10 +4,7 @@
 
 mod emulator_common;
 
-use azure_core::http::{
-    AsyncRawResponse, ClientOptions, HttpClient, Request, Transport,
-    headers::{HeaderName, HeaderValue, Headers},
-};
+use azure_core::http::{ClientOptions, Transport};
 use azure_identity::{ClientSecretCredential, ClientSecretCredentialOptions};
 use azure_security_keyvault_keys::{
     KeyClient, KeyClientOptions,
@@ -15,66 +12,13 @@ use azure_security_keyvault_keys::{
 };
 use emulator_common::*;
 use kvcrypt::emulator::{Emulator, EmulatorConfig, Op};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
-/// azure_core 1.x implements its transport for reqwest 0.13; this package uses reqwest 0.12,
-/// so bridge the emulator-aware client (CA + resolve) by hand. The trait is an
-/// `#[async_trait]` one, hence the spelled-out boxed-future signature.
-#[derive(Debug)]
-struct EmuHttp(reqwest::Client);
-
-impl HttpClient for EmuHttp {
-    fn execute_request<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        request: &'life1 Request,
-    ) -> Pin<Box<dyn Future<Output = azure_core::Result<AsyncRawResponse>> + Send + 'async_trait>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(async move {
-            let method =
-                reqwest::Method::from_bytes(request.method().as_str().as_bytes()).expect("method");
-            let mut rb = self.0.request(method, request.url().as_str());
-            for (name, value) in request.headers().iter() {
-                rb = rb.header(name.as_str(), value.as_str());
-            }
-            if let azure_core::http::request::Body::Bytes(b) = request.body() {
-                rb = rb.body(b.to_vec());
-            }
-            let rsp = rb.send().await.map_err(|e| {
-                azure_core::Error::with_error(azure_core::error::ErrorKind::Io, e, "request failed")
-            })?;
-            let status = rsp.status().as_u16();
-            let mut headers = Headers::new();
-            for (k, v) in rsp.headers() {
-                if let Ok(v) = v.to_str() {
-                    headers.insert(
-                        HeaderName::from(k.as_str().to_owned()),
-                        HeaderValue::from(v.to_owned()),
-                    );
-                }
-            }
-            let body = rsp.bytes().await.map_err(|e| {
-                azure_core::Error::with_error(azure_core::error::ErrorKind::Io, e, "body")
-            })?;
-            Ok(AsyncRawResponse::from_bytes(
-                status.into(),
-                headers,
-                body.to_vec(),
-            ))
-        })
-    }
-}
-
-fn client_options(http: &Arc<EmuHttp>, authority: &str) -> ClientOptions {
+fn client_options(http: &reqwest::Client, authority: &str) -> ClientOptions {
     let mut cloud = azure_core::cloud::CustomConfiguration::default();
     cloud.authority_host = authority.to_string();
     ClientOptions {
-        transport: Some(Transport::new(http.clone())),
+        transport: Some(Transport::new(Arc::new(http.clone()))),
         cloud: Some(Arc::new(cloud.into())),
         retry: azure_core::http::RetryOptions::none(),
         ..Default::default()
@@ -88,7 +32,8 @@ async fn official_sdk_wraps_and_unwraps_through_the_emulator() {
     let p = emu.create_secret_principal("sdk-app").unwrap();
     emu.grant(&p.client_id, &[Op::Get, Op::Wrap, Op::Unwrap], Some("cmk"))
         .unwrap();
-    let http = Arc::new(EmuHttp(client(&emu)));
+    // The emulator-aware client (CA + host mapping) is the SDK transport as is.
+    let http = client(&emu);
     let cred = ClientSecretCredential::new(
         emu.tenant_id(),
         p.client_id.clone(),

@@ -380,6 +380,9 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         if let Some(e) = cause.downcast_ref::<crate::transport::TransportError>() {
             return e.exit_class();
         }
+        if let Some(e) = cause.downcast_ref::<crate::worker::WorkerError>() {
+            return e.exit_class();
+        }
         if let Some(e) = cause.downcast_ref::<crate::engine::EngineError>() {
             return e.exit_class();
         }

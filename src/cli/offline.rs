@@ -22,26 +22,66 @@ use crate::exit::Exit;
 use crate::header;
 use slots::KeyWrapper;
 
-fn todo_cmd(what: &str) -> anyhow::Result<()> {
-    Err(CliError::Unsupported(format!("{what}: not implemented yet")).into())
-}
-
 /// THE wiring point to the Key Vault provider: builds the `KeyWrapper` used by `format`,
 /// `rewrap` and `header dump --dump-master-key` from the `[vault]` table of the config file.
-///
-/// TEMPORARY: the `keyvault` branch (`crate::keys::BlockingProvider`, `crate::keys::VaultConfig`)
-/// is not merged yet. Once it is, replace the body with:
-/// ```ignore
-/// let cfg = load_vault_config(config)?;            // [vault] table → keys::VaultConfig
-/// Ok(Box::new(crate::keys::BlockingProvider::new(&cfg)?))
-/// ```
-/// plus `impl KeyWrapper for crate::keys::BlockingProvider` (three forwarding methods).
 fn vault_wrapper(config: &Path) -> anyhow::Result<Box<dyn KeyWrapper>> {
-    Err(CliError::Unsupported(format!(
-        "the Azure Key Vault provider is not built into this kvcrypt yet (config {} not used)",
-        config.display()
-    ))
-    .into())
+    let cfg = load_vault_config(config)?;
+    Ok(Box::new(crate::keys::BlockingProvider::new(&cfg)?))
+}
+
+/// Reads only the `[vault]` table of the config file (the offline commands need nothing else,
+/// and must not fail on agent settings they do not use).
+fn load_vault_config(config: &Path) -> anyhow::Result<crate::keys::VaultConfig> {
+    let text = std::fs::read_to_string(config).map_err(|e| {
+        CliError::Config(format!(
+            "cannot read config file {} ({e}); its [vault] table says how to reach Key Vault \
+             (see --config / KVCRYPT_CONFIG)",
+            config.display()
+        ))
+    })?;
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| CliError::Config(format!("config file {}: {e}", config.display())))?;
+    let vault = table.get("vault").ok_or_else(|| {
+        CliError::Config(format!(
+            "config file {} has no [vault] table",
+            config.display()
+        ))
+    })?;
+    let vault_text = toml::to_string(vault)
+        .map_err(|e| CliError::Config(format!("config file {}: [vault]: {e}", config.display())))?;
+    crate::keys::VaultConfig::from_toml(&vault_text)
+        .with_context(|| format!("config file {}", config.display()))
+}
+
+/// The real provider: Azure Key Vault / Managed HSM (errors stay `keys::KeyError`, so the
+/// CLI's exit code tells denied from unreachable).
+impl KeyWrapper for crate::keys::BlockingProvider {
+    fn wrap(
+        &self,
+        key_id: &str,
+        algorithm: Option<&str>,
+        vmk: &crate::secmem::VolumeKey,
+    ) -> anyhow::Result<slots::Wrapped> {
+        let w = crate::keys::BlockingProvider::wrap(self, key_id, algorithm, vmk)?;
+        Ok(slots::Wrapped {
+            key_id: w.key_id,
+            algorithm: w.algorithm,
+            wrapped: w.wrapped,
+        })
+    }
+    fn unwrap(
+        &self,
+        key_id: &str,
+        algorithm: &str,
+        wrapped: &[u8],
+    ) -> anyhow::Result<crate::secmem::VolumeKey> {
+        Ok(crate::keys::BlockingProvider::unwrap(
+            self, key_id, algorithm, wrapped,
+        )?)
+    }
+    fn latest_version(&self, key_id: &str) -> anyhow::Result<String> {
+        Ok(crate::keys::BlockingProvider::latest_version(self, key_id)?)
+    }
 }
 
 pub fn format(config: &Path, a: FormatArgs) -> anyhow::Result<()> {
@@ -254,6 +294,58 @@ pub fn rewrap(config: &Path, a: RewrapArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn benchmark(_a: BenchmarkArgs) -> anyhow::Result<()> {
-    todo_cmd("benchmark")
+pub fn benchmark(a: BenchmarkArgs) -> anyhow::Result<()> {
+    if !(a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 600.0) {
+        return Err(CliError::Usage(format!(
+            "--seconds {} is out of range: give a duration between 0 and 600 seconds",
+            a.seconds
+        ))
+        .into());
+    }
+    let report = crate::crypto::bench::run_benchmark(a.seconds);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::ExitClass;
+
+    fn cfg(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kvcrypt.toml");
+        std::fs::write(&p, text).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn vault_config_errors_are_configuration_errors() {
+        let (_d, p) = cfg("[agent]\n");
+        let e = load_vault_config(&p).unwrap_err();
+        assert!(format!("{e:#}").contains("no [vault] table"), "{e:#}");
+        assert_eq!(super::super::classify(&e), Exit::Config);
+        let e = load_vault_config(Path::new("/nonexistent/kvcrypt.toml")).unwrap_err();
+        assert_eq!(super::super::classify(&e), Exit::Config);
+        let (_d, p) = cfg("[vault]\nbogus = 1\n");
+        let e = load_vault_config(&p).unwrap_err();
+        assert_eq!(super::super::classify(&e), Exit::Config, "{e:#}");
+        let (_d, p) = cfg("[vault.credential]\nkind = \"managed-identity\"\n");
+        let c = load_vault_config(&p).unwrap();
+        assert!(matches!(
+            c.credential,
+            crate::keys::CredentialConfig::ManagedIdentity(_)
+        ));
+        // Not a TOML file at all.
+        let (_d, p) = cfg("this is = = not toml");
+        let e = load_vault_config(&p).unwrap_err();
+        assert_eq!(
+            e.downcast_ref::<CliError>().map(|c| c.exit_class()),
+            Some(Exit::Config)
+        );
+    }
 }

@@ -1,19 +1,165 @@
 //! Serving commands: open, close, and the hidden per-volume worker. (Owned by the data-path work.)
 
+use std::io::Read;
 use std::path::Path;
 
+use anyhow::Context;
+
 use super::{CliError, CloseArgs, OpenArgs, WorkerArgs};
+use crate::header::{self, LoadedHeader};
+use crate::keys::{BlockingProvider, VaultConfig};
+use crate::secmem::VolumeKey;
+use crate::worker::{self, RunOptions, WorkerClient, WorkerError, WorkerSpec};
 
-fn todo_cmd(what: &str) -> anyhow::Result<()> {
-    Err(CliError::Unsupported(format!("{what}: not implemented yet")).into())
+/// `kvcrypt open DEVICE NAME`: unwrap the volume key through Key Vault, check it, serve the
+/// device (detached worker, or in the foreground) and print the block device path.
+pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
+    worker::validate_name(&a.name)?;
+    let loaded = header::read(&a.device)?;
+    let key = unwrap_volume_key(config, &a.device, &loaded)?;
+    if a.foreground {
+        let opts = RunOptions {
+            device: a.device.clone(),
+            name: a.name.clone(),
+            transport: a.transport,
+            queues: a.queues,
+            queue_depth: a.queue_depth,
+            allow_discards: a.allow_discards,
+            read_only: a.read_only,
+            recover_dev_id: None,
+        };
+        worker::ensure_dirs().context("creating /run/kvcrypt")?;
+        if let Some(s) = worker::reap_stale(&a.name) {
+            return Err(WorkerError::AlreadyOpen {
+                name: s.name,
+                pid: s.pid,
+                block_device: s.block_device.display().to_string(),
+            }
+            .into());
+        }
+        let _ = crate::secmem::harden_process();
+        return worker::run_worker(
+            &opts,
+            key,
+            Box::new(|bdev: &Path| {
+                println!("{}", bdev.display());
+            }),
+        );
+    }
+    let spec = WorkerSpec {
+        transport: a.transport,
+        queues: a.queues,
+        queue_depth: a.queue_depth,
+        allow_discards: a.allow_discards,
+        read_only: a.read_only,
+        ..WorkerSpec::new(&a.device, &a.name)
+    };
+    let info = worker::spawn_worker(&spec, &key)?;
+    drop(key);
+    println!("{}", info.block_device.display());
+    Ok(())
 }
 
-pub fn open(_config: &Path, _a: OpenArgs) -> anyhow::Result<()> {
-    todo_cmd("open")
+/// Unwraps the VMK with the first key slot that works and checks it against the header.
+fn unwrap_volume_key(
+    config: &Path,
+    device: &Path,
+    loaded: &LoadedHeader,
+) -> anyhow::Result<VolumeKey> {
+    if loaded.slots.is_empty() {
+        return Err(CliError::Config(format!("{} has no key slots", device.display())).into());
+    }
+    let cfg = load_vault_config(config)?;
+    let provider = BlockingProvider::new(&cfg)?;
+    let mut last: Option<anyhow::Error> = None;
+    for slot in &loaded.slots {
+        match provider.unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped) {
+            Ok(key) => match loaded.verify_key(&key) {
+                Ok(()) => return Ok(key),
+                Err(e) => {
+                    last = Some(
+                        anyhow::Error::new(e)
+                            .context(format!("key slot {} ({})", slot.id, slot.key_id)),
+                    )
+                }
+            },
+            Err(e) => {
+                last = Some(anyhow::Error::new(e).context(format!(
+                    "unwrapping key slot {} with {}",
+                    slot.id, slot.key_id
+                )))
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no usable key slot")))
 }
-pub fn close(_a: CloseArgs) -> anyhow::Result<()> {
-    todo_cmd("close")
+
+/// The `[vault]` table of the config file.
+fn load_vault_config(config: &Path) -> anyhow::Result<VaultConfig> {
+    let text = std::fs::read_to_string(config).map_err(|e| {
+        CliError::Config(format!(
+            "cannot read the configuration file {}: {e} (pass --config)",
+            config.display()
+        ))
+    })?;
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| CliError::Config(format!("{} is not valid TOML: {e}", config.display())))?;
+    let vault = table
+        .get("vault")
+        .cloned()
+        .ok_or_else(|| CliError::Config(format!("{} has no [vault] table", config.display())))?;
+    let cfg: VaultConfig = vault.try_into().map_err(|e| {
+        CliError::Config(format!(
+            "invalid [vault] table in {}: {e}",
+            config.display()
+        ))
+    })?;
+    Ok(cfg)
 }
-pub fn worker(_a: WorkerArgs) -> anyhow::Result<()> {
-    todo_cmd("worker")
+
+/// `kvcrypt close NAME`: flush and remove the device; the worker exits.
+pub fn close(a: CloseArgs) -> anyhow::Result<()> {
+    worker::validate_name(&a.name)?;
+    if worker::reap_stale(&a.name).is_none() {
+        worker::unlink_by_name(&a.name);
+        return Err(WorkerError::NotOpen(a.name).into());
+    }
+    let mut c = WorkerClient::connect(&a.name)?;
+    c.close()?;
+    Ok(())
+}
+
+/// `kvcrypt worker …` (hidden): read the key from the key fd, serve until closed.
+pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    // Before the key exists in this process: no core dumps, no ptrace by non-root.
+    crate::secmem::harden_process().context("hardening the worker process")?;
+    let mut kf = worker::take_fd(a.key_fd).with_context(|| format!("key fd {}", a.key_fd))?;
+    let mut key = VolumeKey::zeroed();
+    kf.read_exact(key.expose_mut())
+        .with_context(|| format!("reading the 64-byte volume key from fd {}", a.key_fd))?;
+    drop(kf);
+    let ready = match a.ready_fd {
+        Some(fd) => Some(worker::take_fd(fd).with_context(|| format!("ready fd {fd}"))?),
+        None => None,
+    };
+    let opts = RunOptions {
+        device: a.device,
+        name: a.name,
+        transport: a.transport,
+        queues: a.queues,
+        queue_depth: a.queue_depth,
+        allow_discards: a.allow_discards,
+        read_only: a.read_only,
+        recover_dev_id: a.recover_dev_id,
+    };
+    worker::run_worker(
+        &opts,
+        key,
+        Box::new(move |bdev: &Path| {
+            use std::io::Write;
+            if let Some(mut f) = ready {
+                let _ = writeln!(f, "{}", bdev.display());
+            }
+        }),
+    )
 }

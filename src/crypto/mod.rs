@@ -5,6 +5,8 @@
 //! sector, tweak = little-endian 128-bit sector number counted in units of the sector size
 //! from the start of the data area. Data key = VMK[0..32], tweak key = VMK[32..64].
 
+pub mod bench;
+pub mod kdf;
 #[cfg(target_arch = "x86_64")]
 mod vaes;
 mod xts;

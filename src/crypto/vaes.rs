@@ -1,4 +1,4 @@
-//! AES-256-XTS kernel for x86_64 CPUs with VAES + AVX2 — the only `unsafe` code of `crypto`.
+//! AES-256-XTS kernel for x86_64 CPUs with VAES + VPCLMULQDQ + AVX2 — the only `unsafe` code of `crypto`.
 //!
 //! Why hand-written: the `aes` crate 0.8 pipelines 8 blocks of 128-bit AES-NI, which caps it at
 //! roughly half of what the CPU can do: VAES executes two AES rounds per 256-bit instruction
@@ -8,8 +8,8 @@
 //! tweaks 16 blocks at a time with one byte-shift per lane (T·x^16, see [`mul_x16`]).
 //!
 //! VAES intrinsics (`_mm256_aesenc_epi128`) are only stable from Rust 1.89 while the crate's
-//! MSRV is 1.88, so the four VAES instructions are emitted by the tiny [`vaes!`] `asm!` macro
-//! (pure, no memory, no flags); everything else is stable AES-NI / AVX2 intrinsics.
+//! MSRV is 1.88, so the four VAES instructions and VPCLMULQDQ are emitted by tiny register-only
+//! `asm!` blocks (pure, no memory, no flags); everything else is stable AES-NI / AVX2 intrinsics.
 //!
 //! Key schedules are expanded directly into caller-provided secret memory ([`Keys`] lives in a
 //! `SecretBox`), so no copy of them is left on the stack. Tweak scratch arrays are wiped before
@@ -25,7 +25,7 @@ use zeroize::Zeroize;
 
 use crate::secmem::Pod;
 
-cpufeatures::new!(vaes_cpu, "aes", "avx2", "vaes");
+cpufeatures::new!(vaes_cpu, "aes", "avx2", "vaes", "vpclmulqdq");
 
 /// True if this CPU (and OS) can run the kernel.
 pub(super) fn available() -> bool {
@@ -148,22 +148,51 @@ fn mul_x(t: u128) -> u128 {
     (t << 1) ^ (0u128.wrapping_sub(t >> 127) & 0x87)
 }
 
-/// Each 128-bit lane · x^16: shift left two bytes, fold the 16 bits shifted out back in with
-/// x^128 = x^7 + x^2 + x + 1.
+/// Each 128-bit lane · x^16: shift left two bytes and fold the 16 bits shifted out back in
+/// with x^128 = x^7 + x^2 + x + 1 (one carry-less multiply by 0x87). Four vector ops per two
+/// tweaks; the shift-and-xor version without VPCLMULQDQ needed nine and cost ~5 % speed.
 #[inline]
 #[target_feature(enable = "aes,avx2")]
 fn mul_x16(t: __m256i) -> __m256i {
-    let top = _mm256_bsrli_epi128::<14>(t);
-    let red = _mm256_xor_si256(
-        _mm256_xor_si256(top, _mm256_slli_epi64::<1>(top)),
-        _mm256_xor_si256(_mm256_slli_epi64::<2>(top), _mm256_slli_epi64::<7>(top)),
-    );
+    let mut red = _mm256_bsrli_epi128::<14>(t);
+    let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
+    // SAFETY: register-only VPCLMULQDQ (checked together with VAES in `available()`).
+    unsafe {
+        asm!(
+            "vpclmulqdq {r}, {r}, {p}, 0x00",
+            r = inout(ymm_reg) red,
+            p = in(ymm_reg) poly,
+            options(pure, nomem, nostack, preserves_flags)
+        )
+    };
     _mm256_xor_si256(_mm256_bslli_epi128::<2>(t), red)
+}
+
+/// Each 128-bit lane · x^K for 1 ≤ K ≤ 63 (`KR` = 64 − K): 128-bit shift left by K bits,
+/// then fold the K bits shifted out back in with one carry-less multiply by 0x87.
+#[inline]
+#[target_feature(enable = "aes,avx2")]
+fn mul_xk<const K: i32, const KR: i32>(t: __m256i) -> __m256i {
+    debug_assert_eq!(K + KR, 64);
+    let carries = _mm256_srli_epi64::<KR>(t);
+    let shifted = _mm256_xor_si256(_mm256_slli_epi64::<K>(t), _mm256_bslli_epi128::<8>(carries));
+    let mut red = _mm256_bsrli_epi128::<8>(carries);
+    let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
+    // SAFETY: register-only VPCLMULQDQ (checked together with VAES in `available()`).
+    unsafe {
+        asm!(
+            "vpclmulqdq {r}, {r}, {p}, 0x00",
+            r = inout(ymm_reg) red,
+            p = in(ymm_reg) poly,
+            options(pure, nomem, nostack, preserves_flags)
+        )
+    };
+    _mm256_xor_si256(shifted, red)
 }
 
 /// Scratch for tweaks, wiped when dropped.
 struct Scratch {
-    seq: [u128; 16],
+    seq: [u128; 2],
     tw: [__m256i; 8],
     t0: [u128; 8],
 }
@@ -195,7 +224,7 @@ pub(super) fn xts<const ENC: bool>(keys: &Keys, buf: &mut [u8], first: u64, sect
 #[target_feature(enable = "aes,avx2")]
 unsafe fn xts_inner<const ENC: bool>(keys: &Keys, buf: &mut [u8], first: u64, sector_size: usize) {
     let mut s = Scratch {
-        seq: [0; 16],
+        seq: [0; 2],
         tw: [_mm256_setzero_si256(); 8],
         t0: [0; 8],
     };
@@ -243,23 +272,42 @@ fn initial_tweaks(keys: &Keys, n: u64, out: &mut [u128; 8]) {
 #[inline]
 #[target_feature(enable = "aes,avx2")]
 fn one_sector<const ENC: bool>(keys: &Keys, sector: &mut [u8], t0: u128, s: &mut Scratch) {
+    // Tweaks T_0..T_15 as pairs: tw[i] = [T_0, T_1] · x^(2i), all independent of each other
+    // (a serial doubling chain here cost ~15 % at 512-byte sectors).
     s.seq[0] = t0;
-    for j in 1..16 {
-        s.seq[j] = mul_x(s.seq[j - 1]);
-    }
-    for i in 0..8 {
-        // SAFETY: seq has 16 u128; loads the pair (2i, 2i+1) — lane 0 = T_2i, lane 1 = T_2i+1.
-        s.tw[i] = unsafe { _mm256_loadu_si256(s.seq.as_ptr().add(2 * i).cast()) };
-    }
+    s.seq[1] = mul_x(t0);
+    // SAFETY: seq has at least 2 u128; lane 0 = T_0, lane 1 = T_1.
+    let base = unsafe { _mm256_loadu_si256(s.seq.as_ptr().cast()) };
+    s.tw[0] = base;
+    s.tw[1] = mul_xk::<2, 62>(base);
+    s.tw[2] = mul_xk::<4, 60>(base);
+    s.tw[3] = mul_xk::<6, 58>(base);
+    s.tw[4] = mul_xk::<8, 56>(base);
+    s.tw[5] = mul_xk::<10, 54>(base);
+    s.tw[6] = mul_xk::<12, 52>(base);
+    s.tw[7] = mul_xk::<14, 50>(base);
     let mut chunks = sector.chunks_exact_mut(256);
+    let mut advance = false;
     for c in chunks.by_ref() {
+        // Advance lazily, so the last batch of a sector does not compute unused tweaks.
+        if advance {
+            for t in s.tw.iter_mut() {
+                *t = mul_x16(*t);
+            }
+        }
         blocks16::<ENC>(keys, c, &s.tw);
+        advance = true;
+    }
+    // Fewer than 16 blocks left: the next tweaks cover them in order.
+    let rest = chunks.into_remainder();
+    if rest.is_empty() {
+        return;
+    }
+    if advance {
         for t in s.tw.iter_mut() {
             *t = mul_x16(*t);
         }
     }
-    // Fewer than 16 blocks left: the current tweaks cover them in order.
-    let rest = chunks.into_remainder();
     let mut pairs = rest.chunks_exact_mut(32);
     let mut i = 0;
     for c in pairs.by_ref() {

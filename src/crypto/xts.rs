@@ -6,7 +6,7 @@ use aes::{Aes256, Aes256Enc, Block};
 use zeroize::Zeroize;
 
 use crate::exit::{Exit, ExitClass};
-use crate::secmem::{SecretBox, VolumeKey};
+use crate::secmem::{SecretBox, VolumeKey, scrub_stack};
 
 /// AES block size; XTS works on 16-byte blocks.
 const BLOCK: usize = 16;
@@ -91,15 +91,6 @@ impl std::fmt::Debug for XtsCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "XtsCipher({}, keys redacted)", self.implementation())
     }
-}
-
-/// Overwrites the stack area below the caller, where key-expansion temporaries of the
-/// `aes` crate may remain after moving its schedules into secret memory (best effort).
-#[inline(never)]
-fn scrub_stack() {
-    let mut area = [0u8; 8192];
-    area.zeroize();
-    std::hint::black_box(&area);
 }
 
 /// Tweak · x in GF(2^128) (IEEE 1619 §5.2, little-endian byte order).

@@ -154,6 +154,7 @@ pub struct Emulator;
 /// A running emulator. Dropping it stops the server.
 pub struct EmulatorHandle {
     shared: Arc<Shared>,
+    bind: IpAddr,
     ca_pem: String,
     ca_path: PathBuf,
     temp_dir: Option<PathBuf>,
@@ -304,6 +305,7 @@ impl Emulator {
             .map_err(|e| EmulatorError::Runtime(e.to_string()))?;
         Ok(EmulatorHandle {
             shared,
+            bind: config.bind,
             ca_pem: ca.pem,
             ca_path,
             temp_dir,
@@ -316,6 +318,10 @@ impl Emulator {
 impl EmulatorHandle {
     pub fn port(&self) -> u16 {
         self.shared.port
+    }
+    /// The listening address, for `reqwest::ClientBuilder::resolve(vault_host, addr)`.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.shared.port)
     }
     /// PEM of the CA that signed the server certificate.
     pub fn ca_pem(&self) -> &str {

@@ -21,6 +21,7 @@
 
 mod buf;
 mod gate;
+mod target;
 mod uring;
 
 use std::fs::File;

@@ -7,7 +7,7 @@
 //! repairing the header copies must not need the volume key (docs/FORMAT.md §MAC).
 
 use super::VolumeHeader;
-use super::kdf;
+use crate::crypto::kdf;
 use crate::secmem::VolumeKey;
 
 const MAC_DOMAIN: &[u8] = b"kvcrypt-header-mac-v1";
@@ -46,9 +46,9 @@ pub fn mac_input(h: &VolumeHeader, key_check: &[u8; 32]) -> Vec<u8> {
     out
 }
 
-/// Key-check digest of `vmk` for the volume `uuid`.
-pub fn key_check(vmk: &VolumeKey, uuid: &uuid::Uuid) -> [u8; 32] {
-    kdf::key_check_digest(vmk, uuid.as_bytes())
+/// Key-check digest of `vmk`.
+pub fn key_check(vmk: &VolumeKey) -> [u8; 32] {
+    kdf::key_check_digest(vmk)
 }
 
 /// Header MAC of `h` under `vmk`, given the key-check digest that will be stored with it.

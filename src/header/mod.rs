@@ -10,7 +10,8 @@
 
 mod auth;
 mod device;
-mod kdf;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layout;
 mod metadata;
 
@@ -219,6 +220,16 @@ impl ExitClass for HeaderError {
     }
 }
 
+/// Encodes `h` as a complete header-area image (both copies, 1 MiB) with `sequence`, exactly
+/// as [`write`] puts it on disk. For tests, fuzzing and tools that build images offline.
+pub fn encode_image(h: &VolumeHeader, sequence: u64) -> Result<Vec<u8>, HeaderError> {
+    let mut image = Vec::with_capacity(layout::HEADER_AREA_SIZE as usize);
+    for c in Copy::BOTH {
+        image.extend_from_slice(&h.encode_copy(c, sequence)?);
+    }
+    Ok(image)
+}
+
 /// Current time as RFC 3339 (UTC, seconds), for `KeySlot::created_at`.
 pub fn now_rfc3339() -> String {
     use time::format_description::well_known::Rfc3339;
@@ -271,14 +282,14 @@ impl VolumeHeader {
     /// MAC-covered field (label, geometry, slots). The caller must have verified `vmk` first
     /// (sealing with a wrong key would lock the volume's real key out).
     pub fn seal(&mut self, vmk: &VolumeKey) {
-        self.key_check = auth::key_check(vmk, &self.uuid);
+        self.key_check = auth::key_check(vmk);
         self.mac = auth::mac(vmk, self, &self.key_check);
     }
 
     /// Checks that `vmk` is this volume's key (key-check digest → [`HeaderError::WrongKey`]) and
     /// that the header is authentic (MAC → [`HeaderError::Tampered`]).
     pub fn verify_key(&self, vmk: &VolumeKey) -> Result<(), HeaderError> {
-        if !auth::ct_eq(&auth::key_check(vmk, &self.uuid), &self.key_check) {
+        if !auth::ct_eq(&auth::key_check(vmk), &self.key_check) {
             return Err(HeaderError::WrongKey);
         }
         if !auth::ct_eq(&auth::mac(vmk, self, &self.key_check), &self.mac) {

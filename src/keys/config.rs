@@ -242,12 +242,10 @@ impl VaultConfig {
                 self.max_retries
             ));
         }
-        if self.retry_delay_ms > self.max_retry_delay_ms
-            || self.max_retry_delay_ms > self.deadline_ms
-        {
+        if self.retry_delay_ms > self.max_retry_delay_ms {
             return bad(format!(
-                "vault.retry_delay_ms ({}) must be <= max_retry_delay_ms ({}) <= deadline_ms ({})",
-                self.retry_delay_ms, self.max_retry_delay_ms, self.deadline_ms
+                "vault.retry_delay_ms ({}) must be <= max_retry_delay_ms ({})",
+                self.retry_delay_ms, self.max_retry_delay_ms
             ));
         }
         if let Some(host) = &self.authority_host {

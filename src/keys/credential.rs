@@ -3,7 +3,7 @@
 
 use super::KeyError;
 use super::config::{CredentialConfig, VaultConfig, read_secret, secret_text};
-use super::http::client_options;
+use super::http::identity_client_options;
 use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
 use azure_core::credentials::{Secret, SecretBytes, TokenCredential};
 use azure_identity::{
@@ -29,7 +29,7 @@ pub(crate) fn build_credential(
         custom.authority_host = host.trim_end_matches('/').to_owned();
         Arc::new(CloudConfiguration::from(custom))
     });
-    let options = || client_options(identity_client, cfg, cloud.clone());
+    let options = || identity_client_options(identity_client, cfg, cloud.clone());
 
     Ok(match &cfg.credential {
         CredentialConfig::ManagedIdentity(m) => {

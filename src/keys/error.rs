@@ -7,6 +7,7 @@
 //! Only `Denied` means "access was revoked" — the agent wipes keys on it. Anything that might be
 //! a passing network or service problem is `Transient`; local mistakes are `Misconfigured`.
 
+use super::http::CapturedFailure;
 use crate::exit::{Exit, ExitClass};
 use std::fmt;
 use std::time::Duration;
@@ -217,8 +218,13 @@ fn tidy(msg: &str) -> String {
     }
 }
 
-/// Classifies an SDK error from a call described by `target`.
-pub(crate) fn classify(err: &azure_core::Error, target: &Target) -> KeyError {
+/// Classifies an SDK error from a call described by `target`. `identity_answer` is the last
+/// failed token-endpoint answer captured for this call, if any (see `http::CaptureFailures`).
+pub(crate) fn classify(
+    err: &azure_core::Error,
+    target: &Target,
+    identity_answer: Option<&CapturedFailure>,
+) -> KeyError {
     // The identity credentials wrap their failures in ErrorKind::Credential; the HTTP answer (if
     // any) sits further down the source chain.
     let mut from_identity = false;
@@ -260,8 +266,20 @@ pub(crate) fn classify(err: &azure_core::Error, target: &Target) -> KeyError {
         };
     }
 
+    // The credential could not parse the token endpoint's error answer (azure_identity 1.0
+    // fails on `\r\n` in descriptions): classify from our own copy of it.
+    if from_identity && let Some(answer) = identity_answer {
+        let mut body = parse_body(&answer.body);
+        body.oauth = true;
+        return classify_identity(answer.status, body, target);
+    }
+
     let Target { vault, key, op } = target;
-    let detail = tidy(&err.to_string());
+    let mut detail = tidy(&chain_text(err));
+    // The SDK's own text goes on to suggest turning the check off; kvcrypt never does.
+    if let Some(cut) = detail.find(". Set verify_challenge_resource") {
+        detail.truncate(cut);
+    }
     // Transport failures (connect, TLS, DNS, timeouts, resets): all worth retrying later.
     if let Some(t) = transport {
         let who = if from_identity {
@@ -332,6 +350,25 @@ pub(crate) fn classify(err: &azure_core::Error, target: &Target) -> KeyError {
             format!("{op} on key '{key}' in vault {vault} failed: {detail}"),
         )),
     }
+}
+
+/// The messages of the whole error chain, without the SDK's retry-policy boilerplate (the
+/// useful text, e.g. a challenge mismatch, sits in an inner error).
+fn chain_text(err: &azure_core::Error) -> String {
+    const NOISE: [&str; 2] = [
+        "non-transport error occurred which will not be retried",
+        "retry policy expired and the request will no longer be retried",
+    ];
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if !NOISE.contains(&text.as_str()) && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = e.source();
+    }
+    parts.join(": ")
 }
 
 fn describe_reqwest(e: &reqwest::Error) -> String {
@@ -500,6 +537,37 @@ mod tests {
         }
     }
 
+    fn classify_t(e: &azure_core::Error, t: &Target) -> KeyError {
+        classify(e, t, None)
+    }
+
+    #[test]
+    fn unparsable_identity_error_uses_captured_answer() {
+        // What azure_identity 1.0 returns for a real Entra ID error (borrowed-str parse failure).
+        let inner = azure_core::Error::with_message(
+            azure_core::error::ErrorKind::DataConversion,
+            "invalid type: string, expected a borrowed string",
+        );
+        let outer = azure_core::Error::with_error(
+            azure_core::error::ErrorKind::Credential,
+            inner,
+            "ClientSecretCredential authentication failed.",
+        );
+        let answer = CapturedFailure {
+            status: 401,
+            body: br#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.\r\nTrace ID: x"}"#.to_vec(),
+        };
+        let e = classify(&outer, &target(), Some(&answer));
+        assert_eq!(e.class(), ErrorClass::Denied, "{e}");
+        assert_eq!(e.code(), Some("invalid_client"));
+        assert!(e.failure().unwrap().from_identity);
+        // Without the captured answer it is only a setup problem.
+        assert_eq!(
+            classify_t(&outer, &target()).class(),
+            ErrorClass::Misconfigured
+        );
+    }
+
     fn http_err(status: StatusCode, body: &str) -> azure_core::Error {
         let raw = RawResponse::from_bytes(status, Headers::new(), body.as_bytes().to_vec());
         azure_core::Error::with_message(
@@ -516,7 +584,7 @@ mod tests {
     #[test]
     fn rbac_403_with_crlf_message_is_denied_with_inner_code() {
         let body = r#"{"error":{"code":"Forbidden","message":"Caller is not authorized to perform action on resource.\r\nIf role assignments were recently changed, please wait several minutes.\r\nCaller: appid=x;oid=y\r\nAction: 'Microsoft.KeyVault/vaults/keys/unwrap/action'","innererror":{"code":"ForbiddenByRbac"}}}"#;
-        let e = classify(&http_err(StatusCode::Forbidden, body), &target());
+        let e = classify_t(&http_err(StatusCode::Forbidden, body), &target());
         assert_eq!(e.class(), ErrorClass::Denied);
         assert_eq!(e.code(), Some("ForbiddenByRbac"));
         assert_eq!(e.exit_class(), Exit::AccessDenied);
@@ -607,7 +675,7 @@ mod tests {
             ),
         ];
         for (status, body, class, code) in cases {
-            let e = classify(&http_err(*status, body), &target());
+            let e = classify_t(&http_err(*status, body), &target());
             assert_eq!(e.class(), *class, "{status} {body}: {e}");
             assert_eq!(e.code(), *code, "{status} {body}");
             assert_eq!(e.status(), Some(u16::from(*status)));
@@ -625,7 +693,7 @@ mod tests {
             inner,
             "ClientSecretCredential authentication failed.",
         );
-        let e = classify(&outer, &target());
+        let e = classify_t(&outer, &target());
         assert_eq!(e.class(), ErrorClass::Denied);
         assert!(e.failure().unwrap().from_identity);
         assert!(e.to_string().contains("AADSTS7000222"), "{e}");
@@ -637,11 +705,11 @@ mod tests {
             azure_core::error::ErrorKind::Connection,
             azure_core::error::ErrorKind::Io,
         ] {
-            let e = classify(&azure_core::Error::with_message(kind, "reset"), &target());
+            let e = classify_t(&azure_core::Error::with_message(kind, "reset"), &target());
             assert_eq!(e.class(), ErrorClass::Transient);
         }
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
-        let e = classify(
+        let e = classify_t(
             &azure_core::Error::new(azure_core::error::ErrorKind::Io, io),
             &target(),
         );
@@ -651,7 +719,7 @@ mod tests {
 
     #[test]
     fn challenge_mismatch_is_misconfigured() {
-        let e = classify(
+        let e = classify_t(
             &azure_core::Error::with_message(
                 azure_core::error::ErrorKind::Other,
                 "challenge resource 'https://evil.example/.default' doesn't match the requested domain 'myvault.vault.azure.net'",

@@ -9,10 +9,12 @@
 use super::KeyError;
 use super::config::VaultConfig;
 use azure_core::http::headers::{RETRY_AFTER, RETRY_AFTER_MS, X_MS_RETRY_AFTER_MS};
-use azure_core::http::policies::{RetryHeaders, RetryPolicy};
-use azure_core::http::{ClientOptions, RetryOptions, StatusCode, Transport};
+use azure_core::http::policies::{Policy, PolicyResult, RetryHeaders, RetryPolicy};
+use azure_core::http::{
+    AsyncRawResponse, ClientOptions, Context, Request, RetryOptions, StatusCode, Transport,
+};
 use azure_core::time::Duration as AzDuration;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Status codes worth another attempt (the SDK's defaults: 408, 429, 500, 502, 503, 504).
@@ -158,6 +160,77 @@ pub(crate) fn client_options(
         retry: RetryOptions::custom(Arc::new(BoundedRetry::new(cfg))),
         cloud,
         ..Default::default()
+    }
+}
+
+/// The options for the identity credential: as `client_options`, plus `CaptureFailures`.
+pub(crate) fn identity_client_options(
+    client: &reqwest::Client,
+    cfg: &VaultConfig,
+    cloud: Option<Arc<azure_core::cloud::CloudConfiguration>>,
+) -> ClientOptions {
+    let mut options = client_options(client, cfg, cloud);
+    options.per_try_policies.push(Arc::new(CaptureFailures));
+    options
+}
+
+/// A failed token-endpoint answer: status and body (error bodies carry no tokens).
+#[derive(Debug, Clone)]
+pub(crate) struct CapturedFailure {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// Per-operation slot the identity pipeline fills with the last failed token answer. It travels
+/// in the request `Context`, which the Key Vault client hands on to the credential.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FailureSlot(Arc<Mutex<Option<CapturedFailure>>>);
+
+impl FailureSlot {
+    pub(crate) fn take(&self) -> Option<CapturedFailure> {
+        self.0.lock().ok().and_then(|mut s| s.take())
+    }
+
+    /// A `Context` carrying this slot, for `ClientMethodOptions`.
+    pub(crate) fn context(&self) -> Context<'static> {
+        Context::new().with_value(self.clone())
+    }
+}
+
+/// Records failed token-endpoint answers before the credential parses them.
+///
+/// Why: azure_identity 1.0 parses Entra ID error bodies into a struct with a *borrowed*
+/// `error_description: &str`, which fails for every real description (they contain `\r\n`
+/// before "Trace ID"), so the credential reports a JSON `DataConversion` error and the status,
+/// `error` code (`invalid_client` …) and AADSTS text are lost. We keep our own copy.
+#[derive(Debug)]
+struct CaptureFailures;
+
+#[async_trait::async_trait]
+impl Policy for CaptureFailures {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
+        let response = next[0].send(ctx, request, &next[1..]).await?;
+        let Some(slot) = ctx.value::<FailureSlot>() else {
+            return Ok(response);
+        };
+        if response.status().is_success() {
+            // Never buffer or keep a successful answer: it holds the access token.
+            return Ok(response);
+        }
+        let (status, headers, body) = response.deconstruct();
+        let bytes = body.collect().await?;
+        if let Ok(mut s) = slot.0.lock() {
+            *s = Some(CapturedFailure {
+                status: u16::from(status),
+                body: bytes.to_vec(),
+            });
+        }
+        Ok(AsyncRawResponse::from_bytes(status, headers, bytes))
     }
 }
 

@@ -24,12 +24,14 @@ pub use keyid::KeyId;
 
 use crate::secmem::{VMK_LEN, VolumeKey};
 use azure_core::credentials::TokenCredential;
+use azure_core::http::ClientMethodOptions;
 use azure_security_keyvault_keys::models::{
     KeyClientGetKeyOptions, KeyClientUnwrapKeyOptions, KeyClientWrapKeyOptions, KeyType,
 };
 use azure_security_keyvault_keys::{KeyClient, KeyClientOptions};
 use base64::Engine as _;
 use error::{Target, classify};
+use http::FailureSlot;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -174,18 +176,21 @@ impl KeyVaultProvider {
             // Keep a handle on the request bytes (they hold the VMK in base64) to wipe them
             // once the SDK has dropped its copies.
             let keep = body.clone();
+            let slot = FailureSlot::default();
             let result = client
                 .wrap_key(
                     &id.name,
                     body.into(),
                     Some(KeyClientWrapKeyOptions {
                         key_version: id.version.clone(),
-                        ..Default::default()
+                        method_options: ClientMethodOptions {
+                            context: slot.context(),
+                        },
                     }),
                 )
                 .await;
             wipe_bytes(keep);
-            let response = result.map_err(|e| classify(&e, &target))?;
+            let response = result.map_err(|e| classify(&e, &target, slot.take().as_ref()))?;
             let raw = azure_core::Bytes::from(response.into_body());
             let parsed: OpResult<'_> = serde_json::from_slice(&raw)
                 .map_err(|e| bad_answer(&target, &format!("unparsable wrapKey result: {e}")))?;
@@ -234,15 +239,20 @@ impl KeyVaultProvider {
             let client = self.client(&id)?;
             let body = serde_json::json!({ "alg": alg.as_str(), "value": B64.encode(wrapped) });
             let body = azure_core::Bytes::from(body.to_string().into_bytes());
+            let slot = FailureSlot::default();
             let response = client
                 .unwrap_key(
                     &id.name,
                     &version,
                     body.into(),
-                    Some(KeyClientUnwrapKeyOptions::default()),
+                    Some(KeyClientUnwrapKeyOptions {
+                        method_options: ClientMethodOptions {
+                            context: slot.context(),
+                        },
+                    }),
                 )
                 .await
-                .map_err(|e| classify(&e, &target))?;
+                .map_err(|e| classify(&e, &target, slot.take().as_ref()))?;
             let raw = azure_core::Bytes::from(response.into_body());
             let result = decode_unwrap_result(&raw, &target);
             wipe_bytes(raw);
@@ -325,16 +335,19 @@ impl KeyVaultProvider {
         version: Option<String>,
         target: &Target,
     ) -> Result<(String, Option<KeyType>), KeyError> {
+        let slot = FailureSlot::default();
         let response = client
             .get_key(
                 &id.name,
                 Some(KeyClientGetKeyOptions {
                     key_version: version,
-                    ..Default::default()
+                    method_options: ClientMethodOptions {
+                        context: slot.context(),
+                    },
                 }),
             )
             .await
-            .map_err(|e| classify(&e, target))?;
+            .map_err(|e| classify(&e, target, slot.take().as_ref()))?;
         let key = response
             .into_model()
             .map_err(|e| bad_answer(target, &format!("unparsable key: {e}")))?;
@@ -536,6 +549,22 @@ mod tests {
             vault: "v.vault.azure.net".into(),
             key: "k".into(),
             op: Operation::UnwrapKey,
+        }
+    }
+
+    /// The agent drives the provider from a multi-threaded runtime: the provider must be
+    /// shareable and its futures `Send` (a compile-time check).
+    #[test]
+    fn provider_and_its_futures_are_send() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>(_: &T) {}
+        send_sync::<KeyVaultProvider>();
+        send_sync::<KeyError>();
+        #[allow(dead_code)]
+        fn futures(p: &KeyVaultProvider, vmk: &VolumeKey) {
+            send(&p.wrap("k", None, vmk));
+            send(&p.unwrap("k", "RSA-OAEP-256", &[]));
+            send(&p.latest_version("k"));
         }
     }
 

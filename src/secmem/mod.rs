@@ -14,6 +14,16 @@ use std::marker::PhantomData;
 use pages::SecretPages;
 pub use pages::{Backing, harden_process};
 
+/// Overwrites (volatile) 8 KiB of stack below the caller, where temporaries of a callee that
+/// handled key material (e.g. a crate's key expansion or HMAC state) may remain. Best effort:
+/// call it right after such a callee returns.
+#[inline(never)]
+pub fn scrub_stack() {
+    let mut area = [0u8; 8192];
+    zeroize::Zeroize::zeroize(&mut area);
+    std::hint::black_box(&area);
+}
+
 /// Length of the AES-256-XTS volume master key (two AES-256 keys).
 pub const VMK_LEN: usize = 64;
 

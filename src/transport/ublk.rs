@@ -26,7 +26,7 @@ use libublk::{UblkError, UblkFlags, sys};
 
 use crate::exit::{Exit, ExitClass};
 
-pub use os::{exit_immediately, isolate_mount_namespace};
+pub use os::{device_in_use, exit_immediately, isolate_mount_namespace};
 
 /// The ublk control node; present when the `ublk_drv` module is loaded.
 pub const UBLK_CONTROL: &str = "/dev/ublk-control";
@@ -256,6 +256,18 @@ pub fn device_state(dev_id: u32) -> Option<(DeviceState, i32)> {
     Some((state_of(info.state), info.ublksrv_pid))
 }
 
+/// Whether ublk device `dev_id` was left behind by a server that is gone (killed, crashed or
+/// suspended) and can be re-attached with `serve(.., Some(dev_id), ..)`: QUIESCED, or still LIVE
+/// with a dead server pid (the kernel notices the death asynchronously). `kvcrypt open` uses this
+/// with the `ublk_dev_id` of a stale state file to recover instead of adding a new device.
+pub fn is_recoverable(dev_id: u32) -> bool {
+    match device_state(dev_id) {
+        Some((DeviceState::Quiesced, _)) => true,
+        Some((DeviceState::Live, pid)) => !os::pid_alive(pid),
+        _ => false,
+    }
+}
+
 /// Stops and deletes ublk device `dev_id` whatever state it is in (e.g. a QUIESCED device whose
 /// volume is being closed while no worker serves it). Queued requests fail with EIO.
 pub fn delete_device(dev_id: u32) -> Result<()> {
@@ -351,7 +363,7 @@ pub fn serve<T: BlockTarget>(
     }
     let shift = sector_shift(target.sector_size())?;
     let size = target.size();
-    if size == 0 || size % (1u64 << shift) != 0 {
+    if size == 0 || !size.is_multiple_of(1u64 << shift) {
         return Err(UblkTransportError::Geometry(format!(
             "data area of {size} bytes is not a positive multiple of the {}-byte sector",
             1u64 << shift
@@ -365,7 +377,7 @@ pub fn serve<T: BlockTarget>(
         )));
     }
     let page = 4096u32;
-    if opts.max_io_bytes < page.max(1 << shift) || opts.max_io_bytes % page != 0 {
+    if opts.max_io_bytes < page.max(1 << shift) || !opts.max_io_bytes.is_multiple_of(page) {
         return Err(UblkTransportError::Geometry(format!(
             "max I/O size {} (must be a multiple of {page})",
             opts.max_io_bytes

@@ -108,3 +108,58 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Creates a file-backed kvcrypt volume of `size` bytes (header written by the header module,
+/// sealed with `key`; no key slots: tests hand the key to the worker directly).
+pub fn make_volume(dir: &Path, size: u64, key: &VolumeKey) -> PathBuf {
+    let path = dir.join("volume.img");
+    let f = std::fs::File::create(&path).expect("create volume file");
+    f.set_len(size).expect("size volume file");
+    drop(f);
+    let mut h =
+        kvcrypt::header::VolumeHeader::new_for_device(size, 4096, "test", key).expect("new header");
+    kvcrypt::header::write(&path, &mut h).expect("write header");
+    path
+}
+
+/// A worker spec for tests: FUSE transport, this build's kvcrypt binary.
+pub fn worker_spec(device: &Path, name: &str) -> kvcrypt::worker::WorkerSpec {
+    let mut spec = kvcrypt::worker::WorkerSpec::new(device, name);
+    spec.transport = kvcrypt::cli::TransportKind::Fuse;
+    spec.exe = Some(PathBuf::from(env!("CARGO_BIN_EXE_kvcrypt")));
+    spec
+}
+
+/// Waits (bounded) until process `pid` is gone.
+pub fn wait_gone(pid: u32) {
+    for _ in 0..500 {
+        // SAFETY: signal 0 only probes for existence.
+        if unsafe { libc::kill(pid as i32, 0) } != 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("process {pid} did not exit");
+}
+
+/// Unmounts and closes on drop, so a failing test does not leave mounts or workers behind.
+pub struct Cleanup {
+    pub mounts: Vec<PathBuf>,
+    pub names: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for m in &self.mounts {
+            let _ = std::process::Command::new("umount").arg(m).output();
+        }
+        for n in &self.names {
+            if let Ok(mut c) = kvcrypt::worker::WorkerClient::connect(n) {
+                if c.status().map(|s| s.state == "suspended").unwrap_or(false) {
+                    let _ = c.resume(&test_key(42));
+                }
+                let _ = c.close();
+            }
+        }
+    }
+}

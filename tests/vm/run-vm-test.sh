@@ -10,8 +10,9 @@
 # Environment:
 #   KVCRYPT_VM_CACHE   cache/work directory (default: <repo>/target/vm-cache). Holds the kernel .deb,
 #                      the unpacked kernel, the initramfs and console.log.
-#   KVCRYPT_VM_BINDIR  directory with prebuilt kvcrypt + kvcrypt-kv-emulator (default: build them
-#                      with `cargo build --release --bins` into $CARGO_TARGET_DIR or <repo>/target).
+#   KVCRYPT_VM_BINDIR  directory with prebuilt kvcrypt + kvcrypt-kv-emulator (+ optional
+#                      examples/ublk_file_server) (default: build them with `cargo build --release`
+#                      into $CARGO_TARGET_DIR or <repo>/target).
 #   KVCRYPT_VM_KVER    kernel version, e.g. 6.12.117+deb12-cloud-amd64 (default: newest 6.12 cloud
 #                      kernel in the configured apt sources).
 #   VM_TIMEOUT         seconds for the whole qemu run (default 420), TEST_TIMEOUT seconds per guest
@@ -59,7 +60,8 @@ if [ -n "${KVCRYPT_VM_BINDIR:-}" ]; then
 else
   TD=${CARGO_TARGET_DIR:-$REPO/target}
   log "building release binaries (target dir $TD)"
-  (cd "$REPO" && CARGO_TARGET_DIR=$TD cargo build --release --bins --quiet) || die "cargo build failed"
+  (cd "$REPO" && CARGO_TARGET_DIR=$TD cargo build --release --bins --example ublk_file_server --quiet) \
+    || die "cargo build failed"
   BINDIR=$TD/release
 fi
 for b in kvcrypt kvcrypt-kv-emulator; do [ -x "$BINDIR/$b" ] || die "$BINDIR/$b not found"; done
@@ -116,6 +118,8 @@ add_bin() { cp -L "$1" "$R/bin/$(basename "$1")"; copy_libs "$1"; }
 for b in mke2fs e2fsck; do add_bin "$(command -v "$b")"; done
 ln -sf mke2fs "$R/bin/mkfs.ext4"
 for b in kvcrypt kvcrypt-kv-emulator; do add_bin "$BINDIR/$b"; done
+# Transport-only test server (examples/ublk_file_server.rs), optional.
+if [ -x "$BINDIR/examples/ublk_file_server" ]; then add_bin "$BINDIR/examples/ublk_file_server"; fi
 # libgcc_s is dlopen()ed by glibc for unwinding (panics); ldd does not list it.
 for l in /lib/x86_64-linux-gnu/libgcc_s.so.1 /usr/lib/x86_64-linux-gnu/libgcc_s.so.1; do
   if [ -e "$l" ]; then mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"; break; fi
@@ -124,7 +128,7 @@ printf '127.0.0.1 localhost\n::1 localhost\n' > "$R/etc/hosts"
 printf 'root:x:0:0:root:/:/bin/sh\n' > "$R/etc/passwd"
 printf 'root:x:0:\n' > "$R/etc/group"
 : > "$R/etc/mtab"
-cp "$HERE/guest/lib.sh" "$R/kvtest/lib.sh"
+cp "$HERE/guest/lib.sh" "$HERE/guest/emu.sh" "$R/kvtest/"
 for s in "${SCEN[@]}"; do cp "$HERE/guest/$s.sh" "$R/kvtest/$s.sh"; done
 printf '%s\n' "${SCEN[@]}" > "$R/kvtest/scenarios"
 echo "$TEST_TIMEOUT" > "$R/kvtest/test_timeout"

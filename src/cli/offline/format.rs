@@ -95,6 +95,33 @@ fn check_existing(f: &File, path: &Path, force: bool) -> anyhow::Result<Vec<&'st
     Ok(found)
 }
 
+/// Opens the device for writing. Block devices are opened with `O_EXCL`, which Linux refuses
+/// with `EBUSY` while the device is mounted, swapped on or held by device-mapper/another
+/// exclusive opener — formatting such a device would destroy live data.
+fn open_exclusive(path: &Path) -> anyhow::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let is_block = std::fs::metadata(path)
+        .with_context(|| format!("cannot access {}", path.display()))?
+        .file_type()
+        .is_block_device();
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if is_block {
+        o.custom_flags(libc::O_EXCL);
+    }
+    o.open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            CliError::Busy(format!(
+                "{} is in use (mounted, active swap, or opened exclusively by another program)",
+                path.display()
+            ))
+            .into()
+        } else {
+            anyhow::Error::new(e).context(format!("opening {} for writing", path.display()))
+        }
+    })
+}
+
 /// Formats `path`: returns the header written (sequence 1 on a fresh device).
 pub fn format_device(
     path: &Path,
@@ -108,11 +135,7 @@ pub fn format_device(
         ))
         .into());
     }
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("opening {} for writing", path.display()))?;
+    let mut f = open_exclusive(path)?;
     let size = header::device_size(&mut f, path)?;
     let needed = layout::HEADER_AREA_SIZE + u64::from(plan.sector_size);
     if size < needed {

@@ -1,14 +1,19 @@
 //! The few raw OS calls the ublk transport needs (kept here so `unsafe` stays in one small place).
 
+use std::ffi::CString;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 
 /// Moves the calling thread (and every thread it spawns afterwards) into a new mount namespace
-/// whose mounts are all private.
+/// whose mounts are all private, and detaches every ublk-backed mount from that copy.
 ///
-/// Why: a ublk server must not share a mount namespace with a filesystem mounted on its own
-/// device — when the server exits, tearing down that namespace's mounts needs I/O the dead server
-/// can no longer serve, and libublk documents the resulting deadlock. Private propagation keeps
-/// the host's later mounts (e.g. `mount /dev/ublkb0 /mnt`) out of our copy.
+/// Why: a ublk server must not share a mount namespace with a filesystem mounted on a ublk
+/// device. A mount of its own device in its own namespace keeps the filesystem alive after the
+/// user unmounted it elsewhere; deleting the device then waits for that mount, which only goes
+/// away when the server exits — the known libublk deadlock (seen in the VM: `close` after a
+/// recovery hung). Private propagation keeps the host's later mounts out of our copy; mounts
+/// that already existed (a worker recovering a mounted device) are lazily unmounted here.
 pub fn isolate_mount_namespace() -> io::Result<()> {
     // SAFETY: unshare takes only flags; CLONE_NEWNS affects the calling thread's fs/namespace
     // state only (CLONE_FS is implied), which is allowed in a multi-threaded process.
@@ -29,7 +34,79 @@ pub fn isolate_mount_namespace() -> io::Result<()> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // Children follow their parents in mountinfo: unmount in reverse order.
+    for mount_point in ublk_mount_points(&info, is_ublk_devno).iter().rev() {
+        let c = CString::new(mount_point.as_str()).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: `c` is a valid NUL-terminated path; MNT_DETACH only affects our namespace.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            let e = io::Error::last_os_error();
+            tracing::warn!(
+                "ublk: could not detach {mount_point} from the worker's mount namespace: {e}"
+            );
+        }
+    }
     Ok(())
+}
+
+/// Mount points (unescaped) in `mountinfo` whose device satisfies `is_ublk` ("MAJ:MIN").
+pub(super) fn ublk_mount_points(mountinfo: &str, is_ublk: impl Fn(&str) -> bool) -> Vec<String> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split(' ');
+            let (devno, mount_point) = (f.nth(2)?, f.nth(1)?);
+            is_ublk(devno).then(|| unescape_octal(mount_point))
+        })
+        .collect()
+}
+
+/// Whether block device MAJ:MIN is a ublk disk or one of its partitions.
+fn is_ublk_devno(devno: &str) -> bool {
+    std::fs::read_link(format!("/sys/dev/block/{devno}"))
+        .ok()
+        .and_then(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with("ublkb"))
+        })
+        .unwrap_or(false)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match oct {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether someone holds block device `path` open exclusively (a mounted filesystem, LVM, md …):
+/// an `O_EXCL` open of a block device fails with EBUSY then. Close a device only when this is
+/// false, or the filesystem on it sees I/O errors.
+pub fn device_in_use(path: &Path) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+    {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+    }
 }
 
 /// Whether a process with this pid exists (signal 0 probes without sending anything).

@@ -135,7 +135,7 @@ pub(super) fn handle_request<T: BlockTarget + ?Sized>(
         return errno_result(target.flush(), 0);
     }
     let in_bounds = offset.checked_add(len).is_some_and(|end| end <= geo.size);
-    let aligned = offset % geo.sector_size == 0 && len % geo.sector_size == 0;
+    let aligned = offset.is_multiple_of(geo.sector_size) && len.is_multiple_of(geo.sector_size);
     if !in_bounds || !aligned {
         tracing::warn!(
             op,

@@ -1,0 +1,128 @@
+//! Client side of a worker's control socket: JSON-line requests, one JSON-line answer each.
+//! `resume` is followed by the 64 raw key bytes on the same connection.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{WorkerError, socket_path, validate_name};
+use crate::secmem::VolumeKey;
+
+/// The answer to `{"op":"status"}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerStatus {
+    pub name: String,
+    pub pid: u32,
+    /// "serving" or "suspended".
+    pub state: String,
+    pub transport: String,
+    pub device: PathBuf,
+    pub block_device: PathBuf,
+    /// Requests waiting for resume.
+    pub parked: usize,
+}
+
+/// A connection to one worker's control socket.
+pub struct WorkerClient {
+    name: String,
+    reader: BufReader<UnixStream>,
+}
+
+impl std::fmt::Debug for WorkerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerClient")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerClient {
+    pub fn connect(name: &str) -> Result<WorkerClient, WorkerError> {
+        validate_name(name)?;
+        let path = socket_path(name);
+        let s = UnixStream::connect(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                WorkerError::NotOpen(name.to_string())
+            }
+            std::io::ErrorKind::PermissionDenied => WorkerError::Permission(name.to_string()),
+            _ => WorkerError::Control {
+                name: name.to_string(),
+                source: e,
+            },
+        })?;
+        // Suspend waits for in-flight I/O and close for a flush: generous, but never forever.
+        let _ = s.set_read_timeout(Some(Duration::from_secs(600)));
+        Ok(WorkerClient {
+            name: name.to_string(),
+            reader: BufReader::new(s),
+        })
+    }
+
+    fn request(
+        &mut self,
+        op: &str,
+        extra: Option<&[u8]>,
+    ) -> Result<serde_json::Value, WorkerError> {
+        let name = self.name.clone();
+        let ctl = |source| WorkerError::Control {
+            name: name.clone(),
+            source,
+        };
+        let s = self.reader.get_mut();
+        s.write_all(format!("{{\"op\":\"{op}\"}}\n").as_bytes())
+            .map_err(ctl)?;
+        if let Some(b) = extra {
+            s.write_all(b).map_err(ctl)?;
+        }
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).map_err(ctl)?;
+        if n == 0 {
+            return Err(ctl(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the worker closed the connection",
+            )));
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| ctl(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        if v.get("ok").and_then(|b| b.as_bool()) == Some(true) {
+            Ok(v)
+        } else {
+            let message = v
+                .get("error")
+                .and_then(|m| m.as_str())
+                .unwrap_or("request refused")
+                .to_string();
+            let busy = v.get("busy").and_then(|b| b.as_bool()).unwrap_or(false);
+            if v.get("permission").and_then(|b| b.as_bool()) == Some(true) {
+                return Err(WorkerError::Permission(self.name.clone()));
+            }
+            Err(WorkerError::Refused {
+                name: self.name.clone(),
+                message,
+                busy,
+            })
+        }
+    }
+
+    pub fn status(&mut self) -> Result<WorkerStatus, WorkerError> {
+        let v = self.request("status", None)?;
+        serde_json::from_value(v)
+            .map_err(|e| WorkerError::State(format!("bad status from '{}': {e}", self.name)))
+    }
+
+    /// Waits for in-flight I/O, flushes, wipes the key; new I/O waits until `resume`.
+    pub fn suspend(&mut self) -> Result<(), WorkerError> {
+        self.request("suspend", None).map(|_| ())
+    }
+
+    /// Hands the key back (it is checked against the volume header) and lets I/O continue.
+    pub fn resume(&mut self, key: &VolumeKey) -> Result<(), WorkerError> {
+        self.request("resume", Some(key.expose())).map(|_| ())
+    }
+
+    /// Flushes and removes the device; the worker exits. Refused while the device is in use.
+    pub fn close(&mut self) -> Result<(), WorkerError> {
+        self.request("close", None).map(|_| ())
+    }
+}

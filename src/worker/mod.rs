@@ -1,0 +1,392 @@
+//! Per-volume worker processes (CONVENTIONS.md §Serving process model).
+//!
+//! One process per served volume holds the volume's expanded key and serves its device. This
+//! keeps volumes independent (a crash takes down one volume), lets ublk suspend by process exit
+//! on kernels without `UBLK_F_QUIESCE`, and gives the agent and the CLI one API:
+//!
+//! - [`spawn_worker`] starts `kvcrypt worker DEVICE NAME …` detached (new session), hands it the
+//!   volume key through a pipe on fd 3 (never argv/env), and waits for the ready line (the block
+//!   device path) on fd 4.
+//! - The worker writes `/run/kvcrypt/volumes/NAME.json` ([`WorkerState`]) and listens on
+//!   `/run/kvcrypt/volumes/NAME.sock` (0600, peers must be uid 0 — SO_PEERCRED), JSON lines.
+//! - [`WorkerClient`] speaks that protocol: status / suspend / resume(key) / close.
+
+mod client;
+mod run;
+mod sys;
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cli::TransportKind;
+use crate::exit::{Exit, ExitClass};
+use crate::secmem::VolumeKey;
+
+pub use client::{WorkerClient, WorkerStatus};
+pub use run::{RunOptions, ServeHandle, link_by_name, run_worker, unlink_by_name};
+pub use sys::take_fd;
+
+/// Runtime directory: `/run/kvcrypt`, or `$KVCRYPT_RUN_DIR` (tests, like the agent).
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("KVCRYPT_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/kvcrypt"))
+}
+/// Directory of state files, control sockets and worker logs (`RUN/volumes`).
+pub fn volumes_dir() -> PathBuf {
+    run_dir().join("volumes")
+}
+/// Directory of the FUSE mount points (files), one per volume (`RUN/fuse`).
+pub fn fuse_dir() -> PathBuf {
+    run_dir().join("fuse")
+}
+/// Symlinks to served block devices.
+pub const BY_KVCRYPT_DIR: &str = "/dev/disk/by-kvcrypt";
+
+/// What to serve and how (the `kvcrypt worker` command line, minus the descriptors).
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    pub device: PathBuf,
+    pub name: String,
+    pub transport: TransportKind,
+    pub queues: Option<u16>,
+    pub queue_depth: u16,
+    pub allow_discards: bool,
+    pub read_only: bool,
+    /// ublk: re-attach this existing device instead of adding one.
+    pub recover_dev_id: Option<u32>,
+    /// The kvcrypt binary to run (default: the current executable).
+    pub exe: Option<PathBuf>,
+    /// How long to wait for the ready line.
+    pub ready_timeout: Duration,
+}
+
+impl WorkerSpec {
+    pub fn new(device: impl Into<PathBuf>, name: &str) -> WorkerSpec {
+        WorkerSpec {
+            device: device.into(),
+            name: name.to_string(),
+            transport: TransportKind::Auto,
+            queues: None,
+            queue_depth: 128,
+            allow_discards: false,
+            read_only: false,
+            recover_dev_id: None,
+            exe: None,
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A started worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub pid: u32,
+    /// `/dev/loopN` or `/dev/ublkbN`.
+    pub block_device: PathBuf,
+}
+
+/// Contents of `/run/kvcrypt/volumes/NAME.json`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerState {
+    pub pid: u32,
+    pub name: String,
+    pub device: PathBuf,
+    pub transport: String,
+    pub block_device: PathBuf,
+    pub ublk_dev_id: Option<u32>,
+    pub uuid: String,
+    pub read_only: bool,
+    pub allow_discards: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(
+        "invalid volume name '{0}': use 1-64 characters from [A-Za-z0-9._-], not starting with '.'"
+    )]
+    BadName(String),
+    #[error("volume '{name}' is already open (worker pid {pid}, {block_device})")]
+    AlreadyOpen {
+        name: String,
+        pid: u32,
+        block_device: String,
+    },
+    #[error("{device} is already served as volume '{name}'")]
+    DeviceInUse { device: String, name: String },
+    #[error("cannot start the worker for '{name}': {source}")]
+    Spawn {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("the worker for '{name}' failed before it was ready ({status}):\n{log}")]
+    Died {
+        name: String,
+        status: String,
+        log: String,
+    },
+    #[error("the worker for '{name}' was not ready within {secs} s (stopped it); its log:\n{log}")]
+    Timeout {
+        name: String,
+        secs: u64,
+        log: String,
+    },
+    #[error("no volume named '{0}' is open (no control socket in the run directory)")]
+    NotOpen(String),
+    #[error("control socket of '{name}': {source}")]
+    Control {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("permission denied: the control socket of '{0}' is for root only")]
+    Permission(String),
+    #[error("volume '{name}': {message}")]
+    Refused {
+        name: String,
+        message: String,
+        busy: bool,
+    },
+    #[error("{0}")]
+    State(String),
+}
+
+impl ExitClass for WorkerError {
+    fn exit_class(&self) -> Exit {
+        match self {
+            WorkerError::BadName(_) => Exit::Usage,
+            WorkerError::AlreadyOpen { .. } | WorkerError::DeviceInUse { .. } => Exit::Busy,
+            WorkerError::Refused { busy: true, .. } => Exit::Busy,
+            WorkerError::NotOpen(_) => Exit::NotFound,
+            WorkerError::Permission(_) => Exit::Permission,
+            _ => Exit::Failure,
+        }
+    }
+}
+
+/// Volume names become file names and device symlinks: keep them boring.
+pub fn validate_name(name: &str) -> Result<(), WorkerError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(WorkerError::BadName(name.to_string()))
+    }
+}
+
+pub fn state_path(name: &str) -> PathBuf {
+    volumes_dir().join(format!("{name}.json"))
+}
+pub fn socket_path(name: &str) -> PathBuf {
+    volumes_dir().join(format!("{name}.sock"))
+}
+pub fn log_path(name: &str) -> PathBuf {
+    volumes_dir().join(format!("{name}.log"))
+}
+
+/// Reads the state file of `name` (None if absent or unreadable).
+pub fn read_state(name: &str) -> Option<WorkerState> {
+    let text = std::fs::read_to_string(state_path(name)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Every state file whose worker is alive.
+pub fn list_states() -> Vec<WorkerState> {
+    let Ok(dir) = std::fs::read_dir(volumes_dir()) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let n = e.file_name().into_string().ok()?;
+            let name = n.strip_suffix(".json")?;
+            read_state(name)
+        })
+        .filter(|s| sys::pid_alive(s.pid))
+        .collect()
+}
+
+/// Creates RUN, RUN/volumes and RUN/fuse (0700).
+pub fn ensure_dirs() -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for d in [run_dir(), volumes_dir(), fuse_dir()] {
+        std::fs::create_dir_all(&d)?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Removes the state file and socket of `name` if its worker is gone. Returns the live state
+/// if the worker still runs.
+pub fn reap_stale(name: &str) -> Option<WorkerState> {
+    match read_state(name) {
+        Some(s) if sys::pid_alive(s.pid) => Some(s),
+        _ => {
+            let _ = std::fs::remove_file(state_path(name));
+            let _ = std::fs::remove_file(socket_path(name));
+            None
+        }
+    }
+}
+
+/// Starts a detached worker serving `spec.device` as `spec.name` with `key` and waits until it
+/// is ready. The key travels through a pipe (fd 3 of the worker), never argv or environment.
+pub fn spawn_worker(spec: &WorkerSpec, key: &VolumeKey) -> Result<WorkerInfo, WorkerError> {
+    validate_name(&spec.name)?;
+    let spawn_err = |source| WorkerError::Spawn {
+        name: spec.name.clone(),
+        source,
+    };
+    ensure_dirs().map_err(spawn_err)?;
+    if let Some(s) = reap_stale(&spec.name) {
+        return Err(WorkerError::AlreadyOpen {
+            name: s.name,
+            pid: s.pid,
+            block_device: s.block_device.display().to_string(),
+        });
+    }
+    let canon = std::fs::canonicalize(&spec.device).unwrap_or_else(|_| spec.device.clone());
+    if let Some(s) = list_states()
+        .into_iter()
+        .find(|s| std::fs::canonicalize(&s.device).unwrap_or_else(|_| s.device.clone()) == canon)
+    {
+        return Err(WorkerError::DeviceInUse {
+            device: spec.device.display().to_string(),
+            name: s.name,
+        });
+    }
+    let exe = match &spec.exe {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(spawn_err)?,
+    };
+    let (key_r, key_w) = sys::pipe_high().map_err(spawn_err)?;
+    let (ready_r, ready_w) = sys::pipe_high().map_err(spawn_err)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(log_path(&spec.name))
+        .map_err(spawn_err)?;
+
+    let mut cmd = Command::new(&exe);
+    cmd.arg("worker").arg(&spec.device).arg(&spec.name);
+    cmd.args(["--transport", transport_arg(spec.transport)]);
+    cmd.args(["--queue-depth", &spec.queue_depth.to_string()]);
+    cmd.args(["--key-fd", "3", "--ready-fd", "4"]);
+    if let Some(q) = spec.queues {
+        cmd.args(["--queues", &q.to_string()]);
+    }
+    if spec.allow_discards {
+        cmd.arg("--allow-discards");
+    }
+    if spec.read_only {
+        cmd.arg("--read-only");
+    }
+    if let Some(id) = spec.recover_dev_id {
+        cmd.args(["--recover-dev-id", &id.to_string()]);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    let map = [(key_r.as_raw_fd(), 3), (ready_w.as_raw_fd(), 4)];
+    // SAFETY: child_setup only performs async-signal-safe calls (setsid, dup2).
+    unsafe {
+        cmd.pre_exec(move || sys::child_setup(&map));
+    }
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    drop(key_r);
+    drop(ready_w);
+    let pid = child.id();
+
+    // Hand over the key. A worker that died early makes this fail with EPIPE; the ready
+    // wait below then reports its log.
+    {
+        use std::io::Write;
+        let mut kw = std::fs::File::from(key_w);
+        let _ = kw.write_all(key.expose());
+    }
+
+    let mut ready = std::fs::File::from(ready_r);
+    let deadline = Instant::now() + spec.ready_timeout;
+    let mut line = Vec::new();
+    let outcome = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match sys::poll_readable(ready.as_raw_fd(), left) {
+            Ok(false) => break Err(None),
+            Err(e) => break Err(Some(e.to_string())),
+            Ok(true) => {}
+        }
+        let mut buf = [0u8; 256];
+        match ready.read(&mut buf) {
+            Ok(0) => break Err(Some(String::new())),
+            Ok(n) => {
+                line.extend_from_slice(&buf[..n]);
+                if line.contains(&b'\n') {
+                    break Ok(());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(Some(e.to_string())),
+        }
+    };
+    match outcome {
+        Ok(()) => {
+            // Reap the worker when it eventually exits (we are its parent until we exit).
+            std::thread::spawn(move || child.wait());
+            let text = String::from_utf8_lossy(&line);
+            let dev = text.lines().next().unwrap_or("").trim().to_string();
+            Ok(WorkerInfo {
+                name: spec.name.clone(),
+                pid,
+                block_device: PathBuf::from(dev),
+            })
+        }
+        Err(None) => {
+            sys::signal(pid, libc::SIGKILL);
+            let _ = child.wait();
+            Err(WorkerError::Timeout {
+                name: spec.name.clone(),
+                secs: spec.ready_timeout.as_secs(),
+                log: log_tail(&spec.name),
+            })
+        }
+        Err(Some(_)) => {
+            let status = child
+                .wait()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string());
+            Err(WorkerError::Died {
+                name: spec.name.clone(),
+                status,
+                log: log_tail(&spec.name),
+            })
+        }
+    }
+}
+
+fn transport_arg(t: TransportKind) -> &'static str {
+    match t {
+        TransportKind::Auto => "auto",
+        TransportKind::Ublk => "ublk",
+        TransportKind::Fuse => "fuse",
+    }
+}
+
+/// The last lines of a worker's log (its stderr), for error messages.
+pub fn log_tail(name: &str) -> String {
+    let text = std::fs::read_to_string(log_path(name)).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(20);
+    let tail = lines[start..].join("\n");
+    if tail.trim().is_empty() {
+        "(the worker wrote nothing)".to_string()
+    } else {
+        tail
+    }
+}

@@ -1,0 +1,454 @@
+//! The body of `kvcrypt worker` (and of `kvcrypt open --foreground`): read the header, check the
+//! key, serve the device over the chosen transport, publish state + control socket, then handle
+//! control requests and termination signals until the volume is closed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender};
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::{
+    BY_KVCRYPT_DIR, WorkerState, ensure_dirs, fuse_dir, socket_path, state_path, sys, validate_name,
+};
+use crate::cli::TransportKind;
+use crate::crypto::XtsCipher;
+use crate::engine::{Engine, EngineConfig};
+use crate::header::{self, VolumeHeader};
+use crate::secmem::VolumeKey;
+use crate::transport::fuse::{self, FuseDevice, FuseOptions};
+use crate::transport::ublk;
+
+/// What to serve (the `kvcrypt worker` arguments without descriptors).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub device: PathBuf,
+    pub name: String,
+    pub transport: TransportKind,
+    /// ublk queues / FUSE serving threads.
+    pub queues: Option<u16>,
+    pub queue_depth: u16,
+    pub allow_discards: bool,
+    pub read_only: bool,
+    pub recover_dev_id: Option<u32>,
+}
+
+/// Called once the block device exists (the worker writes it to its ready fd).
+pub type ServeHandle<'a> = Box<dyn FnOnce(&Path) + 'a>;
+
+enum Event {
+    Op {
+        op: String,
+        key: Option<VolumeKey>,
+        reply: Sender<serde_json::Value>,
+        /// Signalled once the answer is on the socket (so `close` can answer before exiting).
+        written: Receiver<()>,
+    },
+    Terminate(i32),
+}
+
+/// Serves the volume until it is closed (control `close`, or SIGTERM/SIGINT/SIGHUP).
+pub fn run_worker(
+    opts: &RunOptions,
+    key: VolumeKey,
+    on_ready: ServeHandle<'_>,
+) -> anyhow::Result<()> {
+    validate_name(&opts.name)?;
+    // Signals are taken synchronously by a dedicated thread; block them before any thread
+    // starts so every thread inherits the mask.
+    sys::block_termination_signals().context("blocking termination signals")?;
+    let loaded = header::read(&opts.device)?;
+    loaded
+        .verify_key(&key)
+        .with_context(|| format!("checking the key of {}", opts.device.display()))?;
+    let h: VolumeHeader = loaded.header.clone();
+    let cipher = XtsCipher::new(&key);
+    drop(key); // the expanded keys are all the data path needs
+    ensure_dirs().context("creating /run/kvcrypt")?;
+
+    let use_ublk = match opts.transport {
+        TransportKind::Ublk => true,
+        TransportKind::Fuse => false,
+        TransportKind::Auto => crate::transport::auto_is_ublk(),
+    };
+    let mut cfg = EngineConfig::new(&opts.device, h.data_offset, h.data_length, h.sector_size);
+    cfg.read_only = opts.read_only;
+    cfg.allow_discards = opts.allow_discards;
+    let engine = Arc::new(Engine::open(cfg, cipher)?);
+    if use_ublk {
+        serve_ublk(opts, &h, engine, on_ready)
+    } else {
+        serve_fuse(opts, &h, engine, on_ready)
+    }
+}
+
+fn serve_fuse(
+    opts: &RunOptions,
+    h: &VolumeHeader,
+    engine: Arc<Engine>,
+    on_ready: ServeHandle<'_>,
+) -> anyhow::Result<()> {
+    // The FUSE file is plaintext: mount it where only this process can see it. Done before
+    // any serving thread exists, so all of them live in the private namespace.
+    fuse::enter_private_mount_namespace()
+        .context("creating a private mount namespace for the FUSE file")?;
+    let mut fopts = FuseOptions::new(&opts.name, fuse_dir().join(&opts.name));
+    fopts.read_only = opts.read_only;
+    if let Some(q) = opts.queues {
+        fopts.threads = usize::from(q).max(1);
+    }
+    let mut dev = FuseDevice::start(engine.clone(), &fopts)?;
+    let bdev = dev
+        .block_device()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let state = WorkerState {
+        pid: std::process::id(),
+        name: opts.name.clone(),
+        device: opts.device.clone(),
+        transport: "fuse".into(),
+        block_device: bdev.clone(),
+        ublk_dev_id: None,
+        uuid: h.uuid.to_string(),
+        read_only: opts.read_only,
+        allow_discards: opts.allow_discards,
+    };
+    let (tx, rx) = mpsc::channel();
+    let listener = publish(&state, &tx)?;
+    on_ready(&bdev);
+
+    let result = fuse_loop(opts, h, &engine, &mut dev, &state, &rx);
+    unpublish(&opts.name, listener);
+    result
+}
+
+fn fuse_loop(
+    opts: &RunOptions,
+    h: &VolumeHeader,
+    engine: &Arc<Engine>,
+    dev: &mut FuseDevice,
+    state: &WorkerState,
+    rx: &Receiver<Event>,
+) -> anyhow::Result<()> {
+    for ev in rx {
+        match ev {
+            Event::Terminate(sig) => {
+                tracing::info!(volume = %opts.name, "signal {sig}: closing");
+                if dev.in_use() {
+                    tracing::warn!(volume = %opts.name, "closing while the device is in use; further I/O on it fails");
+                }
+                dev.close(true)?;
+                return Ok(());
+            }
+            Event::Op {
+                op,
+                key,
+                reply,
+                written,
+            } => {
+                let answer = match op.as_str() {
+                    "status" => status_json(state, engine),
+                    "suspend" => match engine.suspend() {
+                        Ok(()) => json!({"ok": true}),
+                        Err(e) => json!({"ok": false, "error": e.to_string()}),
+                    },
+                    "resume" => match key {
+                        None => {
+                            json!({"ok": false, "error": "resume needs the 64-byte key after the request line"})
+                        }
+                        Some(k) => match h.verify_key(&k) {
+                            Ok(()) => {
+                                engine.resume(XtsCipher::new(&k));
+                                json!({"ok": true})
+                            }
+                            Err(e) => json!({"ok": false, "error": format!("key refused: {e}")}),
+                        },
+                    },
+                    "close" => {
+                        if engine.is_suspended() {
+                            json!({"ok": false, "busy": true, "error": "the volume is suspended; resume it first (or stop the worker with SIGTERM)"})
+                        } else {
+                            match dev.close(false) {
+                                Ok(()) => {
+                                    let _ = reply.send(json!({"ok": true}));
+                                    let _ = written.recv_timeout(std::time::Duration::from_secs(2));
+                                    return Ok(());
+                                }
+                                Err(e @ crate::transport::TransportError::Busy(_)) => {
+                                    json!({"ok": false, "busy": true, "error": e.to_string()})
+                                }
+                                Err(e) => {
+                                    let _ =
+                                        reply.send(json!({"ok": false, "error": e.to_string()}));
+                                    return Err(e.into());
+                                }
+                            }
+                        }
+                    }
+                    other => json!({"ok": false, "error": format!("unknown op '{other}'")}),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn serve_ublk(
+    opts: &RunOptions,
+    h: &VolumeHeader,
+    engine: Arc<Engine>,
+    on_ready: ServeHandle<'_>,
+) -> anyhow::Result<()> {
+    let uopts = ublk::UblkOptions {
+        queues: opts.queues,
+        depth: opts.queue_depth,
+        read_only: opts.read_only,
+        allow_discards: opts.allow_discards,
+        volume_id: Some(h.uuid.to_string()),
+        ..ublk::UblkOptions::default()
+    };
+    let (stop_h, stop_sig) = ublk::stop_channel();
+    let (tx, rx) = mpsc::channel::<Event>();
+    let mut listener = None;
+    let mut published: Option<WorkerState> = None;
+    // Control requests are answered by a helper thread: the main thread is inside serve().
+    let pending: Arc<std::sync::Mutex<Option<Sender<serde_json::Value>>>> = Arc::default();
+    let end = {
+        let pending = pending.clone();
+        let engine2 = engine.clone();
+        let name = opts.name.clone();
+        let on_ready_cell = std::cell::Cell::new(Some(on_ready));
+        let tx2 = tx.clone();
+        let rx_cell = std::cell::Cell::new(Some(rx));
+        ublk::serve(
+            engine.clone(),
+            &uopts,
+            opts.recover_dev_id,
+            |bdev, dev_id| {
+                let state = WorkerState {
+                    pid: std::process::id(),
+                    name: name.clone(),
+                    device: opts.device.clone(),
+                    transport: "ublk".into(),
+                    block_device: bdev.to_path_buf(),
+                    ublk_dev_id: Some(dev_id),
+                    uuid: h.uuid.to_string(),
+                    read_only: opts.read_only,
+                    allow_discards: opts.allow_discards,
+                };
+                match publish(&state, &tx2) {
+                    Ok(l) => listener = Some(l),
+                    Err(e) => tracing::error!("publishing the state of '{name}': {e:#}"),
+                }
+                if let Some(rx) = rx_cell.take() {
+                    let st = state.clone();
+                    let stop_h = stop_h.clone();
+                    std::thread::spawn(move || ublk_control(rx, st, engine2, stop_h, pending));
+                }
+                published = Some(state);
+                if let Some(f) = on_ready_cell.take() {
+                    f(bdev);
+                }
+            },
+            stop_sig,
+        )
+    };
+    let end = end?;
+    tracing::info!(volume = %opts.name, "ublk serve ended: {end:?}");
+    if let Some(l) = listener {
+        unpublish(&opts.name, l);
+    }
+    // Answer the request that ended serving (close / suspend), then leave.
+    if let Some(reply) = pending.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let _ = reply.send(json!({"ok": true}));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(published);
+    if end == ublk::ServeEnd::ExitToQuiesce {
+        // Kernel without UBLK_F_QUIESCE: the device goes QUIESCED only when we exit; libublk's
+        // teardown would hang, so leave now (the key dies with the process).
+        ublk::exit_immediately(0);
+    }
+    Ok(())
+}
+
+fn ublk_control(
+    rx: Receiver<Event>,
+    state: WorkerState,
+    engine: Arc<Engine>,
+    stop: ublk::StopHandle,
+    pending: Arc<std::sync::Mutex<Option<Sender<serde_json::Value>>>>,
+) {
+    for ev in rx {
+        match ev {
+            Event::Terminate(_) => {
+                stop.request(ublk::StopRequest::Close);
+            }
+            Event::Op {
+                op, reply, written, ..
+            } => match op.as_str() {
+                "status" => {
+                    let _ = reply.send(status_json(&state, &engine));
+                }
+                "close" | "suspend" => {
+                    drop(written);
+                    *pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply);
+                    let req = if op == "close" {
+                        ublk::StopRequest::Close
+                    } else {
+                        ublk::StopRequest::Detach
+                    };
+                    stop.request(req);
+                }
+                "resume" => {
+                    let _ = reply.send(json!({"ok": false, "error": "ublk volumes resume by starting a new worker with --recover-dev-id"}));
+                }
+                other => {
+                    let _ =
+                        reply.send(json!({"ok": false, "error": format!("unknown op '{other}'")}));
+                }
+            },
+        }
+    }
+}
+
+fn status_json(state: &WorkerState, engine: &Engine) -> serde_json::Value {
+    json!({
+        "ok": true,
+        "name": state.name,
+        "pid": state.pid,
+        "state": if engine.is_suspended() { "suspended" } else { "serving" },
+        "transport": state.transport,
+        "device": state.device,
+        "block_device": state.block_device,
+        "parked": engine.parked_requests(),
+    })
+}
+
+/// Writes the state file, the /dev/disk/by-kvcrypt symlink and starts the control socket and
+/// signal threads.
+fn publish(state: &WorkerState, tx: &Sender<Event>) -> anyhow::Result<UnixListener> {
+    let sp = state_path(&state.name);
+    let tmp = sp.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, &sp)?;
+
+    let sock = socket_path(&state.name);
+    let _ = std::fs::remove_file(&sock);
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    let l2 = listener.try_clone()?;
+    let tx2 = tx.clone();
+    std::thread::Builder::new()
+        .name("kvcrypt-control".into())
+        .spawn(move || accept_loop(l2, tx2))?;
+    let tx3 = tx.clone();
+    std::thread::Builder::new()
+        .name("kvcrypt-signals".into())
+        .spawn(move || {
+            let sig = sys::wait_termination();
+            let _ = tx3.send(Event::Terminate(sig));
+        })?;
+    if let Err(e) = link_by_name(&state.name, &state.block_device) {
+        tracing::warn!("cannot create {BY_KVCRYPT_DIR}/{}: {e}", state.name);
+    }
+    Ok(listener)
+}
+
+fn unpublish(name: &str, listener: UnixListener) {
+    drop(listener);
+    let _ = std::fs::remove_file(socket_path(name));
+    let _ = std::fs::remove_file(state_path(name));
+    let _ = std::fs::remove_file(super::log_path(name));
+    unlink_by_name(name);
+}
+
+/// `/dev/disk/by-kvcrypt/NAME` → the block device (idempotent; udev may have made it already).
+pub fn link_by_name(name: &str, bdev: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(BY_KVCRYPT_DIR)?;
+    let link = Path::new(BY_KVCRYPT_DIR).join(name);
+    if std::fs::read_link(&link).is_ok_and(|t| t == bdev) {
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(bdev, &link)
+}
+
+pub fn unlink_by_name(name: &str) {
+    let _ = std::fs::remove_file(Path::new(BY_KVCRYPT_DIR).join(name));
+}
+
+fn accept_loop(listener: UnixListener, tx: Sender<Event>) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { break };
+        let tx = tx.clone();
+        std::thread::spawn(move || serve_conn(conn, tx));
+    }
+}
+
+fn serve_conn(conn: UnixStream, tx: Sender<Event>) {
+    let allowed = sys::peer_uid(&conn).is_ok_and(|uid| uid == 0 || uid == sys::euid());
+    let mut w = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    if !allowed {
+        let _ = writeln!(
+            w,
+            "{}",
+            json!({"ok": false, "permission": true, "error": "root only"})
+        );
+        return;
+    }
+    let mut r = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let op = serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
+            .unwrap_or_default();
+        let key = if op == "resume" {
+            let mut k = VolumeKey::zeroed();
+            if r.read_exact(k.expose_mut()).is_err() {
+                return;
+            }
+            Some(k)
+        } else {
+            None
+        };
+        let (rtx, rrx) = mpsc::channel();
+        let (wtx, wrx) = mpsc::channel();
+        if tx
+            .send(Event::Op {
+                op,
+                key,
+                reply: rtx,
+                written: wrx,
+            })
+            .is_err()
+        {
+            return;
+        }
+        let answer = rrx
+            .recv()
+            .unwrap_or_else(|_| json!({"ok": false, "error": "the worker is exiting"}));
+        let sent = writeln!(w, "{answer}").and_then(|()| w.flush());
+        let _ = wtx.send(());
+        if sent.is_err() {
+            return;
+        }
+    }
+}

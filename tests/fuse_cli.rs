@@ -1,0 +1,174 @@
+//! `kvcrypt format` / `open --transport fuse` / `close` through the real Key Vault provider
+//! against the in-process emulator: the operator's path to a plaintext block device.
+
+mod fuse_common;
+mod kvtest;
+
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use fuse_common::{pattern, skip_without_fuse_loop, wait_gone};
+use kvcrypt::emulator::{Op, PrincipalInfo};
+use kvcrypt::engine::AlignedBuf;
+use kvtest::{Kv, VAULT};
+
+const MIB: u64 = 1 << 20;
+
+fn kvcrypt(cfg: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kvcrypt"))
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env_remove("KVCRYPT_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kvcrypt")
+}
+
+fn ok(out: &Output) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn config_file(kv: &Kv, p: &PrincipalInfo) -> PathBuf {
+    let secret = kv.dir.path().join("client-secret");
+    std::fs::write(&secret, format!("{}\n", p.secret.clone().unwrap())).unwrap();
+    let resolve: Vec<String> = kv.resolve().iter().map(|r| format!("{r:?}")).collect();
+    let text = format!(
+        "[vault]\nresolve = [{}]\nca_file = {:?}\n\n[vault.credential]\nkind = \"client-secret\"\n\
+         tenant_id = {:?}\nclient_id = {:?}\nsecret_file = {:?}\n",
+        resolve.join(", "),
+        kv.emu.ca_pem_path(),
+        kv.emu.tenant_id(),
+        p.client_id,
+        secret,
+    );
+    let path = kv.dir.path().join("kvcrypt.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn io_direct(dev: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap()
+}
+
+#[test]
+fn format_open_write_close_reopen_through_the_cli() {
+    if skip_without_fuse_loop() {
+        return;
+    }
+    let name = "t-fuse-cli";
+    let _cleanup = fuse_common::Cleanup {
+        mounts: vec![],
+        names: vec![name.into()],
+    };
+    let kv = Kv::start();
+    kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
+    let p = kv.principal("kvcrypt-host", &[Op::Get, Op::Wrap, Op::Unwrap]);
+    let cfg = config_file(&kv, &p);
+    let img = kv.dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(48 * MIB)
+        .unwrap();
+    let imgs = img.to_str().unwrap();
+    ok(&kvcrypt(
+        &cfg,
+        &[
+            "format",
+            imgs,
+            "--key-id",
+            &format!("https://{VAULT}/keys/disk-kek"),
+            "--yes",
+        ],
+    ));
+
+    let dev = ok(&kvcrypt(&cfg, &["open", imgs, name, "--transport", "fuse"]))
+        .trim()
+        .to_string();
+    assert!(
+        dev.starts_with("/dev/loop"),
+        "open prints the block device: {dev}"
+    );
+    let state = kvcrypt::worker::read_state(name).expect("state file");
+    assert_eq!(state.block_device, PathBuf::from(&dev));
+    assert_eq!(state.transport, "fuse");
+
+    // The same name again: busy (exit code 10).
+    let again = kvcrypt(&cfg, &["open", imgs, name, "--transport", "fuse"]);
+    assert_eq!(
+        again.status.code(),
+        Some(10),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    let data = pattern(2 * MIB as usize, 5);
+    let mut buf = AlignedBuf::new(data.len());
+    buf.copy_from_slice(&data);
+    let f = io_direct(&dev);
+    f.write_all_at(&buf, 7 * MIB).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    ok(&kvcrypt(&cfg, &["close", name]));
+    wait_gone(state.pid);
+    // Closing again: no such volume (exit code 11).
+    assert_eq!(kvcrypt(&cfg, &["close", name]).status.code(), Some(11));
+
+    // Read-only reopen shows the same bytes and refuses writes.
+    let dev = ok(&kvcrypt(
+        &cfg,
+        &["open", imgs, name, "--transport", "fuse", "--read-only"],
+    ))
+    .trim()
+    .to_string();
+    let state = kvcrypt::worker::read_state(name).expect("state file");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev)
+        .unwrap();
+    let mut back = AlignedBuf::new(data.len());
+    f.read_exact_at(&mut back, 7 * MIB).unwrap();
+    assert!(back[..] == data[..], "data differs after reopen");
+    drop(f);
+    let ro = std::fs::read_to_string(format!("/sys/block/{}/ro", dev.trim_start_matches("/dev/")))
+        .unwrap();
+    assert_eq!(ro.trim(), "1", "the loop device is marked read-only");
+    if let Ok(w) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev)
+    {
+        assert!(
+            w.write_all_at(&buf, 0).is_err(),
+            "read-only device accepted a write"
+        );
+    }
+    ok(&kvcrypt(&cfg, &["close", name]));
+    wait_gone(state.pid);
+
+    // Without access to the key, open fails with the access-denied exit code and serves nothing.
+    let stranger = kv.principal("stranger", &[Op::Get]);
+    let cfg2 = config_file(&kv, &stranger);
+    let denied = kvcrypt(&cfg2, &["open", imgs, name, "--transport", "fuse"]);
+    assert_eq!(
+        denied.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    assert!(kvcrypt::worker::read_state(name).is_none());
+}

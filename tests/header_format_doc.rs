@@ -1,0 +1,150 @@
+//! Re-implements docs/FORMAT.md §2–4 from the document alone (raw bytes, serde_json, HMAC) and
+//! checks it against what kvcrypt writes: the document is enough for a second implementation.
+
+mod header_common;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use header_common::*;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut m = Hmac::<Sha256>::new_from_slice(key).unwrap();
+    for p in parts {
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+/// HKDF-SHA256 with L = 32: one expand block.
+fn hkdf32(salt: &[u8], ikm: &[u8], info: &[u8]) -> [u8; 32] {
+    let prk = hmac(salt, &[ikm]);
+    hmac(&prk, &[info, &[1]])
+}
+
+fn lp(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn u32le(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+}
+fn u64le(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+}
+fn text(b: &[u8]) -> &str {
+    let end = b.iter().position(|&c| c == 0).unwrap();
+    std::str::from_utf8(&b[..end]).unwrap()
+}
+
+#[test]
+fn document_reproduces_checksum_key_check_and_mac() {
+    let dir = tempfile::tempdir().unwrap();
+    let vmk = key(1);
+    let p = sized_file(dir.path(), "v.img", 8 * MIB);
+    let mut h = kvcrypt::header::VolumeHeader::new_for_device(8 * MIB, 512, "doc ✓", &vmk).unwrap();
+    h.add_slot(slot(1));
+    h.add_slot(slot(2));
+    h.seal(&vmk);
+    kvcrypt::header::write(&p, &mut h).unwrap();
+
+    for (copy, index) in [(PRIMARY, 0u16), (SECONDARY, 1u16)] {
+        let block = read_at(&p, copy, 4096);
+        assert_eq!(
+            &block[0..8],
+            &[0x4b, 0x56, 0x43, 0x52, 0x59, 0x50, 0x54, 0xba]
+        );
+        assert_eq!(u16::from_le_bytes([block[8], block[9]]), 1);
+        assert_eq!(u16::from_le_bytes([block[10], block[11]]), index);
+        assert_eq!(u32le(&block, 12), 4096);
+        assert_eq!(u64le(&block, 16), h.sequence);
+        assert_eq!(&block[24..40], h.uuid.as_bytes());
+        assert_eq!(text(&block[40..88]), "doc ✓");
+        assert_eq!(text(&block[88..120]), "aes-xts-plain64");
+        assert_eq!(u32le(&block, 120), 512);
+        assert_eq!(u32le(&block, 124), 512);
+        assert_eq!(u64le(&block, 128), MIB);
+        assert_eq!(u64le(&block, 136), 7 * MIB);
+        assert_eq!(
+            (u64le(&block, 144), u64le(&block, 152), u64le(&block, 160)),
+            (0, 524288, 524288)
+        );
+        assert!(block[176..224].iter().all(|&b| b == 0));
+        assert!(block[256..].iter().all(|&b| b == 0));
+        let md_len = u64le(&block, 168) as usize;
+        let md = read_at(&p, copy + 4096, md_len);
+        // The rest of the metadata area is zero.
+        assert!(
+            read_at(&p, copy + 4096 + md_len as u64, 520192 - md_len)
+                .iter()
+                .all(|&b| b == 0)
+        );
+
+        // §2.2 checksum.
+        let mut zeroed = block.clone();
+        zeroed[224..256].fill(0);
+        let sum: [u8; 32] = Sha256::new()
+            .chain_update(&zeroed)
+            .chain_update(&md)
+            .finalize()
+            .into();
+        assert_eq!(&block[224..256], &sum);
+
+        // §2.3 JSON.
+        let j: serde_json::Value = serde_json::from_slice(&md).unwrap();
+        let obj = j.as_object().unwrap();
+        assert_eq!(
+            obj.keys().map(String::as_str).collect::<Vec<_>>(),
+            vec!["key_check", "keyslots", "mac"]
+        );
+        assert_eq!(j["key_check"]["algorithm"], "hkdf-sha256/hmac-sha256");
+        assert_eq!(j["mac"]["algorithm"], "hmac-sha256");
+        let slots = j["keyslots"].as_array().unwrap();
+        assert_eq!(slots.len(), 2);
+
+        // §3 key check.
+        let k_check = hkdf32(b"kvcrypt-v1-kdf", vmk.expose(), b"kvcrypt v1 key-check key");
+        let key_check = hmac(&k_check, &[b"kvcrypt v1 key check"]);
+        assert_eq!(
+            B64.decode(j["key_check"]["value"].as_str().unwrap())
+                .unwrap(),
+            key_check
+        );
+
+        // §4 MAC over the canonical input.
+        let mut input = b"kvcrypt-header-mac-v1".to_vec();
+        input.extend_from_slice(&1u16.to_le_bytes());
+        input.extend_from_slice(&block[24..40]);
+        lp(&mut input, text(&block[40..88]).as_bytes());
+        lp(&mut input, text(&block[88..120]).as_bytes());
+        input.extend_from_slice(&block[120..124]);
+        input.extend_from_slice(&block[124..128]);
+        input.extend_from_slice(&block[128..136]);
+        input.extend_from_slice(&block[136..144]);
+        input.extend_from_slice(&key_check);
+        input.extend_from_slice(&(slots.len() as u32).to_le_bytes());
+        for s in slots {
+            input.extend_from_slice(&(s["id"].as_u64().unwrap() as u32).to_le_bytes());
+            lp(&mut input, s["provider"].as_str().unwrap().as_bytes());
+            lp(&mut input, s["key_id"].as_str().unwrap().as_bytes());
+            lp(&mut input, s["algorithm"].as_str().unwrap().as_bytes());
+            lp(
+                &mut input,
+                &B64.decode(s["wrapped"].as_str().unwrap()).unwrap(),
+            );
+            lp(&mut input, s["created_at"].as_str().unwrap().as_bytes());
+        }
+        let k_mac = hkdf32(
+            b"kvcrypt-v1-kdf",
+            vmk.expose(),
+            b"kvcrypt v1 header-mac key",
+        );
+        let mac = hmac(&k_mac, &[&input]);
+        assert_eq!(
+            B64.decode(j["mac"]["value"].as_str().unwrap()).unwrap(),
+            mac
+        );
+    }
+}
