@@ -189,6 +189,22 @@ impl Drop for Running {
             ));
         }
         self.stop_agent();
+        // A worker the agent could not close (slow shutdown under load): stop it by the pid
+        // in its state file, so no test leaves a device behind.
+        let state = self.lab.run_dir.join("volumes/demo.json");
+        if let Ok(bytes) = std::fs::read(&state)
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            && let Some(pid) = v["pid"].as_i64()
+        {
+            // SAFETY: plain kill(2) of the worker started for this test.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            for _ in 0..500 {
+                if !state.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 }
 

@@ -68,7 +68,9 @@ impl FuseOptions {
 /// match what loop sends (fio iodepth 32: 8 threads gave 9K random-read IOPS, 32 threads 31K
 /// on the same machine — see benches/fio-compare.sh). Idle threads only cost memory.
 pub fn default_threads() -> usize {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     (cpus * 16).clamp(32, 64)
 }
 
