@@ -189,6 +189,22 @@ impl Drop for Running {
             ));
         }
         self.stop_agent();
+        // A worker the agent could not close (slow shutdown under load): stop it by the pid
+        // in its state file, so no test leaves a device behind.
+        let state = self.lab.run_dir.join("volumes/demo.json");
+        if let Ok(bytes) = std::fs::read(&state)
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            && let Some(pid) = v["pid"].as_i64()
+        {
+            // SAFETY: plain kill(2) of the worker started for this test.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            for _ in 0..500 {
+                if !state.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 }
 
@@ -616,17 +632,22 @@ fn udev_attach_without_agent_then_agent_adopts() {
     lab.format().unwrap();
     // What kvcrypt-attach@.service runs when udev sees the device and no agent is running:
     // it unlocks the matching configured volume itself and leaves the worker serving.
-    let out = lab
+    // (Output to a file: the worker it starts inherits stdout/stderr and outlives it, so a
+    // pipe would never reach EOF.)
+    let log = dir.path().join("attach.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let st = lab
         .kvcrypt()
         .arg("attach")
         .arg(&lab.image)
-        .output()
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .status()
         .unwrap();
     assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        st.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
     let state: serde_json::Value = serde_json::from_slice(
         &std::fs::read(lab.run_dir.join("volumes/demo.json")).expect("worker state file"),
