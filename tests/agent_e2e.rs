@@ -396,6 +396,7 @@ fn fio_verify_across_revoke_and_restore() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--time_based=0",
         ])
         .stdout(Stdio::piped())
