@@ -43,7 +43,6 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
             }
             .into());
         }
-        let _ = crate::secmem::harden_process();
         return worker::run_worker(
             &opts,
             key,
