@@ -107,14 +107,10 @@ pub fn enter_private_mount_namespace(keep_also: &Path) -> io::Result<()> {
 /// `/proc`, `/sys` (with their virtual submounts), `/run`, and the mount holding `keep_also`
 /// (the run directory). Open descriptors (the backing store) are unaffected by detaching.
 fn detach_foreign_mounts(keep_also: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    let Ok(mounts) = crate::mountinfo::read_own() else {
         return;
     };
-    let points: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape_mountinfo(p)))
-        .collect();
+    let points: Vec<PathBuf> = mounts.into_iter().map(|m| m.mount_point).collect();
     // The mount that holds the run directory (longest mount point that is a prefix of it).
     let run_mount = points
         .iter()
@@ -134,26 +130,6 @@ fn detach_foreign_mounts(keep_also: &Path) {
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
     }
-}
-
-/// Mount points in mountinfo escape space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A served FUSE + loop device. Dropping it tears everything down (best effort); use
