@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Installs everything kvcrypt's build, demo and tests need on a fresh Debian 12 machine (as root).
+# Installs what kvcrypt needs on a fresh Debian 12 machine (as root).
+#   scripts/setup.sh        everything the tests need (scripts/test.sh runs this)
+#   scripts/setup.sh demo   only what building and running the demo needs (demo.sh runs this)
 # Idempotent: packages already present are skipped, so a second run costs a few dpkg queries.
 set -euo pipefail
 
 packages=(
   build-essential pkg-config libclang-dev clang  # libublk generates its kernel bindings with bindgen
-  libssl-dev openssl ca-certificates
-  fuse3 util-linux e2fsprogs kmod                # FUSE + loop transport, mkfs/e2fsck for tests
-  fio jq                                         # data-path tests and benchmarks
-  qemu-system-x86 qemu-utils busybox-static cpio xz-utils  # ublk tests inside a qemu VM
-  udev systemd                                   # udevadm / systemd-analyze checks of our rules and units
+  libssl-dev openssl ca-certificates             # azure_identity's client-certificate support
+  fuse3 util-linux e2fsprogs kmod                # FUSE + loop transport, mkfs/e2fsck
 )
+if [ "${1:-test}" != demo ]; then
+  packages+=(
+    fio jq                                                   # data-path tests and benchmarks
+    qemu-system-x86 qemu-utils busybox-static cpio xz-utils  # ublk tests inside a qemu VM
+    udev systemd                                             # udevadm / systemd-analyze checks
+  )
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

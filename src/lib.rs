@@ -5,6 +5,8 @@ pub mod exit;
 
 pub mod secmem;
 
+pub mod mountinfo;
+
 pub mod crypto;
 pub mod header;
 

@@ -189,6 +189,35 @@ impl Drop for Running {
             ));
         }
         self.stop_agent();
+        stop_leftover_worker(&self.lab.run_dir);
+    }
+}
+
+/// A worker the agent could not close (slow shutdown under load), or one a failed scenario
+/// left: stop it by the pid in its state file, so no test leaves a device behind.
+fn stop_leftover_worker(run_dir: &Path) {
+    let state = run_dir.join("volumes/demo.json");
+    if let Ok(bytes) = std::fs::read(&state)
+        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes)
+        && let Some(pid) = v["pid"].as_i64()
+    {
+        // SAFETY: plain kill(2) of the worker started for this test.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        for _ in 0..500 {
+            if !state.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs [`stop_leftover_worker`] when a scenario without an agent ends (or fails).
+struct StopWorkerOnDrop(PathBuf);
+
+impl Drop for StopWorkerOnDrop {
+    fn drop(&mut self) {
+        stop_leftover_worker(&self.0);
     }
 }
 
@@ -380,6 +409,7 @@ fn fio_verify_across_revoke_and_restore() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--time_based=0",
         ])
         .stdout(Stdio::piped())
@@ -640,6 +670,7 @@ fn udev_attach_without_agent_then_agent_adopts() {
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab::start(dir.path(), Path::new(EXE), &LabOptions::default()).unwrap();
     lab.format().unwrap();
+    let _stop = StopWorkerOnDrop(lab.run_dir.clone());
     // What kvcrypt-attach@.service runs when udev sees the device and no agent is running:
     // it unlocks the matching configured volume itself and leaves the worker serving.
     let state = attach_without_agent(&lab);
@@ -692,6 +723,7 @@ fn attach_output_through_a_pipe_returns_while_the_worker_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab::start(dir.path(), Path::new(EXE), &LabOptions::default()).unwrap();
     lab.format().unwrap();
+    let _stop = StopWorkerOnDrop(lab.run_dir.clone());
     let state = attach_without_agent(&lab);
     let pid = state["pid"].as_u64().unwrap();
     let bd = state["block_device"].as_str().unwrap().to_owned();

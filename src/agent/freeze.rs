@@ -27,44 +27,15 @@ pub fn dev_numbers(block_device: &Path) -> io::Result<(u32, u32)> {
     Ok((libc::major(rdev), libc::minor(rdev)))
 }
 
-/// Mountpoints of `major:minor` in a mountinfo text, one per distinct root (first wins).
+/// Every mountpoint of `major:minor` in a mountinfo text, in mount order (`freeze` stops at
+/// the first one it can freeze: they are all the same superblock).
 pub fn mountpoints_in(mountinfo: &str, major: u32, minor: u32) -> Vec<PathBuf> {
     let want = format!("{major}:{minor}");
-    let mut out = Vec::new();
-    for line in mountinfo.lines() {
-        // id parent major:minor root mountpoint options ... - fstype source superopts
-        let mut f = line.split(' ');
-        let (_, _, dev, _root, mp) = (f.next(), f.next(), f.next(), f.next(), f.next());
-        if dev == Some(want.as_str())
-            && let Some(mp) = mp
-        {
-            out.push(PathBuf::from(unescape(mp)));
-        }
-    }
-    out
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::mountinfo::parse(mountinfo)
+        .into_iter()
+        .filter(|m| m.devno == want)
+        .map(|m| m.mount_point)
+        .collect()
 }
 
 fn mountpoints(block_device: &Path) -> io::Result<Vec<PathBuf>> {

@@ -24,20 +24,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 pub fn agent(config: &Path, a: AgentArgs) -> anyhow::Result<()> {
-    harden();
+    super::harden();
     let cfg = Config::load(config)?;
     if cfg.volumes.is_empty() {
         tracing::warn!(config = %config.display(), "no [[volume]] configured; the agent only answers the control socket");
     }
     let opts = crate::agent::daemon::Options { once: a.once };
     run_daemon(config, cfg, opts)
-}
-
-fn harden() {
-    // Not dumpable, no core files: this process briefly holds volume keys.
-    if let Err(e) = crate::secmem::harden_process() {
-        tracing::warn!(error = %e, "cannot harden the process (dumpable / core limit)");
-    }
 }
 
 fn run_daemon(path: &Path, cfg: Config, opts: crate::agent::daemon::Options) -> anyhow::Result<()> {
@@ -201,7 +194,7 @@ pub fn attach(config: &Path, a: AttachArgs) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            harden();
+            super::harden();
             run_daemon(config, cfg2, crate::agent::daemon::Options { once: true })
         }
         Err(e) => Err(e.into()),

@@ -344,8 +344,22 @@ fn init_logging(verbose: u8) {
         .try_init();
 }
 
+/// Not dumpable, no core files: used by every command that holds an unwrapped volume key.
+/// (The worker hardens itself and fails if it cannot; here a failure is only logged.)
+pub(crate) fn harden() {
+    if let Err(e) = crate::secmem::harden_process() {
+        tracing::warn!(error = %e, "cannot harden the process (dumpable / core limit)");
+    }
+}
+
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let config = cli.config;
+    if matches!(
+        cli.command,
+        Command::Format(_) | Command::Header(_) | Command::Rewrap(_) | Command::Open(_)
+    ) {
+        harden();
+    }
     match cli.command {
         Command::Format(a) => offline::format(&config, a),
         Command::Header(h) => offline::header(&config, h),

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use super::{CliError, CloseArgs, OpenArgs, WorkerArgs};
+use super::{CliError, CloseArgs, OpenArgs, TransportKind, WorkerArgs};
 use crate::header::{self, LoadedHeader};
 use crate::keys::{BlockingProvider, VaultConfig};
 use crate::secmem::VolumeKey;
@@ -17,6 +17,12 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
     worker::validate_name(&a.name)?;
     let loaded = header::read(&a.device)?;
     let key = unwrap_volume_key(config, &a.device, &loaded)?;
+    // ublk: a worker that died (SIGKILL, crash) left its device QUIESCED with every request
+    // held; re-attach that device (same /dev/ublkbN) instead of adding a new one.
+    let recover_dev_id = stale_ublk_device(&a.name, &a.device, a.transport);
+    if let Some(id) = recover_dev_id {
+        tracing::info!(volume = %a.name, "recovering /dev/ublkb{id} left by a dead worker");
+    }
     if a.foreground {
         let opts = RunOptions {
             device: a.device.clone(),
@@ -26,7 +32,7 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
             queue_depth: a.queue_depth,
             allow_discards: a.allow_discards,
             read_only: a.read_only,
-            recover_dev_id: None,
+            recover_dev_id,
         };
         worker::ensure_dirs().context("creating /run/kvcrypt")?;
         if let Some(s) = worker::reap_stale(&a.name) {
@@ -37,7 +43,6 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
             }
             .into());
         }
-        let _ = crate::secmem::harden_process();
         return worker::run_worker(
             &opts,
             key,
@@ -52,12 +57,28 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
         queue_depth: a.queue_depth,
         allow_discards: a.allow_discards,
         read_only: a.read_only,
+        recover_dev_id,
         ..WorkerSpec::new(&a.device, &a.name)
     };
     let info = worker::spawn_worker(&spec, &key)?;
     drop(key);
     println!("{}", info.block_device.display());
     Ok(())
+}
+
+/// The ublk device a dead worker of volume `name` left behind for `device`, if the kernel still
+/// holds it for recovery (its own server pid is checked, so a live worker never matches).
+fn stale_ublk_device(name: &str, device: &Path, transport: TransportKind) -> Option<u32> {
+    if transport == TransportKind::Fuse {
+        return None;
+    }
+    let s = worker::read_state(name)?;
+    let same = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    if s.transport != "ublk" || same(&s.device) != same(device) {
+        return None;
+    }
+    s.ublk_dev_id
+        .filter(|&id| crate::transport::ublk::is_recoverable(id))
 }
 
 /// Unwraps the VMK with the first key slot that works and checks it against the header.

@@ -56,12 +56,18 @@ pub fn mac(vmk: &VolumeKey, h: &VolumeHeader, key_check: &[u8; 32]) -> [u8; 32] 
     kdf::header_mac(vmk, &mac_input(h, key_check))
 }
 
-/// Constant-time equality, so a forger cannot learn how many leading MAC bytes were right.
-/// (Hand-written to avoid a dependency for eight lines; `subtle` would do the same.)
-pub fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let mut diff = 0u8;
-    for (x, y) in a.iter().zip(b.iter()) {
-        diff |= x ^ y;
-    }
-    std::hint::black_box(diff) == 0
+/// Constant-time check of a stored key-check digest.
+pub fn verify_key_check(vmk: &VolumeKey, stored: &[u8; 32]) -> bool {
+    kdf::verify_key_check(vmk, stored)
+}
+
+/// Constant-time check of a stored MAC over `h` (with its key-check digest), so a forger cannot
+/// learn how many leading MAC bytes were right.
+pub fn verify_mac(
+    vmk: &VolumeKey,
+    h: &VolumeHeader,
+    key_check: &[u8; 32],
+    stored: &[u8; 32],
+) -> bool {
+    kdf::verify_header_mac(vmk, &mac_input(h, key_check), stored)
 }

@@ -289,10 +289,10 @@ impl VolumeHeader {
     /// Checks that `vmk` is this volume's key (key-check digest → [`HeaderError::WrongKey`]) and
     /// that the header is authentic (MAC → [`HeaderError::Tampered`]).
     pub fn verify_key(&self, vmk: &VolumeKey) -> Result<(), HeaderError> {
-        if !auth::ct_eq(&auth::key_check(vmk), &self.key_check) {
+        if !auth::verify_key_check(vmk, &self.key_check) {
             return Err(HeaderError::WrongKey);
         }
-        if !auth::ct_eq(&auth::mac(vmk, self, &self.key_check), &self.mac) {
+        if !auth::verify_mac(vmk, self, &self.key_check, &self.mac) {
             return Err(HeaderError::Tampered);
         }
         Ok(())

@@ -94,7 +94,7 @@ fn serve_fuse(
 ) -> anyhow::Result<()> {
     // The FUSE file is plaintext: mount it where only this process can see it. Done before
     // any serving thread exists, so all of them live in the private namespace.
-    fuse::enter_private_mount_namespace()
+    fuse::enter_private_mount_namespace(&super::run_dir())
         .context("creating a private mount namespace for the FUSE file")?;
     let mut fopts = FuseOptions::new(&opts.name, fuse_dir().join(&opts.name));
     fopts.read_only = opts.read_only;
@@ -294,6 +294,14 @@ fn ublk_control(
             } => match op.as_str() {
                 "status" => {
                     let _ = reply.send(status_json(&state, &engine));
+                }
+                // ublk: closing deletes the disk; refuse while a filesystem is mounted on it or
+                // someone holds it open (SIGTERM still forces it).
+                "close" if ublk::device_in_use(&state.block_device) => {
+                    let _ = reply.send(json!({"ok": false, "busy": true, "error": format!(
+                        "{} is in use (mounted or held open); unmount it first",
+                        state.block_device.display()
+                    )}));
                 }
                 "close" | "suspend" => {
                     drop(written);

@@ -68,14 +68,18 @@ impl FuseOptions {
 /// match what loop sends (fio iodepth 32: 8 threads gave 9K random-read IOPS, 32 threads 31K
 /// on the same machine — see benches/fio-compare.sh). Idle threads only cost memory.
 pub fn default_threads() -> usize {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     (cpus * 16).clamp(32, 64)
 }
 
 /// Moves the calling process into its own mount namespace with private propagation, so the
 /// FUSE mount (which exposes plaintext) is invisible to every other process. Call it while
-/// single-threaded (the worker does, first thing).
-pub fn enter_private_mount_namespace() -> io::Result<()> {
+/// single-threaded (the worker does, first thing). Mounts of other filesystems are detached
+/// in the new namespace (see [`detach_foreign_mounts`]); `keep_also` names a path whose mount
+/// must stay (the run directory).
+pub fn enter_private_mount_namespace(keep_also: &Path) -> io::Result<()> {
     // SAFETY: unshare/mount with constant, NUL-terminated arguments.
     unsafe {
         if libc::unshare(libc::CLONE_NEWNS) != 0 {
@@ -92,7 +96,40 @@ pub fn enter_private_mount_namespace() -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
     }
+    detach_foreign_mounts(keep_also);
     Ok(())
+}
+
+/// A new mount namespace starts with a copy of every mount, and a copy pins its filesystem:
+/// an ext4 mounted from another kvcrypt device when this worker started would stay busy (the
+/// user's `umount` succeeds, but the device cannot be closed) for as long as we run. So
+/// detach, in our namespace only, everything except what a worker needs: `/`, `/dev`,
+/// `/proc`, `/sys` (with their virtual submounts), `/run`, and the mount holding `keep_also`
+/// (the run directory). Open descriptors (the backing store) are unaffected by detaching.
+fn detach_foreign_mounts(keep_also: &Path) {
+    let Ok(mounts) = crate::mountinfo::read_own() else {
+        return;
+    };
+    let points: Vec<PathBuf> = mounts.into_iter().map(|m| m.mount_point).collect();
+    // The mount that holds the run directory (longest mount point that is a prefix of it).
+    let run_mount = points
+        .iter()
+        .filter(|p| keep_also.starts_with(p))
+        .max_by_key(|p| p.as_os_str().len())
+        .cloned();
+    for p in points.iter().rev() {
+        let keep = p == Path::new("/")
+            || p == Path::new("/run")
+            || ["/dev", "/proc", "/sys"].iter().any(|k| p.starts_with(k))
+            || run_mount.as_ref() == Some(p);
+        if keep {
+            continue;
+        }
+        if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
+            // SAFETY: NUL-terminated path; MNT_DETACH only affects this (private) namespace.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }
 
 /// A served FUSE + loop device. Dropping it tears everything down (best effort); use

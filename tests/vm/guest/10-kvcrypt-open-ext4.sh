@@ -35,6 +35,10 @@ i=0; : > /tmp/src/marker; while [ $i -lt 2048 ]; do echo "KVCRYPT-PLAINTEXT-MARK
 cp /tmp/src/* /mnt/v/ || fail "copy files"
 sync
 T "files written ($(du -s /mnt/v | cut -f1) KiB)"
+rc=0; kvcrypt close vol 2>/tmp/close.err || rc=$?
+[ $rc -eq 10 ] || { cat /tmp/close.err; fail "close of a mounted device: exit $rc, expected 10 (busy)"; }
+[ -b "$DEV" ] && cat /mnt/v/f1 >/dev/null || fail "device unusable after a refused close"
+T "close refused while mounted: $(cat /tmp/close.err)"
 umount /mnt/v || fail "umount"
 kvcrypt close vol || fail "kvcrypt close"
 [ ! -e "$DEV" ] || fail "$DEV still exists after close"
