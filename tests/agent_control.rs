@@ -88,7 +88,7 @@ impl Platform for Scripted {
         w.closed += 1;
         Ok(())
     }
-    async fn delete_ublk_device(&self, _id: u32) -> Result<(), String> {
+    async fn delete_ublk_device(&self, _n: &str, _id: u32) -> Result<(), String> {
         Err("no ublk here".into())
     }
     async fn freeze(&self, _b: &Path) {}

@@ -105,7 +105,8 @@ pub trait Platform: Send + Sync + 'static {
         key: &VolumeKey,
         recover_dev_id: Option<u32>,
     ) -> impl Future<Output = Result<Served, String>> + Send;
-    /// Finds a worker left running by a previous agent.
+    /// Finds a worker left running by a previous agent (or, for ublk, a device left QUIESCED
+    /// by a worker that exited on suspend: reported as suspended, with its device id).
     fn adopt(&self, name: &str) -> impl Future<Output = Option<Served>> + Send;
     /// Worker status (I/O counters etc.); an error means the worker is gone.
     fn worker_status(
@@ -124,9 +125,14 @@ pub trait Platform: Send + Sync + 'static {
     /// Flushes, removes the device, ends the worker. Without `force` a device in use (or a
     /// suspended one) stays; with `force` it is removed anyway (revocation: the data must go).
     fn close(&self, name: &str, force: bool) -> impl Future<Output = Result<(), String>> + Send;
-    /// Stops and deletes ublk device `dev_id` with no worker serving it (a suspended ublk
-    /// volume's device sits QUIESCED after its worker exited; removal must still remove it).
-    fn delete_ublk_device(&self, dev_id: u32) -> impl Future<Output = Result<(), String>> + Send;
+    /// Stops and deletes ublk device `dev_id` of volume `name` with no worker serving it (a
+    /// suspended ublk volume's device sits QUIESCED after its worker exited; removal must
+    /// still remove it).
+    fn delete_ublk_device(
+        &self,
+        name: &str,
+        dev_id: u32,
+    ) -> impl Future<Output = Result<(), String>> + Send;
 
     /// FIFREEZE every filesystem mounted on `block_device`.
     fn freeze(&self, block_device: &Path) -> impl Future<Output = Self::Frozen> + Send;

@@ -142,7 +142,9 @@ impl Platform for RealPlatform {
         let n = name.to_owned();
         blocking(move || {
             let st = worker::read_state(&n)?;
-            let status = client(&n).and_then(|mut c| c.status()).ok()?;
+            let Ok(status) = client(&n).and_then(|mut c| c.status()) else {
+                return suspended_ublk(st);
+            };
             Some(Served {
                 backing: st.device,
                 block_device: st.block_device,
@@ -184,10 +186,16 @@ impl Platform for RealPlatform {
             .map_err(|e| e.to_string())
     }
 
-    async fn delete_ublk_device(&self, dev_id: u32) -> Result<(), String> {
-        blocking(move || crate::transport::ublk::delete_device(dev_id))
-            .await?
-            .map_err(|e| e.to_string())
+    async fn delete_ublk_device(&self, name: &str, dev_id: u32) -> Result<(), String> {
+        let n = name.to_owned();
+        blocking(move || {
+            crate::transport::ublk::delete_device(dev_id)?;
+            // The exited worker's state file named the device for recovery: drop it.
+            worker::reap_stale(&n);
+            Ok::<_, crate::transport::ublk::UblkTransportError>(())
+        })
+        .await?
+        .map_err(|e| e.to_string())
     }
 
     async fn freeze(&self, block_device: &Path) -> FrozenSet {
@@ -215,6 +223,22 @@ impl Platform for RealPlatform {
             }
         }
     }
+}
+
+/// A ublk volume suspended under a previous agent: its worker exited on suspend and left the
+/// device QUIESCED (and its state file, with the device id). Adopted as suspended; resume
+/// recovers the device with a new worker, hold expiry deletes it.
+fn suspended_ublk(st: worker::WorkerState) -> Option<Served> {
+    let id = st.ublk_dev_id.filter(|_| st.transport == "ublk")?;
+    if worker::pid_alive(st.pid) || !crate::transport::ublk::is_recoverable(id) {
+        return None;
+    }
+    Some(Served {
+        backing: st.device,
+        block_device: st.block_device,
+        suspended: true,
+        ublk_dev_id: Some(id),
+    })
 }
 
 fn client(name: &str) -> Result<WorkerClient, worker::WorkerError> {

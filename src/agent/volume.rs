@@ -532,7 +532,7 @@ impl<P: Platform> VolumeCtl<P> {
     /// device itself is deleted; otherwise the worker is closed with force.
     async fn force_remove(&mut self, sv: &Served, suspended: bool) -> Result<(), String> {
         match sv.ublk_dev_id {
-            Some(id) if suspended => self.p.delete_ublk_device(id).await,
+            Some(id) if suspended => self.p.delete_ublk_device(&self.s.name, id).await,
             _ => self.p.close(&self.s.name, true).await,
         }
     }

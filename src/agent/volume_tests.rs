@@ -145,7 +145,17 @@ impl Platform for Fake {
         })
     }
     async fn adopt(&self, _name: &str) -> Option<Served> {
-        let w = self.0.lock().unwrap().worker.clone();
+        let world = self.0.lock().unwrap();
+        if let (None, true, Some(id)) = (&world.worker, world.ublk, world.quiesced) {
+            // What a previous agent's ublk suspend left: no worker, a QUIESCED device.
+            return Some(Served {
+                backing: "/dev/fake".into(),
+                block_device: format!("/dev/ublkb{id}").into(),
+                suspended: true,
+                ublk_dev_id: Some(id),
+            });
+        }
+        let w = world.worker.clone();
         w.map(|w| Served {
             backing: "/dev/fake".into(),
             block_device: "/dev/loop9".into(),
@@ -195,7 +205,7 @@ impl Platform for Fake {
         w.worker = None;
         Ok(())
     }
-    async fn delete_ublk_device(&self, id: u32) -> Result<(), String> {
+    async fn delete_ublk_device(&self, _name: &str, id: u32) -> Result<(), String> {
         let mut w = self.0.lock().unwrap();
         w.events.push(format!("delete:{id}"));
         match w.quiesced.take() {
@@ -575,4 +585,27 @@ async fn ublk_failed_recovery_deletes_the_old_device_and_reattaches() {
     assert!(ev.contains(&"delete:3".to_string()), "{ev:?}");
     assert_eq!(ev.iter().filter(|e| *e == "spawn").count(), 2, "{ev:?}");
     assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+}
+
+#[tokio::test(start_paused = true)]
+async fn ublk_device_suspended_under_a_previous_agent_is_adopted_and_recovered() {
+    let f = Fake::new();
+    {
+        let mut w = f.0.lock().unwrap();
+        w.ublk = true;
+        w.quiesced = Some(UBLK_ID);
+    }
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    let ev = f.events();
+    assert!(ev.contains(&"recover:3".to_string()), "{ev:?}");
+    assert!(
+        !ev.contains(&"spawn".to_string()),
+        "no second device: {ev:?}"
+    );
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+    assert_eq!(
+        h.status.borrow().block_device.as_deref(),
+        Some("/dev/ublkb3")
+    );
 }

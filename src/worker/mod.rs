@@ -30,7 +30,7 @@ use crate::secmem::VolumeKey;
 pub use client::{WorkerClient, WorkerStatus};
 pub use manage::{close_and_wait, name_of_block_device};
 pub use run::{RunOptions, ServeHandle, link_by_name, run_worker, unlink_by_name};
-pub use sys::take_fd;
+pub use sys::{pid_alive, take_fd};
 
 /// Runtime directory: `/run/kvcrypt`, or `$KVCRYPT_RUN_DIR` (tests, like the agent).
 pub fn run_dir() -> PathBuf {

@@ -122,7 +122,7 @@ fn serve_fuse(
     on_ready(&bdev);
 
     let result = fuse_loop(opts, h, &engine, &mut dev, &state, &rx);
-    unpublish(&opts.name, listener);
+    unpublish(&opts.name, listener, false);
     result
 }
 
@@ -261,7 +261,14 @@ fn serve_ublk(
     let end = end?;
     tracing::info!(volume = %opts.name, "ublk serve ended: {end:?}");
     if let Some(l) = listener {
-        unpublish(&opts.name, l);
+        // Suspended (the device stays QUIESCED for a new worker): keep the state file, whose
+        // ublk_dev_id (with this now dead pid) tells a restarted agent or `kvcrypt open` which
+        // device to recover instead of adding a new one.
+        let suspended = matches!(
+            end,
+            ublk::ServeEnd::Quiesced | ublk::ServeEnd::ExitToQuiesce
+        );
+        unpublish(&opts.name, l, suspended);
     }
     // Answer the request that ended serving (close / suspend), then leave.
     if let Some(reply) = pending.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -371,10 +378,12 @@ fn publish(state: &WorkerState, tx: &Sender<Event>) -> anyhow::Result<UnixListen
     Ok(listener)
 }
 
-fn unpublish(name: &str, listener: UnixListener) {
+fn unpublish(name: &str, listener: UnixListener, keep_state: bool) {
     drop(listener);
     let _ = std::fs::remove_file(socket_path(name));
-    let _ = std::fs::remove_file(state_path(name));
+    if !keep_state {
+        let _ = std::fs::remove_file(state_path(name));
+    }
     let _ = std::fs::remove_file(super::log_path(name));
     unlink_by_name(name);
 }
