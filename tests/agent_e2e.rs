@@ -215,6 +215,14 @@ fn stop_leftover_worker(run_dir: &Path) {
 /// Runs [`stop_leftover_worker`] when a scenario without an agent ends (or fails).
 struct StopWorkerOnDrop(PathBuf);
 
+/// A lab with its volume formatted, no agent, and the guard for the worker it may start.
+fn formatted_lab_without_agent(dir: &Path) -> (Lab, StopWorkerOnDrop) {
+    let lab = Lab::start(dir, Path::new(EXE), &LabOptions::default()).unwrap();
+    lab.format().unwrap();
+    let stop = StopWorkerOnDrop(lab.run_dir.clone());
+    (lab, stop)
+}
+
 impl Drop for StopWorkerOnDrop {
     fn drop(&mut self) {
         stop_leftover_worker(&self.0);
@@ -668,9 +676,7 @@ fn udev_attach_without_agent_then_agent_adopts() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), Path::new(EXE), &LabOptions::default()).unwrap();
-    lab.format().unwrap();
-    let _stop = StopWorkerOnDrop(lab.run_dir.clone());
+    let (lab, _stop) = formatted_lab_without_agent(dir.path());
     // What kvcrypt-attach@.service runs when udev sees the device and no agent is running:
     // it unlocks the matching configured volume itself and leaves the worker serving.
     let state = attach_without_agent(&lab);
@@ -721,9 +727,7 @@ fn attach_output_through_a_pipe_returns_while_the_worker_keeps_serving() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), Path::new(EXE), &LabOptions::default()).unwrap();
-    lab.format().unwrap();
-    let _stop = StopWorkerOnDrop(lab.run_dir.clone());
+    let (lab, _stop) = formatted_lab_without_agent(dir.path());
     let state = attach_without_agent(&lab);
     let pid = state["pid"].as_u64().unwrap();
     let bd = state["block_device"].as_str().unwrap().to_owned();

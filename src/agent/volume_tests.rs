@@ -317,9 +317,11 @@ async fn unlocks_then_denied_suspends_and_restore_resumes() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn hold_expiry_runs_hook_removes_and_restore_reattaches() {
+/// Hold expiry: the hook runs on the served device before it is removed (`removed_by`), and
+/// restored access attaches a new device.
+async fn hold_expiry_case(ublk: bool, block_device: &str, removed_by: &str) {
     let f = Fake::new();
+    f.0.lock().unwrap().ublk = ublk;
     let h = spawn_volume(settings(), f.clone());
     wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
     f.set_vault(Vault::Denied);
@@ -328,14 +330,30 @@ async fn hold_expiry_runs_hook_removes_and_restore_reattaches() {
     let ev = f.events();
     let hook = ev
         .iter()
-        .position(|e| e == "hook:/dev/loop9")
+        .position(|e| *e == format!("hook:{block_device}"))
         .expect("hook ran");
-    let close = ev.iter().position(|e| e == "close").expect("closed");
+    let close = ev.iter().position(|e| e == removed_by).expect("closed");
     assert!(hook < close, "{ev:?}");
     assert!(f.worker_key().is_none());
+    assert_eq!(
+        f.0.lock().unwrap().quiesced,
+        None,
+        "no QUIESCED device left"
+    );
     f.set_vault(Vault::Ok);
     wait_state(&h, VolumeState::Serving, Duration::from_secs(3)).await;
     assert_eq!(f.events().iter().filter(|e| *e == "spawn").count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn hold_expiry_runs_hook_removes_and_restore_reattaches() {
+    hold_expiry_case(false, "/dev/loop9", "close").await;
+}
+
+/// ublk: no worker after suspend; the QUIESCED device itself is deleted.
+#[tokio::test(start_paused = true)]
+async fn ublk_hold_expiry_deletes_the_quiesced_device() {
+    hold_expiry_case(true, "/dev/ublkb3", "delete:3").await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -537,36 +555,6 @@ async fn ublk_resume_recovers_the_quiesced_device_with_a_new_worker() {
     assert_eq!(send(&h, Command::Unlock).await.unwrap(), "resumed");
     assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
     assert_eq!(f.events().iter().filter(|e| *e == "recover:3").count(), 2);
-}
-
-#[tokio::test(start_paused = true)]
-async fn ublk_hold_expiry_deletes_the_quiesced_device() {
-    let f = Fake::new();
-    f.0.lock().unwrap().ublk = true;
-    let h = spawn_volume(settings(), f.clone());
-    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
-    f.set_vault(Vault::Denied);
-    wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
-    wait_state(&h, VolumeState::Removed, Duration::from_secs(12)).await;
-    let ev = f.events();
-    let hook = ev
-        .iter()
-        .position(|e| e == "hook:/dev/ublkb3")
-        .expect("hook ran");
-    let delete = ev
-        .iter()
-        .position(|e| e == "delete:3")
-        .expect("device deleted");
-    assert!(hook < delete, "{ev:?}");
-    assert_eq!(
-        f.0.lock().unwrap().quiesced,
-        None,
-        "no QUIESCED device left"
-    );
-    // Restored access attaches a new device (nothing left to recover).
-    f.set_vault(Vault::Ok);
-    wait_state(&h, VolumeState::Serving, Duration::from_secs(3)).await;
-    assert_eq!(f.events().iter().filter(|e| *e == "spawn").count(), 2);
 }
 
 #[tokio::test(start_paused = true)]
