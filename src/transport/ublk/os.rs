@@ -2,6 +2,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -34,31 +35,21 @@ pub fn isolate_mount_namespace() -> io::Result<()> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mounts = crate::mountinfo::read_own()?;
     // Children follow their parents in mountinfo: unmount in reverse order.
-    for mount_point in ublk_mount_points(&info, is_ublk_devno).iter().rev() {
-        let c = CString::new(mount_point.as_str()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    for m in mounts.iter().rev().filter(|m| is_ublk_devno(&m.devno)) {
+        let c = CString::new(m.mount_point.as_os_str().as_bytes())
+            .map_err(|_| io::ErrorKind::InvalidInput)?;
         // SAFETY: `c` is a valid NUL-terminated path; MNT_DETACH only affects our namespace.
         if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
             let e = io::Error::last_os_error();
             tracing::warn!(
-                "ublk: could not detach {mount_point} from the worker's mount namespace: {e}"
+                "ublk: could not detach {} from the worker's mount namespace: {e}",
+                m.mount_point.display()
             );
         }
     }
     Ok(())
-}
-
-/// Mount points (unescaped) in `mountinfo` whose device satisfies `is_ublk` ("MAJ:MIN").
-pub(super) fn ublk_mount_points(mountinfo: &str, is_ublk: impl Fn(&str) -> bool) -> Vec<String> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let mut f = line.split(' ');
-            let (devno, mount_point) = (f.nth(2)?, f.nth(1)?);
-            is_ublk(devno).then(|| unescape_octal(mount_point))
-        })
-        .collect()
 }
 
 /// Whether block device MAJ:MIN is a ublk disk or one of its partitions.
@@ -70,29 +61,6 @@ fn is_ublk_devno(devno: &str) -> bool {
                 .map(|n| n.to_string_lossy().starts_with("ublkb"))
         })
         .unwrap_or(false)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let oct = b
-            .get(i + 1..i + 4)
-            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match oct {
-            Some(d) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether someone holds block device `path` open exclusively (a mounted filesystem, LVM, md …):
