@@ -88,6 +88,9 @@ garbage
     #[test]
     fn reads_own_mounts() {
         let own = read_own().expect("mountinfo");
-        assert!(own.iter().any(|m| m.mount_point == std::path::Path::new("/")));
+        assert!(
+            own.iter()
+                .any(|m| m.mount_point == std::path::Path::new("/"))
+        );
     }
 }
