@@ -1,8 +1,6 @@
 //! The few raw OS calls the ublk transport needs (kept here so `unsafe` stays in one small place).
 
-use std::ffi::CString;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -16,40 +14,8 @@ use std::path::Path;
 /// recovery hung). Private propagation keeps the host's later mounts out of our copy; mounts
 /// that already existed (a worker recovering a mounted device) are lazily unmounted here.
 pub fn isolate_mount_namespace() -> io::Result<()> {
-    // SAFETY: unshare takes only flags; CLONE_NEWNS affects the calling thread's fs/namespace
-    // state only (CLONE_FS is implied), which is allowed in a multi-threaded process.
-    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: all pointer arguments are NUL-terminated static strings or null; with MS_REC |
-    // MS_PRIVATE mount(2) only changes propagation of the (now private to us) mount tree.
-    let rc = unsafe {
-        libc::mount(
-            c"none".as_ptr(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mounts = crate::mountinfo::read_own()?;
-    // Children follow their parents in mountinfo: unmount in reverse order.
-    for m in mounts.iter().rev().filter(|m| is_ublk_devno(&m.devno)) {
-        let c = CString::new(m.mount_point.as_os_str().as_bytes())
-            .map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: `c` is a valid NUL-terminated path; MNT_DETACH only affects our namespace.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-            let e = io::Error::last_os_error();
-            tracing::warn!(
-                "ublk: could not detach {} from the worker's mount namespace: {e}",
-                m.mount_point.display()
-            );
-        }
-    }
-    Ok(())
+    crate::mountinfo::unshare_private_namespace()?;
+    crate::mountinfo::detach_mounts(|m| is_ublk_devno(&m.devno))
 }
 
 /// Whether block device MAJ:MIN is a ublk disk or one of its partitions.
