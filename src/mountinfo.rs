@@ -1,8 +1,9 @@
-//! Parsing of `/proc/self/mountinfo`, shared by everything that needs to know what is mounted
-//! where: the agent (FIFREEZE the filesystems on a device) and the transports (detach foreign
-//! mounts from a worker's private mount namespace).
+//! `/proc/self/mountinfo` and private mount namespaces, shared by everything that needs to
+//! know what is mounted where: the agent (FIFREEZE the filesystems on a device) and the
+//! workers of both transports (a private namespace, cleared of mounts that would pin devices).
 
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 /// One line of mountinfo: `id parent major:minor root mountpoint options ... - fstype source`.
@@ -37,6 +38,52 @@ pub fn parse(mountinfo: &str) -> Vec<MountEntry> {
 /// The calling process's mounts (its mount namespace).
 pub fn read_own() -> io::Result<Vec<MountEntry>> {
     Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
+}
+
+/// Moves the calling thread (and the threads it spawns afterwards) into a new mount namespace
+/// whose mounts are all private: mounts made here stay invisible to every other process, and the
+/// host's later mounts stay out of ours. The new namespace starts as a copy of the old one —
+/// use [`detach_mounts`] to drop copies that would pin other devices' filesystems.
+pub fn unshare_private_namespace() -> io::Result<()> {
+    // SAFETY: unshare takes only flags; CLONE_NEWNS (with the implied CLONE_FS) affects only the
+    // calling thread's namespace, which is allowed in a multi-threaded process.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: every pointer is a NUL-terminated static string or null; with MS_REC | MS_PRIVATE
+    // mount(2) only changes the propagation of our (now private) mount tree.
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Lazily unmounts (`MNT_DETACH`), in the caller's mount namespace only, every mount for which
+/// `detach` is true — children before parents. Failures are logged: a mount that stays only
+/// keeps its filesystem busy, it does not endanger data.
+pub fn detach_mounts(detach: impl Fn(&MountEntry) -> bool) -> io::Result<()> {
+    let mounts = read_own()?;
+    // Children follow their parents in mountinfo: unmount in reverse order.
+    for m in mounts.iter().rev().filter(|m| detach(m)) {
+        let Ok(c) = std::ffi::CString::new(m.mount_point.as_os_str().as_bytes()) else {
+            continue;
+        };
+        // SAFETY: `c` is a valid NUL-terminated path; MNT_DETACH only affects our namespace.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            let e = io::Error::last_os_error();
+            tracing::warn!(mount = %m.mount_point.display(), error = %e, "cannot detach mount from the private namespace");
+        }
+    }
+    Ok(())
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` (octal).
@@ -88,6 +135,9 @@ garbage
     #[test]
     fn reads_own_mounts() {
         let own = read_own().expect("mountinfo");
-        assert!(own.iter().any(|m| m.mount_point == std::path::Path::new("/")));
+        assert!(
+            own.iter()
+                .any(|m| m.mount_point == std::path::Path::new("/"))
+        );
     }
 }

@@ -80,24 +80,8 @@ pub fn default_threads() -> usize {
 /// in the new namespace (see [`detach_foreign_mounts`]); `keep_also` names a path whose mount
 /// must stay (the run directory).
 pub fn enter_private_mount_namespace(keep_also: &Path) -> io::Result<()> {
-    // SAFETY: unshare/mount with constant, NUL-terminated arguments.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::mount(
-            c"none".as_ptr(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    detach_foreign_mounts(keep_also);
-    Ok(())
+    crate::mountinfo::unshare_private_namespace()?;
+    detach_foreign_mounts(keep_also)
 }
 
 /// A new mount namespace starts with a copy of every mount, and a copy pins its filesystem:
@@ -106,30 +90,23 @@ pub fn enter_private_mount_namespace(keep_also: &Path) -> io::Result<()> {
 /// detach, in our namespace only, everything except what a worker needs: `/`, `/dev`,
 /// `/proc`, `/sys` (with their virtual submounts), `/run`, and the mount holding `keep_also`
 /// (the run directory). Open descriptors (the backing store) are unaffected by detaching.
-fn detach_foreign_mounts(keep_also: &Path) {
-    let Ok(mounts) = crate::mountinfo::read_own() else {
-        return;
-    };
-    let points: Vec<PathBuf> = mounts.into_iter().map(|m| m.mount_point).collect();
+fn detach_foreign_mounts(keep_also: &Path) -> io::Result<()> {
+    let mounts = crate::mountinfo::read_own()?;
     // The mount that holds the run directory (longest mount point that is a prefix of it).
-    let run_mount = points
+    let run_mount = mounts
         .iter()
+        .map(|m| &m.mount_point)
         .filter(|p| keep_also.starts_with(p))
         .max_by_key(|p| p.as_os_str().len())
         .cloned();
-    for p in points.iter().rev() {
+    crate::mountinfo::detach_mounts(|m| {
+        let p = &m.mount_point;
         let keep = p == Path::new("/")
             || p == Path::new("/run")
             || ["/dev", "/proc", "/sys"].iter().any(|k| p.starts_with(k))
             || run_mount.as_ref() == Some(p);
-        if keep {
-            continue;
-        }
-        if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
-            // SAFETY: NUL-terminated path; MNT_DETACH only affects this (private) namespace.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
+        !keep
+    })
 }
 
 /// A served FUSE + loop device. Dropping it tears everything down (best effort); use

@@ -1,6 +1,5 @@
 //! The few raw OS calls the ublk transport needs (kept here so `unsafe` stays in one small place).
 
-use std::ffi::CString;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -15,50 +14,8 @@ use std::path::Path;
 /// recovery hung). Private propagation keeps the host's later mounts out of our copy; mounts
 /// that already existed (a worker recovering a mounted device) are lazily unmounted here.
 pub fn isolate_mount_namespace() -> io::Result<()> {
-    // SAFETY: unshare takes only flags; CLONE_NEWNS affects the calling thread's fs/namespace
-    // state only (CLONE_FS is implied), which is allowed in a multi-threaded process.
-    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: all pointer arguments are NUL-terminated static strings or null; with MS_REC |
-    // MS_PRIVATE mount(2) only changes propagation of the (now private to us) mount tree.
-    let rc = unsafe {
-        libc::mount(
-            c"none".as_ptr(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    // Children follow their parents in mountinfo: unmount in reverse order.
-    for mount_point in ublk_mount_points(&info, is_ublk_devno).iter().rev() {
-        let c = CString::new(mount_point.as_str()).map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: `c` is a valid NUL-terminated path; MNT_DETACH only affects our namespace.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-            let e = io::Error::last_os_error();
-            tracing::warn!(
-                "ublk: could not detach {mount_point} from the worker's mount namespace: {e}"
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Mount points (unescaped) in `mountinfo` whose device satisfies `is_ublk` ("MAJ:MIN").
-pub(super) fn ublk_mount_points(mountinfo: &str, is_ublk: impl Fn(&str) -> bool) -> Vec<String> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let mut f = line.split(' ');
-            let (devno, mount_point) = (f.nth(2)?, f.nth(1)?);
-            is_ublk(devno).then(|| unescape_octal(mount_point))
-        })
-        .collect()
+    crate::mountinfo::unshare_private_namespace()?;
+    crate::mountinfo::detach_mounts(|m| is_ublk_devno(&m.devno))
 }
 
 /// Whether block device MAJ:MIN is a ublk disk or one of its partitions.
@@ -70,29 +27,6 @@ fn is_ublk_devno(devno: &str) -> bool {
                 .map(|n| n.to_string_lossy().starts_with("ublkb"))
         })
         .unwrap_or(false)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let oct = b
-            .get(i + 1..i + 4)
-            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match oct {
-            Some(d) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether someone holds block device `path` open exclusively (a mounted filesystem, LVM, md …):

@@ -266,19 +266,3 @@ fn params_use_the_sector_size_and_announce_flush_and_fua() {
     assert_eq!(p.discard.discard_granularity, 4096);
     assert_eq!(p.discard.max_discard_segments, 1);
 }
-
-#[test]
-fn ublk_mounts_are_found_in_mountinfo_and_unescaped() {
-    let info = "\
-22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
-30 22 259:3 / /mnt/my\\040vol rw,relatime shared:5 - ext4 /dev/ublkb0 rw
-31 30 259:4 / /mnt/my\\040vol/inner rw shared:6 - xfs /dev/ublkb1p1 rw
-32 22 0:25 / /run rw shared:7 - tmpfs tmpfs rw
-";
-    let ublk = |d: &str| d == "259:3" || d == "259:4";
-    assert_eq!(
-        super::os::ublk_mount_points(info, ublk),
-        ["/mnt/my vol", "/mnt/my vol/inner"]
-    );
-    assert!(super::os::ublk_mount_points(info, |_| false).is_empty());
-}
