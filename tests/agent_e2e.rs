@@ -727,7 +727,7 @@ fn attach_output_through_a_pipe_returns_while_the_worker_keeps_serving() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (lab, _stop) = formatted_lab_without_agent(dir.path());
+    let (lab, stop) = formatted_lab_without_agent(dir.path());
     let state = attach_without_agent(&lab);
     let pid = state["pid"].as_u64().unwrap();
     let bd = state["block_device"].as_str().unwrap().to_owned();
@@ -739,17 +739,8 @@ fn attach_output_through_a_pipe_returns_while_the_worker_keeps_serving() {
     assert_eq!(fd(1), log);
     assert_eq!(fd(2), log);
 
-    let out = lab
-        .kvcrypt()
-        .args(["close", "demo"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Stopped by SIGTERM (a plain `kvcrypt close` may be refused while udev still probes the
+    // new device under load); it removes its device and state file.
+    drop(stop);
     assert!(!lab.run_dir.join("volumes/demo.json").exists());
 }
