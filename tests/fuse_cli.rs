@@ -5,55 +5,14 @@ mod fuse_common;
 mod kvtest;
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
 
 use fuse_common::{pattern, skip_without_fuse_loop, wait_gone};
-use kvcrypt::emulator::{Op, PrincipalInfo};
+use kvcrypt::emulator::Op;
 use kvcrypt::engine::AlignedBuf;
-use kvtest::{Kv, VAULT};
+use kvtest::{Kv, VAULT, kvcrypt_cli as kvcrypt, ok};
 
 const MIB: u64 = 1 << 20;
-
-fn kvcrypt(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kvcrypt"))
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .env_remove("KVCRYPT_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run kvcrypt")
-}
-
-fn ok(out: &Output) -> String {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn config_file(kv: &Kv, p: &PrincipalInfo) -> PathBuf {
-    let secret = kv.dir.path().join("client-secret");
-    std::fs::write(&secret, format!("{}\n", p.secret.clone().unwrap())).unwrap();
-    let resolve: Vec<String> = kv.resolve().iter().map(|r| format!("{r:?}")).collect();
-    let text = format!(
-        "[vault]\nresolve = [{}]\nca_file = {:?}\n\n[vault.credential]\nkind = \"client-secret\"\n\
-         tenant_id = {:?}\nclient_id = {:?}\nsecret_file = {:?}\n",
-        resolve.join(", "),
-        kv.emu.ca_pem_path(),
-        kv.emu.tenant_id(),
-        p.client_id,
-        secret,
-    );
-    let path = kv.dir.path().join("kvcrypt.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 fn io_direct(dev: &str) -> std::fs::File {
     std::fs::OpenOptions::new()
@@ -77,7 +36,7 @@ fn format_open_write_close_reopen_through_the_cli() {
     let kv = Kv::start();
     kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
     let p = kv.principal("kvcrypt-host", &[Op::Get, Op::Wrap, Op::Unwrap]);
-    let cfg = config_file(&kv, &p);
+    let cfg = kv.config_file(&p, "");
     let img = kv.dir.path().join("disk.img");
     std::fs::File::create(&img)
         .unwrap()
@@ -162,7 +121,7 @@ fn format_open_write_close_reopen_through_the_cli() {
 
     // Without access to the key, open fails with the access-denied exit code and serves nothing.
     let stranger = kv.principal("stranger", &[Op::Get]);
-    let cfg2 = config_file(&kv, &stranger);
+    let cfg2 = kv.config_file(&stranger, "");
     let denied = kvcrypt(&cfg2, &["open", imgs, name, "--transport", "fuse"]);
     assert_eq!(
         denied.status.code(),

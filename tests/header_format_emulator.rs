@@ -4,57 +4,15 @@
 mod kvtest;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use kvcrypt::crypto::XtsCipher;
-use kvcrypt::emulator::{Op, PrincipalInfo};
+use kvcrypt::emulator::Op;
 use kvcrypt::header;
 use kvcrypt::secmem::VolumeKey;
-use kvtest::{Kv, VAULT};
+use kvtest::{Kv, VAULT, kvcrypt_cli as run, ok};
 
 const MIB: u64 = 1024 * 1024;
-
-fn run(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kvcrypt"))
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .env_remove("KVCRYPT_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run kvcrypt")
-}
-
-fn ok(out: &Output) -> String {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-/// The config file an operator would write: only `[vault]` matters to the offline commands.
-fn config_file(kv: &Kv, p: &PrincipalInfo) -> std::path::PathBuf {
-    let secret = kv.dir.path().join("client-secret");
-    std::fs::write(&secret, format!("{}\n", p.secret.clone().unwrap())).unwrap();
-    let resolve: Vec<String> = kv.resolve().iter().map(|r| format!("{r:?}")).collect();
-    let text = format!(
-        "[vault]\nresolve = [{}]\nca_file = {:?}\nattempt_timeout_ms = 2000\ndeadline_ms = 10000\n\
-         max_retries = 1\n\n[vault.credential]\nkind = \"client-secret\"\ntenant_id = {:?}\n\
-         client_id = {:?}\nsecret_file = {:?}\n",
-        resolve.join(", "),
-        kv.emu.ca_pem_path(),
-        kv.emu.tenant_id(),
-        p.client_id,
-        secret,
-    );
-    let path = kv.dir.path().join("kvcrypt.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 fn master_key(cfg: &Path, dev: &str) -> Result<VolumeKey, Output> {
     let out = run(
@@ -92,7 +50,10 @@ fn format_dump_rewrap_against_the_emulator() {
     let kv = Kv::start();
     let v1 = kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
     let p = kv.principal("kvcrypt-host", &[Op::Get, Op::Wrap, Op::Unwrap]);
-    let cfg = config_file(&kv, &p);
+    let cfg = kv.config_file(
+        &p,
+        "attempt_timeout_ms = 2000\ndeadline_ms = 10000\nmax_retries = 1\n",
+    );
     let dev = kv.dir.path().join("disk.img");
     std::fs::File::create(&dev)
         .unwrap()

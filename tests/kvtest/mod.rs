@@ -11,6 +11,8 @@ use azure_security_keyvault_keys::{KeyClient, KeyClientOptions};
 use kvcrypt::emulator::{Emulator, EmulatorConfig, EmulatorHandle, Op, PrincipalInfo};
 use kvcrypt::keys::{ClientSecretConfig, CredentialConfig, KeyVaultProvider, VaultConfig};
 use kvcrypt::secmem::VolumeKey;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
 pub const VAULT: &str = "myvault.vault.azure.net";
@@ -116,5 +118,58 @@ impl Kv {
             }),
         )
         .expect("key client")
+    }
+}
+
+/// Runs the `kvcrypt` binary with `--config cfg` and no stdin (so nothing can prompt).
+pub fn kvcrypt_cli(cfg: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kvcrypt"))
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env_remove("KVCRYPT_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kvcrypt")
+}
+
+/// Asserts that a `kvcrypt` run succeeded and returns its stdout.
+pub fn ok(out: &Output) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+impl Kv {
+    /// The config file an operator would write for principal `p` (client secret in a file):
+    /// `[vault]` with the emulator's `resolve` entries and CA, plus `vault_extra` lines
+    /// (e.g. shorter timeouts). One file per principal.
+    pub fn config_file(&self, p: &PrincipalInfo, vault_extra: &str) -> PathBuf {
+        let secret = self
+            .dir
+            .path()
+            .join(format!("client-secret-{}", p.client_id));
+        std::fs::write(&secret, format!("{}\n", p.secret.clone().unwrap())).unwrap();
+        let resolve: Vec<String> = self.resolve().iter().map(|r| format!("{r:?}")).collect();
+        let text = format!(
+            "[vault]\nresolve = [{}]\nca_file = {:?}\n{vault_extra}\n[vault.credential]\n\
+             kind = \"client-secret\"\ntenant_id = {:?}\nclient_id = {:?}\nsecret_file = {:?}\n",
+            resolve.join(", "),
+            self.emu.ca_pem_path(),
+            self.emu.tenant_id(),
+            p.client_id,
+            secret,
+        );
+        let path = self
+            .dir
+            .path()
+            .join(format!("kvcrypt-{}.toml", p.client_id));
+        std::fs::write(&path, text).unwrap();
+        path
     }
 }
