@@ -180,17 +180,7 @@ impl XtsCipher {
         first_sector: u64,
         sector_size: usize,
     ) -> Result<(), CryptoError> {
-        Self::check(buf, first_sector, sector_size)?;
-        match &self.backend {
-            #[cfg(target_arch = "x86_64")]
-            Backend::Vaes(k) => {
-                super::vaes::xts::<true>(k.expose(), buf, first_sector, sector_size)
-            }
-            Backend::Portable(k) => {
-                portable_xts::<true>(k.expose(), buf, first_sector, sector_size)
-            }
-        }
-        Ok(())
+        self.apply::<true>(buf, first_sector, sector_size)
     }
 
     /// Decrypts `buf` in place; the inverse of [`XtsCipher::encrypt_sectors`].
@@ -200,14 +190,24 @@ impl XtsCipher {
         first_sector: u64,
         sector_size: usize,
     ) -> Result<(), CryptoError> {
+        self.apply::<false>(buf, first_sector, sector_size)
+    }
+
+    /// One direction of XTS on the selected backend (`ENCRYPT` picks the direction).
+    fn apply<const ENCRYPT: bool>(
+        &self,
+        buf: &mut [u8],
+        first_sector: u64,
+        sector_size: usize,
+    ) -> Result<(), CryptoError> {
         Self::check(buf, first_sector, sector_size)?;
         match &self.backend {
             #[cfg(target_arch = "x86_64")]
             Backend::Vaes(k) => {
-                super::vaes::xts::<false>(k.expose(), buf, first_sector, sector_size)
+                super::vaes::xts::<ENCRYPT>(k.expose(), buf, first_sector, sector_size)
             }
             Backend::Portable(k) => {
-                portable_xts::<false>(k.expose(), buf, first_sector, sector_size)
+                portable_xts::<ENCRYPT>(k.expose(), buf, first_sector, sector_size)
             }
         }
         Ok(())

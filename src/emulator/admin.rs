@@ -361,21 +361,7 @@ impl Shared {
         material: Material,
         key_ops: Option<Vec<String>>,
     ) -> Result<String, AdminError> {
-        let ops = key_ops.unwrap_or_else(|| {
-            let v: &[&str] = if material.is_rsa() {
-                &[
-                    "encrypt",
-                    "decrypt",
-                    "sign",
-                    "verify",
-                    "wrapKey",
-                    "unwrapKey",
-                ]
-            } else {
-                &["encrypt", "decrypt", "wrapKey", "unwrapKey"]
-            };
-            v.iter().map(|s| s.to_string()).collect()
-        });
+        let ops = key_ops.unwrap_or_else(|| super::vault::default_ops(kty));
         let t = now();
         let version = random_hex(16);
         let v = KeyVersion {

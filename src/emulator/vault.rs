@@ -366,7 +366,8 @@ fn deleted_bundle(host: &str, d: &DeletedEntry) -> Option<Value> {
     Some(b)
 }
 
-fn default_ops(kty: &str) -> Vec<String> {
+/// The key_ops a new key gets when the request names none (as the service does).
+pub(super) fn default_ops(kty: &str) -> Vec<String> {
     let ops: &[&str] = if kty.starts_with("RSA") {
         &[
             "encrypt",
