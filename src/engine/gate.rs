@@ -20,6 +20,13 @@ struct State {
     parked: usize,
 }
 
+/// Why [`Gate::try_enter`] did not admit a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    Suspended,
+    ShutDown,
+}
+
 pub struct Gate {
     state: Mutex<State>,
     cv: Condvar,
@@ -91,6 +98,35 @@ impl Gate {
             gate: self,
             cipher: Some(cipher),
         })
+    }
+
+    /// Enters the gate without waiting (event-loop transports, see `engine::split`).
+    pub fn try_enter(&self) -> Result<Ticket<'_>, Closed> {
+        let mut st = self.lock();
+        if st.shutdown {
+            return Err(Closed::ShutDown);
+        }
+        if st.suspended {
+            return Err(Closed::Suspended);
+        }
+        let cipher = st.cipher.clone().ok_or(Closed::Suspended)?;
+        st.inflight += 1;
+        Ok(Ticket {
+            gate: self,
+            cipher: Some(cipher),
+        })
+    }
+
+    /// Waits, without entering, until the gate is open again; counts `waiting` parked requests
+    /// meanwhile. False once shut down.
+    pub fn wait_resumed(&self, waiting: usize) -> bool {
+        let mut st = self.lock();
+        st.parked += waiting;
+        while st.suspended && !st.shutdown {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.parked -= waiting;
+        !st.shutdown
     }
 
     /// Stops admitting requests and waits for those in flight; then runs `before_wipe` (the

@@ -21,6 +21,7 @@
 
 mod buf;
 mod gate;
+mod split;
 mod target;
 mod uring;
 
@@ -32,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 pub use buf::{ALIGN, AlignedBuf};
+pub use split::SplitError;
 
 use crate::crypto::{CryptoError, XtsCipher};
 use crate::exit::{Exit, ExitClass};
