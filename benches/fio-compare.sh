@@ -20,7 +20,10 @@
 #   cargo build --release --bins && sudo benches/fio-compare.sh
 # Options (environment): SIZE_MIB (default 1024), RUNTIME (seconds per test, default 10),
 #   KVCRYPT_BIN_DIR (default target/release), WORK_DIR (default: new dir under /var/tmp),
-#   QUEUES (kvcrypt FUSE threads, default: kvcrypt's default), ROWS (default "kvcrypt ceiling peer").
+#   QUEUES (kvcrypt FUSE threads, default: kvcrypt's default), ROWS (default "kvcrypt ceiling peer"),
+#   FUSE_URING (1: set /sys/module/fuse/parameters/enable_uring=Y for the kvcrypt row, so it is
+#   served over FUSE-over-io_uring (kernel 6.14+), and restore the old value afterwards; 0: set
+#   it to N, forcing the /dev/fuse thread mode; unset: leave it as it is).
 set -euo pipefail
 
 SIZE_MIB=${SIZE_MIB:-1024}
@@ -40,9 +43,11 @@ done
 [ -x "$KV" ] && [ -x "$EMU" ] || { echo "build first: cargo build --release --bins (looked in $BIN)" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "run as root (loop devices, FUSE mounts)" >&2; exit 1; }
 
-EMU_PID= QSD_PID= LOOPS=()
+EMU_PID= QSD_PID= LOOPS=() URING_OLD=
+URING_PARAM=/sys/module/fuse/parameters/enable_uring
 cleanup() {
     set +e
+    [ -n "$URING_OLD" ] && echo "$URING_OLD" >"$URING_PARAM"
     "$KV" close "$NAME" >/dev/null 2>&1
     for l in "${LOOPS[@]}"; do losetup -d "$l" 2>/dev/null; done
     [ -n "$QSD_PID" ] && kill "$QSD_PID" 2>/dev/null && sleep 0.5
@@ -98,9 +103,18 @@ CFG
 bench_kvcrypt() {
     local q=()
     [ -n "${QUEUES:-}" ] && q=(--queues "$QUEUES")
-    local dev
+    if [ -n "${FUSE_URING:-}" ]; then
+        [ -w "$URING_PARAM" ] || { echo "FUSE_URING set but $URING_PARAM is missing (kernel < 6.14?)" >&2; exit 1; }
+        URING_OLD=$(cat "$URING_PARAM")
+        if [ "$FUSE_URING" = 1 ]; then echo Y >"$URING_PARAM"; else echo N >"$URING_PARAM"; fi
+    fi
+    local dev mode
     dev=$("$KV" --config "$WORK/kvcrypt.toml" open "$WORK/kvcrypt.img" "$NAME" --transport fuse "${q[@]}")
-    echo "kvcrypt: $dev (loop dio=$(cat /sys/block/"${dev#/dev/}"/loop/dio))" >&2
+    # The mode is fixed at mount (INIT): the parameter can go back right away.
+    if [ -n "$URING_OLD" ]; then echo "$URING_OLD" >"$URING_PARAM"; URING_OLD=; fi
+    mode=$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1])).get("fuse_mode","?"))' \
+        "/run/kvcrypt/volumes/$NAME.json" 2>/dev/null || echo "?")
+    echo "kvcrypt: $dev (loop dio=$(cat /sys/block/"${dev#/dev/}"/loop/dio), fuse_mode=$mode)" >&2
     run_fio "$dev" kvcrypt
     "$KV" close "$NAME"
 }

@@ -4,135 +4,16 @@
 
 mod fuse_common;
 
-use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
-use std::time::Duration;
-
+use fuse_common::scenarios::MIB;
 use fuse_common::*;
-use kvcrypt::engine::AlignedBuf;
 use kvcrypt::worker::{WorkerClient, WorkerError, spawn_worker};
-
-const MIB: u64 = 1 << 20;
-
-fn open_direct(dev: &Path) -> std::fs::File {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .expect("open block device")
-}
 
 #[test]
 fn ext4_files_survive_close_and_reopen_and_backing_has_no_plaintext() {
     if skip_without_fuse_loop() {
         return;
     }
-    let name = "t-fuse-ext4";
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let key = test_key(42);
-    let vol = make_volume(dir.path(), 320 * MIB, &key);
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mut cleanup = Cleanup {
-        mounts: vec![mnt.clone()],
-        names: vec![name.into()],
-    };
-
-    let info = spawn_worker(&worker_spec(&vol, name), &key).expect("spawn worker");
-    let bdev = info.block_device.to_str().unwrap().to_string();
-    assert!(bdev.starts_with("/dev/loop"), "{bdev}");
-    assert_eq!(
-        std::fs::read_link(format!("/dev/disk/by-kvcrypt/{name}")).unwrap(),
-        info.block_device
-    );
-    // A second open of the same name or device is refused.
-    let again = spawn_worker(&worker_spec(&vol, name), &key).unwrap_err();
-    assert!(matches!(again, WorkerError::AlreadyOpen { .. }), "{again}");
-    let other = spawn_worker(&worker_spec(&vol, "t-fuse-ext4-b"), &key).unwrap_err();
-    assert!(matches!(other, WorkerError::DeviceInUse { .. }), "{other}");
-
-    run("mkfs.ext4", &["-q", "-F", &bdev]);
-    run("mount", &[&bdev, mnt.to_str().unwrap()]);
-    // Busy while mounted.
-    let busy = WorkerClient::connect(name).unwrap().close().unwrap_err();
-    assert!(
-        matches!(busy, WorkerError::Refused { busy: true, .. }),
-        "{busy}"
-    );
-
-    // ~200 MB of files with distinct contents, checksummed by sha256sum.
-    let marker = pattern(MIB as usize, 4242);
-    std::fs::write(mnt.join("marker.bin"), &marker).unwrap();
-    for i in 0..50u64 {
-        let mut f = std::fs::File::create(mnt.join(format!("f{i:02}.bin"))).unwrap();
-        f.write_all(&pattern(4 * MIB as usize - (i as usize * 4097), i))
-            .unwrap();
-    }
-    std::fs::create_dir(mnt.join("sub")).unwrap();
-    for i in 0..200u64 {
-        std::fs::write(
-            mnt.join("sub").join(format!("s{i}")),
-            pattern(3000 + i as usize * 13, 1000 + i),
-        )
-        .unwrap();
-    }
-    let sums = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("find . -type f -print0 | sort -z | xargs -0 sha256sum")
-        .current_dir(&mnt)
-        .output()
-        .unwrap();
-    assert!(sums.status.success());
-    let sums = String::from_utf8(sums.stdout).unwrap();
-    assert_eq!(sums.lines().count(), 251);
-    run("umount", &[mnt.to_str().unwrap()]);
-
-    WorkerClient::connect(name).unwrap().close().expect("close");
-    wait_gone(info.pid);
-    assert!(
-        !kvcrypt::worker::state_path(name).exists(),
-        "state file removed on close"
-    );
-    assert!(
-        std::fs::symlink_metadata(format!("/dev/disk/by-kvcrypt/{name}")).is_err(),
-        "symlink removed"
-    );
-
-    // The raw backing file holds no 4 KiB piece of the marker file.
-    let raw = std::fs::read(&vol).unwrap();
-    assert!(
-        !contains_any_chunk(&raw, &marker, 4096, 512),
-        "plaintext found in the backing file"
-    );
-    drop(raw);
-
-    // Reopen, verify every checksum, fsck clean.
-    let info = spawn_worker(&worker_spec(&vol, name), &key).expect("reopen");
-    let bdev = info.block_device.to_str().unwrap().to_string();
-    run("mount", &["-o", "ro", &bdev, mnt.to_str().unwrap()]);
-    let mut check = std::process::Command::new("sha256sum")
-        .args(["-c", "--quiet", "-"])
-        .current_dir(&mnt)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    check
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(sums.as_bytes())
-        .unwrap();
-    assert!(
-        check.wait().unwrap().success(),
-        "checksums differ after reopen"
-    );
-    run("umount", &[mnt.to_str().unwrap()]);
-    run("e2fsck", &["-fn", &bdev]);
-    WorkerClient::connect(name).unwrap().close().expect("close");
-    wait_gone(info.pid);
-    cleanup.names.clear();
+    scenarios::ext4_close_reopen("t-fuse-ext4", None);
 }
 
 #[test]
@@ -140,62 +21,7 @@ fn fio_verify_random_io_with_four_jobs() {
     if skip_without_fuse_loop() {
         return;
     }
-    let name = "t-fuse-fio";
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let key = test_key(42);
-    let vol = make_volume(dir.path(), 300 * MIB, &key);
-    let _cleanup = Cleanup {
-        mounts: vec![],
-        names: vec![name.into()],
-    };
-    let info = spawn_worker(&worker_spec(&vol, name), &key).expect("spawn worker");
-    let bdev = info.block_device.to_str().unwrap().to_string();
-    let out = std::process::Command::new("fio")
-        .args([
-            "--name=verify",
-            &format!("--filename={bdev}"),
-            "--direct=1",
-            "--ioengine=io_uring",
-            "--rw=randwrite",
-            "--bssplit=4k/50:16k/25:128k/25",
-            "--size=64M",
-            "--offset_increment=64M",
-            "--numjobs=4",
-            "--iodepth=16",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_backlog=1024",
-            "--do_verify=1",
-            "--verify_state_save=0",
-            "--group_reporting=0",
-            "--output-format=json",
-        ])
-        .output()
-        .expect("run fio");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "fio failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json_start = stdout.find('{').expect("fio JSON output");
-    let v: serde_json::Value = serde_json::from_str(&stdout[json_start..]).expect("parse fio JSON");
-    let jobs = v["jobs"].as_array().expect("jobs");
-    assert_eq!(jobs.len(), 4);
-    for j in jobs {
-        assert_eq!(j["error"].as_i64(), Some(0), "fio job error: {j}");
-        assert_eq!(
-            j["write"]["io_bytes"].as_u64(),
-            Some(64 * MIB),
-            "each job wrote its 64 MiB"
-        );
-        assert!(
-            j["read"]["io_bytes"].as_u64().unwrap_or(0) >= 64 * MIB,
-            "each job verified (read back) its data"
-        );
-    }
-    WorkerClient::connect(name).unwrap().close().expect("close");
-    wait_gone(info.pid);
+    scenarios::fio_verify("t-fuse-fio", None);
 }
 
 #[test]
@@ -203,38 +29,7 @@ fn fsynced_data_survives_sigkill_of_the_worker() {
     if skip_without_fuse_loop() {
         return;
     }
-    let name = "t-fuse-kill";
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let key = test_key(42);
-    let vol = make_volume(dir.path(), 64 * MIB, &key);
-    let _cleanup = Cleanup {
-        mounts: vec![],
-        names: vec![name.into()],
-    };
-    let info = spawn_worker(&worker_spec(&vol, name), &key).expect("spawn worker");
-    // Buffered writes into the block device's page cache, then fsync: only the flush makes
-    // them durable.
-    let data = pattern(8 * MIB as usize, 99);
-    {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&info.block_device)
-            .unwrap();
-        f.write_all_at(&data, 3 * MIB + 4096).unwrap();
-        f.sync_all().unwrap();
-        // SIGKILL while the device is still open: no chance for any orderly flush.
-        // SAFETY: kill on the worker we started.
-        unsafe { libc::kill(info.pid as i32, libc::SIGKILL) };
-        wait_gone(info.pid);
-    }
-    let info = spawn_worker(&worker_spec(&vol, name), &key).expect("reopen after SIGKILL");
-    let f = open_direct(&info.block_device);
-    let mut back = AlignedBuf::new(data.len());
-    f.read_exact_at(&mut back, 3 * MIB + 4096).unwrap();
-    assert!(back[..] == data[..], "fsynced data lost after SIGKILL");
-    drop(f);
-    WorkerClient::connect(name).unwrap().close().expect("close");
-    wait_gone(info.pid);
+    scenarios::fsync_survives_sigkill("t-fuse-kill", None);
 }
 
 #[test]
@@ -242,60 +37,7 @@ fn writes_wait_while_suspended_and_complete_after_resume() {
     if skip_without_fuse_loop() {
         return;
     }
-    let name = "t-fuse-suspend";
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let key = test_key(42);
-    let vol = make_volume(dir.path(), 64 * MIB, &key);
-    let _cleanup = Cleanup {
-        mounts: vec![],
-        names: vec![name.into()],
-    };
-    let info = spawn_worker(&worker_spec(&vol, name), &key).expect("spawn worker");
-    let mut c = WorkerClient::connect(name).unwrap();
-    assert_eq!(c.status().unwrap().state, "serving");
-    c.suspend().expect("suspend");
-    assert_eq!(c.status().unwrap().state, "suspended");
-
-    let dev = info.block_device.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let writer = std::thread::spawn(move || {
-        let f = open_direct(&dev);
-        let mut b = AlignedBuf::new(64 * 1024);
-        b.fill(0x5A);
-        let r = f.write_all_at(&b, 10 * MIB);
-        tx.send(()).unwrap();
-        r
-    });
-    // The write reaches the worker and parks there…
-    let mut parked = 0;
-    for _ in 0..500 {
-        parked = c.status().unwrap().parked;
-        if parked > 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(parked > 0, "the write never reached the worker");
-    // …and has not completed a second later.
-    assert!(
-        rx.recv_timeout(Duration::from_secs(1)).is_err(),
-        "write completed while suspended"
-    );
-    // A wrong key is refused and the volume stays suspended.
-    let wrong = c.resume(&test_key(7)).unwrap_err();
-    assert!(matches!(wrong, WorkerError::Refused { .. }), "{wrong}");
-    assert_eq!(c.status().unwrap().state, "suspended");
-    c.resume(&key).expect("resume");
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("write completes after resume");
-    writer.join().unwrap().expect("write succeeded");
-    let f = open_direct(&info.block_device);
-    let mut back = AlignedBuf::new(64 * 1024);
-    f.read_exact_at(&mut back, 10 * MIB).unwrap();
-    assert!(back.iter().all(|&b| b == 0x5A));
-    drop(f);
-    c.close().expect("close");
-    wait_gone(info.pid);
+    scenarios::suspend_parks_and_resume_completes("t-fuse-suspend", None);
 }
 
 #[test]

@@ -21,6 +21,9 @@ pub struct WorkerStatus {
     pub block_device: PathBuf,
     /// Requests waiting for resume.
     pub parked: usize,
+    /// FUSE transport only: "io_uring" or "dev_fuse".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuse_mode: Option<String>,
 }
 
 impl WorkerStatus {

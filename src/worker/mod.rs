@@ -105,6 +105,9 @@ pub struct WorkerState {
     pub uuid: String,
     pub read_only: bool,
     pub allow_discards: bool,
+    /// FUSE transport only: "io_uring" or "dev_fuse" (how requests reach the worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuse_mode: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

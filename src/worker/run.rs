@@ -116,6 +116,7 @@ fn serve_fuse(
         uuid: h.uuid.to_string(),
         read_only: opts.read_only,
         allow_discards: opts.allow_discards,
+        fuse_mode: Some(dev.mode().as_str().to_string()),
     };
     let (tx, rx) = mpsc::channel();
     let listener = publish(&state, &tx)?;
@@ -240,6 +241,7 @@ fn serve_ublk(
                     uuid: h.uuid.to_string(),
                     read_only: opts.read_only,
                     allow_discards: opts.allow_discards,
+                    fuse_mode: None,
                 };
                 match publish(&state, &tx2) {
                     Ok(l) => listener = Some(l),
@@ -342,6 +344,7 @@ fn status_json(state: &WorkerState, engine: &Engine) -> serde_json::Value {
         "device": state.device,
         "block_device": state.block_device,
         "parked": engine.parked_requests(),
+        "fuse_mode": state.fuse_mode,
     })
 }
 

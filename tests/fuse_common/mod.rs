@@ -1,7 +1,11 @@
 //! Helpers shared by the data-path tests (tests/fuse_*.rs).
 #![allow(dead_code)]
 
+pub mod scenarios;
+
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use kvcrypt::crypto::XtsCipher;
 use kvcrypt::secmem::VolumeKey;
@@ -161,5 +165,51 @@ impl Drop for Cleanup {
                 let _ = c.close();
             }
         }
+    }
+}
+
+/// Opens a block device for direct I/O.
+pub fn open_direct(dev: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .expect("open block device")
+}
+
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Sets the FUSE module's `enable_uring` parameter while alive (the kernel offers
+/// FUSE-over-io_uring only to connections mounted meanwhile) and restores the previous value
+/// on drop. Holding it also serialises the tests of one file that need it.
+pub struct EnableUring {
+    old: String,
+    _serial: MutexGuard<'static, ()>,
+}
+
+static URING_SERIAL: Mutex<()> = Mutex::new(());
+
+impl EnableUring {
+    /// `None` (with a loud note) if this kernel has no FUSE-over-io_uring (before 6.14).
+    pub fn on() -> Option<EnableUring> {
+        let serial = URING_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let Ok(old) = std::fs::read_to_string(ENABLE_URING) else {
+            eprintln!(
+                "\n!!! SKIPPING: {ENABLE_URING} is missing: this kernel has no FUSE-over-io_uring !!!\n"
+            );
+            return None;
+        };
+        std::fs::write(ENABLE_URING, "Y").expect("set fuse enable_uring=Y");
+        Some(EnableUring {
+            old: old.trim().to_string(),
+            _serial: serial,
+        })
+    }
+}
+
+impl Drop for EnableUring {
+    fn drop(&mut self) {
+        let _ = std::fs::write(ENABLE_URING, &self.old);
     }
 }

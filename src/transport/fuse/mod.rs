@@ -14,16 +14,25 @@
 //! Request flow: loop (kernel) → FUSE READ/WRITE/FSYNC/FALLOCATE → [`Engine`] → backing store.
 //! While the engine is suspended the serving threads block inside the engine, so requests wait
 //! (in the kernel's FUSE queue) instead of failing.
+//!
+//! Two serving modes, chosen at INIT ([`FuseMode`]): FUSE-over-io_uring ([`uring`]) when the
+//! kernel offers it (`/sys/module/fuse/parameters/enable_uring` = Y at mount time) — one
+//! event-loop thread per CPU, many requests in flight each — else one thread per cloned
+//! `/dev/fuse` descriptor, one request at a time each.
 
 mod proto;
+mod uring;
+mod uring_sys;
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::engine::{ALIGN, AlignedBuf, Engine, EngineError};
 
@@ -49,6 +58,29 @@ pub struct FuseOptions {
     pub read_only: bool,
     /// Ask loop for direct I/O on the FUSE file (no double caching). On by default.
     pub loop_direct_io: bool,
+    /// Use FUSE-over-io_uring when the kernel offers it at INIT. On by default.
+    pub io_uring: bool,
+    /// Ring entries per CPU queue in io_uring mode (`None`: [`uring::default_depth`]).
+    pub uring_depth: Option<usize>,
+}
+
+/// How requests reach the serving threads (decided at INIT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FuseMode {
+    /// FUSE-over-io_uring: one event loop per CPU queue.
+    IoUring,
+    /// Thread per cloned `/dev/fuse` descriptor.
+    DevFuse,
+}
+
+impl FuseMode {
+    /// "io_uring" / "dev_fuse" (the worker status field `fuse_mode`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FuseMode::IoUring => "io_uring",
+            FuseMode::DevFuse => "dev_fuse",
+        }
+    }
 }
 
 impl FuseOptions {
@@ -59,6 +91,8 @@ impl FuseOptions {
             threads: default_threads(),
             read_only: false,
             loop_direct_io: true,
+            io_uring: true,
+            uring_depth: None,
         }
     }
 }
@@ -117,6 +151,7 @@ pub struct FuseDevice {
     mountpoint: PathBuf,
     mounted: bool,
     conn: u64,
+    mode: FuseMode,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -177,31 +212,58 @@ impl FuseDevice {
             mountpoint: mp.clone(),
             mounted: true,
             conn: 0,
+            mode: FuseMode::DevFuse,
             threads: Vec::new(),
         };
 
-        // Serving threads: the first uses the mount's descriptor, the others clones of it.
+        // The first /dev/fuse thread answers INIT (sent at mount) and reports whether the
+        // kernel took FUSE-over-io_uring; the other threads are started after that.
+        let (init_tx, init_rx) = mpsc::channel();
         let ctx = Arc::new(Ctx {
             engine: engine.clone(),
             read_only: opts.read_only,
+            offer_uring: opts.io_uring && uring::supported(),
+            init_done: Mutex::new(Some(init_tx)),
         });
-        let mut fds = vec![OwnedFd::from(fuse)];
-        for _ in 1..opts.threads.max(1) {
-            fds.push(
-                clone_fd(fds[0].as_raw_fd())
-                    .map_err(|e| TransportError::Setup(format!("FUSE_DEV_IOC_CLONE: {e}")))?,
+        let fuse = OwnedFd::from(fuse);
+        let raw = fuse.as_raw_fd();
+        let clone =
+            || clone_fd(raw).map_err(|e| TransportError::Setup(format!("FUSE_DEV_IOC_CLONE: {e}")));
+        dev.spawn_reader(&ctx, 0, fuse)?;
+        let use_uring = init_rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| TransportError::Setup("the kernel sent no FUSE INIT".into()))?;
+        if use_uring {
+            dev.mode = FuseMode::IoUring;
+            let queues = uring::nr_queues();
+            let depth = opts
+                .uring_depth
+                .unwrap_or_else(|| uring::default_depth(queues));
+            let fds = (0..queues)
+                .map(|_| clone())
+                .collect::<Result<Vec<_>, _>>()?;
+            uring::start_queues(&ctx, fds, depth, &mut dev.threads)?;
+            // FORGET and INTERRUPT still come through /dev/fuse.
+            dev.spawn_reader(&ctx, 1, clone()?)?;
+            tracing::info!(
+                fuse_mode = "io_uring",
+                queues,
+                depth,
+                "FUSE requests served over io_uring"
+            );
+        } else {
+            for i in 1..opts.threads.max(1) {
+                dev.spawn_reader(&ctx, i, clone()?)?;
+            }
+            tracing::info!(
+                fuse_mode = "dev_fuse",
+                threads = opts.threads.max(1),
+                "FUSE requests served by /dev/fuse threads"
             );
         }
-        for (i, fd) in fds.into_iter().enumerate() {
-            let ctx = ctx.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("kvcrypt-fuse-{i}"))
-                .spawn(move || serve_thread(&ctx, fd))
-                .map_err(|e| TransportError::Setup(format!("spawning FUSE thread: {e}")))?;
-            dev.threads.push(h);
-        }
 
-        // Opening the file waits for INIT, which the threads answer.
+        // Opening the file goes through the serving threads (in io_uring mode, the kernel
+        // holds requests until every queue has registered).
         let file = OpenOptions::new()
             .read(true)
             .write(!opts.read_only)
@@ -222,9 +284,29 @@ impl FuseDevice {
         if opts.loop_direct_io && !lo.direct_io() {
             tracing::warn!(device = %lo.path().display(), "loop refused direct I/O on the FUSE file; using its page cache");
         }
-        tracing::info!(device = %lo.path().display(), threads = opts.threads, "FUSE+loop device ready");
+        tracing::info!(device = %lo.path().display(), fuse_mode = dev.mode.as_str(), "FUSE+loop device ready");
         dev.loopdev = Some(lo);
         Ok(dev)
+    }
+
+    fn spawn_reader(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        i: usize,
+        fd: OwnedFd,
+    ) -> Result<(), TransportError> {
+        let ctx = ctx.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("kvcrypt-fuse-{i}"))
+            .spawn(move || serve_thread(&ctx, fd))
+            .map_err(|e| TransportError::Setup(format!("spawning FUSE thread: {e}")))?;
+        self.threads.push(h);
+        Ok(())
+    }
+
+    /// The serving mode the kernel agreed to at INIT.
+    pub fn mode(&self) -> FuseMode {
+        self.mode
     }
 
     /// The block device users see (`/dev/loopN`).
@@ -318,6 +400,20 @@ impl Drop for FuseDevice {
 struct Ctx {
     engine: Arc<Engine>,
     read_only: bool,
+    /// Accept FUSE-over-io_uring if the kernel offers it.
+    offer_uring: bool,
+    /// Told once INIT is answered: true if io_uring mode was agreed.
+    init_done: Mutex<Option<mpsc::Sender<bool>>>,
+}
+
+/// Answer to a request handled without backing I/O of its own.
+enum Reply {
+    /// No reply expected (FORGET, INTERRUPT).
+    None,
+    /// Fails with this (positive) errno.
+    Err(i32),
+    /// Succeeds with the first n bytes of the output buffer.
+    Data(usize),
 }
 
 fn clone_fd(orig: RawFd) -> io::Result<OwnedFd> {
@@ -379,8 +475,15 @@ fn handle(ctx: &Ctx, fd: RawFd, h: &InHeader, msg: &mut [u8], reply: &mut Aligne
     match h.opcode {
         INIT => {
             let i: InitIn = read(&msg[body_start..]);
+            if i.major != FUSE_KERNEL_VERSION {
+                reply_empty(fd, h.unique, -libc::EPROTO);
+                init_answered(ctx, false);
+                return;
+            }
             let want =
                 FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_MAX_PAGES | FUSE_INIT_EXT;
+            let offered = i.flags & FUSE_INIT_EXT != 0 && i.flags2 & FUSE_OVER_IO_URING_FLAGS2 != 0;
+            let uring = offered && ctx.offer_uring;
             let out = InitOut {
                 major: FUSE_KERNEL_VERSION,
                 minor: FUSE_KERNEL_MINOR_VERSION.min(i.minor),
@@ -391,35 +494,16 @@ fn handle(ctx: &Ctx, fd: RawFd, h: &InHeader, msg: &mut [u8], reply: &mut Aligne
                 max_write: MAX_IO as u32,
                 time_gran: 1,
                 max_pages: (MAX_IO / 4096) as u16,
+                flags2: if uring { FUSE_OVER_IO_URING_FLAGS2 } else { 0 },
                 ..InitOut::default()
             };
-            if i.major != FUSE_KERNEL_VERSION {
-                reply_empty(fd, h.unique, -libc::EPROTO);
-                return;
+            if offered && !uring {
+                tracing::info!("the kernel offers FUSE-over-io_uring but it is not used here");
             }
+            // The kernel marks the connection initialised while processing this write, so
+            // ring registration (which needs that) may start once it returns.
             reply_struct(fd, h.unique, &out);
-        }
-        GETATTR => reply_struct(fd, h.unique, &attr_out(ctx)),
-        SETATTR => {
-            let s: SetattrIn = read(&msg[body_start..]);
-            if s.valid & FATTR_SIZE != 0 && s.size != engine.data_length() {
-                reply_empty(fd, h.unique, -libc::EPERM);
-            } else {
-                reply_struct(fd, h.unique, &attr_out(ctx));
-            }
-        }
-        OPEN => {
-            let flags = read::<OpenIn>(&msg[body_start..]).flags as i32;
-            if ctx.read_only && (flags & libc::O_ACCMODE) != libc::O_RDONLY {
-                reply_empty(fd, h.unique, -libc::EROFS);
-                return;
-            }
-            let out = OpenOut {
-                fh: 1,
-                open_flags: FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES,
-                backing_id: 0,
-            };
-            reply_struct(fd, h.unique, &out);
+            init_answered(ctx, uring);
         }
         READ => {
             let r: ReadIn = read(&msg[body_start..]);
@@ -465,33 +549,84 @@ fn handle(ctx: &Ctx, fd: RawFd, h: &InHeader, msg: &mut [u8], reply: &mut Aligne
                 Err(e) => reply_err(fd, h.unique, &e, "write", w.offset),
             }
         }
-        FSYNC => match engine.flush() {
-            Ok(()) => reply_empty(fd, h.unique, 0),
-            Err(e) => reply_err(fd, h.unique, &e, "flush", 0),
+        _ => match meta_reply(ctx, h, &msg[body_start..], reply) {
+            Reply::None => {}
+            Reply::Err(errno) => reply_empty(fd, h.unique, -errno),
+            Reply::Data(n) => reply_data(fd, h.unique, &reply[..n]),
         },
-        FALLOCATE => {
-            let f: FallocateIn = read(&msg[body_start..]);
-            let r = fallocate(engine, &f);
-            match r {
-                Ok(()) => reply_empty(fd, h.unique, 0),
-                Err(e) => reply_err(fd, h.unique, &e, "fallocate", f.offset),
+    }
+}
+
+fn init_answered(ctx: &Ctx, uring: bool) {
+    if let Some(tx) = ctx.init_done.lock().ok().and_then(|mut g| g.take()) {
+        let _ = tx.send(uring);
+    }
+}
+
+/// Requests other than INIT, READ and WRITE, in both modes: `body` is the opcode's first
+/// argument, the reply goes to the start of `out`. FSYNC and FALLOCATE block in the engine
+/// (the io_uring mode submits FSYNC itself and only gets here for the rest).
+fn meta_reply(ctx: &Ctx, h: &InHeader, body: &[u8], out: &mut [u8]) -> Reply {
+    fn put<T: Pod>(out: &mut [u8], t: &T) -> Reply {
+        let b = bytes(t);
+        out[..b.len()].copy_from_slice(b);
+        Reply::Data(b.len())
+    }
+    let engine = &ctx.engine;
+    let engine_err = |e: &EngineError, what: &str, offset: u64| {
+        if !matches!(e, EngineError::ShutDown) {
+            tracing::error!("{what} at volume offset {offset}: {e}");
+        }
+        Reply::Err(e.errno())
+    };
+    match h.opcode {
+        GETATTR => put(out, &attr_out(ctx)),
+        SETATTR => {
+            let s: SetattrIn = read(body);
+            if s.valid & FATTR_SIZE != 0 && s.size != engine.data_length() {
+                Reply::Err(libc::EPERM)
+            } else {
+                put(out, &attr_out(ctx))
             }
         }
-        FLUSH | RELEASE => reply_empty(fd, h.unique, 0),
+        OPEN => {
+            let flags = read::<OpenIn>(body).flags as i32;
+            if ctx.read_only && (flags & libc::O_ACCMODE) != libc::O_RDONLY {
+                return Reply::Err(libc::EROFS);
+            }
+            let o = OpenOut {
+                fh: 1,
+                open_flags: FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES,
+                backing_id: 0,
+            };
+            put(out, &o)
+        }
+        FSYNC => match engine.flush() {
+            Ok(()) => Reply::Data(0),
+            Err(e) => engine_err(&e, "flush", 0),
+        },
+        FALLOCATE => {
+            let f: FallocateIn = read(body);
+            match fallocate(engine, &f) {
+                Ok(()) => Reply::Data(0),
+                Err(e) => engine_err(&e, "fallocate", f.offset),
+            }
+        }
+        FLUSH | RELEASE => Reply::Data(0),
         STATFS => {
             let ss = engine.sector_size();
-            let out = StatfsOut {
+            let st = StatfsOut {
                 blocks: engine.data_length() / ss as u64,
                 bsize: ss,
                 frsize: ss,
                 namelen: 255,
                 ..StatfsOut::default()
             };
-            reply_struct(fd, h.unique, &out);
+            put(out, &st)
         }
-        LOOKUP => reply_empty(fd, h.unique, -libc::ENOENT),
-        FORGET | BATCH_FORGET | INTERRUPT => {} // no reply expected
-        _ => reply_empty(fd, h.unique, -libc::ENOSYS),
+        LOOKUP => Reply::Err(libc::ENOENT),
+        FORGET | BATCH_FORGET | INTERRUPT => Reply::None,
+        _ => Reply::Err(libc::ENOSYS),
     }
 }
 

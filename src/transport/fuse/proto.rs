@@ -29,6 +29,12 @@ pub const FUSE_BIG_WRITES: u32 = 1 << 5;
 pub const FUSE_ASYNC_DIO: u32 = 1 << 15;
 pub const FUSE_MAX_PAGES: u32 = 1 << 22;
 pub const FUSE_INIT_EXT: u32 = 1 << 30;
+/// `FUSE_OVER_IO_URING` (bit 41 of the 64-bit flags) as it appears in `flags2`.
+pub const FUSE_OVER_IO_URING_FLAGS2: u32 = 1 << (41 - 32);
+
+// FUSE-over-io_uring commands (`enum fuse_uring_cmd`, the SQE's `cmd_op`).
+pub const FUSE_IO_URING_CMD_REGISTER: u32 = 1;
+pub const FUSE_IO_URING_CMD_COMMIT_AND_FETCH: u32 = 2;
 
 // OPEN reply flags.
 pub const FOPEN_DIRECT_IO: u32 = 1 << 0;
@@ -218,7 +224,54 @@ pub struct StatfsOut {
     pub spare: [u32; 6],
 }
 
+/// `struct fuse_uring_ent_in_out`: ring bookkeeping inside an entry's header buffer.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UringEntInOut {
+    pub flags: u64,
+    /// Identifies the request in COMMIT_AND_FETCH (the request's `unique`).
+    pub commit_id: u64,
+    /// Kernel → server: payload bytes of the request; server → kernel: payload bytes of the reply.
+    pub payload_sz: u32,
+    pub padding: u32,
+    pub reserved: u64,
+}
+
+/// `struct fuse_uring_req_header`: the header buffer (iovec 0) of one ring entry. `in_out`
+/// holds `fuse_in_header` (request) / `fuse_out_header` (reply); `op_in` the opcode's first
+/// argument (e.g. `fuse_read_in`); all other arguments and reply data live in the payload.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct UringReqHeader {
+    pub in_out: [u8; 128],
+    pub op_in: [u8; 128],
+    pub ent: UringEntInOut,
+}
+
+impl Default for UringReqHeader {
+    fn default() -> Self {
+        UringReqHeader {
+            in_out: [0; 128],
+            op_in: [0; 128],
+            ent: UringEntInOut::default(),
+        }
+    }
+}
+
+/// `struct fuse_uring_cmd_req`: the first 24 bytes of the SQE's 80-byte command area.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UringCmdReq {
+    pub flags: u64,
+    pub commit_id: u64,
+    pub qid: u16,
+    pub padding: [u8; 6],
+}
+
 pod!(
+    UringEntInOut,
+    UringReqHeader,
+    UringCmdReq,
     InHeader,
     OutHeader,
     InitIn,
@@ -247,6 +300,9 @@ const _: () = {
     assert!(size_of::<WriteOut>() == 8);
     assert!(size_of::<FallocateIn>() == 32);
     assert!(size_of::<StatfsOut>() == 80);
+    assert!(size_of::<UringEntInOut>() == 32);
+    assert!(size_of::<UringReqHeader>() == 288);
+    assert!(size_of::<UringCmdReq>() == 24);
 };
 
 /// Reads a wire struct from the start of `b` (zero-filled if `b` is shorter: older kernels

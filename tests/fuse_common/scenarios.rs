@@ -1,0 +1,372 @@
+//! The FUSE+loop worker scenarios (ext4 across close/reopen, fio verify, fsync + SIGKILL,
+//! suspend/resume), shared by tests/fuse_worker.rs (whatever mode the kernel gives) and
+//! tests/fuse_uring.rs (FUSE-over-io_uring forced on). `mode`, when given, is the serving mode
+//! the worker must report ("io_uring" / "dev_fuse").
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use super::*;
+use std::sync::Arc;
+
+use kvcrypt::engine::{AlignedBuf, Engine, EngineConfig};
+use kvcrypt::transport::fuse::{FuseDevice, FuseMode, FuseOptions};
+use kvcrypt::worker::{WorkerClient, WorkerError, WorkerInfo, spawn_worker};
+
+pub const MIB: u64 = 1 << 20;
+
+/// Starts a worker and checks the serving mode it reports.
+fn spawn_checked(vol: &Path, name: &str, mode: Option<&str>) -> WorkerInfo {
+    let info = spawn_worker(&worker_spec(vol, name), &test_key(42)).expect("spawn worker");
+    if let Some(mode) = mode {
+        let st = WorkerClient::connect(name).unwrap().status().unwrap();
+        assert_eq!(st.fuse_mode.as_deref(), Some(mode), "worker serving mode");
+        let state = kvcrypt::worker::read_state(name).expect("state file");
+        assert_eq!(
+            state.fuse_mode.as_deref(),
+            Some(mode),
+            "state file fuse_mode"
+        );
+    }
+    info
+}
+
+/// ext4 with ~200 MB of checksummed files, close, no plaintext on the backing file, reopen,
+/// verify, e2fsck.
+pub fn ext4_close_reopen(name: &str, mode: Option<&str>) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let key = test_key(42);
+    let vol = make_volume(dir.path(), 320 * MIB, &key);
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut cleanup = Cleanup {
+        mounts: vec![mnt.clone()],
+        names: vec![name.into()],
+    };
+
+    let info = spawn_checked(&vol, name, mode);
+    let bdev = info.block_device.to_str().unwrap().to_string();
+    assert!(bdev.starts_with("/dev/loop"), "{bdev}");
+    assert_eq!(
+        std::fs::read_link(format!("/dev/disk/by-kvcrypt/{name}")).unwrap(),
+        info.block_device
+    );
+    // A second open of the same name or device is refused.
+    let again = spawn_worker(&worker_spec(&vol, name), &key).unwrap_err();
+    assert!(matches!(again, WorkerError::AlreadyOpen { .. }), "{again}");
+    let other = spawn_worker(&worker_spec(&vol, &format!("{name}-b")), &key).unwrap_err();
+    assert!(matches!(other, WorkerError::DeviceInUse { .. }), "{other}");
+
+    run("mkfs.ext4", &["-q", "-F", &bdev]);
+    run("mount", &[&bdev, mnt.to_str().unwrap()]);
+    // Busy while mounted.
+    let busy = WorkerClient::connect(name).unwrap().close().unwrap_err();
+    assert!(
+        matches!(busy, WorkerError::Refused { busy: true, .. }),
+        "{busy}"
+    );
+
+    // ~200 MB of files with distinct contents, checksummed by sha256sum.
+    let marker = pattern(MIB as usize, 4242);
+    std::fs::write(mnt.join("marker.bin"), &marker).unwrap();
+    for i in 0..50u64 {
+        let mut f = std::fs::File::create(mnt.join(format!("f{i:02}.bin"))).unwrap();
+        f.write_all(&pattern(4 * MIB as usize - (i as usize * 4097), i))
+            .unwrap();
+    }
+    std::fs::create_dir(mnt.join("sub")).unwrap();
+    for i in 0..200u64 {
+        std::fs::write(
+            mnt.join("sub").join(format!("s{i}")),
+            pattern(3000 + i as usize * 13, 1000 + i),
+        )
+        .unwrap();
+    }
+    let sums = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("find . -type f -print0 | sort -z | xargs -0 sha256sum")
+        .current_dir(&mnt)
+        .output()
+        .unwrap();
+    assert!(sums.status.success());
+    let sums = String::from_utf8(sums.stdout).unwrap();
+    assert_eq!(sums.lines().count(), 251);
+    run("umount", &[mnt.to_str().unwrap()]);
+
+    WorkerClient::connect(name).unwrap().close().expect("close");
+    wait_gone(info.pid);
+    assert!(
+        !kvcrypt::worker::state_path(name).exists(),
+        "state file removed on close"
+    );
+    assert!(
+        std::fs::symlink_metadata(format!("/dev/disk/by-kvcrypt/{name}")).is_err(),
+        "symlink removed"
+    );
+
+    // The raw backing file holds no 4 KiB piece of the marker file.
+    let raw = std::fs::read(&vol).unwrap();
+    assert!(
+        !contains_any_chunk(&raw, &marker, 4096, 512),
+        "plaintext found in the backing file"
+    );
+    drop(raw);
+
+    // Reopen, verify every checksum, fsck clean.
+    let info = spawn_checked(&vol, name, mode);
+    let bdev = info.block_device.to_str().unwrap().to_string();
+    run("mount", &["-o", "ro", &bdev, mnt.to_str().unwrap()]);
+    let mut check = std::process::Command::new("sha256sum")
+        .args(["-c", "--quiet", "-"])
+        .current_dir(&mnt)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sums.as_bytes())
+        .unwrap();
+    assert!(
+        check.wait().unwrap().success(),
+        "checksums differ after reopen"
+    );
+    run("umount", &[mnt.to_str().unwrap()]);
+    run("e2fsck", &["-fn", &bdev]);
+    WorkerClient::connect(name).unwrap().close().expect("close");
+    wait_gone(info.pid);
+    cleanup.names.clear();
+}
+
+/// fio --verify=crc32c, four jobs at iodepth 16, mixed block sizes.
+pub fn fio_verify(name: &str, mode: Option<&str>) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let key = test_key(42);
+    let vol = make_volume(dir.path(), 300 * MIB, &key);
+    let _cleanup = Cleanup {
+        mounts: vec![],
+        names: vec![name.into()],
+    };
+    let info = spawn_checked(&vol, name, mode);
+    let bdev = info.block_device.to_str().unwrap().to_string();
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=verify",
+            &format!("--filename={bdev}"),
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--rw=randwrite",
+            "--bssplit=4k/50:16k/25:128k/25",
+            "--size=64M",
+            "--offset_increment=64M",
+            "--numjobs=4",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_backlog=1024",
+            "--do_verify=1",
+            "--verify_state_save=0",
+            "--group_reporting=0",
+            "--output-format=json",
+        ])
+        .output()
+        .expect("run fio");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fio failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json_start = stdout.find('{').expect("fio JSON output");
+    let v: serde_json::Value = serde_json::from_str(&stdout[json_start..]).expect("parse fio JSON");
+    let jobs = v["jobs"].as_array().expect("jobs");
+    assert_eq!(jobs.len(), 4);
+    for j in jobs {
+        assert_eq!(j["error"].as_i64(), Some(0), "fio job error: {j}");
+        assert_eq!(
+            j["write"]["io_bytes"].as_u64(),
+            Some(64 * MIB),
+            "each job wrote its 64 MiB"
+        );
+        assert!(
+            j["read"]["io_bytes"].as_u64().unwrap_or(0) >= 64 * MIB,
+            "each job verified (read back) its data"
+        );
+    }
+    WorkerClient::connect(name).unwrap().close().expect("close");
+    wait_gone(info.pid);
+}
+
+/// fsynced data survives SIGKILL of the worker.
+pub fn fsync_survives_sigkill(name: &str, mode: Option<&str>) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let key = test_key(42);
+    let vol = make_volume(dir.path(), 64 * MIB, &key);
+    let _cleanup = Cleanup {
+        mounts: vec![],
+        names: vec![name.into()],
+    };
+    let info = spawn_checked(&vol, name, mode);
+    // Buffered writes into the block device's page cache, then fsync: only the flush makes
+    // them durable.
+    let data = pattern(8 * MIB as usize, 99);
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&info.block_device)
+            .unwrap();
+        f.write_all_at(&data, 3 * MIB + 4096).unwrap();
+        f.sync_all().unwrap();
+        // SIGKILL while the device is still open: no chance for any orderly flush.
+        // SAFETY: kill on the worker we started.
+        unsafe { libc::kill(info.pid as i32, libc::SIGKILL) };
+        wait_gone(info.pid);
+    }
+    let info = spawn_checked(&vol, name, mode);
+    let f = open_direct(&info.block_device);
+    let mut back = AlignedBuf::new(data.len());
+    f.read_exact_at(&mut back, 3 * MIB + 4096).unwrap();
+    assert!(back[..] == data[..], "fsynced data lost after SIGKILL");
+    drop(f);
+    WorkerClient::connect(name).unwrap().close().expect("close");
+    wait_gone(info.pid);
+}
+
+/// A write parks while suspended, and completes after resume with the right key.
+pub fn suspend_parks_and_resume_completes(name: &str, mode: Option<&str>) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let key = test_key(42);
+    let vol = make_volume(dir.path(), 64 * MIB, &key);
+    let _cleanup = Cleanup {
+        mounts: vec![],
+        names: vec![name.into()],
+    };
+    let info = spawn_checked(&vol, name, mode);
+    let mut c = WorkerClient::connect(name).unwrap();
+    assert_eq!(c.status().unwrap().state, "serving");
+    c.suspend().expect("suspend");
+    assert_eq!(c.status().unwrap().state, "suspended");
+
+    let dev = info.block_device.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let f = open_direct(&dev);
+        let mut b = AlignedBuf::new(64 * 1024);
+        b.fill(0x5A);
+        let r = f.write_all_at(&b, 10 * MIB);
+        tx.send(()).unwrap();
+        r
+    });
+    // The write reaches the worker and parks there…
+    let mut parked = 0;
+    for _ in 0..500 {
+        parked = c.status().unwrap().parked;
+        if parked > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(parked > 0, "the write never reached the worker");
+    // …and has not completed a second later.
+    assert!(
+        rx.recv_timeout(Duration::from_secs(1)).is_err(),
+        "write completed while suspended"
+    );
+    // A wrong key is refused and the volume stays suspended.
+    let wrong = c.resume(&test_key(7)).unwrap_err();
+    assert!(matches!(wrong, WorkerError::Refused { .. }), "{wrong}");
+    assert_eq!(c.status().unwrap().state, "suspended");
+    c.resume(&key).expect("resume");
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("write completes after resume");
+    writer.join().unwrap().expect("write succeeded");
+    let f = open_direct(&info.block_device);
+    let mut back = AlignedBuf::new(64 * 1024);
+    f.read_exact_at(&mut back, 10 * MIB).unwrap();
+    assert!(back.iter().all(|&b| b == 0x5A));
+    drop(f);
+    c.close().expect("close");
+    wait_gone(info.pid);
+}
+
+/// Serves a headerless test volume through the library (no worker process).
+pub fn serve(dir: &Path, data_len: u64, name: &str) -> (FuseDevice, std::path::PathBuf) {
+    let backing = backing_file(dir, data_len);
+    let engine = Engine::open(
+        EngineConfig::new(&backing, DATA_OFFSET, data_len, 4096),
+        cipher(3),
+    )
+    .expect("engine");
+    let opts = FuseOptions::new(name, dir.join("mnt").join(name));
+    let dev = FuseDevice::start(Arc::new(engine), &opts).expect("start FUSE+loop device");
+    (dev, backing)
+}
+
+/// Block-device round trip through the library: geometry, data, XTS ciphertext at the data
+/// offset, no plaintext in the backing file.
+pub fn device_round_trip(name: &str, mode: Option<FuseMode>) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (dev, backing) = serve(dir.path(), 64 * MIB, name);
+    if let Some(mode) = mode {
+        assert_eq!(dev.mode(), mode, "FUSE serving mode");
+    }
+    let bdev = dev.block_device().unwrap().to_path_buf();
+    assert!(bdev.to_str().unwrap().starts_with("/dev/loop"));
+    assert!(
+        dev.loop_direct_io(),
+        "loop must do direct I/O on the FUSE file"
+    );
+    let size = std::fs::read_to_string(format!(
+        "/sys/block/{}/size",
+        bdev.file_name().unwrap().to_str().unwrap()
+    ))
+    .unwrap();
+    assert_eq!(size.trim().parse::<u64>().unwrap() * 512, 64 * MIB);
+    let lbs = std::fs::read_to_string(format!(
+        "/sys/block/{}/queue/logical_block_size",
+        bdev.file_name().unwrap().to_str().unwrap()
+    ))
+    .unwrap();
+    assert_eq!(lbs.trim(), "4096");
+
+    let f = open_direct(&bdev);
+    let data = pattern(MIB as usize, 11);
+    let mut buf = AlignedBuf::new(MIB as usize);
+    buf.copy_from_slice(&data);
+    f.write_all_at(&buf, 5 * MIB).unwrap();
+    f.sync_all().unwrap();
+    let mut back = AlignedBuf::new(MIB as usize);
+    f.read_exact_at(&mut back, 5 * MIB).unwrap();
+    assert_eq!(&back[..], &data[..]);
+    drop(f);
+    let mut dev = dev;
+    dev.close(false).expect("close");
+    assert!(
+        !bdev.exists()
+            || std::fs::read_to_string(format!(
+                "/sys/block/{}/size",
+                bdev.file_name().unwrap().to_str().unwrap()
+            ))
+            .map(|s| s.trim() == "0")
+            .unwrap_or(true),
+        "loop device detached"
+    );
+
+    let raw = std::fs::read(&backing).unwrap();
+    let mut expect = data.clone();
+    cipher(3)
+        .encrypt_sectors(&mut expect, 5 * MIB / 4096, 4096)
+        .unwrap();
+    let at = (DATA_OFFSET + 5 * MIB) as usize;
+    assert_eq!(
+        &raw[at..at + expect.len()],
+        &expect[..],
+        "device bytes are XTS ciphertext at the data offset"
+    );
+    assert!(
+        !contains_any_chunk(&raw, &data, 4096, 512),
+        "plaintext leaked to the backing file"
+    );
+}
