@@ -36,6 +36,12 @@ fn uring_fio_verify_random_io_with_four_jobs() {
 }
 
 #[test]
+fn uring_suspend_under_fio_load_parks_then_completes() {
+    let Some(_on) = uring() else { return };
+    scenarios::suspend_during_fio_verify("t-uring-susload", Some("io_uring"));
+}
+
+#[test]
 fn uring_fsynced_data_survives_sigkill_of_the_worker() {
     let Some(_on) = uring() else { return };
     scenarios::fsync_survives_sigkill("t-uring-kill", Some("io_uring"));
@@ -45,4 +51,15 @@ fn uring_fsynced_data_survives_sigkill_of_the_worker() {
 fn uring_writes_wait_while_suspended_and_complete_after_resume() {
     let Some(_on) = uring() else { return };
     scenarios::suspend_parks_and_resume_completes("t-uring-suspend", Some("io_uring"));
+}
+
+#[test]
+fn without_enable_uring_the_dev_fuse_threads_serve() {
+    if skip_without_fuse_loop() {
+        return;
+    }
+    let Some(_off) = EnableUring::set(false) else {
+        return;
+    };
+    scenarios::device_round_trip("t-uring-off", Some(FuseMode::DevFuse));
 }

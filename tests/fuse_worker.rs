@@ -25,6 +25,14 @@ fn fio_verify_random_io_with_four_jobs() {
 }
 
 #[test]
+fn suspend_under_fio_load_parks_then_completes() {
+    if skip_without_fuse_loop() {
+        return;
+    }
+    scenarios::suspend_during_fio_verify("t-fuse-susload", None);
+}
+
+#[test]
 fn fsynced_data_survives_sigkill_of_the_worker() {
     if skip_without_fuse_loop() {
         return;

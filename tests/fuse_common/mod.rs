@@ -191,8 +191,14 @@ pub struct EnableUring {
 static URING_SERIAL: Mutex<()> = Mutex::new(());
 
 impl EnableUring {
-    /// `None` (with a loud note) if this kernel has no FUSE-over-io_uring (before 6.14).
+    /// Switches FUSE-over-io_uring on; `None` (with a loud note) if this kernel has no
+    /// FUSE-over-io_uring (before 6.14).
     pub fn on() -> Option<EnableUring> {
+        Self::set(true)
+    }
+
+    /// Sets the parameter to Y (`true`) or N.
+    pub fn set(enable: bool) -> Option<EnableUring> {
         let serial = URING_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let Ok(old) = std::fs::read_to_string(ENABLE_URING) else {
             eprintln!(
@@ -200,7 +206,8 @@ impl EnableUring {
             );
             return None;
         };
-        std::fs::write(ENABLE_URING, "Y").expect("set fuse enable_uring=Y");
+        std::fs::write(ENABLE_URING, if enable { "Y" } else { "N" })
+            .expect("set the fuse enable_uring parameter");
         Some(EnableUring {
             old: old.trim().to_string(),
             _serial: serial,
