@@ -101,6 +101,9 @@ fn serve_fuse(
     if let Some(q) = opts.queues {
         fopts.threads = usize::from(q).max(1);
     }
+    // In FUSE-over-io_uring mode the queues are fixed (one per CPU, the kernel's rule); the
+    // depth is the ring entries per queue.
+    fopts.uring_depth = Some(usize::from(opts.queue_depth).max(1));
     let mut dev = FuseDevice::start(engine.clone(), &fopts)?;
     let bdev = dev
         .block_device()

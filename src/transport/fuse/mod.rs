@@ -53,7 +53,9 @@ pub struct FuseOptions {
     pub name: String,
     /// Path of the regular file the FUSE filesystem is mounted on (created if missing).
     pub mountpoint: PathBuf,
-    /// Serving threads (one cloned /dev/fuse descriptor each).
+    /// Serving threads in /dev/fuse mode (one cloned /dev/fuse descriptor each). The
+    /// io_uring mode always runs one queue thread per CPU (FUSE's rule) plus one /dev/fuse
+    /// thread for FORGET/INTERRUPT.
     pub threads: usize,
     pub read_only: bool,
     /// Ask loop for direct I/O on the FUSE file (no double caching). On by default.

@@ -51,8 +51,10 @@ pub fn nr_queues() -> usize {
     }
 }
 
-/// Default ring entries per queue: enough for fio iodepth 32 + loop landing on one CPU, with
-/// a cap on the (lazily backed) 1 MiB payload buffers on machines with many CPUs.
+/// Default ring entries per queue (library users; the worker passes `--queue-depth`): enough
+/// for fio iodepth 32 + loop landing on one CPU. Payload buffers (1 MiB each) are lazily
+/// backed, and the kernel reuses the most recently returned entry first, so resident memory
+/// follows the peak number of requests in flight, not the depth.
 pub fn default_depth(queues: usize) -> usize {
     (256 / queues.max(1)).clamp(16, 64)
 }
