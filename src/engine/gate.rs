@@ -53,7 +53,9 @@ impl Drop for Ticket<'_> {
         self.cipher = None;
         let mut st = self.gate.lock();
         st.inflight -= 1;
-        if st.inflight == 0 {
+        // Only suspend() waits for the drain, and it sets `suspended` first (under the lock).
+        // Notifying otherwise would cost a futex syscall per request.
+        if st.inflight == 0 && st.suspended {
             self.gate.cv.notify_all();
         }
     }
