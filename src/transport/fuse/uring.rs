@@ -201,8 +201,12 @@ impl Queue {
         loop {
             if !self.parked.is_empty() {
                 if !self.ctx.engine.is_suspended() {
+                    // Resumed while other work kept us busy. Look again afterwards: a new
+                    // suspend may have parked them again, with nothing left to wake us.
                     self.retry_parked();
-                } else if self.inflight == 0 {
+                    continue;
+                }
+                if self.inflight == 0 {
                     // Nothing else will complete: let the replies queued so far go out, then
                     // wait for the key.
                     if let Err(e) = self.ring.submit() {
