@@ -42,6 +42,12 @@ fn uring_suspend_under_fio_load_parks_then_completes() {
 }
 
 #[test]
+fn uring_sigterm_while_suspended_fails_parked_io_and_exits() {
+    let Some(_on) = uring() else { return };
+    scenarios::sigterm_while_suspended_exits("t-uring-term", Some("io_uring"));
+}
+
+#[test]
 fn uring_fsynced_data_survives_sigkill_of_the_worker() {
     let Some(_on) = uring() else { return };
     scenarios::fsync_survives_sigkill("t-uring-kill", Some("io_uring"));

@@ -33,6 +33,14 @@ fn suspend_under_fio_load_parks_then_completes() {
 }
 
 #[test]
+fn sigterm_while_suspended_fails_parked_io_and_exits() {
+    if skip_without_fuse_loop() {
+        return;
+    }
+    scenarios::sigterm_while_suspended_exits("t-fuse-term", None);
+}
+
+#[test]
 fn fsynced_data_survives_sigkill_of_the_worker() {
     if skip_without_fuse_loop() {
         return;

@@ -191,6 +191,54 @@ pub fn fsync_survives_sigkill(name: &str, mode: Option<&str>) {
     wait_gone(info.pid);
 }
 
+/// SIGTERM while suspended with a write parked: the worker must not hang on the parked
+/// request — it fails it (the device is going away), tears down and exits.
+pub fn sigterm_while_suspended_exits(name: &str, mode: Option<&str>) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let key = test_key(42);
+    let vol = make_volume(dir.path(), 64 * MIB, &key);
+    let _cleanup = Cleanup {
+        mounts: vec![],
+        names: vec![name.into()],
+    };
+    let info = spawn_checked(&vol, name, mode);
+    let mut c = WorkerClient::connect(name).unwrap();
+    c.suspend().expect("suspend");
+    let dev = info.block_device.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let f = open_direct(&dev);
+        let mut b = AlignedBuf::new(64 * 1024);
+        b.fill(0x3C);
+        let r = f.write_all_at(&b, 2 * MIB).and_then(|()| f.sync_all());
+        let _ = tx.send(r);
+    });
+    let mut parked = 0;
+    for _ in 0..500 {
+        parked = c.status().unwrap().parked;
+        if parked > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(parked > 0, "the write never reached the worker");
+    drop(c);
+    // SAFETY: signalling the worker this test started.
+    unsafe { libc::kill(info.pid as i32, libc::SIGTERM) };
+    wait_gone(info.pid);
+    let r = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the parked write returned after the worker exited");
+    assert!(
+        r.is_err(),
+        "a write parked at shutdown cannot have succeeded"
+    );
+    assert!(
+        kvcrypt::worker::read_state(name).is_none(),
+        "state file removed on SIGTERM"
+    );
+}
+
 /// A write parks while suspended, and completes after resume with the right key.
 pub fn suspend_parks_and_resume_completes(name: &str, mode: Option<&str>) {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
