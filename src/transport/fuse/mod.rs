@@ -262,6 +262,13 @@ impl FuseDevice {
                 threads = opts.threads.max(1),
                 "FUSE requests served by /dev/fuse threads"
             );
+            if opts.io_uring && uring::kernel_has_it_disabled() {
+                tracing::info!(
+                    "this kernel has FUSE-over-io_uring, switched off: `echo Y > {}` (or the \
+                     fuse.enable_uring=1 module option) before opening makes the FUSE path faster",
+                    uring::ENABLE_URING
+                );
+            }
         }
 
         // Opening the file goes through the serving threads (in io_uring mode, the kernel

@@ -29,6 +29,15 @@ use super::proto::*;
 use super::uring_sys::{EntryBufs, Ring, new_ring, pin_to_cpu};
 use super::{Ctx, MAX_IO, Reply, TransportError, meta_reply};
 
+/// The FUSE module parameter that makes the kernel offer FUSE-over-io_uring at INIT. kvcrypt
+/// never changes it (a host-wide policy); it only reports it.
+pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// True if the kernel has FUSE-over-io_uring but it is switched off.
+pub fn kernel_has_it_disabled() -> bool {
+    std::fs::read_to_string(ENABLE_URING).is_ok_and(|v| v.trim() == "N")
+}
+
 /// Whether this kernel can create the rings the FUSE queues need (128-byte SQEs).
 pub fn supported() -> bool {
     new_ring(2).is_ok()
