@@ -502,7 +502,8 @@ fn handle(ctx: &Ctx, fd: RawFd, h: &InHeader, msg: &mut [u8], reply: &mut Aligne
                 congestion_threshold: 192,
                 max_write: MAX_IO as u32,
                 time_gran: 1,
-                max_pages: (MAX_IO / 4096) as u16,
+                // In pages of the kernel's size: no request may exceed MAX_IO (the buffers).
+                max_pages: (MAX_IO / uring_sys::page_size()).max(1) as u16,
                 flags2: if uring { FUSE_OVER_IO_URING_FLAGS2 } else { 0 },
                 ..InitOut::default()
             };
