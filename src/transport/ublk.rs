@@ -12,11 +12,13 @@
 //! backing reads/writes are submitted on that ring and only the crypto steps call the
 //! [`BlockTarget`] (split-phase, see the trait). The calling thread of [`serve`] controls the
 //! device and waits for a [`StopRequest`]. Files: `queue.rs` (queue thread, tag tasks, hand-over
-//! fence), `request.rs` (request checks and mapping), `os.rs` (raw OS calls).
+//! fence), `request.rs` (request checks and mapping), `ring.rs` (backing I/O as io_uring SQEs
+//! on the queue ring), `os.rs` (raw OS calls).
 
 mod os;
 mod queue;
 mod request;
+mod ring;
 
 use std::io;
 use std::os::fd::RawFd;

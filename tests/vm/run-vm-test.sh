@@ -10,6 +10,7 @@
 # Environment:
 #   KVCRYPT_VM_CACHE   cache/work directory (default: <repo>/target/vm-cache). Holds the kernel .deb,
 #                      the unpacked kernel, the initramfs and console.log.
+#   (fio is packed into the guest when a scenario uses it.)
 #   KVCRYPT_VM_BINDIR  directory with prebuilt kvcrypt + kvcrypt-kv-emulator (+ optional
 #                      examples/ublk_file_server) (default: build them with `cargo build --release`
 #                      into $CARGO_TARGET_DIR or <repo>/target).
@@ -117,9 +118,22 @@ copy_libs() {  # shared libraries a dynamic ELF needs, at the same paths
 add_bin() { cp -L "$1" "$R/bin/$(basename "$1")"; copy_libs "$1"; }
 for b in mke2fs e2fsck; do add_bin "$(command -v "$b")"; done
 ln -sf mke2fs "$R/bin/mkfs.ext4"
-for b in kvcrypt kvcrypt-kv-emulator; do add_bin "$BINDIR/$b"; done
+# Our binaries without debug info: the release profile keeps it (~70 MiB each), which would only
+# slow down packing and booting the initramfs.
+add_own_bin() {
+  add_bin "$1"
+  if command -v strip >/dev/null; then strip --strip-debug "$R/bin/$(basename "$1")" || true; fi
+}
+for b in kvcrypt kvcrypt-kv-emulator; do add_own_bin "$BINDIR/$b"; done
 # Transport-only test server (examples/ublk_file_server.rs), optional.
-if [ -x "$BINDIR/examples/ublk_file_server" ]; then add_bin "$BINDIR/examples/ublk_file_server"; fi
+if [ -x "$BINDIR/examples/ublk_file_server" ]; then add_own_bin "$BINDIR/examples/ublk_file_server"; fi
+# fio (with its libraries) for the scenarios that need it (they fail without it).
+NEED_FIO=
+for s in "${SCEN[@]}"; do if grep -qw fio "$HERE/guest/$s.sh"; then NEED_FIO=1; fi; done
+if [ -n "$NEED_FIO" ]; then
+  command -v fio >/dev/null || die "a scenario needs fio: apt-get install fio"
+  add_bin "$(command -v fio)"
+fi
 # libgcc_s is dlopen()ed by glibc for unwinding (panics); ldd does not list it.
 for l in /lib/x86_64-linux-gnu/libgcc_s.so.1 /usr/lib/x86_64-linux-gnu/libgcc_s.so.1; do
   if [ -e "$l" ]; then mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"; break; fi

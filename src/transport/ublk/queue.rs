@@ -17,13 +17,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 
-use io_uring::{opcode, squeue, types};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
-use libublk::uring_async::ublk_submit_sqe_async;
-use libublk::{BufDesc, UblkError, UblkUringData};
+use libublk::{BufDesc, UblkError};
 
-use super::request::{self, BackingIo, Geometry};
+use super::request::{self, Geometry};
+use super::ring::{FileRef, QueueRing};
 use super::{BlockTarget, Event};
 
 /// State shared between the serving thread and the queue threads.
@@ -91,9 +90,7 @@ pub(super) fn run_queue<T: BlockTarget>(qid: u16, dev: &UblkDev, ctx: QueueCtx<T
     let bufs = dev.alloc_queue_io_bufs();
     let shared = Rc::new(Shared {
         ctx: &ctx,
-        ring: QueueRing {
-            file: types::Fixed(ctx.backing_file.unwrap_or(0)),
-        },
+        ring: QueueRing::new(FileRef::Fixed(ctx.backing_file.unwrap_or(0))),
         inflight: Cell::new(0),
         max_inflight: Cell::new(0),
         qid,
@@ -219,50 +216,6 @@ async fn tag_task<T: BlockTarget>(
             p
         })
         .await?;
-    }
-}
-
-/// Backing I/O on the queue's own ring (libublk's thread-local queue io_uring), against the
-/// target's descriptor registered as a fixed file.
-struct QueueRing {
-    file: types::Fixed,
-}
-
-/// Submits `sqe` on this thread's queue ring and waits for its completion.
-async fn submit(sqe: squeue::Entry) -> i32 {
-    // Target bit: tells libublk's event loop this CQE is ours, not a ublk command.
-    ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
-        .await
-        .unwrap_or(-libc::EIO)
-}
-
-/// Length of one backing transfer (tag buffers are `max_io_bytes`, a u32).
-fn sqe_len(buf: &[u8]) -> u32 {
-    u32::try_from(buf.len()).unwrap_or(u32::MAX)
-}
-
-impl BackingIo for QueueRing {
-    async fn read(&self, buf: &mut [u8], off: u64) -> i32 {
-        let sqe = opcode::Read::new(self.file, buf.as_mut_ptr(), sqe_len(buf))
-            .offset(off)
-            .build();
-        submit(sqe).await
-    }
-
-    async fn write(&self, buf: &[u8], off: u64, dsync: bool) -> i32 {
-        let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-        let sqe = opcode::Write::new(self.file, buf.as_ptr(), sqe_len(buf))
-            .offset(off)
-            .rw_flags(flags)
-            .build();
-        submit(sqe).await
-    }
-
-    async fn datasync(&self) -> i32 {
-        let sqe = opcode::Fsync::new(self.file)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build();
-        submit(sqe).await
     }
 }
 

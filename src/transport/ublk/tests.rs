@@ -10,6 +10,7 @@ use libublk::sys;
 use super::request::{Geometry, handle_request};
 use super::{BlockTarget, UblkOptions, ublk_params};
 
+mod engine;
 mod split;
 
 /// In-memory target that records what it was asked to do.
