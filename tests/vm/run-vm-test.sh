@@ -16,6 +16,7 @@
 #                      into $CARGO_TARGET_DIR or <repo>/target).
 #   KVCRYPT_VM_KVER    kernel version, e.g. 6.12.117+deb12-cloud-amd64 (default: newest 6.12 cloud
 #                      kernel in the configured apt sources).
+#   SCRATCH_MB         size of the blank scratch disk the guest sees as /dev/nvme0n1 (default 160).
 #   VM_TIMEOUT         seconds for the whole qemu run (default 420), TEST_TIMEOUT seconds per guest
 #                      scenario (default 150), MEM (MiB, 1024), SMP (2), CPU (max,-cx16).
 # Exit status: 0 only if the guest printed "GUEST-RESULT: PASS" (every scenario passed).
@@ -155,16 +156,24 @@ T_BUILT=$(now)
 # TCG only: /dev/kvm on this host runs PVM guests only (a stock kernel dies with a KVM emulation
 # failure). qemu is wrapped in `timeout`; the guest also limits each scenario.
 LOG=$CACHE/console.log
+# A blank scratch disk as an emulated NVMe device (built into the kernel): /dev/nvme0n1 gives
+# scenarios a block device with real (emulated) I/O latency to serve a volume from, and to
+# compare against, unlike files in the guest's RAM.
+SCRATCH=$CACHE/scratch.img
+rm -f "$SCRATCH"; truncate -s "${SCRATCH_MB:-160}M" "$SCRATCH"
 log "booting $KVER with scenarios: ${SCEN[*]} (console: $LOG)"
 set +e
 timeout --kill-after=10 "$VM_TIMEOUT" qemu-system-x86_64 \
   -accel tcg -cpu "$CPU" -m "$MEM" -smp "$SMP" \
   -nographic -no-reboot -nic none -monitor none -serial stdio \
+  -drive "file=$SCRATCH,if=none,id=scratch,format=raw,cache=writeback" \
+  -device nvme,serial=kvscratch,drive=scratch \
   -kernel "$KDIR/boot/vmlinuz-$KVER" -initrd "$CACHE/initrd.gz" \
   -append "console=ttyS0 panic=-1 oops=panic quiet loglevel=4" \
   </dev/null >"$LOG" 2>&1
 QRC=$?
 set -e
+rm -f "$SCRATCH"
 T_END=$(now)
 if grep -q "GUEST-T init" "$LOG"; then tr -d '\r' < "$LOG" | sed -n '/GUEST-T init/,$p'
 else tr -d '\r' < "$LOG" | tail -60; fi
