@@ -63,6 +63,7 @@ fn check<'a>(
     if op == sys::UBLK_IO_OP_FLUSH {
         return Checked::Flush;
     }
+    // The sector bound catches start sectors whose byte offset wraps (`<< 9` drops high bits).
     let in_bounds =
         offset.checked_add(len).is_some_and(|end| end <= geo.size) && start_sector <= u64::MAX >> 9;
     let aligned = offset.is_multiple_of(geo.sector_size) && len.is_multiple_of(geo.sector_size);
