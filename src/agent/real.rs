@@ -211,7 +211,7 @@ impl Platform for RealPlatform {
             if let Some(st) = worker::reap_stale(&n) {
                 return format!("worker pid {} of '{n}' is alive again", st.pid);
             }
-            reap::detach_dead_fuse_loop(&sv.block_device, &worker::fuse_dir().join(&n))
+            reap::detach_dead_fuse_loop(&sv.block_device, &n)
         })
         .await
         .unwrap_or_else(|e| e)

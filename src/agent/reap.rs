@@ -9,8 +9,9 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-/// `LOOP_CLR_FD` from `<linux/loop.h>`.
+/// `LOOP_CLR_FD` and `LOOP_GET_STATUS64` from `<linux/loop.h>`.
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 
 /// An open pidfd: becomes readable when the process has exited.
 #[derive(Debug)]
@@ -52,45 +53,67 @@ impl PidWatch {
     }
 }
 
-/// Detaches `/dev/loopN` if it is still bound to a file under `fuse_file` (the FUSE file of a
-/// dead worker). A device nobody holds open goes at once; one that is still open (mounted,
-/// held by a process) is detached by the kernel on its last close (autoclear). Returns what
-/// happened, for the log; never touches a loop device bound to anything else.
-pub fn detach_dead_fuse_loop(loop_dev: &Path, fuse_file: &Path) -> String {
-    let Some(name) = loop_dev.file_name().and_then(|n| n.to_str()) else {
-        return format!("{} is not a loop device", loop_dev.display());
-    };
-    if !name.starts_with("loop") {
-        return format!("{} is not a loop device", loop_dev.display());
+/// `struct loop_info64` (232 bytes) as raw bytes; only `lo_file_name` is read from it.
+#[repr(C, align(8))]
+struct LoopInfo64([u8; 232]);
+/// Offset and size of `lo_file_name` in `struct loop_info64`.
+const LO_FILE_NAME: std::ops::Range<usize> = 56..120;
+
+/// The label (`lo_file_name`) of loop device `dev`; `None` if it is not bound to a file. The
+/// FUSE transport labels its devices `kvcrypt:NAME`. (Its sysfs `backing_file` is no help once
+/// the worker is dead: the FUSE mount lived in the worker's private namespace, and a file on a
+/// mount whose namespace is gone shows as "/".)
+pub fn loop_label(dev: &Path) -> io::Result<Option<String>> {
+    let f = std::fs::OpenOptions::new().read(true).open(dev)?;
+    let mut info = LoopInfo64([0; 232]);
+    // SAFETY: LOOP_GET_STATUS64 writes one 232-byte loop_info64 to the pointer, which points to
+    // a buffer of exactly that size that lives for the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), LOOP_GET_STATUS64 as _, info.0.as_mut_ptr()) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
     }
-    let sys = Path::new("/sys/block").join(name).join("loop/backing_file");
-    let backing = match std::fs::read_to_string(&sys) {
-        Ok(b) => b.trim().to_owned(),
-        Err(_) => return format!("{} was already detached", loop_dev.display()),
-    };
-    if !Path::new(&backing).starts_with(fuse_file) {
-        return format!(
-            "{} was already detached (now bound to {backing})",
-            loop_dev.display()
-        );
+    let name = &info.0[LO_FILE_NAME];
+    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    Ok(Some(String::from_utf8_lossy(&name[..end]).into_owned()))
+}
+
+/// Detaches loop device `loop_dev` if it is still bound to the FUSE file of volume `name`,
+/// whose worker died (label `kvcrypt:NAME`, see [`loop_label`]; call this before a new worker
+/// of the volume starts). A device nobody holds open goes at once; one that is still open
+/// (mounted, held by a process) is detached by the kernel on its last close (autoclear).
+/// Returns what happened, for the log; never touches a loop device bound to anything else.
+pub fn detach_dead_fuse_loop(loop_dev: &Path, name: &str) -> String {
+    let dev = loop_dev.display();
+    let is_loop = loop_dev
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("loop"));
+    if !is_loop {
+        return format!("{dev} is not a loop device");
+    }
+    let want = format!("kvcrypt:{name}");
+    let ours = |d: &Path| loop_label(d).is_ok_and(|l| l.as_deref() == Some(want.as_str()));
+    if !ours(loop_dev) {
+        return format!("{dev} was already detached");
     }
     let f = match std::fs::OpenOptions::new().read(true).open(loop_dev) {
         Ok(f) => f,
-        Err(e) => return format!("cannot open {} to detach it: {e}", loop_dev.display()),
+        Err(e) => return format!("cannot open {dev} to detach it: {e}"),
     };
     // SAFETY: LOOP_CLR_FD takes no argument; `f` is an open loop device descriptor.
     let r = unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD as _, 0) };
     let err = (r != 0).then(io::Error::last_os_error);
     drop(f);
-    let still =
-        std::fs::read_to_string(&sys).is_ok_and(|b| Path::new(b.trim()).starts_with(fuse_file));
-    match (err, still) {
-        (_, false) => format!("detached {}", loop_dev.display()),
+    match (err, ours(loop_dev)) {
+        (_, false) => format!("detached {dev}"),
         (None, true) => format!(
-            "{} is still open (mounted or held by a process): the kernel detaches it on its last close",
-            loop_dev.display()
+            "{dev} is still open (mounted or held by a process): the kernel detaches it on its last close"
         ),
-        (Some(e), true) => format!("cannot detach {}: {e}", loop_dev.display()),
+        (Some(e), true) => format!("cannot detach {dev}: {e}"),
     }
 }
 
@@ -121,7 +144,7 @@ mod tests {
         child.wait().unwrap();
         let e = PidWatch::open(pid).map(|_| ()).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ESRCH));
-        let msg = detach_dead_fuse_loop(Path::new("/dev/sda"), Path::new("/run/kvcrypt/fuse/x"));
+        let msg = detach_dead_fuse_loop(Path::new("/dev/sda"), "x");
         assert!(msg.contains("not a loop device"), "{msg}");
     }
 }
