@@ -21,7 +21,7 @@ stop_agent() {
 }
 # On failure the device may be held (dead worker, vault failing or revoked): let the agent
 # recover it first, or the unmount blocks until the time limit.
-trap 'rc=$?; [ -n "${A:-}" ] && { $A clear-faults; $A grant --principal "$CID" --op unwrap --key kek; kvcrypt unlock cv; } >/dev/null 2>&1; umount /mnt/c 2>/dev/null || true; stop_agent; kvcrypt close cv >/dev/null 2>&1 || true; emu_stop; exit $rc' EXIT
+trap 'rc=$?; if [ "$rc" != 0 ] && [ -n "${A:-}" ]; then { $A clear-faults; $A grant --principal "$CID" --op unwrap --key kek; kvcrypt unlock cv; } >/dev/null 2>&1 || true; fi; umount /mnt/c 2>/dev/null || true; stop_agent; kvcrypt close cv >/dev/null 2>&1 || true; emu_stop; exit $rc' EXIT
 vol_field() { kvcrypt status cv --json 2>/dev/null | sed -n "s/.*\"$1\": *\"\([^\"]*\)\".*/\1/p" | head -1; }
 restarts() { kvcrypt status cv --json 2>/dev/null | sed -n 's/.*"restarts": *\([0-9]*\).*/\1/p' | head -1; }
 wait_state() { wait_for "[ \"\$(vol_field state)\" = $1 ]" "$2"; }
