@@ -4,6 +4,11 @@
 //! Timers and commands drive it; every side effect goes through [`Platform`]. The agent never
 //! keeps a volume key: keys live in the worker; the agent only holds one briefly between
 //! unwrap and hand-over (or the key check), in a zeroizing [`VolumeKey`].
+//!
+//! A serving worker that dies (crash, SIGKILL) is noticed through [`Platform::watch_worker`]
+//! and replaced from `unlocking`: `serving → unlocking → serving` on the same ublk device
+//! (recovered in place) or a new FUSE loop device, with backoff when it keeps dying; a
+//! revocation or `kvcrypt lock` meanwhile ends in `suspended` / `locked` without a new worker.
 
 use std::sync::Arc;
 use std::time::Duration;
