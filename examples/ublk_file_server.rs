@@ -13,6 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use kvcrypt::crypto::XtsCipher;
 use kvcrypt::secmem::VolumeKey;
-use kvcrypt::transport::ublk::{self, BlockTarget, ServeEnd, StopRequest, UblkOptions};
+use kvcrypt::transport::ublk::{self, BlockTarget, ServeEnd, SplitStep, StopRequest, UblkOptions};
 
 /// pread/pwrite + XTS: just enough target to drive the transport.
 struct XtsFile {
@@ -76,6 +77,32 @@ impl BlockTarget for XtsFile {
             pos += n as u64;
         }
         Ok(())
+    }
+    // Split-phase: the transport's queues read/write the file on their own rings and call
+    // only these for mapping and crypto (all tags of a queue in flight at once).
+    fn backing_fd(&self) -> Option<RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+    fn backing_offset(&self, offset: u64, len: u64, _write: bool) -> Result<u64, i32> {
+        let ss = u64::from(self.sector);
+        let in_range = offset.checked_add(len).is_some_and(|end| end <= self.size);
+        if in_range && offset.is_multiple_of(ss) && len.is_multiple_of(ss) {
+            Ok(offset)
+        } else {
+            Err(libc::EINVAL)
+        }
+    }
+    fn encrypt(&self, offset: u64, buf: &mut [u8]) -> Result<(), SplitStep> {
+        let ss = self.sector as usize;
+        self.cipher
+            .encrypt_sectors(buf, offset / ss as u64, ss)
+            .map_err(|_| SplitStep::Errno(libc::EIO))
+    }
+    fn decrypt(&self, offset: u64, buf: &mut [u8]) -> Result<(), SplitStep> {
+        let ss = self.sector as usize;
+        self.cipher
+            .decrypt_sectors(buf, offset / ss as u64, ss)
+            .map_err(|_| SplitStep::Errno(libc::EIO))
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use kvcrypt::agent::config::{Config, Selector, VolumeSettings};
 use kvcrypt::agent::daemon::{self, Options};
-use kvcrypt::agent::ports::{AccessClass, AccessError, Platform, Served, SlotRef};
+use kvcrypt::agent::ports::{AccessClass, AccessError, Platform, Served, SlotRef, WorkerExit};
 use kvcrypt::secmem::VolumeKey;
 
 #[derive(Default)]
@@ -73,6 +73,16 @@ impl Platform for Scripted {
             Some(_) => Ok(serde_json::json!({"reads": 3, "writes": 4})),
             None => Err("gone".into()),
         }
+    }
+    fn watch_worker(&self, _n: &str) -> WorkerExit {
+        // This worker never dies on its own.
+        Box::pin(std::future::pending())
+    }
+    async fn ublk_recoverable(&self, _id: u32) -> bool {
+        false
+    }
+    async fn clean_dead_worker(&self, _n: &str, _s: &Served) -> String {
+        String::new()
     }
     async fn suspend(&self, _n: &str) -> Result<(), String> {
         self.0.lock().unwrap().worker_key = Some(None);

@@ -744,3 +744,112 @@ fn attach_output_through_a_pipe_returns_while_the_worker_keeps_serving() {
     drop(stop);
     assert!(!lab.run_dir.join("volumes/demo.json").exists());
 }
+
+/// The loop device `bd` is bound to the FUSE file of volume `demo` (by its label: once the
+/// worker is dead, sysfs shows its file as "/").
+fn bound_to_our_fuse_file(bd: &str) -> bool {
+    kvcrypt::agent::reap::loop_label(Path::new(bd))
+        .is_ok_and(|l| l.as_deref() == Some("kvcrypt:demo"))
+}
+
+fn worker_pid(run_dir: &Path) -> u32 {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("volumes/demo.json")).unwrap()).unwrap();
+    v["pid"].as_u64().unwrap() as u32
+}
+
+/// A FUSE worker killed with SIGKILL takes its FUSE connection with it (the loop device then
+/// fails I/O). The agent notices at once (its check interval here is 5 minutes: only the exit
+/// watch can catch it in time), detaches the dead loop device and serves the volume again;
+/// everything fsynced before the kill reads back.
+#[test]
+fn sigkilled_fuse_worker_is_served_again_with_fsynced_data_intact() {
+    if !ready() {
+        return;
+    }
+    let r = Running::start(LabOptions {
+        agent: "check_interval = \"5m\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\n".into(),
+        ..Default::default()
+    });
+    let bd = r.block_device();
+    let run_dir = r.lab.run_dir.clone();
+    assert!(bound_to_our_fuse_file(&bd), "{bd}");
+    must(&format!(
+        "head -c 4194304 /dev/urandom > {d}/pattern && dd if={d}/pattern of={bd} bs=1M oflag=direct conv=fsync status=none",
+        d = r.lab.dir.display()
+    ));
+    let want = sha256(&r.lab.dir.join("pattern"));
+    let old_pid = worker_pid(&run_dir);
+    // Held open across the kill, as a mounted filesystem would hold it: the dead device cannot
+    // be detached at once, so the new worker gets another one.
+    let holder = std::fs::File::open(&bd).unwrap();
+
+    let t0 = Instant::now();
+    // SAFETY: kill(2) of the worker this test's agent started (pid from its state file).
+    assert_eq!(unsafe { libc::kill(old_pid as i32, libc::SIGKILL) }, 0);
+    let st = loop {
+        let st = r.lab.status().map_err(|e| r.fail(e)).unwrap();
+        if st.restarts >= 1 && st.state == VolumeState::Serving {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < T,
+            "{}",
+            r.fail(format!("not served again: {st:?}"))
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    record(
+        "worker-crash-fuse",
+        "worker SIGKILL -> serving again",
+        t0.elapsed(),
+    );
+    assert_eq!(st.restarts, 1, "{st:?}");
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("re-opened"),
+        "{st:?}"
+    );
+    let new_pid = worker_pid(&run_dir);
+    assert_ne!(new_pid, old_pid);
+    assert!(Path::new(&format!("/proc/{new_pid}")).exists());
+    let bd2 = st.block_device.clone().expect("served device");
+    assert!(bound_to_our_fuse_file(&bd2), "{bd2}");
+    assert_ne!(bd2, bd, "the old device is still held open");
+    assert!(bound_to_our_fuse_file(&bd), "held open: still bound");
+    // I/O on the old device fails (its FUSE connection died with the worker) …
+    let o = sh(&format!(
+        "dd if={bd} of=/dev/null bs=4096 count=1 iflag=direct status=none"
+    ));
+    assert!(!o.status.success(), "read from the dead device succeeded");
+    // … and it is detached on its last close, not left bound to the dead FUSE file.
+    drop(holder);
+    let t1 = Instant::now();
+    while bound_to_our_fuse_file(&bd) {
+        assert!(
+            t1.elapsed() < T,
+            "{bd} still bound to the dead worker's file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let agent_log = std::fs::read_to_string(r.lab.dir.join("agent.log")).unwrap_or_default();
+    for l in agent_log.lines().filter(|l| l.contains("worker")) {
+        eprintln!("agent.log: {l}");
+    }
+    eprintln!("device before the kill {bd}, after {bd2}");
+    assert!(
+        agent_log.contains("I/O on") && agent_log.contains("worker restarted"),
+        "{agent_log}"
+    );
+    let got = must(&format!(
+        "dd if={bd2} bs=1M count=4 iflag=direct status=none | sha256sum"
+    ));
+    assert_eq!(got.split_whitespace().next().unwrap(), want);
+    // Writes work on the new device too.
+    must(&format!(
+        "dd if={d}/pattern of={bd2} bs=1M seek=8 oflag=direct conv=fsync status=none",
+        d = r.lab.dir.display()
+    ));
+}

@@ -28,7 +28,7 @@ fn target_dir() -> PathBuf {
 
 #[test]
 fn ublk_transport_in_vm() {
-    let missing: Vec<&str> = ["qemu-system-x86_64", "cpio", "busybox"]
+    let missing: Vec<&str> = ["qemu-system-x86_64", "cpio", "busybox", "fio"]
         .into_iter()
         .filter(|t| !have(t))
         .collect();
@@ -36,11 +36,11 @@ fn ublk_transport_in_vm() {
         assert!(
             !in_ci(),
             "CI=true but the ublk VM test cannot run: missing {missing:?} \
-             (apt-get install qemu-system-x86 busybox-static cpio)"
+             (apt-get install qemu-system-x86 busybox-static cpio fio)"
         );
         eprintln!(
             "\n!!!! SKIPPING the ublk VM test: missing {missing:?}. Install qemu-system-x86, \
-             busybox-static and cpio to run it (it is mandatory in CI). !!!!\n"
+             busybox-static, cpio and fio to run it (it is mandatory in CI). !!!!\n"
         );
         return;
     }

@@ -19,6 +19,7 @@ pub mod logging;
 pub mod notify;
 pub mod ports;
 pub mod real;
+pub mod reap;
 pub mod status;
 pub mod volume;
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 
 use crate::secmem::VolumeKey;
 
@@ -71,6 +72,11 @@ pub struct Served {
     pub ublk_dev_id: Option<u32>,
 }
 
+/// Resolves when a watched worker process has ended, with a short description for the log
+/// (pid, how it was noticed). Boxed and `'static` so the volume task can keep it across
+/// iterations of its select loop.
+pub type WorkerExit = Pin<Box<dyn Future<Output = String> + Send + 'static>>;
+
 /// Everything with side effects. Blocking work must be moved off the runtime by the
 /// implementation (the state machine awaits these on tokio).
 pub trait Platform: Send + Sync + 'static {
@@ -113,6 +119,18 @@ pub trait Platform: Send + Sync + 'static {
         &self,
         name: &str,
     ) -> impl Future<Output = Result<serde_json::Value, String>> + Send;
+    /// Watches the worker now serving `name`: the future resolves as soon as that process
+    /// ends (crash, SIGKILL, or its own exit). It never resolves if the worker cannot be
+    /// watched; the periodic status check still notices a dead worker then.
+    fn watch_worker(&self, name: &str) -> WorkerExit;
+    /// Whether ublk device `dev_id`, whose worker died, can still be recovered (QUIESCED, or
+    /// LIVE with a dead server the kernel has not noticed yet). False once it was removed.
+    fn ublk_recoverable(&self, dev_id: u32) -> impl Future<Output = bool> + Send;
+    /// Clears what a dead worker of `name` left behind that would stand in the way of a new
+    /// one: its stale state file and socket and, for FUSE, the loop device still bound to the
+    /// dead FUSE file (whose I/O now fails). Returns a note for the log.
+    fn clean_dead_worker(&self, name: &str, served: &Served)
+    -> impl Future<Output = String> + Send;
     /// Wipes the worker's key; new I/O waits.
     fn suspend(&self, name: &str) -> impl Future<Output = Result<(), String>> + Send;
     /// Gives a suspended FUSE worker its key back; held I/O proceeds. (ublk workers are

@@ -13,7 +13,8 @@ use super::config::{Selector, VaultConfig, VolumeSettings};
 use super::control::run_dir;
 use super::discover::{self, Identity};
 use super::freeze::{self, FrozenSet};
-use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef};
+use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef, WorkerExit};
+use super::reap::{self, PidWatch};
 use crate::worker::{self, WorkerClient, WorkerSpec};
 
 /// How long a worker may take to come up (FUSE mount + loop device, or ublk add).
@@ -162,6 +163,58 @@ impl Platform for RealPlatform {
         blocking(move || client(&n).and_then(|mut c| c.status_json()))
             .await?
             .map_err(|e| e.to_string())
+    }
+
+    fn watch_worker(&self, name: &str) -> WorkerExit {
+        // Opened now, not when first polled: the pid in the state file is the worker just
+        // started or adopted, and a pidfd pins that process (no pid reuse from here on).
+        let Some(st) = worker::read_state(name) else {
+            return Box::pin(async { "its state file is gone".to_owned() });
+        };
+        let pid = st.pid;
+        match PidWatch::open(pid) {
+            Ok(w) => Box::pin(async move {
+                match w.exited().await {
+                    Ok(()) => format!("worker pid {pid} exited"),
+                    Err(e) => {
+                        tracing::warn!(pid, error = %e, "cannot wait on the worker's pidfd; relying on status checks");
+                        std::future::pending().await
+                    }
+                }
+            }),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                Box::pin(async move { format!("worker pid {pid} is gone") })
+            }
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "cannot watch the worker (pidfd_open); relying on status checks");
+                Box::pin(std::future::pending())
+            }
+        }
+    }
+
+    async fn ublk_recoverable(&self, dev_id: u32) -> bool {
+        blocking(move || crate::transport::ublk::is_recoverable(dev_id))
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn clean_dead_worker(&self, name: &str, served: &Served) -> String {
+        let n = name.to_owned();
+        let sv = served.clone();
+        blocking(move || {
+            // ublk: the state file names the device to recover (a restarted agent adopts it
+            // from there); the new worker's own start replaces it.
+            if sv.ublk_dev_id.is_some() {
+                return "nothing to clean: the ublk device keeps its I/O for recovery".to_owned();
+            }
+            // The stale state file and socket would make a new worker refuse to start.
+            if let Some(st) = worker::reap_stale(&n) {
+                return format!("worker pid {} of '{n}' is alive again", st.pid);
+            }
+            reap::detach_dead_fuse_loop(&sv.block_device, &n)
+        })
+        .await
+        .unwrap_or_else(|e| e)
     }
 
     async fn suspend(&self, name: &str) -> Result<(), String> {

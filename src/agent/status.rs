@@ -73,6 +73,9 @@ pub struct VolumeStatus {
     /// Worker status (I/O counters), when serving.
     #[serde(default)]
     pub worker: Option<serde_json::Value>,
+    /// Workers restarted by the agent after they died while serving.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 impl VolumeStatus {
@@ -89,6 +92,7 @@ impl VolumeStatus {
             suspended_at: None,
             manual: false,
             worker: None,
+            restarts: 0,
         }
     }
 }

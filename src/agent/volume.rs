@@ -4,6 +4,11 @@
 //! Timers and commands drive it; every side effect goes through [`Platform`]. The agent never
 //! keeps a volume key: keys live in the worker; the agent only holds one briefly between
 //! unwrap and hand-over (or the key check), in a zeroizing [`VolumeKey`].
+//!
+//! A serving worker that dies (crash, SIGKILL) is noticed through [`Platform::watch_worker`]
+//! and replaced from `unlocking`: `serving → unlocking → serving` on the same ublk device
+//! (recovered in place) or a new FUSE loop device, with backoff when it keeps dying; a
+//! revocation or `kvcrypt lock` meanwhile ends in `suspended` / `locked` without a new worker.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +22,7 @@ use crate::secmem::VolumeKey;
 
 use super::backoff::{Backoff, jitter};
 use super::config::{RevokePolicy, VolumeSettings};
-use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef};
+use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef, WorkerExit};
 use super::status::{LastError, VolumeState, VolumeStatus, unix_now};
 
 /// Requests to a volume task (from the control socket, udev attach, shutdown).
@@ -44,6 +49,10 @@ pub struct VolumeHandle {
 /// Far enough in the future to mean "no timer".
 const IDLE: Duration = Duration::from_secs(86_400 * 365);
 
+/// A worker that served this long before it died was not crash-looping: its death is restarted
+/// at once and starts a new backoff sequence. Shorter lives back off (`unlock_retry`).
+const STABLE_RUN: Duration = Duration::from_secs(60);
+
 pub struct VolumeCtl<P: Platform> {
     s: VolumeSettings,
     p: Arc<P>,
@@ -65,6 +74,25 @@ pub struct VolumeCtl<P: Platform> {
     next: Instant,
     worker: Option<serde_json::Value>,
     rng: StdRng,
+    /// Resolves when the serving worker process ends; armed while serving.
+    exit_watch: Option<WorkerExit>,
+    /// What a worker that died while serving left (for ublk: the QUIESCED device holding the
+    /// I/O), until a new worker replaces it or a lock/revocation takes over.
+    dead: Option<Served>,
+    /// Workers restarted after dying while serving (published).
+    restarts: u32,
+    /// Deaths in a row, each after less than [`STABLE_RUN`] of serving.
+    crash_streak: u32,
+    restart_backoff: Backoff,
+    serving_since: Option<Instant>,
+}
+
+/// Waits for the armed worker watch (forever when none is armed).
+async fn worker_exit(w: &mut Option<WorkerExit>) -> String {
+    match w {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Starts the task for one volume.
@@ -74,6 +102,7 @@ pub fn spawn_volume<P: Platform>(settings: VolumeSettings, p: Arc<P>) -> VolumeH
     let name = settings.name.clone();
     let ctl = VolumeCtl {
         backoff: Backoff::new(settings.unlock_retry.clone()),
+        restart_backoff: Backoff::new(settings.unlock_retry.clone()),
         s: settings,
         p,
         status_tx,
@@ -93,6 +122,11 @@ pub fn spawn_volume<P: Platform>(settings: VolumeSettings, p: Arc<P>) -> VolumeH
         next: Instant::now(),
         worker: None,
         rng: StdRng::from_entropy(),
+        exit_watch: None,
+        dead: None,
+        restarts: 0,
+        crash_streak: 0,
+        serving_since: None,
     };
     tokio::spawn(ctl.run());
     VolumeHandle { name, tx, status }
@@ -114,6 +148,10 @@ impl<P: Platform> VolumeCtl<P> {
                     }
                     Some(c) => self.command(c).await,
                 },
+                why = worker_exit(&mut self.exit_watch) => {
+                    self.exit_watch = None;
+                    self.worker_died(why).await;
+                }
                 _ = tokio::time::sleep_until(self.next) => self.tick().await,
             }
         }
@@ -143,24 +181,25 @@ impl<P: Platform> VolumeCtl<P> {
     }
 
     fn publish(&self) {
+        // A dead ublk worker's device is still there (QUIESCED, I/O held); a dead FUSE
+        // worker's loop device is not worth naming.
+        let shown = self
+            .served
+            .as_ref()
+            .or(self.dead.as_ref().filter(|d| d.ublk_dev_id.is_some()));
         let st = VolumeStatus {
             name: self.s.name.clone(),
             state: self.state,
             reason: self.reason.clone(),
-            device: self
-                .served
-                .as_ref()
-                .map(|s| s.backing.display().to_string()),
-            block_device: self
-                .served
-                .as_ref()
-                .map(|s| s.block_device.display().to_string()),
+            device: shown.map(|s| s.backing.display().to_string()),
+            block_device: shown.map(|s| s.block_device.display().to_string()),
             key_id: self.slot.as_ref().map(|s| s.key_id.clone()),
             last_ok: self.last_ok_unix,
             last_error: self.last_error.clone(),
             suspended_at: self.suspended_unix,
             manual: self.manual,
             worker: self.worker.clone(),
+            restarts: self.restarts,
         };
         self.status_tx.send_replace(st);
     }
@@ -202,6 +241,7 @@ impl<P: Platform> VolumeCtl<P> {
                 Some("adopted a suspended worker".into()),
             );
         } else {
+            self.arm_watch();
             self.set_state(VolumeState::Serving, Some("adopted running worker".into()));
         }
         self.next = Instant::now();
@@ -209,6 +249,9 @@ impl<P: Platform> VolumeCtl<P> {
 
     async fn tick(&mut self) {
         match self.state {
+            VolumeState::Locked | VolumeState::Unlocking if self.dead.is_some() => {
+                self.recover_worker().await;
+            }
             VolumeState::Locked | VolumeState::Unlocking => {
                 if self.manual {
                     self.next = Instant::now() + IDLE;
@@ -352,6 +395,7 @@ impl<P: Platform> VolumeCtl<P> {
         match res {
             Ok(sv) => {
                 self.served = Some(sv);
+                self.arm_watch();
                 self.record_ok();
                 self.backoff.reset();
                 self.manual = false;
@@ -376,16 +420,210 @@ impl<P: Platform> VolumeCtl<P> {
         }
     }
 
+    /// Starts watching the worker that now serves (a new one, or the same one resumed).
+    fn arm_watch(&mut self) {
+        self.exit_watch = Some(self.p.watch_worker(&self.s.name));
+        self.serving_since = Some(Instant::now());
+    }
+
+    /// Stops watching: the worker is about to end on purpose (suspend, close).
+    fn disarm_watch(&mut self) {
+        self.exit_watch = None;
+        self.serving_since = None;
+    }
+
+    /// The serving worker ended without being asked to (crash, SIGKILL, OOM kill). Its key
+    /// died with it. ublk keeps the device (`UBLK_F_USER_RECOVERY | REISSUE`): QUIESCED, I/O
+    /// held, to be recovered in place by a new worker. FUSE loses its connection: the loop
+    /// device fails I/O, so it is detached and the volume opened again. The first death after
+    /// a stable run restarts at once; deaths in a row back off.
+    async fn worker_died(&mut self, detail: String) {
+        self.exit_watch = None;
+        self.worker = None;
+        let Some(sv) = self.served.take() else {
+            return;
+        };
+        if self
+            .serving_since
+            .take()
+            .is_some_and(|t| t.elapsed() >= STABLE_RUN)
+        {
+            self.crash_streak = 0;
+            self.restart_backoff.reset();
+        }
+        self.crash_streak = self.crash_streak.saturating_add(1);
+        let delay = if self.crash_streak == 1 {
+            Duration::ZERO
+        } else {
+            self.restart_backoff.next_delay(&mut self.rng)
+        };
+        let bd = sv.block_device.display().to_string();
+        let retry_in = humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
+        if sv.ublk_dev_id.is_some() {
+            tracing::warn!(volume = %self.s.name, block_device = %bd, crashes_in_a_row = self.crash_streak, %retry_in,
+                "serving worker died ({detail}); {bd} holds its I/O until a new worker recovers it");
+        } else {
+            let note = self.p.clean_dead_worker(&self.s.name, &sv).await;
+            tracing::warn!(volume = %self.s.name, block_device = %bd, crashes_in_a_row = self.crash_streak, %retry_in, cleanup = %note,
+                "serving worker died ({detail}); in-flight and new I/O on {bd} failed (the FUSE connection died with it); opening the volume again");
+        }
+        self.dead = Some(sv);
+        self.next = Instant::now() + delay;
+        self.set_state(
+            VolumeState::Unlocking,
+            Some(format!("worker died ({detail}); restarting in {retry_in}")),
+        );
+    }
+
+    /// Replaces a dead worker: unwrap the key again (the agent does not keep it), then recover
+    /// the same ublk device, or open the volume again (FUSE, or a ublk device that is gone).
+    /// A denial (or `offline_lock_after`) on the way ends in suspended/locked, not a worker.
+    async fn recover_worker(&mut self) {
+        let Some(sv) = self.dead.clone() else {
+            return;
+        };
+        // `kvcrypt open` may have restarted it meanwhile: take that worker over.
+        if let Some(live) = self.p.adopt(&self.s.name).await.filter(|l| !l.suspended) {
+            tracing::info!(volume = %self.s.name, block_device = %live.block_device.display(), "a new worker serves the volume already; adopting it");
+            self.dead = None;
+            self.served = Some(live);
+            self.arm_watch();
+            self.record_ok();
+            self.next = Instant::now() + self.interval();
+            self.set_state(
+                VolumeState::Serving,
+                Some("adopted a worker started outside the agent".into()),
+            );
+            return;
+        }
+        let key = match self.check_access().await {
+            Ok(k) => k,
+            Err(e) => {
+                self.record_error(&e);
+                let offline = matches!((self.s.offline_lock_after, self.last_ok),
+                    (Some(limit), Some(ok)) if ok.elapsed() >= limit);
+                if e.class == AccessClass::Denied || offline {
+                    let why = if offline {
+                        "no successful access check within offline_lock_after".to_owned()
+                    } else {
+                        format!("access denied: {}", e.message)
+                    };
+                    tracing::warn!(volume = %self.s.name, reason = %why, "not restarting the dead worker");
+                    self.dead_to_locked(format!("{why} (while its worker was down)"), false)
+                        .await;
+                    return;
+                }
+                let d = self.restart_backoff.next_delay(&mut self.rng);
+                self.next = Instant::now() + d;
+                self.set_state(
+                    VolumeState::Unlocking,
+                    Some(format!(
+                        "worker died; cannot unwrap the key to restart it ({}), retrying in {}",
+                        e.class,
+                        humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
+                    )),
+                );
+                return;
+            }
+        };
+        let bd = sv.block_device.display().to_string();
+        let recover = match sv.ublk_dev_id {
+            Some(id) if self.p.ublk_recoverable(id).await => Some(id),
+            Some(id) => {
+                tracing::warn!(volume = %self.s.name, block_device = %bd,
+                    "ublk device {id} is gone (removed) or no longer recoverable; opening a new device instead (I/O that was queued on it is lost)");
+                None
+            }
+            None => None,
+        };
+        let res = self.p.spawn(&self.s, &sv.backing, &key, recover).await;
+        drop(key);
+        match res {
+            Ok(new) => {
+                self.restarts = self.restarts.saturating_add(1);
+                self.dead = None;
+                let nb = new.block_device.display().to_string();
+                let how = match (recover, sv.ublk_dev_id) {
+                    (Some(_), _) => format!("recovered {nb} in place; held I/O resumes"),
+                    (None, Some(_)) => format!("opened a new device {nb} ({bd} was gone)"),
+                    (None, None) => format!("re-opened as {nb} (I/O on {bd} failed meanwhile)"),
+                };
+                tracing::warn!(volume = %self.s.name, block_device = %nb, restarts = self.restarts, crashes_in_a_row = self.crash_streak,
+                    "worker restarted after it died: {how}");
+                self.served = Some(new);
+                self.arm_watch();
+                self.record_ok();
+                self.next = Instant::now() + self.interval();
+                self.set_state(
+                    VolumeState::Serving,
+                    Some(format!("worker restarted: {how}")),
+                );
+            }
+            Err(msg) => {
+                let e = AccessError::new(
+                    AccessClass::Transient,
+                    format!(
+                        "cannot restart the worker for {}: {msg}",
+                        sv.backing.display()
+                    ),
+                );
+                self.record_error(&e);
+                let d = self.restart_backoff.next_delay(&mut self.rng);
+                tracing::error!(volume = %self.s.name, error = %msg, retry_in = %humantime::format_duration(Duration::from_millis(d.as_millis() as u64)), "restarting the dead worker failed");
+                self.next = Instant::now() + d;
+                self.set_state(
+                    VolumeState::Unlocking,
+                    Some("worker died; restarting it failed, retrying".into()),
+                );
+            }
+        }
+    }
+
+    /// A revocation, `kvcrypt lock` or the offline limit while the worker is dead: no worker
+    /// is started. A ublk device still QUIESCED is exactly a suspended ublk volume (I/O held, no
+    /// key anywhere): it becomes `suspended` (resume recovers it, hold expiry deletes it).
+    /// Otherwise (FUSE: the device is gone with the worker) the volume is `locked`.
+    async fn dead_to_locked(&mut self, reason: String, manual: bool) {
+        let Some(sv) = self.dead.take() else {
+            return;
+        };
+        self.manual = manual;
+        let held = match sv.ublk_dev_id {
+            Some(id) => self.p.ublk_recoverable(id).await,
+            None => false,
+        };
+        if held {
+            self.served = Some(sv);
+            self.suspended_at = Some(Instant::now());
+            self.suspended_unix = Some(unix_now());
+            self.set_state(VolumeState::Suspended, Some(reason.clone()));
+            if self.s.revoke_policy == RevokePolicy::Remove {
+                self.remove(reason).await;
+                return;
+            }
+            self.next = if manual {
+                Instant::now() + IDLE
+            } else {
+                Instant::now() + self.interval()
+            };
+        } else {
+            self.served = None;
+            self.next = if manual {
+                Instant::now() + IDLE
+            } else {
+                Instant::now() + self.interval()
+            };
+            self.set_state(VolumeState::Locked, Some(reason));
+        }
+    }
+
     async fn check_serving(&mut self) {
         match self.p.worker_status(&self.s.name).await {
             Ok(v) => self.worker = Some(v),
             Err(e) => {
-                // The worker died (killed, crashed): its key died with it. Re-attach.
-                tracing::warn!(volume = %self.s.name, error = %e, "worker gone; re-attaching");
-                self.served = None;
-                self.worker = None;
-                self.next = Instant::now();
-                self.set_state(VolumeState::Locked, Some(format!("worker gone: {e}")));
+                // The worker died (killed, crashed) without its exit being noticed (e.g. it
+                // could not be watched): its key died with it.
+                self.worker_died(format!("worker not answering: {e}")).await;
                 return;
             }
         }
@@ -426,6 +664,8 @@ impl<P: Platform> VolumeCtl<P> {
             self.set_state(VolumeState::Locked, Some(reason));
             return;
         };
+        // Suspending a ublk worker ends it (and closing any worker does): not a crash.
+        self.disarm_watch();
         // Freeze first so everything the filesystem acknowledged is on the device before
         // I/O stops; thaw only after resume (thawing writes the superblock).
         self.frozen = Some(self.p.freeze(&sv.block_device).await);
@@ -498,6 +738,7 @@ impl<P: Platform> VolumeCtl<P> {
         let bd = self.served.as_ref().map(|s| s.block_device.clone());
         match res {
             Ok(()) => {
+                self.arm_watch();
                 if let Some(bd) = bd {
                     let fz = self.frozen.take();
                     self.p.thaw(&bd, fz).await;
@@ -539,6 +780,7 @@ impl<P: Platform> VolumeCtl<P> {
 
     /// suspended → removed: hook, then close the device.
     async fn remove(&mut self, reason: String) {
+        self.disarm_watch();
         if let Some(sv) = self.served.take() {
             if let Err(e) = self.p.run_hook(&self.s, &sv.block_device, &reason).await {
                 tracing::warn!(volume = %self.s.name, error = %e, "hook failed; removing anyway");
@@ -563,6 +805,28 @@ impl<P: Platform> VolumeCtl<P> {
 
     async fn command(&mut self, c: Command) {
         match c {
+            Command::Lock(reply) if self.dead.is_some() => {
+                self.dead_to_locked("locked by kvcrypt lock".into(), true)
+                    .await;
+                let _ = reply.send(Ok(format!(
+                    "locked ({}; its worker had died and was not restarted)",
+                    self.state
+                )));
+            }
+            Command::Unlock(reply) if self.dead.is_some() => {
+                self.manual = false;
+                self.restart_backoff.reset();
+                self.recover_worker().await;
+                let res = if self.state == VolumeState::Serving {
+                    Ok("worker restarted".to_owned())
+                } else {
+                    Err(self
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| "restarting the worker failed".into()))
+                };
+                let _ = reply.send(res);
+            }
             Command::Lock(reply) => {
                 let msg = match self.state {
                     VolumeState::Serving => {
@@ -639,6 +903,12 @@ impl<P: Platform> VolumeCtl<P> {
     }
 
     async fn shutdown(&mut self) {
+        self.disarm_watch();
+        if let Some(sv) = self.dead.take() {
+            // A dead ublk worker's device stays QUIESCED with its I/O held and its state file
+            // in place: the next agent adopts it as suspended and recovers it.
+            tracing::warn!(volume = %self.s.name, block_device = %sv.block_device.display(), "worker died and was not restarted before shutdown");
+        }
         if let Some(sv) = self.served.take() {
             // A device still in use (mounted) is left to its worker, which a later agent
             // adopts: closing it under a mounted filesystem would break that filesystem.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::secmem::VolumeKey;
 
 use super::config::{RetryConfig, RevokePolicy, Selector, VolumeSettings};
-use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef};
+use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef, WorkerExit};
 use super::status::VolumeState;
 use super::volume::{Command, VolumeHandle, spawn_volume};
 
@@ -32,6 +32,12 @@ struct World {
     /// leaves the device QUIESCED; only a new worker recovering it brings it back.
     ublk: bool,
     quiesced: Option<u32>,
+    /// Exit watches on the current worker (what a pidfd is to the real agent).
+    watchers: Vec<tokio::sync::oneshot::Sender<String>>,
+    /// The next this many workers die right after they report ready.
+    doomed: u32,
+    /// When each worker (new or recovering) was started, on tokio's clock.
+    starts: Vec<tokio::time::Instant>,
 }
 
 const UBLK_ID: u32 = 3;
@@ -64,6 +70,27 @@ impl Fake {
     }
     fn worker_key(&self) -> Option<Option<[u8; 64]>> {
         self.0.lock().unwrap().worker.as_ref().map(|w| w.key)
+    }
+    /// SIGKILL the worker: its key dies with it; a ublk device goes QUIESCED, I/O held.
+    fn crash(&self) {
+        let mut w = self.0.lock().unwrap();
+        assert!(w.worker.take().is_some(), "no worker to kill");
+        if w.ublk {
+            w.quiesced = Some(UBLK_ID);
+        }
+        w.events.push("crash".into());
+        end_worker(&mut w, "killed by signal 9");
+    }
+    fn count(&self, ev: &str) -> usize {
+        self.events().iter().filter(|e| *e == ev).count()
+    }
+}
+
+/// The worker process is gone: every exit watch fires (as a pidfd would, even when the agent
+/// asked for the exit; the state machine must stop watching before it asks).
+fn end_worker(w: &mut World, how: &str) {
+    for tx in w.watchers.drain(..) {
+        let _ = tx.send(how.to_owned());
     }
 }
 
@@ -129,10 +156,19 @@ impl Platform for Fake {
                 }
             }
         }
+        w.starts.push(tokio::time::Instant::now());
         w.worker = Some(WorkerSim {
             key: Some(*key.expose()),
         });
         let ublk = w.ublk;
+        if w.doomed > 0 {
+            // Dies right after its ready line (e.g. a crash on the first I/O).
+            w.doomed -= 1;
+            w.worker = None;
+            if ublk {
+                w.quiesced = Some(UBLK_ID);
+            }
+        }
         Ok(Served {
             backing: dev.to_owned(),
             block_device: if ublk {
@@ -169,6 +205,27 @@ impl Platform for Fake {
             None => Err("no worker".into()),
         }
     }
+    fn watch_worker(&self, _name: &str) -> WorkerExit {
+        let mut w = self.0.lock().unwrap();
+        if w.worker.is_none() {
+            return Box::pin(async { "no worker process".to_owned() });
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        w.watchers.push(tx);
+        Box::pin(async move {
+            match rx.await {
+                Ok(how) => how,
+                Err(_) => std::future::pending().await,
+            }
+        })
+    }
+    async fn ublk_recoverable(&self, id: u32) -> bool {
+        self.0.lock().unwrap().quiesced == Some(id)
+    }
+    async fn clean_dead_worker(&self, _name: &str, served: &Served) -> String {
+        self.ev(format!("clean:{}", served.block_device.display()));
+        "cleaned".into()
+    }
     async fn suspend(&self, _name: &str) -> Result<(), String> {
         self.ev("suspend");
         let mut w = self.0.lock().unwrap();
@@ -176,6 +233,7 @@ impl Platform for Fake {
             // The worker process exits; the device stays, QUIESCED.
             w.worker = None;
             w.quiesced = Some(UBLK_ID);
+            end_worker(&mut w, "exited after suspend");
             return Ok(());
         }
         match w.worker.as_mut() {
@@ -203,6 +261,7 @@ impl Platform for Fake {
             return Err("no worker".into());
         }
         w.worker = None;
+        end_worker(&mut w, "exited after close");
         Ok(())
     }
     async fn delete_ublk_device(&self, _name: &str, id: u32) -> Result<(), String> {
@@ -596,4 +655,229 @@ async fn ublk_device_suspended_under_a_previous_agent_is_adopted_and_recovered()
         h.status.borrow().block_device.as_deref(),
         Some("/dev/ublkb3")
     );
+}
+
+fn ublk_fake() -> Arc<Fake> {
+    let f = Fake::new();
+    f.0.lock().unwrap().ublk = true;
+    f
+}
+
+/// Waits (on the paused clock) until the fake has seen `n` events `ev`.
+async fn wait_events(f: &Fake, ev: &str, n: usize, within: Duration) {
+    let t0 = tokio::time::Instant::now();
+    while f.count(ev) < n {
+        assert!(
+            t0.elapsed() < within,
+            "{n}× {ev} not seen within {within:?}: {:?}",
+            f.events()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn ublk_worker_death_recovers_the_same_device_at_once() {
+    let f = ublk_fake();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    let t_crash = tokio::time::Instant::now();
+    f.crash();
+    wait_events(&f, "recover:3", 1, Duration::from_secs(5)).await;
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(1)).await;
+    // Noticed through the exit watch, not at the next check (1 s later).
+    let started = f.0.lock().unwrap().starts[1];
+    assert!(started - t_crash < Duration::from_millis(100));
+    assert_eq!(
+        f.worker_key(),
+        Some(Some([GOOD; 64])),
+        "key unwrapped again"
+    );
+    assert_eq!(f.0.lock().unwrap().quiesced, None, "device recovered");
+    let st = h.status.borrow().clone();
+    assert_eq!(st.block_device.as_deref(), Some("/dev/ublkb3"));
+    assert_eq!(st.restarts, 1);
+    assert!(
+        st.reason.as_deref().unwrap().contains("recovered"),
+        "{st:?}"
+    );
+    let ev = f.events();
+    let after: Vec<&str> = ev
+        .iter()
+        .skip_while(|e| *e != "crash")
+        .map(|s| s.as_str())
+        .collect();
+    assert_eq!(
+        after,
+        vec!["crash", "unwrap:Some(Ok)", "recover:3"],
+        "{ev:?}"
+    );
+    assert_eq!(f.count("spawn"), 1, "no second device");
+
+    // A later ublk suspend ends the worker on purpose: not taken for a crash.
+    assert_eq!(send(&h, Command::Lock).await.unwrap(), "locked");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Suspended);
+    assert_eq!(f.count("recover:3"), 1);
+    assert_eq!(h.status.borrow().restarts, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fuse_worker_death_detaches_the_old_device_and_opens_again() {
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.crash();
+    wait_events(&f, "spawn", 2, Duration::from_secs(5)).await;
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(1)).await;
+    let ev = f.events();
+    let clean = ev
+        .iter()
+        .position(|e| e == "clean:/dev/loop9")
+        .expect("cleaned");
+    let respawn = ev.iter().rposition(|e| e == "spawn").unwrap();
+    assert!(clean < respawn, "old loop device detached first: {ev:?}");
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+    let st = h.status.borrow().clone();
+    assert_eq!(st.restarts, 1);
+    assert!(
+        st.reason.as_deref().unwrap().contains("re-opened"),
+        "{st:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn repeated_worker_deaths_back_off_then_a_stable_run_resets() {
+    let f = ublk_fake();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.0.lock().unwrap().doomed = 5;
+    let t_crash = tokio::time::Instant::now();
+    f.crash();
+    // Six recoveries: at once, then unlock_retry's 0.5 s ×2 up to its 4 s cap.
+    wait_events(&f, "recover:3", 6, Duration::from_secs(20)).await;
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(1)).await;
+    let starts = f.0.lock().unwrap().starts.clone();
+    assert_eq!(starts.len(), 7, "first spawn + 6 recoveries");
+    let mut gaps = vec![(starts[1] - t_crash).as_millis()];
+    gaps.extend(starts.windows(2).skip(1).map(|w| (w[1] - w[0]).as_millis()));
+    assert_eq!(
+        gaps,
+        vec![0, 500, 1000, 2000, 4000, 4000],
+        "backoff, not a spin"
+    );
+    assert_eq!(f.count("spawn"), 1, "always the same device");
+    assert_eq!(h.status.borrow().restarts, 6);
+
+    // After a stable run the next death is restarted at once again.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let t2 = tokio::time::Instant::now();
+    f.crash();
+    wait_events(&f, "recover:3", 7, Duration::from_secs(5)).await;
+    let last = *f.0.lock().unwrap().starts.last().unwrap();
+    assert!(last - t2 < Duration::from_millis(100));
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn removed_ublk_device_falls_back_to_a_new_device() {
+    let f = ublk_fake();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.crash();
+    // Deleted before the agent got to it (e.g. `ublk del` by an operator).
+    f.0.lock().unwrap().quiesced = None;
+    wait_events(&f, "spawn", 2, Duration::from_secs(5)).await;
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(1)).await;
+    assert_eq!(f.count("recover:3"), 0, "{:?}", f.events());
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+    let st = h.status.borrow().clone();
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap()
+            .contains("opened a new device"),
+        "{st:?}"
+    );
+    assert_eq!(st.restarts, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ublk_revoked_while_worker_dead_suspends_without_a_new_worker() {
+    let f = ublk_fake();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.set_vault(Vault::Denied);
+    f.crash();
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Suspended);
+    assert!(f.worker_key().is_none(), "no worker resurrected");
+    assert_eq!(
+        f.0.lock().unwrap().quiesced,
+        Some(UBLK_ID),
+        "I/O still held"
+    );
+    assert_eq!(
+        f.count("recover:3") + f.count("spawn"),
+        1,
+        "{:?}",
+        f.events()
+    );
+    assert_eq!(
+        h.status.borrow().block_device.as_deref(),
+        Some("/dev/ublkb3")
+    );
+    // Access back within hold: the same device is recovered.
+    f.set_vault(Vault::Ok);
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(3)).await;
+    assert_eq!(f.count("recover:3"), 1);
+    assert_eq!(f.count("spawn"), 1);
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+}
+
+#[tokio::test(start_paused = true)]
+async fn fuse_revoked_while_worker_dead_stays_locked() {
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.set_vault(Vault::Denied);
+    f.crash();
+    wait_state(&h, VolumeState::Locked, Duration::from_secs(2)).await;
+    let reason = h.status.borrow().reason.clone().unwrap();
+    assert!(reason.contains("access denied"), "{reason}");
+    // Locked like any volume whose key is denied: retried, never served.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Locked);
+    assert!(f.worker_key().is_none(), "no worker resurrected");
+    assert_eq!(f.count("spawn"), 1);
+    assert!(f.events().contains(&"clean:/dev/loop9".to_string()));
+    f.set_vault(Vault::Ok);
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(5)).await;
+    assert_eq!(f.count("spawn"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lock_while_worker_dead_holds_until_unlock() {
+    let f = ublk_fake();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    // The vault is down: the dead worker cannot be replaced yet.
+    f.set_vault(Vault::Transient);
+    f.crash();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Unlocking);
+    let msg = send(&h, Command::Lock).await.unwrap();
+    assert!(msg.starts_with("locked"), "{msg}");
+    assert_eq!(h.status.borrow().state, VolumeState::Suspended);
+    assert!(h.status.borrow().manual);
+    f.set_vault(Vault::Ok);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Suspended);
+    assert!(f.worker_key().is_none(), "no worker resurrected");
+    assert_eq!(f.count("recover:3"), 0);
+    assert_eq!(send(&h, Command::Unlock).await.unwrap(), "resumed");
+    assert_eq!(h.status.borrow().state, VolumeState::Serving);
+    assert_eq!(f.count("recover:3"), 1);
+    assert_eq!(f.count("spawn"), 1);
 }

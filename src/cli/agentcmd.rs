@@ -121,6 +121,12 @@ pub fn render_status(vols: &[VolumeStatus], now: f64) -> String {
         if let Some(s) = v.suspended_at {
             out.push_str(&format!("  suspended:   {}\n", ago(Some(s), now)));
         }
+        if v.restarts > 0 {
+            out.push_str(&format!(
+                "  restarts:    {} (workers that died while serving)\n",
+                v.restarts
+            ));
+        }
         if let Some(e) = &v.last_error {
             out.push_str(&format!(
                 "  last error:  {} ({}): {}\n",

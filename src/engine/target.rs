@@ -1,9 +1,22 @@
 //! The engine as a ublk [`BlockTarget`](crate::transport::ublk::BlockTarget).
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 
-use super::{Engine, EngineError};
-use crate::transport::ublk::BlockTarget;
+use super::{Engine, EngineError, SplitError};
+use crate::transport::ublk::{BlockTarget, SplitStep};
+
+fn to_step(what: &str, e: SplitError) -> SplitStep {
+    match e {
+        SplitError::Suspended => SplitStep::Suspended,
+        SplitError::Engine(e) => {
+            if !matches!(e, EngineError::ShutDown) {
+                tracing::error!("{what}: {e}");
+            }
+            SplitStep::Errno(e.errno())
+        }
+    }
+}
 
 fn to_io(what: &str, e: EngineError) -> io::Error {
     if !matches!(e, EngineError::ShutDown) {
@@ -35,5 +48,23 @@ impl BlockTarget for Engine {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         // Encrypted zeros: correct whatever REQ_NOUNMAP says, and reveals nothing.
         Engine::write_zeroes(self, offset, len, false).map_err(|e| to_io("write zeroes", e))
+    }
+    // Split-phase: the ublk queues submit backing I/O themselves (see engine::split).
+    fn backing_fd(&self) -> Option<RawFd> {
+        Some(Engine::backing_fd(self).as_raw_fd())
+    }
+    fn backing_offset(&self, offset: u64, len: u64, write: bool) -> Result<u64, i32> {
+        Engine::backing_offset(self, offset, len, write).map_err(|e| e.errno())
+    }
+    fn encrypt(&self, offset: u64, buf: &mut [u8]) -> Result<(), SplitStep> {
+        self.try_encrypt(offset, buf)
+            .map_err(|e| to_step("encrypt", e))
+    }
+    fn decrypt(&self, offset: u64, buf: &mut [u8]) -> Result<(), SplitStep> {
+        self.try_decrypt(offset, buf)
+            .map_err(|e| to_step("decrypt", e))
+    }
+    fn wait_resumed(&self) -> bool {
+        Engine::wait_resumed(self, 1)
     }
 }

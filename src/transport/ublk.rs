@@ -7,14 +7,21 @@
 //! Without REISSUE those requests fail with EIO, which ext4 turns into silent data loss
 //! (DESIGN.md §ublk facts). Re-running an XTS sector write is idempotent, so re-issue is safe.
 //!
-//! Threads: one per hardware queue (default one queue per CPU), each handling its requests
-//! synchronously against the [`BlockTarget`]; the calling thread of [`serve`] controls the device
-//! and waits for a [`StopRequest`].
+//! Threads: one per hardware queue (default one queue per CPU). Each runs a local executor with
+//! one task per tag on the queue's own io_uring, so all tags of a queue are served concurrently:
+//! backing reads/writes are submitted on that ring and only the crypto steps call the
+//! [`BlockTarget`] (split-phase, see the trait). The calling thread of [`serve`] controls the
+//! device and waits for a [`StopRequest`]. Files: `queue.rs` (queue thread, tag tasks, hand-over
+//! fence), `request.rs` (request checks and mapping), `ring.rs` (backing I/O as io_uring SQEs
+//! on the queue ring), `os.rs` (raw OS calls).
 
 mod os;
 mod queue;
+mod request;
+mod ring;
 
 use std::io;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -40,9 +47,28 @@ const DEFAULT_MAX_IO_BYTES: u32 = 512 * 1024;
 /// Recovery flags, always set (see module docs).
 const RECOVERY_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
 
+/// Why a split-phase step of a [`BlockTarget`] did not run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitStep {
+    /// The key is wiped (volume suspended): keep the request, call
+    /// [`BlockTarget::wait_resumed`], then retry. The request waits; it never fails.
+    Suspended,
+    /// Fail the request with this (positive) errno.
+    Errno(i32),
+}
+
 /// The block device a transport serves, with whole-sector requests. `crate::engine::Engine`
 /// implements it; tests and other targets may too. Methods take `&self`: every queue thread
 /// calls them concurrently.
+///
+/// Two ways to serve reads and writes:
+/// - *blocking*: [`read_at`](Self::read_at) / [`write_at`](Self::write_at) do everything; a
+///   queue then handles one request at a time (its thread is inside the call);
+/// - *split-phase* (when [`backing_fd`](Self::backing_fd) is `Some`): the queue submits the
+///   backing I/O itself, on its own io_uring, and calls the target only for the mapping
+///   ([`backing_offset`](Self::backing_offset)) and the non-blocking crypto steps
+///   ([`encrypt`](Self::encrypt) / [`decrypt`](Self::decrypt)); a queue then has every tag
+///   in flight at once.
 pub trait BlockTarget: Send + Sync + 'static {
     /// Plaintext size in bytes (a multiple of `sector_size`).
     fn size(&self) -> u64;
@@ -59,6 +85,35 @@ pub trait BlockTarget: Send + Sync + 'static {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Makes a range read back as zeros (only called when discards are allowed).
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Descriptor of the backing store for split-phase I/O (`None`: only the blocking methods
+    /// are available). Must stay open as long as the target lives; reads and writes on it are
+    /// whole sectors into page-aligned buffers, so it may be `O_DIRECT`.
+    fn backing_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Byte offset in the backing store of `len` bytes at device `offset` (whole sectors, in
+    /// range; `write` refused on a read-only target). `Err(errno)` fails the request.
+    fn backing_offset(&self, offset: u64, len: u64, write: bool) -> std::result::Result<u64, i32> {
+        let _ = (offset, len, write);
+        Err(libc::EOPNOTSUPP)
+    }
+    /// Encrypts whole sectors of plaintext for device `offset` in place, without blocking.
+    fn encrypt(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), SplitStep> {
+        let _ = (offset, buf);
+        Err(SplitStep::Errno(libc::EOPNOTSUPP))
+    }
+    /// Decrypts whole sectors read from the backing store for device `offset` in place,
+    /// without blocking.
+    fn decrypt(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), SplitStep> {
+        let _ = (offset, buf);
+        Err(SplitStep::Errno(libc::EOPNOTSUPP))
+    }
+    /// Blocks while the target is suspended. True once the key is back; false if the target
+    /// shuts down meanwhile (the waiting request then fails).
+    fn wait_resumed(&self) -> bool {
+        true
+    }
 }
 
 /// How to serve the device.
@@ -408,21 +463,35 @@ pub fn serve<T: BlockTarget>(
 
     let params = ublk_params(size, opts, shift);
     let target_json = serde_json::json!({ "kvcrypt": { "volume_id": opts.volume_id } });
+    let mut backing_file = None;
     let dev = UblkDev::new(
         TARGET_NAME.to_string(),
         |dev: &mut UblkDev| {
             dev.set_default_params(size);
             dev.tgt.params = params;
             dev.set_target_json(target_json);
+            // Split-phase targets: the queues submit backing I/O on their own rings against
+            // this descriptor (registered as a fixed file in every queue ring).
+            backing_file = queue::register_backing(dev, target.backing_fd());
             Ok(())
         },
         &ctrl,
     )
     .map_err(|e| ctrl_err("open char device", e))?;
     let dev = Arc::new(dev);
+    tracing::info!(
+        dev_id,
+        split_phase = backing_file.is_some(),
+        "ublk: queues serve {}",
+        if backing_file.is_some() {
+            "every tag concurrently (backing I/O on the queue rings)"
+        } else {
+            "one request at a time (blocking target)"
+        }
+    );
 
     let fence = Arc::new(queue::Fence::default());
-    let geometry = queue::Geometry {
+    let geometry = request::Geometry {
         size,
         sector_size: 1 << shift,
         read_only: opts.read_only,
@@ -438,6 +507,7 @@ pub fn serve<T: BlockTarget>(
             fence: fence.clone(),
             events: tx.clone(),
             geometry,
+            backing_file,
         };
         let qdev = dev.clone();
         let tid_tx = tid_tx.clone();

@@ -1,31 +1,45 @@
-//! One ublk hardware queue: a thread that FETCHes requests from the kernel and maps each one onto
-//! the [`BlockTarget`] (sync style: libublk's `wait_and_handle_io`, no async executor).
+//! One ublk hardware queue: a thread with its own io_uring (libublk's per-thread queue ring) and
+//! a local executor (`smol::LocalExecutor`) running one task per tag, so every tag of the queue
+//! can be in flight at once.
+//!
+//! A tag task FETCHes a request, serves it with [`request::serve_request`] — backing reads and
+//! writes are submitted on the same ring (`ublk_submit_sqe_async`) into the tag's preallocated
+//! buffer, decrypted / encrypted in place — and COMMITs the result together with the next FETCH.
+//! Targets without split-phase I/O ([`BlockTarget::backing_fd`] is `None`) are served with the
+//! blocking calls instead (one request at a time). The executor, the ring and the tag buffers
+//! are created once per queue; nothing is allocated per request.
 
-use std::io;
+use std::cell::Cell;
+use std::future::Future;
+use std::os::fd::RawFd;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 
-use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
-use libublk::sys;
-use libublk::{BufDesc, UblkIORes};
+use libublk::helpers::IoBuf;
+use libublk::io::{UblkDev, UblkQueue};
+use libublk::{BufDesc, UblkError};
 
+use super::request::{self, Geometry};
+use super::ring::{FileRef, QueueRing};
 use super::{BlockTarget, Event};
 
 /// State shared between the serving thread and the queue threads.
 #[derive(Default)]
 pub(super) struct Fence {
     /// Set when the server is handing the device over (suspend on kernels without QUIESCE):
-    /// from then on no request may be completed, so that everything not yet completed is
+    /// from then on no request may be started, so that everything not yet completed is
     /// re-issued by the kernel to the next server (`UBLK_F_USER_RECOVERY_REISSUE`).
     closed: AtomicBool,
-    /// Requests currently inside a handler. Together with `closed` (both SeqCst) this lets the
-    /// serving thread wait until no handler can complete a request any more.
+    /// Requests currently being served (from the fence check until their COMMIT is queued).
+    /// Together with `closed` (both SeqCst) this lets the serving thread wait until no request
+    /// can complete any more.
     busy: AtomicUsize,
 }
 
 impl Fence {
-    /// Closes the fence and waits for handlers already past it to finish.
+    /// Closes the fence and waits for requests already past it to finish.
     pub(super) fn close_and_drain(&self) {
         self.closed.store(true, Ordering::SeqCst);
         while self.busy.load(Ordering::SeqCst) != 0 {
@@ -33,7 +47,7 @@ impl Fence {
         }
     }
 
-    fn enter(&self) -> bool {
+    pub(super) fn enter(&self) -> bool {
         self.busy.fetch_add(1, Ordering::SeqCst);
         if self.closed.load(Ordering::SeqCst) {
             self.busy.fetch_sub(1, Ordering::SeqCst);
@@ -42,7 +56,7 @@ impl Fence {
         true
     }
 
-    fn leave(&self) {
+    pub(super) fn leave(&self) {
         self.busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -53,25 +67,15 @@ pub(super) struct QueueCtx<T: BlockTarget> {
     pub fence: Arc<Fence>,
     pub events: Sender<Event>,
     pub geometry: Geometry,
-}
-
-/// Device geometry and policy checked on every request.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Geometry {
-    pub size: u64,
-    pub sector_size: u64,
-    pub read_only: bool,
-    pub allow_discards: bool,
+    /// Index of the target's backing descriptor among the ring's registered files (split-phase
+    /// I/O), `None` for a blocking-only target.
+    pub backing_file: Option<u32>,
 }
 
 /// Body of queue thread `qid`. Returns when the kernel aborts the queue (device stopped).
 pub(super) fn run_queue<T: BlockTarget>(qid: u16, dev: &UblkDev, ctx: QueueCtx<T>) {
-    // Declared before the queue so it is dropped after it: the kernel holds these addresses.
-    let mut bufs = dev.alloc_queue_io_bufs();
-    let queue = match UblkQueue::new(qid, dev)
-        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
-    {
-        Ok(q) => q,
+    let queue = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
         Err(e) => {
             // start_dev() waits until every queue registered its buffers; report this queue as
             // failed so that wait ends (with an error) instead of hanging.
@@ -82,102 +86,146 @@ pub(super) fn run_queue<T: BlockTarget>(qid: u16, dev: &UblkDev, ctx: QueueCtx<T
             return;
         }
     };
-    let geo = ctx.geometry;
-    queue.wait_and_handle_io(|q: &UblkQueue, tag: u16, _io: &UblkIOCtx| {
-        if !ctx.fence.enter() {
-            return; // handing over: leave the request to the next server
-        }
-        let iod = q.get_iod(tag);
-        let (op_flags, start_sector, nr_sectors) = (iod.op_flags, iod.start_sector, iod.nr_sectors);
-        let res = match bufs.get_mut(tag as usize) {
-            Some(buf) => {
-                let res =
-                    handle_request(&*ctx.target, &geo, op_flags, start_sector, nr_sectors, buf);
-                q.complete_io_cmd_unified(
-                    tag,
-                    BufDesc::Slice(buf.as_slice()),
-                    Ok(UblkIORes::Result(res)),
-                )
-            }
-            None => q.complete_io_cmd_unified(
-                tag,
-                BufDesc::Slice(&[]),
-                Ok(UblkIORes::Result(-libc::EINVAL)),
-            ),
-        };
-        if let Err(e) = res {
-            tracing::error!(
-                qid,
-                tag,
-                "ublk: completing a request failed: {}",
-                super::describe(&e)
-            );
-        }
-        ctx.fence.leave();
+    // One buffer per tag, allocated once; each moves into its tag's task.
+    let bufs = dev.alloc_queue_io_bufs();
+    let shared = Rc::new(Shared {
+        ctx: &ctx,
+        ring: QueueRing::new(FileRef::Fixed(ctx.backing_file.unwrap_or(0))),
+        inflight: Cell::new(0),
+        max_inflight: Cell::new(0),
+        qid,
     });
+    let exe = smol::LocalExecutor::new();
+    let mut tasks = Vec::with_capacity(bufs.len());
+    for (tag, buf) in queue.tags().zip(bufs) {
+        let (q, sh) = (queue.clone(), shared.clone());
+        tasks.push(exe.spawn(async move {
+            match tag_task(&q, tag, buf, &sh).await {
+                Ok(()) | Err(UblkError::QueueIsDown) => {}
+                Err(e) => {
+                    tracing::error!(qid, tag, "ublk: tag task failed: {}", super::describe(&e))
+                }
+            }
+        }));
+    }
+    let run_ops = || while exe.try_tick() {};
+    let done = || tasks.iter().all(|t| t.is_finished());
+    let res = smol::block_on(libublk::wait_and_handle_io_events(
+        &queue, None, run_ops, done,
+    ));
+    match res {
+        Ok(()) | Err(UblkError::QueueIsDown) => {}
+        Err(e) => tracing::warn!(qid, "ublk: queue event loop ended: {}", super::describe(&e)),
+    }
+    tracing::info!(
+        qid,
+        max_inflight = shared.max_inflight.get(),
+        "ublk: queue {qid} exits (at most {} requests were in flight at once)",
+        shared.max_inflight.get()
+    );
+    drop(tasks);
     let _ = ctx.events.send(Event::QueueExited(qid));
 }
 
-/// Serves one request; returns the ublk result (bytes for read/write, 0 or -errno otherwise).
-pub(super) fn handle_request<T: BlockTarget + ?Sized>(
-    target: &T,
-    geo: &Geometry,
-    op_flags: u32,
-    start_sector: u64,
-    nr_sectors: u32,
-    buf: &mut [u8],
-) -> i32 {
-    let op = op_flags & 0xff;
-    // ublk always counts in 512-byte units, whatever the logical block size.
-    let offset = start_sector << 9;
-    let len = (nr_sectors as u64) << 9;
-    if op == sys::UBLK_IO_OP_FLUSH {
-        return errno_result(target.flush(), 0);
-    }
-    let in_bounds = offset.checked_add(len).is_some_and(|end| end <= geo.size);
-    let aligned = offset.is_multiple_of(geo.sector_size) && len.is_multiple_of(geo.sector_size);
-    if !in_bounds || !aligned {
-        tracing::warn!(
-            op,
-            offset,
-            len,
-            "ublk: rejecting misaligned or out-of-range request"
-        );
-        return -libc::EINVAL;
-    }
-    match op {
-        sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => {
-            let Some(data) = usize::try_from(len).ok().and_then(|l| buf.get_mut(..l)) else {
-                return -libc::EINVAL; // larger than the buffer we announced (max_sectors)
-            };
-            // Bytes transferred always fit: max_io_buf_bytes is a u32 well below i32::MAX.
-            let done = i32::try_from(len).unwrap_or(i32::MAX);
-            if op == sys::UBLK_IO_OP_READ {
-                errno_result(target.read_at(offset, data), done)
-            } else if geo.read_only {
-                -libc::EROFS
-            } else {
-                let fua = op_flags & sys::UBLK_IO_F_FUA != 0;
-                errno_result(target.write_at(offset, data, fua), done)
+/// What every tag task of one queue shares (single-threaded: `Cell`s, no locks).
+struct Shared<'a, T: BlockTarget> {
+    ctx: &'a QueueCtx<T>,
+    ring: QueueRing,
+    inflight: Cell<usize>,
+    max_inflight: Cell<usize>,
+    qid: u16,
+}
+
+impl<T: BlockTarget> Shared<'_, T> {
+    fn begin(&self) {
+        let n = self.inflight.get() + 1;
+        self.inflight.set(n);
+        if n > self.max_inflight.get() {
+            self.max_inflight.set(n);
+            // A log line at each new power of two: shows the queue's concurrency (the VM test
+            // checks it) without a line per request.
+            if n.is_power_of_two() {
+                tracing::info!(
+                    qid = self.qid,
+                    inflight = n,
+                    "ublk: queue {}: {n} requests in flight at once (new high)",
+                    self.qid
+                );
             }
         }
-        sys::UBLK_IO_OP_DISCARD if geo.allow_discards && !geo.read_only => {
-            errno_result(target.discard(offset, len), 0)
-        }
-        sys::UBLK_IO_OP_WRITE_ZEROES if geo.allow_discards && !geo.read_only => {
-            errno_result(target.write_zeroes(offset, len), 0)
-        }
-        sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => -libc::EOPNOTSUPP,
-        _ => -libc::EOPNOTSUPP,
+    }
+
+    fn end(&self) {
+        self.inflight.set(self.inflight.get().saturating_sub(1));
     }
 }
 
-fn errno_result(r: io::Result<()>, ok: i32) -> i32 {
-    match r {
-        Ok(()) => ok,
-        Err(e) => {
-            tracing::warn!("ublk: backing I/O failed: {e}");
-            -e.raw_os_error().filter(|&n| n > 0).unwrap_or(libc::EIO)
+/// One tag: FETCH, then serve + COMMIT_AND_FETCH until the queue goes down.
+async fn tag_task<T: BlockTarget>(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    mut buf: IoBuf<u8>,
+    sh: &Shared<'_, T>,
+) -> Result<(), UblkError> {
+    let ctx = sh.ctx;
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .await?;
+    loop {
+        if !ctx.fence.enter() {
+            // Handing over: leave this request to the next server (the kernel re-issues it);
+            // this process exits soon.
+            std::future::pending::<()>().await;
         }
+        let iod = q.get_iod(tag);
+        let (op_flags, start_sector, nr_sectors) = (iod.op_flags, iod.start_sector, iod.nr_sectors);
+        sh.begin();
+        let data = buf.as_mut_slice();
+        let res = if ctx.backing_file.is_some() {
+            request::serve_request(
+                &*ctx.target,
+                &sh.ring,
+                &ctx.geometry,
+                op_flags,
+                start_sector,
+                nr_sectors,
+                data,
+            )
+            .await
+        } else {
+            request::handle_request(
+                &*ctx.target,
+                &ctx.geometry,
+                op_flags,
+                start_sector,
+                nr_sectors,
+                data,
+            )
+        };
+        sh.end();
+        // COMMIT the result (and FETCH the next request). The fence is left as soon as the
+        // command is queued on the ring, before waiting for the next request.
+        let mut commit =
+            std::pin::pin!(q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res));
+        let mut left = false;
+        std::future::poll_fn(|cx| {
+            let p = commit.as_mut().poll(cx);
+            if !left {
+                left = true;
+                ctx.fence.leave();
+            }
+            p
+        })
+        .await?;
     }
+}
+
+/// The fixed-file index a target's backing descriptor gets: right after libublk's own
+/// `/dev/ublkcN` (index 0).
+pub(super) fn register_backing(dev: &mut UblkDev, fd: Option<RawFd>) -> Option<u32> {
+    let fd = fd?;
+    let n = usize::try_from(dev.tgt.nr_fds).ok()?;
+    let slot = dev.tgt.fds.get_mut(n)?;
+    *slot = fd;
+    dev.tgt.nr_fds += 1;
+    u32::try_from(n).ok()
 }

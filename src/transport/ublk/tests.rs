@@ -1,16 +1,20 @@
 //! Request mapping tests (no kernel needed): ublk opcodes, offsets in 512-byte units, bounds,
-//! alignment, read-only and discard policy. The kernel side is covered by tests/ublk_vm.rs.
+//! alignment, read-only and discard policy, on the blocking path (here) and the split-phase
+//! async path (`split`). The kernel side is covered by tests/ublk_vm.rs.
 
 use std::io;
 use std::sync::Mutex;
 
 use libublk::sys;
 
-use super::queue::{Geometry, handle_request};
+use super::request::{Geometry, handle_request};
 use super::{BlockTarget, UblkOptions, ublk_params};
 
+mod engine;
+mod split;
+
 /// In-memory target that records what it was asked to do.
-struct MemTarget {
+pub(super) struct MemTarget {
     data: Mutex<Vec<u8>>,
     sector: u32,
     log: Mutex<Vec<String>>,

@@ -1,0 +1,150 @@
+//! A worker's death at the OS level: noticing it at once (a pidfd, which works for workers the
+//! agent did not start too, e.g. adopted ones) and detaching the loop device a dead FUSE worker
+//! left bound to its dead FUSE file.
+//!
+//! Hand-written rather than from a crate: two syscalls (`pidfd_open`, `LOOP_CLR_FD`) that `libc`
+//! already declares; tokio's `AsyncFd` does the waiting.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+/// `LOOP_CLR_FD` and `LOOP_GET_STATUS64` from `<linux/loop.h>`.
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+
+/// An open pidfd: becomes readable when the process has exited.
+#[derive(Debug)]
+pub struct PidWatch {
+    fd: OwnedFd,
+    pid: u32,
+}
+
+impl PidWatch {
+    /// Opens a pidfd for `pid`. `ESRCH` means the process is already gone.
+    pub fn open(pid: u32) -> io::Result<PidWatch> {
+        let p =
+            libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no
+        // pointers are involved.
+        let r = unsafe { libc::syscall(libc::SYS_pidfd_open, p, 0) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let raw = i32::try_from(r).map_err(|_| io::Error::other("pidfd out of range"))?;
+        // SAFETY: `raw` is a descriptor the kernel just gave us, owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(PidWatch { fd, pid })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits until the process has exited (all its threads). Needs a tokio runtime.
+    pub async fn exited(self) -> io::Result<()> {
+        // SAFETY: the OwnedFd moves into the AsyncFd, so the descriptor stays open and the
+        // same for the AsyncFd's whole life (tokio's registration requirement).
+        let afd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(self.fd, tokio::io::Interest::READABLE)
+        }?;
+        let _guard = afd.readable().await?;
+        Ok(())
+    }
+}
+
+/// `struct loop_info64` (232 bytes) as raw bytes; only `lo_file_name` is read from it.
+#[repr(C, align(8))]
+struct LoopInfo64([u8; 232]);
+/// Offset and size of `lo_file_name` in `struct loop_info64`.
+const LO_FILE_NAME: std::ops::Range<usize> = 56..120;
+
+/// The label (`lo_file_name`) of loop device `dev`; `None` if it is not bound to a file. The
+/// FUSE transport labels its devices `kvcrypt:NAME`. (Its sysfs `backing_file` is no help once
+/// the worker is dead: the FUSE mount lived in the worker's private namespace, and a file on a
+/// mount whose namespace is gone shows as "/".)
+pub fn loop_label(dev: &Path) -> io::Result<Option<String>> {
+    let f = std::fs::OpenOptions::new().read(true).open(dev)?;
+    let mut info = LoopInfo64([0; 232]);
+    // SAFETY: LOOP_GET_STATUS64 writes one 232-byte loop_info64 to the pointer, which points to
+    // a buffer of exactly that size that lives for the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), LOOP_GET_STATUS64 as _, info.0.as_mut_ptr()) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let name = &info.0[LO_FILE_NAME];
+    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    Ok(Some(String::from_utf8_lossy(&name[..end]).into_owned()))
+}
+
+/// Detaches loop device `loop_dev` if it is still bound to the FUSE file of volume `name`,
+/// whose worker died (label `kvcrypt:NAME`, see [`loop_label`]; call this before a new worker
+/// of the volume starts). A device nobody holds open goes at once; one that is still open
+/// (mounted, held by a process) is detached by the kernel on its last close (autoclear).
+/// Returns what happened, for the log; never touches a loop device bound to anything else.
+pub fn detach_dead_fuse_loop(loop_dev: &Path, name: &str) -> String {
+    let dev = loop_dev.display();
+    let is_loop = loop_dev
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("loop"));
+    if !is_loop {
+        return format!("{dev} is not a loop device");
+    }
+    let want = format!("kvcrypt:{name}");
+    let ours = |d: &Path| loop_label(d).is_ok_and(|l| l.as_deref() == Some(want.as_str()));
+    if !ours(loop_dev) {
+        return format!("{dev} was already detached");
+    }
+    let f = match std::fs::OpenOptions::new().read(true).open(loop_dev) {
+        Ok(f) => f,
+        Err(e) => return format!("cannot open {dev} to detach it: {e}"),
+    };
+    // SAFETY: LOOP_CLR_FD takes no argument; `f` is an open loop device descriptor.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD as _, 0) };
+    let err = (r != 0).then(io::Error::last_os_error);
+    drop(f);
+    match (err, ours(loop_dev)) {
+        (_, false) => format!("detached {dev}"),
+        (None, true) => format!(
+            "{dev} is still open (mounted or held by a process): the kernel detaches it on its last close"
+        ),
+        (Some(e), true) => format!("cannot detach {dev}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pidfd_resolves_when_the_process_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let w = PidWatch::open(child.id()).unwrap();
+        assert_eq!(w.pid(), child.id());
+        let waiting = tokio::spawn(w.exited());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the process is still running");
+        child.kill().unwrap();
+        waiting.await.unwrap().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn gone_process_is_esrch_and_other_devices_are_left_alone() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let e = PidWatch::open(pid).map(|_| ()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ESRCH));
+        let msg = detach_dead_fuse_loop(Path::new("/dev/sda"), "x");
+        assert!(msg.contains("not a loop device"), "{msg}");
+    }
+}
