@@ -90,6 +90,15 @@ fn ago(t: Option<f64>, now: f64) -> String {
     }
 }
 
+/// "fuse (io_uring)", "fuse (dev_fuse)" or "ublk", from a worker's status JSON.
+fn transport_line(worker: &serde_json::Value) -> Option<String> {
+    let t = worker.get("transport")?.as_str()?;
+    Some(match worker.get("fuse_mode").and_then(|m| m.as_str()) {
+        Some(mode) => format!("{t} ({mode})"),
+        None => t.to_string(),
+    })
+}
+
 /// Human-readable `kvcrypt status`.
 pub fn render_status(vols: &[VolumeStatus], now: f64) -> String {
     let mut out = String::new();
@@ -113,6 +122,9 @@ pub fn render_status(vols: &[VolumeStatus], now: f64) -> String {
                 "  plaintext:   {b} (/dev/disk/by-kvcrypt/{})\n",
                 v.name
             ));
+        }
+        if let Some(t) = v.worker.as_ref().and_then(transport_line) {
+            out.push_str(&format!("  transport:   {t}\n"));
         }
         if let Some(k) = &v.key_id {
             out.push_str(&format!("  key:         {k}\n"));
@@ -251,7 +263,9 @@ mod tests {
             message: "403 ForbiddenByRbac".into(),
             at: 1030,
         });
-        v.worker = Some(serde_json::json!({"reads": 5, "writes": 7}));
+        v.worker = Some(serde_json::json!({
+            "reads": 5, "writes": 7, "transport": "fuse", "fuse_mode": "io_uring"
+        }));
         let s = render_status(&[v], 1040.0);
         assert!(s.starts_with("data: suspended\n"), "{s}");
         assert!(
@@ -264,6 +278,7 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("I/O:         reads=5 writes=7"), "{s}");
+        assert!(s.contains("transport:   fuse (io_uring)"), "{s}");
         assert!(
             s.contains("key:         https://v.vault.azure.net/keys/k/1"),
             "{s}"
