@@ -594,25 +594,10 @@ impl<P: Platform> VolumeCtl<P> {
         };
         if held {
             self.served = Some(sv);
-            self.suspended_at = Some(Instant::now());
-            self.suspended_unix = Some(unix_now());
-            self.set_state(VolumeState::Suspended, Some(reason.clone()));
-            if self.s.revoke_policy == RevokePolicy::Remove {
-                self.remove(reason).await;
-                return;
-            }
-            self.next = if manual {
-                Instant::now() + IDLE
-            } else {
-                Instant::now() + self.interval()
-            };
+            self.enter_suspended(reason, manual).await;
         } else {
             self.served = None;
-            self.next = if manual {
-                Instant::now() + IDLE
-            } else {
-                Instant::now() + self.interval()
-            };
+            self.next = self.next_check(manual);
             self.set_state(VolumeState::Locked, Some(reason));
         }
     }
@@ -674,6 +659,12 @@ impl<P: Platform> VolumeCtl<P> {
             // we must not report it as serving.
             tracing::error!(volume = %self.s.name, error = %e, "suspending the worker failed");
         }
+        self.enter_suspended(reason, manual).await;
+    }
+
+    /// The key is gone and I/O is held: record when, then apply the revoke policy (`remove`
+    /// deletes the device at once; `hold` waits for access to come back).
+    async fn enter_suspended(&mut self, reason: String, manual: bool) {
         self.suspended_at = Some(Instant::now());
         self.suspended_unix = Some(unix_now());
         self.set_state(VolumeState::Suspended, Some(reason.clone()));
@@ -681,11 +672,17 @@ impl<P: Platform> VolumeCtl<P> {
             self.remove(reason).await;
             return;
         }
-        self.next = if manual {
+        self.next = self.next_check(manual);
+    }
+
+    /// When to look again at a volume that is not serving: a manual lock waits for
+    /// `kvcrypt unlock` (idle), otherwise the normal check interval.
+    fn next_check(&mut self, manual: bool) -> Instant {
+        if manual {
             Instant::now() + IDLE
         } else {
             Instant::now() + self.interval()
-        };
+        }
     }
 
     async fn check_suspended(&mut self) {
@@ -795,11 +792,7 @@ impl<P: Platform> VolumeCtl<P> {
         }
         self.header = None;
         self.worker = None;
-        self.next = if self.manual {
-            Instant::now() + IDLE
-        } else {
-            Instant::now() + self.interval()
-        };
+        self.next = self.next_check(self.manual);
         self.set_state(VolumeState::Removed, Some(reason));
     }
 
