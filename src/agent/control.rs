@@ -92,7 +92,8 @@ impl Response {
 
 /// The volumes a control server acts on.
 pub struct Registry<P: Platform> {
-    pub volumes: BTreeMap<String, VolumeHandle>,
+    /// Follows reloads (volumes added, and forgotten once closed after removal).
+    pub volumes: tokio::sync::watch::Receiver<BTreeMap<String, VolumeHandle>>,
     pub platform: Arc<P>,
 }
 
@@ -176,9 +177,11 @@ fn line(r: &Response) -> String {
 }
 
 async fn handle<P: Platform>(req: Request, reg: &Registry<P>) -> Response {
+    // A snapshot: a reload meanwhile applies to the next request.
+    let volumes = reg.volumes.borrow().clone();
     let find = |name: &str| {
-        reg.volumes.get(name).ok_or_else(|| {
-            let known: Vec<&str> = reg.volumes.keys().map(String::as_str).collect();
+        volumes.get(name).ok_or_else(|| {
+            let known: Vec<&str> = volumes.keys().map(String::as_str).collect();
             Response::err(
                 ErrorCode::NotFound,
                 format!("no volume named {name:?} in the configuration (configured: {known:?})"),
@@ -192,7 +195,7 @@ async fn handle<P: Platform>(req: Request, reg: &Registry<P>) -> Response {
                     Ok(h) => vec![h],
                     Err(r) => return r,
                 },
-                None => reg.volumes.values().collect(),
+                None => volumes.values().collect(),
             };
             let mut out = Vec::new();
             for h in handles {
@@ -223,7 +226,7 @@ async fn handle<P: Platform>(req: Request, reg: &Registry<P>) -> Response {
         },
         Request::Attach { device } => {
             tracing::info!(device, "attach requested");
-            for h in reg.volumes.values() {
+            for h in volumes.values() {
                 let _ = h.tx.send(Command::Wake).await;
             }
             Response::ok(format!(

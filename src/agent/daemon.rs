@@ -11,14 +11,17 @@ use super::config::Config;
 use super::control::{self, Registry};
 use super::notify::{Notifier, watchdog_period};
 use super::ports::Platform;
+use super::reload::VolumeSet;
 use super::status::VolumeState;
-use super::volume::{Command, VolumeHandle, spawn_volume};
+use super::volume::{Command, VolumeHandle};
 
 /// How the daemon runs.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     /// One unlock pass, then exit leaving the workers running (they are adopted later).
     pub once: bool,
+    /// The configuration file, re-read on SIGHUP (`systemctl reload`). `None`: no reload.
+    pub config: Option<std::path::PathBuf>,
 }
 
 /// Errors that stop the daemon before it serves.
@@ -58,13 +61,19 @@ pub fn summary(handles: &BTreeMap<String, VolumeHandle>) -> String {
     let mut other = Vec::new();
     for h in handles.values() {
         let s = h.status.borrow();
-        if s.state == VolumeState::Serving {
+        if s.removed_from_config {
+            other.push(format!("{} {} (removed from config)", s.name, s.state));
+        } else if s.state == VolumeState::Serving {
             serving += 1;
         } else {
             other.push(format!("{} {}", s.name, s.state));
         }
     }
-    let mut out = format!("serving {serving}/{} volumes", handles.len());
+    let configured = handles
+        .values()
+        .filter(|h| !h.status.borrow().removed_from_config)
+        .count();
+    let mut out = format!("serving {serving}/{configured} volumes");
     if !other.is_empty() {
         out.push_str(" (");
         out.push_str(&other.join(", "));
@@ -110,10 +119,8 @@ pub async fn run<P: Platform>(cfg: Config, p: Arc<P>, opts: Options) -> Result<(
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
 
     let settings = cfg.volume_settings();
-    let mut handles = BTreeMap::new();
-    for s in settings.iter() {
-        handles.insert(s.name.clone(), spawn_volume(s.clone(), p.clone()));
-    }
+    let mut set = VolumeSet::start(p.clone(), &settings);
+    let handles = set.handles();
     tracing::info!(volumes = handles.len(), "kvcrypt agent starting");
     let limit = settings
         .iter()
@@ -127,12 +134,13 @@ pub async fn run<P: Platform>(cfg: Config, p: Arc<P>, opts: Options) -> Result<(
     if opts.once {
         // Leave the workers running: stop the tasks without closing anything.
         drop(handles);
+        drop(set);
         return Ok(());
     }
     notifier.ready(&text);
 
     let reg = Arc::new(Registry {
-        volumes: handles.clone(),
+        volumes: set.registry(),
         platform: p.clone(),
     });
     let server = listener.map(|l| tokio::spawn(control::serve(l, reg)));
@@ -141,16 +149,44 @@ pub async fn run<P: Platform>(cfg: Config, p: Arc<P>, opts: Options) -> Result<(
     let mut wd_tick = tokio::time::interval(wd.unwrap_or(Duration::from_secs(3600)));
     let mut status_tick = tokio::time::interval(Duration::from_millis(500));
     let mut last_status = text;
+    // Shown in STATUS= until a reload succeeds.
+    let mut reload_failed: Option<String> = None;
+    let status_text = |set: &VolumeSet<P>, failed: &Option<String>| {
+        let mut t = summary(&set.handles());
+        if let Some(f) = failed {
+            t.push_str(&format!(
+                "; last reload FAILED, previous configuration kept: {f}"
+            ));
+        }
+        t
+    };
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                tracing::warn!("SIGHUP: configuration reload is not supported; restart kvcrypt-agent.service (served volumes are adopted, not interrupted)");
+                notifier.reloading();
+                match &opts.config {
+                    None => tracing::warn!("SIGHUP: no configuration file to reload"),
+                    Some(path) => match set.reload(path) {
+                        Ok(msg) => {
+                            tracing::info!("{msg}");
+                            reload_failed = None;
+                        }
+                        Err(e) => {
+                            tracing::error!(config = %path.display(), error = %e, "configuration reload failed; keeping the previous configuration");
+                            reload_failed = Some(e.to_string());
+                        }
+                    },
+                }
+                let t = status_text(&set, &reload_failed);
+                notifier.ready(&t);
+                last_status = t;
             }
             _ = wd_tick.tick(), if wd.is_some() => notifier.watchdog(),
             _ = status_tick.tick() => {
-                let t = summary(&handles);
+                set.prune();
+                let t = status_text(&set, &reload_failed);
                 if t != last_status {
                     notifier.status(&t);
                     last_status = t;
@@ -166,7 +202,7 @@ pub async fn run<P: Platform>(cfg: Config, p: Arc<P>, opts: Options) -> Result<(
     }
     let _ = std::fs::remove_file(&sock);
     let mut waits = Vec::new();
-    for h in handles.values() {
+    for h in set.handles().values() {
         let (tx, rx) = oneshot::channel();
         if h.tx.send(Command::Shutdown(tx)).await.is_ok() {
             waits.push(rx);

@@ -3,7 +3,7 @@
 //!
 //! Layout: `config` (the TOML file), `volume` (per-volume state machine over the `ports`
 //! trait), `control` (root-only JSON-line socket), `notify` (sd_notify), `freeze`
-//! (FIFREEZE/FITHAW), `hook`, `discover` (finding devices), `daemon` (wiring), `real` (the
+//! (FIFREEZE/FITHAW), `hook`, `discover` (finding devices), `daemon` (wiring), `reload` (SIGHUP: re-read the configuration), `real` (the
 //! production [`ports::Platform`]).
 
 pub mod backoff;
@@ -20,6 +20,7 @@ pub mod notify;
 pub mod ports;
 pub mod real;
 pub mod reap;
+pub mod reload;
 pub mod status;
 pub mod volume;
 #[cfg(test)]

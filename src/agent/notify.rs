@@ -48,6 +48,11 @@ impl Notifier {
     pub fn status(&self, status: &str) {
         self.log(self.send(&format!("STATUS={}", one_line(status))));
     }
+    /// `systemctl reload` in progress; [`Notifier::ready`] ends it. (No `MONOTONIC_USEC`: only
+    /// `Type=notify-reload`, systemd 253+, needs it; the unit uses `ExecReload=kill -HUP`.)
+    pub fn reloading(&self) {
+        self.log(self.send("RELOADING=1\nSTATUS=reloading the configuration"));
+    }
     pub fn watchdog(&self) {
         self.log(self.send("WATCHDOG=1"));
     }

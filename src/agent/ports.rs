@@ -10,7 +10,7 @@ use std::pin::Pin;
 
 use crate::secmem::VolumeKey;
 
-use super::config::{Selector, VolumeSettings};
+use super::config::{Selector, VaultConfig, VolumeSettings};
 
 /// Class of a failed Key Vault call, as the agent acts on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -161,6 +161,14 @@ pub trait Platform: Send + Sync + 'static {
         block_device: &Path,
         frozen: Option<Self::Frozen>,
     ) -> impl Future<Output = ()> + Send;
+    /// Reload: builds a new key provider from `vault` (validation, credential files) and,
+    /// only if that succeeds, uses it for every later Key Vault call. On error nothing
+    /// changes. Platforms without a vault client accept anything.
+    fn reload_vault(&self, vault: &VaultConfig) -> Result<(), String> {
+        let _ = vault;
+        Ok(())
+    }
+
     /// Runs the configured hook (with its timeout) before a device is removed.
     fn run_hook(
         &self,

@@ -24,7 +24,8 @@ const WORKER_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const WORKER_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct RealPlatform {
-    provider: Arc<KeyVaultProvider>,
+    /// The current key provider; a reload replaces it (calls in flight keep the old one).
+    provider: tokio::sync::watch::Sender<Arc<KeyVaultProvider>>,
     exe: PathBuf,
 }
 
@@ -32,7 +33,7 @@ impl RealPlatform {
     pub fn new(vault: &VaultConfig) -> Result<Self, KeyError> {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/sbin/kvcrypt"));
         Ok(Self {
-            provider: Arc::new(KeyVaultProvider::new(vault)?),
+            provider: tokio::sync::watch::Sender::new(Arc::new(KeyVaultProvider::new(vault)?)),
             exe,
         })
     }
@@ -63,6 +64,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 impl Platform for RealPlatform {
     type Header = LoadedHeader;
     type Frozen = FrozenSet;
+
+    fn reload_vault(&self, vault: &VaultConfig) -> Result<(), String> {
+        let new = KeyVaultProvider::new(vault).map_err(|e| e.to_string())?;
+        self.provider.send_replace(Arc::new(new));
+        Ok(())
+    }
 
     async fn locate(&self, sel: &Selector) -> Option<PathBuf> {
         let sel = sel.clone();
@@ -100,7 +107,7 @@ impl Platform for RealPlatform {
     }
 
     async fn unwrap_key(&self, slot: &SlotRef) -> Result<VolumeKey, AccessError> {
-        let p = self.provider.clone();
+        let p = self.provider.borrow().clone();
         let slot = slot.clone();
         // Spawned so a slow vault call is isolated from the volume task's own select loop.
         let r =

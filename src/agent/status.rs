@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::config::{RevokePolicy, VolumeSettings};
 use super::ports::AccessClass;
 
 /// `locked → unlocking → serving → suspended → serving` / `→ removed`.
@@ -76,6 +77,37 @@ pub struct VolumeStatus {
     /// Workers restarted by the agent after they died while serving.
     #[serde(default)]
     pub restarts: u32,
+    /// The volume was removed from the configuration file by a reload. Its device keeps being
+    /// served and access-checked (revocation still applies) until it is closed; it is never
+    /// unlocked or re-attached again.
+    #[serde(default)]
+    pub removed_from_config: bool,
+    /// The policy in effect (after the last reload).
+    #[serde(default)]
+    pub policy: Option<PolicyView>,
+}
+
+/// The effective policy of a volume, as `kvcrypt status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyView {
+    /// Humantime, e.g. "30s".
+    pub check_interval: String,
+    pub hold: String,
+    pub revoke_policy: RevokePolicy,
+    /// "off" or a duration.
+    pub offline_lock_after: String,
+}
+
+impl PolicyView {
+    pub fn of(s: &VolumeSettings) -> Self {
+        let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+        Self {
+            check_interval: d(s.check_interval),
+            hold: d(s.hold),
+            revoke_policy: s.revoke_policy,
+            offline_lock_after: s.offline_lock_after.map(d).unwrap_or_else(|| "off".into()),
+        }
+    }
 }
 
 impl VolumeStatus {
@@ -93,6 +125,8 @@ impl VolumeStatus {
             manual: false,
             worker: None,
             restarts: 0,
+            removed_from_config: false,
+            policy: None,
         }
     }
 }

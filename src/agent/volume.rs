@@ -23,7 +23,19 @@ use crate::secmem::VolumeKey;
 use super::backoff::{Backoff, jitter};
 use super::config::{RevokePolicy, VolumeSettings};
 use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef, WorkerExit};
-use super::status::{LastError, VolumeState, VolumeStatus, unix_now};
+use super::status::{LastError, PolicyView, VolumeState, VolumeStatus, unix_now};
+
+/// What the configuration wants of a volume task; the daemon sends a new value on reload
+/// (`systemctl reload`). The task applies it from its next check, without restarting the
+/// worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub settings: VolumeSettings,
+    /// False once the volume was removed from the configuration file: the task keeps serving
+    /// and checking a served device (revocation still applies) until it is closed, but never
+    /// unlocks or re-attaches it; then the task ends.
+    pub configured: bool,
+}
 
 /// Requests to a volume task (from the control socket, udev attach, shutdown).
 #[derive(Debug)]
@@ -85,6 +97,10 @@ pub struct VolumeCtl<P: Platform> {
     crash_streak: u32,
     restart_backoff: Backoff,
     serving_since: Option<Instant>,
+    /// Configuration updates (reload).
+    desired: watch::Receiver<Desired>,
+    /// In the configuration file (see [`Desired::configured`]).
+    configured: bool,
 }
 
 /// Waits for the armed worker watch (forever when none is armed).
@@ -95,8 +111,22 @@ async fn worker_exit(w: &mut Option<WorkerExit>) -> String {
     }
 }
 
-/// Starts the task for one volume.
+/// Starts the task for one volume (settings fixed for its lifetime).
 pub fn spawn_volume<P: Platform>(settings: VolumeSettings, p: Arc<P>) -> VolumeHandle {
+    spawn_managed(settings, p).0
+}
+
+/// Starts the task for one volume; new settings sent on the returned channel apply from the
+/// task's next check. The task ends by itself once it is no longer configured and no longer
+/// serves anything (its handle's `tx` is then closed).
+pub fn spawn_managed<P: Platform>(
+    settings: VolumeSettings,
+    p: Arc<P>,
+) -> (VolumeHandle, watch::Sender<Desired>) {
+    let (desired_tx, desired) = watch::channel(Desired {
+        settings: settings.clone(),
+        configured: true,
+    });
     let (tx, rx) = mpsc::channel(16);
     let (status_tx, status) = watch::channel(VolumeStatus::new(&settings.name));
     let name = settings.name.clone();
@@ -127,16 +157,24 @@ pub fn spawn_volume<P: Platform>(settings: VolumeSettings, p: Arc<P>) -> VolumeH
         restarts: 0,
         crash_streak: 0,
         serving_since: None,
+        desired,
+        configured: true,
     };
     tokio::spawn(ctl.run());
-    VolumeHandle { name, tx, status }
+    (VolumeHandle { name, tx, status }, desired_tx)
 }
 
 impl<P: Platform> VolumeCtl<P> {
     async fn run(mut self) {
         self.adopt().await;
         loop {
+            if self.finished() {
+                tracing::info!(volume = %self.s.name, state = %self.state, "volume removed from the configuration and no longer served: no longer managed");
+                self.publish();
+                return;
+            }
             tokio::select! {
+                Ok(()) = self.desired.changed() => self.reconfigure(),
                 cmd = self.rx.recv() => match cmd {
                     // The daemon went away without asking to close (e.g. `--once`): leave the
                     // worker serving; a later agent adopts it.
@@ -155,6 +193,45 @@ impl<P: Platform> VolumeCtl<P> {
                 _ = tokio::time::sleep_until(self.next) => self.tick().await,
             }
         }
+    }
+
+    /// Removed from the configuration and nothing left to look after (not served, no device
+    /// held by a dead ublk worker, not suspended).
+    fn finished(&self) -> bool {
+        !self.configured
+            && self.served.is_none()
+            && self.dead.is_none()
+            && matches!(self.state, VolumeState::Locked | VolumeState::Removed)
+    }
+
+    /// Applies new settings (reload). The running worker is not touched: policy
+    /// (`check_interval`, `hold`, `revoke_policy`, `offline_lock_after`, hook, timeouts, retry)
+    /// applies from the next check; the device selector and worker options (transport,
+    /// queues, read_only …) apply the next time a worker is started for the volume.
+    fn reconfigure(&mut self) {
+        let d = self.desired.borrow_and_update().clone();
+        if d.settings == self.s && d.configured == self.configured {
+            return;
+        }
+        if d.settings.unlock_retry != self.s.unlock_retry {
+            self.backoff = Backoff::new(d.settings.unlock_retry.clone());
+            self.restart_backoff = Backoff::new(d.settings.unlock_retry.clone());
+        }
+        let old_interval = self.s.check_interval;
+        self.s = d.settings;
+        self.configured = d.configured;
+        tracing::info!(volume = %self.s.name, configured = self.configured,
+            check_interval = %humantime::format_duration(self.s.check_interval),
+            hold = %humantime::format_duration(self.s.hold),
+            revoke_policy = ?self.s.revoke_policy, "volume settings reloaded");
+        // A shorter interval must not wait out the longer one already scheduled.
+        if self.s.check_interval < old_interval && !self.manual {
+            let sooner = Instant::now() + self.interval();
+            if sooner < self.next {
+                self.next = sooner;
+            }
+        }
+        self.publish();
     }
 
     fn interval(&mut self) -> Duration {
@@ -200,6 +277,8 @@ impl<P: Platform> VolumeCtl<P> {
             manual: self.manual,
             worker: self.worker.clone(),
             restarts: self.restarts,
+            removed_from_config: !self.configured,
+            policy: Some(PolicyView::of(&self.s)),
         };
         self.status_tx.send_replace(st);
     }
@@ -443,6 +522,29 @@ impl<P: Platform> VolumeCtl<P> {
         let Some(sv) = self.served.take() else {
             return;
         };
+        if !self.configured {
+            // Removed from the configuration: its worker ending (`kvcrypt close`, or a crash)
+            // ends the agent's care for it; it is not opened again. A ublk device still
+            // QUIESCED with I/O held is the exception: dropping it would hang that I/O forever,
+            // so it is recovered as usual.
+            let held = match sv.ublk_dev_id {
+                Some(id) => self.p.ublk_recoverable(id).await,
+                None => false,
+            };
+            if !held {
+                let note = self.p.clean_dead_worker(&self.s.name, &sv).await;
+                tracing::info!(volume = %self.s.name, block_device = %sv.block_device.display(), cleanup = %note,
+                    "worker ended ({detail}); the volume is no longer in the configuration, so it is not opened again");
+                self.serving_since = None;
+                self.set_state(
+                    VolumeState::Locked,
+                    Some(format!(
+                        "worker ended ({detail}); removed from the configuration"
+                    )),
+                );
+                return;
+            }
+        }
         if self
             .serving_since
             .take()
@@ -691,6 +793,11 @@ impl<P: Platform> VolumeCtl<P> {
             return;
         }
         let since = self.suspended_at.unwrap_or_else(Instant::now);
+        if self.s.revoke_policy == RevokePolicy::Remove {
+            // Switched to `remove` by a reload while suspended.
+            self.remove("revoke_policy is remove".into()).await;
+            return;
+        }
         if since.elapsed() >= self.s.hold {
             let r = format!(
                 "access not restored within hold ({})",

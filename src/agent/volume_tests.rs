@@ -98,7 +98,11 @@ impl Platform for Fake {
     type Header = ();
     type Frozen = String;
 
-    async fn locate(&self, _sel: &Selector) -> Option<PathBuf> {
+    async fn locate(&self, sel: &Selector) -> Option<PathBuf> {
+        // One fake device, /dev/fake (the reload tests add volumes that never appear).
+        if *sel != Selector::Path("/dev/fake".into()) {
+            return None;
+        }
         self.0
             .lock()
             .unwrap()
@@ -180,7 +184,10 @@ impl Platform for Fake {
             ublk_dev_id: ublk.then_some(UBLK_ID),
         })
     }
-    async fn adopt(&self, _name: &str) -> Option<Served> {
+    async fn adopt(&self, name: &str) -> Option<Served> {
+        if name != "data" {
+            return None;
+        }
         let world = self.0.lock().unwrap();
         if let (None, true, Some(id)) = (&world.worker, world.ublk, world.quiesced) {
             // What a previous agent's ublk suspend left: no worker, a QUIESCED device.
@@ -880,4 +887,168 @@ async fn lock_while_worker_dead_holds_until_unlock() {
     assert_eq!(h.status.borrow().state, VolumeState::Serving);
     assert_eq!(f.count("recover:3"), 1);
     assert_eq!(f.count("spawn"), 1);
+}
+
+// --- reload (SIGHUP): settings over the watch channel, removal, VolumeSet ---
+
+use super::reload::VolumeSet;
+use super::volume::{Desired, spawn_managed};
+
+/// Waits (paused clock) until the task has ended: its command channel is closed.
+async fn wait_task_end(h: &VolumeHandle, within: Duration) {
+    let t0 = tokio::time::Instant::now();
+    while !h.tx.is_closed() {
+        assert!(
+            t0.elapsed() < within,
+            "task still running: {:?}",
+            h.status.borrow()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn reload_policy_applies_from_the_next_check_without_a_new_worker() {
+    let f = Fake::new();
+    let mut s = settings();
+    s.check_interval = Duration::from_secs(60);
+    let (h, desired) = spawn_managed(s.clone(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    let checks = f.count("unwrap:Some(Ok)");
+    // Reload: check every second instead of every minute, and remove on revocation.
+    s.check_interval = Duration::from_secs(1);
+    s.revoke_policy = RevokePolicy::Remove;
+    desired.send_replace(Desired {
+        settings: s,
+        configured: true,
+    });
+    wait_events(&f, "unwrap:Some(Ok)", checks + 1, Duration::from_secs(3)).await;
+    let st = h.status.borrow().clone();
+    let p = st.policy.expect("policy shown");
+    assert_eq!(p.check_interval, "1s");
+    assert_eq!(p.revoke_policy, RevokePolicy::Remove);
+    assert!(!st.removed_from_config);
+    f.set_vault(Vault::Denied);
+    // With `remove` the device goes at once (no hold); the worker was never restarted.
+    wait_state(&h, VolumeState::Removed, Duration::from_secs(3)).await;
+    assert_eq!(f.count("spawn"), 1, "{:?}", f.events());
+    assert_eq!(f.count("close"), 1, "{:?}", f.events());
+}
+
+#[tokio::test(start_paused = true)]
+async fn removed_volume_keeps_serving_and_checking_until_its_worker_ends() {
+    let f = Fake::new();
+    let (h, desired) = spawn_managed(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    desired.send_modify(|d| d.configured = false);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let st = h.status.borrow().clone();
+    assert!(st.removed_from_config, "{st:?}");
+    assert_eq!(st.state, VolumeState::Serving);
+    assert_eq!(
+        f.count("close"),
+        0,
+        "a reload must not close a served device"
+    );
+    // Revocation still applies to it.
+    f.set_vault(Vault::Denied);
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(3)).await;
+    assert_eq!(f.worker_key(), Some(None), "key wiped");
+    f.set_vault(Vault::Ok);
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(3)).await;
+    // Its worker ends (kvcrypt close / crash): not opened again, the task ends.
+    f.crash();
+    wait_task_end(&h, Duration::from_secs(5)).await;
+    assert_eq!(f.count("spawn"), 1, "{:?}", f.events());
+    assert_eq!(h.status.borrow().state, VolumeState::Locked);
+}
+
+#[tokio::test(start_paused = true)]
+async fn removed_volume_that_is_not_served_is_forgotten_at_once() {
+    let f = Fake::new();
+    f.0.lock().unwrap().present = false;
+    let (h, desired) = spawn_managed(settings(), f.clone());
+    wait_state(&h, VolumeState::Locked, Duration::from_secs(2)).await;
+    desired.send_modify(|d| d.configured = false);
+    wait_task_end(&h, Duration::from_secs(2)).await;
+    // The device appearing later does not bring it back.
+    f.0.lock().unwrap().present = true;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(f.count("spawn"), 0);
+}
+
+const VAULT: &str = "[vault.credential]\nkind = \"managed-identity\"\n";
+
+#[tokio::test(start_paused = true)]
+async fn invalid_reload_keeps_the_old_configuration_and_a_valid_one_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kvcrypt.toml");
+    let good = format!(
+        "{VAULT}[agent]\ncheck_interval = \"1s\"\ncheck_jitter = 0.0\n[[volume]]\nname = \"data\"\npath = \"/dev/fake\"\n"
+    );
+    std::fs::write(&path, &good).unwrap();
+    let cfg = super::config::Config::load(&path).unwrap();
+    let f = Fake::new();
+    let mut set = VolumeSet::start(f.clone(), &cfg.volume_settings());
+    let h = set.handles()["data"].clone();
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+
+    // A bad value, a parse error, a missing [vault]: refused, named, nothing changes.
+    for (bad, what) in [
+        (good.replace("\"1s\"", "\"1 parsec\""), "check_interval"),
+        (
+            format!("{good}[[volume]]\nname = \"x\"\n"),
+            "uuid/label/path",
+        ),
+        (good.replace(VAULT, ""), "[vault]"),
+        ("[[volume]\n".to_owned(), "kvcrypt.toml"),
+    ] {
+        std::fs::write(&path, &bad).unwrap();
+        let e = set.reload(&path).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains(what), "{e}");
+        assert_eq!(set.handles().len(), 1);
+        let st = h.status.borrow().clone();
+        assert_eq!(st.state, VolumeState::Serving);
+        assert_eq!(st.policy.unwrap().check_interval, "1s");
+    }
+    let e = set
+        .reload(&dir.path().join("missing.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing.toml"), "{e}");
+
+    // Valid: a second volume (absent device), new policy for the first, registry follows.
+    let reg = set.registry();
+    std::fs::write(
+        &path,
+        format!("{VAULT}[agent]\ncheck_interval = \"5s\"\nhold = \"1m\"\n[[volume]]\nname = \"data\"\npath = \"/dev/fake\"\n[[volume]]\nname = \"more\"\nlabel = \"more\"\n"),
+    )
+    .unwrap();
+    let msg = set.reload(&path).unwrap();
+    assert!(
+        msg.contains("added more") && msg.contains("updated data"),
+        "{msg}"
+    );
+    assert_eq!(
+        reg.borrow().keys().cloned().collect::<Vec<_>>(),
+        vec!["data".to_owned(), "more".to_owned()]
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let p = h.status.borrow().policy.clone().unwrap();
+    assert_eq!((p.check_interval.as_str(), p.hold.as_str()), ("5s", "1m"));
+    assert_eq!(f.count("spawn"), 1, "the serving worker is not restarted");
+
+    // Removing `more` (not served) forgets it; `data` stays.
+    std::fs::write(&path, &good).unwrap();
+    let msg = set.reload(&path).unwrap();
+    assert!(msg.contains("removed more"), "{msg}");
+    let more = set.handles()["more"].clone();
+    wait_task_end(&more, Duration::from_secs(2)).await;
+    set.prune();
+    assert_eq!(
+        reg.borrow().keys().cloned().collect::<Vec<_>>(),
+        vec!["data".to_owned()]
+    );
+    assert_eq!(h.status.borrow().state, VolumeState::Serving);
 }

@@ -29,7 +29,10 @@ pub fn agent(config: &Path, a: AgentArgs) -> anyhow::Result<()> {
     if cfg.volumes.is_empty() {
         tracing::warn!(config = %config.display(), "no [[volume]] configured; the agent only answers the control socket");
     }
-    let opts = crate::agent::daemon::Options { once: a.once };
+    let opts = crate::agent::daemon::Options {
+        once: a.once,
+        config: Some(config.to_owned()),
+    };
     run_daemon(config, cfg, opts)
 }
 
@@ -110,6 +113,9 @@ pub fn render_status(vols: &[VolumeStatus], now: f64) -> String {
         if v.manual {
             out.push_str(" (locked by kvcrypt lock)");
         }
+        if v.removed_from_config {
+            out.push_str(" (REMOVED from the configuration: still served and checked until closed with `kvcrypt close`)");
+        }
         out.push('\n');
         if let Some(r) = &v.reason {
             out.push_str(&format!("  reason:      {r}\n"));
@@ -128,6 +134,16 @@ pub fn render_status(vols: &[VolumeStatus], now: f64) -> String {
         }
         if let Some(k) = &v.key_id {
             out.push_str(&format!("  key:         {k}\n"));
+        }
+        if let Some(p) = &v.policy {
+            let policy = match p.revoke_policy {
+                crate::agent::config::RevokePolicy::Suspend => "suspend",
+                crate::agent::config::RevokePolicy::Remove => "remove",
+            };
+            out.push_str(&format!(
+                "  policy:      check every {}, revoke_policy {policy}, hold {}, offline_lock_after {}\n",
+                p.check_interval, p.hold, p.offline_lock_after
+            ));
         }
         out.push_str(&format!("  last check:  {}\n", ago(v.last_ok, now)));
         if let Some(s) = v.suspended_at {
@@ -213,7 +229,14 @@ pub fn attach(config: &Path, a: AttachArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             super::harden();
-            run_daemon(config, cfg2, crate::agent::daemon::Options { once: true })
+            run_daemon(
+                config,
+                cfg2,
+                crate::agent::daemon::Options {
+                    once: true,
+                    config: None,
+                },
+            )
         }
         Err(e) => Err(e.into()),
     }
