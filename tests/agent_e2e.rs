@@ -193,11 +193,23 @@ impl Drop for Running {
     }
 }
 
-/// A worker the agent could not close (slow shutdown under load), or one a failed scenario
-/// left: stop it by the pid in its state file, so no test leaves a device behind.
+/// Workers the agent could not close (slow shutdown under load), or ones a failed scenario
+/// left (every volume of the lab, e.g. one added by a reload): stop each by the pid in its
+/// state file, so no test leaves a device behind.
 fn stop_leftover_worker(run_dir: &Path) {
-    let state = run_dir.join("volumes/demo.json");
-    if let Ok(bytes) = std::fs::read(&state)
+    let Ok(dir) = std::fs::read_dir(run_dir.join("volumes")) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "json") {
+            stop_worker_of(&p);
+        }
+    }
+}
+
+fn stop_worker_of(state: &Path) {
+    if let Ok(bytes) = std::fs::read(state)
         && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes)
         && let Some(pid) = v["pid"].as_i64()
     {
@@ -852,4 +864,222 @@ fn sigkilled_fuse_worker_is_served_again_with_fsynced_data_intact() {
         "dd if={d}/pattern of={bd2} bs=1M seek=8 oflag=direct conv=fsync status=none",
         d = r.lab.dir.display()
     ));
+}
+
+/// Status of volume `name` from the running agent.
+fn status_of(lab: &Lab, name: &str) -> anyhow::Result<kvcrypt::agent::status::VolumeStatus> {
+    use kvcrypt::agent::control::{self, Request};
+    let r = control::request(
+        &lab.run_dir.join("control.sock"),
+        &Request::Status {
+            name: Some(name.into()),
+        },
+        Duration::from_secs(10),
+    )?;
+    r.volumes
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("agent returned no volume"))
+}
+
+/// Polls until `ok` holds for volume `name`'s status.
+fn wait_status(
+    r: &Running,
+    name: &str,
+    what: &str,
+    ok: impl Fn(&kvcrypt::agent::status::VolumeStatus) -> bool,
+) -> kvcrypt::agent::status::VolumeStatus {
+    let t0 = Instant::now();
+    let mut last = String::new();
+    while t0.elapsed() < T {
+        match status_of(&r.lab, name) {
+            Ok(s) if ok(&s) => return s,
+            Ok(s) => last = format!("{s:?}"),
+            Err(e) => last = format!("{e:#}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "{}",
+        r.fail(format!("{name}: not {what} after {T:?}; last: {last}"))
+    );
+}
+
+fn sighup(r: &Running) {
+    let pid = r.agent.as_ref().expect("agent running").id();
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+}
+
+/// Reads sd_notify datagrams until one contains `want`; returns every one read.
+fn notify_until(sock: &UnixDatagram, want: &str) -> Vec<String> {
+    let mut buf = [0u8; 2048];
+    let mut seen = Vec::new();
+    loop {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {want:?} notification ({e}); got {seen:?}"));
+        let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let done = m.contains(want);
+        seen.push(m);
+        if done {
+            return seen;
+        }
+    }
+}
+
+/// Writes 1 MiB of random data through the plaintext device and reads it back uncached.
+fn device_round_trip(dir: &Path, bd: &str) {
+    let src = dir.join("pattern.bin");
+    must(&format!(
+        "head -c 1048576 /dev/urandom > {s} && dd if={s} of={bd} bs=64k oflag=direct conv=fsync status=none",
+        s = src.display()
+    ));
+    let back = dir.join("back.bin");
+    must(&format!(
+        "dd if={bd} of={b} bs=64k count=16 iflag=direct status=none",
+        b = back.display()
+    ));
+    assert_eq!(
+        sha256(&back),
+        sha256(&src),
+        "{bd} must read back what was written"
+    );
+}
+
+#[test]
+fn reload_adds_volumes_keeps_serving_on_a_bad_file_and_applies_policy() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), Path::new(EXE), &LabOptions::default()).unwrap();
+    lab.format().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(T)).unwrap();
+    let agent = lab.spawn_agent(Some(&notify_path)).unwrap();
+    let mut r = Running {
+        lab,
+        agent: Some(agent),
+        mnt: None,
+        _dir: dir,
+    };
+    notify_until(&notify, "READY=1");
+    r.lab
+        .wait_state(VolumeState::Serving, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    let demo_bd = r.block_device();
+
+    // A second volume, formatted with the same key, added to the file.
+    let img = r.lab.dir.join("second.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let out = r
+        .lab
+        .kvcrypt()
+        .args(["format", img.to_str().unwrap(), "--key-id", &r.lab.key_id])
+        .args(["--label", "second", "--yes"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let original = std::fs::read_to_string(&r.lab.config).unwrap();
+    let second = format!(
+        "\n[[volume]]\nname = \"second\"\npath = \"{}\"\ntransport = \"fuse\"\n",
+        img.display()
+    );
+    std::fs::write(&r.lab.config, format!("{original}{second}")).unwrap();
+    sighup(&r);
+    let msgs = notify_until(&notify, "READY=1");
+    assert!(msgs.iter().any(|m| m.contains("RELOADING=1")), "{msgs:?}");
+    let st = wait_status(&r, "second", "serving", |s| s.state == VolumeState::Serving);
+    let second_bd = st.block_device.clone().expect("served device");
+    device_round_trip(&r.lab.dir, &second_bd);
+    // The first volume was not touched.
+    assert_eq!(r.block_device(), demo_bd);
+    assert_eq!(r.lab.status().unwrap().state, VolumeState::Serving);
+
+    // An invalid file: nothing changes, the agent keeps running and serving both, and says so.
+    std::fs::write(
+        &r.lab.config,
+        format!("{original}{second}")
+            .replace("check_interval = \"1s\"", "check_interval = \"soon\""),
+    )
+    .unwrap();
+    sighup(&r);
+    let msgs = notify_until(&notify, "READY=1");
+    let ready = msgs.last().unwrap();
+    assert!(ready.contains("reload FAILED"), "{ready}");
+    let log = std::fs::read_to_string(r.lab.dir.join("agent.log")).unwrap();
+    assert!(
+        log.contains("configuration reload failed")
+            && log.contains(&r.lab.config.display().to_string())
+            && log.contains("soon"),
+        "{log}"
+    );
+    assert!(
+        r.agent.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the agent must survive a bad reload"
+    );
+    for name in ["demo", "second"] {
+        let s = status_of(&r.lab, name).unwrap();
+        assert_eq!(s.state, VolumeState::Serving, "{s:?}");
+        assert_eq!(s.policy.as_ref().unwrap().check_interval, "1s");
+    }
+    device_round_trip(&r.lab.dir, &second_bd);
+
+    // New policy (slower checks, remove on revocation) and `second` removed from the file.
+    std::fs::write(
+        &r.lab.config,
+        original.replace(
+            "check_interval = \"1s\"",
+            "check_interval = \"2s\"\nrevoke_policy = \"remove\"",
+        ),
+    )
+    .unwrap();
+    sighup(&r);
+    let msgs = notify_until(&notify, "READY=1");
+    assert!(!msgs.last().unwrap().contains("FAILED"), "{msgs:?}");
+    let st = wait_status(&r, "demo", "on the new policy", |s| {
+        s.policy.as_ref().is_some_and(|p| p.check_interval == "2s")
+    });
+    assert_eq!(
+        st.policy.unwrap().revoke_policy,
+        kvcrypt::agent::config::RevokePolicy::Remove
+    );
+    assert_eq!(
+        st.block_device.as_deref(),
+        Some(demo_bd.as_str()),
+        "same worker"
+    );
+    // Removed from the file: still served (a reload never yanks a device), and shown so.
+    let st = status_of(&r.lab, "second").unwrap();
+    assert!(st.removed_from_config, "{st:?}");
+    assert_eq!(st.state, VolumeState::Serving);
+    device_round_trip(&r.lab.dir, &second_bd);
+    let text = r.lab.kvcrypt().args(["status", "second"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains("REMOVED from the configuration"), "{text}");
+
+    // The policy takes effect: a revocation now removes `demo` at once (no hold) …
+    r.lab.revoke(Revocation::Permission).unwrap();
+    let st = wait_status(&r, "demo", "removed", |s| s.state == VolumeState::Removed);
+    assert!(st.block_device.is_none(), "{st:?}");
+    // … and still locks the volume that left the configuration (its old policy: suspend).
+    wait_status(&r, "second", "suspended", |s| {
+        s.state == VolumeState::Suspended
+    });
+    r.lab.restore(Revocation::Permission).unwrap();
+    wait_status(&r, "demo", "re-attached", |s| {
+        s.state == VolumeState::Serving
+    });
+    wait_status(&r, "second", "resumed", |s| s.state == VolumeState::Serving);
 }
