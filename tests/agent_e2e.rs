@@ -1082,4 +1082,23 @@ fn reload_adds_volumes_keeps_serving_on_a_bad_file_and_applies_policy() {
         s.state == VolumeState::Serving
     });
     wait_status(&r, "second", "resumed", |s| s.state == VolumeState::Serving);
+
+    // Closing the removed volume ends the agent's care for it: not re-opened, forgotten.
+    let out = r.lab.kvcrypt().args(["close", "second"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t0 = Instant::now();
+    let gone = loop {
+        match status_of(&r.lab, "second") {
+            Err(e) => break e.to_string(),
+            Ok(s) if t0.elapsed() > T => panic!("{}", r.fail(format!("still managed: {s:?}"))),
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert!(gone.contains("no volume named"), "{gone}");
+    assert!(!r.lab.run_dir.join("volumes/second.json").exists());
+    assert_eq!(r.lab.status().unwrap().state, VolumeState::Serving);
 }

@@ -1052,3 +1052,43 @@ async fn invalid_reload_keeps_the_old_configuration_and_a_valid_one_applies() {
     );
     assert_eq!(h.status.borrow().state, VolumeState::Serving);
 }
+
+#[tokio::test(start_paused = true)]
+async fn changed_device_keeps_the_old_one_until_closed_then_attaches_the_new_one() {
+    let f = Fake::new();
+    let mut set = VolumeSet::start(f.clone(), &[settings()]);
+    let old = set.handles()["data"].clone();
+    wait_state(&old, VolumeState::Serving, Duration::from_secs(2)).await;
+    let mut moved = settings();
+    moved.selector = Selector::Label("elsewhere".into());
+    let plan = set.apply(std::slice::from_ref(&moved));
+    assert_eq!(plan.replace, vec![moved.clone()]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The old device is still served (and shown as removed); the new entry waits for it.
+    let st = old.status.borrow().clone();
+    assert!(
+        st.removed_from_config && st.state == VolumeState::Serving,
+        "{st:?}"
+    );
+    set.prune();
+    assert!(set.handles()["data"].tx.same_channel(&old.tx));
+    // Closed (its worker ends): forgotten, and the new device's volume starts.
+    f.crash();
+    wait_task_end(&old, Duration::from_secs(5)).await;
+    set.prune();
+    let new = set.handles()["data"].clone();
+    assert!(!new.tx.same_channel(&old.tx));
+    // The label is not present in the fake: locked, waiting for its device, configured.
+    let mut rx = new.status.clone();
+    let st = tokio::time::timeout(
+        Duration::from_secs(2),
+        rx.wait_for(|s| s.state == VolumeState::Locked && s.reason.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    assert!(!st.removed_from_config, "{st:?}");
+    assert!(st.reason.unwrap().contains("elsewhere"));
+    assert_eq!(f.count("spawn"), 1, "{:?}", f.events());
+}

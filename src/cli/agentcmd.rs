@@ -307,4 +307,28 @@ mod tests {
             "{s}"
         );
     }
+
+    #[test]
+    fn status_shows_policy_and_removal_from_the_configuration() {
+        let mut v = VolumeStatus::new("old");
+        v.state = VolumeState::Serving;
+        v.removed_from_config = true;
+        v.policy = Some(crate::agent::status::PolicyView {
+            check_interval: "2s".into(),
+            hold: "5m".into(),
+            revoke_policy: crate::agent::config::RevokePolicy::Remove,
+            offline_lock_after: "off".into(),
+        });
+        let s = render_status(&[v], 1040.0);
+        assert!(
+            s.starts_with("old: serving (REMOVED from the configuration: still served"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "policy:      check every 2s, revoke_policy remove, hold 5m, offline_lock_after off"
+            ),
+            "{s}"
+        );
+    }
 }
