@@ -1029,12 +1029,38 @@ fn reload_adds_volumes_keeps_serving_on_a_bad_file_and_applies_policy() {
         r.agent.as_mut().unwrap().try_wait().unwrap().is_none(),
         "the agent must survive a bad reload"
     );
+    // An unreadable credential file: the new [vault] provider cannot be built, nothing changes.
+    let missing = r.lab.dir.join("no-such-secret");
+    std::fs::write(
+        &r.lab.config,
+        format!("{original}{second}")
+            .replace(
+                &r.lab.dir.join("client-secret").display().to_string(),
+                &missing.display().to_string(),
+            )
+            .replace("check_interval = \"1s\"", "check_interval = \"9s\""),
+    )
+    .unwrap();
+    sighup(&r);
+    let msgs = notify_until(&notify, "READY=1");
+    assert!(msgs.last().unwrap().contains("reload FAILED"), "{msgs:?}");
+    let log = std::fs::read_to_string(r.lab.dir.join("agent.log")).unwrap();
+    assert!(log.contains("no-such-secret"), "{log}");
+    assert!(
+        r.agent.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the agent must survive a bad reload"
+    );
     for name in ["demo", "second"] {
         let s = status_of(&r.lab, name).unwrap();
         assert_eq!(s.state, VolumeState::Serving, "{s:?}");
         assert_eq!(s.policy.as_ref().unwrap().check_interval, "1s");
     }
     device_round_trip(&r.lab.dir, &second_bd);
+    // The old provider still works: checks keep succeeding.
+    let before = status_of(&r.lab, "demo").unwrap().last_ok.unwrap();
+    wait_status(&r, "demo", "checked again", |s| {
+        s.last_ok.is_some_and(|t| t > before)
+    });
 
     // New policy (slower checks, remove on revocation) and `second` removed from the file.
     std::fs::write(

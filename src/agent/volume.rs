@@ -478,6 +478,9 @@ impl<P: Platform> VolumeCtl<P> {
                 self.record_ok();
                 self.backoff.reset();
                 self.manual = false;
+                // Re-attached after removal: no longer suspended (status showed the old time).
+                self.suspended_at = None;
+                self.suspended_unix = None;
                 self.next = Instant::now() + self.interval();
                 let why = if from == VolumeState::Removed {
                     "access restored, re-attached"
