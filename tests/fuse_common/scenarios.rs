@@ -16,6 +16,32 @@ use kvcrypt::worker::{WorkerClient, WorkerError, WorkerInfo, spawn_worker};
 
 pub const MIB: u64 = 1 << 20;
 
+/// A formatted test volume (key `test_key(42)`) in a temporary directory, and a guard that
+/// closes worker `name` when the scenario ends or panics.
+struct Fixture {
+    key: VolumeKey,
+    vol: PathBuf,
+    _cleanup: Cleanup,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(name: &str, size: u64) -> Fixture {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let key = test_key(42);
+        let vol = make_volume(dir.path(), size, &key);
+        Fixture {
+            key,
+            vol,
+            _cleanup: Cleanup {
+                mounts: vec![],
+                names: vec![name.into()],
+            },
+            _dir: dir,
+        }
+    }
+}
+
 /// Starts a worker and checks the serving mode it reports.
 fn spawn_checked(vol: &Path, name: &str, mode: Option<&str>) -> WorkerInfo {
     let info = spawn_worker(&worker_spec(vol, name), &test_key(42)).expect("spawn worker");
@@ -142,14 +168,9 @@ pub fn ext4_close_reopen(name: &str, mode: Option<&str>) {
 
 /// fio --verify=crc32c, four jobs at iodepth 16, mixed block sizes.
 pub fn fio_verify(name: &str, mode: Option<&str>) {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let key = test_key(42);
-    let vol = make_volume(dir.path(), 300 * MIB, &key);
-    let _cleanup = Cleanup {
-        mounts: vec![],
-        names: vec![name.into()],
-    };
-    let info = spawn_checked(&vol, name, mode);
+    let fx = Fixture::new(name, 300 * MIB);
+    let vol = &fx.vol;
+    let info = spawn_checked(vol, name, mode);
     let bdev = info.block_device.to_str().unwrap().to_string();
     run_fio_verify(&bdev);
     WorkerClient::connect(name).unwrap().close().expect("close");
@@ -158,14 +179,9 @@ pub fn fio_verify(name: &str, mode: Option<&str>) {
 
 /// fsynced data survives SIGKILL of the worker.
 pub fn fsync_survives_sigkill(name: &str, mode: Option<&str>) {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let key = test_key(42);
-    let vol = make_volume(dir.path(), 64 * MIB, &key);
-    let _cleanup = Cleanup {
-        mounts: vec![],
-        names: vec![name.into()],
-    };
-    let info = spawn_checked(&vol, name, mode);
+    let fx = Fixture::new(name, 64 * MIB);
+    let vol = &fx.vol;
+    let info = spawn_checked(vol, name, mode);
     // Buffered writes into the block device's page cache, then fsync: only the flush makes
     // them durable.
     let data = pattern(8 * MIB as usize, 99);
@@ -181,7 +197,7 @@ pub fn fsync_survives_sigkill(name: &str, mode: Option<&str>) {
         unsafe { libc::kill(info.pid as i32, libc::SIGKILL) };
         wait_gone(info.pid);
     }
-    let info = spawn_checked(&vol, name, mode);
+    let info = spawn_checked(vol, name, mode);
     let f = open_direct(&info.block_device);
     let mut back = AlignedBuf::new(data.len());
     f.read_exact_at(&mut back, 3 * MIB + 4096).unwrap();
@@ -194,14 +210,9 @@ pub fn fsync_survives_sigkill(name: &str, mode: Option<&str>) {
 /// SIGTERM while suspended with a write parked: the worker must not hang on the parked
 /// request — it fails it (the device is going away), tears down and exits.
 pub fn sigterm_while_suspended_exits(name: &str, mode: Option<&str>) {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let key = test_key(42);
-    let vol = make_volume(dir.path(), 64 * MIB, &key);
-    let _cleanup = Cleanup {
-        mounts: vec![],
-        names: vec![name.into()],
-    };
-    let info = spawn_checked(&vol, name, mode);
+    let fx = Fixture::new(name, 64 * MIB);
+    let vol = &fx.vol;
+    let info = spawn_checked(vol, name, mode);
     let mut c = WorkerClient::connect(name).unwrap();
     c.suspend().expect("suspend");
     let dev = info.block_device.clone();
@@ -241,14 +252,9 @@ pub fn sigterm_while_suspended_exits(name: &str, mode: Option<&str>) {
 
 /// A write parks while suspended, and completes after resume with the right key.
 pub fn suspend_parks_and_resume_completes(name: &str, mode: Option<&str>) {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let key = test_key(42);
-    let vol = make_volume(dir.path(), 64 * MIB, &key);
-    let _cleanup = Cleanup {
-        mounts: vec![],
-        names: vec![name.into()],
-    };
-    let info = spawn_checked(&vol, name, mode);
+    let fx = Fixture::new(name, 64 * MIB);
+    let (key, vol) = (&fx.key, &fx.vol);
+    let info = spawn_checked(vol, name, mode);
     let mut c = WorkerClient::connect(name).unwrap();
     assert_eq!(c.status().unwrap().state, "serving");
     c.suspend().expect("suspend");
@@ -283,7 +289,7 @@ pub fn suspend_parks_and_resume_completes(name: &str, mode: Option<&str>) {
     let wrong = c.resume(&test_key(7)).unwrap_err();
     assert!(matches!(wrong, WorkerError::Refused { .. }), "{wrong}");
     assert_eq!(c.status().unwrap().state, "suspended");
-    c.resume(&key).expect("resume");
+    c.resume(key).expect("resume");
     rx.recv_timeout(Duration::from_secs(30))
         .expect("write completes after resume");
     writer.join().unwrap().expect("write succeeded");
@@ -349,14 +355,9 @@ fn run_fio_verify(bdev: &str) {
 /// Suspend while fio verify has many requests in flight, hold, resume: every request waits
 /// (none fails), in-flight ones are finished without deadlock, and fio verifies all data.
 pub fn suspend_during_fio_verify(name: &str, mode: Option<&str>) {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let key = test_key(42);
-    let vol = make_volume(dir.path(), 300 * MIB, &key);
-    let _cleanup = Cleanup {
-        mounts: vec![],
-        names: vec![name.into()],
-    };
-    let info = spawn_checked(&vol, name, mode);
+    let fx = Fixture::new(name, 300 * MIB);
+    let (key, vol) = (&fx.key, &fx.vol);
+    let info = spawn_checked(vol, name, mode);
     let bdev = info.block_device.to_str().unwrap().to_string();
     let stat = format!(
         "/sys/block/{}/stat",
@@ -395,7 +396,7 @@ pub fn suspend_during_fio_verify(name: &str, mode: Option<&str>) {
     assert!(parked > 0, "no request parked while suspended under load");
     std::thread::sleep(Duration::from_millis(500));
     assert!(!fio.is_finished(), "fio finished while suspended");
-    c.resume(&key).expect("resume");
+    c.resume(key).expect("resume");
     fio.join().expect("fio verify after resume");
     c.close().expect("close");
     wait_gone(info.pid);
