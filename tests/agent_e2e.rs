@@ -152,19 +152,40 @@ impl Running {
     }
 
     fn stop_agent(&mut self) {
-        if let Some(mut a) = self.agent.take() {
-            // SAFETY: signalling our own child by pid.
-            unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(30) {
-                if a.try_wait().unwrap().is_some() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = a.kill();
-            let _ = a.wait();
+        if let Some(a) = self.agent.take() {
+            stop_agent_child(a);
         }
+    }
+}
+
+/// SIGTERM to an agent we started, SIGKILL if it has not exited after 30 s.
+fn stop_agent_child(mut a: std::process::Child) {
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        if a.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = a.kill();
+    let _ = a.wait();
+}
+
+/// For a scenario that runs its agent by hand: stops the agent and any worker it left when the
+/// scenario ends early (a failed assertion), so no process or device outlives the test.
+struct AgentOnDrop<'a> {
+    child: Option<std::process::Child>,
+    run_dir: &'a Path,
+}
+
+impl Drop for AgentOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(a) = self.child.take() {
+            stop_agent_child(a);
+        }
+        stop_leftover_worker(self.run_dir);
     }
 }
 
@@ -284,7 +305,10 @@ fn boot_with_vault_unreachable_then_reachable() {
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(T)).unwrap();
-    let mut agent = lab.spawn_agent(Some(&notify_path)).unwrap();
+    let mut guard = AgentOnDrop {
+        child: Some(lab.spawn_agent(Some(&notify_path)).unwrap()),
+        run_dir: &lab.run_dir,
+    };
     let mut buf = [0u8; 1024];
     let n = notify.recv(&mut buf).unwrap();
     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -314,6 +338,7 @@ fn boot_with_vault_unreachable_then_reachable() {
         }
     }
     assert!(saw);
+    let mut agent = guard.child.take().unwrap();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     assert!(agent.wait().unwrap().success());
@@ -708,7 +733,10 @@ fn udev_attach_without_agent_then_agent_adopts() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("no configured volume"));
 
     // The agent starts later and adopts the worker instead of starting another.
-    let mut agent = lab.spawn_agent(None).unwrap();
+    let mut guard = AgentOnDrop {
+        child: Some(lab.spawn_agent(None).unwrap()),
+        run_dir: &lab.run_dir,
+    };
     let (st, _) = lab.wait_state(VolumeState::Serving, T).unwrap();
     assert_eq!(st.block_device.as_deref(), Some(bd.as_str()));
     assert!(st.reason.unwrap_or_default().contains("adopted"));
@@ -721,6 +749,7 @@ fn udev_attach_without_agent_then_agent_adopts() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("retry now"));
+    let mut agent = guard.child.take().unwrap();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     assert!(agent.wait().unwrap().success());
