@@ -154,17 +154,7 @@ fn mul_x(t: u128) -> u128 {
 #[inline]
 #[target_feature(enable = "aes,avx2")]
 fn mul_x16(t: __m256i) -> __m256i {
-    let mut red = _mm256_bsrli_epi128::<14>(t);
-    let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
-    // SAFETY: register-only VPCLMULQDQ (checked together with VAES in `available()`).
-    unsafe {
-        asm!(
-            "vpclmulqdq {r}, {r}, {p}, 0x00",
-            r = inout(ymm_reg) red,
-            p = in(ymm_reg) poly,
-            options(pure, nomem, nostack, preserves_flags)
-        )
-    };
+    let red = fold_0x87(_mm256_bsrli_epi128::<14>(t));
     _mm256_xor_si256(_mm256_bslli_epi128::<2>(t), red)
 }
 
@@ -176,18 +166,26 @@ fn mul_xk<const K: i32, const KR: i32>(t: __m256i) -> __m256i {
     debug_assert_eq!(K + KR, 64);
     let carries = _mm256_srli_epi64::<KR>(t);
     let shifted = _mm256_xor_si256(_mm256_slli_epi64::<K>(t), _mm256_bslli_epi128::<8>(carries));
-    let mut red = _mm256_bsrli_epi128::<8>(carries);
+    let red = fold_0x87(_mm256_bsrli_epi128::<8>(carries));
+    _mm256_xor_si256(shifted, red)
+}
+
+/// Each 128-bit lane: the bits shifted out of the top (in the low 64 bits of `out`) times the
+/// reduction polynomial 0x87 (x^128 = x^7 + x^2 + x + 1), as one carry-less multiply.
+#[inline]
+#[target_feature(enable = "aes,avx2")]
+fn fold_0x87(mut out: __m256i) -> __m256i {
     let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
     // SAFETY: register-only VPCLMULQDQ (checked together with VAES in `available()`).
     unsafe {
         asm!(
             "vpclmulqdq {r}, {r}, {p}, 0x00",
-            r = inout(ymm_reg) red,
+            r = inout(ymm_reg) out,
             p = in(ymm_reg) poly,
             options(pure, nomem, nostack, preserves_flags)
         )
     };
-    _mm256_xor_si256(shifted, red)
+    out
 }
 
 /// Scratch for tweaks, wiped when dropped.
