@@ -23,17 +23,17 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
     if let Some(id) = recover_dev_id {
         tracing::info!(volume = %a.name, "recovering /dev/ublkb{id} left by a dead worker");
     }
+    let spec = WorkerSpec {
+        transport: a.transport,
+        queues: a.queues,
+        queue_depth: a.queue_depth,
+        allow_discards: a.allow_discards,
+        read_only: a.read_only,
+        recover_dev_id,
+        ..WorkerSpec::new(&a.device, &a.name)
+    };
     if a.foreground {
-        let opts = RunOptions {
-            device: a.device.clone(),
-            name: a.name.clone(),
-            transport: a.transport,
-            queues: a.queues,
-            queue_depth: a.queue_depth,
-            allow_discards: a.allow_discards,
-            read_only: a.read_only,
-            recover_dev_id,
-        };
+        let opts = spec.run_options();
         worker::ensure_dirs().context("creating /run/kvcrypt")?;
         if let Some(s) = worker::reap_stale(&a.name) {
             return Err(WorkerError::AlreadyOpen {
@@ -51,15 +51,6 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
             }),
         );
     }
-    let spec = WorkerSpec {
-        transport: a.transport,
-        queues: a.queues,
-        queue_depth: a.queue_depth,
-        allow_discards: a.allow_discards,
-        read_only: a.read_only,
-        recover_dev_id,
-        ..WorkerSpec::new(&a.device, &a.name)
-    };
     let info = worker::spawn_worker(&spec, &key)?;
     drop(key);
     println!("{}", info.block_device.display());

@@ -82,6 +82,21 @@ impl WorkerSpec {
             ready_timeout: Duration::from_secs(30),
         }
     }
+
+    /// What the worker process serves: this spec without the process-launch settings (used
+    /// to serve in the calling process, `kvcrypt open --foreground`).
+    pub fn run_options(&self) -> RunOptions {
+        RunOptions {
+            device: self.device.clone(),
+            name: self.name.clone(),
+            transport: self.transport,
+            queues: self.queues,
+            queue_depth: self.queue_depth,
+            allow_discards: self.allow_discards,
+            read_only: self.read_only,
+            recover_dev_id: self.recover_dev_id,
+        }
+    }
 }
 
 /// A started worker.
