@@ -2,16 +2,12 @@
 //! agent did not start too, e.g. adopted ones) and detaching the loop device a dead FUSE worker
 //! left bound to its dead FUSE file.
 //!
-//! Hand-written rather than from a crate: two syscalls (`pidfd_open`, `LOOP_CLR_FD`) that `libc`
-//! already declares; tokio's `AsyncFd` does the waiting.
+//! Hand-written rather than from a crate: `pidfd_open` is one syscall that `libc` already
+//! declares; tokio's `AsyncFd` does the waiting. The loop ioctls live in `transport::loopdev`.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
-
-/// `LOOP_CLR_FD` and `LOOP_GET_STATUS64` from `<linux/loop.h>`.
-const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
-const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 
 /// An open pidfd: becomes readable when the process has exited.
 #[derive(Debug)]
@@ -53,32 +49,12 @@ impl PidWatch {
     }
 }
 
-/// `struct loop_info64` (232 bytes) as raw bytes; only `lo_file_name` is read from it.
-#[repr(C, align(8))]
-struct LoopInfo64([u8; 232]);
-/// Offset and size of `lo_file_name` in `struct loop_info64`.
-const LO_FILE_NAME: std::ops::Range<usize> = 56..120;
-
 /// The label (`lo_file_name`) of loop device `dev`; `None` if it is not bound to a file. The
 /// FUSE transport labels its devices `kvcrypt:NAME`. (Its sysfs `backing_file` is no help once
 /// the worker is dead: the FUSE mount lived in the worker's private namespace, and a file on a
 /// mount whose namespace is gone shows as "/".)
 pub fn loop_label(dev: &Path) -> io::Result<Option<String>> {
-    let f = std::fs::OpenOptions::new().read(true).open(dev)?;
-    let mut info = LoopInfo64([0; 232]);
-    // SAFETY: LOOP_GET_STATUS64 writes one 232-byte loop_info64 to the pointer, which points to
-    // a buffer of exactly that size that lives for the call.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), LOOP_GET_STATUS64 as _, info.0.as_mut_ptr()) };
-    if r != 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Err(e),
-        };
-    }
-    let name = &info.0[LO_FILE_NAME];
-    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
-    Ok(Some(String::from_utf8_lossy(&name[..end]).into_owned()))
+    crate::transport::loopdev::label(dev)
 }
 
 /// Detaches loop device `loop_dev` if it is still bound to the FUSE file of volume `name`,
@@ -100,14 +76,7 @@ pub fn detach_dead_fuse_loop(loop_dev: &Path, name: &str) -> String {
     if !ours(loop_dev) {
         return format!("{dev} was already detached");
     }
-    let f = match std::fs::OpenOptions::new().read(true).open(loop_dev) {
-        Ok(f) => f,
-        Err(e) => return format!("cannot open {dev} to detach it: {e}"),
-    };
-    // SAFETY: LOOP_CLR_FD takes no argument; `f` is an open loop device descriptor.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD as _, 0) };
-    let err = (r != 0).then(io::Error::last_os_error);
-    drop(f);
+    let err = crate::transport::loopdev::detach(loop_dev).err();
     match (err, ours(loop_dev)) {
         (_, false) => format!("detached {dev}"),
         (None, true) => format!(

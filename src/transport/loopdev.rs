@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 
 pub const LO_FLAGS_READ_ONLY: u32 = 1;
 pub const LO_FLAGS_AUTOCLEAR: u32 = 4;
@@ -79,15 +80,7 @@ impl LoopDevice {
     }
 
     fn status(&self) -> std::io::Result<LoopInfo64> {
-        // SAFETY: LoopInfo64 is plain integers; zeroed is a valid value.
-        let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
-        // SAFETY: LOOP_GET_STATUS64 writes one loop_info64 into `info`.
-        let r = unsafe { libc::ioctl(self.dev.as_raw_fd(), LOOP_GET_STATUS64, &mut info) };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(info)
-        }
+        status_of(&self.dev)
     }
 
     /// True if anything besides us has the device open (a mount, a process): opening it
@@ -99,6 +92,50 @@ impl LoopDevice {
             .open(&self.path)
             .is_err()
     }
+}
+
+fn status_of(dev: &File) -> std::io::Result<LoopInfo64> {
+    // SAFETY: LoopInfo64 is plain integers; zeroed is a valid value.
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 writes one loop_info64 into `info`.
+    let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64, &mut info) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(info)
+    }
+}
+
+/// The label (`lo_file_name`, set by [`attach`]) of the loop device at `dev`; `None` if it is
+/// not bound to a file.
+pub fn label(dev: &Path) -> std::io::Result<Option<String>> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(dev)?;
+    match status_of(&f) {
+        Ok(info) => {
+            let name = &info.lo_file_name;
+            let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+            Ok(Some(String::from_utf8_lossy(&name[..end]).into_owned()))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Detaches the loop device at `dev` (`LOOP_CLR_FD`). A device still open elsewhere is
+/// detached by the kernel on its last close (autoclear).
+pub fn detach(dev: &Path) -> std::io::Result<()> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(dev)?;
+    // SAFETY: LOOP_CLR_FD takes no argument; `f` is an open loop device descriptor.
+    if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Attaches `file` to a free loop device. `label` ends up in `lo_file_name` (shown by losetup).
