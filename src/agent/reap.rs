@@ -71,7 +71,7 @@ pub fn detach_dead_fuse_loop(loop_dev: &Path, name: &str) -> String {
     if !is_loop {
         return format!("{dev} is not a loop device");
     }
-    let want = format!("kvcrypt:{name}");
+    let want = crate::transport::fuse::loop_label(name);
     let ours = |d: &Path| loop_label(d).is_ok_and(|l| l.as_deref() == Some(want.as_str()));
     if !ours(loop_dev) {
         return format!("{dev} was already detached");

@@ -46,6 +46,12 @@ pub const MAX_IO: usize = 1024 * 1024;
 /// Bytes before a WRITE's payload in the request (in header + fuse_write_in).
 const WRITE_HDR: usize = size_of::<InHeader>() + size_of::<WriteIn>();
 
+/// The label (`lo_file_name`, shown by losetup) of the loop device serving volume `name`; the
+/// agent finds a dead worker's loop device by it.
+pub fn loop_label(name: &str) -> String {
+    format!("kvcrypt:{name}")
+}
+
 /// Settings of the FUSE + loop transport.
 #[derive(Debug, Clone)]
 pub struct FuseOptions {
@@ -288,7 +294,7 @@ impl FuseDevice {
             engine.sector_size(),
             opts.read_only,
             opts.loop_direct_io,
-            &format!("kvcrypt:{}", opts.name),
+            &loop_label(&opts.name),
         )?;
         if opts.loop_direct_io && !lo.direct_io() {
             tracing::warn!(device = %lo.path().display(), "loop refused direct I/O on the FUSE file; using its page cache");
