@@ -61,28 +61,32 @@ fn systemd_units_verify_and_are_sandboxed() {
         .collect();
     assert!(ours.is_empty(), "systemd-analyze verify:\n{err}");
 
-    let sec = Command::new("systemd-analyze")
-        .args(["security", "--offline=true"])
-        .arg(format!("--root={}", d.path().display()))
-        .arg("kvcrypt-agent.service")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&sec.stdout);
-    let score: f64 = text
-        .lines()
-        .find_map(|l| l.split("kvcrypt-agent.service: ").nth(1))
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "no exposure level in:\n{text}\n{}",
-                String::from_utf8_lossy(&sec.stderr)
-            )
-        });
-    eprintln!("systemd-analyze security kvcrypt-agent.service: {score}");
-    // 3.x is systemd's "OK" band; a root daemon that must mount and manage block devices
-    // cannot reach "SAFE". This guards against the sandbox being loosened by accident.
-    assert!(score < 4.0, "exposure level {score} regressed:\n{text}");
+    // Both units that run kvcrypt as root (the attach unit can start workers just like the
+    // agent, so it gets the same sandbox).
+    for unit in ["kvcrypt-agent.service", "kvcrypt-attach@sdb.service"] {
+        let sec = Command::new("systemd-analyze")
+            .args(["security", "--offline=true"])
+            .arg(format!("--root={}", d.path().display()))
+            .arg(unit)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&sec.stdout);
+        let score: f64 = text
+            .lines()
+            .find_map(|l| l.split(&format!("{unit}: ")).nth(1))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no exposure level in:\n{text}\n{}",
+                    String::from_utf8_lossy(&sec.stderr)
+                )
+            });
+        eprintln!("systemd-analyze security {unit}: {score}");
+        // 3.x is systemd's "OK" band; a root daemon that must mount and manage block devices
+        // cannot reach "SAFE". This guards against the sandbox being loosened by accident.
+        assert!(score < 4.0, "{unit}: exposure level {score} regressed:\n{text}");
+    }
 }
 
 struct Loop(String);
@@ -209,4 +213,120 @@ fn udev_rules_check() {
     let (_k, out) = udev_test_with("exit 1").expect("loop device");
     assert!(!out.contains("SYSTEMD_WANTS=kvcrypt"), "{out}");
     assert!(!out.contains("by-kvcrypt"), "{out}");
+}
+
+/// The one fstab recommendation: the README's line, found verbatim in docs/AGENT.md,
+/// examples/fstab and the unit comments (tests/system boots with the README's line).
+fn recommended_fstab_line() -> String {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    readme
+        .lines()
+        .find(|l| l.starts_with("/dev/disk/by-kvcrypt/data "))
+        .expect("README.md documents an fstab line for /dev/disk/by-kvcrypt/data")
+        .to_owned()
+}
+
+#[test]
+fn one_fstab_recommendation_everywhere() {
+    let line = recommended_fstab_line();
+    for f in [
+        "docs/AGENT.md",
+        "examples/fstab",
+        "systemd/kvcrypt-agent.service",
+        "systemd/kvcrypt.target",
+    ] {
+        let text = std::fs::read_to_string(root().join(f)).unwrap();
+        let found = text
+            .lines()
+            .map(|l| l.trim_start_matches('#').trim())
+            .filter(|l| l.starts_with("/dev/disk/by-kvcrypt/"))
+            .collect::<Vec<_>>();
+        assert_eq!(found, vec![line.as_str()], "{f} must give exactly the README's fstab line");
+    }
+    // The advice that turned `systemctl restart kvcrypt-agent` into an outage is gone.
+    for f in ["README.md", "docs/AGENT.md", "examples/fstab", "systemd/kvcrypt-agent.service"] {
+        let text = std::fs::read_to_string(root().join(f)).unwrap();
+        for l in text.lines().map(|l| l.trim_start_matches('#').trim()) {
+            assert!(
+                !(l.starts_with("/dev/") && l.contains("x-systemd.requires=kvcrypt-agent")),
+                "{f} gives an fstab line with x-systemd.requires=kvcrypt-agent.service: {l}"
+            );
+        }
+    }
+}
+
+/// systemd's own fstab generator turns the recommended line into a mount wanted by the served
+/// device (so it is mounted whenever the volume is served, boot never waits for it) and ordered
+/// after the agent (unmounted before the agent stops).
+#[test]
+fn fstab_recommendation_makes_the_device_pull_the_mount() {
+    let generator = Path::new("/lib/systemd/system-generators/systemd-fstab-generator");
+    if !generator.exists() {
+        eprintln!("no systemd-fstab-generator; skipping (scripts/setup.sh installs systemd)");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let fstab = d.path().join("fstab");
+    std::fs::write(&fstab, format!("{}\n", recommended_fstab_line())).unwrap();
+    let out = d.path().join("out");
+    for sub in ["out", "early", "late"] {
+        std::fs::create_dir(d.path().join(sub)).unwrap();
+    }
+    let st = Command::new(generator)
+        .arg(&out)
+        .arg(d.path().join("early"))
+        .arg(d.path().join("late"))
+        .env("SYSTEMD_FSTAB", &fstab)
+        .env("SYSTEMD_PROC_CMDLINE", "")
+        .env("SYSTEMD_LOG_LEVEL", "err")
+        .status()
+        .unwrap();
+    assert!(st.success(), "systemd-fstab-generator failed");
+    let wants = out.join("dev-disk-by\\x2dkvcrypt-data.device.wants/srv-data.mount");
+    assert!(wants.exists(), "the device does not pull in srv-data.mount");
+    for t in ["local-fs.target", "remote-fs.target"] {
+        assert!(
+            !out.join(format!("{t}.wants/srv-data.mount")).exists()
+                && !out.join(format!("{t}.requires/srv-data.mount")).exists(),
+            "boot would wait for the vault: {t} pulls in the mount"
+        );
+    }
+    let unit = std::fs::read_to_string(out.join("srv-data.mount")).unwrap();
+    assert!(
+        unit.lines().any(|l| l == "After=kvcrypt-agent.service"),
+        "not ordered after the agent:\n{unit}"
+    );
+    assert!(
+        !unit.contains("Requires=kvcrypt-agent") && !unit.contains("BindsTo=kvcrypt-agent"),
+        "a restart of the agent would unmount it:\n{unit}"
+    );
+}
+
+/// What the system test found the workers need under systemd, for both units that start
+/// workers (the agent, and the attach unit when no agent runs): their private mount namespace
+/// (RestrictNamespaces=yes made every worker fail), memfd_secret for key pages (not in
+/// @system-service), refused calls failing with EPERM instead of SIGSYS, and /run/kvcrypt
+/// created by the unit itself (ReadWritePaths= on a missing directory: 226/NAMESPACE).
+#[test]
+fn units_allow_what_workers_need() {
+    for u in ["kvcrypt-agent.service", "kvcrypt-attach@.service"] {
+        let text = std::fs::read_to_string(root().join("systemd").join(u)).unwrap();
+        let values = |key: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(values("RestrictNamespaces"), ["mnt"], "{u}");
+        assert!(
+            values("SystemCallFilter")
+                .iter()
+                .any(|v| !v.starts_with('~') && v.split_whitespace().any(|c| c == "memfd_secret")),
+            "{u}: memfd_secret not allowed"
+        );
+        assert_eq!(values("SystemCallErrorNumber"), ["EPERM"], "{u}");
+        assert_eq!(values("RuntimeDirectory"), ["kvcrypt"], "{u}");
+        assert_eq!(values("RuntimeDirectoryPreserve"), ["yes"], "{u}");
+        assert_eq!(values("KillMode"), ["process"], "{u}: workers must outlive it");
+    }
 }
