@@ -11,6 +11,7 @@
 //!   `/run/kvcrypt/volumes/NAME.sock` (0600, peers must be uid 0 — SO_PEERCRED), JSON lines.
 //! - [`WorkerClient`] speaks that protocol: status / suspend / resume(key) / close.
 
+mod backing;
 mod client;
 mod manage;
 mod run;

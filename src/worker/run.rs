@@ -49,6 +49,9 @@ enum Event {
         written: Receiver<()>,
     },
     Terminate(i32),
+    /// The backing block device disappeared (see [`super::backing`]): close the device, as on
+    /// SIGTERM; there is nothing left to serve from.
+    BackingGone(String),
 }
 
 /// Serves the volume until it is closed (control `close`, or SIGTERM/SIGINT/SIGHUP).
@@ -140,8 +143,12 @@ fn fuse_loop(
 ) -> anyhow::Result<()> {
     for ev in rx {
         match ev {
-            Event::Terminate(sig) => {
-                tracing::info!(volume = %opts.name, "signal {sig}: closing");
+            Event::Terminate(_) | Event::BackingGone(_) => {
+                match &ev {
+                    Event::BackingGone(why) => tracing::error!(volume = %opts.name, "volume {}: {why}; closing its device", opts.name),
+                    Event::Terminate(sig) => tracing::info!(volume = %opts.name, "signal {sig}: closing"),
+                    _ => {}
+                }
                 if dev.in_use() {
                     tracing::warn!(volume = %opts.name, "closing while the device is in use; further I/O on it fails");
                 }
@@ -301,6 +308,10 @@ fn ublk_control(
             Event::Terminate(_) => {
                 stop.request(ublk::StopRequest::Close);
             }
+            Event::BackingGone(why) => {
+                tracing::error!(volume = %state.name, "volume {}: {why}; closing {}", state.name, state.block_device.display());
+                stop.request(ublk::StopRequest::Close);
+            }
             Event::Op {
                 op, reply, written, ..
             } => match op.as_str() {
@@ -378,6 +389,12 @@ fn publish(state: &WorkerState, tx: &Sender<Event>) -> anyhow::Result<UnixListen
             let sig = sys::wait_termination();
             let _ = tx3.send(Event::Terminate(sig));
         })?;
+    if let Some(disk) = super::backing::BackingDisk::identify(&state.device, Path::new("/sys")) {
+        let tx4 = tx.clone();
+        super::backing::watch(disk, move |why| {
+            let _ = tx4.send(Event::BackingGone(why));
+        });
+    }
     if let Err(e) = link_by_name(&state.name, &state.block_device) {
         tracing::warn!("cannot create {BY_KVCRYPT_DIR}/{}: {e}", state.name);
     }
