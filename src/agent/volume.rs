@@ -44,7 +44,8 @@ pub enum Command {
     Lock(oneshot::Sender<Result<String, String>>),
     /// Undo `Lock` (or retry a locked/removed volume now): unwrap again, resume/attach.
     Unlock(oneshot::Sender<Result<String, String>>),
-    /// A device appeared: retry now if not served.
+    /// A device appeared or changed (udev ran `kvcrypt attach`): retry now if the volume waits
+    /// for its device; otherwise nothing changes (see `VolumeCtl::wake`).
     Wake,
     /// Close the device (flush, remove, wipe) and end the task.
     Shutdown(oneshot::Sender<()>),
@@ -84,6 +85,10 @@ pub struct VolumeCtl<P: Platform> {
     manual: bool,
     backoff: Backoff,
     next: Instant,
+    /// The last unlock attempt failed only because the device was not present: then a wake
+    /// (udev saw a device) is news worth retrying at once for. After any other failure it is
+    /// not, and the backoff stands.
+    waiting_for_device: bool,
     worker: Option<serde_json::Value>,
     rng: StdRng,
     /// Resolves when the serving worker process ends; armed while serving.
@@ -150,6 +155,7 @@ pub fn spawn_managed<P: Platform>(
         suspended_unix: None,
         manual: false,
         next: Instant::now(),
+        waiting_for_device: false,
         worker: None,
         rng: StdRng::from_entropy(),
         exit_watch: None,
@@ -446,8 +452,12 @@ impl<P: Platform> VolumeCtl<P> {
         let Some(dev) = self.p.locate(&self.s.selector).await else {
             let r = format!("device not present ({})", self.s.selector);
             fail(self, r);
+            self.waiting_for_device = true;
             return false;
         };
+        // Every later outcome (success or a failure with the device present) makes a wake
+        // carry no news.
+        self.waiting_for_device = false;
         self.set_state(
             VolumeState::Unlocking,
             Some(format!("unlocking {}", dev.display())),
@@ -994,14 +1004,38 @@ impl<P: Platform> VolumeCtl<P> {
                 };
                 let _ = reply.send(res);
             }
-            Command::Wake => {
-                if matches!(self.state, VolumeState::Locked | VolumeState::Removed) && !self.manual
-                {
-                    self.backoff.reset();
-                    self.next = Instant::now();
-                }
-            }
+            Command::Wake => self.wake(),
             Command::Shutdown(_) => {}
+        }
+    }
+
+    /// A wake (udev ran `kvcrypt attach` for some device) retries now only if the volume waits
+    /// for its device. Anything else the last attempt ran into (header, vault, key check, worker
+    /// start) is not fixed by a device event, and such events come in storms: every failed
+    /// worker start closes the backing disk it opened for writing, udev's inotify watch turns
+    /// that close into a `change` event, and `kvcrypt-attach@` wakes us again — bypassing the
+    /// backoff there made a retry loop of about one attempt a second. `kvcrypt unlock` is the
+    /// explicit "retry now".
+    fn wake(&mut self) {
+        let why_not = if self.manual {
+            Some("locked by kvcrypt lock")
+        } else if !matches!(self.state, VolumeState::Locked | VolumeState::Removed) {
+            Some("not waiting for a device")
+        } else if !self.waiting_for_device {
+            Some("the last attempt did not fail for want of the device; the backoff stands")
+        } else {
+            None
+        };
+        match why_not {
+            Some(why) => {
+                tracing::debug!(volume = %self.s.name, state = %self.state, "volume {}: wake ignored: {why}", self.s.name);
+            }
+            None => {
+                tracing::debug!(volume = %self.s.name, "volume {}: wake: a device appeared; retrying now", self.s.name);
+                // The device is new: its failures start a new backoff sequence.
+                self.backoff.reset();
+                self.next = Instant::now();
+            }
         }
     }
 

@@ -38,6 +38,8 @@ struct World {
     doomed: u32,
     /// When each worker (new or recovering) was started, on tokio's clock.
     starts: Vec<tokio::time::Instant>,
+    /// The next this many new workers fail to start (after the "spawn" event).
+    spawn_fails: u32,
 }
 
 const UBLK_ID: u32 = 3;
@@ -152,7 +154,13 @@ impl Platform for Fake {
     ) -> Result<Served, String> {
         let mut w = self.0.lock().unwrap();
         match recover_dev_id {
-            None => w.events.push("spawn".into()),
+            None => {
+                w.events.push("spawn".into());
+                if w.spawn_fails > 0 {
+                    w.spawn_fails -= 1;
+                    return Err("the worker failed before it was ready".into());
+                }
+            }
             Some(id) => {
                 w.events.push(format!("recover:{id}"));
                 if w.quiesced.take() != Some(id) {
@@ -524,6 +532,77 @@ async fn absent_device_waits_and_wake_attaches() {
     f.0.lock().unwrap().present = true;
     h.tx.send(Command::Wake).await.unwrap();
     wait_state(&h, VolumeState::Serving, Duration::from_millis(10)).await;
+}
+
+/// The udev storm seen under systemd: each failed worker start closes the backing disk (opened
+/// O_RDWR), udev's inotify watch turns that into a `change` event, `kvcrypt-attach@` runs
+/// again and the agent gets a wake. A wake after a failure that was not "device absent" brings
+/// no news: the scheduled backoff stands (here 0.5 s, then 1 s).
+#[tokio::test(start_paused = true)]
+async fn wakes_after_a_failed_worker_start_keep_the_backoff() {
+    let f = Fake::new();
+    f.0.lock().unwrap().spawn_fails = u32::MAX;
+    let t0 = tokio::time::Instant::now();
+    let h = spawn_volume(settings(), f.clone());
+    wait_events(&f, "spawn", 1, Duration::from_millis(10)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Locked);
+    // Five wakes within the first 0.5 s backoff.
+    for _ in 0..5 {
+        h.tx.send(Command::Wake).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    assert_eq!(f.count("spawn"), 1, "a wake bypassed the backoff");
+    // The backoff itself still runs: second attempt at 0.5 s, third at 1.5 s (not reset to
+    // 0.5 s by the wakes in between).
+    wait_events(&f, "spawn", 2, Duration::from_secs(1)).await;
+    let second = t0.elapsed();
+    assert!(second >= Duration::from_millis(500), "{second:?}");
+    for _ in 0..5 {
+        h.tx.send(Command::Wake).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(f.count("spawn"), 2, "a wake bypassed the backoff");
+    wait_events(&f, "spawn", 3, Duration::from_secs(2)).await;
+    let third = t0.elapsed();
+    assert!(third >= Duration::from_millis(1500), "{third:?}");
+    // `kvcrypt unlock` still means "retry now".
+    f.0.lock().unwrap().spawn_fails = 0;
+    assert_eq!(send(&h, Command::Unlock).await.unwrap(), "unlocked");
+    assert_eq!(f.count("spawn"), 4);
+}
+
+/// A wake after "device not present" is news (udev saw a device): the volume retries at once,
+/// however long the backoff had grown; a failure on that attempt restores the backoff rule.
+#[tokio::test(start_paused = true)]
+async fn wake_after_device_absent_retries_at_once() {
+    let f = Fake::new();
+    f.0.lock().unwrap().present = false;
+    let h = spawn_volume(settings(), f.clone());
+    // Attempts at 0, 0.5, 1.5, 3.5, 7.5 s: the next one is 4 s (the cap) away.
+    tokio::time::sleep(Duration::from_millis(7600)).await;
+    assert!(
+        h.status
+            .borrow()
+            .reason
+            .as_ref()
+            .unwrap()
+            .contains("not present")
+    );
+    {
+        let mut w = f.0.lock().unwrap();
+        w.present = true;
+        w.spawn_fails = 1;
+    }
+    h.tx.send(Command::Wake).await.unwrap();
+    wait_events(&f, "spawn", 1, Duration::from_millis(10)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Locked);
+    // That attempt failed to start the worker: wakes no longer bypass the backoff …
+    h.tx.send(Command::Wake).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(f.count("spawn"), 1, "a wake bypassed the backoff");
+    // … which was reset by the wake that brought the device (0.5 s from the failure).
+    wait_state(&h, VolumeState::Serving, Duration::from_millis(600)).await;
+    assert_eq!(f.count("spawn"), 2);
 }
 
 #[tokio::test(start_paused = true)]
