@@ -179,12 +179,13 @@ impl Platform for RealPlatform {
             return Box::pin(async { "its state file is gone".to_owned() });
         };
         let pid = st.pid;
+        let n = name.to_owned();
         match PidWatch::open(pid) {
             Ok(w) => Box::pin(async move {
                 match w.exited().await {
                     Ok(()) => format!("worker pid {pid} exited"),
                     Err(e) => {
-                        tracing::warn!(pid, error = %e, "cannot wait on the worker's pidfd; relying on status checks");
+                        tracing::warn!(volume = %n, pid, error = %e, "volume {n}: cannot wait on the pidfd of worker {pid}: {e}; relying on status checks");
                         std::future::pending().await
                     }
                 }
@@ -193,7 +194,7 @@ impl Platform for RealPlatform {
                 Box::pin(async move { format!("worker pid {pid} is gone") })
             }
             Err(e) => {
-                tracing::warn!(pid, error = %e, "cannot watch the worker (pidfd_open); relying on status checks");
+                tracing::warn!(volume = name, pid, error = %e, "volume {name}: cannot watch worker {pid} (pidfd_open: {e}); relying on status checks");
                 Box::pin(std::future::pending())
             }
         }

@@ -1171,3 +1171,85 @@ async fn changed_device_keeps_the_old_one_until_closed_then_attaches_the_new_one
     assert!(st.reason.unwrap().contains("elsewhere"));
     assert_eq!(f.count("spawn"), 1, "{:?}", f.events());
 }
+
+/// Messages of INFO-and-above events, as journald's MESSAGE shows them (tracing-journald puts
+/// only the `message` field there; `journalctl -u kvcrypt-agent` shows nothing else).
+#[derive(Clone, Default)]
+struct Messages(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Messages {
+    fn on_event(&self, ev: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Msg(String);
+        impl tracing::field::Visit for Msg {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        if *ev.metadata().level() > tracing::Level::INFO {
+            return;
+        }
+        let mut m = Msg(String::new());
+        ev.record(&mut m);
+        self.0.lock().unwrap().push(m.0);
+    }
+}
+
+impl Messages {
+    /// Captures the events of this thread (the paused-clock tests run their tasks on it).
+    fn capture() -> (Messages, tracing::subscriber::DefaultGuard) {
+        use tracing_subscriber::layer::SubscriberExt;
+        let m = Messages::default();
+        let guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(m.clone()));
+        (m, guard)
+    }
+    fn find(&self, all: &[&str]) -> Option<String> {
+        let v = self.0.lock().unwrap();
+        v.iter()
+            .find(|m| all.iter().all(|p| m.contains(p)))
+            .cloned()
+    }
+    fn assert_has(&self, all: &[&str]) {
+        assert!(
+            self.find(all).is_some(),
+            "no message with {all:?} in {:?}",
+            self.0.lock().unwrap()
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn state_change_message_names_volume_states_and_reason() {
+    let (log, _guard) = Messages::capture();
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    log.assert_has(&["volume data: unlocking -> serving (unlocked)"]);
+    f.set_vault(Vault::Denied);
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+    log.assert_has(&[
+        "volume data",
+        "serving -> suspended",
+        "access denied: ForbiddenByRbac",
+    ]);
+}
+
+/// Events other than state changes name the volume and what happened in their text too.
+#[tokio::test(start_paused = true)]
+async fn agent_event_messages_name_the_volume() {
+    let (log, _guard) = Messages::capture();
+    let f = Fake::new();
+    f.0.lock().unwrap().worker = Some(WorkerSim {
+        key: Some([GOOD; 64]),
+    });
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_millis(10)).await;
+    log.assert_has(&["volume data", "adopting", "/dev/loop9"]);
+    f.crash();
+    wait_events(&f, "spawn", 1, Duration::from_secs(2)).await;
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    log.assert_has(&["volume data", "worker died", "killed by signal 9"]);
+    log.assert_has(&["volume data", "worker restarted"]);
+}

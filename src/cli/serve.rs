@@ -21,7 +21,7 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
     // held; re-attach that device (same /dev/ublkbN) instead of adding a new one.
     let recover_dev_id = stale_ublk_device(&a.name, &a.device, a.transport);
     if let Some(id) = recover_dev_id {
-        tracing::info!(volume = %a.name, "recovering /dev/ublkb{id} left by a dead worker");
+        tracing::info!(volume = %a.name, "volume {}: recovering /dev/ublkb{id} left by a dead worker", a.name);
     }
     let spec = WorkerSpec {
         transport: a.transport,

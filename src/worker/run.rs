@@ -141,9 +141,9 @@ fn fuse_loop(
     for ev in rx {
         match ev {
             Event::Terminate(sig) => {
-                tracing::info!(volume = %opts.name, "signal {sig}: closing");
+                tracing::info!(volume = %opts.name, "volume {}: signal {sig}: closing", opts.name);
                 if dev.in_use() {
-                    tracing::warn!(volume = %opts.name, "closing while the device is in use; further I/O on it fails");
+                    tracing::warn!(volume = %opts.name, "volume {}: closing {} while it is in use; further I/O on it fails", opts.name, state.block_device.display());
                 }
                 dev.close(true)?;
                 return Ok(());
@@ -264,7 +264,7 @@ fn serve_ublk(
         )
     };
     let end = end?;
-    tracing::info!(volume = %opts.name, "ublk serve ended: {end:?}");
+    tracing::info!(volume = %opts.name, "volume {}: ublk serve ended: {end:?}", opts.name);
     if let Some(l) = listener {
         // Suspended (the device stays QUIESCED for a new worker): keep the state file, whose
         // ublk_dev_id (with this now dead pid) tells a restarted agent or `kvcrypt open` which
