@@ -40,15 +40,83 @@ pub fn read_own() -> io::Result<Vec<MountEntry>> {
     Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
 }
 
+/// Why the calling thread could not get a private mount namespace. The two EPERM cases need
+/// different fixes, so they are told apart: a seccomp filter (systemd's `RestrictNamespaces=`)
+/// refuses unshare(2) with EPERM even to a process that has CAP_SYS_ADMIN, and blaming the
+/// capability then sends the operator the wrong way.
+#[derive(Debug, thiserror::Error)]
+pub enum NamespaceError {
+    #[error(
+        "mount namespaces are forbidden for this process (a seccomp filter, e.g. systemd \
+         RestrictNamespaces= without \"mnt\"): unshare(CLONE_NEWNS): {0}"
+    )]
+    Forbidden(io::Error),
+    #[error(
+        "a private mount namespace needs CAP_SYS_ADMIN (run as root): unshare(CLONE_NEWNS): {0}"
+    )]
+    NoCapability(io::Error),
+    #[error(
+        "unshare(CLONE_NEWNS) is not permitted (needs CAP_SYS_ADMIN, and no seccomp filter \
+         such as systemd RestrictNamespaces= forbidding mount namespaces): {0}"
+    )]
+    NotPermitted(io::Error),
+    #[error("unshare(CLONE_NEWNS) failed: {0}")]
+    Unshare(io::Error),
+    #[error("making the mounts of the new namespace private failed: {0}")]
+    Propagation(io::Error),
+    #[error("reading the mount table of the new namespace: {0}")]
+    MountTable(io::Error),
+}
+
+impl NamespaceError {
+    /// Refused by policy (capability or seccomp) rather than a failure of the system.
+    pub fn is_permission(&self) -> bool {
+        matches!(
+            self,
+            Self::Forbidden(_) | Self::NoCapability(_) | Self::NotPermitted(_)
+        )
+    }
+}
+
+/// Capability number of CAP_SYS_ADMIN (linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Names the cause of a failed unshare(CLONE_NEWNS) from its error and the effective
+/// capability set (`CapEff`, `None` if unknown): EPERM with CAP_SYS_ADMIN can only come from a
+/// seccomp filter (or an LSM); EPERM without it is the missing capability.
+pub fn classify_unshare_error(cap_eff: Option<u64>, err: io::Error) -> NamespaceError {
+    if err.raw_os_error() != Some(libc::EPERM) {
+        return NamespaceError::Unshare(err);
+    }
+    match cap_eff {
+        Some(caps) if caps & (1 << CAP_SYS_ADMIN) != 0 => NamespaceError::Forbidden(err),
+        Some(_) => NamespaceError::NoCapability(err),
+        None => NamespaceError::NotPermitted(err),
+    }
+}
+
+/// The `CapEff:` mask of a `/proc/…/status` text.
+pub fn cap_eff(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
 /// Moves the calling thread (and the threads it spawns afterwards) into a new mount namespace
 /// whose mounts are all private: mounts made here stay invisible to every other process, and the
 /// host's later mounts stay out of ours. The new namespace starts as a copy of the old one —
 /// use [`detach_mounts`] to drop copies that would pin other devices' filesystems.
-pub fn unshare_private_namespace() -> io::Result<()> {
+pub fn unshare_private_namespace() -> Result<(), NamespaceError> {
     // SAFETY: unshare takes only flags; CLONE_NEWNS (with the implied CLONE_FS) affects only the
     // calling thread's namespace, which is allowed in a multi-threaded process.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
-        return Err(io::Error::last_os_error());
+        let err = io::Error::last_os_error();
+        // Capabilities are per thread: this thread's set is the one unshare checked.
+        let caps = std::fs::read_to_string("/proc/thread-self/status")
+            .ok()
+            .and_then(|s| cap_eff(&s));
+        return Err(classify_unshare_error(caps, err));
     }
     // SAFETY: every pointer is a NUL-terminated static string or null; with MS_REC | MS_PRIVATE
     // mount(2) only changes the propagation of our (now private) mount tree.
@@ -62,7 +130,7 @@ pub fn unshare_private_namespace() -> io::Result<()> {
         )
     };
     if rc != 0 {
-        return Err(io::Error::last_os_error());
+        return Err(NamespaceError::Propagation(io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -130,6 +198,178 @@ garbage
         assert_eq!(e[1].mount_point, PathBuf::from("/srv/my data"));
         assert_eq!(e[2].root, "/sub");
         assert_eq!(e[2].mount_point, PathBuf::from("/mnt/bind\\x"));
+    }
+
+    #[test]
+    fn unshare_errors_name_the_cause() {
+        let eperm = || io::Error::from_raw_os_error(libc::EPERM);
+        let root = cap_eff("Name:\tkvcrypt\nCapEff:\t000001ffffffffff\n");
+        assert_eq!(root, Some(0x1ff_ffff_ffff));
+        // As systemd's RestrictNamespaces=yes leaves it: root with every capability, EPERM.
+        let e = classify_unshare_error(root, eperm());
+        assert!(matches!(e, NamespaceError::Forbidden(_)), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("forbidden") && msg.contains("RestrictNamespaces"),
+            "{msg}"
+        );
+        assert!(!msg.contains("needs CAP_SYS_ADMIN"), "{msg}");
+        // Everything but CAP_SYS_ADMIN (bit 21).
+        let no_admin = Some(0x1ff_ffff_ffff & !(1u64 << 21));
+        let e = classify_unshare_error(no_admin, eperm());
+        assert!(
+            e.to_string().contains("needs CAP_SYS_ADMIN (run as root)"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("seccomp"), "{e}");
+        // Capabilities unknown: both causes are named.
+        let e = classify_unshare_error(None, eperm());
+        assert!(e.to_string().contains("CAP_SYS_ADMIN") && e.to_string().contains("seccomp"));
+        // Not EPERM (e.g. user.max_mnt_namespaces reached): no guess about the cause.
+        let e = classify_unshare_error(root, io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(matches!(e, NamespaceError::Unshare(_)), "{e:?}");
+        assert!(!e.is_permission());
+        assert_eq!(cap_eff("Name:\tx\n"), None);
+    }
+
+    /// The body of the child processes below (a no-op in a normal test run): unshares and prints
+    /// what came of it for the parent to check.
+    #[test]
+    fn unshare_in_child() {
+        if std::env::var_os(CHILD_MARK).is_none() {
+            return;
+        }
+        match unshare_private_namespace() {
+            Ok(()) => println!("UNSHARE-RESULT: ok"),
+            Err(e) => println!("UNSHARE-RESULT: {e}"),
+        }
+    }
+
+    const CHILD_MARK: &str = "KVCRYPT_TEST_UNSHARE_CHILD";
+
+    /// Runs [`unshare_in_child`] in a new process of this test binary, set up by `setup`
+    /// (`cmd` runs `prefix` + the test binary), and returns its result line.
+    fn unshare_result_in_child(
+        prefix: &[&str],
+        setup: impl FnOnce(&mut std::process::Command),
+    ) -> String {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = match prefix.split_first() {
+            Some((p, rest)) => {
+                let mut c = std::process::Command::new(p);
+                c.args(rest).arg(&exe);
+                c
+            }
+            None => std::process::Command::new(&exe),
+        };
+        cmd.args([
+            "--exact",
+            "mountinfo::tests::unshare_in_child",
+            "--nocapture",
+        ])
+        .args(["--test-threads", "1"])
+        .env(CHILD_MARK, "1");
+        setup(&mut cmd);
+        let out = cmd.output().expect("starting the child test process");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // libtest prints the test's name on the same line first.
+        text.lines()
+            .find_map(|l| l.split_once("UNSHARE-RESULT: ").map(|(_, r)| r))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no result from the child ({}): {text}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+            .to_owned()
+    }
+
+    /// Whether this process has CAP_SYS_ADMIN (the tests below need root to start from).
+    fn have_cap_sys_admin() -> bool {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        cap_eff(&status).is_some_and(|c| c & (1 << CAP_SYS_ADMIN) != 0)
+    }
+
+    /// For real: a child without CAP_SYS_ADMIN (dropped from its bounding and inheritable sets
+    /// by setpriv, so root's exec does not get it back) is told it needs the capability.
+    #[test]
+    fn unshare_without_cap_sys_admin_names_the_capability() {
+        if !have_cap_sys_admin() || !std::path::Path::new("/usr/bin/setpriv").exists() {
+            eprintln!("SKIPPING: needs root (CAP_SYS_ADMIN) and setpriv");
+            return;
+        }
+        let r = unshare_result_in_child(
+            &[
+                "/usr/bin/setpriv",
+                "--inh-caps=-sys_admin",
+                "--bounding-set=-sys_admin",
+                "--",
+            ],
+            |_| {},
+        );
+        assert!(r.contains("needs CAP_SYS_ADMIN"), "{r}");
+        assert!(!r.contains("seccomp"), "{r}");
+    }
+
+    /// For real: a child that keeps CAP_SYS_ADMIN but runs under a seccomp filter refusing
+    /// unshare(2) with EPERM — what systemd's RestrictNamespaces=yes installs — is told that
+    /// namespaces are forbidden, not that it lacks the capability.
+    #[test]
+    fn unshare_forbidden_by_seccomp_says_so_not_the_capability() {
+        use std::os::unix::process::CommandExt;
+        if !have_cap_sys_admin() {
+            eprintln!("SKIPPING: needs root (CAP_SYS_ADMIN)");
+            return;
+        }
+        let stmt = |code: u32, k: u32| libc::sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        let jump = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt,
+            jf,
+            k,
+        };
+        // Load the syscall number (offset 0 of seccomp_data); unshare → EPERM, else allow.
+        let mut filter = vec![
+            stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+            jump(libc::SYS_unshare as u32, 0, 1),
+            stmt(
+                libc::BPF_RET | libc::BPF_K,
+                libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+            ),
+            stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+        ];
+        let r = unshare_result_in_child(&[], move |cmd| {
+            // SAFETY: between fork and exec the closure only calls prctl(2) (async-signal-safe)
+            // with a program built before the fork; NO_NEW_PRIVS lets an installed filter
+            // survive exec without CAP_SYS_ADMIN checks and does not drop root's capabilities.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let prog = libc::sock_fprog {
+                        len: filter.len() as u16,
+                        filter: filter.as_mut_ptr(),
+                    };
+                    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                        || libc::prctl(
+                            libc::PR_SET_SECCOMP,
+                            libc::SECCOMP_MODE_FILTER,
+                            &prog as *const libc::sock_fprog,
+                        ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        });
+        assert!(r.contains("forbidden"), "{r}");
+        assert!(r.contains("RestrictNamespaces"), "{r}");
+        assert!(!r.contains("needs CAP_SYS_ADMIN"), "{r}");
     }
 
     #[test]

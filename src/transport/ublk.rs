@@ -230,8 +230,9 @@ pub enum UblkTransportError {
     NotRecoverable { dev_id: u32, reason: String },
     #[error("cannot recover /dev/ublkb{dev_id}: it belongs to another volume ({what})")]
     Mismatch { dev_id: u32, what: String },
-    #[error("could not give the ublk server a private mount namespace (needs CAP_SYS_ADMIN): {0}")]
-    Namespace(#[source] io::Error),
+    /// The cause (capability, seccomp filter …) is in the message of the inner error.
+    #[error("could not give the ublk server a private mount namespace: {0}")]
+    Namespace(crate::mountinfo::NamespaceError),
 }
 
 impl ExitClass for UblkTransportError {
@@ -240,7 +241,8 @@ impl ExitClass for UblkTransportError {
             Self::Unavailable => Exit::Unsupported,
             Self::Geometry(_) | Self::Control { .. } | Self::Queue { .. } => Exit::Device,
             Self::NotRecoverable { .. } | Self::Mismatch { .. } => Exit::Busy,
-            Self::Namespace(_) => Exit::Permission,
+            Self::Namespace(e) if e.is_permission() => Exit::Permission,
+            Self::Namespace(_) => Exit::Failure,
         }
     }
 }

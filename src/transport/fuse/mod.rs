@@ -121,9 +121,11 @@ pub fn default_threads() -> usize {
 /// single-threaded (the worker does, first thing). Mounts of other filesystems are detached
 /// in the new namespace (see [`detach_foreign_mounts`]); `keep_also` names a path whose mount
 /// must stay (the run directory).
-pub fn enter_private_mount_namespace(keep_also: &Path) -> io::Result<()> {
+pub fn enter_private_mount_namespace(
+    keep_also: &Path,
+) -> Result<(), crate::mountinfo::NamespaceError> {
     crate::mountinfo::unshare_private_namespace()?;
-    detach_foreign_mounts(keep_also)
+    detach_foreign_mounts(keep_also).map_err(crate::mountinfo::NamespaceError::MountTable)
 }
 
 /// A new mount namespace starts with a copy of every mount, and a copy pins its filesystem:

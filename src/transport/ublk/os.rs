@@ -4,6 +4,8 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use crate::mountinfo::NamespaceError;
+
 /// Moves the calling thread (and every thread it spawns afterwards) into a new mount namespace
 /// whose mounts are all private, and detaches every ublk-backed mount from that copy.
 ///
@@ -13,9 +15,9 @@ use std::path::Path;
 /// away when the server exits — the known libublk deadlock (seen in the VM: `close` after a
 /// recovery hung). Private propagation keeps the host's later mounts out of our copy; mounts
 /// that already existed (a worker recovering a mounted device) are lazily unmounted here.
-pub fn isolate_mount_namespace() -> io::Result<()> {
+pub fn isolate_mount_namespace() -> Result<(), NamespaceError> {
     crate::mountinfo::unshare_private_namespace()?;
-    crate::mountinfo::detach_mounts(|m| is_ublk_devno(&m.devno))
+    crate::mountinfo::detach_mounts(|m| is_ublk_devno(&m.devno)).map_err(NamespaceError::MountTable)
 }
 
 /// Whether block device MAJ:MIN is a ublk disk or one of its partitions.
