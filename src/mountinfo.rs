@@ -1,10 +1,11 @@
 //! `/proc/self/mountinfo` and private mount namespaces, shared by everything that needs to
 //! know what is mounted where: the agent (FIFREEZE the filesystems on a device) and the
-//! workers of both transports (a private namespace, cleared of mounts that would pin devices).
+//! workers of both transports (a private namespace, cleared of mounts that would pin devices:
+//! [`enter_worker_namespace`]).
 
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// One line of mountinfo: `id parent major:minor root mountpoint options ... - fstype source`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +16,8 @@ pub struct MountEntry {
     pub root: String,
     /// Mount point, unescaped.
     pub mount_point: PathBuf,
+    /// Filesystem type (after the ` - ` separator; empty if the line has none).
+    pub fstype: String,
 }
 
 /// Entries of a mountinfo text, in the kernel's order (parents before their children).
@@ -26,10 +29,13 @@ pub fn parse(mountinfo: &str) -> Vec<MountEntry> {
             let mut f = line.split(' ');
             let (_id, _parent) = (f.next()?, f.next()?);
             let (devno, root, mount_point) = (f.next()?, f.next()?, f.next()?);
+            // Optional fields (shared:N, master:N …) end at a lone "-".
+            let fstype = f.skip_while(|x| *x != "-").nth(1).unwrap_or_default();
             Some(MountEntry {
                 devno: devno.to_string(),
                 root: unescape(root),
                 mount_point: PathBuf::from(unescape(mount_point)),
+                fstype: unescape(fstype),
             })
         })
         .collect()
@@ -106,7 +112,8 @@ pub fn cap_eff(status: &str) -> Option<u64> {
 /// Moves the calling thread (and the threads it spawns afterwards) into a new mount namespace
 /// whose mounts are all private: mounts made here stay invisible to every other process, and the
 /// host's later mounts stay out of ours. The new namespace starts as a copy of the old one —
-/// use [`detach_mounts`] to drop copies that would pin other devices' filesystems.
+/// workers use [`enter_worker_namespace`], which also drops copies that would pin other
+/// devices' filesystems.
 pub fn unshare_private_namespace() -> Result<(), NamespaceError> {
     // SAFETY: unshare takes only flags; CLONE_NEWNS (with the implied CLONE_FS) affects only the
     // calling thread's namespace, which is allowed in a multi-threaded process.
@@ -135,23 +142,81 @@ pub fn unshare_private_namespace() -> Result<(), NamespaceError> {
     Ok(())
 }
 
-/// Lazily unmounts (`MNT_DETACH`), in the caller's mount namespace only, every mount for which
-/// `detach` is true — children before parents. Failures are logged: a mount that stays only
-/// keeps its filesystem busy, it does not endanger data.
-pub fn detach_mounts(detach: impl Fn(&MountEntry) -> bool) -> io::Result<()> {
-    let mounts = read_own()?;
+/// Moves the calling thread (and the threads it spawns afterwards) into a private mount
+/// namespace and detaches there every mount the worker does not need (see [`worker_keeps`];
+/// `run_dir`: the worker's run directory, whose mount stays). Both transports' workers start
+/// serving this way.
+///
+/// Why: a new namespace starts as a copy of every mount, and a copy pins its filesystem for as
+/// long as we run: the user's `umount /srv/data` succeeds in their namespace, but the device
+/// under it stays busy, so `kvcrypt close` of that volume fails "in use" (seen in the VM: a
+/// ublk worker held a FUSE volume's ext4), and a ublk server holding a mount of its *own* device
+/// deadlocks its deletion (the known libublk deadlock: `close` after a recovery hung). Private propagation keeps the host's later mounts out of our copy.
+/// Open descriptors (the backing store, already opened) are unaffected by detaching.
+pub fn enter_worker_namespace(run_dir: Option<&Path>) -> Result<(), NamespaceError> {
+    unshare_private_namespace()?;
+    let mounts = read_own().map_err(NamespaceError::MountTable)?;
+    let run_dir = run_dir.map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_owned()));
+    let run_mount = run_dir.and_then(|d| mount_holding(&mounts, &d).map(Path::to_path_buf));
+    detach(&mounts, |m| !worker_keeps(m, run_mount.as_deref()));
+    Ok(())
+}
+
+/// Whether a worker's private namespace keeps mount `m`; `run_mount` is the mount point of the
+/// run directory (state file, control socket, FUSE file). Kept:
+///
+/// - `/dev`, `/proc`, `/sys` and everything below them: kernel filesystems that pin no disk,
+///   and the worker needs them (device nodes for fuse/loop/ublk and `/dev/disk/by-kvcrypt`,
+///   `/proc/self`, `/sys/dev/block`, fusectl's `abort`). systemd's ProtectKernelTunables /
+///   ProtectKernelLogs / ProtectControlGroups bind mounts there stay as they are.
+/// - `/run` itself (tmpfs; libublk keeps its device files in `/run/ublksrvd`), but not what is
+///   mounted below it: `/run/credentials/UNIT` (LoadCredential: the vault secret is no business
+///   of a worker), `/run/user/N`, removable media under `/run/media`.
+/// - the run directory's mount (ReadWritePaths=/run/kvcrypt is a bind mount of its own) and
+///   every mount above it (`/` included): detaching a parent would take it along.
+///
+/// Everything else goes, including what systemd's sandbox adds: ProtectSystem's read-only
+/// binds of /usr, /boot, /efi, /etc, ProtectHome's of /home and /root, PrivateTmp's /tmp and
+/// /var/tmp. The worker needs none of it after exec: its binary and shared libraries are
+/// already mapped (the mappings keep their own references), it starts no programs and reads no
+/// configuration, and its log is an inherited descriptor.
+pub fn worker_keeps(m: &MountEntry, run_mount: Option<&Path>) -> bool {
+    let p = m.mount_point.as_path();
+    let kernel = ["/dev", "/proc", "/sys"].iter().any(|k| p.starts_with(k));
+    kernel
+        || p == Path::new("/")
+        || p == Path::new("/run")
+        || run_mount.is_some_and(|r| r.starts_with(p))
+}
+
+/// The mount point of the mount that holds `path` (the longest mount point it lies under).
+pub fn mount_holding<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a Path> {
+    mounts
+        .iter()
+        .map(|m| m.mount_point.as_path())
+        .filter(|mp| path.starts_with(mp))
+        .max_by_key(|mp| mp.as_os_str().len())
+}
+
+/// Lazily unmounts (`MNT_DETACH`), in the caller's mount namespace only, every mount of
+/// `mounts` for which `pick` is true — children before parents. Failures are logged: a mount
+/// that stays only keeps its filesystem busy, it does not endanger data.
+fn detach(mounts: &[MountEntry], pick: impl Fn(&MountEntry) -> bool) {
     // Children follow their parents in mountinfo: unmount in reverse order.
-    for m in mounts.iter().rev().filter(|m| detach(m)) {
+    for m in mounts.iter().rev().filter(|m| pick(m)) {
         let Ok(c) = std::ffi::CString::new(m.mount_point.as_os_str().as_bytes()) else {
             continue;
         };
         // SAFETY: `c` is a valid NUL-terminated path; MNT_DETACH only affects our namespace.
         if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
             let e = io::Error::last_os_error();
-            tracing::warn!(mount = %m.mount_point.display(), error = %e, "cannot detach mount from the private namespace");
+            // EINVAL: no longer a mount point (went with a parent detached before it).
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                tracing::warn!(mount = %m.mount_point.display(), error = %e,
+                    "cannot detach {} from the private mount namespace: {e}", m.mount_point.display());
+            }
         }
     }
-    Ok(())
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` (octal).
@@ -370,6 +435,110 @@ garbage
         assert!(r.contains("forbidden"), "{r}");
         assert!(r.contains("RestrictNamespaces"), "{r}");
         assert!(!r.contains("needs CAP_SYS_ADMIN"), "{r}");
+    }
+
+    /// What a worker started from kvcrypt-agent.service sees when it unshares: systemd's
+    /// sandbox (ProtectSystem=strict, ProtectHome=read-only, PrivateTmp, ReadWritePaths=
+    /// /run/kvcrypt, LoadCredential, ProtectKernelTunables/Logs, ProtectControlGroups,
+    /// ProtectProc=invisible) over a host with separate /boot, /boot/efi and /home, another
+    /// kvcrypt volume's ext4 (FUSE: a loop device), a ublk volume's xfs, NFS and a USB stick.
+    const SERVICE_MOUNTINFO: &str = "\
+24 1 254:1 / / ro,relatime master:1 - ext4 /dev/vda1 rw,errors=remount-ro
+25 24 0:5 / /dev rw,nosuid,relatime master:2 - devtmpfs udev rw,size=1989084k,mode=755
+26 25 0:23 / /dev/pts rw,nosuid,noexec,relatime master:3 - devpts devpts rw,gid=5,mode=620
+27 25 0:25 / /dev/shm rw,nosuid,nodev master:4 - tmpfs tmpfs rw,inode64
+28 25 0:20 / /dev/mqueue rw,nosuid,nodev,noexec,relatime master:14 - mqueue mqueue rw
+29 25 0:26 /systemd/inaccessible/chr /dev/kmsg ro,nosuid,nodev,noexec,relatime master:12 - tmpfs tmpfs rw,size=401264k,mode=755
+30 24 0:22 / /sys ro,nosuid,nodev,noexec,relatime master:6 - sysfs sysfs rw
+31 30 0:27 / /sys/fs/cgroup ro,nosuid,nodev,noexec,relatime master:7 - cgroup2 cgroup2 rw,nsdelegate
+32 30 0:35 / /sys/fs/fuse/connections ro,nosuid,nodev,noexec,relatime master:15 - fusectl fusectl rw
+33 24 0:21 / /proc rw,nosuid,nodev,noexec,relatime master:11 - proc proc rw,hidepid=invisible
+34 33 0:21 /sys /proc/sys ro,nosuid,nodev,noexec,relatime master:11 - proc proc rw
+35 33 0:21 /sysrq-trigger /proc/sysrq-trigger ro,nosuid,nodev,noexec,relatime master:11 - proc proc rw
+36 24 0:26 / /run ro,nosuid,nodev,noexec,relatime master:12 - tmpfs tmpfs rw,size=401264k,mode=755
+37 36 0:26 /kvcrypt /run/kvcrypt rw,nosuid,nodev,noexec,relatime master:12 - tmpfs tmpfs rw,size=401264k,mode=755
+38 36 0:40 / /run/credentials/kvcrypt-agent.service ro,nosuid,nodev,noexec,relatime - ramfs ramfs rw,mode=700
+39 36 0:45 / /run/user/0 ro,nosuid,nodev,relatime master:200 - tmpfs tmpfs rw,size=401260k,mode=700
+40 36 8:17 / /run/media/root/USB ro,nosuid,nodev,relatime master:210 - vfat /dev/sdb1 rw
+41 24 254:1 /usr /usr ro,relatime master:1 - ext4 /dev/vda1 rw,errors=remount-ro
+42 24 254:1 /etc /etc ro,relatime master:1 - ext4 /dev/vda1 rw,errors=remount-ro
+43 24 254:2 / /boot ro,relatime master:20 - ext4 /dev/vda2 rw
+44 43 254:3 / /boot/efi ro,relatime master:21 - vfat /dev/vda3 rw,fmask=0077
+45 24 254:1 /tmp/systemd-private-3f2a-kvcrypt-agent.service-Xb1s/tmp /tmp rw,nosuid,nodev,relatime master:1 - ext4 /dev/vda1 rw
+46 24 254:1 /var/tmp/systemd-private-3f2a-kvcrypt-agent.service-Q0pz/tmp /var/tmp rw,nosuid,nodev,relatime master:1 - ext4 /dev/vda1 rw
+47 24 254:4 / /home ro,relatime master:22 - ext4 /dev/vda4 rw
+48 24 254:1 /root /root ro,relatime master:1 - ext4 /dev/vda1 rw
+49 24 7:0 / /srv/data ro,relatime master:30 - ext4 /dev/loop0 rw
+50 24 259:1 / /srv/ublk ro,relatime master:31 - xfs /dev/ublkb1 rw
+51 24 0:50 / /mnt/nfs ro,relatime master:40 - nfs4 server:/export rw,vers=4.2
+";
+
+    #[test]
+    fn worker_namespace_keeps_only_what_a_worker_needs() {
+        let mounts = parse(SERVICE_MOUNTINFO);
+        assert_eq!(mounts.len(), 28);
+        assert_eq!(mounts[1].fstype, "devtmpfs");
+        let run_mount = mount_holding(&mounts, Path::new("/run/kvcrypt"));
+        assert_eq!(run_mount, Some(Path::new("/run/kvcrypt")));
+        let kept: Vec<&str> = mounts
+            .iter()
+            .filter(|m| worker_keeps(m, run_mount))
+            .map(|m| m.mount_point.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "/",
+                "/dev",
+                "/dev/pts",
+                "/dev/shm",
+                "/dev/mqueue",
+                "/dev/kmsg",
+                "/sys",
+                "/sys/fs/cgroup",
+                "/sys/fs/fuse/connections",
+                "/proc",
+                "/proc/sys",
+                "/proc/sysrq-trigger",
+                "/run",
+                "/run/kvcrypt",
+            ]
+        );
+        // Named, because these are what the bug and the sandbox are about.
+        for gone in [
+            "/srv/data",
+            "/srv/ublk",
+            "/run/credentials/kvcrypt-agent.service",
+            "/usr",
+            "/etc",
+            "/tmp",
+            "/boot/efi",
+        ] {
+            assert!(!kept.contains(&gone), "{gone} must be detached");
+        }
+    }
+
+    #[test]
+    fn worker_namespace_keeps_a_run_directory_elsewhere_and_its_parents() {
+        // KVCRYPT_RUN_DIR on a separate /var whose /var/tmp is PrivateTmp's bind mount.
+        let text = "\
+24 1 254:1 / / rw - ext4 /dev/vda1 rw
+30 24 254:5 / /var rw - ext4 /dev/vda5 rw
+31 30 254:5 /tmp/systemd-private-x/tmp /var/tmp rw - ext4 /dev/vda5 rw
+32 30 7:1 / /var/lib/data rw - ext4 /dev/loop1 rw
+";
+        let mounts = parse(text);
+        let run_mount = mount_holding(&mounts, Path::new("/var/tmp/kvcrypt-test/run"));
+        assert_eq!(run_mount, Some(Path::new("/var/tmp")));
+        let kept: Vec<&str> = mounts
+            .iter()
+            .filter(|m| worker_keeps(m, run_mount))
+            .map(|m| m.mount_point.to_str().unwrap())
+            .collect();
+        // /var must stay: detaching it would take /var/tmp along.
+        assert_eq!(kept, ["/", "/var", "/var/tmp"]);
+        // Without a run directory only the fixed set stays.
+        assert!(!worker_keeps(&mounts[1], None));
     }
 
     #[test]

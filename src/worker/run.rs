@@ -20,7 +20,7 @@ use crate::crypto::XtsCipher;
 use crate::engine::{Engine, EngineConfig};
 use crate::header::{self, VolumeHeader};
 use crate::secmem::VolumeKey;
-use crate::transport::fuse::{self, FuseDevice, FuseOptions};
+use crate::transport::fuse::{FuseDevice, FuseOptions};
 use crate::transport::ublk;
 
 /// What to serve (the `kvcrypt worker` arguments without descriptors).
@@ -92,9 +92,10 @@ fn serve_fuse(
     engine: Arc<Engine>,
     on_ready: ServeHandle<'_>,
 ) -> anyhow::Result<()> {
-    // The FUSE file is plaintext: mount it where only this process can see it. Done before
-    // any serving thread exists, so all of them live in the private namespace.
-    fuse::enter_private_mount_namespace(&super::run_dir())
+    // The FUSE file is plaintext: mount it where only this process can see it, in a namespace
+    // that pins no other filesystem (the same one a ublk worker serves from). Done before any
+    // serving thread exists, so all of them live in the private namespace.
+    crate::mountinfo::enter_worker_namespace(Some(&super::run_dir()))
         .context("creating a private mount namespace for the FUSE file")?;
     let mut fopts = FuseOptions::new(&opts.name, fuse_dir().join(&opts.name));
     fopts.read_only = opts.read_only;
@@ -214,6 +215,7 @@ fn serve_ublk(
         read_only: opts.read_only,
         allow_discards: opts.allow_discards,
         volume_id: Some(h.uuid.to_string()),
+        run_dir: Some(super::run_dir()),
         ..ublk::UblkOptions::default()
     };
     let (stop_h, stop_sig) = ublk::stop_channel();
