@@ -178,8 +178,10 @@ pub fn enter_worker_namespace(run_dir: Option<&Path>) -> Result<(), NamespaceErr
 /// Everything else goes, including what systemd's sandbox adds: ProtectSystem's read-only
 /// binds of /usr, /boot, /efi, /etc, ProtectHome's of /home and /root, PrivateTmp's /tmp and
 /// /var/tmp. The worker needs none of it after exec: its binary and shared libraries are
-/// already mapped (the mappings keep their own references), it starts no programs and reads no
-/// configuration, and its log is an inherited descriptor.
+/// already mapped (the mappings keep their own references), it reads no configuration, and its
+/// log is an inherited descriptor. It starts no programs, except `kvcrypt open --foreground`
+/// (serving in the calling process), which runs `udevadm` to name its device and falls back to
+/// making the link itself if that cannot run.
 pub fn worker_keeps(m: &MountEntry, run_mount: Option<&Path>) -> bool {
     let p = m.mount_point.as_path();
     let kernel = ["/dev", "/proc", "/sys"].iter().any(|k| p.starts_with(k));

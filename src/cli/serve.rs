@@ -43,16 +43,25 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
             }
             .into());
         }
+        let name = a.name.clone();
         return worker::run_worker(
             &opts,
             key,
-            Box::new(|bdev: &Path| {
-                println!("{}", bdev.display());
+            Box::new(move |bdev: &Path| {
+                // As for a detached worker: print the device once udev has named it. On a
+                // thread of its own: this process serves the device meanwhile (udev reads it).
+                let bdev = bdev.to_owned();
+                std::thread::spawn(move || {
+                    worker::wait_until_named(&name, &bdev);
+                    println!("{}", bdev.display());
+                });
             }),
         );
     }
     let info = worker::spawn_worker(&spec, &key)?;
     drop(key);
+    // Print the device only once it can be used by name (udev's /dev/disk/by-kvcrypt/NAME).
+    worker::wait_until_named(&info.name, &info.block_device);
     println!("{}", info.block_device.display());
     Ok(())
 }

@@ -15,6 +15,7 @@ mod client;
 mod manage;
 mod run;
 mod sys;
+mod udev;
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -31,6 +32,7 @@ pub use client::{WorkerClient, WorkerStatus};
 pub use manage::{close_and_wait, name_of_block_device};
 pub use run::{RunOptions, ServeHandle, link_by_name, run_worker, unlink_by_name};
 pub use sys::{pid_alive, take_fd};
+pub use udev::{UDEV_NAME_TIMEOUT, udev_running, wait_for_link, wait_until_named};
 
 /// Runtime directory: `/run/kvcrypt`, or `$KVCRYPT_RUN_DIR` (tests, like the agent).
 pub fn run_dir() -> PathBuf {

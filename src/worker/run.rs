@@ -380,7 +380,12 @@ fn publish(state: &WorkerState, tx: &Sender<Event>) -> anyhow::Result<UnixListen
             let sig = sys::wait_termination();
             let _ = tx3.send(Event::Terminate(sig));
         })?;
-    if let Err(e) = link_by_name(&state.name, &state.block_device) {
+    // With udev the link is udev's (60-kvcrypt.rules): whoever started us waits for it
+    // (`wait_until_named`), and a link made here would hide whether udev has processed the
+    // device yet, i.e. whether systemd's device unit for it exists.
+    if !super::udev_running()
+        && let Err(e) = link_by_name(&state.name, &state.block_device)
+    {
         tracing::warn!("cannot create {BY_KVCRYPT_DIR}/{}: {e}", state.name);
     }
     Ok(listener)
