@@ -403,8 +403,13 @@ fn unpublish(name: &str, listener: UnixListener, keep_state: bool) {
 
 /// `/dev/disk/by-kvcrypt/NAME` → the block device (idempotent; udev may have made it already).
 pub fn link_by_name(name: &str, bdev: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(BY_KVCRYPT_DIR)?;
-    let link = Path::new(BY_KVCRYPT_DIR).join(name);
+    link_in(Path::new(BY_KVCRYPT_DIR), name, bdev)
+}
+
+/// `dir/NAME` → `bdev`, replacing a link to anything else.
+pub(super) fn link_in(dir: &Path, name: &str, bdev: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let link = dir.join(name);
     if std::fs::read_link(&link).is_ok_and(|t| t == bdev) {
         return Ok(());
     }
