@@ -81,3 +81,39 @@ fn a_worker_given_the_wrong_key_fails_with_its_reason() {
         Err(WorkerError::NotOpen(_))
     ));
 }
+
+/// A worker's private mount namespace must not keep copies of other filesystems: a copy pins
+/// its device (the user's `umount` succeeds, `kvcrypt close` of that volume then fails "in
+/// use"). A tmpfs mounted before the worker starts stands in for another volume's filesystem.
+#[test]
+fn the_worker_namespace_holds_no_foreign_mount() {
+    if skip_without_fuse_loop() {
+        return;
+    }
+    let name = "t-fuse-mountns";
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    run(
+        "mount",
+        &["-t", "tmpfs", "kvcrypt-test", foreign.to_str().unwrap()],
+    );
+    let _cleanup = Cleanup {
+        mounts: vec![foreign.clone()],
+        names: vec![name.into()],
+    };
+    let vol = make_volume(dir.path(), 16 * MIB, &test_key(42));
+    let info = spawn_worker(&worker_spec(&vol, name), &test_key(42)).expect("spawn worker");
+    let theirs = std::fs::read_to_string(format!("/proc/{}/mountinfo", info.pid)).unwrap();
+    WorkerClient::connect(name).unwrap().close().unwrap();
+    wait_gone(info.pid);
+    let points: Vec<&str> = theirs.lines().filter_map(|l| l.split(' ').nth(4)).collect();
+    assert!(
+        !points.contains(&foreign.to_str().unwrap()),
+        "the worker holds {}: {points:?}",
+        foreign.display()
+    );
+    for needed in ["/", "/dev", "/proc", "/sys"] {
+        assert!(points.contains(&needed), "{needed} missing: {points:?}");
+    }
+}

@@ -134,7 +134,7 @@ pub async fn serve<P: Platform>(listener: UnixListener, reg: Arc<Registry<P>>) {
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "control socket accept failed");
+                tracing::warn!(error = %e, "control socket: accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -148,7 +148,10 @@ async fn handle_conn<P: Platform>(
     let uid = stream.peer_cred()?.uid();
     let (r, mut w) = stream.into_split();
     if uid != 0 {
-        tracing::warn!(uid, "refused control connection from a non-root user");
+        tracing::warn!(
+            uid,
+            "control socket: refused a connection from uid {uid} (root only)"
+        );
         let resp = Response::err(
             ErrorCode::Permission,
             format!("permission denied: the kvcrypt agent only obeys root (caller uid {uid})"),
@@ -225,7 +228,10 @@ async fn handle<P: Platform>(req: Request, reg: &Registry<P>) -> Response {
             Err(r) => r,
         },
         Request::Attach { device } => {
-            tracing::info!(device, "attach requested");
+            tracing::info!(
+                device,
+                "attach requested for {device}: waking the volumes that wait for a device"
+            );
             for h in volumes.values() {
                 let _ = h.tx.send(Command::Wake).await;
             }

@@ -121,7 +121,11 @@ pub async fn run<P: Platform>(cfg: Config, p: Arc<P>, opts: Options) -> Result<(
     let settings = cfg.volume_settings();
     let mut set = VolumeSet::start(p.clone(), &settings);
     let handles = set.handles();
-    tracing::info!(volumes = handles.len(), "kvcrypt agent starting");
+    tracing::info!(
+        volumes = handles.len(),
+        "kvcrypt agent starting ({} volumes)",
+        handles.len()
+    );
     let limit = settings
         .iter()
         .map(|s| s.check_timeout * 2 + Duration::from_secs(5))
@@ -129,7 +133,7 @@ pub async fn run<P: Platform>(cfg: Config, p: Arc<P>, opts: Options) -> Result<(
         .unwrap_or(Duration::from_secs(5));
     initial_pass(&handles, limit).await;
     let text = summary(&handles);
-    tracing::info!(status = %text, "initial unlock pass done");
+    tracing::info!(status = %text, "initial unlock pass done: {text}");
 
     if opts.once {
         // Leave the workers running: stop the tasks without closing anything.
@@ -174,7 +178,7 @@ pub async fn run<P: Platform>(cfg: Config, p: Arc<P>, opts: Options) -> Result<(
                             reload_failed = None;
                         }
                         Err(e) => {
-                            tracing::error!(config = %path.display(), error = %e, "configuration reload failed; keeping the previous configuration");
+                            tracing::error!(config = %path.display(), error = %e, "reloading {} failed: {e}; keeping the previous configuration", path.display());
                             reload_failed = Some(e.to_string());
                         }
                     },

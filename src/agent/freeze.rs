@@ -62,7 +62,7 @@ pub fn freeze(block_device: &Path) -> FrozenSet {
     let mps = match mountpoints(block_device) {
         Ok(m) => m,
         Err(e) => {
-            tracing::warn!(device = %block_device.display(), error = %e, "cannot list mounts to freeze");
+            tracing::warn!(device = %block_device.display(), error = %e, "cannot list the mounts of {} to freeze: {e}", block_device.display());
             return set;
         }
     };
@@ -70,20 +70,20 @@ pub fn freeze(block_device: &Path) -> FrozenSet {
         let f = match File::open(&mp) {
             Ok(f) => f,
             Err(e) => {
-                tracing::warn!(mountpoint = %mp.display(), error = %e, "cannot open mountpoint to freeze");
+                tracing::warn!(mountpoint = %mp.display(), error = %e, "cannot open {} to freeze it: {e}", mp.display());
                 continue;
             }
         };
         match ioctl(&f, FIFREEZE) {
             Ok(()) => {
-                tracing::info!(mountpoint = %mp.display(), device = %block_device.display(), "filesystem frozen");
+                tracing::info!(mountpoint = %mp.display(), device = %block_device.display(), "filesystem {} on {} frozen", mp.display(), block_device.display());
                 set.mounts.push((mp, f));
                 // One superblock per device: the other mountpoints are the same filesystem.
                 break;
             }
             // EBUSY: already frozen (e.g. by an operator); EOPNOTSUPP: fs cannot freeze.
             Err(e) => {
-                tracing::warn!(mountpoint = %mp.display(), error = %e, "FIFREEZE failed")
+                tracing::warn!(mountpoint = %mp.display(), error = %e, "FIFREEZE of {} failed: {e}", mp.display())
             }
         }
     }
@@ -103,9 +103,13 @@ pub fn thaw(block_device: &Path, frozen: Option<FrozenSet>) {
     };
     for (mp, f) in files {
         match ioctl(&f, FITHAW) {
-            Ok(()) => tracing::info!(mountpoint = %mp.display(), "filesystem thawed"),
+            Ok(()) => {
+                tracing::info!(mountpoint = %mp.display(), "filesystem {} thawed", mp.display())
+            }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(e) => tracing::warn!(mountpoint = %mp.display(), error = %e, "FITHAW failed"),
+            Err(e) => {
+                tracing::warn!(mountpoint = %mp.display(), error = %e, "FITHAW of {} failed: {e}", mp.display())
+            }
         }
     }
 }

@@ -44,7 +44,7 @@ pub async fn run_hook(
         .map_err(|e| format!("cannot start hook {hook:?}: {e}"))?;
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(st)) if st.success() => {
-            tracing::info!(volume = name, "hook finished");
+            tracing::info!(volume = name, "volume {name}: hook finished");
             Ok(())
         }
         Ok(Ok(st)) => Err(format!("hook {hook:?} failed: {st}")),

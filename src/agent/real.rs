@@ -131,13 +131,15 @@ impl Platform for RealPlatform {
         let k = VolumeKey::from_slice(key.expose()).ok_or("key length")?;
         let (bd, ublk_dev_id) = blocking(move || {
             let info = worker::spawn_worker(&spec, &k)?;
+            drop(k);
+            // Served means usable by name: not before udev made /dev/disk/by-kvcrypt/NAME.
+            worker::wait_until_named(&info.name, &info.block_device);
             // The worker wrote its state file before its ready line.
             let id = worker::read_state(&info.name).and_then(|st| st.ublk_dev_id);
             Ok::<_, worker::WorkerError>((info.block_device, id))
         })
         .await?
         .map_err(|e| e.to_string())?;
-        request_udev_change(&bd);
         Ok(Served {
             backing: dev.to_owned(),
             block_device: bd,
@@ -179,12 +181,13 @@ impl Platform for RealPlatform {
             return Box::pin(async { "its state file is gone".to_owned() });
         };
         let pid = st.pid;
+        let n = name.to_owned();
         match PidWatch::open(pid) {
             Ok(w) => Box::pin(async move {
                 match w.exited().await {
                     Ok(()) => format!("worker pid {pid} exited"),
                     Err(e) => {
-                        tracing::warn!(pid, error = %e, "cannot wait on the worker's pidfd; relying on status checks");
+                        tracing::warn!(volume = %n, pid, error = %e, "volume {n}: cannot wait on the pidfd of worker {pid}: {e}; relying on status checks");
                         std::future::pending().await
                     }
                 }
@@ -193,7 +196,7 @@ impl Platform for RealPlatform {
                 Box::pin(async move { format!("worker pid {pid} is gone") })
             }
             Err(e) => {
-                tracing::warn!(pid, error = %e, "cannot watch the worker (pidfd_open); relying on status checks");
+                tracing::warn!(volume = name, pid, error = %e, "volume {name}: cannot watch worker {pid} (pidfd_open: {e}); relying on status checks");
                 Box::pin(std::future::pending())
             }
         }
@@ -323,19 +326,4 @@ fn worker_spec(
     spec.exe = Some(exe.to_owned());
     spec.ready_timeout = WORKER_READY_TIMEOUT;
     spec
-}
-
-/// Asks udev to re-run the rules for a new served device so /dev/disk/by-kvcrypt/NAME
-/// appears (the state file that names it is written after the kernel's own add event).
-fn request_udev_change(bd: &Path) {
-    if !Path::new("/run/udev/control").exists() {
-        return;
-    }
-    let _ = std::process::Command::new("udevadm")
-        .args(["trigger", "--action=change"])
-        .arg(bd)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
 }

@@ -155,7 +155,7 @@ impl<P: Platform> VolumeSet<P> {
         self.pending.clear();
         let plan = plan(&self.current(), new);
         for s in &plan.add {
-            tracing::info!(volume = %s.name, device = %s.selector, "reload: new volume");
+            tracing::info!(volume = %s.name, device = %s.selector, "reload: new volume {} ({})", s.name, s.selector);
             self.spawn(s.clone());
         }
         for s in &plan.update {
@@ -168,13 +168,13 @@ impl<P: Platform> VolumeSet<P> {
         }
         for name in &plan.remove {
             if let Some(e) = self.entries.get(name) {
-                tracing::warn!(volume = %name, "reload: removed from the configuration; a served device stays served and checked until it is closed (kvcrypt close), then is forgotten");
+                tracing::warn!(volume = %name, "reload: volume {name} removed from the configuration; a served device stays served and checked until it is closed (kvcrypt close), then is forgotten");
                 e.desired.send_modify(|d| d.configured = false);
             }
         }
         for s in &plan.replace {
             if let Some(e) = self.entries.get(&s.name) {
-                tracing::warn!(volume = %s.name, device = %s.selector, "reload: device of the volume changed; the old device stays served until it is closed, then the new one is attached");
+                tracing::warn!(volume = %s.name, device = %s.selector, "reload: device of volume {} changed to {}; the old device stays served until it is closed, then the new one is attached", s.name, s.selector);
                 e.desired.send_modify(|d| d.configured = false);
             }
             self.pending.insert(s.name.clone(), s.clone());
@@ -199,7 +199,7 @@ impl<P: Platform> VolumeSet<P> {
         for n in done {
             self.entries.remove(&n);
             if let Some(s) = self.pending.remove(&n) {
-                tracing::info!(volume = %n, device = %s.selector, "old device closed; attaching the volume's new device");
+                tracing::info!(volume = %n, device = %s.selector, "volume {n}: old device closed; attaching its new device {}", s.selector);
                 self.spawn(s);
             }
         }

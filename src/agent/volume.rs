@@ -44,7 +44,8 @@ pub enum Command {
     Lock(oneshot::Sender<Result<String, String>>),
     /// Undo `Lock` (or retry a locked/removed volume now): unwrap again, resume/attach.
     Unlock(oneshot::Sender<Result<String, String>>),
-    /// A device appeared: retry now if not served.
+    /// A device appeared or changed (udev ran `kvcrypt attach`): retry now if the volume waits
+    /// for its device; otherwise nothing changes (see `VolumeCtl::wake`).
     Wake,
     /// Close the device (flush, remove, wipe) and end the task.
     Shutdown(oneshot::Sender<()>),
@@ -84,6 +85,10 @@ pub struct VolumeCtl<P: Platform> {
     manual: bool,
     backoff: Backoff,
     next: Instant,
+    /// The last unlock attempt failed only because the device was not present: then a wake
+    /// (udev saw a device) is news worth retrying at once for. After any other failure it is
+    /// not, and the backoff stands.
+    waiting_for_device: bool,
     worker: Option<serde_json::Value>,
     rng: StdRng,
     /// Resolves when the serving worker process ends; armed while serving.
@@ -150,6 +155,7 @@ pub fn spawn_managed<P: Platform>(
         suspended_unix: None,
         manual: false,
         next: Instant::now(),
+        waiting_for_device: false,
         worker: None,
         rng: StdRng::from_entropy(),
         exit_watch: None,
@@ -169,7 +175,9 @@ impl<P: Platform> VolumeCtl<P> {
         self.adopt().await;
         loop {
             if self.finished() {
-                tracing::info!(volume = %self.s.name, state = %self.state, "volume removed from the configuration and no longer served: no longer managed");
+                tracing::info!(volume = %self.s.name, state = %self.state,
+                    "volume {}: removed from the configuration and no longer served ({}); no longer managed",
+                    self.s.name, self.state);
                 self.publish();
                 return;
             }
@@ -223,7 +231,13 @@ impl<P: Platform> VolumeCtl<P> {
         tracing::info!(volume = %self.s.name, configured = self.configured,
             check_interval = %humantime::format_duration(self.s.check_interval),
             hold = %humantime::format_duration(self.s.hold),
-            revoke_policy = ?self.s.revoke_policy, "volume settings reloaded");
+            revoke_policy = ?self.s.revoke_policy,
+            "volume {}: settings reloaded (check_interval {}, hold {}, revoke_policy {:?}{})",
+            self.s.name,
+            humantime::format_duration(self.s.check_interval),
+            humantime::format_duration(self.s.hold),
+            self.s.revoke_policy,
+            if self.configured { "" } else { "; removed from the configuration" });
         // A shorter interval must not wait out the longer one already scheduled.
         if self.s.check_interval < old_interval && !self.manual {
             let sooner = Instant::now() + self.interval();
@@ -244,12 +258,18 @@ impl<P: Platform> VolumeCtl<P> {
         if changed {
             let key_id = self.slot.as_ref().map(|s| s.key_id.as_str()).unwrap_or("-");
             let why = reason.as_deref().unwrap_or("-");
+            // journald shows only the message text (`journalctl -u kvcrypt-agent`): it must
+            // say which volume, what it became and why on its own; the fields are for filters.
+            let text = match &reason {
+                Some(r) => format!("volume {}: {} -> {} ({r})", self.s.name, self.state, state),
+                None => format!("volume {}: {} -> {}", self.s.name, self.state, state),
+            };
             if state == VolumeState::Unlocking
                 || (state == self.state && state != VolumeState::Serving)
             {
-                tracing::debug!(volume = %self.s.name, key_id, reason = why, from = %self.state, to = %state, "volume state");
+                tracing::debug!(volume = %self.s.name, key_id, reason = why, from = %self.state, to = %state, "{text}");
             } else {
-                tracing::info!(volume = %self.s.name, key_id, reason = why, from = %self.state, to = %state, "volume state change");
+                tracing::info!(volume = %self.s.name, key_id, reason = why, from = %self.state, to = %state, "{text}");
             }
         }
         self.state = state;
@@ -302,7 +322,9 @@ impl<P: Platform> VolumeCtl<P> {
             self.publish();
             return;
         };
-        tracing::info!(volume = %self.s.name, block_device = %sv.block_device.display(), "adopting running worker");
+        tracing::info!(volume = %self.s.name, block_device = %sv.block_device.display(),
+            "volume {}: adopting the running worker serving {}{}", self.s.name, sv.block_device.display(),
+            if sv.suspended { " (suspended)" } else { "" });
         match self.p.read_header(&sv.backing).await {
             Ok(h) => self.header = Some(h),
             Err(e) => self.record_error(&e),
@@ -446,8 +468,12 @@ impl<P: Platform> VolumeCtl<P> {
         let Some(dev) = self.p.locate(&self.s.selector).await else {
             let r = format!("device not present ({})", self.s.selector);
             fail(self, r);
+            self.waiting_for_device = true;
             return false;
         };
+        // Every later outcome (success or a failure with the device present) makes a wake
+        // carry no news.
+        self.waiting_for_device = false;
         self.set_state(
             VolumeState::Unlocking,
             Some(format!("unlocking {}", dev.display())),
@@ -537,7 +563,7 @@ impl<P: Platform> VolumeCtl<P> {
             if !held {
                 let note = self.p.clean_dead_worker(&self.s.name, &sv).await;
                 tracing::info!(volume = %self.s.name, block_device = %sv.block_device.display(), cleanup = %note,
-                    "worker ended ({detail}); the volume is no longer in the configuration, so it is not opened again");
+                    "volume {}: worker ended ({detail}); the volume is no longer in the configuration, so it is not opened again", self.s.name);
                 self.serving_since = None;
                 self.set_state(
                     VolumeState::Locked,
@@ -566,11 +592,13 @@ impl<P: Platform> VolumeCtl<P> {
         let retry_in = humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
         if sv.ublk_dev_id.is_some() {
             tracing::warn!(volume = %self.s.name, block_device = %bd, crashes_in_a_row = self.crash_streak, %retry_in,
-                "serving worker died ({detail}); {bd} holds its I/O until a new worker recovers it");
+                "volume {}: serving worker died ({detail}); {bd} holds its I/O until a new worker recovers it (restart in {retry_in}, crash {} in a row)",
+                self.s.name, self.crash_streak);
         } else {
             let note = self.p.clean_dead_worker(&self.s.name, &sv).await;
             tracing::warn!(volume = %self.s.name, block_device = %bd, crashes_in_a_row = self.crash_streak, %retry_in, cleanup = %note,
-                "serving worker died ({detail}); in-flight and new I/O on {bd} failed (the FUSE connection died with it); opening the volume again");
+                "volume {}: serving worker died ({detail}); in-flight and new I/O on {bd} failed (the FUSE connection died with it); opening the volume again in {retry_in} (crash {} in a row)",
+                self.s.name, self.crash_streak);
         }
         self.dead = Some(sv);
         self.next = Instant::now() + delay;
@@ -589,7 +617,8 @@ impl<P: Platform> VolumeCtl<P> {
         };
         // `kvcrypt open` may have restarted it meanwhile: take that worker over.
         if let Some(live) = self.p.adopt(&self.s.name).await.filter(|l| !l.suspended) {
-            tracing::info!(volume = %self.s.name, block_device = %live.block_device.display(), "a new worker serves the volume already; adopting it");
+            tracing::info!(volume = %self.s.name, block_device = %live.block_device.display(),
+                "volume {}: a new worker serves it already ({}); adopting it", self.s.name, live.block_device.display());
             self.dead = None;
             self.served = Some(live);
             self.arm_watch();
@@ -613,7 +642,7 @@ impl<P: Platform> VolumeCtl<P> {
                     } else {
                         format!("access denied: {}", e.message)
                     };
-                    tracing::warn!(volume = %self.s.name, reason = %why, "not restarting the dead worker");
+                    tracing::warn!(volume = %self.s.name, reason = %why, "volume {}: not restarting the dead worker: {why}", self.s.name);
                     self.dead_to_locked(format!("{why} (while its worker was down)"), false)
                         .await;
                     return;
@@ -636,7 +665,7 @@ impl<P: Platform> VolumeCtl<P> {
             Some(id) if self.p.ublk_recoverable(id).await => Some(id),
             Some(id) => {
                 tracing::warn!(volume = %self.s.name, block_device = %bd,
-                    "ublk device {id} is gone (removed) or no longer recoverable; opening a new device instead (I/O that was queued on it is lost)");
+                    "volume {}: ublk device {id} ({bd}) is gone (removed) or no longer recoverable; opening a new device instead (I/O that was queued on it is lost)", self.s.name);
                 None
             }
             None => None,
@@ -654,7 +683,7 @@ impl<P: Platform> VolumeCtl<P> {
                     (None, None) => format!("re-opened as {nb} (I/O on {bd} failed meanwhile)"),
                 };
                 tracing::warn!(volume = %self.s.name, block_device = %nb, restarts = self.restarts, crashes_in_a_row = self.crash_streak,
-                    "worker restarted after it died: {how}");
+                    "volume {}: worker restarted after it died: {how}", self.s.name);
                 self.served = Some(new);
                 self.arm_watch();
                 self.record_ok();
@@ -674,7 +703,10 @@ impl<P: Platform> VolumeCtl<P> {
                 );
                 self.record_error(&e);
                 let d = self.restart_backoff.next_delay(&mut self.rng);
-                tracing::error!(volume = %self.s.name, error = %msg, retry_in = %humantime::format_duration(Duration::from_millis(d.as_millis() as u64)), "restarting the dead worker failed");
+                let retry_in =
+                    humantime::format_duration(Duration::from_millis(d.as_millis() as u64));
+                tracing::error!(volume = %self.s.name, error = %msg, %retry_in,
+                    "volume {}: restarting the dead worker failed: {msg}; retrying in {retry_in}", self.s.name);
                 self.next = Instant::now() + d;
                 self.set_state(
                     VolumeState::Unlocking,
@@ -725,7 +757,8 @@ impl<P: Platform> VolumeCtl<P> {
             }
             Err(e) => {
                 self.record_error(&e);
-                tracing::warn!(volume = %self.s.name, class = %e.class, error = %e.message, "access check failed");
+                tracing::warn!(volume = %self.s.name, class = %e.class, error = %e.message,
+                    "volume {}: access check failed ({}): {}", self.s.name, e.class, e.message);
                 if e.class == AccessClass::Denied {
                     self.lock(format!("access denied: {}", e.message), false)
                         .await;
@@ -762,7 +795,7 @@ impl<P: Platform> VolumeCtl<P> {
         if let Err(e) = self.p.suspend(&self.s.name).await {
             // If the worker is unreachable its key is gone with it or it is wedged; either way
             // we must not report it as serving.
-            tracing::error!(volume = %self.s.name, error = %e, "suspending the worker failed");
+            tracing::error!(volume = %self.s.name, error = %e, "volume {}: suspending the worker failed: {e}", self.s.name);
         }
         self.enter_suspended(reason, manual).await;
     }
@@ -859,7 +892,7 @@ impl<P: Platform> VolumeCtl<P> {
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(volume = %self.s.name, error = %e, "resuming the worker failed; re-attaching");
+                tracing::error!(volume = %self.s.name, error = %e, "volume {}: resuming the worker failed: {e}; re-attaching", self.s.name);
                 if let Some(sv) = self.served.clone() {
                     let _ = self.force_remove(&sv, true).await;
                 }
@@ -890,11 +923,11 @@ impl<P: Platform> VolumeCtl<P> {
         self.disarm_watch();
         if let Some(sv) = self.served.take() {
             if let Err(e) = self.p.run_hook(&self.s, &sv.block_device, &reason).await {
-                tracing::warn!(volume = %self.s.name, error = %e, "hook failed; removing anyway");
+                tracing::warn!(volume = %self.s.name, error = %e, "volume {}: hook failed: {e}; removing anyway", self.s.name);
             }
             let suspended = self.state == VolumeState::Suspended;
             if let Err(e) = self.force_remove(&sv, suspended).await {
-                tracing::error!(volume = %self.s.name, error = %e, "closing the device failed");
+                tracing::error!(volume = %self.s.name, error = %e, "volume {}: closing {} failed: {e}", self.s.name, sv.block_device.display());
             }
             // Thaw after removal only to let a lazily unmounted filesystem go away.
             let fz = self.frozen.take();
@@ -994,14 +1027,38 @@ impl<P: Platform> VolumeCtl<P> {
                 };
                 let _ = reply.send(res);
             }
-            Command::Wake => {
-                if matches!(self.state, VolumeState::Locked | VolumeState::Removed) && !self.manual
-                {
-                    self.backoff.reset();
-                    self.next = Instant::now();
-                }
-            }
+            Command::Wake => self.wake(),
             Command::Shutdown(_) => {}
+        }
+    }
+
+    /// A wake (udev ran `kvcrypt attach` for some device) retries now only if the volume waits
+    /// for its device. Anything else the last attempt ran into (header, vault, key check, worker
+    /// start) is not fixed by a device event, and such events come in storms: every failed
+    /// worker start closes the backing disk it opened for writing, udev's inotify watch turns
+    /// that close into a `change` event, and `kvcrypt-attach@` wakes us again — bypassing the
+    /// backoff there made a retry loop of about one attempt a second. `kvcrypt unlock` is the
+    /// explicit "retry now".
+    fn wake(&mut self) {
+        let why_not = if self.manual {
+            Some("locked by kvcrypt lock")
+        } else if !matches!(self.state, VolumeState::Locked | VolumeState::Removed) {
+            Some("not waiting for a device")
+        } else if !self.waiting_for_device {
+            Some("the last attempt did not fail for want of the device; the backoff stands")
+        } else {
+            None
+        };
+        match why_not {
+            Some(why) => {
+                tracing::debug!(volume = %self.s.name, state = %self.state, "volume {}: wake ignored: {why}", self.s.name);
+            }
+            None => {
+                tracing::debug!(volume = %self.s.name, "volume {}: wake: a device appeared; retrying now", self.s.name);
+                // The device is new: its failures start a new backoff sequence.
+                self.backoff.reset();
+                self.next = Instant::now();
+            }
         }
     }
 
@@ -1010,13 +1067,14 @@ impl<P: Platform> VolumeCtl<P> {
         if let Some(sv) = self.dead.take() {
             // A dead ublk worker's device stays QUIESCED with its I/O held and its state file
             // in place: the next agent adopts it as suspended and recovers it.
-            tracing::warn!(volume = %self.s.name, block_device = %sv.block_device.display(), "worker died and was not restarted before shutdown");
+            tracing::warn!(volume = %self.s.name, block_device = %sv.block_device.display(),
+                "volume {}: its worker died and was not restarted before shutdown ({} stays for the next agent)", self.s.name, sv.block_device.display());
         }
         if let Some(sv) = self.served.take() {
             // A device still in use (mounted) is left to its worker, which a later agent
             // adopts: closing it under a mounted filesystem would break that filesystem.
             if let Err(e) = self.p.close(&self.s.name, false).await {
-                tracing::warn!(volume = %self.s.name, error = %e, "device not closed; its worker keeps serving");
+                tracing::warn!(volume = %self.s.name, error = %e, "volume {}: {} not closed ({e}); its worker keeps serving", self.s.name, sv.block_device.display());
             }
             if let Some(fz) = self.frozen.take() {
                 self.p.thaw(&sv.block_device, Some(fz)).await;

@@ -38,6 +38,8 @@ struct World {
     doomed: u32,
     /// When each worker (new or recovering) was started, on tokio's clock.
     starts: Vec<tokio::time::Instant>,
+    /// The next this many new workers fail to start (after the "spawn" event).
+    spawn_fails: u32,
 }
 
 const UBLK_ID: u32 = 3;
@@ -152,7 +154,13 @@ impl Platform for Fake {
     ) -> Result<Served, String> {
         let mut w = self.0.lock().unwrap();
         match recover_dev_id {
-            None => w.events.push("spawn".into()),
+            None => {
+                w.events.push("spawn".into());
+                if w.spawn_fails > 0 {
+                    w.spawn_fails -= 1;
+                    return Err("the worker failed before it was ready".into());
+                }
+            }
             Some(id) => {
                 w.events.push(format!("recover:{id}"));
                 if w.quiesced.take() != Some(id) {
@@ -524,6 +532,77 @@ async fn absent_device_waits_and_wake_attaches() {
     f.0.lock().unwrap().present = true;
     h.tx.send(Command::Wake).await.unwrap();
     wait_state(&h, VolumeState::Serving, Duration::from_millis(10)).await;
+}
+
+/// The udev storm seen under systemd: each failed worker start closes the backing disk (opened
+/// O_RDWR), udev's inotify watch turns that into a `change` event, `kvcrypt-attach@` runs
+/// again and the agent gets a wake. A wake after a failure that was not "device absent" brings
+/// no news: the scheduled backoff stands (here 0.5 s, then 1 s).
+#[tokio::test(start_paused = true)]
+async fn wakes_after_a_failed_worker_start_keep_the_backoff() {
+    let f = Fake::new();
+    f.0.lock().unwrap().spawn_fails = u32::MAX;
+    let t0 = tokio::time::Instant::now();
+    let h = spawn_volume(settings(), f.clone());
+    wait_events(&f, "spawn", 1, Duration::from_millis(10)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Locked);
+    // Five wakes within the first 0.5 s backoff.
+    for _ in 0..5 {
+        h.tx.send(Command::Wake).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    assert_eq!(f.count("spawn"), 1, "a wake bypassed the backoff");
+    // The backoff itself still runs: second attempt at 0.5 s, third at 1.5 s (not reset to
+    // 0.5 s by the wakes in between).
+    wait_events(&f, "spawn", 2, Duration::from_secs(1)).await;
+    let second = t0.elapsed();
+    assert!(second >= Duration::from_millis(500), "{second:?}");
+    for _ in 0..5 {
+        h.tx.send(Command::Wake).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(f.count("spawn"), 2, "a wake bypassed the backoff");
+    wait_events(&f, "spawn", 3, Duration::from_secs(2)).await;
+    let third = t0.elapsed();
+    assert!(third >= Duration::from_millis(1500), "{third:?}");
+    // `kvcrypt unlock` still means "retry now".
+    f.0.lock().unwrap().spawn_fails = 0;
+    assert_eq!(send(&h, Command::Unlock).await.unwrap(), "unlocked");
+    assert_eq!(f.count("spawn"), 4);
+}
+
+/// A wake after "device not present" is news (udev saw a device): the volume retries at once,
+/// however long the backoff had grown; a failure on that attempt restores the backoff rule.
+#[tokio::test(start_paused = true)]
+async fn wake_after_device_absent_retries_at_once() {
+    let f = Fake::new();
+    f.0.lock().unwrap().present = false;
+    let h = spawn_volume(settings(), f.clone());
+    // Attempts at 0, 0.5, 1.5, 3.5, 7.5 s: the next one is 4 s (the cap) away.
+    tokio::time::sleep(Duration::from_millis(7600)).await;
+    assert!(
+        h.status
+            .borrow()
+            .reason
+            .as_ref()
+            .unwrap()
+            .contains("not present")
+    );
+    {
+        let mut w = f.0.lock().unwrap();
+        w.present = true;
+        w.spawn_fails = 1;
+    }
+    h.tx.send(Command::Wake).await.unwrap();
+    wait_events(&f, "spawn", 1, Duration::from_millis(10)).await;
+    assert_eq!(h.status.borrow().state, VolumeState::Locked);
+    // That attempt failed to start the worker: wakes no longer bypass the backoff …
+    h.tx.send(Command::Wake).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(f.count("spawn"), 1, "a wake bypassed the backoff");
+    // … which was reset by the wake that brought the device (0.5 s from the failure).
+    wait_state(&h, VolumeState::Serving, Duration::from_millis(600)).await;
+    assert_eq!(f.count("spawn"), 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1091,4 +1170,86 @@ async fn changed_device_keeps_the_old_one_until_closed_then_attaches_the_new_one
     assert!(!st.removed_from_config, "{st:?}");
     assert!(st.reason.unwrap().contains("elsewhere"));
     assert_eq!(f.count("spawn"), 1, "{:?}", f.events());
+}
+
+/// Messages of INFO-and-above events, as journald's MESSAGE shows them (tracing-journald puts
+/// only the `message` field there; `journalctl -u kvcrypt-agent` shows nothing else).
+#[derive(Clone, Default)]
+struct Messages(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Messages {
+    fn on_event(&self, ev: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Msg(String);
+        impl tracing::field::Visit for Msg {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        if *ev.metadata().level() > tracing::Level::INFO {
+            return;
+        }
+        let mut m = Msg(String::new());
+        ev.record(&mut m);
+        self.0.lock().unwrap().push(m.0);
+    }
+}
+
+impl Messages {
+    /// Captures the events of this thread (the paused-clock tests run their tasks on it).
+    fn capture() -> (Messages, tracing::subscriber::DefaultGuard) {
+        use tracing_subscriber::layer::SubscriberExt;
+        let m = Messages::default();
+        let guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(m.clone()));
+        (m, guard)
+    }
+    fn find(&self, all: &[&str]) -> Option<String> {
+        let v = self.0.lock().unwrap();
+        v.iter()
+            .find(|m| all.iter().all(|p| m.contains(p)))
+            .cloned()
+    }
+    fn assert_has(&self, all: &[&str]) {
+        assert!(
+            self.find(all).is_some(),
+            "no message with {all:?} in {:?}",
+            self.0.lock().unwrap()
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn state_change_message_names_volume_states_and_reason() {
+    let (log, _guard) = Messages::capture();
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    log.assert_has(&["volume data: unlocking -> serving (unlocked)"]);
+    f.set_vault(Vault::Denied);
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+    log.assert_has(&[
+        "volume data",
+        "serving -> suspended",
+        "access denied: ForbiddenByRbac",
+    ]);
+}
+
+/// Events other than state changes name the volume and what happened in their text too.
+#[tokio::test(start_paused = true)]
+async fn agent_event_messages_name_the_volume() {
+    let (log, _guard) = Messages::capture();
+    let f = Fake::new();
+    f.0.lock().unwrap().worker = Some(WorkerSim {
+        key: Some([GOOD; 64]),
+    });
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_millis(10)).await;
+    log.assert_has(&["volume data", "adopting", "/dev/loop9"]);
+    f.crash();
+    wait_events(&f, "spawn", 1, Duration::from_secs(2)).await;
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    log.assert_has(&["volume data", "worker died", "killed by signal 9"]);
+    log.assert_has(&["volume data", "worker restarted"]);
 }

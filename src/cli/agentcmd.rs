@@ -27,7 +27,7 @@ pub fn agent(config: &Path, a: AgentArgs) -> anyhow::Result<()> {
     super::harden();
     let cfg = Config::load(config)?;
     if cfg.volumes.is_empty() {
-        tracing::warn!(config = %config.display(), "no [[volume]] configured; the agent only answers the control socket");
+        tracing::warn!(config = %config.display(), "no [[volume]] configured in {}; the agent only answers the control socket", config.display());
     }
     let opts = crate::agent::daemon::Options {
         once: a.once,

@@ -21,7 +21,7 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
     // held; re-attach that device (same /dev/ublkbN) instead of adding a new one.
     let recover_dev_id = stale_ublk_device(&a.name, &a.device, a.transport);
     if let Some(id) = recover_dev_id {
-        tracing::info!(volume = %a.name, "recovering /dev/ublkb{id} left by a dead worker");
+        tracing::info!(volume = %a.name, "volume {}: recovering /dev/ublkb{id} left by a dead worker", a.name);
     }
     let spec = WorkerSpec {
         transport: a.transport,
@@ -43,16 +43,25 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
             }
             .into());
         }
+        let name = a.name.clone();
         return worker::run_worker(
             &opts,
             key,
-            Box::new(|bdev: &Path| {
-                println!("{}", bdev.display());
+            Box::new(move |bdev: &Path| {
+                // As for a detached worker: print the device once udev has named it. On a
+                // thread of its own: this process serves the device meanwhile (udev reads it).
+                let bdev = bdev.to_owned();
+                std::thread::spawn(move || {
+                    worker::wait_until_named(&name, &bdev);
+                    println!("{}", bdev.display());
+                });
             }),
         );
     }
     let info = worker::spawn_worker(&spec, &key)?;
     drop(key);
+    // Print the device only once it can be used by name (udev's /dev/disk/by-kvcrypt/NAME).
+    worker::wait_until_named(&info.name, &info.block_device);
     println!("{}", info.block_device.display());
     Ok(())
 }

@@ -33,7 +33,7 @@ use libublk::{UblkError, UblkFlags, sys};
 
 use crate::exit::{Exit, ExitClass};
 
-pub use os::{device_in_use, exit_immediately, isolate_mount_namespace};
+pub use os::{device_in_use, exit_immediately};
 
 /// The ublk control node; present when the `ublk_drv` module is loaded.
 pub const UBLK_CONTROL: &str = "/dev/ublk-control";
@@ -133,6 +133,9 @@ pub struct UblkOptions {
     /// Volume identity (e.g. the header UUID) stored with the device; recovery refuses a device
     /// recorded with a different identity.
     pub volume_id: Option<String>,
+    /// Directory the serving process keeps its state in (the worker's run directory): its
+    /// mount stays in the server's private mount namespace, every other foreign mount goes.
+    pub run_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for UblkOptions {
@@ -144,6 +147,7 @@ impl Default for UblkOptions {
             allow_discards: false,
             max_io_bytes: DEFAULT_MAX_IO_BYTES,
             volume_id: None,
+            run_dir: None,
         }
     }
 }
@@ -230,8 +234,9 @@ pub enum UblkTransportError {
     NotRecoverable { dev_id: u32, reason: String },
     #[error("cannot recover /dev/ublkb{dev_id}: it belongs to another volume ({what})")]
     Mismatch { dev_id: u32, what: String },
-    #[error("could not give the ublk server a private mount namespace (needs CAP_SYS_ADMIN): {0}")]
-    Namespace(#[source] io::Error),
+    /// The cause (capability, seccomp filter …) is in the message of the inner error.
+    #[error("could not give the ublk server a private mount namespace: {0}")]
+    Namespace(crate::mountinfo::NamespaceError),
 }
 
 impl ExitClass for UblkTransportError {
@@ -240,7 +245,8 @@ impl ExitClass for UblkTransportError {
             Self::Unavailable => Exit::Unsupported,
             Self::Geometry(_) | Self::Control { .. } | Self::Queue { .. } => Exit::Device,
             Self::NotRecoverable { .. } | Self::Mismatch { .. } => Exit::Busy,
-            Self::Namespace(_) => Exit::Permission,
+            Self::Namespace(e) if e.is_permission() => Exit::Permission,
+            Self::Namespace(_) => Exit::Failure,
         }
     }
 }
@@ -404,7 +410,8 @@ fn default_queues() -> u16 {
 /// device `id` (left behind by a killed or suspended server) is re-attached — same
 /// `/dev/ublkbN`, held requests continue. `on_ready(block_device, dev_id)` is called once the
 /// device is LIVE. Blocks the calling thread. The calling thread is first moved into a private
-/// mount namespace (see [`isolate_mount_namespace`]); call this from the thread that owns the
+/// mount namespace cleared of foreign mounts (see [`crate::mountinfo::enter_worker_namespace`]:
+/// a ublk server must not hold mounts of its own or any other device); call this from the thread that owns the
 /// serving process's lifetime (the worker's main thread).
 pub fn serve<T: BlockTarget>(
     target: Arc<T>,
@@ -438,7 +445,8 @@ pub fn serve<T: BlockTarget>(
             opts.max_io_bytes
         )));
     }
-    isolate_mount_namespace().map_err(UblkTransportError::Namespace)?;
+    crate::mountinfo::enter_worker_namespace(opts.run_dir.as_deref())
+        .map_err(UblkTransportError::Namespace)?;
     let features = UblkCtrl::get_features().unwrap_or(0);
     let quiesce = features & sys::UBLK_F_QUIESCE as u64 != 0;
 

@@ -23,7 +23,7 @@ pub fn close_and_wait(name: &str, force: bool, timeout: Duration) -> Result<(), 
         }
         Err(e) if force => match pid {
             Some(pid) => {
-                tracing::info!(volume = name, pid, reason = %e, "forcing the worker to close (SIGTERM)");
+                tracing::info!(volume = name, pid, reason = %e, "volume {name}: forcing worker {pid} to close with SIGTERM ({e})");
                 sys::signal(pid, libc::SIGTERM).map_err(|e| {
                     WorkerError::State(format!("cannot signal worker {pid} of '{name}': {e}"))
                 })

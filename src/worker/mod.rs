@@ -16,6 +16,7 @@ mod client;
 mod manage;
 mod run;
 mod sys;
+mod udev;
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -32,6 +33,7 @@ pub use client::{WorkerClient, WorkerStatus};
 pub use manage::{close_and_wait, name_of_block_device};
 pub use run::{RunOptions, ServeHandle, link_by_name, run_worker, unlink_by_name};
 pub use sys::{pid_alive, take_fd};
+pub use udev::{UDEV_NAME_TIMEOUT, udev_running, wait_for_link, wait_until_named};
 
 /// Runtime directory: `/run/kvcrypt`, or `$KVCRYPT_RUN_DIR` (tests, like the agent).
 pub fn run_dir() -> PathBuf {
@@ -321,6 +323,14 @@ pub fn spawn_worker(spec: &WorkerSpec, key: &VolumeKey) -> Result<WorkerInfo, Wo
     // the worker exits. Its output goes to its log instead.
     let log_out = log.try_clone().map_err(spawn_err)?;
     cmd.stdin(Stdio::null()).stdout(log_out).stderr(log);
+    // The service manager's variables describe the agent's unit to its *main* process. The
+    // worker is not that process and outlives the agent (KillMode=process), so it must not
+    // inherit them: a worker (or anything it links) that sent sd_notify would be refused
+    // ("reception only permitted for main PID") or, with NotifyAccess=all, taken for the agent;
+    // stale WATCHDOG_*/LISTEN_* would describe a pid and descriptors that are not its own.
+    for var in SERVICE_MANAGER_VARS {
+        cmd.env_remove(var);
+    }
     let map = [(key_r.as_raw_fd(), 3), (ready_w.as_raw_fd(), 4)];
     // SAFETY: child_setup only performs async-signal-safe calls (setsid, dup2).
     unsafe {
@@ -396,6 +406,17 @@ pub fn spawn_worker(spec: &WorkerSpec, key: &VolumeKey) -> Result<WorkerInfo, Wo
         }
     }
 }
+
+/// Environment that systemd sets for a unit's main process only (sd_notify(3),
+/// sd_watchdog_enabled(3), sd_listen_fds(3)); never passed on to a worker.
+const SERVICE_MANAGER_VARS: [&str; 6] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
 
 fn transport_arg(t: TransportKind) -> &'static str {
     match t {

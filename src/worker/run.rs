@@ -20,7 +20,7 @@ use crate::crypto::XtsCipher;
 use crate::engine::{Engine, EngineConfig};
 use crate::header::{self, VolumeHeader};
 use crate::secmem::VolumeKey;
-use crate::transport::fuse::{self, FuseDevice, FuseOptions};
+use crate::transport::fuse::{FuseDevice, FuseOptions};
 use crate::transport::ublk;
 
 /// What to serve (the `kvcrypt worker` arguments without descriptors).
@@ -95,9 +95,10 @@ fn serve_fuse(
     engine: Arc<Engine>,
     on_ready: ServeHandle<'_>,
 ) -> anyhow::Result<()> {
-    // The FUSE file is plaintext: mount it where only this process can see it. Done before
-    // any serving thread exists, so all of them live in the private namespace.
-    fuse::enter_private_mount_namespace(&super::run_dir())
+    // The FUSE file is plaintext: mount it where only this process can see it, in a namespace
+    // that pins no other filesystem (the same one a ublk worker serves from). Done before any
+    // serving thread exists, so all of them live in the private namespace.
+    crate::mountinfo::enter_worker_namespace(Some(&super::run_dir()))
         .context("creating a private mount namespace for the FUSE file")?;
     let mut fopts = FuseOptions::new(&opts.name, fuse_dir().join(&opts.name));
     fopts.read_only = opts.read_only;
@@ -146,11 +147,11 @@ fn fuse_loop(
             Event::Terminate(_) | Event::BackingGone(_) => {
                 match &ev {
                     Event::BackingGone(why) => tracing::error!(volume = %opts.name, "volume {}: {why}; closing its device", opts.name),
-                    Event::Terminate(sig) => tracing::info!(volume = %opts.name, "signal {sig}: closing"),
+                    Event::Terminate(sig) => tracing::info!(volume = %opts.name, "volume {}: signal {sig}: closing", opts.name),
                     _ => {}
                 }
                 if dev.in_use() {
-                    tracing::warn!(volume = %opts.name, "closing while the device is in use; further I/O on it fails");
+                    tracing::warn!(volume = %opts.name, "volume {}: closing {} while it is in use; further I/O on it fails", opts.name, state.block_device.display());
                 }
                 dev.close(true)?;
                 return Ok(());
@@ -221,6 +222,7 @@ fn serve_ublk(
         read_only: opts.read_only,
         allow_discards: opts.allow_discards,
         volume_id: Some(h.uuid.to_string()),
+        run_dir: Some(super::run_dir()),
         ..ublk::UblkOptions::default()
     };
     let (stop_h, stop_sig) = ublk::stop_channel();
@@ -271,7 +273,7 @@ fn serve_ublk(
         )
     };
     let end = end?;
-    tracing::info!(volume = %opts.name, "ublk serve ended: {end:?}");
+    tracing::info!(volume = %opts.name, "volume {}: ublk serve ended: {end:?}", opts.name);
     if let Some(l) = listener {
         // Suspended (the device stays QUIESCED for a new worker): keep the state file, whose
         // ublk_dev_id (with this now dead pid) tells a restarted agent or `kvcrypt open` which
@@ -395,7 +397,12 @@ fn publish(state: &WorkerState, tx: &Sender<Event>) -> anyhow::Result<UnixListen
             let _ = tx4.send(Event::BackingGone(why));
         });
     }
-    if let Err(e) = link_by_name(&state.name, &state.block_device) {
+    // With udev the link is udev's (60-kvcrypt.rules): whoever started us waits for it
+    // (`wait_until_named`), and a link made here would hide whether udev has processed the
+    // device yet, i.e. whether systemd's device unit for it exists.
+    if !super::udev_running()
+        && let Err(e) = link_by_name(&state.name, &state.block_device)
+    {
         tracing::warn!("cannot create {BY_KVCRYPT_DIR}/{}: {e}", state.name);
     }
     Ok(listener)
@@ -413,8 +420,13 @@ fn unpublish(name: &str, listener: UnixListener, keep_state: bool) {
 
 /// `/dev/disk/by-kvcrypt/NAME` → the block device (idempotent; udev may have made it already).
 pub fn link_by_name(name: &str, bdev: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(BY_KVCRYPT_DIR)?;
-    let link = Path::new(BY_KVCRYPT_DIR).join(name);
+    link_in(Path::new(BY_KVCRYPT_DIR), name, bdev)
+}
+
+/// `dir/NAME` → `bdev`, replacing a link to anything else.
+pub(super) fn link_in(dir: &Path, name: &str, bdev: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let link = dir.join(name);
     if std::fs::read_link(&link).is_ok_and(|t| t == bdev) {
         return Ok(());
     }

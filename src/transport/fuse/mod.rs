@@ -116,41 +116,6 @@ pub fn default_threads() -> usize {
     (cpus * 16).clamp(32, 64)
 }
 
-/// Moves the calling process into its own mount namespace with private propagation, so the
-/// FUSE mount (which exposes plaintext) is invisible to every other process. Call it while
-/// single-threaded (the worker does, first thing). Mounts of other filesystems are detached
-/// in the new namespace (see [`detach_foreign_mounts`]); `keep_also` names a path whose mount
-/// must stay (the run directory).
-pub fn enter_private_mount_namespace(keep_also: &Path) -> io::Result<()> {
-    crate::mountinfo::unshare_private_namespace()?;
-    detach_foreign_mounts(keep_also)
-}
-
-/// A new mount namespace starts with a copy of every mount, and a copy pins its filesystem:
-/// an ext4 mounted from another kvcrypt device when this worker started would stay busy (the
-/// user's `umount` succeeds, but the device cannot be closed) for as long as we run. So
-/// detach, in our namespace only, everything except what a worker needs: `/`, `/dev`,
-/// `/proc`, `/sys` (with their virtual submounts), `/run`, and the mount holding `keep_also`
-/// (the run directory). Open descriptors (the backing store) are unaffected by detaching.
-fn detach_foreign_mounts(keep_also: &Path) -> io::Result<()> {
-    let mounts = crate::mountinfo::read_own()?;
-    // The mount that holds the run directory (longest mount point that is a prefix of it).
-    let run_mount = mounts
-        .iter()
-        .map(|m| &m.mount_point)
-        .filter(|p| keep_also.starts_with(p))
-        .max_by_key(|p| p.as_os_str().len())
-        .cloned();
-    crate::mountinfo::detach_mounts(|m| {
-        let p = &m.mount_point;
-        let keep = p == Path::new("/")
-            || p == Path::new("/run")
-            || ["/dev", "/proc", "/sys"].iter().any(|k| p.starts_with(k))
-            || run_mount.as_ref() == Some(p);
-        !keep
-    })
-}
-
 /// A served FUSE + loop device. Dropping it tears everything down (best effort); use
 /// [`close`](Self::close) for an orderly removal that reports errors.
 pub struct FuseDevice {

@@ -4,31 +4,6 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// Moves the calling thread (and every thread it spawns afterwards) into a new mount namespace
-/// whose mounts are all private, and detaches every ublk-backed mount from that copy.
-///
-/// Why: a ublk server must not share a mount namespace with a filesystem mounted on a ublk
-/// device. A mount of its own device in its own namespace keeps the filesystem alive after the
-/// user unmounted it elsewhere; deleting the device then waits for that mount, which only goes
-/// away when the server exits — the known libublk deadlock (seen in the VM: `close` after a
-/// recovery hung). Private propagation keeps the host's later mounts out of our copy; mounts
-/// that already existed (a worker recovering a mounted device) are lazily unmounted here.
-pub fn isolate_mount_namespace() -> io::Result<()> {
-    crate::mountinfo::unshare_private_namespace()?;
-    crate::mountinfo::detach_mounts(|m| is_ublk_devno(&m.devno))
-}
-
-/// Whether block device MAJ:MIN is a ublk disk or one of its partitions.
-fn is_ublk_devno(devno: &str) -> bool {
-    std::fs::read_link(format!("/sys/dev/block/{devno}"))
-        .ok()
-        .and_then(|p| {
-            p.file_name()
-                .map(|n| n.to_string_lossy().starts_with("ublkb"))
-        })
-        .unwrap_or(false)
-}
-
 /// Whether someone holds block device `path` open exclusively (a mounted filesystem, LVM, md …):
 /// an `O_EXCL` open of a block device fails with EBUSY then. Close a device only when this is
 /// false, or the filesystem on it sees I/O errors.
