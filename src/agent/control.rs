@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::ports::Platform;
 use super::status::{VolumeState, VolumeStatus};
-use super::volume::{Command, VolumeHandle};
+use super::volume::{CloseRefused, Command, VolumeHandle};
 
 /// Directory of runtime state; `KVCRYPT_RUN_DIR` overrides it (tests, several agents).
 pub fn run_dir() -> PathBuf {
@@ -48,6 +48,10 @@ pub enum Request {
     Attach {
         device: String,
     },
+    /// `kvcrypt close NAME` of a configured volume: closed, and kept closed until `unlock`.
+    Close {
+        name: String,
+    },
 }
 
 /// Error kinds a client maps to exit codes.
@@ -58,6 +62,8 @@ pub enum ErrorCode {
     NotFound,
     Failed,
     BadRequest,
+    /// Refused: the device is mounted, held open or suspended.
+    Busy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,6 +233,27 @@ async fn handle<P: Platform>(req: Request, reg: &Registry<P>) -> Response {
             Ok(h) => ask(h, Command::Unlock).await,
             Err(r) => r,
         },
+        Request::Close { name } => match find(&name) {
+            Ok(h) => {
+                let (tx, rx) = oneshot::channel();
+                if h.tx.send(Command::Close(tx)).await.is_err() {
+                    return Response::err(ErrorCode::Failed, "the volume task has stopped");
+                }
+                match rx.await {
+                    Ok(Ok(m)) => Response::ok(format!("{name}: {m}")),
+                    Ok(Err(e)) => {
+                        let code = match e {
+                            CloseRefused::Busy(_) => ErrorCode::Busy,
+                            CloseRefused::NotOpen(_) => ErrorCode::NotFound,
+                            CloseRefused::Failed(_) => ErrorCode::Failed,
+                        };
+                        Response::err(code, format!("{name}: {e}"))
+                    }
+                    Err(_) => Response::err(ErrorCode::Failed, "the volume task has stopped"),
+                }
+            }
+            Err(r) => r,
+        },
         Request::Attach { device } => {
             tracing::info!(
                 device,
@@ -290,6 +317,7 @@ impl crate::exit::ExitClass for ClientError {
                 ErrorCode::NotFound => Exit::NotFound,
                 ErrorCode::BadRequest => Exit::Usage,
                 ErrorCode::Failed => Exit::Failure,
+                ErrorCode::Busy => Exit::Busy,
             },
         }
     }

@@ -31,6 +31,9 @@ pub async fn run_hook(
             c
         }
     };
+    for var in crate::worker::SERVICE_MANAGER_VARS {
+        cmd.env_remove(var);
+    }
     cmd.env("KVCRYPT_NAME", name)
         .env("KVCRYPT_DEVICE", block_device)
         .env("KVCRYPT_REASON", reason)

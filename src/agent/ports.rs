@@ -142,7 +142,11 @@ pub trait Platform: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
     /// Flushes, removes the device, ends the worker. Without `force` a device in use (or a
     /// suspended one) stays; with `force` it is removed anyway (revocation: the data must go).
-    fn close(&self, name: &str, force: bool) -> impl Future<Output = Result<(), String>> + Send;
+    fn close(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> impl Future<Output = Result<(), CloseFailed>> + Send;
     /// Stops and deletes ublk device `dev_id` of volume `name` with no worker serving it (a
     /// suspended ublk volume's device sits QUIESCED after its worker exited; removal must
     /// still remove it).
@@ -176,4 +180,33 @@ pub trait Platform: Send + Sync + 'static {
         block_device: &Path,
         reason: &str,
     ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Why a worker did not close. `busy`: the device is mounted or held open (the operator must
+/// unmount it first); otherwise something went wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseFailed {
+    pub busy: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for CloseFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for CloseFailed {
+    fn from(message: String) -> Self {
+        CloseFailed {
+            busy: false,
+            message,
+        }
+    }
+}
+
+impl From<&str> for CloseFailed {
+    fn from(message: &str) -> Self {
+        message.to_owned().into()
+    }
 }

@@ -13,7 +13,7 @@ use super::config::{Selector, VaultConfig, VolumeSettings};
 use super::control::run_dir;
 use super::discover::{self, Identity};
 use super::freeze::{self, FrozenSet};
-use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef, WorkerExit};
+use super::ports::{AccessClass, AccessError, CloseFailed, Platform, Served, SlotRef, WorkerExit};
 use super::reap::{self, PidWatch};
 use crate::worker::{self, WorkerClient, WorkerSpec};
 
@@ -242,11 +242,14 @@ impl Platform for RealPlatform {
             .map_err(|e| e.to_string())
     }
 
-    async fn close(&self, name: &str, force: bool) -> Result<(), String> {
+    async fn close(&self, name: &str, force: bool) -> Result<(), CloseFailed> {
         let n = name.to_owned();
         blocking(move || worker::close_and_wait(&n, force, WORKER_REQUEST_TIMEOUT))
             .await?
-            .map_err(|e| e.to_string())
+            .map_err(|e| CloseFailed {
+                busy: matches!(e, worker::WorkerError::Refused { busy: true, .. }),
+                message: e.to_string(),
+            })
     }
 
     async fn delete_ublk_device(&self, name: &str, dev_id: u32) -> Result<(), String> {

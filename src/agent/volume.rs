@@ -22,7 +22,7 @@ use crate::secmem::VolumeKey;
 
 use super::backoff::{Backoff, jitter};
 use super::config::{RevokePolicy, VolumeSettings};
-use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef, WorkerExit};
+use super::ports::{AccessClass, AccessError, CloseFailed, Platform, Served, SlotRef, WorkerExit};
 use super::status::{LastError, PolicyView, VolumeState, VolumeStatus, unix_now};
 
 /// What the configuration wants of a volume task; the daemon sends a new value on reload
@@ -47,8 +47,32 @@ pub enum Command {
     /// A device appeared or changed (udev ran `kvcrypt attach`): retry now if the volume waits
     /// for its device; otherwise nothing changes (see `VolumeCtl::wake`).
     Wake,
+    /// `kvcrypt close NAME`: close the device (refused while it is mounted or held open) and
+    /// keep it closed until `Unlock`. Without this the agent took the closed worker for a
+    /// crashed one and served the volume again at once.
+    Close(oneshot::Sender<Result<String, CloseRefused>>),
     /// Close the device (flush, remove, wipe) and end the task.
     Shutdown(oneshot::Sender<()>),
+}
+
+/// Why `kvcrypt close` did not close a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseRefused {
+    /// Mounted, held open, suspended or being restarted: the operator must act first.
+    Busy(String),
+    /// Not served: nothing to close.
+    NotOpen(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for CloseRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseRefused::Busy(m) | CloseRefused::NotOpen(m) | CloseRefused::Failed(m) => {
+                f.write_str(m)
+            }
+        }
+    }
 }
 
 /// Handle kept by the daemon for one volume task.
@@ -630,6 +654,13 @@ impl<P: Platform> VolumeCtl<P> {
             );
             return;
         }
+        // The disk itself went away (hot-unplug: the worker closed its device when it noticed,
+        // see worker::backing). Nothing to restart until it is back: wait for it like at boot
+        // (udev's attach wakes us when it reappears, possibly under another name).
+        let Some(backing) = self.p.locate(&self.s.selector).await else {
+            self.backing_gone(sv).await;
+            return;
+        };
         let key = match self.check_access().await {
             Ok(k) => k,
             Err(e) => {
@@ -670,7 +701,7 @@ impl<P: Platform> VolumeCtl<P> {
             }
             None => None,
         };
-        let res = self.p.spawn(&self.s, &sv.backing, &key, recover).await;
+        let res = self.p.spawn(&self.s, &backing, &key, recover).await;
         drop(key);
         match res {
             Ok(new) => {
@@ -714,6 +745,40 @@ impl<P: Platform> VolumeCtl<P> {
                 );
             }
         }
+    }
+
+    /// The backing disk of a dead worker is gone: no worker can serve it. A ublk device still
+    /// QUIESCED would hold its I/O forever (nothing can recover it without the disk), so it is
+    /// deleted and that I/O fails, as it would on the vanished disk. The volume then waits for
+    /// its device, as at boot.
+    async fn backing_gone(&mut self, sv: Served) {
+        self.dead = None;
+        let bd = sv.block_device.display().to_string();
+        if let Some(id) = sv.ublk_dev_id
+            && self.p.ublk_recoverable(id).await
+            && let Err(e) = self.p.delete_ublk_device(&self.s.name, id).await
+        {
+            tracing::error!(volume = %self.s.name, error = %e, "volume {}: deleting {bd} failed: {e}", self.s.name);
+        }
+        let reason = format!(
+            "backing device {} removed; {bd} closed",
+            sv.backing.display()
+        );
+        tracing::warn!(volume = %self.s.name, block_device = %bd, "volume {}: {reason}; waiting for the device", self.s.name);
+        self.header = None;
+        self.slot = None;
+        self.worker = None;
+        self.serving_since = None;
+        self.crash_streak = 0;
+        self.restart_backoff.reset();
+        self.backoff.reset();
+        self.next = Instant::now() + self.backoff.next_delay(&mut self.rng);
+        // As at boot without the disk: a wake (udev attach) retries at once when it is back.
+        self.waiting_for_device = true;
+        self.set_state(
+            VolumeState::Locked,
+            Some(format!("device not present ({reason})")),
+        );
     }
 
     /// A revocation, `kvcrypt lock` or the offline limit while the worker is dead: no worker
@@ -914,7 +979,11 @@ impl<P: Platform> VolumeCtl<P> {
     async fn force_remove(&mut self, sv: &Served, suspended: bool) -> Result<(), String> {
         match sv.ublk_dev_id {
             Some(id) if suspended => self.p.delete_ublk_device(&self.s.name, id).await,
-            _ => self.p.close(&self.s.name, true).await,
+            _ => self
+                .p
+                .close(&self.s.name, true)
+                .await
+                .map_err(|e| e.message),
         }
     }
 
@@ -1028,6 +1097,10 @@ impl<P: Platform> VolumeCtl<P> {
                 let _ = reply.send(res);
             }
             Command::Wake => self.wake(),
+            Command::Close(reply) => {
+                let res = self.close_on_request().await;
+                let _ = reply.send(res);
+            }
             Command::Shutdown(_) => {}
         }
     }
@@ -1058,6 +1131,64 @@ impl<P: Platform> VolumeCtl<P> {
                 // The device is new: its failures start a new backoff sequence.
                 self.backoff.reset();
                 self.next = Instant::now();
+            }
+        }
+    }
+
+    /// `kvcrypt close NAME` through the agent: closes the served device like `kvcrypt close`
+    /// does without an agent (refused while mounted or held open) and keeps the volume closed
+    /// (`manual`) until `kvcrypt unlock NAME`.
+    async fn close_on_request(&mut self) -> Result<String, CloseRefused> {
+        let name = self.s.name.clone();
+        if self.dead.is_some() {
+            return Err(CloseRefused::Busy(format!(
+                "its worker died and is being restarted ({}); try again, or kvcrypt lock {name}",
+                self.reason.as_deref().unwrap_or("-")
+            )));
+        }
+        match self.state {
+            VolumeState::Serving => {}
+            VolumeState::Suspended => {
+                return Err(CloseRefused::Busy(format!(
+                    "suspended (filesystems frozen, I/O held): closing it now would fail that I/O; run kvcrypt unlock {name} first"
+                )));
+            }
+            _ => {
+                self.manual = true;
+                self.next = Instant::now() + IDLE;
+                self.publish();
+                return Err(CloseRefused::NotOpen(format!(
+                    "not open ({}); it stays closed until kvcrypt unlock {name}",
+                    self.state
+                )));
+            }
+        }
+        let Some(sv) = self.served.clone() else {
+            return Err(CloseRefused::NotOpen("not open".into()));
+        };
+        // Closing ends the worker on purpose: not a crash to recover from.
+        self.disarm_watch();
+        match self.p.close(&name, false).await {
+            Ok(()) => {
+                self.served = None;
+                self.worker = None;
+                self.header = None;
+                self.manual = true;
+                self.next = Instant::now() + IDLE;
+                self.set_state(
+                    VolumeState::Locked,
+                    Some("closed by kvcrypt close; kvcrypt unlock serves it again".into()),
+                );
+                Ok(format!("closed {}", sv.block_device.display()))
+            }
+            Err(CloseFailed { busy, message }) => {
+                // Still served by the same worker.
+                self.arm_watch();
+                if busy {
+                    Err(CloseRefused::Busy(message))
+                } else {
+                    Err(CloseRefused::Failed(message))
+                }
             }
         }
     }

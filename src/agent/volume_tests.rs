@@ -7,9 +7,9 @@ use std::time::Duration;
 use crate::secmem::VolumeKey;
 
 use super::config::{RetryConfig, RevokePolicy, Selector, VolumeSettings};
-use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef, WorkerExit};
+use super::ports::{AccessClass, AccessError, CloseFailed, Platform, Served, SlotRef, WorkerExit};
 use super::status::VolumeState;
-use super::volume::{Command, VolumeHandle, spawn_volume};
+use super::volume::{CloseRefused, Command, VolumeHandle, spawn_volume};
 
 /// What the fake vault answers for unwrapKey.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,6 +40,8 @@ struct World {
     starts: Vec<tokio::time::Instant>,
     /// The next this many new workers fail to start (after the "spawn" event).
     spawn_fails: u32,
+    /// The served device is mounted: a close without force is refused.
+    mounted: bool,
 }
 
 const UBLK_ID: u32 = 3;
@@ -269,11 +271,17 @@ impl Platform for Fake {
             None => Err("no worker".into()),
         }
     }
-    async fn close(&self, _name: &str, _force: bool) -> Result<(), String> {
+    async fn close(&self, _name: &str, force: bool) -> Result<(), CloseFailed> {
         self.ev("close");
         let mut w = self.0.lock().unwrap();
         if w.ublk && w.worker.is_none() {
             return Err("no worker".into());
+        }
+        if w.mounted && !force {
+            return Err(CloseFailed {
+                busy: true,
+                message: "/dev/loop9 is in use (mounted or held open)".into(),
+            });
         }
         w.worker = None;
         end_worker(&mut w, "exited after close");
@@ -1252,4 +1260,114 @@ async fn agent_event_messages_name_the_volume() {
     wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
     log.assert_has(&["volume data", "worker died", "killed by signal 9"]);
     log.assert_has(&["volume data", "worker restarted"]);
+}
+
+async fn close_req(h: &VolumeHandle) -> Result<String, CloseRefused> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    h.tx.send(Command::Close(tx)).await.unwrap();
+    rx.await.unwrap()
+}
+
+/// `kvcrypt close` of a volume the agent serves: closed through the agent and kept closed (no
+/// restart as if the worker had crashed) until `kvcrypt unlock`; refused while mounted, with
+/// the same worker still served and watched.
+#[tokio::test(start_paused = true)]
+async fn close_through_the_agent_keeps_the_volume_closed_until_unlock() {
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+
+    f.0.lock().unwrap().mounted = true;
+    let r = close_req(&h).await;
+    assert!(
+        matches!(r, Err(CloseRefused::Busy(ref m)) if m.contains("in use")),
+        "{r:?}"
+    );
+    assert_eq!(h.status.borrow().state, VolumeState::Serving);
+    // Still watched: a crash after the refused close is recovered as before.
+    f.crash();
+    wait_events(&f, "spawn", 2, Duration::from_secs(2)).await;
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+
+    f.0.lock().unwrap().mounted = false;
+    let r = close_req(&h).await;
+    assert!(r.is_ok(), "{r:?}");
+    let st = h.status.borrow().clone();
+    assert_eq!(st.state, VolumeState::Locked);
+    assert!(st.manual, "stays closed");
+    assert!(st.block_device.is_none());
+    assert!(f.worker_key().is_none(), "worker gone");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        f.count("spawn"),
+        2,
+        "the agent did not serve it again by itself"
+    );
+    // A wake (udev change event on the closed backing device) does not reopen it either.
+    h.tx.send(Command::Wake).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(f.count("spawn"), 2);
+    assert!(matches!(close_req(&h).await, Err(CloseRefused::NotOpen(_))));
+
+    assert!(send(&h, Command::Unlock).await.is_ok());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    assert_eq!(f.count("spawn"), 3);
+}
+
+/// The backing disk was hot-removed: the worker closed its device and exited. The agent does
+/// not try to restart it on a disk that is gone; it waits for the device as at boot, and the
+/// wake from udev when the disk is back serves it at once.
+#[tokio::test(start_paused = true)]
+async fn backing_disk_removed_waits_for_the_device_and_serves_it_when_back() {
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    {
+        let mut w = f.0.lock().unwrap();
+        w.present = false;
+        w.worker = None;
+        end_worker(&mut w, "exited: backing device removed");
+    }
+    wait_state(&h, VolumeState::Locked, Duration::from_secs(2)).await;
+    let st = h.status.borrow().clone();
+    assert!(
+        st.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("device not present")),
+        "{st:?}"
+    );
+    assert!(st.block_device.is_none(), "{st:?}");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(f.count("spawn"), 1, "no worker started on a missing disk");
+    let unwraps = || {
+        f.events()
+            .iter()
+            .filter(|e| e.starts_with("unwrap"))
+            .count()
+    };
+    let before = unwraps();
+
+    f.0.lock().unwrap().present = true;
+    h.tx.send(Command::Wake).await.unwrap();
+    wait_state(&h, VolumeState::Serving, Duration::from_millis(100)).await;
+    assert_eq!(f.count("spawn"), 2);
+    assert!(unwraps() > before);
+}
+
+/// The same for ublk when the worker died without deleting its device (killed, then the disk
+/// went away): the QUIESCED device would hold its I/O forever, so it is deleted.
+#[tokio::test(start_paused = true)]
+async fn ublk_backing_disk_removed_deletes_the_held_device() {
+    let f = ublk_fake();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.0.lock().unwrap().present = false;
+    f.crash();
+    wait_state(&h, VolumeState::Locked, Duration::from_secs(2)).await;
+    assert!(
+        f.events().contains(&format!("delete:{UBLK_ID}")),
+        "{:?}",
+        f.events()
+    );
+    assert_eq!(f.0.lock().unwrap().quiesced, None);
 }

@@ -141,6 +141,30 @@ fn load_vault_config(config: &Path) -> anyhow::Result<VaultConfig> {
 /// `kvcrypt close NAME`: flush and remove the device; the worker exits.
 pub fn close(a: CloseArgs) -> anyhow::Result<()> {
     worker::validate_name(&a.name)?;
+    // A volume the agent manages is closed by the agent, which then keeps it closed until
+    // `kvcrypt unlock`; closing its worker behind the agent's back looked like a crash, and the
+    // agent served it again at once. Volumes the agent does not know (`kvcrypt open`) and a
+    // machine without an agent are closed directly.
+    use crate::agent::control::{self, ClientError, ErrorCode, Request};
+    let req = Request::Close {
+        name: a.name.clone(),
+    };
+    match control::request(
+        &control::socket_path(),
+        &req,
+        std::time::Duration::from_secs(120),
+    ) {
+        Ok(r) => {
+            println!("{}", r.message.unwrap_or_default());
+            return Ok(());
+        }
+        Err(ClientError::NotRunning(_))
+        | Err(ClientError::Refused {
+            code: ErrorCode::NotFound,
+            ..
+        }) if !agent_manages(&a.name) => {}
+        Err(e) => return Err(e.into()),
+    }
     if worker::reap_stale(&a.name).is_none() {
         worker::unlink_by_name(&a.name);
         return Err(WorkerError::NotOpen(a.name).into());
@@ -183,4 +207,18 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
             }
         }),
     )
+}
+
+/// Whether a running agent has `name` in its configuration (it answered "not open" rather than
+/// "no volume named …").
+fn agent_manages(name: &str) -> bool {
+    use crate::agent::control::{self, Request};
+    control::request(
+        &control::socket_path(),
+        &Request::Status {
+            name: Some(name.to_owned()),
+        },
+        std::time::Duration::from_secs(10),
+    )
+    .is_ok()
 }

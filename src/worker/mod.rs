@@ -408,8 +408,10 @@ pub fn spawn_worker(spec: &WorkerSpec, key: &VolumeKey) -> Result<WorkerInfo, Wo
 }
 
 /// Environment that systemd sets for a unit's main process only (sd_notify(3),
-/// sd_watchdog_enabled(3), sd_listen_fds(3)); never passed on to a worker.
-const SERVICE_MANAGER_VARS: [&str; 6] = [
+/// sd_watchdog_enabled(3), sd_listen_fds(3)); never passed on to a child: workers, hooks and
+/// `udevadm` (seen in the system test: systemd refused a notification from the agent's
+/// `udevadm trigger` child, "reception only permitted for main PID").
+pub const SERVICE_MANAGER_VARS: [&str; 6] = [
     "NOTIFY_SOCKET",
     "WATCHDOG_PID",
     "WATCHDOG_USEC",

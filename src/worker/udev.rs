@@ -113,12 +113,20 @@ pub fn wait_for_link(
     }
 }
 
+fn trigger_command(udevadm: &Path, dev: &Path) -> Command {
+    let mut cmd = Command::new(udevadm);
+    for var in super::SERVICE_MANAGER_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.args(["trigger", "--action=change", "--settle"])
+        .arg(dev);
+    cmd
+}
+
 /// `udevadm trigger --action=change --settle DEV` (udev re-runs the rules for the device and
 /// the command returns once that is done), bounded by `timeout`.
 fn trigger_change(udevadm: &Path, dev: &Path, timeout: Duration) -> Result<(), String> {
-    let mut child = Command::new(udevadm)
-        .args(["trigger", "--action=change", "--settle"])
-        .arg(dev)
+    let mut child = trigger_command(udevadm, dev)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -233,6 +241,19 @@ mod tests {
             "returned after {took:?}"
         );
         assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[test]
+    fn udevadm_gets_none_of_the_agents_service_manager_variables() {
+        let cmd = trigger_command(Path::new("udevadm"), Path::new("/dev/ublkb0"));
+        let removed: Vec<_> = cmd
+            .get_envs()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        for var in super::super::SERVICE_MANAGER_VARS {
+            assert!(removed.iter().any(|r| r == var), "{var} passed to udevadm");
+        }
     }
 
     #[test]
