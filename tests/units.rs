@@ -85,7 +85,10 @@ fn systemd_units_verify_and_are_sandboxed() {
         eprintln!("systemd-analyze security {unit}: {score}");
         // 3.x is systemd's "OK" band; a root daemon that must mount and manage block devices
         // cannot reach "SAFE". This guards against the sandbox being loosened by accident.
-        assert!(score < 4.0, "{unit}: exposure level {score} regressed:\n{text}");
+        assert!(
+            score < 4.0,
+            "{unit}: exposure level {score} regressed:\n{text}"
+        );
     }
 }
 
@@ -241,10 +244,19 @@ fn one_fstab_recommendation_everywhere() {
             .map(|l| l.trim_start_matches('#').trim())
             .filter(|l| l.starts_with("/dev/disk/by-kvcrypt/"))
             .collect::<Vec<_>>();
-        assert_eq!(found, vec![line.as_str()], "{f} must give exactly the README's fstab line");
+        assert_eq!(
+            found,
+            vec![line.as_str()],
+            "{f} must give exactly the README's fstab line"
+        );
     }
     // The advice that turned `systemctl restart kvcrypt-agent` into an outage is gone.
-    for f in ["README.md", "docs/AGENT.md", "examples/fstab", "systemd/kvcrypt-agent.service"] {
+    for f in [
+        "README.md",
+        "docs/AGENT.md",
+        "examples/fstab",
+        "systemd/kvcrypt-agent.service",
+    ] {
         let text = std::fs::read_to_string(root().join(f)).unwrap();
         for l in text.lines().map(|l| l.trim_start_matches('#').trim()) {
             assert!(
@@ -327,6 +339,16 @@ fn units_allow_what_workers_need() {
         assert_eq!(values("SystemCallErrorNumber"), ["EPERM"], "{u}");
         assert_eq!(values("RuntimeDirectory"), ["kvcrypt"], "{u}");
         assert_eq!(values("RuntimeDirectoryPreserve"), ["yes"], "{u}");
-        assert_eq!(values("KillMode"), ["process"], "{u}: workers must outlive it");
+        assert_eq!(
+            values("KillMode"),
+            ["process"],
+            "{u}: workers must outlive it"
+        );
+        assert!(
+            values("ReadWritePaths")
+                .iter()
+                .any(|v| v == "/sys/devices/virtual/block"),
+            "{u}: udevadm trigger cannot write the served devices' uevent files"
+        );
     }
 }
