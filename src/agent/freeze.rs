@@ -15,10 +15,43 @@ use std::path::{Path, PathBuf};
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
 const FITHAW: libc::c_ulong = 0xC004_5878;
 
-/// Open mountpoints of frozen filesystems; kept so a lazily unmounted one can be thawed.
+/// Frozen filesystems, each held through a private *detached* copy of its mount
+/// (`open_tree(OPEN_TREE_CLONE)`), so it can be thawed even after it was unmounted (a hook's
+/// `umount -l`, or a shutdown unmounting a suspended volume) — and without pinning the mount
+/// itself: an open directory of the real mountpoint made every `umount` of a suspended volume
+/// fail with EBUSY (seen in the system test at shutdown), a detached copy does not.
 #[derive(Debug, Default)]
 pub struct FrozenSet {
     pub mounts: Vec<(PathBuf, File)>,
+}
+
+/// A descriptor on the filesystem mounted at `mp` that does not keep `mp` busy: the root of a
+/// detached clone of that mount. Falls back to opening `mp` itself where open_tree(2) is
+/// missing (Linux < 5.2) or refused.
+fn open_unpinned(mp: &Path) -> io::Result<File> {
+    use rustix::fs::{CWD, Mode, OFlags};
+    use rustix::mount::{OpenTreeFlags, open_tree};
+    let clone = open_tree(
+        CWD,
+        mp,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    );
+    match clone {
+        Ok(tree) => {
+            // open_tree gives an O_PATH descriptor; the ioctls need a real one.
+            let dir = rustix::fs::openat(
+                &tree,
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            Ok(File::from(dir))
+        }
+        Err(e) => {
+            tracing::debug!(mountpoint = %mp.display(), error = %e, "open_tree of {} failed ({e}); freezing through the mountpoint itself (it stays busy while frozen)", mp.display());
+            File::open(mp)
+        }
+    }
 }
 
 /// `major:minor` of a block device node.
@@ -67,7 +100,7 @@ pub fn freeze(block_device: &Path) -> FrozenSet {
         }
     };
     for mp in mps {
-        let f = match File::open(&mp) {
+        let f = match open_unpinned(&mp) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(mountpoint = %mp.display(), error = %e, "cannot open {} to freeze it: {e}", mp.display());

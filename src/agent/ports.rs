@@ -173,6 +173,12 @@ pub trait Platform: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether the whole system is shutting down (poweroff, reboot) rather than the agent
+    /// alone being stopped or restarted. Platforms that cannot tell say no.
+    fn system_stopping(&self) -> impl Future<Output = bool> + Send {
+        std::future::ready(false)
+    }
+
     /// Runs the configured hook (with its timeout) before a device is removed.
     fn run_hook(
         &self,

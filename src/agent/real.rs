@@ -276,6 +276,30 @@ impl Platform for RealPlatform {
         let _ = blocking(move || freeze::thaw(&bd, frozen)).await;
     }
 
+    async fn system_stopping(&self) -> bool {
+        // systemd's manager state is "stopping" from the moment a shutdown job is queued.
+        // Not booted with systemd: nobody shuts us down but an operator.
+        if !Path::new("/run/systemd/system").exists() {
+            return false;
+        }
+        let out = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::process::Command::new("systemctl")
+                .arg("is-system-running")
+                .env_remove("NOTIFY_SOCKET")
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .output(),
+        )
+        .await;
+        let state = match out {
+            Ok(Ok(o)) => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+            _ => String::new(),
+        };
+        tracing::debug!("system state: {state:?}");
+        state == "stopping"
+    }
+
     async fn run_hook(
         &self,
         s: &VolumeSettings,

@@ -1195,17 +1195,54 @@ impl<P: Platform> VolumeCtl<P> {
 
     async fn shutdown(&mut self) {
         self.disarm_watch();
+        // A suspended volume (key gone, I/O held) is left as it is when only the agent stops
+        // (`systemctl restart`): the next agent adopts it and resumes it in place. When the
+        // whole machine goes down nothing will ever resume it, and its held I/O would hang the
+        // shutdown (the final sync waits on it; thawing writes the superblock into it): then
+        // the device is removed, the held I/O fails (none of it was acknowledged; the freeze
+        // wrote back everything that was), and the filesystem is thawed onto the dead device.
+        let suspended = self.state == VolumeState::Suspended;
+        let stopping = (suspended || self.dead.is_some()) && self.p.system_stopping().await;
         if let Some(sv) = self.dead.take() {
-            // A dead ublk worker's device stays QUIESCED with its I/O held and its state file
-            // in place: the next agent adopts it as suspended and recovers it.
-            tracing::warn!(volume = %self.s.name, block_device = %sv.block_device.display(),
-                "volume {}: its worker died and was not restarted before shutdown ({} stays for the next agent)", self.s.name, sv.block_device.display());
+            let held = match sv.ublk_dev_id {
+                Some(id) => self.p.ublk_recoverable(id).await,
+                None => false,
+            };
+            if stopping && held {
+                tracing::warn!(volume = %self.s.name, block_device = %sv.block_device.display(),
+                    "volume {}: system shutting down with its worker dead: removing {} (its held I/O fails)", self.s.name, sv.block_device.display());
+                let _ = self.force_remove(&sv, true).await;
+            } else {
+                // A dead ublk worker's device stays QUIESCED with its I/O held and its state
+                // file in place: the next agent adopts it as suspended and recovers it.
+                tracing::warn!(volume = %self.s.name, block_device = %sv.block_device.display(),
+                    "volume {}: its worker died and was not restarted before shutdown ({} stays for the next agent)", self.s.name, sv.block_device.display());
+            }
         }
         if let Some(sv) = self.served.take() {
-            // A device still in use (mounted) is left to its worker, which a later agent
-            // adopts: closing it under a mounted filesystem would break that filesystem.
-            if let Err(e) = self.p.close(&self.s.name, false).await {
-                tracing::warn!(volume = %self.s.name, error = %e, "volume {}: {} not closed ({e}); its worker keeps serving", self.s.name, sv.block_device.display());
+            let bd = sv.block_device.display().to_string();
+            if suspended && !stopping {
+                // Thawing now would block on the held I/O; the next agent thaws after resume.
+                tracing::info!(volume = %self.s.name, block_device = %bd,
+                    "volume {}: agent stopping while {bd} is suspended: left suspended for the next agent", self.s.name);
+                self.frozen = None;
+                self.worker = None;
+                self.set_state(
+                    VolumeState::Suspended,
+                    Some("agent stopped; left suspended".into()),
+                );
+                return;
+            }
+            if suspended {
+                tracing::warn!(volume = %self.s.name, block_device = %bd,
+                    "volume {}: system shutting down while suspended: removing {bd} (I/O held since the suspension fails)", self.s.name);
+                if let Err(e) = self.force_remove(&sv, true).await {
+                    tracing::error!(volume = %self.s.name, error = %e, "volume {}: removing {bd} failed: {e}", self.s.name);
+                }
+            } else if let Err(e) = self.p.close(&self.s.name, false).await {
+                // A device still in use (mounted) is left to its worker, which a later agent
+                // adopts: closing it under a mounted filesystem would break that filesystem.
+                tracing::warn!(volume = %self.s.name, error = %e, "volume {}: {bd} not closed ({e}); its worker keeps serving", self.s.name);
             }
             if let Some(fz) = self.frozen.take() {
                 self.p.thaw(&sv.block_device, Some(fz)).await;

@@ -42,6 +42,8 @@ struct World {
     spawn_fails: u32,
     /// The served device is mounted: a close without force is refused.
     mounted: bool,
+    /// The whole system is shutting down (poweroff/reboot), not just the agent.
+    system_stopping: bool,
 }
 
 const UBLK_ID: u32 = 3;
@@ -308,6 +310,9 @@ impl Platform for Fake {
         }
         w.frozen = false;
         w.events.push("thaw".into());
+    }
+    async fn system_stopping(&self) -> bool {
+        self.0.lock().unwrap().system_stopping
     }
     async fn run_hook(&self, _s: &VolumeSettings, bd: &Path, _r: &str) -> Result<(), String> {
         self.ev(format!("hook:{}", bd.display()));
@@ -1370,4 +1375,68 @@ async fn ublk_backing_disk_removed_deletes_the_held_device() {
         f.events()
     );
     assert_eq!(f.0.lock().unwrap().quiesced, None);
+}
+
+async fn shutdown_task(h: &VolumeHandle) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    h.tx.send(Command::Shutdown(tx)).await.unwrap();
+    rx.await.unwrap();
+}
+
+/// The agent alone stops (`systemctl restart`) while a volume is suspended: nothing is
+/// closed, deleted or thawed (thawing would write into the held device and hang the stop);
+/// the next agent adopts it as suspended.
+#[tokio::test(start_paused = true)]
+async fn agent_stop_while_suspended_leaves_the_volume_suspended() {
+    for ublk in [false, true] {
+        let f = if ublk { ublk_fake() } else { Fake::new() };
+        let h = spawn_volume(settings(), f.clone());
+        wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+        f.set_vault(Vault::Denied);
+        wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+        let before = f.events().len();
+        shutdown_task(&h).await;
+        let after: Vec<String> = f.events()[before..].to_vec();
+        assert!(
+            !after
+                .iter()
+                .any(|e| e == "close" || e == "thaw" || e.starts_with("delete:")),
+            "ublk={ublk}: {after:?}"
+        );
+        assert!(f.0.lock().unwrap().frozen, "still frozen");
+    }
+}
+
+/// Poweroff/reboot while a volume is suspended: nothing will resume it, and its held I/O would
+/// hang the shutdown (seen in the system test: the agent blocked in FITHAW, the final sync on
+/// the held device). The device is removed first, then the filesystem thawed.
+#[tokio::test(start_paused = true)]
+async fn system_shutdown_while_suspended_removes_the_device_then_thaws() {
+    for ublk in [false, true] {
+        let f = if ublk { ublk_fake() } else { Fake::new() };
+        let h = spawn_volume(settings(), f.clone());
+        wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+        f.set_vault(Vault::Denied);
+        wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+        f.0.lock().unwrap().system_stopping = true;
+        let before = f.events().len();
+        shutdown_task(&h).await;
+        let after: Vec<String> = f.events()[before..].to_vec();
+        let removed = if ublk {
+            format!("delete:{UBLK_ID}")
+        } else {
+            "close".into()
+        };
+        let r = after.iter().position(|e| *e == removed);
+        let t = after.iter().position(|e| e == "thaw");
+        assert!(
+            r.is_some() && t.is_some() && r < t,
+            "ublk={ublk}: removed then thawed: {after:?}"
+        );
+        assert!(
+            !after.contains(&"thaw-while-suspended".to_string()),
+            "{after:?}"
+        );
+        assert_eq!(f.0.lock().unwrap().quiesced, None);
+    }
 }

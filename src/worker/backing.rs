@@ -36,9 +36,9 @@ impl BackingDisk {
             return None;
         }
         let rdev = md.rdev();
-        let link = sys
-            .join("dev/block")
-            .join(format!("{}:{}", libc::major(rdev), libc::minor(rdev)));
+        let link =
+            sys.join("dev/block")
+                .join(format!("{}:{}", libc::major(rdev), libc::minor(rdev)));
         let resolved = std::fs::canonicalize(&link).ok()?;
         let diskseq = read_diskseq(&resolved);
         Some(BackingDisk {
@@ -53,7 +53,10 @@ impl BackingDisk {
     pub fn gone(&self) -> Option<String> {
         let dev = self.device.display();
         match std::fs::canonicalize(&self.link) {
-            Err(_) => Some(format!("{dev} was removed ({} is gone)", self.link.display())),
+            Err(_) => Some(format!(
+                "{dev} was removed ({} is gone)",
+                self.link.display()
+            )),
             Ok(now) if now != self.resolved => Some(format!(
                 "{dev} was removed (its device number now belongs to {})",
                 now.display()
@@ -130,9 +133,11 @@ mod tests {
 
     /// Any block device of the test machine: only its numbers are used.
     fn some_block_device() -> Option<PathBuf> {
-        std::fs::read_dir("/dev").ok()?.flatten().map(|e| e.path()).find(|p| {
-            std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
-        })
+        std::fs::read_dir("/dev")
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device()))
     }
 
     #[test]
@@ -164,7 +169,10 @@ mod tests {
         // Unplugged.
         std::fs::remove_file(&sys.link).unwrap();
         let why = disk.gone().unwrap();
-        assert!(why.contains("was removed") && why.contains(&dev.display().to_string()), "{why}");
+        assert!(
+            why.contains("was removed") && why.contains(&dev.display().to_string()),
+            "{why}"
+        );
     }
 
     #[test]

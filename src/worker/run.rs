@@ -146,8 +146,12 @@ fn fuse_loop(
         match ev {
             Event::Terminate(_) | Event::BackingGone(_) => {
                 match &ev {
-                    Event::BackingGone(why) => tracing::error!(volume = %opts.name, "volume {}: {why}; closing its device", opts.name),
-                    Event::Terminate(sig) => tracing::info!(volume = %opts.name, "volume {}: signal {sig}: closing", opts.name),
+                    Event::BackingGone(why) => {
+                        tracing::error!(volume = %opts.name, "volume {}: {why}; closing its device", opts.name)
+                    }
+                    Event::Terminate(sig) => {
+                        tracing::info!(volume = %opts.name, "volume {}: signal {sig}: closing", opts.name)
+                    }
                     _ => {}
                 }
                 if dev.in_use() {
