@@ -173,6 +173,17 @@ pub trait Platform: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Records (`Some(reason)`) or clears (`None`) that the operator locked or closed volume
+    /// `name`, so that a restarted agent keeps it that way until `kvcrypt unlock`.
+    fn remember_manual(&self, name: &str, reason: Option<&str>) {
+        let _ = (name, reason);
+    }
+    /// What [`remember_manual`](Self::remember_manual) recorded for `name`, if anything.
+    fn manual_lock(&self, name: &str) -> Option<String> {
+        let _ = name;
+        None
+    }
+
     /// Whether the whole system is shutting down (poweroff, reboot) rather than the agent
     /// alone being stopped or restarted. Platforms that cannot tell say no.
     fn system_stopping(&self) -> impl Future<Output = bool> + Send {

@@ -276,6 +276,24 @@ impl Platform for RealPlatform {
         let _ = blocking(move || freeze::thaw(&bd, frozen)).await;
     }
 
+    fn remember_manual(&self, name: &str, reason: Option<&str>) {
+        let path = worker::manual_lock_path(name);
+        let res = match reason {
+            Some(r) => worker::ensure_dirs().and_then(|()| std::fs::write(&path, r)),
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            },
+        };
+        if let Err(e) = res {
+            tracing::warn!(volume = name, error = %e, "volume {name}: cannot record the operator's lock in {}: {e} (a restarted agent would not keep it)", path.display());
+        }
+    }
+
+    fn manual_lock(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(worker::manual_lock_path(name)).ok()
+    }
+
     async fn system_stopping(&self) -> bool {
         // systemd's manager state is "stopping" from the moment a shutdown job is queued.
         // Not booted with systemd: nobody shuts us down but an operator.

@@ -130,6 +130,8 @@ pub struct VolumeCtl<P: Platform> {
     desired: watch::Receiver<Desired>,
     /// In the configuration file (see [`Desired::configured`]).
     configured: bool,
+    /// The operator's lock/close last recorded with [`Platform::remember_manual`].
+    manual_recorded: std::cell::Cell<bool>,
 }
 
 /// Waits for the armed worker watch (forever when none is armed).
@@ -189,6 +191,7 @@ pub fn spawn_managed<P: Platform>(
         serving_since: None,
         desired,
         configured: true,
+        manual_recorded: std::cell::Cell::new(false),
     };
     tokio::spawn(ctl.run());
     (VolumeHandle { name, tx, status }, desired_tx)
@@ -302,6 +305,11 @@ impl<P: Platform> VolumeCtl<P> {
     }
 
     fn publish(&self) {
+        if self.manual != self.manual_recorded.get() {
+            let why = self.manual.then(|| self.reason.clone().unwrap_or_default());
+            self.p.remember_manual(&self.s.name, why.as_deref());
+            self.manual_recorded.set(self.manual);
+        }
         // A dead ublk worker's device is still there (QUIESCED, I/O held); a dead FUSE
         // worker's loop device is not worth naming.
         let shown = self
@@ -342,7 +350,19 @@ impl<P: Platform> VolumeCtl<P> {
 
     /// Takes over a worker left by a previous agent (crash / restart).
     async fn adopt(&mut self) {
+        // `kvcrypt lock` / `kvcrypt close` hold until `kvcrypt unlock`, also across an agent
+        // restart or crash (not across a reboot: the record lives in /run).
+        let manual = self.p.manual_lock(&self.s.name);
+        if let Some(why) = &manual {
+            self.manual = true;
+            self.manual_recorded.set(true);
+            self.next = Instant::now() + IDLE;
+            self.reason = Some(why.clone());
+        }
         let Some(sv) = self.p.adopt(&self.s.name).await else {
+            if manual.is_some() {
+                tracing::info!(volume = %self.s.name, "volume {}: stays locked ({}) until kvcrypt unlock", self.s.name, self.reason.as_deref().unwrap_or("-"));
+            }
             self.publish();
             return;
         };
@@ -361,15 +381,23 @@ impl<P: Platform> VolumeCtl<P> {
         if suspended {
             self.suspended_at = Some(Instant::now());
             self.suspended_unix = Some(unix_now());
-            self.set_state(
-                VolumeState::Suspended,
-                Some("adopted a suspended worker".into()),
-            );
+            let why = match &manual {
+                Some(m) => format!("adopted a suspended worker; {m}"),
+                None => "adopted a suspended worker".into(),
+            };
+            self.set_state(VolumeState::Suspended, Some(why));
         } else {
+            // Serving although recorded as locked (the previous agent died half-way): the
+            // running device wins; the record is dropped with the next publish.
+            self.manual = false;
             self.arm_watch();
             self.set_state(VolumeState::Serving, Some("adopted running worker".into()));
         }
-        self.next = Instant::now();
+        self.next = if self.manual {
+            Instant::now() + IDLE
+        } else {
+            Instant::now()
+        };
     }
 
     async fn tick(&mut self) {

@@ -44,6 +44,9 @@ struct World {
     mounted: bool,
     /// The whole system is shutting down (poweroff/reboot), not just the agent.
     system_stopping: bool,
+    /// What the agent recorded of an operator's lock (what /run/kvcrypt keeps for the next
+    /// agent).
+    manual: Option<String>,
 }
 
 const UBLK_ID: u32 = 3;
@@ -310,6 +313,12 @@ impl Platform for Fake {
         }
         w.frozen = false;
         w.events.push("thaw".into());
+    }
+    fn remember_manual(&self, _name: &str, reason: Option<&str>) {
+        self.0.lock().unwrap().manual = reason.map(str::to_owned);
+    }
+    fn manual_lock(&self, _name: &str) -> Option<String> {
+        self.0.lock().unwrap().manual.clone()
     }
     async fn system_stopping(&self) -> bool {
         self.0.lock().unwrap().system_stopping
@@ -1439,4 +1448,54 @@ async fn system_shutdown_while_suspended_removes_the_device_then_thaws() {
         );
         assert_eq!(f.0.lock().unwrap().quiesced, None);
     }
+}
+
+/// `kvcrypt lock` holds across an agent restart (seen in the system test: the restarted agent
+/// adopted the locked volume as revoked-and-suspended and resumed it at its first check).
+#[tokio::test(start_paused = true)]
+async fn an_operators_lock_survives_an_agent_restart() {
+    for ublk in [false, true] {
+        let f = if ublk { ublk_fake() } else { Fake::new() };
+        let h = spawn_volume(settings(), f.clone());
+        wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+        assert!(send(&h, Command::Lock).await.is_ok());
+        wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+        assert!(
+            f.0.lock().unwrap().manual.is_some(),
+            "ublk={ublk}: lock not recorded"
+        );
+        shutdown_task(&h).await;
+
+        // The next agent adopts it suspended and leaves it so, whatever the vault says.
+        let h = spawn_volume(settings(), f.clone());
+        wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let st = h.status.borrow().clone();
+        assert_eq!(st.state, VolumeState::Suspended, "ublk={ublk}: {st:?}");
+        assert!(st.manual, "ublk={ublk}");
+
+        assert!(send(&h, Command::Unlock).await.is_ok());
+        wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+        assert!(
+            f.0.lock().unwrap().manual.is_none(),
+            "ublk={ublk}: record not cleared"
+        );
+        shutdown_task(&h).await;
+    }
+}
+
+/// The same for `kvcrypt close`: a restarted agent does not open it again by itself.
+#[tokio::test(start_paused = true)]
+async fn a_closed_volume_stays_closed_across_an_agent_restart() {
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    assert!(close_req(&h).await.is_ok());
+    shutdown_task(&h).await;
+    let h = spawn_volume(settings(), f.clone());
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(f.count("spawn"), 1, "opened again by the restarted agent");
+    assert!(h.status.borrow().manual);
+    assert!(send(&h, Command::Unlock).await.is_ok());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
 }

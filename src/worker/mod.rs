@@ -214,6 +214,11 @@ pub fn state_path(name: &str) -> PathBuf {
 pub fn socket_path(name: &str) -> PathBuf {
     volumes_dir().join(format!("{name}.sock"))
 }
+/// Present while the operator keeps `name` locked or closed (`kvcrypt lock` / `close`, until
+/// `kvcrypt unlock`); read by a restarted agent. In /run: a reboot forgets it.
+pub fn manual_lock_path(name: &str) -> PathBuf {
+    volumes_dir().join(format!("{name}.locked"))
+}
 pub fn log_path(name: &str) -> PathBuf {
     volumes_dir().join(format!("{name}.log"))
 }
