@@ -675,3 +675,33 @@ fn blocking_provider_round_trip() {
         .unwrap();
     assert_eq!(back.expose(), vmk.expose());
 }
+
+/// Nothing listens where the vault and the token endpoint are (the vault down at boot, as in
+/// the system test): a network failure, so Transient — not a configuration mistake. Seen in
+/// the system test: the token request's "connection refused" came back as Misconfigured.
+#[tokio::test]
+async fn vault_and_token_endpoint_unreachable_is_transient() {
+    let kv = Kv::start();
+    kv.emu.create_key("k", "RSA", Some(2048)).unwrap();
+    let mut cfg = kv.config(&kv.principal("host1", CRYPTO_USER));
+    // A loopback port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    cfg.resolve = cfg
+        .resolve
+        .iter()
+        .map(|r| {
+            let (host, _) = r.rsplit_once(':').unwrap();
+            format!("{host}:{closed}")
+        })
+        .collect();
+    let provider = KeyVaultProvider::new(&cfg).unwrap();
+    let err = provider
+        .wrap(&key_id(VAULT, "k"), None, &random_vmk())
+        .await
+        .unwrap_err();
+    assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
+}

@@ -303,6 +303,40 @@ fn fstab_recommendation_makes_the_device_pull_the_mount() {
             "boot would wait for the vault: {t} pulls in the mount"
         );
     }
+    // No ordering cycle with the system's own units (the generated mount, our units and
+    // systemd's, as systemd-analyze verify sees them): without _netdev the mount sat before
+    // local-fs.target and after the agent, a cycle through sysinit.target.
+    let sysunits = Path::new("/lib/systemd/system");
+    if sysunits.join("sysinit.target").exists() {
+        let r = d.path().join("root");
+        std::fs::create_dir_all(r.join("lib/systemd")).unwrap();
+        let cp = Command::new("cp")
+            .arg("-a")
+            .arg(sysunits)
+            .arg(r.join("lib/systemd/"))
+            .status()
+            .unwrap();
+        assert!(cp.success());
+        let etc = staged_units(&r);
+        let cp = Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", out.display()))
+            .arg(&etc)
+            .status()
+            .unwrap();
+        assert!(cp.success());
+        let v = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(format!("--root={}", r.display()))
+            .args(["srv-data.mount", "kvcrypt-agent.service", "shutdown.target"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&v.stderr);
+        assert!(
+            !err.contains("ordering cycle"),
+            "the recommended fstab line makes an ordering cycle:\n{err}"
+        );
+    }
     let unit = std::fs::read_to_string(out.join("srv-data.mount")).unwrap();
     assert!(
         unit.lines().any(|l| l == "After=kvcrypt-agent.service"),

@@ -1006,7 +1006,27 @@ impl<P: Platform> VolumeCtl<P> {
     /// device itself is deleted; otherwise the worker is closed with force.
     async fn force_remove(&mut self, sv: &Served, suspended: bool) -> Result<(), String> {
         match sv.ublk_dev_id {
-            Some(id) if suspended => self.p.delete_ublk_device(&self.s.name, id).await,
+            Some(id) if suspended => {
+                // Deleting stops the device first (its held I/O fails), then waits until
+                // nothing holds the disk any more — and a frozen filesystem does, through our
+                // freeze handle. So the thaw (whose writes now fail fast) runs alongside, not
+                // after: in sequence the two waited for each other (seen in the system test at
+                // poweroff). Bounded: a filesystem still mounted on it keeps the deletion
+                // waiting until it is unmounted; the device is dead either way.
+                let fz = self.frozen.take();
+                let del = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    self.p.delete_ublk_device(&self.s.name, id),
+                );
+                let thaw = self.p.thaw(&sv.block_device, fz);
+                match tokio::join!(del, thaw).0 {
+                    Ok(r) => r,
+                    Err(_) => Err(format!(
+                        "{} stopped (its I/O fails) but still held, probably by a mounted filesystem; it is deleted once that is unmounted",
+                        sv.block_device.display()
+                    )),
+                }
+            }
             _ => self
                 .p
                 .close(&self.s.name, true)
