@@ -15,6 +15,7 @@ if [ "${1:-test}" != demo ]; then
     fio jq                                                   # data-path tests and benchmarks
     qemu-system-x86 qemu-utils busybox-static cpio xz-utils  # ublk tests inside a qemu VM
     udev systemd                                             # udevadm / systemd-analyze checks
+    mmdebstrap                                               # the system test's guest root filesystem
   )
 fi
 missing=()

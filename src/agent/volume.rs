@@ -1005,33 +1005,42 @@ impl<P: Platform> VolumeCtl<P> {
     /// suspended ublk volume has no worker (it exited, leaving the device QUIESCED), so the
     /// device itself is deleted; otherwise the worker is closed with force.
     async fn force_remove(&mut self, sv: &Served, suspended: bool) -> Result<(), String> {
-        match sv.ublk_dev_id {
-            Some(id) if suspended => {
-                // Deleting stops the device first (its held I/O fails), then waits until
-                // nothing holds the disk any more — and a frozen filesystem does, through our
-                // freeze handle. So the thaw (whose writes now fail fast) runs alongside, not
-                // after: in sequence the two waited for each other (seen in the system test at
-                // poweroff). Bounded: a filesystem still mounted on it keeps the deletion
-                // waiting until it is unmounted; the device is dead either way.
-                let fz = self.frozen.take();
-                let del = tokio::time::timeout(
-                    Duration::from_secs(30),
-                    self.p.delete_ublk_device(&self.s.name, id),
-                );
-                let thaw = self.p.thaw(&sv.block_device, fz);
-                match tokio::join!(del, thaw).0 {
-                    Ok(r) => r,
-                    Err(_) => Err(format!(
-                        "{} stopped (its I/O fails) but still held, probably by a mounted filesystem; it is deleted once that is unmounted",
-                        sv.block_device.display()
-                    )),
-                }
-            }
-            _ => self
+        if !suspended {
+            return self
                 .p
                 .close(&self.s.name, true)
                 .await
-                .map_err(|e| e.message),
+                .map_err(|e| e.message);
+        }
+        // A suspended device is torn down with a frozen filesystem on it, held through our
+        // freeze handle. Removing it fails the held I/O (ublk: STOP; FUSE: the worker's SIGTERM
+        // fails its parked requests), but then waits until nothing holds the device any more
+        // (ublk: DEL_DEV waits for the disk's openers; FUSE: the loop device detaches, and the
+        // worker's FUSE threads end, only once the filesystem lets go) — and the filesystem
+        // lets go only when it is thawed. So the thaw (whose writes now fail fast) runs
+        // alongside the removal, not after it: in sequence the two waited for each other (seen
+        // in the system test at poweroff: ublk hung, FUSE took the 30 s worker timeout).
+        // Bounded: a filesystem still mounted keeps the device until it is unmounted; the
+        // device is dead either way.
+        let fz = self.frozen.take();
+        let remove = async {
+            match sv.ublk_dev_id {
+                Some(id) => self.p.delete_ublk_device(&self.s.name, id).await,
+                None => self
+                    .p
+                    .close(&self.s.name, true)
+                    .await
+                    .map_err(|e| e.message),
+            }
+        };
+        let bounded = tokio::time::timeout(Duration::from_secs(30), remove);
+        let thaw = self.p.thaw(&sv.block_device, fz);
+        match tokio::join!(bounded, thaw).0 {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "{} no longer serves (its I/O fails) but is still held, probably by a mounted filesystem; it goes away once that is unmounted",
+                sv.block_device.display()
+            )),
         }
     }
 

@@ -53,6 +53,14 @@ hot_md5_ok() { [ "$(timeout 60 md5sum < /dev/disk/by-kvcrypt/hot | cut -d' ' -f1
 linked_to() { [ "$(readlink -f "/dev/disk/by-kvcrypt/$1")" = "$2" ]; }
 mounted_on() { [ "$(readlink -f "$(findmnt -no SOURCE "$MNT")")" = "$1" ]; }
 no_d_state() { [ -z "$(d_state)" ]; }
+# A served device no longer serves: a ublk node is deleted; a loop device node stays (loop
+# nodes are persistent) but has no backing file any more.
+dev_gone() {
+  case $1 in
+    /dev/loop*) [ ! -e "/sys/block/${1#/dev/}/loop/backing_file" ] ;;
+    *) [ ! -b "$1" ] ;;
+  esac
+}
 # Processes in uninterruptible sleep (a stuck umount or I/O on a dead device shows here).
 d_state() { ps -eo pid,stat,wchan:24,args | awk 'NR > 1 && $2 ~ /^D/'; }
 no_hung() { [ -z "$(d_state)" ] && ! dmesg | grep -q 'blocked for more than'; }
