@@ -1,6 +1,6 @@
 # kvcrypt: build and install.
 #   make                      # cargo build --release
-#   sudo make install         # into /usr (binaries in /usr/sbin, as the units expect)
+#   make install              # as root; into /usr (binaries in /usr/sbin, as the units expect)
 #   make install DESTDIR=/tmp/pkg PREFIX=/usr/local   # staged / other prefix (paths in units and
 #                                                     # rules are rewritten to match)
 # After a real install: systemctl daemon-reload && udevadm control --reload
