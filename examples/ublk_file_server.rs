@@ -145,6 +145,12 @@ fn main() -> anyhow::Result<()> {
             other => bail!("unknown option {other}"),
         }
     }
+    // The server serves from a private mount namespace that keeps only /dev, /proc, /sys, /run
+    // and its run directory: the ready file's directory is ours, so it must stay visible.
+    opts.run_dir = ready_file
+        .as_ref()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from);
     let key_bytes = std::fs::read(&keyfile).with_context(|| format!("reading {keyfile}"))?;
     let key = VolumeKey::from_slice(&key_bytes).context("key file must hold exactly 64 bytes")?;
     let file = OpenOptions::new()

@@ -275,6 +275,20 @@ fn control_socket_notify_and_shutdown() {
     let second = rt.block_on(daemon::run(cfg2, p3, Options::default()));
     assert!(second.is_err());
 
+    // Access is back: serving again. (A volume still suspended at SIGTERM is left suspended for
+    // the next agent; a serving one is closed.)
+    let mut state = String::new();
+    for _ in 0..200 {
+        let out = kvcrypt(&run, &["status", "--json", "vol1"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        state = v[0]["state"].as_str().unwrap_or("").to_owned();
+        if state == "serving" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(state, "serving");
+
     // SIGTERM: clean shutdown closes the device and removes the socket.
     // SAFETY: signalling our own process; the daemon installed a handler for SIGTERM.
     unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
