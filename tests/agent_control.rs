@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use kvcrypt::agent::config::{Config, Selector, VolumeSettings};
 use kvcrypt::agent::daemon::{self, Options};
-use kvcrypt::agent::ports::{AccessClass, AccessError, Platform, Served, SlotRef, WorkerExit};
+use kvcrypt::agent::ports::{
+    AccessClass, AccessError, CloseFailed, Platform, Served, SlotRef, WorkerExit,
+};
 use kvcrypt::secmem::VolumeKey;
 
 #[derive(Default)]
@@ -58,12 +60,7 @@ impl Platform for Scripted {
         _recover: Option<u32>,
     ) -> Result<Served, String> {
         self.0.lock().unwrap().worker_key = Some(Some(k.expose()[0]));
-        Ok(Served {
-            backing: d.to_owned(),
-            block_device: "/dev/loop99".into(),
-            suspended: false,
-            ublk_dev_id: None,
-        })
+        Ok(Served::new(d.to_owned(), "/dev/loop99".into()))
     }
     async fn adopt(&self, _n: &str) -> Option<Served> {
         None
@@ -92,7 +89,7 @@ impl Platform for Scripted {
         self.0.lock().unwrap().worker_key = Some(Some(k.expose()[0]));
         Ok(())
     }
-    async fn close(&self, _n: &str, _f: bool) -> Result<(), String> {
+    async fn close(&self, _n: &str, _f: bool) -> Result<(), CloseFailed> {
         let mut w = self.0.lock().unwrap();
         w.worker_key = None;
         w.closed += 1;
