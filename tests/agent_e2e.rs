@@ -958,6 +958,49 @@ fn sigkilled_fuse_worker_under_a_mounted_writer_is_recovered_in_place() {
     }
 }
 
+/// A restarted agent (only the agent was killed, no fd store) adopts the live FUSE worker and
+/// asks it for its /dev/fuse descriptors again: a later crash of that worker is still
+/// recovered in place, on the same /dev/loopN.
+#[test]
+fn adopted_fuse_worker_killed_later_is_still_recovered_in_place() {
+    if !ready() {
+        return;
+    }
+    let _serial = FUSE_MODE_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut r = Running::start(LabOptions {
+        agent: "check_interval = \"5m\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\n".into(),
+        ..Default::default()
+    });
+    let run_dir = r.lab.run_dir.clone();
+    let bd = r.block_device();
+    let mut a = r.agent.take().unwrap();
+    a.kill().unwrap();
+    a.wait().unwrap();
+    r.agent = Some(r.lab.spawn_agent(None).unwrap());
+    let (st, _) = r
+        .lab
+        .wait_state(VolumeState::Serving, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    assert!(st.reason.unwrap_or_default().contains("adopted"));
+    let holder = std::fs::File::open(&bd).unwrap();
+    let old_pid = worker_pid(&run_dir);
+    // SAFETY: kill(2) of the worker this test's agent adopted (pid from its state file).
+    assert_eq!(unsafe { libc::kill(old_pid as i32, libc::SIGKILL) }, 0);
+    let st = wait_restarted(&r, 1);
+    assert_eq!(st.block_device.as_deref(), Some(bd.as_str()), "{st:?}");
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains(&format!("recovered {bd} in place")),
+        "{}",
+        r.fail(format!("{st:?}"))
+    );
+    drop(holder);
+    device_round_trip(&r.lab.dir, &bd);
+}
+
 /// What systemd would keep for the agent's unit: the descriptors of every `FDSTORE=1` message
 /// (by `FDNAME=`, minus `FDSTOREREMOVE=1`), read from a notify socket; also the other messages.
 #[derive(Default)]
