@@ -60,12 +60,7 @@ impl Platform for Scripted {
         _recover: Option<u32>,
     ) -> Result<Served, String> {
         self.0.lock().unwrap().worker_key = Some(Some(k.expose()[0]));
-        Ok(Served {
-            backing: d.to_owned(),
-            block_device: "/dev/loop99".into(),
-            suspended: false,
-            ublk_dev_id: None,
-        })
+        Ok(Served::new(d.to_owned(), "/dev/loop99".into()))
     }
     async fn adopt(&self, _n: &str) -> Option<Served> {
         None

@@ -793,27 +793,496 @@ fn bound_to_our_fuse_file(bd: &str) -> bool {
         .is_ok_and(|l| l.as_deref() == Some("kvcrypt:demo"))
 }
 
+/// A string field of volume `demo`'s worker state file.
+fn worker_field(run_dir: &Path, field: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("volumes/demo.json")).unwrap()).unwrap();
+    v[field].as_str().unwrap_or_default().to_owned()
+}
+
+/// The status answer of volume `demo`'s worker, straight from its control socket.
+fn worker_status(run_dir: &Path) -> serde_json::Value {
+    use std::io::{BufRead, BufReader};
+    let mut s = std::os::unix::net::UnixStream::connect(run_dir.join("volumes/demo.sock")).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"{\"op\":\"status\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+/// Waits until the agent serves `demo` again after `restarts` worker restarts.
+fn wait_restarted(r: &Running, restarts: u32) -> kvcrypt::agent::status::VolumeStatus {
+    let t0 = Instant::now();
+    loop {
+        let st = r.lab.status().map_err(|e| r.fail(e)).unwrap();
+        if st.restarts >= restarts && st.state == VolumeState::Serving {
+            return st;
+        }
+        assert!(
+            t0.elapsed() < T,
+            "{}",
+            r.fail(format!("not served again: {st:?}"))
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// fio writing (with verification) a file on the filesystem mounted at `mnt`, for about
+/// `secs` seconds; its output goes to `log`.
+fn fio_writer(mnt: &Path, secs: u32, log: &Path) -> Child {
+    Command::new("fio")
+        .args([
+            "--name=w",
+            &format!("--filename={}/fio.dat", mnt.display()),
+            "--size=48M",
+            "--rw=randwrite",
+            "--bs=16k",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--loops=1000",
+            &format!("--runtime={secs}"),
+            "--time_based=0",
+            &format!("--output={}", log.display()),
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// SIGKILL of a FUSE worker while an ext4 on its loop device is mounted and fio writes to it:
+/// the agent holds the worker's FUSE connection (duplicates of its /dev/fuse descriptors), so
+/// nothing fails meanwhile; the new worker takes the same /dev/loopN over and the kernel
+/// resends what the dead one had read but not answered. Three kills under the same writer:
+/// every time the same device, requests really resent, no I/O error, fio's verification
+/// passes, e2fsck is clean and a file written before the kills reads back.
+#[test]
+fn sigkilled_fuse_worker_under_a_mounted_writer_is_recovered_in_place() {
+    if !ready() {
+        return;
+    }
+    let _serial = FUSE_MODE_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut r = Running::start(LabOptions {
+        agent: "check_interval = \"5m\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\n".into(),
+        size_mib: 256,
+        ..Default::default()
+    });
+    let run_dir = r.lab.run_dir.clone();
+    assert_eq!(worker_field(&run_dir, "fuse_mode"), "dev_fuse");
+    let bd = r.block_device();
+    let mnt = r.mount();
+    must(&format!(
+        "head -c 8388608 /dev/urandom > {m}/before && sync",
+        m = mnt.display()
+    ));
+    let want = sha256(&mnt.join("before"));
+    let fio_log = r.lab.dir.join("fio.log");
+    let mut fio = fio_writer(&mnt, 20, &fio_log);
+    // And a reader of the device itself, so that requests are in flight at every kill (fio
+    // alone pauses between its passes); it stops at the first failed read.
+    let mut reader = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while :; do dd if={bd} of=/dev/null bs=1M count=64 iflag=direct status=none || exit 1; done"
+        ))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    for kill in 1..=3u32 {
+        let old_pid = worker_pid(&run_dir);
+        let t0 = Instant::now();
+        // SAFETY: kill(2) of the worker this test's agent started (pid from its state file).
+        assert_eq!(unsafe { libc::kill(old_pid as i32, libc::SIGKILL) }, 0);
+        let st = wait_restarted(&r, kill);
+        record(
+            "worker-crash-fuse-in-place",
+            "worker SIGKILL -> serving in place",
+            t0.elapsed(),
+        );
+        assert_eq!(st.restarts, kill, "{st:?}");
+        assert_eq!(st.block_device.as_deref(), Some(bd.as_str()), "{st:?}");
+        let reason = st.reason.clone().unwrap_or_default();
+        assert!(
+            reason.contains(&format!("recovered {bd} in place")),
+            "{}",
+            r.fail(format!("{st:?}"))
+        );
+        let new_pid = worker_pid(&run_dir);
+        assert_ne!(new_pid, old_pid);
+        assert!(fio.try_wait().unwrap().is_none(), "fio ended early");
+        assert!(reader.try_wait().unwrap().is_none(), "a read failed");
+        // Let the new worker serve for a while, then see what it was resent.
+        std::thread::sleep(Duration::from_secs(2));
+        let ws = worker_status(&run_dir);
+        eprintln!("kill {kill}: worker {new_pid} status {ws}");
+        assert!(
+            ws["resent"].as_u64().unwrap_or(0) > 0,
+            "the dead worker had requests in flight that were resent: {ws}"
+        );
+    }
+    let status = fio.wait().unwrap();
+    assert!(reader.try_wait().unwrap().is_none(), "a read failed");
+    let _ = reader.kill();
+    let _ = reader.wait();
+    let log = std::fs::read_to_string(&fio_log).unwrap_or_default();
+    assert!(status.success(), "fio failed: {status}\n{log}");
+    assert!(log.contains("err= 0"), "{log}");
+    let agent_log = std::fs::read_to_string(r.lab.dir.join("agent.log")).unwrap_or_default();
+    assert!(
+        agent_log.contains("waits for a new worker to take it over in place"),
+        "{agent_log}"
+    );
+    assert!(
+        !agent_log.contains("the FUSE connection died with it"),
+        "{agent_log}"
+    );
+    must("sync; echo 3 > /proc/sys/vm/drop_caches");
+    assert_eq!(sha256(&mnt.join("before")), want);
+    r.umount();
+    must(&format!("e2fsck -fn {bd}"));
+    // Closing still ends the connection: the agent lets go of its copies.
+    let out = r.lab.kvcrypt().args(["close", "demo"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        r.fail(String::from_utf8_lossy(&out.stderr))
+    );
+    let t1 = Instant::now();
+    while bound_to_our_fuse_file(&bd) {
+        assert!(t1.elapsed() < T, "{bd} still bound after close");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A restarted agent (only the agent was killed, no fd store) adopts the live FUSE worker and
+/// asks it for its /dev/fuse descriptors again: a later crash of that worker is still
+/// recovered in place, on the same /dev/loopN.
+#[test]
+fn adopted_fuse_worker_killed_later_is_still_recovered_in_place() {
+    if !ready() {
+        return;
+    }
+    let _serial = FUSE_MODE_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut r = Running::start(LabOptions {
+        agent: "check_interval = \"5m\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\n".into(),
+        ..Default::default()
+    });
+    let run_dir = r.lab.run_dir.clone();
+    let bd = r.block_device();
+    let mut a = r.agent.take().unwrap();
+    a.kill().unwrap();
+    a.wait().unwrap();
+    r.agent = Some(r.lab.spawn_agent(None).unwrap());
+    let (st, _) = r
+        .lab
+        .wait_state(VolumeState::Serving, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    assert!(st.reason.unwrap_or_default().contains("adopted"));
+    let holder = std::fs::File::open(&bd).unwrap();
+    let old_pid = worker_pid(&run_dir);
+    // SAFETY: kill(2) of the worker this test's agent adopted (pid from its state file).
+    assert_eq!(unsafe { libc::kill(old_pid as i32, libc::SIGKILL) }, 0);
+    let st = wait_restarted(&r, 1);
+    assert_eq!(st.block_device.as_deref(), Some(bd.as_str()), "{st:?}");
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains(&format!("recovered {bd} in place")),
+        "{}",
+        r.fail(format!("{st:?}"))
+    );
+    drop(holder);
+    device_round_trip(&r.lab.dir, &bd);
+}
+
+/// What systemd would keep for the agent's unit: the descriptors of every `FDSTORE=1` message
+/// (by `FDNAME=`, minus `FDSTOREREMOVE=1`), read from a notify socket; also the other messages.
+#[derive(Default)]
+struct FakeFdStore {
+    fds: Vec<(String, std::os::fd::OwnedFd)>,
+    messages: Vec<String>,
+}
+
+impl FakeFdStore {
+    /// Reads notifications until `done` holds or the socket's read timeout passes.
+    fn read_until(&mut self, sock: &UnixDatagram, done: impl Fn(&FakeFdStore) -> bool) {
+        while !done(self) {
+            let mut buf = [0u8; 4096];
+            let Ok((n, fds)) = kvcrypt::worker::fdpass::recv_with_fds(sock, &mut buf, 253) else {
+                return;
+            };
+            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let name = m
+                .lines()
+                .find_map(|l| l.strip_prefix("FDNAME="))
+                .unwrap_or("stored")
+                .to_owned();
+            if m.lines().any(|l| l == "FDSTOREREMOVE=1") {
+                self.fds.retain(|(n, _)| *n != name);
+            } else if m.lines().any(|l| l == "FDSTORE=1") {
+                self.fds.extend(fds.into_iter().map(|f| (name.clone(), f)));
+            }
+            self.messages.push(m);
+        }
+    }
+}
+
+/// Starts the agent as systemd restarts it with a file descriptor store: the stored
+/// descriptors become its fds 3.. and `$LISTEN_FDS` / `$LISTEN_FDNAMES` / `$LISTEN_PID` name
+/// them (a shell sets the pid to its own, then execs the agent under it).
+fn spawn_agent_with_fds(lab: &Lab, fds: &[(String, std::os::fd::OwnedFd)]) -> Child {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let base = lab.kvcrypt();
+    let names: Vec<&str> = fds.iter().map(|(n, _)| n.as_str()).collect();
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!(
+            "LISTEN_PID=$$ LISTEN_FDS={} LISTEN_FDNAMES={} exec \"$0\" \"$@\"",
+            fds.len(),
+            names.join(":")
+        ))
+        .arg(base.get_program())
+        .args(base.get_args())
+        .arg("agent");
+    for (k, v) in base.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(lab.dir.join("agent.log"))
+        .unwrap();
+    c.env("KVCRYPT_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // Sources above the target range, so no dup2 below overwrites one not yet copied.
+    let high: Vec<OwnedFd> = fds
+        .iter()
+        .map(|(_, f)| {
+            // SAFETY: F_DUPFD_CLOEXEC duplicates a valid descriptor to a fresh number.
+            let n = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 1000) };
+            assert!(n >= 0);
+            // SAFETY: `n` is a descriptor we just created and own.
+            unsafe { OwnedFd::from_raw_fd(n) }
+        })
+        .collect();
+    let map: Vec<i32> = high.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: only dup2 (async-signal-safe) between fork and exec; `map` was built before.
+    unsafe {
+        c.pre_exec(move || {
+            for (i, &src) in map.iter().enumerate() {
+                if libc::dup2(src, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = c.spawn().unwrap();
+    drop(high);
+    child
+}
+
+/// Agent and worker SIGKILLed together (`systemctl kill --signal=SIGKILL kvcrypt-agent`): the
+/// agent's own copies of the FUSE descriptors die with it, but it had put them into systemd's
+/// file descriptor store; the restarted agent gets them back (`$LISTEN_FDS`), finds the dead
+/// worker's state file and takes the same /dev/loopN over in place: the mounted ext4 and its
+/// writer never see an error. Here the test is systemd: it reads the `FDSTORE=1` messages on
+/// the notify socket and hands the descriptors to the new agent.
+#[test]
+fn agent_and_worker_sigkilled_together_recover_in_place_from_the_fd_store() {
+    if !ready() {
+        return;
+    }
+    let _serial = FUSE_MODE_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(
+        dir.path(),
+        Path::new(EXE),
+        &LabOptions {
+            agent: "check_interval = \"5m\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\n".into(),
+            size_mib: 256,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    lab.format().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    let mut guard = AgentOnDrop {
+        child: Some(lab.spawn_agent(Some(&notify)).unwrap()),
+        run_dir: &lab.run_dir,
+    };
+    let mut store = FakeFdStore::default();
+    store.read_until(&sock, |s| {
+        !s.fds.is_empty() && s.messages.iter().any(|m| m.contains("READY=1"))
+    });
+    let (st, _) = lab.wait_state(VolumeState::Serving, T).unwrap();
+    let bd = st.block_device.clone().unwrap();
+    let run_dir = lab.run_dir.clone();
+    let conn_name = store.fds[0].0.clone();
+    assert!(conn_name.starts_with("fuse-"), "{conn_name}");
+    assert!(conn_name.ends_with("-demo"), "{conn_name}");
+    let n_threads = store.fds.len();
+    eprintln!("fd store: {n_threads} descriptors named {conn_name}");
+
+    must(&format!("mkfs.ext4 -q -F {bd}"));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    must(&format!("mount {bd} {}", mnt.display()));
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = sh(&format!("umount -l {}", self.0.display()));
+        }
+    }
+    let mut umount = Some(Umount(mnt.clone()));
+    must(&format!(
+        "head -c 8388608 /dev/urandom > {m}/before && sync",
+        m = mnt.display()
+    ));
+    let want = sha256(&mnt.join("before"));
+    let fio_log = dir.path().join("fio.log");
+    let mut fio = fio_writer(&mnt, 12, &fio_log);
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Both at once, as systemd's SIGKILL to the whole cgroup.
+    let worker = worker_pid(&run_dir);
+    let mut agent = guard.child.take().unwrap();
+    // SAFETY: kill(2) of the agent we started and of its worker (pid from its state file).
+    unsafe {
+        libc::kill(agent.id() as i32, libc::SIGKILL);
+        libc::kill(worker as i32, libc::SIGKILL);
+    }
+    agent.wait().unwrap();
+    let t0 = Instant::now();
+    while Path::new(&format!("/proc/{worker}")).exists() {
+        assert!(t0.elapsed() < T);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Whatever arrived since (nothing should have been removed).
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    store.read_until(&sock, |_| false);
+    assert_eq!(store.fds.len(), n_threads, "{:?}", store.messages);
+    // systemd's RestartSec: the writer waits meanwhile.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(fio.try_wait().unwrap().is_none(), "fio ended early");
+    let t1 = Instant::now();
+    guard.child = Some(spawn_agent_with_fds(&lab, &store.fds));
+    let st = loop {
+        let st = lab.status();
+        if let Ok(st) = &st
+            && st.state == VolumeState::Serving
+            && st.restarts >= 1
+        {
+            break st.clone();
+        }
+        let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+        assert!(t1.elapsed() < T, "not recovered: {st:?}\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    record(
+        "agent-and-worker-killed",
+        "agent restart with the fd store -> serving in place",
+        t1.elapsed(),
+    );
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    assert_eq!(
+        st.block_device.as_deref(),
+        Some(bd.as_str()),
+        "{st:?}\n{log}"
+    );
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains(&format!("recovered {bd} in place")),
+        "{st:?}\n{log}"
+    );
+    assert!(worker_pid(&run_dir) != worker);
+    std::thread::sleep(Duration::from_secs(1));
+    let ws = worker_status(&run_dir);
+    eprintln!("new worker status {ws}");
+    assert!(ws["resent"].as_u64().unwrap_or(0) > 0, "{ws}");
+    let status = fio.wait().unwrap();
+    let flog = std::fs::read_to_string(&fio_log).unwrap_or_default();
+    assert!(status.success(), "fio failed: {status}\n{flog}");
+    assert!(flog.contains("err= 0"), "{flog}");
+    must("sync; echo 3 > /proc/sys/vm/drop_caches");
+    assert_eq!(sha256(&mnt.join("before")), want);
+    must(&format!("umount {}", mnt.display()));
+    std::mem::forget(umount.take());
+    must(&format!("e2fsck -fn {bd}"));
+}
+
 fn worker_pid(run_dir: &Path) -> u32 {
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run_dir.join("volumes/demo.json")).unwrap()).unwrap();
     v["pid"].as_u64().unwrap() as u32
 }
 
-/// A FUSE worker killed with SIGKILL takes its FUSE connection with it (the loop device then
-/// fails I/O). The agent notices at once (its check interval here is 5 minutes: only the exit
-/// watch can catch it in time), detaches the dead loop device and serves the volume again;
-/// everything fsynced before the kill reads back.
+/// The scenarios that kill FUSE workers run one at a time: the io_uring one switches the
+/// global `fuse.enable_uring` parameter, which decides the mode of every FUSE mount meanwhile.
+static FUSE_MODE_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// `fuse.enable_uring=Y` until dropped (then the old value again).
+struct UringOn(String);
+
+impl UringOn {
+    fn on() -> Option<UringOn> {
+        let old = std::fs::read_to_string(ENABLE_URING).ok()?;
+        std::fs::write(ENABLE_URING, "Y").ok()?;
+        Some(UringOn(old.trim().to_owned()))
+    }
+}
+
+impl Drop for UringOn {
+    fn drop(&mut self) {
+        let _ = std::fs::write(ENABLE_URING, &self.0);
+    }
+}
+
+/// A FUSE-over-io_uring worker killed with SIGKILL takes its FUSE connection with it: its
+/// rings die with the process and the kernel's FUSE_NOTIFY_RESEND only reaches /dev/fuse
+/// requests, so the agent holds no descriptors in that mode and keeps the old way: the loop
+/// device fails I/O, the agent notices at once (its check interval here is 5 minutes: only
+/// the exit watch can catch it in time), detaches the dead loop device and serves the volume
+/// again on a new one; everything fsynced before the kill reads back.
 #[test]
 fn sigkilled_fuse_worker_is_served_again_with_fsynced_data_intact() {
     if !ready() {
         return;
     }
+    let _serial = FUSE_MODE_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(uring) = UringOn::on() else {
+        eprintln!("SKIPPED: this kernel has no FUSE-over-io_uring ({ENABLE_URING} missing)");
+        return;
+    };
     let r = Running::start(LabOptions {
         agent: "check_interval = \"5m\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\n".into(),
         ..Default::default()
     });
     let bd = r.block_device();
     let run_dir = r.lab.run_dir.clone();
+    assert_eq!(worker_field(&run_dir, "fuse_mode"), "io_uring");
+    drop(uring);
     assert!(bound_to_our_fuse_file(&bd), "{bd}");
     must(&format!(
         "head -c 4194304 /dev/urandom > {d}/pattern && dd if={d}/pattern of={bd} bs=1M oflag=direct conv=fsync status=none",

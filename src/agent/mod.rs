@@ -12,6 +12,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod discover;
+pub mod fdstore;
 pub mod freeze;
 pub mod hook;
 pub mod lab;

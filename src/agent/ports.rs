@@ -70,6 +70,26 @@ pub struct Served {
     /// ublk device id (`None` for FUSE). A ublk worker ends on suspend and leaves the device
     /// QUIESCED with its I/O held; resume starts a new worker that recovers this device.
     pub ublk_dev_id: Option<u32>,
+    /// Only from `adopt`: the worker is dead but left a FUSE connection the platform holds
+    /// (its I/O waits): a new worker is to take it over in place.
+    pub worker_dead: bool,
+    /// Only from `spawn`: the new worker took over the dead worker's device in place (FUSE:
+    /// the same loop device and connection, unanswered requests resent).
+    pub in_place: bool,
+}
+
+impl Served {
+    /// A device served by a live worker, nothing recovered.
+    pub fn new(backing: PathBuf, block_device: PathBuf) -> Served {
+        Served {
+            backing,
+            block_device,
+            suspended: false,
+            ublk_dev_id: None,
+            worker_dead: false,
+            in_place: false,
+        }
+    }
 }
 
 /// Resolves when a watched worker process has ended, with a short description for the log
@@ -103,7 +123,10 @@ pub trait Platform: Send + Sync + 'static {
     ) -> impl Future<Output = Result<VolumeKey, AccessError>> + Send;
 
     /// Starts a worker serving `dev` as `settings.name`; with `recover_dev_id` it re-attaches
-    /// that QUIESCED ublk device (ublk resume) instead of adding a new device.
+    /// that QUIESCED ublk device (ublk resume) instead of adding a new device. When the
+    /// platform holds a dead FUSE worker's connection ([`fuse_held`](Self::fuse_held)) the new
+    /// worker takes it over in place (`Served::in_place`); if that fails the platform lets go
+    /// of the connection and opens a new device, saying why in its log.
     fn spawn(
         &self,
         settings: &VolumeSettings,
@@ -131,6 +154,20 @@ pub trait Platform: Send + Sync + 'static {
     /// dead FUSE file (whose I/O now fails). Returns a note for the log.
     fn clean_dead_worker(&self, name: &str, served: &Served)
     -> impl Future<Output = String> + Send;
+    /// Whether the platform holds the FUSE connection of `name`'s worker (duplicates of its
+    /// /dev/fuse descriptors), so that the worker's death fails no I/O and a new worker can
+    /// take the same device over in place.
+    fn fuse_held(&self, name: &str) -> bool {
+        let _ = name;
+        false
+    }
+    /// Lets go of a dead FUSE worker's held connection because no worker will take it over
+    /// (revocation, lock, removal, a vanished disk): its held I/O fails and the loop device is
+    /// detached, as when nothing was held. Returns a note for the log.
+    fn release_fuse(&self, name: &str, served: &Served) -> impl Future<Output = String> + Send {
+        let _ = (name, served);
+        std::future::ready(String::new())
+    }
     /// Wipes the worker's key; new I/O waits.
     fn suspend(&self, name: &str) -> impl Future<Output = Result<(), String>> + Send;
     /// Gives a suspended FUSE worker its key back; held I/O proceeds. (ublk workers are

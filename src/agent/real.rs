@@ -1,8 +1,10 @@
 //! The production [`Platform`]: Key Vault via `keys`, headers via `header`, workers via the
 //! worker process contract, FIFREEZE via `freeze`. Blocking calls run on tokio's blocking pool.
 
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::header::{self, LoadedHeader};
@@ -12,10 +14,12 @@ use crate::secmem::VolumeKey;
 use super::config::{Selector, VaultConfig, VolumeSettings};
 use super::control::run_dir;
 use super::discover::{self, Identity};
+use super::fdstore::{self, FdStore};
 use super::freeze::{self, FrozenSet};
 use super::ports::{AccessClass, AccessError, CloseFailed, Platform, Served, SlotRef, WorkerExit};
 use super::reap::{self, PidWatch};
-use crate::worker::{self, WorkerClient, WorkerSpec};
+use crate::transport::fuse::FuseInit;
+use crate::worker::{self, FuseTakeover, WorkerClient, WorkerSpec};
 
 /// How long a worker may take to come up (FUSE mount + loop device, or ublk add).
 const WORKER_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,14 +31,167 @@ pub struct RealPlatform {
     /// The current key provider; a reload replaces it (calls in flight keep the old one).
     provider: tokio::sync::watch::Sender<Arc<KeyVaultProvider>>,
     exe: PathBuf,
+    fuse: FuseHolder,
+}
+
+/// The FUSE connections the agent holds (cheap to clone: shared with blocking tasks).
+#[derive(Clone)]
+struct FuseHolder {
+    /// The FUSE connections held, by volume (see [`HeldFuse`]).
+    held: Arc<Mutex<HashMap<String, HeldFuse>>>,
+    /// Descriptors systemd's store handed back at start (`fuse-CONN-NAME`), until a volume
+    /// claims them.
+    handed_back: Arc<Mutex<Vec<(String, OwnedFd)>>>,
+    fdstore: FdStore,
+}
+
+/// A FUSE worker's connection, held by the agent: duplicates of the same open /dev/fuse files
+/// the worker reads (also pushed into systemd's store), so the worker's death ends nothing
+/// and a new worker can take the device over in place (`transport::fuse::FuseDevice::recover`).
+struct HeldFuse {
+    init: FuseInit,
+    block_device: PathBuf,
+    fds: Vec<Arc<OwnedFd>>,
 }
 
 impl RealPlatform {
     pub fn new(vault: &VaultConfig) -> Result<Self, KeyError> {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/sbin/kvcrypt"));
+        let fdstore = FdStore::from_env();
+        let mut handed_back = Vec::new();
+        for (name, fd) in fdstore::take_listen_fds() {
+            if fdstore::parse_fd_name(&name).is_some() {
+                handed_back.push((name, fd));
+            } else {
+                tracing::warn!(
+                    name,
+                    "ignoring a descriptor named {name:?} from the service manager"
+                );
+            }
+        }
+        if !handed_back.is_empty() {
+            tracing::info!(
+                count = handed_back.len(),
+                "{} FUSE descriptors came back from systemd's file descriptor store",
+                handed_back.len()
+            );
+        }
         Ok(Self {
             provider: tokio::sync::watch::Sender::new(Arc::new(KeyVaultProvider::new(vault)?)),
             exe,
+            fuse: FuseHolder {
+                held: Arc::default(),
+                handed_back: Arc::new(Mutex::new(handed_back)),
+                fdstore,
+            },
+        })
+    }
+}
+
+impl FuseHolder {
+    /// Holds the connection of the FUSE worker now serving `name`: its descriptors, asked of
+    /// the worker itself (they are the same open files as any copy from systemd's store), are
+    /// kept here and in the store. A worker that cannot be taken over (io_uring mode, a kernel
+    /// without FUSE_NOTIFY_RESEND) refuses: nothing is held then, and its death fails its I/O
+    /// as before.
+    fn hold(&self, name: &str, st: &worker::WorkerState) {
+        if st.transport != "fuse" {
+            return;
+        }
+        let got = client(name).and_then(|mut c| c.fuse_fds());
+        let (fds, init) = match got {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::info!(volume = name, reason = %e,
+                    "volume {name}: its FUSE connection is not held ({e}); if its worker dies, {} is detached and the volume opened again", st.block_device.display());
+                self.let_go(name);
+                return;
+            }
+        };
+        let fdname = fdstore::fd_name(name, init.conn);
+        let old = self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            name.to_owned(),
+            HeldFuse {
+                init,
+                block_device: st.block_device.clone(),
+                fds: fds.into_iter().map(Arc::new).collect(),
+            },
+        );
+        // Copies systemd handed back for this connection are the same files: drop ours.
+        self.claim_handed_back(name, Some(init.conn));
+        let same = old.as_ref().is_some_and(|o| o.init.conn == init.conn);
+        if let Some(o) = old.filter(|o| o.init.conn != init.conn) {
+            self.store_remove(&fdstore::fd_name(name, o.init.conn));
+        }
+        // A connection already stored under this name is not stored twice (systemd would
+        // skip duplicates of the same files anyway).
+        if !same && self.fdstore.enabled() {
+            let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(h) = held.get(name)
+                && let Err(e) = self.fdstore.store(&fdname, &h.fds)
+            {
+                tracing::warn!(volume = name, error = %e,
+                    "volume {name}: cannot put its FUSE descriptors into systemd's store ({e}); if agent and worker die together, {} is opened anew", st.block_device.display());
+            }
+        }
+        tracing::info!(volume = name, conn = init.conn, block_device = %st.block_device.display(),
+            "volume {name}: holding its FUSE connection {} ({}), so a dead worker is replaced on the same device", init.conn, st.block_device.display());
+    }
+
+    /// Takes (and returns) systemd's handed-back descriptors of `name`: those of connection
+    /// `conn`, or of any connection with `None`. Descriptors of other connections of the volume
+    /// are stale: removed from the store.
+    fn claim_handed_back(&self, name: &str, conn: Option<u64>) -> Vec<OwnedFd> {
+        let mut hb = self.handed_back.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mine = Vec::new();
+        let mut stale = Vec::new();
+        let mut rest = Vec::new();
+        for (n, fd) in hb.drain(..) {
+            match fdstore::parse_fd_name(&n) {
+                Some((v, c)) if v == name && conn.is_none_or(|want| want == c) => mine.push(fd),
+                Some((v, _)) if v == name => stale.push(n),
+                _ => rest.push((n, fd)),
+            }
+        }
+        *hb = rest;
+        drop(hb);
+        stale.dedup();
+        for n in stale {
+            self.store_remove(&n);
+        }
+        mine
+    }
+
+    fn store_remove(&self, fdname: &str) {
+        if let Err(e) = self.fdstore.remove(fdname) {
+            tracing::warn!(fdname, error = %e, "cannot remove {fdname} from systemd's file descriptor store: {e}");
+        }
+    }
+
+    /// Stops holding `name`'s connection (here and in systemd's store).
+    fn let_go(&self, name: &str) -> bool {
+        let old = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        match old {
+            Some(h) => {
+                self.store_remove(&fdstore::fd_name(name, h.init.conn));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The takeover for a new worker of `name`, if the agent holds a dead worker's connection.
+    fn takeover(&self, name: &str) -> Option<FuseTakeover> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let h = held.get(name)?;
+        Some(FuseTakeover {
+            loop_dev: h.block_device.clone(),
+            init: h.init,
+            fds: h.fds.clone(),
         })
     }
 }
@@ -126,45 +283,129 @@ impl Platform for RealPlatform {
         key: &VolumeKey,
         recover_dev_id: Option<u32>,
     ) -> Result<Served, String> {
-        let spec = worker_spec(&self.exe, s, dev, recover_dev_id);
+        let mut spec = worker_spec(&self.exe, s, dev, recover_dev_id);
+        // A dead FUSE worker's connection we hold: the new worker takes it over in place.
+        let takeover = if recover_dev_id.is_none() {
+            self.fuse
+                .takeover(&s.name)
+                .filter(|_| worker::read_state(&s.name).is_none_or(|st| !worker::pid_alive(st.pid)))
+        } else {
+            None
+        };
+        let name = s.name.clone();
+        let in_place = takeover.is_some();
+        if let Some(t) = takeover {
+            spec.fuse_takeover = Some(t.clone());
+            let k = VolumeKey::from_slice(key.expose()).ok_or("key length")?;
+            let sp = spec.clone();
+            let res = blocking(move || {
+                let info = worker::spawn_worker(&sp, &k)?;
+                drop(k);
+                worker::wait_until_named(&info.name, &info.block_device);
+                Ok::<_, worker::WorkerError>(info.block_device)
+            })
+            .await?;
+            match res {
+                Ok(bd) => {
+                    let me = self.fuse.clone();
+                    let n = name.clone();
+                    let _ = blocking(move || {
+                        if let Some(st) = worker::read_state(&n) {
+                            me.hold(&n, &st);
+                        }
+                    })
+                    .await;
+                    return Ok(Served {
+                        in_place,
+                        ..Served::new(dev.to_owned(), bd)
+                    });
+                }
+                Err(e) => {
+                    // Today's path: the connection is let go of (its held I/O fails) and the
+                    // volume is opened on a new loop device.
+                    self.fuse.let_go(&name);
+                    let loop_dev = t.loop_dev.clone();
+                    drop(t);
+                    spec.fuse_takeover = None;
+                    let n = name.clone();
+                    let note = blocking(move || {
+                        worker::reap_stale(&n);
+                        reap::detach_dead_fuse_loop(&loop_dev, &n)
+                    })
+                    .await
+                    .unwrap_or_else(|e| e);
+                    tracing::warn!(volume = %name, error = %e, cleanup = %note,
+                        "volume {name}: taking over the dead worker's FUSE connection failed ({e}); opening the volume on a new loop device ({note})");
+                }
+            }
+        }
         // The key copy moves into the blocking task and is zeroized when it is dropped there.
         let k = VolumeKey::from_slice(key.expose()).ok_or("key length")?;
+        let me = self.fuse.clone();
         let (bd, ublk_dev_id) = blocking(move || {
             let info = worker::spawn_worker(&spec, &k)?;
             drop(k);
             // Served means usable by name: not before udev made /dev/disk/by-kvcrypt/NAME.
             worker::wait_until_named(&info.name, &info.block_device);
             // The worker wrote its state file before its ready line.
-            let id = worker::read_state(&info.name).and_then(|st| st.ublk_dev_id);
+            let st = worker::read_state(&info.name);
+            if let Some(st) = &st {
+                me.hold(&info.name, st);
+            }
+            let id = st.and_then(|st| st.ublk_dev_id);
             Ok::<_, worker::WorkerError>((info.block_device, id))
         })
         .await?
         .map_err(|e| e.to_string())?;
         Ok(Served {
-            backing: dev.to_owned(),
-            block_device: bd,
-            suspended: false,
             ublk_dev_id,
+            ..Served::new(dev.to_owned(), bd)
         })
     }
 
     async fn adopt(&self, name: &str) -> Option<Served> {
         let n = name.to_owned();
+        let me = self.fuse.clone();
         blocking(move || {
             let st = worker::read_state(&n)?;
             let Ok(status) = client(&n).and_then(|mut c| c.status()) else {
-                return suspended_ublk(st);
+                return suspended_ublk(st.clone()).or_else(|| me.dead_fuse(&n, st));
             };
+            // A live FUSE worker (a previous agent's, or `kvcrypt attach`'s): hold its
+            // connection too, so its death is recovered in place.
+            if !me.held_now(&n) {
+                me.hold(&n, &st);
+            }
             Some(Served {
-                backing: st.device,
-                block_device: st.block_device,
                 suspended: status.is_suspended(),
                 ublk_dev_id: st.ublk_dev_id,
+                ..Served::new(st.device, st.block_device)
             })
         })
         .await
         .ok()
         .flatten()
+    }
+
+    fn fuse_held(&self, name: &str) -> bool {
+        self.fuse.held_now(name)
+    }
+
+    async fn release_fuse(&self, name: &str, served: &Served) -> String {
+        let held = self.fuse.let_go(name);
+        let n = name.to_owned();
+        let bd = served.block_device.clone();
+        let note = blocking(move || {
+            worker::reap_stale(&n);
+            reap::detach_dead_fuse_loop(&bd, &n)
+        })
+        .await
+        .unwrap_or_else(|e| e);
+        if held {
+            format!("let go of its FUSE connection (held I/O fails); {note}")
+        } else {
+            note
+        }
     }
 
     async fn worker_status(&self, name: &str) -> Result<serde_json::Value, String> {
@@ -211,11 +452,20 @@ impl Platform for RealPlatform {
     async fn clean_dead_worker(&self, name: &str, served: &Served) -> String {
         let n = name.to_owned();
         let sv = served.clone();
+        let me = self.fuse.clone();
         blocking(move || {
             // ublk: the state file names the device to recover (a restarted agent adopts it
             // from there); the new worker's own start replaces it.
             if sv.ublk_dev_id.is_some() {
                 return "nothing to clean: the ublk device keeps its I/O for recovery".to_owned();
+            }
+            // A held FUSE connection: the loop device stays for the new worker, and so does
+            // the state file (its INIT parameters, should this agent die before the takeover).
+            if me.held_now(&n) {
+                return format!(
+                    "nothing to clean: {} stays, its FUSE connection held for a new worker",
+                    sv.block_device.display()
+                );
             }
             // The stale state file and socket would make a new worker refuse to start.
             if let Some(st) = worker::reap_stale(&n) {
@@ -244,12 +494,18 @@ impl Platform for RealPlatform {
 
     async fn close(&self, name: &str, force: bool) -> Result<(), CloseFailed> {
         let n = name.to_owned();
-        blocking(move || worker::close_and_wait(&n, force, WORKER_REQUEST_TIMEOUT))
+        let res = blocking(move || worker::close_and_wait(&n, force, WORKER_REQUEST_TIMEOUT))
             .await?
             .map_err(|e| CloseFailed {
                 busy: matches!(e, worker::WorkerError::Refused { busy: true, .. }),
                 message: e.to_string(),
-            })
+            });
+        // Closed on purpose: the connection must be able to end (a force-closed device still
+        // mounted would otherwise keep its I/O hanging on our copies).
+        if res.is_ok() || worker::read_state(name).is_none_or(|st| !worker::pid_alive(st.pid)) {
+            self.fuse.let_go(name);
+        }
+        res
     }
 
     async fn delete_ublk_device(&self, name: &str, dev_id: u32) -> Result<(), String> {
@@ -342,11 +598,55 @@ fn suspended_ublk(st: worker::WorkerState) -> Option<Served> {
         return None;
     }
     Some(Served {
-        backing: st.device,
-        block_device: st.block_device,
         suspended: true,
         ublk_dev_id: Some(id),
+        ..Served::new(st.device, st.block_device)
     })
+}
+
+impl FuseHolder {
+    fn held_now(&self, name: &str) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
+    }
+
+    /// A FUSE worker found dead (its state file left, its pid gone) whose connection this
+    /// agent holds or systemd's store handed back: adopted as dead, for a new worker to take
+    /// the same loop device over in place.
+    fn dead_fuse(&self, name: &str, st: worker::WorkerState) -> Option<Served> {
+        if st.transport != "fuse" || worker::pid_alive(st.pid) {
+            return None;
+        }
+        let init = st.fuse?;
+        if !self.held_now(name) {
+            let fds = self.claim_handed_back(name, Some(init.conn));
+            if fds.is_empty() {
+                return None;
+            }
+            if let Some(why) = init.why_not_recoverable() {
+                tracing::warn!(
+                    volume = name,
+                    "volume {name}: its dead worker's FUSE connection cannot be taken over ({why})"
+                );
+                self.store_remove(&fdstore::fd_name(name, init.conn));
+                return None;
+            }
+            self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                name.to_owned(),
+                HeldFuse {
+                    init,
+                    block_device: st.block_device.clone(),
+                    fds: fds.into_iter().map(Arc::new).collect(),
+                },
+            );
+        }
+        Some(Served {
+            worker_dead: true,
+            ..Served::new(st.device, st.block_device)
+        })
+    }
 }
 
 fn client(name: &str) -> Result<WorkerClient, worker::WorkerError> {

@@ -6,8 +6,9 @@
 //! unwrap and hand-over (or the key check), in a zeroizing [`VolumeKey`].
 //!
 //! A serving worker that dies (crash, SIGKILL) is noticed through [`Platform::watch_worker`]
-//! and replaced from `unlocking`: `serving → unlocking → serving` on the same ublk device
-//! (recovered in place) or a new FUSE loop device, with backoff when it keeps dying; a
+//! and replaced from `unlocking`: `serving → unlocking → serving` on the same ublk device or,
+//! when the platform holds the worker's FUSE connection, the same loop device (both recovered
+//! in place), else a new FUSE loop device, with backoff when it keeps dying; a
 //! revocation or `kvcrypt lock` meanwhile ends in `suspended` / `locked` without a new worker.
 
 use std::sync::Arc;
@@ -310,12 +311,13 @@ impl<P: Platform> VolumeCtl<P> {
             self.p.remember_manual(&self.s.name, why.as_deref());
             self.manual_recorded.set(self.manual);
         }
-        // A dead ublk worker's device is still there (QUIESCED, I/O held); a dead FUSE
-        // worker's loop device is not worth naming.
-        let shown = self
-            .served
+        // A dead ublk worker's device is still there (QUIESCED, I/O held), and so is a dead
+        // FUSE worker's whose connection the platform holds; any other dead FUSE worker's loop
+        // device is not worth naming.
+        let shown = self.served.as_ref().or(self
+            .dead
             .as_ref()
-            .or(self.dead.as_ref().filter(|d| d.ublk_dev_id.is_some()));
+            .filter(|d| d.ublk_dev_id.is_some() || self.p.fuse_held(&self.s.name)));
         let st = VolumeStatus {
             name: self.s.name.clone(),
             state: self.state,
@@ -372,6 +374,27 @@ impl<P: Platform> VolumeCtl<P> {
         match self.p.read_header(&sv.backing).await {
             Ok(h) => self.header = Some(h),
             Err(e) => self.record_error(&e),
+        }
+        if sv.worker_dead {
+            // Agent and worker died together (e.g. `systemctl kill`): the worker's FUSE
+            // connection survived in systemd's file descriptor store, its I/O waiting. Recover
+            // it as if the worker had just died under us.
+            let bd = sv.block_device.display().to_string();
+            tracing::warn!(volume = %self.s.name, block_device = %bd,
+                "volume {}: its worker is dead; its FUSE connection was kept, so I/O on {bd} waits for a new worker to take it over in place", self.s.name);
+            self.dead = Some(sv);
+            self.record_ok();
+            if let Some(why) = manual {
+                self.dead_to_locked(why, true).await;
+                return;
+            }
+            self.crash_streak = 1;
+            self.next = Instant::now();
+            self.set_state(
+                VolumeState::Unlocking,
+                Some("worker found dead at agent start; taking its device over in place".into()),
+            );
+            return;
         }
         let suspended = sv.suspended;
         self.served = Some(sv);
@@ -613,7 +636,11 @@ impl<P: Platform> VolumeCtl<P> {
                 None => false,
             };
             if !held {
-                let note = self.p.clean_dead_worker(&self.s.name, &sv).await;
+                let note = if self.p.fuse_held(&self.s.name) {
+                    self.p.release_fuse(&self.s.name, &sv).await
+                } else {
+                    self.p.clean_dead_worker(&self.s.name, &sv).await
+                };
                 tracing::info!(volume = %self.s.name, block_device = %sv.block_device.display(), cleanup = %note,
                     "volume {}: worker ended ({detail}); the volume is no longer in the configuration, so it is not opened again", self.s.name);
                 self.serving_since = None;
@@ -646,6 +673,11 @@ impl<P: Platform> VolumeCtl<P> {
             tracing::warn!(volume = %self.s.name, block_device = %bd, crashes_in_a_row = self.crash_streak, %retry_in,
                 "volume {}: serving worker died ({detail}); {bd} holds its I/O until a new worker recovers it (restart in {retry_in}, crash {} in a row)",
                 self.s.name, self.crash_streak);
+        } else if self.p.fuse_held(&self.s.name) {
+            let note = self.p.clean_dead_worker(&self.s.name, &sv).await;
+            tracing::warn!(volume = %self.s.name, block_device = %bd, crashes_in_a_row = self.crash_streak, %retry_in, cleanup = %note,
+                "volume {}: serving worker died ({detail}); its FUSE connection is held, so I/O on {bd} waits for a new worker to take it over in place (restart in {retry_in}, crash {} in a row)",
+                self.s.name, self.crash_streak);
         } else {
             let note = self.p.clean_dead_worker(&self.s.name, &sv).await;
             tracing::warn!(volume = %self.s.name, block_device = %bd, crashes_in_a_row = self.crash_streak, %retry_in, cleanup = %note,
@@ -668,7 +700,12 @@ impl<P: Platform> VolumeCtl<P> {
             return;
         };
         // `kvcrypt open` may have restarted it meanwhile: take that worker over.
-        if let Some(live) = self.p.adopt(&self.s.name).await.filter(|l| !l.suspended) {
+        if let Some(live) = self
+            .p
+            .adopt(&self.s.name)
+            .await
+            .filter(|l| !l.suspended && !l.worker_dead)
+        {
             tracing::info!(volume = %self.s.name, block_device = %live.block_device.display(),
                 "volume {}: a new worker serves it already ({}); adopting it", self.s.name, live.block_device.display());
             self.dead = None;
@@ -738,6 +775,9 @@ impl<P: Platform> VolumeCtl<P> {
                 let nb = new.block_device.display().to_string();
                 let how = match (recover, sv.ublk_dev_id) {
                     (Some(_), _) => format!("recovered {nb} in place; held I/O resumes"),
+                    (None, None) if new.in_place => {
+                        format!("recovered {nb} in place; held I/O resumes")
+                    }
                     (None, Some(_)) => format!("opened a new device {nb} ({bd} was gone)"),
                     (None, None) => format!("re-opened as {nb} (I/O on {bd} failed meanwhile)"),
                 };
@@ -782,6 +822,10 @@ impl<P: Platform> VolumeCtl<P> {
     async fn backing_gone(&mut self, sv: Served) {
         self.dead = None;
         let bd = sv.block_device.display().to_string();
+        if sv.ublk_dev_id.is_none() && self.p.fuse_held(&self.s.name) {
+            let note = self.p.release_fuse(&self.s.name, &sv).await;
+            tracing::info!(volume = %self.s.name, block_device = %bd, cleanup = %note, "volume {}: letting go of the held FUSE connection of {bd}", self.s.name);
+        }
         if let Some(id) = sv.ublk_dev_id
             && self.p.ublk_recoverable(id).await
             && let Err(e) = self.p.delete_ublk_device(&self.s.name, id).await
@@ -826,6 +870,13 @@ impl<P: Platform> VolumeCtl<P> {
             self.served = Some(sv);
             self.enter_suspended(reason, manual).await;
         } else {
+            // A held FUSE connection would keep its I/O waiting for a worker that will not
+            // come: let go of it, so that I/O fails as it did before anything was held.
+            if sv.ublk_dev_id.is_none() && self.p.fuse_held(&self.s.name) {
+                let note = self.p.release_fuse(&self.s.name, &sv).await;
+                tracing::info!(volume = %self.s.name, block_device = %sv.block_device.display(), cleanup = %note,
+                    "volume {}: not taking over the dead worker's FUSE connection ({reason}); its held I/O fails", self.s.name);
+            }
             self.served = None;
             self.next = self.next_check(manual);
             self.set_state(VolumeState::Locked, Some(reason));

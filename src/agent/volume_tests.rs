@@ -47,6 +47,10 @@ struct World {
     /// What the agent recorded of an operator's lock (what /run/kvcrypt keeps for the next
     /// agent).
     manual: Option<String>,
+    /// FUSE: the platform keeps each worker's connection (its /dev/fuse descriptors).
+    hold_fuse: bool,
+    /// FUSE: a connection is held now (of the live worker, or of a dead one awaiting takeover).
+    fuse_held: bool,
 }
 
 const UBLK_ID: u32 = 3;
@@ -160,7 +164,9 @@ impl Platform for Fake {
         recover_dev_id: Option<u32>,
     ) -> Result<Served, String> {
         let mut w = self.0.lock().unwrap();
+        let takeover = !w.ublk && w.fuse_held && recover_dev_id.is_none();
         match recover_dev_id {
+            None if takeover => w.events.push("takeover".into()),
             None => {
                 w.events.push("spawn".into());
                 if w.spawn_fails > 0 {
@@ -180,6 +186,7 @@ impl Platform for Fake {
             key: Some(*key.expose()),
         });
         let ublk = w.ublk;
+        w.fuse_held = !ublk && w.hold_fuse;
         if w.doomed > 0 {
             // Dies right after its ready line (e.g. a crash on the first I/O).
             w.doomed -= 1;
@@ -197,6 +204,8 @@ impl Platform for Fake {
             },
             suspended: false,
             ublk_dev_id: ublk.then_some(UBLK_ID),
+            worker_dead: false,
+            in_place: takeover,
         })
     }
     async fn adopt(&self, name: &str) -> Option<Served> {
@@ -211,15 +220,34 @@ impl Platform for Fake {
                 block_device: format!("/dev/ublkb{id}").into(),
                 suspended: true,
                 ublk_dev_id: Some(id),
+                worker_dead: false,
+                in_place: false,
+            });
+        }
+        if world.worker.is_none() && !world.ublk && world.fuse_held {
+            // What a previous agent's held FUSE connection left when agent and worker died
+            // together (the descriptors came back from systemd's store).
+            return Some(Served {
+                worker_dead: true,
+                ..Served::new("/dev/fake".into(), "/dev/loop9".into())
             });
         }
         let w = world.worker.clone();
         w.map(|w| Served {
-            backing: "/dev/fake".into(),
-            block_device: "/dev/loop9".into(),
             suspended: w.key.is_none(),
-            ublk_dev_id: None,
+            ..Served::new("/dev/fake".into(), "/dev/loop9".into())
         })
+    }
+    fn fuse_held(&self, _name: &str) -> bool {
+        let w = self.0.lock().unwrap();
+        !w.ublk && w.fuse_held
+    }
+    async fn release_fuse(&self, _name: &str, served: &Served) -> String {
+        let mut w = self.0.lock().unwrap();
+        w.fuse_held = false;
+        w.events
+            .push(format!("release:{}", served.block_device.display()));
+        "released".into()
     }
     async fn worker_status(&self, _name: &str) -> Result<serde_json::Value, String> {
         match &self.0.lock().unwrap().worker {
@@ -852,6 +880,66 @@ async fn fuse_worker_death_detaches_the_old_device_and_opens_again() {
         st.reason.as_deref().unwrap().contains("re-opened"),
         "{st:?}"
     );
+}
+
+/// A fake whose FUSE connections are held by the platform (the agent keeps the workers'
+/// /dev/fuse descriptors).
+fn held_fuse_fake() -> Arc<Fake> {
+    let f = Fake::new();
+    f.0.lock().unwrap().hold_fuse = true;
+    f
+}
+
+#[tokio::test(start_paused = true)]
+async fn fuse_worker_death_with_its_connection_held_is_recovered_in_place() {
+    let f = held_fuse_fake();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.crash();
+    wait_events(&f, "takeover", 1, Duration::from_secs(5)).await;
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(1)).await;
+    let ev = f.events();
+    assert_eq!(f.count("spawn"), 1, "no new device: {ev:?}");
+    assert!(
+        !ev.iter().any(|e| e.starts_with("release:")),
+        "the held connection is not let go: {ev:?}"
+    );
+    let st = h.status.borrow().clone();
+    assert_eq!(st.restarts, 1);
+    assert_eq!(st.block_device.as_deref(), Some("/dev/loop9"));
+    let reason = st.reason.unwrap();
+    assert!(reason.contains("recovered /dev/loop9 in place"), "{reason}");
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+}
+
+#[tokio::test(start_paused = true)]
+async fn fuse_revoked_while_worker_dead_lets_go_of_the_held_connection() {
+    let f = held_fuse_fake();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.set_vault(Vault::Denied);
+    f.crash();
+    wait_state(&h, VolumeState::Locked, Duration::from_secs(2)).await;
+    // Nobody will take it over: its held I/O must fail, not hang.
+    assert!(f.events().contains(&"release:/dev/loop9".to_string()));
+    assert!(!f.fuse_held("data"));
+    f.set_vault(Vault::Ok);
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(5)).await;
+    assert_eq!(f.count("spawn"), 2, "{:?}", f.events());
+    assert_eq!(f.count("takeover"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn agent_start_with_a_dead_fuse_worker_and_its_held_connection_recovers_it_in_place() {
+    let f = held_fuse_fake();
+    f.0.lock().unwrap().fuse_held = true;
+    let h = spawn_volume(settings(), f.clone());
+    wait_events(&f, "takeover", 1, Duration::from_secs(5)).await;
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(1)).await;
+    assert_eq!(f.count("spawn"), 0, "{:?}", f.events());
+    let st = h.status.borrow().clone();
+    assert_eq!(st.restarts, 1);
+    assert!(st.reason.as_deref().unwrap().contains("in place"), "{st:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -291,6 +291,16 @@ pub struct WorkerArgs {
     /// Re-attach an existing ublk device (after a crash or suspend) instead of adding one.
     #[arg(long)]
     pub recover_dev_id: Option<u32>,
+    /// FUSE: take over the connection of a dead worker, whose FUSE file this loop device is
+    /// bound to, instead of mounting a new one (needs --fuse-init and --fuse-fds).
+    #[arg(long, requires_all = ["fuse_init", "fuse_fds"])]
+    pub fuse_recover: Option<PathBuf>,
+    /// What INIT agreed on that connection (JSON, as in the dead worker's state file).
+    #[arg(long)]
+    pub fuse_init: Option<String>,
+    /// How many /dev/fuse descriptors of that connection were passed, from fd 5 on.
+    #[arg(long)]
+    pub fuse_fds: Option<usize>,
 }
 
 fn parse_sector_size(s: &str) -> Result<u32, String> {

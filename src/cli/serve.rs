@@ -187,6 +187,23 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         Some(fd) => Some(worker::take_fd(fd).with_context(|| format!("ready fd {fd}"))?),
         None => None,
     };
+    let fuse_takeover = match (a.fuse_recover, a.fuse_init, a.fuse_fds) {
+        (Some(loop_dev), Some(init), Some(n)) => {
+            let init = serde_json::from_str(&init).context("--fuse-init")?;
+            let mut fds = Vec::with_capacity(n);
+            for i in 0..n as i32 {
+                let fd = worker::FUSE_FD_BASE + i;
+                let f = worker::take_fd(fd).with_context(|| format!("/dev/fuse fd {fd}"))?;
+                fds.push(std::sync::Arc::new(std::os::fd::OwnedFd::from(f)));
+            }
+            Some(worker::FuseTakeover {
+                loop_dev,
+                init,
+                fds,
+            })
+        }
+        _ => None,
+    };
     let opts = RunOptions {
         device: a.device,
         name: a.name,
@@ -196,6 +213,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         allow_discards: a.allow_discards,
         read_only: a.read_only,
         recover_dev_id: a.recover_dev_id,
+        fuse_takeover,
     };
     worker::run_worker(
         &opts,

@@ -114,14 +114,38 @@ pub fn label(dev: &Path) -> std::io::Result<Option<String>> {
         .custom_flags(libc::O_CLOEXEC)
         .open(dev)?;
     match status_of(&f) {
-        Ok(info) => {
-            let name = &info.lo_file_name;
-            let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
-            Ok(Some(String::from_utf8_lossy(&name[..end]).into_owned()))
-        }
+        Ok(info) => Ok(Some(label_of(&info))),
         Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+fn label_of(info: &LoopInfo64) -> String {
+    let name = &info.lo_file_name;
+    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    String::from_utf8_lossy(&name[..end]).into_owned()
+}
+
+/// Holds the loop device at `path`, which must still be bound to a file labelled `want` (a
+/// dead FUSE worker's device, taken over by a new worker): held like one from [`attach`], so
+/// dropping it is the same last close (autoclear detaches it once nothing else holds it).
+pub fn open_existing(path: &Path, read_only: bool, want: &str) -> std::io::Result<LoopDevice> {
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)?;
+    let info = status_of(&dev)?;
+    let got = label_of(&info);
+    if got != want {
+        return Err(std::io::Error::other(format!(
+            "bound to {got:?}, not {want:?}"
+        )));
+    }
+    Ok(LoopDevice {
+        path: path.to_owned(),
+        dev,
+    })
 }
 
 /// Detaches the loop device at `dev` (`LOOP_CLR_FD`). A device still open elsewhere is

@@ -2,12 +2,14 @@
 //! `resume` is followed by the 64 raw key bytes on the same connection.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{WorkerError, socket_path, validate_name};
+use super::{WorkerError, fdpass, socket_path, validate_name};
 use crate::secmem::VolumeKey;
+use crate::transport::fuse::FuseInit;
 
 /// The answer to `{"op":"status"}`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -140,6 +142,63 @@ impl WorkerClient {
     /// Hands the key back (it is checked against the volume header) and lets I/O continue.
     pub fn resume(&mut self, key: &VolumeKey) -> Result<(), WorkerError> {
         self.request("resume", Some(key.expose())).map(|_| ())
+    }
+
+    /// Duplicates of the worker's /dev/fuse descriptors (the same open files) and what INIT
+    /// agreed: whoever holds them keeps the FUSE connection alive if the worker dies, so a new
+    /// worker can take it over in place. Refused for ublk, io_uring mode and kernels without
+    /// FUSE_NOTIFY_RESEND.
+    pub fn fuse_fds(&mut self) -> Result<(Vec<OwnedFd>, FuseInit), WorkerError> {
+        let name = self.name.clone();
+        let ctl = |source| WorkerError::Control {
+            name: name.clone(),
+            source,
+        };
+        if !self.reader.buffer().is_empty() {
+            return Err(ctl(std::io::Error::other("unread data on the connection")));
+        }
+        let s = self.reader.get_mut();
+        s.write_all(b"{\"op\":\"fuse_fds\"}\n").map_err(ctl)?;
+        // The descriptors ride on the answer line's bytes: read it with recvmsg, not through
+        // the buffered reader.
+        let mut line = Vec::new();
+        let mut fds = Vec::new();
+        while !line.contains(&b'\n') {
+            let mut buf = [0u8; 4096];
+            let (n, got) =
+                fdpass::recv_with_fds(&*s, &mut buf, fdpass::MAX_FDS_PER_MESSAGE).map_err(ctl)?;
+            fds.extend(got);
+            if n == 0 {
+                return Err(ctl(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the worker closed the connection",
+                )));
+            }
+            line.extend_from_slice(&buf[..n]);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&line)
+            .map_err(|e| ctl(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        if v.get("ok").and_then(|b| b.as_bool()) != Some(true) {
+            return Err(WorkerError::Refused {
+                name: self.name.clone(),
+                message: v
+                    .get("error")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("request refused")
+                    .to_string(),
+                busy: false,
+            });
+        }
+        let init: FuseInit = serde_json::from_value(v["fuse"].clone())
+            .map_err(|e| WorkerError::State(format!("bad fuse_fds answer from '{name}': {e}")))?;
+        let want = v["count"].as_u64().unwrap_or(0) as usize;
+        if fds.len() != want {
+            return Err(WorkerError::State(format!(
+                "'{name}' sent {} of {want} /dev/fuse descriptors",
+                fds.len()
+            )));
+        }
+        Ok((fds, init))
     }
 
     /// Flushes and removes the device; the worker exits. Refused while the device is in use.

@@ -13,21 +13,24 @@
 
 mod backing;
 mod client;
+pub mod fdpass;
 mod manage;
 mod run;
 mod sys;
 mod udev;
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cli::TransportKind;
 use crate::exit::{Exit, ExitClass};
 use crate::secmem::VolumeKey;
+use crate::transport::fuse::FuseInit;
 
 pub use client::{WorkerClient, WorkerStatus};
 pub use manage::{close_and_wait, name_of_block_device};
@@ -64,6 +67,8 @@ pub struct WorkerSpec {
     pub read_only: bool,
     /// ublk: re-attach this existing device instead of adding one.
     pub recover_dev_id: Option<u32>,
+    /// FUSE: take over a dead worker's connection instead of mounting a new one.
+    pub fuse_takeover: Option<FuseTakeover>,
     /// The kvcrypt binary to run (default: the current executable).
     pub exe: Option<PathBuf>,
     /// How long to wait for the ready line.
@@ -81,6 +86,7 @@ impl WorkerSpec {
             allow_discards: false,
             read_only: false,
             recover_dev_id: None,
+            fuse_takeover: None,
             exe: None,
             ready_timeout: Duration::from_secs(30),
         }
@@ -98,9 +104,24 @@ impl WorkerSpec {
             allow_discards: self.allow_discards,
             read_only: self.read_only,
             recover_dev_id: self.recover_dev_id,
+            fuse_takeover: self.fuse_takeover.clone(),
         }
     }
 }
+
+/// A FUSE connection whose worker died, for a new worker to serve in place
+/// (`transport::fuse::FuseDevice::recover`): the same open /dev/fuse files the dead worker
+/// read (the agent kept duplicates), what INIT agreed, and the loop device on its FUSE file.
+#[derive(Debug, Clone)]
+pub struct FuseTakeover {
+    pub loop_dev: PathBuf,
+    pub init: FuseInit,
+    pub fds: Vec<Arc<OwnedFd>>,
+}
+
+/// Where the descriptors of a [`FuseTakeover`] start in the worker (after the key fd 3 and
+/// the ready fd 4): `kvcrypt worker --fuse-fds N` takes N of them from here on.
+pub const FUSE_FD_BASE: i32 = 5;
 
 /// A started worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +147,11 @@ pub struct WorkerState {
     /// FUSE transport only: "io_uring" or "dev_fuse" (how requests reach the worker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuse_mode: Option<String>,
+    /// FUSE transport only: what INIT agreed on the connection. Left behind with the state
+    /// file when the worker dies, so a new worker can take the connection over (the kernel
+    /// does not send INIT again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuse: Option<FuseInit>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -323,6 +349,20 @@ pub fn spawn_worker(spec: &WorkerSpec, key: &VolumeKey) -> Result<WorkerInfo, Wo
     if let Some(id) = spec.recover_dev_id {
         cmd.args(["--recover-dev-id", &id.to_string()]);
     }
+    // The taken-over /dev/fuse descriptors go to FUSE_FD_BASE.. in the child. Their numbers
+    // here are first moved above that range, so no dup2 of the child setup overwrites a source
+    // it has yet to copy.
+    let mut fuse_high = Vec::new();
+    if let Some(t) = &spec.fuse_takeover {
+        let min = FUSE_FD_BASE + t.fds.len() as i32;
+        for fd in &t.fds {
+            fuse_high.push(sys::dup_at_least(fd, min).map_err(spawn_err)?);
+        }
+        let init = serde_json::to_string(&t.init).unwrap_or_default();
+        cmd.arg("--fuse-recover").arg(&t.loop_dev);
+        cmd.args(["--fuse-init", &init]);
+        cmd.args(["--fuse-fds", &t.fds.len().to_string()]);
+    }
     // Nothing of the caller's terminal or pipes may reach the worker: it outlives the caller,
     // and a caller reading `kvcrypt attach`'s output through a pipe would wait for EOF until
     // the worker exits. Its output goes to its log instead.
@@ -336,14 +376,19 @@ pub fn spawn_worker(spec: &WorkerSpec, key: &VolumeKey) -> Result<WorkerInfo, Wo
     for var in SERVICE_MANAGER_VARS {
         cmd.env_remove(var);
     }
-    let map = [(key_r.as_raw_fd(), 3), (ready_w.as_raw_fd(), 4)];
-    // SAFETY: child_setup only performs async-signal-safe calls (setsid, dup2).
+    let mut map = vec![(key_r.as_raw_fd(), 3), (ready_w.as_raw_fd(), 4)];
+    for (i, fd) in fuse_high.iter().enumerate() {
+        map.push((fd.as_raw_fd(), FUSE_FD_BASE + i as i32));
+    }
+    // SAFETY: child_setup only performs async-signal-safe calls (setsid, dup2); the map was
+    // built before the fork.
     unsafe {
         cmd.pre_exec(move || sys::child_setup(&map));
     }
     let mut child = cmd.spawn().map_err(spawn_err)?;
     drop(key_r);
     drop(ready_w);
+    drop(fuse_high);
     let pid = child.id();
 
     // Hand over the key. A worker that died early makes this fail with EPIPE; the ready

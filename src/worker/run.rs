@@ -3,6 +3,7 @@
 //! control requests and termination signals until the volume is closed.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -13,14 +14,15 @@ use anyhow::Context;
 use serde_json::json;
 
 use super::{
-    BY_KVCRYPT_DIR, WorkerState, ensure_dirs, fuse_dir, socket_path, state_path, sys, validate_name,
+    BY_KVCRYPT_DIR, FuseTakeover, WorkerState, ensure_dirs, fdpass, fuse_dir, socket_path,
+    state_path, sys, validate_name,
 };
 use crate::cli::TransportKind;
 use crate::crypto::XtsCipher;
 use crate::engine::{Engine, EngineConfig};
 use crate::header::{self, VolumeHeader};
 use crate::secmem::VolumeKey;
-use crate::transport::fuse::{FuseDevice, FuseOptions};
+use crate::transport::fuse::{FuseDevice, FuseInit, FuseOptions};
 use crate::transport::ublk;
 
 /// What to serve (the `kvcrypt worker` arguments without descriptors).
@@ -35,7 +37,13 @@ pub struct RunOptions {
     pub allow_discards: bool,
     pub read_only: bool,
     pub recover_dev_id: Option<u32>,
+    /// FUSE: serve a dead worker's connection in place instead of mounting a new one.
+    pub fuse_takeover: Option<FuseTakeover>,
 }
+
+/// What the control op `fuse_fds` hands out: duplicates of the worker's /dev/fuse descriptors
+/// and the INIT parameters, or why there are none to hand out.
+type SharedFuse = Arc<Result<(Vec<OwnedFd>, FuseInit), String>>;
 
 /// Called once the block device exists (the worker writes it to its ready fd).
 pub type ServeHandle<'a> = Box<dyn FnOnce(&Path) + 'a>;
@@ -108,7 +116,18 @@ fn serve_fuse(
     // In FUSE-over-io_uring mode the queues are fixed (one per CPU, the kernel's rule); the
     // depth is the ring entries per queue.
     fopts.uring_depth = Some(usize::from(opts.queue_depth).max(1));
-    let mut dev = FuseDevice::start(engine.clone(), &fopts)?;
+    let mut dev = match &opts.fuse_takeover {
+        Some(t) => {
+            let fds = t
+                .fds
+                .iter()
+                .map(|f| f.try_clone())
+                .collect::<Result<Vec<_>, _>>()
+                .context("duplicating the /dev/fuse descriptors")?;
+            FuseDevice::recover(engine.clone(), &fopts, fds, t.init, &t.loop_dev)?
+        }
+        None => FuseDevice::start(engine.clone(), &fopts)?,
+    };
     let bdev = dev
         .block_device()
         .map(Path::to_path_buf)
@@ -124,9 +143,22 @@ fn serve_fuse(
         read_only: opts.read_only,
         allow_discards: opts.allow_discards,
         fuse_mode: Some(dev.mode().as_str().to_string()),
+        fuse: dev.init(),
     };
+    let shared: SharedFuse = Arc::new(match dev.shared_fds() {
+        Some((fds, init)) => fds
+            .iter()
+            .map(|f| f.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| (v, init))
+            .map_err(|e| format!("duplicating the /dev/fuse descriptors: {e}")),
+        None => Err(match dev.init().and_then(|i| i.why_not_recoverable()) {
+            Some(why) => format!("no new worker could take this connection over: {why}"),
+            None => "no new worker could take this connection over".into(),
+        }),
+    });
     let (tx, rx) = mpsc::channel();
-    let listener = publish(&state, &tx)?;
+    let listener = publish(&state, &tx, Some(shared))?;
     on_ready(&bdev);
 
     let result = fuse_loop(opts, h, &engine, &mut dev, &state, &rx);
@@ -167,7 +199,11 @@ fn fuse_loop(
                 written,
             } => {
                 let answer = match op.as_str() {
-                    "status" => status_json(state, engine),
+                    "status" => {
+                        let mut v = status_json(state, engine);
+                        v["resent"] = json!(dev.resent_requests());
+                        v
+                    }
                     "suspend" => match engine.suspend() {
                         Ok(()) => json!({"ok": true}),
                         Err(e) => json!({"ok": false, "error": e.to_string()}),
@@ -258,8 +294,9 @@ fn serve_ublk(
                     read_only: opts.read_only,
                     allow_discards: opts.allow_discards,
                     fuse_mode: None,
+                    fuse: None,
                 };
-                match publish(&state, &tx2) {
+                match publish(&state, &tx2, None) {
                     Ok(l) => listener = Some(l),
                     Err(e) => tracing::error!("publishing the state of '{name}': {e:#}"),
                 }
@@ -370,7 +407,11 @@ fn status_json(state: &WorkerState, engine: &Engine) -> serde_json::Value {
 
 /// Writes the state file, the /dev/disk/by-kvcrypt symlink and starts the control socket and
 /// signal threads.
-fn publish(state: &WorkerState, tx: &Sender<Event>) -> anyhow::Result<UnixListener> {
+fn publish(
+    state: &WorkerState,
+    tx: &Sender<Event>,
+    fuse: Option<SharedFuse>,
+) -> anyhow::Result<UnixListener> {
     let sp = state_path(&state.name);
     let tmp = sp.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)
@@ -387,7 +428,7 @@ fn publish(state: &WorkerState, tx: &Sender<Event>) -> anyhow::Result<UnixListen
     let tx2 = tx.clone();
     std::thread::Builder::new()
         .name("kvcrypt-control".into())
-        .spawn(move || accept_loop(l2, tx2))?;
+        .spawn(move || accept_loop(l2, tx2, fuse))?;
     let tx3 = tx.clone();
     std::thread::Builder::new()
         .name("kvcrypt-signals".into())
@@ -442,15 +483,47 @@ pub fn unlink_by_name(name: &str) {
     let _ = std::fs::remove_file(Path::new(BY_KVCRYPT_DIR).join(name));
 }
 
-fn accept_loop(listener: UnixListener, tx: Sender<Event>) {
+fn accept_loop(listener: UnixListener, tx: Sender<Event>, fuse: Option<SharedFuse>) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { break };
         let tx = tx.clone();
-        std::thread::spawn(move || serve_conn(conn, tx));
+        let fuse = fuse.clone();
+        std::thread::spawn(move || serve_conn(conn, tx, fuse));
     }
 }
 
-fn serve_conn(conn: UnixStream, tx: Sender<Event>) {
+/// `{"op":"fuse_fds"}`: the answer line carries the /dev/fuse descriptors (SCM_RIGHTS), so the
+/// agent can hold the connection open across this worker's death.
+fn answer_fuse_fds(w: &UnixStream, fuse: Option<&SharedFuse>) -> std::io::Result<()> {
+    let (fds, init) = match fuse.map(|f| f.as_ref()) {
+        Some(Ok((fds, init))) if fds.len() <= fdpass::MAX_FDS_PER_MESSAGE => (fds, init),
+        Some(Ok((fds, _))) => {
+            let msg = format!(
+                "{} /dev/fuse descriptors are more than one message can carry ({})",
+                fds.len(),
+                fdpass::MAX_FDS_PER_MESSAGE
+            );
+            let line = format!("{}\n", json!({"ok": false, "error": msg}));
+            return fdpass::send_with_fds(w, line.as_bytes(), &[]).map(|_| ());
+        }
+        Some(Err(why)) => {
+            let line = format!("{}\n", json!({"ok": false, "error": why}));
+            return fdpass::send_with_fds(w, line.as_bytes(), &[]).map(|_| ());
+        }
+        None => {
+            let line = format!("{}\n", json!({"ok": false, "error": "not a FUSE worker"}));
+            return fdpass::send_with_fds(w, line.as_bytes(), &[]).map(|_| ());
+        }
+    };
+    let line = format!(
+        "{}\n",
+        json!({"ok": true, "count": fds.len(), "fuse": init})
+    );
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    fdpass::send_with_fds(w, line.as_bytes(), &borrowed).map(|_| ())
+}
+
+fn serve_conn(conn: UnixStream, tx: Sender<Event>, fuse: Option<SharedFuse>) {
     let allowed = sys::peer_uid(&conn).is_ok_and(|uid| uid == 0 || uid == sys::euid());
     let mut w = match conn.try_clone() {
         Ok(w) => w,
@@ -476,6 +549,12 @@ fn serve_conn(conn: UnixStream, tx: Sender<Event>) {
             .ok()
             .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
             .unwrap_or_default();
+        if op == "fuse_fds" {
+            if answer_fuse_fds(&w, fuse.as_ref()).is_err() {
+                return;
+            }
+            continue;
+        }
         let key = if op == "resume" {
             let mut k = VolumeKey::zeroed();
             if r.read_exact(k.expose_mut()).is_err() {

@@ -21,8 +21,13 @@ pub fn pipe_high() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 fn dup_high(fd: &OwnedFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC duplicates a valid descriptor to the lowest free one >= 10.
-    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    dup_at_least(fd, 10)
+}
+
+/// A close-on-exec duplicate of `fd` numbered `min` or higher.
+pub fn dup_at_least(fd: &OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a valid descriptor to the lowest free one >= min.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min.max(10)) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -19,6 +19,20 @@
 //! kernel offers it (`/sys/module/fuse/parameters/enable_uring` = Y at mount time) — one
 //! event-loop thread per CPU, many requests in flight each — else one thread per cloned
 //! `/dev/fuse` descriptor, one request at a time each.
+//!
+//! Taking over from a dead worker ([`FuseDevice::recover`], /dev/fuse mode only): the FUSE
+//! connection lives as long as some process holds an open file of its `/dev/fuse` descriptors
+//! (`fuse_dev_release()` aborts it when the last one goes, and first fails the requests on that
+//! descriptor's processing list with ECONNABORTED). The agent keeps duplicates of the worker's
+//! descriptors ([`FuseDevice::shared_fds`]), so a worker's death releases nothing: what it had
+//! read stays on the processing lists, new requests queue up, and the loop device, the FUSE
+//! file and a filesystem mounted on the loop device stay as they are. A new worker given the
+//! same descriptors sends `FUSE_NOTIFY_RESEND` (Linux 6.9+, offered as `FUSE_HAS_RESEND` at
+//! INIT), which moves those requests back to pending, and serves them again: a sector read or
+//! write re-run with XTS gives the same result, so a resent request is safe. INIT is not sent
+//! again on a connection, so the new worker serves by the parameters recorded at INIT
+//! ([`FuseInit`]). FUSE-over-io_uring rings die with their process and `fuse_resend()` only
+//! walks the /dev/fuse processing lists, so that mode cannot be taken over.
 
 mod proto;
 mod uring;
@@ -29,6 +43,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -50,6 +65,60 @@ const WRITE_HDR: usize = size_of::<InHeader>() + size_of::<WriteIn>();
 /// agent finds a dead worker's loop device by it.
 pub fn loop_label(name: &str) -> String {
     format!("kvcrypt:{name}")
+}
+
+/// What the kernel and the first worker of a connection agreed at INIT. The kernel sends INIT
+/// once per connection, so a worker that takes the connection over ([`FuseDevice::recover`])
+/// must serve by these; recorded in the worker's state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FuseInit {
+    /// fusectl connection number (`/sys/fs/fuse/connections/N`: minor of the FUSE file's st_dev).
+    pub conn: u64,
+    pub minor: u32,
+    pub max_write: u32,
+    pub max_pages: u16,
+    pub flags: u32,
+    pub flags2: u32,
+    /// The kernel offered `FUSE_HAS_RESEND`: it understands `FUSE_NOTIFY_RESEND`.
+    pub resend: bool,
+}
+
+impl FuseInit {
+    /// Why a new worker of this build cannot take over a connection set up with these
+    /// parameters (`None`: it can). The serving code sizes its buffers by `MAX_IO` and speaks
+    /// the /dev/fuse protocol only.
+    pub fn why_not_recoverable(&self) -> Option<String> {
+        if !self.resend {
+            return Some("the kernel lacks FUSE_NOTIFY_RESEND (Linux 6.9+)".into());
+        }
+        if self.flags2 & FUSE_OVER_IO_URING_FLAGS2 != 0 {
+            return Some(
+                "the connection uses FUSE-over-io_uring, whose rings die with their worker".into(),
+            );
+        }
+        if self.max_write != MAX_IO as u32 || self.max_pages != max_pages() {
+            return Some(format!(
+                "negotiated max_write {} / max_pages {} differ from this build's {} / {}",
+                self.max_write,
+                self.max_pages,
+                MAX_IO,
+                max_pages()
+            ));
+        }
+        if self.minor > FUSE_KERNEL_MINOR_VERSION {
+            return Some(format!(
+                "protocol minor {} is newer than this build's",
+                self.minor
+            ));
+        }
+        None
+    }
+}
+
+/// `max_pages` answered at INIT: in pages of the kernel's size, no request may exceed MAX_IO
+/// (the buffers).
+fn max_pages() -> u16 {
+    (MAX_IO / uring_sys::page_size()).max(1) as u16
 }
 
 /// Settings of the FUSE + loop transport.
@@ -126,6 +195,11 @@ pub struct FuseDevice {
     conn: u64,
     mode: FuseMode,
     threads: Vec<JoinHandle<()>>,
+    /// Duplicates of every /dev/fuse descriptor a serving thread reads (/dev/fuse mode), for
+    /// [`shared_fds`](Self::shared_fds).
+    fds: Vec<OwnedFd>,
+    init: Option<FuseInit>,
+    ctx: Option<Arc<Ctx>>,
 }
 
 impl std::fmt::Debug for FuseDevice {
@@ -187,6 +261,9 @@ impl FuseDevice {
             conn: 0,
             mode: FuseMode::DevFuse,
             threads: Vec::new(),
+            fds: Vec::new(),
+            init: None,
+            ctx: None,
         };
 
         // The first /dev/fuse thread answers INIT (sent at mount) and reports whether the
@@ -197,15 +274,19 @@ impl FuseDevice {
             read_only: opts.read_only,
             offer_uring: opts.io_uring && uring::supported(),
             init_done: Mutex::new(Some(init_tx)),
+            resent: AtomicU64::new(0),
         });
+        dev.ctx = Some(ctx.clone());
         let fuse = OwnedFd::from(fuse);
         let raw = fuse.as_raw_fd();
         let clone =
             || clone_fd(raw).map_err(|e| TransportError::Setup(format!("FUSE_DEV_IOC_CLONE: {e}")));
         dev.spawn_reader(&ctx, 0, fuse)?;
-        let use_uring = init_rx
+        let init = init_rx
             .recv_timeout(Duration::from_secs(30))
             .map_err(|_| TransportError::Setup("the kernel sent no FUSE INIT".into()))?;
+        let use_uring = init.is_some_and(|i| i.flags2 & FUSE_OVER_IO_URING_FLAGS2 != 0);
+        dev.init = init;
         if use_uring {
             dev.mode = FuseMode::IoUring;
             let queues = uring::nr_queues();
@@ -254,6 +335,9 @@ impl FuseDevice {
             .metadata()
             .map(|m| libc::minor(m.dev()) as u64)
             .unwrap_or(0);
+        if let Some(i) = dev.init.as_mut() {
+            i.conn = dev.conn;
+        }
         let lo = loopdev::attach(
             &file,
             engine.sector_size(),
@@ -269,12 +353,117 @@ impl FuseDevice {
         Ok(dev)
     }
 
+    /// Serves an existing connection whose worker died: `fds` are the same open /dev/fuse files
+    /// the dead worker read (held meanwhile by the agent), `init` what was agreed at its INIT,
+    /// `loop_dev` the loop device bound to its FUSE file. Nothing is mounted or attached: one
+    /// serving thread per descriptor, then `FUSE_NOTIFY_RESEND` makes the kernel send again
+    /// every request the dead worker had read but not answered. The caller must be sure the
+    /// dead worker's threads are all gone (its pidfd said so), or they could race us for them.
+    pub fn recover(
+        engine: Arc<Engine>,
+        opts: &FuseOptions,
+        fds: Vec<OwnedFd>,
+        init: FuseInit,
+        loop_dev: &Path,
+    ) -> Result<FuseDevice, TransportError> {
+        if let Some(why) = init.why_not_recoverable() {
+            return Err(TransportError::Setup(format!(
+                "cannot take over the FUSE connection: {why}"
+            )));
+        }
+        if fds.is_empty() {
+            return Err(TransportError::Setup(
+                "no /dev/fuse descriptors to take over".into(),
+            ));
+        }
+        // An aborted connection reports POLLERR on its descriptors (fuse_dev_poll): nothing to
+        // take over then (the dead worker's requests already failed).
+        if connection_ended(&fds[0]) {
+            return Err(TransportError::Setup(
+                "the FUSE connection has already ended".into(),
+            ));
+        }
+        let lo = loopdev::open_existing(loop_dev, opts.read_only, &loop_label(&opts.name))
+            .map_err(|e| {
+                TransportError::Setup(format!(
+                    "{} is not the loop device of '{}' any more: {e}",
+                    loop_dev.display(),
+                    opts.name
+                ))
+            })?;
+        let ctx = Arc::new(Ctx {
+            engine: engine.clone(),
+            read_only: opts.read_only,
+            offer_uring: false,
+            init_done: Mutex::new(None),
+            resent: AtomicU64::new(0),
+        });
+        let mut dev = FuseDevice {
+            engine,
+            loopdev: None,
+            mountpoint: opts.mountpoint.clone(),
+            mounted: false,
+            conn: init.conn,
+            mode: FuseMode::DevFuse,
+            threads: Vec::new(),
+            fds: Vec::new(),
+            init: Some(init),
+            ctx: Some(ctx.clone()),
+        };
+        // Resend before any thread of ours reads: fuse_resend() moves every processing list
+        // back to pending, ours too. A request one of our threads was already serving would be
+        // served twice at once, and its late copy could overwrite a newer write to the same
+        // sectors. Before our threads start, only the dead worker's requests are there.
+        notify_resend(&fds[0]).map_err(|e| {
+            TransportError::Setup(format!("FUSE_NOTIFY_RESEND refused by the kernel: {e}"))
+        })?;
+        let n = fds.len();
+        for (i, fd) in fds.into_iter().enumerate() {
+            dev.spawn_reader(&ctx, i, fd)?;
+        }
+        tracing::info!(device = %lo.path().display(), threads = n, conn = init.conn,
+            "took over the FUSE connection of {} in place; the kernel resends what the dead worker had not answered",
+            lo.path().display());
+        dev.loopdev = Some(lo);
+        Ok(dev)
+    }
+
+    /// Duplicates of the open /dev/fuse files every serving thread reads, for whoever must
+    /// keep the connection alive across this worker's death (see the module documentation).
+    /// `None` when a new worker could not take the connection over anyway (io_uring mode, a
+    /// kernel without FUSE_NOTIFY_RESEND): holding the files would then only keep a dead
+    /// connection's I/O hanging instead of failing.
+    pub fn shared_fds(&self) -> Option<(&[OwnedFd], FuseInit)> {
+        let init = self.init?;
+        if self.mode != FuseMode::DevFuse || init.why_not_recoverable().is_some() {
+            return None;
+        }
+        Some((&self.fds, init))
+    }
+
+    /// What INIT agreed (`None` before INIT was answered).
+    pub fn init(&self) -> Option<FuseInit> {
+        self.init
+    }
+
+    /// Requests the kernel sent a second time after FUSE_NOTIFY_RESEND (taken over from a
+    /// dead worker) that this device has read.
+    pub fn resent_requests(&self) -> u64 {
+        self.ctx
+            .as_ref()
+            .map_or(0, |c| c.resent.load(Ordering::Relaxed))
+    }
+
     fn spawn_reader(
         &mut self,
         ctx: &Arc<Ctx>,
         i: usize,
         fd: OwnedFd,
     ) -> Result<(), TransportError> {
+        let dup = fd
+            .try_clone()
+            .map_err(|e| TransportError::Setup(format!("dup of a /dev/fuse descriptor: {e}")))?;
+        self.fds.push(dup);
         let ctx = ctx.clone();
         let h = std::thread::Builder::new()
             .name(format!("kvcrypt-fuse-{i}"))
@@ -342,6 +531,10 @@ impl FuseDevice {
         }
         // Last close of an autoclear loop device detaches it (and releases the FUSE file).
         self.loopdev = None;
+        // Our own duplicates must not outlive the device (they do not keep the connection up:
+        // it ends when its superblock goes, whoever holds descriptors).
+        self.fds.clear();
+        let serving = !self.threads.is_empty();
         if self.mounted {
             let c_mp = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes()).ok();
             if let Some(c_mp) = c_mp {
@@ -349,9 +542,13 @@ impl FuseDevice {
                 unsafe { libc::umount2(c_mp.as_ptr(), libc::MNT_DETACH) };
             }
             self.mounted = false;
-            // After a lazy unmount with no users the connection ends and readers get ENODEV.
-            // If the kernel still has references (e.g. loop detaching asynchronously), abort
-            // the connection explicitly through fusectl where it is mounted.
+        }
+        // After a lazy unmount with no users (or, for a connection taken over from a dead
+        // worker, whose mount went with that worker's namespace, once loop let go of the file)
+        // the connection ends and readers get ENODEV. If the kernel still has references (e.g.
+        // loop detaching asynchronously, or a filesystem still mounted on a force-closed
+        // device), abort the connection explicitly through fusectl where it is mounted.
+        if serving {
             let abort = format!("/sys/fs/fuse/connections/{}/abort", self.conn);
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
             while self.threads.iter().any(|t| !t.is_finished()) {
@@ -382,8 +579,10 @@ struct Ctx {
     read_only: bool,
     /// Accept FUSE-over-io_uring if the kernel offers it.
     offer_uring: bool,
-    /// Told once INIT is answered: true if io_uring mode was agreed.
-    init_done: Mutex<Option<mpsc::Sender<bool>>>,
+    /// Told once INIT is answered: what was agreed (`None`: INIT refused).
+    init_done: Mutex<Option<mpsc::Sender<Option<FuseInit>>>>,
+    /// Resent requests read (see [`FuseDevice::resent_requests`]).
+    resent: AtomicU64,
 }
 
 /// Answer to a request handled without backing I/O of its own.
@@ -440,6 +639,9 @@ fn serve_thread(ctx: &Ctx, fd: OwnedFd) {
         }
         let msg = &mut req[base..base + n];
         let h: InHeader = read(msg);
+        if h.unique & FUSE_UNIQUE_RESEND != 0 {
+            ctx.resent.fetch_add(1, Ordering::Relaxed);
+        }
         if h.opcode == DESTROY {
             reply_empty(raw, h.unique, 0);
             break;
@@ -457,7 +659,7 @@ fn handle(ctx: &Ctx, fd: RawFd, h: &InHeader, msg: &mut [u8], reply: &mut Aligne
             let i: InitIn = read(&msg[body_start..]);
             if i.major != FUSE_KERNEL_VERSION {
                 reply_empty(fd, h.unique, -libc::EPROTO);
-                init_answered(ctx, false);
+                init_answered(ctx, None);
                 return;
             }
             let want =
@@ -473,8 +675,7 @@ fn handle(ctx: &Ctx, fd: RawFd, h: &InHeader, msg: &mut [u8], reply: &mut Aligne
                 congestion_threshold: 192,
                 max_write: MAX_IO as u32,
                 time_gran: 1,
-                // In pages of the kernel's size: no request may exceed MAX_IO (the buffers).
-                max_pages: (MAX_IO / uring_sys::page_size()).max(1) as u16,
+                max_pages: max_pages(),
                 flags2: if uring { FUSE_OVER_IO_URING_FLAGS2 } else { 0 },
                 ..InitOut::default()
             };
@@ -484,7 +685,19 @@ fn handle(ctx: &Ctx, fd: RawFd, h: &InHeader, msg: &mut [u8], reply: &mut Aligne
             // The kernel marks the connection initialised while processing this write, so
             // ring registration (which needs that) may start once it returns.
             reply_struct(fd, h.unique, &out);
-            init_answered(ctx, uring);
+            let ext = i.flags & FUSE_INIT_EXT != 0;
+            init_answered(
+                ctx,
+                Some(FuseInit {
+                    conn: 0,
+                    minor: out.minor,
+                    max_write: out.max_write,
+                    max_pages: out.max_pages,
+                    flags: out.flags,
+                    flags2: out.flags2,
+                    resend: ext && i.flags2 & FUSE_HAS_RESEND_FLAGS2 != 0,
+                }),
+            );
         }
         READ => {
             let r: ReadIn = read(&msg[body_start..]);
@@ -538,9 +751,39 @@ fn handle(ctx: &Ctx, fd: RawFd, h: &InHeader, msg: &mut [u8], reply: &mut Aligne
     }
 }
 
-fn init_answered(ctx: &Ctx, uring: bool) {
+fn init_answered(ctx: &Ctx, init: Option<FuseInit>) {
     if let Some(tx) = ctx.init_done.lock().ok().and_then(|mut g| g.take()) {
-        let _ = tx.send(uring);
+        let _ = tx.send(init);
+    }
+}
+
+/// `FUSE_NOTIFY_RESEND`: a notification is an out header with `unique` 0 and the code in
+/// `error` (fuse_dev_do_write). A kernel that does not know the code answers EINVAL.
+fn notify_resend(fd: &OwnedFd) -> io::Result<()> {
+    let hdr = OutHeader {
+        len: size_of::<OutHeader>() as u32,
+        error: FUSE_NOTIFY_RESEND,
+        unique: 0,
+    };
+    let b = bytes(&hdr);
+    let n = rustix::io::write(fd, b)?;
+    if n != b.len() {
+        return Err(io::Error::other("short write"));
+    }
+    Ok(())
+}
+
+/// The connection behind a /dev/fuse descriptor was aborted (it polls POLLERR then).
+fn connection_ended(fd: &OwnedFd) -> bool {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let mut p = [PollFd::new(fd, PollFlags::IN)];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut p, Some(&zero)) {
+        Ok(_) => p[0].revents().contains(PollFlags::ERR),
+        Err(_) => true,
     }
 }
 

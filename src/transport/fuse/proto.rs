@@ -31,6 +31,15 @@ pub const FUSE_MAX_PAGES: u32 = 1 << 22;
 pub const FUSE_INIT_EXT: u32 = 1 << 30;
 /// `FUSE_OVER_IO_URING` (bit 41 of the 64-bit flags) as it appears in `flags2`.
 pub const FUSE_OVER_IO_URING_FLAGS2: u32 = 1 << (41 - 32);
+/// `FUSE_HAS_RESEND` (bit 39, protocol 7.40, Linux 6.9): offered by a kernel that understands
+/// [`FUSE_NOTIFY_RESEND`] and marks resent requests with [`FUSE_UNIQUE_RESEND`].
+pub const FUSE_HAS_RESEND_FLAGS2: u32 = 1 << (39 - 32);
+
+/// Notification code (in `fuse_out_header.error`, with `unique` 0): the kernel moves every
+/// request a server had read but not answered back to the pending queue (`fuse_resend()`).
+pub const FUSE_NOTIFY_RESEND: i32 = 7;
+/// Set in `unique` of a request the kernel sends a second time after [`FUSE_NOTIFY_RESEND`].
+pub const FUSE_UNIQUE_RESEND: u64 = 1 << 63;
 
 // FUSE-over-io_uring commands (`enum fuse_uring_cmd`, the SQE's `cmd_op`).
 pub const FUSE_IO_URING_CMD_REGISTER: u32 = 1;
