@@ -203,18 +203,8 @@ fn control_socket_notify_and_shutdown() {
 
     // Revocation seen by the periodic check.
     p.0.lock().unwrap().denied = true;
-    let mut state = String::new();
-    for _ in 0..100 {
-        let out = kvcrypt(&run, &["status", "--json", "vol1"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        state = v[0]["state"].as_str().unwrap_or("").to_owned();
-        if state == "suspended" {
-            assert_eq!(v[0]["last_error"]["class"], "denied");
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(state, "suspended");
+    let v = wait_state(&run, "vol1", "suspended");
+    assert_eq!(v["last_error"]["class"], "denied");
     assert_eq!(p.0.lock().unwrap().worker_key, Some(None));
     // STATUS= follows state changes.
     let mut saw = false;
@@ -272,17 +262,7 @@ fn control_socket_notify_and_shutdown() {
 
     // Access is back: serving again. (A volume still suspended at SIGTERM is left suspended for
     // the next agent; a serving one is closed.)
-    let mut state = String::new();
-    for _ in 0..200 {
-        let out = kvcrypt(&run, &["status", "--json", "vol1"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        state = v[0]["state"].as_str().unwrap_or("").to_owned();
-        if state == "serving" {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(state, "serving");
+    wait_state(&run, "vol1", "serving");
 
     // SIGTERM: clean shutdown closes the device and removes the socket.
     // SAFETY: signalling our own process; the daemon installed a handler for SIGTERM.
@@ -300,4 +280,20 @@ fn control_socket_notify_and_shutdown() {
     let out = kvcrypt(&run, &["status"]);
     assert_eq!(out.status.code(), Some(11));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not running"));
+}
+
+/// Polls `kvcrypt status --json NAME` until the volume is in `want` (10 s at most); returns its
+/// status object.
+fn wait_state(run: &Path, name: &str, want: &str) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    for _ in 0..200 {
+        let out = kvcrypt(run, &["status", "--json", name]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if v[0]["state"] == want {
+            return v[0].clone();
+        }
+        last = v;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{name} did not reach {want}: {last}");
 }

@@ -33,19 +33,8 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
-fn mounted(mp: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap()))
-}
-
-#[test]
-fn a_frozen_filesystem_can_be_unmounted_and_is_thawed_afterwards() {
-    if !root() {
-        eprintln!("not root: skipping (loop devices, mount)");
-        return;
-    }
+/// A fresh ext4 on a loop device, mounted on a temporary directory.
+fn mounted_ext4() -> (tempfile::TempDir, Loop, PathBuf) {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("fs.img");
     std::fs::File::create(&img)
@@ -59,6 +48,23 @@ fn a_frozen_filesystem_can_be_unmounted_and_is_thawed_afterwards() {
     let mp = d.path().join("mnt");
     std::fs::create_dir(&mp).unwrap();
     run(Command::new("mount").arg(&dev.0).arg(&mp));
+    (d, dev, mp)
+}
+
+fn mounted(mp: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap()))
+}
+
+#[test]
+fn a_frozen_filesystem_can_be_unmounted_and_is_thawed_afterwards() {
+    if !root() {
+        eprintln!("not root: skipping (loop devices, mount)");
+        return;
+    }
+    let (_d, dev, mp) = mounted_ext4();
     std::fs::write(mp.join("f"), b"acknowledged").unwrap();
 
     let set = freeze::freeze(&dev.0);
@@ -92,19 +98,7 @@ fn umount_of_a_frozen_filesystem_is_not_refused_as_busy() {
         eprintln!("not root: skipping (loop devices, mount)");
         return;
     }
-    let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("fs.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
-    let dev = Loop(PathBuf::from(run(Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(&img))));
-    let mp = d.path().join("mnt");
-    std::fs::create_dir(&mp).unwrap();
-    run(Command::new("mount").arg(&dev.0).arg(&mp));
+    let (_d, dev, mp) = mounted_ext4();
 
     let set = freeze::freeze(&dev.0);
     assert_eq!(set.mounts.len(), 1, "frozen");

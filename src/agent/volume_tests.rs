@@ -1474,6 +1474,16 @@ async fn ublk_backing_disk_removed_deletes_the_held_device() {
     assert_eq!(f.0.lock().unwrap().quiesced, None);
 }
 
+/// A volume (ublk or FUSE) served, then suspended by a revocation.
+async fn revoked(ublk: bool) -> (Arc<Fake>, VolumeHandle) {
+    let f = if ublk { ublk_fake() } else { Fake::new() };
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    f.set_vault(Vault::Denied);
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+    (f, h)
+}
+
 async fn shutdown_task(h: &VolumeHandle) {
     let (tx, rx) = tokio::sync::oneshot::channel();
     h.tx.send(Command::Shutdown(tx)).await.unwrap();
@@ -1486,11 +1496,7 @@ async fn shutdown_task(h: &VolumeHandle) {
 #[tokio::test(start_paused = true)]
 async fn agent_stop_while_suspended_leaves_the_volume_suspended() {
     for ublk in [false, true] {
-        let f = if ublk { ublk_fake() } else { Fake::new() };
-        let h = spawn_volume(settings(), f.clone());
-        wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
-        f.set_vault(Vault::Denied);
-        wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+        let (f, h) = revoked(ublk).await;
         let before = f.events().len();
         shutdown_task(&h).await;
         let after: Vec<String> = f.events()[before..].to_vec();
@@ -1510,11 +1516,7 @@ async fn agent_stop_while_suspended_leaves_the_volume_suspended() {
 #[tokio::test(start_paused = true)]
 async fn system_shutdown_while_suspended_removes_the_device_then_thaws() {
     for ublk in [false, true] {
-        let f = if ublk { ublk_fake() } else { Fake::new() };
-        let h = spawn_volume(settings(), f.clone());
-        wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
-        f.set_vault(Vault::Denied);
-        wait_state(&h, VolumeState::Suspended, Duration::from_secs(2)).await;
+        let (f, h) = revoked(ublk).await;
         f.0.lock().unwrap().system_stopping = true;
         let before = f.events().len();
         shutdown_task(&h).await;
