@@ -28,10 +28,12 @@ pub fn candidates(sys_block: &Path, run_dir: &Path) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(sys_block) else {
         return vec![];
     };
+    let served = served_devices(run_dir);
     let mut out = Vec::new();
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("ublkb")
+        if served.contains(&name)
+            || name.starts_with("ublkb")
             || name.starts_with("sr")
             || name.starts_with("fd")
             || name.starts_with("ram")
@@ -57,6 +59,26 @@ pub fn candidates(sys_block: &Path, run_dir: &Path) -> Vec<PathBuf> {
     }
     out.sort();
     out
+}
+
+/// Kernel names of the plaintext devices that the workers' state files (`RUN/volumes/*.json`)
+/// name, live or dead. The loop device of a FUSE worker that died is still held for a new
+/// worker (I/O on it waits), and its backing file no longer shows under the run directory (the
+/// FUSE mount lived in the dead worker's namespace): probing it would block — seen in the
+/// system test, where that probe held up the worker's replacement for 30 s.
+fn served_devices(run_dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(run_dir.join("volumes")) else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .filter_map(|v| {
+            let bd = v.get("block_device")?.as_str()?;
+            Some(Path::new(bd).file_name()?.to_string_lossy().into_owned())
+        })
+        .collect()
 }
 
 /// Finds the device for `sel`. `probe` reads a kvcrypt identity (None for anything else); it
@@ -121,11 +143,27 @@ mod tests {
         };
         mk("sda", "2048\n", None);
         mk("loop0", "0\n", None);
-        mk("loop1", "4096\n", Some("/run/kvcrypt/fuse/data/image\n"));
+        mk(
+            "loop1",
+            "4096\n",
+            Some(&format!(
+                "{}/fuse/data/image\n",
+                d.path().join("run").display()
+            )),
+        );
         mk("loop2", "4096\n", Some("/var/tmp/disk.img\n"));
         mk("ublkb0", "4096\n", None);
         mk("sr0", "4096\n", None);
-        let c = candidates(d.path(), Path::new("/run/kvcrypt"));
+        // A dead FUSE worker's loop device: its backing file shows outside the run directory.
+        mk("loop3", "4096\n", Some("/\n"));
+        let run = d.path().join("run");
+        std::fs::create_dir_all(run.join("volumes")).unwrap();
+        std::fs::write(
+            run.join("volumes/data.json"),
+            r#"{"pid":1,"name":"data","block_device":"/dev/loop3"}"#,
+        )
+        .unwrap();
+        let c = candidates(d.path(), &run);
         assert_eq!(
             c,
             vec![PathBuf::from("/dev/loop2"), PathBuf::from("/dev/sda")]

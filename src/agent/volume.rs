@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::secmem::VolumeKey;
 
 use super::backoff::{Backoff, jitter};
-use super::config::{RevokePolicy, VolumeSettings};
+use super::config::{RevokePolicy, Selector, VolumeSettings};
 use super::ports::{AccessClass, AccessError, CloseFailed, Platform, Served, SlotRef, WorkerExit};
 use super::status::{LastError, PolicyView, VolumeState, VolumeStatus, unix_now};
 
@@ -722,7 +722,13 @@ impl<P: Platform> VolumeCtl<P> {
         // The disk itself went away (hot-unplug: the worker closed its device when it noticed,
         // see worker::backing). Nothing to restart until it is back: wait for it like at boot
         // (udev's attach wakes us when it reappears, possibly under another name).
-        let Some(backing) = self.p.locate(&self.s.selector).await else {
+        // The disk it served from first (a cheap check): probing every device would read the
+        // held plaintext device too.
+        let backing = match self.p.locate(&Selector::Path(sv.backing.clone())).await {
+            Some(b) => Some(b),
+            None => self.p.locate(&self.s.selector).await,
+        };
+        let Some(backing) = backing else {
             self.backing_gone(sv).await;
             return;
         };
