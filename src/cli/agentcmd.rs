@@ -204,6 +204,17 @@ pub fn attach(config: &Path, a: AttachArgs) -> anyhow::Result<()> {
             println!("{}", r.message.unwrap_or_default());
             Ok(())
         }
+        Err(control::ClientError::NotRunning(_)) if agent_coming_back() => {
+            // The agent is between a crash and its automatic restart (or starting): it attaches
+            // the device itself once up. Acting now would race it — seen in the system test:
+            // after `systemctl kill`, this unit started a second worker on a new loop device
+            // while the restarting agent was about to recover the dead one in place.
+            println!(
+                "{}: the kvcrypt agent is (re)starting; it attaches the device itself",
+                dev.display()
+            );
+            Ok(())
+        }
         Err(control::ClientError::NotRunning(_)) => {
             // No agent (early boot, or not enabled): unlock the matching volumes ourselves and
             // leave their workers running; the agent adopts them when it starts.
@@ -242,6 +253,34 @@ pub fn attach(config: &Path, a: AttachArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Whether systemd is about to (re)start kvcrypt-agent.service: activating (a start job, or
+/// `auto-restart` after a crash) or reloading. Not booted with systemd: no.
+fn agent_coming_back() -> bool {
+    if !Path::new("/run/systemd/system").exists() {
+        return false;
+    }
+    let out = std::process::Command::new("systemctl")
+        .args([
+            "show",
+            "--property=ActiveState",
+            "--value",
+            "kvcrypt-agent.service",
+        ])
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    let state = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    unit_coming_back(&state)
+}
+
+/// `ActiveState` values of a unit that will be running shortly.
+fn unit_coming_back(active_state: &str) -> bool {
+    matches!(active_state, "activating" | "reloading")
+}
+
 fn probe(dev: &Path) -> Option<crate::agent::discover::Identity> {
     crate::agent::real::probe_identity(dev)
 }
@@ -268,6 +307,18 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_agent_in_auto_restart_counts_as_coming_back() {
+        // systemctl show -p ActiveState of a crashed unit with Restart=: "activating"
+        // (SubState auto-restart); of a stopped one: "inactive" / "failed".
+        assert!(unit_coming_back("activating"));
+        assert!(unit_coming_back("reloading"));
+        for s in ["inactive", "failed", "active", "deactivating", ""] {
+            assert!(!unit_coming_back(s), "{s}");
+        }
+    }
+
     use super::*;
     use crate::agent::ports::AccessClass;
     use crate::agent::status::{LastError, VolumeState};
