@@ -302,7 +302,18 @@ pub fn spawn_worker(spec: &WorkerSpec, key: &VolumeKey) -> Result<WorkerInfo, Wo
         source,
     };
     ensure_dirs().map_err(spawn_err)?;
-    if let Some(s) = reap_stale(&spec.name) {
+    // A worker that takes over a dead one's device (ublk recovery, FUSE takeover) leaves the
+    // dead one's state file in place until it writes its own (an atomic rename): while it
+    // exists, udev keeps naming the device (`kvcrypt udev-name`). Removing it first opened a
+    // window in which udev dropped /dev/disk/by-kvcrypt/NAME and systemd unmounted the
+    // filesystem bound to it (seen in the system test).
+    let takeover = spec.recover_dev_id.is_some() || spec.fuse_takeover.is_some();
+    let live = if takeover {
+        read_state(&spec.name).filter(|s| sys::pid_alive(s.pid))
+    } else {
+        reap_stale(&spec.name)
+    };
+    if let Some(s) = live {
         return Err(WorkerError::AlreadyOpen {
             name: s.name,
             pid: s.pid,

@@ -140,7 +140,7 @@ class Run:
             "-drive", f"file={d}/data.img,if=virtio,format=raw,cache=writeback",
             "-kernel", f"{d}/vmlinuz", "-initrd", f"{d}/initrd.img",
             "-append", "root=/dev/vda rw console=ttyS0 panic=-1 loglevel=4 "
-                       "systemd.show_status=0 systemd.log_target=journal",
+                       "systemd.show_status=0 systemd.log_target=journal " + self.args.append,
         ]
 
     def hotplug(self, qmp, req):
@@ -364,6 +364,8 @@ def main():
                     help="prebuilt kvcrypt and kvcrypt-kv-emulator (default target/release)")
     ap.add_argument("--work", default=os.path.join(REPO, "target", "system-vm"))
     ap.add_argument("--mem", type=int, default=1536)
+    ap.add_argument("--append", default="",
+                    help="extra guest kernel command line (e.g. kvtest.debug=worker-kill)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("system-test: run as root (loop devices, FUSE, mount)")

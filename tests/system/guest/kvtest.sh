@@ -49,9 +49,27 @@ boot_checks() {
   check "boot$PHASE.system-running" "is-system-running: $st" '[ "$st" = running ]'
 }
 
+# Debugging one step (run.py --append kvtest.debug=worker-kill): boot, that step with udev and
+# systemd's view printed every second, power off.
+debug_worker_kill() {
+  local w; w=$(worker_pid "$VOL")
+  ( udevadm monitor --udev --property --subsystem-match=block > /run/kvtest-udev.log 2>&1 & echo $! > /run/kvtest-udev.pid )
+  R kill -9 "$w"
+  for i in $(seq 12); do
+    echo "--- +${i}s"; systemctl --no-pager list-units --all 'dev-loop0.device' 'dev-disk-by\x2dkvcrypt-data.device' srv-data.mount | head -6
+    ls -l /dev/disk/by-kvcrypt/; kvcrypt udev-name loop0; echo "udev-name rc=$?"
+    sleep 1
+  done
+  kill "$(cat /run/kvtest-udev.pid)"; cat /run/kvtest-udev.log | grep -v '^$' | head -120
+  journalctl -b -o short-monotonic --no-pager | tail -60
+}
+
 # ---- phase 1 ------------------------------------------------------------------------------------
 phase1() {
   boot_checks
+  if grep -qw kvtest.debug=worker-kill /proc/cmdline; then
+    debug_worker_kill; echo "KVTEST-DONE $TRANSPORT"; shutdown_now poweroff done
+  fi
   local w dev
   w=$(worker_pid "$VOL"); dev=$(field "$VOL" block_device)
 
