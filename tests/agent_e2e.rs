@@ -830,6 +830,18 @@ fn wait_restarted(r: &Running, restarts: u32) -> kvcrypt::agent::status::VolumeS
 
 /// fio writing (with verification) a file on the filesystem mounted at `mnt`, for about
 /// `secs` seconds; its output goes to `log`.
+/// A reader of the device itself, so that requests are in flight at every kill (fio alone
+/// pauses between its passes); it stops at the first failed read.
+fn device_reader(bd: &str) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while :; do dd if={bd} of=/dev/null bs=1M count=64 iflag=direct status=none || exit 1; done"
+        ))
+        .spawn()
+        .unwrap()
+}
+
 fn fio_writer(mnt: &Path, secs: u32, log: &Path) -> Child {
     Command::new("fio")
         .args([
@@ -882,15 +894,7 @@ fn sigkilled_fuse_worker_under_a_mounted_writer_is_recovered_in_place() {
     let want = sha256(&mnt.join("before"));
     let fio_log = r.lab.dir.join("fio.log");
     let mut fio = fio_writer(&mnt, 20, &fio_log);
-    // And a reader of the device itself, so that requests are in flight at every kill (fio
-    // alone pauses between its passes); it stops at the first failed read.
-    let mut reader = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "while :; do dd if={bd} of=/dev/null bs=1M count=64 iflag=direct status=none || exit 1; done"
-        ))
-        .spawn()
-        .unwrap();
+    let mut reader = device_reader(&bd);
     std::thread::sleep(Duration::from_secs(2));
     for kill in 1..=3u32 {
         let old_pid = worker_pid(&run_dir);
@@ -1158,6 +1162,7 @@ fn agent_and_worker_sigkilled_together_recover_in_place_from_the_fd_store() {
     let want = sha256(&mnt.join("before"));
     let fio_log = dir.path().join("fio.log");
     let mut fio = fio_writer(&mnt, 12, &fio_log);
+    let mut reader = device_reader(&bd);
     std::thread::sleep(Duration::from_secs(2));
 
     // Both at once, as systemd's SIGKILL to the whole cgroup.
@@ -1182,6 +1187,7 @@ fn agent_and_worker_sigkilled_together_recover_in_place_from_the_fd_store() {
     // systemd's RestartSec: the writer waits meanwhile.
     std::thread::sleep(Duration::from_secs(2));
     assert!(fio.try_wait().unwrap().is_none(), "fio ended early");
+    assert!(reader.try_wait().unwrap().is_none(), "a read failed");
     let t1 = Instant::now();
     guard.child = Some(spawn_agent_with_fds(&lab, &store.fds));
     let st = loop {
@@ -1220,6 +1226,9 @@ fn agent_and_worker_sigkilled_together_recover_in_place_from_the_fd_store() {
     eprintln!("new worker status {ws}");
     assert!(ws["resent"].as_u64().unwrap_or(0) > 0, "{ws}");
     let status = fio.wait().unwrap();
+    assert!(reader.try_wait().unwrap().is_none(), "a read failed");
+    let _ = reader.kill();
+    let _ = reader.wait();
     let flog = std::fs::read_to_string(&fio_log).unwrap_or_default();
     assert!(status.success(), "fio failed: {status}\n{flog}");
     assert!(flog.contains("err= 0"), "{flog}");
