@@ -28,30 +28,10 @@ fn too_many(n: usize) -> io::Error {
     )
 }
 
-/// Sends `data` with `fds` attached on a connected socket.
-pub fn send_with_fds(sock: impl AsFd, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
-    if fds.len() > MAX_FDS_PER_MESSAGE {
-        return Err(too_many(fds.len()));
-    }
-    let mut space = control_space(fds.len());
-    let mut ctl = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !ctl.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::other("control buffer too small"));
-    }
-    Ok(rustix::net::sendmsg(
-        sock,
-        &[IoSlice::new(data)],
-        &mut ctl,
-        SendFlags::NOSIGNAL,
-    )?)
-}
-
-/// Sends one datagram `data` with `fds` attached to `addr` (sd_notify's `FDSTORE=1`).
-pub fn send_to_with_fds(
-    sock: impl AsFd,
-    addr: &SocketAddrUnix,
-    data: &[u8],
+/// Runs `send` with a control buffer carrying `fds` as one SCM_RIGHTS message.
+fn with_rights(
     fds: &[BorrowedFd<'_>],
+    send: impl FnOnce(&mut SendAncillaryBuffer<'_, '_, '_>) -> rustix::io::Result<usize>,
 ) -> io::Result<usize> {
     if fds.len() > MAX_FDS_PER_MESSAGE {
         return Err(too_many(fds.len()));
@@ -61,13 +41,26 @@ pub fn send_to_with_fds(
     if !fds.is_empty() && !ctl.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(io::Error::other("control buffer too small"));
     }
-    Ok(rustix::net::sendmsg_addr(
-        sock,
-        addr,
-        &[IoSlice::new(data)],
-        &mut ctl,
-        SendFlags::NOSIGNAL,
-    )?)
+    Ok(send(&mut ctl)?)
+}
+
+/// Sends `data` with `fds` attached on a connected socket.
+pub fn send_with_fds(sock: impl AsFd, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    with_rights(fds, |ctl| {
+        rustix::net::sendmsg(sock, &[IoSlice::new(data)], ctl, SendFlags::NOSIGNAL)
+    })
+}
+
+/// Sends one datagram `data` with `fds` attached to `addr` (sd_notify's `FDSTORE=1`).
+pub fn send_to_with_fds(
+    sock: impl AsFd,
+    addr: &SocketAddrUnix,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    with_rights(fds, |ctl| {
+        rustix::net::sendmsg_addr(sock, addr, &[IoSlice::new(data)], ctl, SendFlags::NOSIGNAL)
+    })
 }
 
 /// Receives into `buf`, taking up to `max_fds` attached descriptors (close-on-exec). Returns
