@@ -19,8 +19,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rustix::net::SocketAddrUnix;
-
+use super::notify::Notifier;
 use crate::worker::fdpass;
 
 /// `FDNAME=` of volume `name`'s descriptors on connection `conn`.
@@ -75,51 +74,38 @@ fn take(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(f)
 }
 
-/// `$NOTIFY_SOCKET`, for the fd store messages (`None`: not started by systemd, then only the
-/// agent's own copies exist).
+/// `$NOTIFY_SOCKET`, for the fd store messages (not started by systemd: every call is a no-op,
+/// then only the agent's own copies exist).
 #[derive(Debug, Clone)]
 pub struct FdStore {
-    addr: Option<String>,
+    notify: Notifier,
 }
 
 impl FdStore {
     pub fn from_env() -> FdStore {
         FdStore {
-            addr: std::env::var("NOTIFY_SOCKET")
-                .ok()
-                .filter(|s| !s.is_empty()),
+            notify: Notifier::from_env(),
         }
     }
 
     pub fn enabled(&self) -> bool {
-        self.addr.is_some()
-    }
-
-    fn send(&self, msg: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        let Some(path) = &self.addr else {
-            return Ok(());
-        };
-        let addr = match path.strip_prefix('@') {
-            Some(abs) => SocketAddrUnix::new_abstract_name(abs.as_bytes())?,
-            None => SocketAddrUnix::new(path.as_str())?,
-        };
-        let sock = std::os::unix::net::UnixDatagram::unbound()?;
-        fdpass::send_to_with_fds(&sock, &addr, msg.as_bytes(), fds)?;
-        Ok(())
+        self.notify.enabled()
     }
 
     /// Stores `fds` under `fdname` (in several messages if there are more than one carries).
     pub fn store(&self, fdname: &str, fds: &[impl AsFd]) -> io::Result<()> {
         let all: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
         for chunk in all.chunks(fdpass::MAX_FDS_PER_MESSAGE) {
-            self.send(&format!("FDSTORE=1\nFDNAME={fdname}"), chunk)?;
+            self.notify
+                .send_with_fds(&format!("FDSTORE=1\nFDNAME={fdname}"), chunk)?;
         }
         Ok(())
     }
 
     /// Removes every descriptor stored under `fdname`.
     pub fn remove(&self, fdname: &str) -> io::Result<()> {
-        self.send(&format!("FDSTOREREMOVE=1\nFDNAME={fdname}"), &[])
+        self.notify
+            .send(&format!("FDSTOREREMOVE=1\nFDNAME={fdname}"))
     }
 }
 
@@ -142,7 +128,7 @@ mod tests {
         let p = dir.path().join("notify");
         let rx = std::os::unix::net::UnixDatagram::bind(&p).unwrap();
         let st = FdStore {
-            addr: Some(p.display().to_string()),
+            notify: Notifier::at(Some(p.display().to_string())),
         };
         let f = tempfile::tempfile().unwrap();
         st.store("fuse-1-v", &[&f, &f]).unwrap();
@@ -154,6 +140,11 @@ mod tests {
         let (n, fds) = fdpass::recv_with_fds(&rx, &mut buf, 8).unwrap();
         assert_eq!(&buf[..n], b"FDSTOREREMOVE=1\nFDNAME=fuse-1-v");
         assert!(fds.is_empty());
-        assert!(!FdStore { addr: None }.enabled());
+        assert!(
+            !FdStore {
+                notify: Notifier::at(None)
+            }
+            .enabled()
+        );
     }
 }

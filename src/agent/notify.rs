@@ -1,12 +1,16 @@
 //! sd_notify: READY=1, STATUS=…, WATCHDOG=1, STOPPING=1 over $NOTIFY_SOCKET.
 //!
-//! Hand-written (a dozen lines over std's UnixDatagram) rather than a crate: the protocol is
-//! one datagram, and std already supports abstract (`@name`) sockets on Linux.
+//! Hand-written (a dozen lines over a datagram socket) rather than a crate: the protocol is
+//! one datagram, optionally with descriptors attached (the fd store, `super::fdstore`).
 
 use std::io;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::os::fd::BorrowedFd;
+use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
+
+use rustix::net::SocketAddrUnix;
+
+use crate::worker::fdpass;
 
 /// Where notifications go; `None` when not started by systemd (then every call is a no-op).
 #[derive(Debug, Clone)]
@@ -24,21 +28,32 @@ impl Notifier {
         }
     }
 
+    /// Sends to `path` (`@name`: abstract socket) or nowhere.
+    #[cfg(test)]
+    pub(super) fn at(path: Option<String>) -> Self {
+        Self { path }
+    }
+
     pub fn enabled(&self) -> bool {
         self.path.is_some()
     }
 
     /// Sends one datagram of `KEY=VALUE` lines.
     pub fn send(&self, msg: &str) -> io::Result<()> {
+        self.send_with_fds(msg, &[])
+    }
+
+    /// Sends one datagram with `fds` attached (`FDSTORE=1`, sd_pid_notify_with_fds(3)).
+    pub fn send_with_fds(&self, msg: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
         let addr = match path.strip_prefix('@') {
-            Some(abs) => SocketAddr::from_abstract_name(abs.as_bytes())?,
-            None => SocketAddr::from_pathname(path)?,
+            Some(abs) => SocketAddrUnix::new_abstract_name(abs.as_bytes())?,
+            None => SocketAddrUnix::new(path.as_str())?,
         };
         let sock = UnixDatagram::unbound()?;
-        sock.send_to_addr(msg.as_bytes(), &addr)?;
+        fdpass::send_to_with_fds(&sock, &addr, msg.as_bytes(), fds)?;
         Ok(())
     }
 
@@ -85,6 +100,8 @@ pub fn watchdog_period() -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::SocketAddr;
 
     #[test]
     fn sends_to_path_and_abstract_sockets() {
