@@ -1,5 +1,5 @@
 //! The agent daemon: boot-time unlock with retries, periodic access checks, and the
-//! revoke → suspend → resume / remove state machine (DESIGN.md §Revocation, §Boot and hotplug).
+//! revoke → suspend → resume / remove state machine (docs/AGENT.md "State machine", "udev").
 //!
 //! Layout: `config` (the TOML file), `volume` (per-volume state machine over the `ports`
 //! trait), `control` (root-only JSON-line socket), `notify` (sd_notify), `freeze`

@@ -1,6 +1,7 @@
 //! The per-volume state machine: one tokio task per configured volume.
 //!
-//! `locked → unlocking → serving → suspended → serving` / `→ removed` (DESIGN.md §Revocation).
+//! `locked → unlocking → serving → suspended → serving` / `→ removed`
+//! (docs/AGENT.md "State machine").
 //! Timers and commands drive it; every side effect goes through [`Platform`]. The agent never
 //! keeps a volume key: keys live in the worker; the agent only holds one briefly between
 //! unwrap and hand-over (or the key check), in a zeroizing [`VolumeKey`].

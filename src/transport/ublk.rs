@@ -4,8 +4,9 @@
 //! serving process goes away (crash, SIGKILL, suspend on kernels without `UBLK_F_QUIESCE`) the
 //! device stays, goes QUIESCED and keeps its requests; a new server re-attaches with
 //! [`serve`]`(.., Some(dev_id), ..)` and the kernel re-issues everything that was not completed.
-//! Without REISSUE those requests fail with EIO, which ext4 turns into silent data loss
-//! (DESIGN.md §ublk facts). Re-running an XTS sector write is idempotent, so re-issue is safe.
+//! Without REISSUE those requests fail with EIO, which ext4 turns into silent data loss (the
+//! writer saw success, the data never arrives). Re-running an XTS sector write is idempotent,
+//! so re-issue is safe.
 //!
 //! Threads: one per hardware queue (default one queue per CPU). Each runs a local executor with
 //! one task per tag on the queue's own io_uring, so all tags of a queue are served concurrently:

@@ -1,4 +1,5 @@
-//! Per-volume worker processes (CONVENTIONS.md §Serving process model).
+//! Per-volume worker processes: one detached process per served volume holds its key and serves
+//! its device, so that it outlives agent restarts.
 //!
 //! One process per served volume holds the volume's expanded key and serves its device. This
 //! keeps volumes independent (a crash takes down one volume), lets ublk suspend by process exit

@@ -29,7 +29,7 @@ VM_TIMEOUT=${VM_TIMEOUT:-420}
 TEST_TIMEOUT=${TEST_TIMEOUT:-150}
 MEM=${MEM:-1024}
 SMP=${SMP:-2}
-# -cx16: with qemu 7.2 TCG about a quarter of 6.12 boots oopsed at a cmpxchg16b (DESIGN.md).
+# -cx16: with qemu 7.2 TCG about a quarter of 6.12 boots oopsed at a cmpxchg16b.
 CPU=${CPU:-max,-cx16}
 mkdir -p "$CACHE"
 CACHE=$(cd "$CACHE" && pwd)
