@@ -2,7 +2,7 @@
 //! key, serve the device over the chosen transport, publish state + control socket, then handle
 //! control requests and termination signals until the volume is closed.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -523,6 +523,31 @@ fn answer_fuse_fds(w: &UnixStream, fuse: Option<&SharedFuse>) -> std::io::Result
     fdpass::send_with_fds(w, line.as_bytes(), &borrowed).map(|_| ())
 }
 
+/// Longest request line accepted on the control socket (requests are a few dozen bytes).
+const MAX_REQUEST_LINE: usize = 64 * 1024;
+
+/// Reads one `\n`-terminated request line into `line` (without the newline) one byte at a
+/// time, so nothing after the newline leaves the socket. Returns 0 at end of stream.
+fn read_request_line(r: &mut impl Read, line: &mut Vec<u8>) -> std::io::Result<usize> {
+    line.clear();
+    let mut b = [0u8; 1];
+    loop {
+        if r.read(&mut b)? == 0 {
+            return Ok(0);
+        }
+        if b[0] == b'\n' {
+            return Ok(line.len() + 1);
+        }
+        if line.len() >= MAX_REQUEST_LINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "control request line too long",
+            ));
+        }
+        line.push(b[0]);
+    }
+}
+
 fn serve_conn(conn: UnixStream, tx: Sender<Event>, fuse: Option<SharedFuse>) {
     let allowed = sys::peer_uid(&conn).is_ok_and(|uid| uid == 0 || uid == sys::euid());
     let mut w = match conn.try_clone() {
@@ -537,15 +562,17 @@ fn serve_conn(conn: UnixStream, tx: Sender<Event>, fuse: Option<SharedFuse>) {
         );
         return;
     }
-    let mut r = BufReader::new(conn);
-    let mut line = String::new();
+    // Unbuffered on purpose: the 64 key bytes that follow a `resume` line must go straight
+    // from the socket into secret memory. A BufReader would read them ahead into its heap
+    // buffer, which is freed without being wiped (a copy of the key left in ordinary memory).
+    let mut r = conn;
+    let mut line = Vec::new();
     loop {
-        line.clear();
-        match r.read_line(&mut line) {
+        match read_request_line(&mut r, &mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let op = serde_json::from_str::<serde_json::Value>(&line)
+        let op = serde_json::from_slice::<serde_json::Value>(&line)
             .ok()
             .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
             .unwrap_or_default();
