@@ -136,6 +136,11 @@ pub(crate) fn build_clients(cfg: &VaultConfig) -> Result<Clients, KeyError> {
             // No proxy from the environment: an unexpected HTTPS_PROXY would silently reroute
             // key traffic (and `resolve` would not apply to it).
             .no_proxy()
+            // No idle connections kept: an `unwrapKey` answer carries the volume key, and a
+            // pooled connection keeps its last records in live TLS and HTTP read buffers
+            // (which the wiping allocator only clears once they are freed). Key Vault calls
+            // are seconds apart, so a handshake per call costs nothing that matters.
+            .pool_max_idle_per_host(0)
             .tls_certs_merge(extra_roots.iter().cloned());
         for entry in &resolve {
             b = b.resolve(&entry.host, entry.addr);
