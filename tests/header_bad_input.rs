@@ -22,7 +22,7 @@ fn write_read_round_trip() {
     for (off, idx) in [(PRIMARY, 0u8), (SECONDARY, 1u8)] {
         let b = read_at(&p, off, 24);
         assert_eq!(&b[0..8], b"KVCRYPT\xba");
-        assert_eq!(&b[8..10], &[1, 0], "version 1 little-endian");
+        assert_eq!(&b[8..10], &[2, 0], "version 2 little-endian");
         assert_eq!(&b[10..12], &[idx, 0]);
         assert_eq!(&b[16..24], &1u64.to_le_bytes());
     }
@@ -211,26 +211,26 @@ fn truncated_metadata() {
 fn unknown_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "data");
-    write_at(&p, PRIMARY + 8, &2u16.to_le_bytes());
-    // One copy of an unknown version: the other (v1) copy is used, the first reported.
+    write_at(&p, PRIMARY + 8, &3u16.to_le_bytes());
+    // One copy of an unknown version: the other (v2) copy is used, the first reported.
     let l = header::read(&p).unwrap();
     assert_eq!(l.used, Copy::Secondary);
-    assert!(l.damaged[0].reason.contains("unsupported version 2"));
-    write_at(&p, SECONDARY + 8, &2u16.to_le_bytes());
+    assert!(l.damaged[0].reason.contains("unsupported version 3"));
+    write_at(&p, SECONDARY + 8, &3u16.to_le_bytes());
     let e = header::read(&p).unwrap_err();
     assert!(
         matches!(
             e,
             HeaderError::UnsupportedVersion {
-                version: 2,
-                supported: 1,
+                version: 3,
+                supported: 2,
                 ..
             }
         ),
         "{e}"
     );
     assert_eq!(e.exit_class(), Exit::HeaderInvalid);
-    assert!(e.to_string().contains("version 2"));
+    assert!(e.to_string().contains("version 3"));
 }
 
 #[test]
@@ -318,5 +318,5 @@ fn probe_reports_identity() {
     let info = header::probe(&p).unwrap();
     assert_eq!(info.uuid, h.uuid);
     assert_eq!(info.label, "my vol");
-    assert_eq!(info.version, 1);
+    assert_eq!(info.version, 2);
 }

@@ -51,7 +51,7 @@ fn probe_prints_udev_properties() {
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8(out.stdout).unwrap();
     let want = format!(
-        "ID_FS_TYPE=kvcrypt\nID_FS_USAGE=crypto\nID_FS_VERSION=1\nID_FS_UUID={u}\n\
+        "ID_FS_TYPE=kvcrypt\nID_FS_USAGE=crypto\nID_FS_VERSION=2\nID_FS_UUID={u}\n\
          ID_FS_UUID_ENC={u}\nID_FS_LABEL=db_disk_1\nID_FS_LABEL_ENC=db\\x20disk\\x0a1\n",
         u = h.uuid
     );
@@ -94,7 +94,7 @@ fn dump_json_describes_the_header_and_reports_damage() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["uuid"], h.uuid.to_string());
-    assert_eq!(v["version"], 1);
+    assert_eq!(v["version"], 2);
     assert_eq!(v["data_offset"], MIB);
     assert_eq!(v["sector_size"], 4096);
     assert_eq!(v["keyslots"][0]["key_id"], h.slots[0].key_id);

@@ -46,7 +46,10 @@ fn document_reproduces_checksum_key_check_and_mac() {
     let p = sized_file(dir.path(), "v.img", 8 * MIB);
     let mut h = kvcrypt::header::VolumeHeader::new_for_device(8 * MIB, 512, "doc ✓", &vmk).unwrap();
     h.add_slot(slot(1));
-    h.add_slot(slot(2));
+    // Slot 2 carries an access check (format v2); slot 1 is as a v1 volume's slot was.
+    let mut s2 = slot(2);
+    s2.check = Some(vec![0xa5; 40]);
+    h.add_slot(s2);
     h.seal(&vmk);
     kvcrypt::header::write(&p, &mut h).unwrap();
 
@@ -56,7 +59,7 @@ fn document_reproduces_checksum_key_check_and_mac() {
             &block[0..8],
             &[0x4b, 0x56, 0x43, 0x52, 0x59, 0x50, 0x54, 0xba]
         );
-        assert_eq!(u16::from_le_bytes([block[8], block[9]]), 1);
+        assert_eq!(u16::from_le_bytes([block[8], block[9]]), 2);
         assert_eq!(u16::from_le_bytes([block[10], block[11]]), index);
         assert_eq!(u32le(&block, 12), 4096);
         assert_eq!(u64le(&block, 16), h.sequence);
@@ -97,8 +100,9 @@ fn document_reproduces_checksum_key_check_and_mac() {
         let obj = j.as_object().unwrap();
         assert_eq!(
             obj.keys().map(String::as_str).collect::<Vec<_>>(),
-            vec!["key_check", "keyslots", "mac"]
+            vec!["access_check", "key_check", "keyslots", "mac"]
         );
+        assert_eq!(j["access_check"]["algorithm"], "hkdf-sha256/hmac-sha256");
         assert_eq!(j["key_check"]["algorithm"], "hkdf-sha256/hmac-sha256");
         assert_eq!(j["mac"]["algorithm"], "hmac-sha256");
         let slots = j["keyslots"].as_array().unwrap();
@@ -113,9 +117,27 @@ fn document_reproduces_checksum_key_check_and_mac() {
             key_check
         );
 
+        // §3.1 access check.
+        let secret = hkdf32(
+            b"kvcrypt-v1-kdf",
+            vmk.expose(),
+            b"kvcrypt v2 access-check secret",
+        );
+        let access_check = hmac(&secret, &[b"kvcrypt v2 access check"]);
+        assert_eq!(
+            B64.decode(j["access_check"]["value"].as_str().unwrap())
+                .unwrap(),
+            access_check
+        );
+        assert!(slots[0].get("check").is_none());
+        assert_eq!(
+            B64.decode(slots[1]["check"].as_str().unwrap()).unwrap(),
+            vec![0xa5; 40]
+        );
+
         // §4 MAC over the canonical input.
         let mut input = b"kvcrypt-header-mac-v1".to_vec();
-        input.extend_from_slice(&1u16.to_le_bytes());
+        input.extend_from_slice(&2u16.to_le_bytes());
         input.extend_from_slice(&block[24..40]);
         lp(&mut input, text(&block[40..88]).as_bytes());
         lp(&mut input, text(&block[88..120]).as_bytes());
@@ -124,6 +146,7 @@ fn document_reproduces_checksum_key_check_and_mac() {
         input.extend_from_slice(&block[128..136]);
         input.extend_from_slice(&block[136..144]);
         input.extend_from_slice(&key_check);
+        input.extend_from_slice(&access_check);
         input.extend_from_slice(&(slots.len() as u32).to_le_bytes());
         for s in slots {
             input.extend_from_slice(&(s["id"].as_u64().unwrap() as u32).to_le_bytes());
@@ -135,6 +158,11 @@ fn document_reproduces_checksum_key_check_and_mac() {
                 &B64.decode(s["wrapped"].as_str().unwrap()).unwrap(),
             );
             lp(&mut input, s["created_at"].as_str().unwrap().as_bytes());
+            let check = s
+                .get("check")
+                .map(|c| B64.decode(c.as_str().unwrap()).unwrap())
+                .unwrap_or_default();
+            lp(&mut input, &check);
         }
         let k_mac = hkdf32(
             b"kvcrypt-v1-kdf",

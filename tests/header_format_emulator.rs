@@ -94,6 +94,12 @@ fn format_dump_rewrap_against_the_emulator() {
     let vmk =
         master_key(&cfg, devs).unwrap_or_else(|o| panic!("{}", String::from_utf8_lossy(&o.stderr)));
     l.verify_key(&vmk).unwrap();
+    // Format v2: the slot carries an access check wrapped by the same key, and the header's
+    // digest is that of the secret derived from this VMK.
+    assert_eq!(l.version, 2);
+    assert!(l.slots[0].check.as_ref().is_some_and(|c| !c.is_empty()));
+    l.verify_access_secret(kvcrypt::crypto::kdf::access_secret(&vmk).expose())
+        .unwrap();
     let mut sector = vec![0u8; 4096];
     std::os::unix::fs::FileExt::read_exact_at(
         &std::fs::File::open(&dev).unwrap(),

@@ -82,6 +82,22 @@ impl KeyWrapper for crate::keys::BlockingProvider {
     fn latest_version(&self, key_id: &str) -> anyhow::Result<String> {
         Ok(crate::keys::BlockingProvider::latest_version(self, key_id)?)
     }
+    fn wrap_check(
+        &self,
+        key_id: &str,
+        algorithm: &str,
+        secret: &crate::secmem::SecretBytes<{ crate::crypto::kdf::ACCESS_SECRET_LEN }>,
+    ) -> anyhow::Result<Vec<u8>> {
+        Ok(self.wrap_secret(key_id, Some(algorithm), secret)?.wrapped)
+    }
+    fn unwrap_check(
+        &self,
+        key_id: &str,
+        algorithm: &str,
+        wrapped: &[u8],
+    ) -> anyhow::Result<crate::secmem::SecretBytes<{ crate::crypto::kdf::ACCESS_SECRET_LEN }>> {
+        Ok(self.unwrap_secret(key_id, algorithm, wrapped)?)
+    }
 }
 
 pub fn format(config: &Path, a: FormatArgs) -> anyhow::Result<()> {
@@ -275,7 +291,13 @@ pub fn rewrap(config: &Path, a: RewrapArgs) -> anyhow::Result<()> {
     };
     let w = vault_wrapper(config)?;
     let out = slots::rewrap(&mut l.header, w.as_ref(), &plan)?;
-    if out.added.is_none() && out.removed.is_empty() {
+    for (id, why) in &out.checks_failed {
+        eprintln!(
+            "warning: key slot {id} got no access check ({why}); the agent's access checks \
+             fall back to unwrapping the volume key with it"
+        );
+    }
+    if out.added.is_none() && out.removed.is_empty() && out.checks_added.is_empty() {
         println!(
             "Nothing changed: key slot {} already wraps the volume key with that key version",
             out.already_present.unwrap_or_default()
@@ -290,6 +312,9 @@ pub fn rewrap(config: &Path, a: RewrapArgs) -> anyhow::Result<()> {
     }
     for id in &out.removed {
         println!("Removed key slot {id}");
+    }
+    for id in &out.checks_added {
+        println!("Added an access check to key slot {id} (format v2)");
     }
     Ok(())
 }

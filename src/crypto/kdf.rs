@@ -8,7 +8,12 @@
 //!   proves an unwrapped key is the volume's key without revealing anything about it.
 //! * header MAC = HMAC-SHA256(header-MAC key, header bytes) — detects tampering once unlocked.
 //!
-//! These constants are part of the on-disk format v1 (docs/FORMAT.md): never change them.
+//! * access-check secret = HKDF-Expand(PRK, [`ACCESS_SECRET_INFO`], 32) — format v2: wrapped by
+//!   each key slot's key, it is what periodic access checks unwrap instead of the VMK;
+//!   access-check digest = HMAC-SHA256(access-check secret, [`ACCESS_CHECK_LABEL`]) — stored
+//!   in the header so an unwrapped secret can be verified without the VMK.
+//!
+//! These constants are part of the on-disk format (docs/FORMAT.md): never change them.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -23,6 +28,13 @@ pub const KEY_CHECK_INFO: &[u8] = b"kvcrypt v1 key-check key";
 pub const HEADER_MAC_INFO: &[u8] = b"kvcrypt v1 header-mac key";
 /// Message authenticated by the key-check key to form the key-check digest.
 pub const KEY_CHECK_LABEL: &[u8] = b"kvcrypt v1 key check";
+
+/// HKDF info for the access-check secret (format v2).
+pub const ACCESS_SECRET_INFO: &[u8] = b"kvcrypt v2 access-check secret";
+/// Message authenticated by the access-check secret to form the access-check digest.
+pub const ACCESS_CHECK_LABEL: &[u8] = b"kvcrypt v2 access check";
+/// Length of the access-check secret.
+pub const ACCESS_SECRET_LEN: usize = 32;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -93,6 +105,28 @@ pub fn verify_header_mac(vmk: &VolumeKey, bytes: &[u8], stored: &[u8]) -> bool {
     ok
 }
 
+/// The access-check secret: HKDF-SHA256(VMK, info = [`ACCESS_SECRET_INFO`]). One-way: knowing
+/// it (the agent holds it in ordinary memory after each check) reveals nothing of the VMK.
+pub fn access_secret(vmk: &VolumeKey) -> SecretBytes<ACCESS_SECRET_LEN> {
+    derive(vmk, ACCESS_SECRET_INFO)
+}
+
+/// Access-check digest stored in a v2 header: HMAC-SHA256(secret, [`ACCESS_CHECK_LABEL`]).
+pub fn access_check_digest(secret: &[u8]) -> [u8; 32] {
+    let mut m = HmacSha256::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    m.update(ACCESS_CHECK_LABEL);
+    m.finalize().into_bytes().into()
+}
+
+/// Constant-time check of an unwrapped access-check secret against the stored digest.
+pub fn verify_access_check(secret: &[u8], stored: &[u8; 32]) -> bool {
+    let mut m = HmacSha256::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    m.update(ACCESS_CHECK_LABEL);
+    m.verify_slice(stored).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +178,23 @@ mod tests {
             header_mac(&vmk, b"header bytes"),
             hmac_sha256(&hmk, b"header bytes")
         );
+    }
+
+    #[test]
+    fn access_secret_matches_rfc5869_by_hand() {
+        let vmk = VolumeKey::from_slice(&(0u8..64).collect::<Vec<_>>()).unwrap();
+        let prk = hmac_sha256(HKDF_SALT, vmk.expose());
+        let mut t1 = ACCESS_SECRET_INFO.to_vec();
+        t1.push(1);
+        let secret = hmac_sha256(&prk, &t1);
+        assert_eq!(access_secret(&vmk).expose(), &secret);
+        let d = hmac_sha256(&secret, ACCESS_CHECK_LABEL);
+        assert_eq!(access_check_digest(&secret), d);
+        assert!(verify_access_check(&secret, &d));
+        let mut other = secret;
+        other[0] ^= 1;
+        assert!(!verify_access_check(&other, &d));
+        assert_ne!(access_secret(&vmk).expose(), key_check_key(&vmk).expose());
     }
 
     #[test]

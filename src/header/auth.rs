@@ -24,7 +24,9 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
 pub fn mac_input(h: &VolumeHeader, key_check: &[u8; 32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + h.slots.len() * 640);
     out.extend_from_slice(MAC_DOMAIN);
-    out.extend_from_slice(&super::layout::VERSION.to_le_bytes());
+    // v1 input for v1 headers (so they still verify), v2 adds the access-check members.
+    let v2 = h.version >= super::layout::VERSION_2;
+    out.extend_from_slice(&h.version.to_le_bytes());
     out.extend_from_slice(h.uuid.as_bytes());
     put_bytes(&mut out, h.label.as_bytes());
     put_bytes(&mut out, h.cipher.as_bytes());
@@ -33,6 +35,11 @@ pub fn mac_input(h: &VolumeHeader, key_check: &[u8; 32]) -> Vec<u8> {
     out.extend_from_slice(&h.data_offset.to_le_bytes());
     out.extend_from_slice(&h.data_length.to_le_bytes());
     out.extend_from_slice(key_check);
+    if v2 {
+        // A v2 header always has the digest (decode and seal guarantee it); zeros would only
+        // make the MAC fail, never pass.
+        out.extend_from_slice(h.access_check_digest().unwrap_or(&[0; 32]));
+    }
     let count = u32::try_from(h.slots.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&count.to_le_bytes());
     for s in &h.slots {
@@ -42,6 +49,9 @@ pub fn mac_input(h: &VolumeHeader, key_check: &[u8; 32]) -> Vec<u8> {
         put_bytes(&mut out, s.algorithm.as_bytes());
         put_bytes(&mut out, &s.wrapped);
         put_bytes(&mut out, s.created_at.as_bytes());
+        if v2 {
+            put_bytes(&mut out, s.check.as_deref().unwrap_or(&[]));
+        }
     }
     out
 }

@@ -192,7 +192,7 @@ pub fn probe(path: impl AsRef<Path>) -> Option<ProbeInfo> {
     Some(ProbeInfo {
         uuid: h.uuid,
         label: h.label,
-        version: layout::VERSION,
+        version: h.version,
         sequence: h.sequence,
     })
 }

@@ -113,6 +113,7 @@ pub fn seed_inputs() -> Vec<Vec<u8>> {
                 algorithm: ["RSA-OAEP-256", "A256KW", "CKM_AES_KEY_WRAP"][n % 3].into(),
                 wrapped: vec![n as u8; 40 + 100 * n],
                 created_at: "2026-11-29T08:00:00Z".into(),
+                check: None,
             });
         }
         h.seal(&vmk);

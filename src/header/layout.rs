@@ -7,8 +7,14 @@ use sha2::{Digest, Sha256};
 /// Magic bytes at offset 0 of each header copy. The trailing 0xBA keeps the magic from being
 /// plain ASCII text that a text file could contain by accident.
 pub const MAGIC: [u8; 8] = *b"KVCRYPT\xba";
-/// The only format version this code reads and writes.
-pub const VERSION: u16 = 1;
+/// Format version 1: key slots wrap only the VMK.
+pub const VERSION_1: u16 = 1;
+/// Format version 2: v1 plus access-check slots (docs/FORMAT.md §3.1), so periodic access
+/// checks never unwrap the VMK. A v1 header is read and served as it is; it becomes v2 at its
+/// next sealing write (format, rewrap, slot changes).
+pub const VERSION_2: u16 = 2;
+/// The version every sealing write produces.
+pub const VERSION: u16 = VERSION_2;
 /// Size of the binary part of a header copy.
 pub const BINARY_HEADER_SIZE: usize = 4096;
 /// Size of one header copy (binary block + metadata area).
@@ -141,7 +147,7 @@ pub fn decode_copy(bytes: &[u8]) -> Result<(RawBinary, &[u8]), DecodeError> {
         return Err(DecodeError::Absent);
     }
     let version = u16_at(bytes, OFF_VERSION);
-    if version != VERSION {
+    if version != VERSION_1 && version != VERSION_2 {
         return Err(DecodeError::UnsupportedVersion(version));
     }
     if bytes.len() < BINARY_HEADER_SIZE {
@@ -251,7 +257,7 @@ mod tests {
         let bytes = encode_copy(&raw, b"{}");
         assert_eq!(bytes.len() as u64, COPY_SIZE);
         assert_eq!(&bytes[0..8], b"KVCRYPT\xba");
-        assert_eq!(&bytes[8..10], &[1, 0]);
+        assert_eq!(&bytes[8..10], &VERSION.to_le_bytes());
         assert_eq!(&bytes[16..24], &7u64.to_le_bytes());
         assert_eq!(&bytes[40..44], b"data");
         assert_eq!(&bytes[88..103], b"aes-xts-plain64");
@@ -285,9 +291,9 @@ mod tests {
             decode_copy(&bytes[..4097]),
             Err(DecodeError::Truncated(_))
         ));
-        let mut v2 = bytes.clone();
-        v2[8] = 2;
-        assert_eq!(decode_copy(&v2), Err(DecodeError::UnsupportedVersion(2)));
+        let mut v3 = bytes.clone();
+        v3[8] = 3;
+        assert_eq!(decode_copy(&v3), Err(DecodeError::UnsupportedVersion(3)));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The JSON metadata area: serde schema and validation. Unknown members are refused
-//! (`deny_unknown_fields`): anything a v1 reader cannot interpret needs a new format version,
-//! so no unauthenticated data can hide in the metadata.
+//! (`deny_unknown_fields`): anything a reader cannot interpret needs a new format version, so
+//! no unauthenticated data can hide in the metadata. The v2 members (`access_check`, a slot's
+//! `check`) are refused in a v1 header and `access_check` is required in a v2 one.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -16,6 +17,9 @@ pub const MAC_ALGORITHM: &str = "hmac-sha256";
 pub struct Metadata {
     pub keyslots: Vec<JsonSlot>,
     pub key_check: JsonDigest,
+    /// Format v2 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_check: Option<JsonDigest>,
     pub mac: JsonDigest,
 }
 
@@ -30,6 +34,9 @@ pub struct JsonSlot {
     pub wrapped: String,
     /// RFC 3339 timestamp.
     pub created_at: String,
+    /// Format v2 only: base64 of the wrapped access-check secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -44,6 +51,7 @@ pub struct JsonDigest {
 pub struct Decoded {
     pub slots: Vec<KeySlot>,
     pub key_check: [u8; 32],
+    pub access_check: Option<[u8; 32]>,
     pub mac: [u8; 32],
 }
 
@@ -58,7 +66,12 @@ fn digest(d: &JsonDigest, want_alg: &str, what: &str) -> Result<[u8; 32], String
         .map_err(|_| format!("{what}: value is not 32 bytes"))
 }
 
-pub fn encode(slots: &[KeySlot], key_check: &[u8; 32], mac: &[u8; 32]) -> Vec<u8> {
+pub fn encode(
+    slots: &[KeySlot],
+    key_check: &[u8; 32],
+    access_check: Option<&[u8; 32]>,
+    mac: &[u8; 32],
+) -> Vec<u8> {
     let md = Metadata {
         keyslots: slots
             .iter()
@@ -69,12 +82,17 @@ pub fn encode(slots: &[KeySlot], key_check: &[u8; 32], mac: &[u8; 32]) -> Vec<u8
                 algorithm: s.algorithm.clone(),
                 wrapped: B64.encode(&s.wrapped),
                 created_at: s.created_at.clone(),
+                check: s.check.as_ref().map(|c| B64.encode(c)),
             })
             .collect(),
         key_check: JsonDigest {
             algorithm: KEY_CHECK_ALGORITHM.into(),
             value: B64.encode(key_check),
         },
+        access_check: access_check.map(|d| JsonDigest {
+            algorithm: KEY_CHECK_ALGORITHM.into(),
+            value: B64.encode(d),
+        }),
         mac: JsonDigest {
             algorithm: MAC_ALGORITHM.into(),
             value: B64.encode(mac),
@@ -85,8 +103,15 @@ pub fn encode(slots: &[KeySlot], key_check: &[u8; 32], mac: &[u8; 32]) -> Vec<u8
     serde_json::to_vec_pretty(&md).unwrap_or_else(|_| b"{}".to_vec())
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
+pub fn decode(bytes: &[u8], version: u16) -> Result<Decoded, String> {
     let md: Metadata = serde_json::from_slice(bytes).map_err(|e| format!("metadata JSON: {e}"))?;
+    let v2 = version >= super::layout::VERSION_2;
+    if !v2 && (md.access_check.is_some() || md.keyslots.iter().any(|s| s.check.is_some())) {
+        return Err("format v1 header with v2 members (access_check / check)".into());
+    }
+    if v2 && md.access_check.is_none() {
+        return Err("format v2 header without access_check".into());
+    }
     let mut slots = Vec::with_capacity(md.keyslots.len());
     for s in md.keyslots {
         if slots.iter().any(|o: &KeySlot| o.id == s.id) {
@@ -98,6 +123,18 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
         if wrapped.is_empty() {
             return Err(format!("key slot {}: empty wrapped key", s.id));
         }
+        let check = match &s.check {
+            None => None,
+            Some(c) => {
+                let c = B64
+                    .decode(c)
+                    .map_err(|e| format!("key slot {}: check is not base64: {e}", s.id))?;
+                if c.is_empty() {
+                    return Err(format!("key slot {}: empty check", s.id));
+                }
+                Some(c)
+            }
+        };
         slots.push(KeySlot {
             id: s.id,
             provider: s.provider,
@@ -105,10 +142,16 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
             algorithm: s.algorithm,
             wrapped,
             created_at: s.created_at,
+            check,
         });
     }
+    let access_check = match &md.access_check {
+        None => None,
+        Some(d) => Some(digest(d, KEY_CHECK_ALGORITHM, "access_check")?),
+    };
     Ok(Decoded {
         slots,
+        access_check,
         key_check: digest(&md.key_check, KEY_CHECK_ALGORITHM, "key_check")?,
         mac: digest(&md.mac, MAC_ALGORITHM, "mac")?,
     })

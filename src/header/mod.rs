@@ -1,4 +1,4 @@
-//! On-disk volume header, format v1 (docs/FORMAT.md is the normative description).
+//! On-disk volume header, format v1 and v2 (docs/FORMAT.md is the normative description).
 //!
 //! Two copies of the header live in the first MiB of the device (primary at 0, secondary at
 //! 512 KiB). Each is a 4096-byte binary block followed by a JSON metadata area with the key
@@ -17,6 +17,7 @@ mod metadata;
 
 use std::path::PathBuf;
 
+use crate::crypto::kdf;
 use crate::exit::{Exit, ExitClass};
 use crate::secmem::VolumeKey;
 
@@ -41,6 +42,9 @@ pub struct KeySlot {
     pub wrapped: Vec<u8>,
     /// RFC 3339 creation time.
     pub created_at: String,
+    /// Format v2: the access-check secret wrapped by the same key (`None` in v1 headers and
+    /// for slots added before the volume became v2). Access checks unwrap this, never the VMK.
+    pub check: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for KeySlot {
@@ -53,6 +57,7 @@ impl std::fmt::Debug for KeySlot {
             .field("algorithm", &self.algorithm)
             .field("wrapped_len", &self.wrapped.len())
             .field("created_at", &self.created_at)
+            .field("check", &self.check.is_some())
             .finish()
     }
 }
@@ -60,6 +65,8 @@ impl std::fmt::Debug for KeySlot {
 /// The decoded volume header (one copy's content).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeHeader {
+    /// Format version of this header: [`layout::VERSION_1`] or [`layout::VERSION_2`].
+    pub version: u16,
     pub uuid: uuid::Uuid,
     /// At most 47 bytes of UTF-8, no NUL.
     pub label: String,
@@ -77,6 +84,8 @@ pub struct VolumeHeader {
     pub sequence: u64,
     pub slots: Vec<KeySlot>,
     key_check: [u8; 32],
+    /// Format v2: digest of the access-check secret (`None` exactly in v1 headers).
+    access_check: Option<[u8; 32]>,
     mac: [u8; 32],
 }
 
@@ -166,8 +175,8 @@ pub enum HeaderError {
         secondary: String,
     },
     #[error(
-        "{path}: unsupported kvcrypt header version {version} (this kvcrypt understands version \
-         {supported} only); use a newer kvcrypt"
+        "{path}: unsupported kvcrypt header version {version} (this kvcrypt understands versions \
+         1 to {supported}); use a newer kvcrypt"
     )]
     UnsupportedVersion {
         path: PathBuf,
@@ -261,6 +270,7 @@ impl VolumeHeader {
         }
         let data_length = (device_size - data_offset) / ss * ss;
         let mut h = VolumeHeader {
+            version: layout::VERSION,
             uuid: uuid::Uuid::new_v4(),
             label: label.to_string(),
             cipher: layout::CIPHER.to_string(),
@@ -271,6 +281,7 @@ impl VolumeHeader {
             sequence: 0,
             slots: Vec::new(),
             key_check: [0; 32],
+            access_check: None,
             mac: [0; 32],
         };
         h.validate().map_err(HeaderError::Invalid)?;
@@ -281,9 +292,32 @@ impl VolumeHeader {
     /// Recomputes the key-check digest and the MAC with `vmk`. Needed after any change to a
     /// MAC-covered field (label, geometry, slots). The caller must have verified `vmk` first
     /// (sealing with a wrong key would lock the volume's real key out).
+    ///
+    /// Sealing writes the current format version: a v1 header becomes v2 and gains the
+    /// access-check digest (its slots gain access-check slots as the caller wraps them).
     pub fn seal(&mut self, vmk: &VolumeKey) {
+        self.version = layout::VERSION;
+        self.access_check = Some(kdf::access_check_digest(kdf::access_secret(vmk).expose()));
         self.key_check = auth::key_check(vmk);
         self.mac = auth::mac(vmk, self, &self.key_check);
+    }
+
+    /// Checks an unwrapped access-check secret (from a slot's `check`) against the header's
+    /// digest. A mismatch is [`HeaderError::WrongKey`]; a v1 header has nothing to check
+    /// against ([`HeaderError::Invalid`]).
+    pub fn verify_access_secret(&self, secret: &[u8]) -> Result<(), HeaderError> {
+        match &self.access_check {
+            None => Err(HeaderError::Invalid(
+                "a format v1 header has no access check".into(),
+            )),
+            Some(d) if kdf::verify_access_check(secret, d) => Ok(()),
+            Some(_) => Err(HeaderError::WrongKey),
+        }
+    }
+
+    /// The stored access-check digest (format v2).
+    pub fn access_check_digest(&self) -> Option<&[u8; 32]> {
+        self.access_check.as_ref()
     }
 
     /// Checks that `vmk` is this volume's key (key-check digest → [`HeaderError::WrongKey`]) and
@@ -387,7 +421,12 @@ impl VolumeHeader {
     /// Builds one encoded copy (`COPY_SIZE` bytes) of this header.
     fn encode_copy(&self, copy: Copy, sequence: u64) -> Result<Vec<u8>, HeaderError> {
         self.validate().map_err(HeaderError::Invalid)?;
-        let md = metadata::encode(&self.slots, &self.key_check, &self.mac);
+        let md = metadata::encode(
+            &self.slots,
+            &self.key_check,
+            self.access_check.as_ref(),
+            &self.mac,
+        );
         if md.len() as u64 > layout::MAX_METADATA_LEN {
             return Err(HeaderError::Invalid(format!(
                 "metadata is {} bytes, the area holds {} (too many key slots?)",
@@ -396,7 +435,7 @@ impl VolumeHeader {
             )));
         }
         let raw = layout::RawBinary {
-            version: layout::VERSION,
+            version: self.version,
             copy_index: copy.index() as u16,
             header_size: layout::BINARY_HEADER_SIZE as u32,
             sequence,
@@ -437,8 +476,9 @@ impl VolumeHeader {
         let label = layout::text_field(&raw.label).map_err(|e| Corrupt(format!("label: {e}")))?;
         let cipher =
             layout::text_field(&raw.cipher).map_err(|e| Corrupt(format!("cipher: {e}")))?;
-        let decoded = metadata::decode(md).map_err(Corrupt)?;
+        let decoded = metadata::decode(md, raw.version).map_err(Corrupt)?;
         let h = VolumeHeader {
+            version: raw.version,
             uuid: uuid::Uuid::from_bytes(raw.uuid),
             label,
             cipher,
@@ -449,6 +489,7 @@ impl VolumeHeader {
             sequence: raw.sequence,
             slots: decoded.slots,
             key_check: decoded.key_check,
+            access_check: decoded.access_check,
             mac: decoded.mac,
         };
         h.validate().map_err(Corrupt)?;
@@ -472,6 +513,7 @@ mod tests {
             algorithm: "RSA-OAEP-256".into(),
             wrapped: vec![n; 256],
             created_at: "2026-01-01T00:00:00Z".into(),
+            check: None,
         }
     }
 
@@ -492,6 +534,73 @@ mod tests {
         assert!(h.remove_slot(1).is_err(), "last slot must stay");
         assert!(h.remove_slot(7).is_err());
         assert_eq!(h.add_slot(slot(3)), 2);
+    }
+
+    /// A volume formatted before format v2: its header is written as v1 (v1 MAC input, no
+    /// v2 members), so this builds one the way kvcrypt 0.1 sealed it.
+    fn v1_header(vmk: &VolumeKey) -> VolumeHeader {
+        let mut h = VolumeHeader::new_for_device(10 << 20, 4096, "old", vmk).unwrap();
+        h.add_slot(slot(1));
+        h.version = layout::VERSION_1;
+        h.access_check = None;
+        h.key_check = auth::key_check(vmk);
+        h.mac = auth::mac(vmk, &h, &h.key_check);
+        h
+    }
+
+    #[test]
+    fn v1_headers_still_read_and_verify_and_become_v2_when_sealed() {
+        let vmk = key(4);
+        let h1 = v1_header(&vmk);
+        let bytes = h1.encode_copy(Copy::Primary, 3).unwrap();
+        assert_eq!(&bytes[8..10], &[1, 0], "written as version 1");
+        assert!(!String::from_utf8_lossy(&bytes[4096..]).contains("access_check"));
+        let back = VolumeHeader::decode_copy(&bytes, Copy::Primary).unwrap();
+        assert_eq!(back.version, layout::VERSION_1);
+        assert!(back.access_check_digest().is_none());
+        back.verify_key(&vmk).unwrap();
+        let secret = kdf::access_secret(&vmk);
+        assert!(matches!(
+            back.verify_access_secret(secret.expose()),
+            Err(HeaderError::Invalid(_))
+        ));
+        // The next sealing write makes it v2 with an access check.
+        let mut h2 = back;
+        h2.slots[0].check = Some(vec![9; 48]);
+        h2.seal(&vmk);
+        let bytes = h2.encode_copy(Copy::Primary, 4).unwrap();
+        assert_eq!(&bytes[8..10], &[2, 0]);
+        let back = VolumeHeader::decode_copy(&bytes, Copy::Primary).unwrap();
+        back.verify_key(&vmk).unwrap();
+        back.verify_access_secret(secret.expose()).unwrap();
+        let wrong = kdf::access_secret(&key(5));
+        assert!(matches!(
+            back.verify_access_secret(wrong.expose()),
+            Err(HeaderError::WrongKey)
+        ));
+        assert_eq!(back.slots[0].check.as_deref(), Some(&[9u8; 48][..]));
+        // The slot's check is MAC-covered: changing it is tampering.
+        let mut t = back.clone();
+        t.slots[0].check = Some(vec![8; 48]);
+        assert!(matches!(t.verify_key(&vmk), Err(HeaderError::Tampered)));
+        let mut t = back;
+        t.slots[0].check = None;
+        assert!(matches!(t.verify_key(&vmk), Err(HeaderError::Tampered)));
+    }
+
+    #[test]
+    fn version_and_v2_members_must_agree() {
+        let vmk = key(6);
+        // A v1 header carrying v2 members is refused (a v1 reader could not interpret them).
+        let mut h = v1_header(&vmk);
+        h.slots[0].check = Some(vec![1; 40]);
+        let bytes = h.encode_copy(Copy::Primary, 1).unwrap();
+        assert!(VolumeHeader::decode_copy(&bytes, Copy::Primary).is_err());
+        // A v2 header without its access-check digest is refused.
+        let mut h = v1_header(&vmk);
+        h.version = layout::VERSION_2;
+        let bytes = h.encode_copy(Copy::Primary, 1).unwrap();
+        assert!(VolumeHeader::decode_copy(&bytes, Copy::Primary).is_err());
     }
 
     #[test]

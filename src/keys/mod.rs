@@ -22,7 +22,7 @@ pub use config::{
 pub use error::{ErrorClass, Failure, KeyError, Operation};
 pub use keyid::KeyId;
 
-use crate::secmem::{VMK_LEN, VolumeKey};
+use crate::secmem::{SecretBytes, VolumeKey};
 use azure_core::credentials::TokenCredential;
 use azure_core::http::ClientMethodOptions;
 use azure_security_keyvault_keys::models::{
@@ -163,6 +163,16 @@ impl KeyVaultProvider {
         algorithm: Option<&str>,
         vmk: &VolumeKey,
     ) -> Result<WrappedKey, KeyError> {
+        self.wrap_secret(key_id, algorithm, vmk).await
+    }
+
+    /// [`KeyVaultProvider::wrap`] for any secret (the VMK, or a format v2 access-check secret).
+    pub async fn wrap_secret<const N: usize>(
+        &self,
+        key_id: &str,
+        algorithm: Option<&str>,
+        vmk: &SecretBytes<N>,
+    ) -> Result<WrappedKey, KeyError> {
         let id = KeyId::parse(key_id)?;
         let explicit = algorithm.map(WrapAlgorithm::parse).transpose()?;
         let target = self.target(&id, Operation::WrapKey);
@@ -172,7 +182,7 @@ impl KeyVaultProvider {
                 Some(a) => a,
                 None => self.default_algorithm(&client, &id).await?,
             };
-            let body = wrap_request_body(alg, vmk);
+            let body = wrap_request_body(alg, vmk.expose());
             // Keep a handle on the request bytes (they hold the VMK in base64) to wipe them
             // once the SDK has dropped its copies.
             let keep = body.clone();
@@ -220,6 +230,17 @@ impl KeyVaultProvider {
         algorithm: &str,
         wrapped: &[u8],
     ) -> Result<VolumeKey, KeyError> {
+        self.unwrap_secret(key_id, algorithm, wrapped).await
+    }
+
+    /// [`KeyVaultProvider::unwrap`] of an `N`-byte secret (the VMK, or a format v2
+    /// access-check secret); an answer of another length is refused.
+    pub async fn unwrap_secret<const N: usize>(
+        &self,
+        key_id: &str,
+        algorithm: &str,
+        wrapped: &[u8],
+    ) -> Result<SecretBytes<N>, KeyError> {
         let id = KeyId::parse(key_id)?;
         let Some(version) = id.version.clone() else {
             return Err(KeyError::Config(format!(
@@ -254,7 +275,7 @@ impl KeyVaultProvider {
                 .await
                 .map_err(|e| classify(&e, &target, slot.take().as_ref()))?;
             let raw = azure_core::Bytes::from(response.into_body());
-            let result = decode_unwrap_result(&raw, &target);
+            let result = decode_unwrap_result::<N>(&raw, &target);
             wipe_bytes(raw);
             result
         })
@@ -439,9 +460,9 @@ fn bad_answer(target: &Target, what: &str) -> KeyError {
 
 /// `{"alg":"…","value":"<base64url(vmk)>"}` in a buffer with no spare capacity, so that the
 /// `Bytes` made from it owns exactly this allocation (which `wipe_bytes` can then zeroize).
-fn wrap_request_body(alg: WrapAlgorithm, vmk: &VolumeKey) -> azure_core::Bytes {
-    let mut b64 = Zeroizing::new(String::with_capacity(VMK_LEN * 2));
-    B64.encode_string(vmk.expose(), &mut b64);
+fn wrap_request_body(alg: WrapAlgorithm, secret: &[u8]) -> azure_core::Bytes {
+    let mut b64 = Zeroizing::new(String::with_capacity(secret.len() * 2));
+    B64.encode_string(secret, &mut b64);
     let head = format!("{{\"alg\":\"{}\",\"value\":\"", alg.as_str());
     let tail = "\"}";
     let mut body = Vec::with_capacity(head.len() + b64.len() + tail.len());
@@ -461,34 +482,37 @@ fn wipe_bytes(bytes: azure_core::Bytes) {
     }
 }
 
-fn decode_unwrap_result(raw: &[u8], target: &Target) -> Result<VolumeKey, KeyError> {
+fn decode_unwrap_result<const N: usize>(
+    raw: &[u8],
+    target: &Target,
+) -> Result<SecretBytes<N>, KeyError> {
     let parsed: OpResult<'_> = serde_json::from_slice(raw)
         .map_err(|_| bad_answer(target, "unparsable unwrapKey result"))?;
     let mut value = parsed
         .value
         .ok_or_else(|| bad_answer(target, "unwrapKey returned no value"))?;
-    let mut plain = Zeroizing::new(Vec::with_capacity(VMK_LEN + 8));
+    let mut plain = Zeroizing::new(Vec::with_capacity(N + 8));
     let decoded = B64.decode_vec(value.as_bytes(), &mut plain);
     if let std::borrow::Cow::Owned(s) = &mut value {
         s.zeroize();
     }
     decoded.map_err(|_| bad_answer(target, "unwrapKey result is not base64url"))?;
-    if plain.len() != VMK_LEN {
+    if plain.len() != N {
         return Err(KeyError::Misconfigured(Failure::new(
             target,
             None,
             Some("WrongKeyLength".into()),
             false,
             format!(
-                "key '{}' in vault {} unwrapped a {}-byte key, but kvcrypt volume keys are {VMK_LEN} \
-                 bytes: this slot was not made by kvcrypt for this volume (wrong slot or algorithm?)",
+                "key '{}' in vault {} unwrapped a {}-byte secret where kvcrypt expects {N} bytes: \
+                 this slot was not made by kvcrypt for this volume (wrong slot or algorithm?)",
                 target.key,
                 target.vault,
                 plain.len()
             ),
         )));
     }
-    VolumeKey::from_slice(&plain).ok_or_else(|| bad_answer(target, "volume key length"))
+    SecretBytes::<N>::from_slice(&plain).ok_or_else(|| bad_answer(target, "secret length"))
 }
 
 /// A synchronous facade for the CLI: owns a current-thread tokio runtime. Do not use it from
@@ -534,6 +558,26 @@ impl BlockingProvider {
         self.runtime.block_on(self.provider.latest_version(key_id))
     }
 
+    pub fn wrap_secret<const N: usize>(
+        &self,
+        key_id: &str,
+        algorithm: Option<&str>,
+        secret: &SecretBytes<N>,
+    ) -> Result<WrappedKey, KeyError> {
+        self.runtime
+            .block_on(self.provider.wrap_secret(key_id, algorithm, secret))
+    }
+
+    pub fn unwrap_secret<const N: usize>(
+        &self,
+        key_id: &str,
+        algorithm: &str,
+        wrapped: &[u8],
+    ) -> Result<SecretBytes<N>, KeyError> {
+        self.runtime
+            .block_on(self.provider.unwrap_secret(key_id, algorithm, wrapped))
+    }
+
     /// The async provider inside.
     pub fn provider(&self) -> &KeyVaultProvider {
         &self.provider
@@ -543,6 +587,7 @@ impl BlockingProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secmem::VMK_LEN;
 
     fn target() -> Target {
         Target {
@@ -580,7 +625,7 @@ mod tests {
     #[test]
     fn wrap_body_is_exact_json() {
         let vmk = VolumeKey::from_slice(&[7u8; VMK_LEN]).unwrap();
-        let body = wrap_request_body(WrapAlgorithm::A256Kw, &vmk);
+        let body = wrap_request_body(WrapAlgorithm::A256Kw, vmk.expose());
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["alg"], "A256KW");
         assert_eq!(
@@ -601,11 +646,11 @@ mod tests {
             r#"{{"kid":"https://v.vault.azure.net/keys/k/abc","value":"{}"}}"#,
             B64.encode([9u8; VMK_LEN])
         );
-        let key = decode_unwrap_result(ok.as_bytes(), &target()).unwrap();
+        let key = decode_unwrap_result::<VMK_LEN>(ok.as_bytes(), &target()).unwrap();
         assert_eq!(key.expose(), &[9u8; VMK_LEN]);
 
         let short = format!(r#"{{"value":"{}"}}"#, B64.encode([9u8; 32]));
-        let err = decode_unwrap_result(short.as_bytes(), &target()).unwrap_err();
+        let err = decode_unwrap_result::<VMK_LEN>(short.as_bytes(), &target()).unwrap_err();
         assert_eq!(err.class(), ErrorClass::Misconfigured);
         assert_eq!(err.code(), Some("WrongKeyLength"));
         assert!(err.to_string().contains("32-byte"), "{err}");
@@ -615,8 +660,8 @@ mod tests {
         );
 
         let padded = format!(r#"{{"value":"{}=="}}"#, B64.encode([1u8; VMK_LEN]));
-        assert!(decode_unwrap_result(padded.as_bytes(), &target()).is_ok());
-        assert!(decode_unwrap_result(b"{}", &target()).is_err());
-        assert!(decode_unwrap_result(b"<html>", &target()).is_err());
+        assert!(decode_unwrap_result::<VMK_LEN>(padded.as_bytes(), &target()).is_ok());
+        assert!(decode_unwrap_result::<VMK_LEN>(b"{}", &target()).is_err());
+        assert!(decode_unwrap_result::<VMK_LEN>(b"<html>", &target()).is_err());
     }
 }

@@ -27,6 +27,7 @@ pub fn slot(n: u8) -> KeySlot {
         algorithm: "RSA-OAEP-256".into(),
         wrapped: vec![n; 256],
         created_at: "2026-11-29T08:00:00Z".into(),
+        check: None,
     }
 }
 

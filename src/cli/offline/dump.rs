@@ -7,7 +7,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use zeroize::Zeroizing;
 
-use crate::header::{Copy, LoadedHeader, layout};
+use crate::header::{Copy, LoadedHeader};
 use crate::secmem::VolumeKey;
 
 fn hex(bytes: &[u8]) -> Zeroizing<String> {
@@ -44,7 +44,7 @@ pub fn cryptsetup_command(device: &Path, l: &LoadedHeader) -> String {
 pub fn text(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Zeroizing<String> {
     let mut s = Zeroizing::new(String::new());
     let _ = writeln!(s, "kvcrypt volume header of {}", device.display());
-    let _ = writeln!(s, "  version:       {}", layout::VERSION);
+    let _ = writeln!(s, "  version:       {}", l.version);
     let _ = writeln!(s, "  uuid:          {}", l.uuid);
     let _ = writeln!(s, "  label:         {:?}", l.label);
     let _ = writeln!(s, "  cipher:        {} ({}-bit key)", l.cipher, l.key_bits);
@@ -68,6 +68,9 @@ pub fn text(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
         let _ = writeln!(s, "  {c}: {}", copy_state(l, c));
     }
     let _ = writeln!(s, "  key check:     {}", B64.encode(l.key_check_digest()));
+    if let Some(d) = l.access_check_digest() {
+        let _ = writeln!(s, "  access check:  {}", B64.encode(d));
+    }
     let _ = writeln!(s, "  header MAC:    {}", B64.encode(l.mac()));
     let _ = writeln!(s, "key slots:");
     for slot in &l.slots {
@@ -76,6 +79,11 @@ pub fn text(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
         let _ = writeln!(s, "    algorithm:   {}", slot.algorithm);
         let _ = writeln!(s, "    wrapped key: {} bytes", slot.wrapped.len());
         let _ = writeln!(s, "    created at:  {}", slot.created_at);
+        let check = match &slot.check {
+            Some(c) => format!("{} bytes", c.len()),
+            None => "none (access checks unwrap the volume key; `kvcrypt rewrap` adds one)".into(),
+        };
+        let _ = writeln!(s, "    access check: {check}");
     }
     let _ = writeln!(
         s,
@@ -115,12 +123,13 @@ pub fn json(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
                 "algorithm": s.algorithm,
                 "wrapped": B64.encode(&s.wrapped),
                 "created_at": s.created_at,
+                "check": s.check.as_ref().map(|c| B64.encode(c)),
             })
         })
         .collect();
     let mut v = serde_json::json!({
         "device": device.display().to_string(),
-        "version": layout::VERSION,
+        "version": l.version,
         "uuid": l.uuid.to_string(),
         "label": l.label,
         "cipher": l.cipher,
@@ -132,6 +141,7 @@ pub fn json(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
         "sequence": l.sequence,
         "copies": copies,
         "key_check": B64.encode(l.key_check_digest()),
+        "access_check": l.access_check_digest().map(|d| B64.encode(d)),
         "mac": B64.encode(l.mac()),
         "keyslots": slots,
         "dm_crypt": cryptsetup_command(device, l),

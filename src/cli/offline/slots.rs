@@ -4,8 +4,9 @@
 
 use anyhow::{Context, bail};
 
+use crate::crypto::kdf::{self, ACCESS_SECRET_LEN};
 use crate::header::{self, HeaderError, KeySlot, VolumeHeader};
-use crate::secmem::VolumeKey;
+use crate::secmem::{SecretBytes, VolumeKey};
 
 /// The VMK wrapped by one key: what the provider returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +30,45 @@ pub trait KeyWrapper {
     fn unwrap(&self, key_id: &str, algorithm: &str, wrapped: &[u8]) -> anyhow::Result<VolumeKey>;
     /// Versioned id of the latest version of `key_id`.
     fn latest_version(&self, key_id: &str) -> anyhow::Result<String>;
+    /// Wraps a format v2 access-check secret with the versioned `key_id` and `algorithm` of a
+    /// slot (the slot's `check`).
+    fn wrap_check(
+        &self,
+        key_id: &str,
+        algorithm: &str,
+        secret: &SecretBytes<ACCESS_SECRET_LEN>,
+    ) -> anyhow::Result<Vec<u8>>;
+    /// Unwraps a slot's `check`.
+    fn unwrap_check(
+        &self,
+        key_id: &str,
+        algorithm: &str,
+        wrapped: &[u8],
+    ) -> anyhow::Result<SecretBytes<ACCESS_SECRET_LEN>>;
+}
+
+/// Wraps the volume's access-check secret for the slot `key_id`/`algorithm` and proves it
+/// unwraps again (a check that fails would make the agent see a healthy volume as revoked).
+pub fn make_check(
+    w: &dyn KeyWrapper,
+    key_id: &str,
+    algorithm: &str,
+    vmk: &VolumeKey,
+) -> anyhow::Result<Vec<u8>> {
+    let secret = kdf::access_secret(vmk);
+    let check = w
+        .wrap_check(key_id, algorithm, &secret)
+        .with_context(|| format!("wrapping the access-check secret with {key_id}"))?;
+    let back = w
+        .unwrap_check(key_id, algorithm, &check)
+        .with_context(|| format!("unwrapping the new access check with {key_id} to verify it"))?;
+    if back.expose() != secret.expose() {
+        bail!(
+            "key {key_id} returned a wrapped access check that does not unwrap to what was \
+             wrapped; refusing to store it"
+        );
+    }
+    Ok(check)
 }
 
 /// `https://VAULT/keys/NAME/VERSION` → `https://VAULT/keys/NAME` (unchanged if versionless).
@@ -70,6 +110,7 @@ pub fn make_slot(
             wr.key_id
         );
     }
+    let check = make_check(w, &wr.key_id, &wr.algorithm, vmk)?;
     Ok(KeySlot {
         id: 0,
         provider: header::PROVIDER_AZURE.into(),
@@ -77,6 +118,7 @@ pub fn make_slot(
         algorithm: wr.algorithm,
         wrapped: wr.wrapped,
         created_at: header::now_rfc3339(),
+        check: Some(check),
     })
 }
 
@@ -132,6 +174,10 @@ pub struct RewrapOutcome {
     /// Set when no slot was added because one already used the target key version.
     pub already_present: Option<u32>,
     pub removed: Vec<u32>,
+    /// Existing slots that gained an access check (format v2).
+    pub checks_added: Vec<u32>,
+    /// Existing slots whose access check could not be made, and why.
+    pub checks_failed: Vec<(u32, String)>,
 }
 
 /// Adds/removes slots in `h` and re-seals it. The caller writes it (only if something changed).
@@ -166,6 +212,8 @@ pub fn rewrap(
         added: None,
         already_present: None,
         removed: Vec::new(),
+        checks_added: Vec::new(),
+        checks_failed: Vec::new(),
     };
     if plan.add {
         let target = match &plan.key_id {
@@ -195,6 +243,18 @@ pub fn rewrap(
     for id in &remove {
         h.remove_slot(*id)?;
         out.removed.push(*id);
+    }
+    // Slots from before format v2 gain their access check here, so the agent's periodic
+    // checks stop unwrapping the VMK. A key that cannot wrap now (wrapKey not permitted,
+    // version disabled) keeps its slot as it was: it still unlocks, checks fall back to it.
+    for s in h.slots.iter_mut().filter(|s| s.check.is_none()) {
+        match make_check(w, &s.key_id, &s.algorithm, &vmk) {
+            Ok(c) => {
+                s.check = Some(c);
+                out.checks_added.push(s.id);
+            }
+            Err(e) => out.checks_failed.push((s.id, format!("{e:#}"))),
+        }
     }
     h.seal(&vmk);
     h.verify_key(&vmk)?;
@@ -271,6 +331,30 @@ pub mod testing {
                 .get(&versionless(key_id))
                 .cloned()
                 .ok_or_else(|| anyhow::anyhow!("denied: {key_id}"))
+        }
+        fn wrap_check(
+            &self,
+            key_id: &str,
+            _alg: &str,
+            secret: &SecretBytes<ACCESS_SECRET_LEN>,
+        ) -> anyhow::Result<Vec<u8>> {
+            let pad = Self::pad(&self.resolve(key_id)?);
+            Ok(secret
+                .expose()
+                .iter()
+                .zip(pad.iter())
+                .map(|(a, b)| a ^ b)
+                .collect())
+        }
+        fn unwrap_check(
+            &self,
+            key_id: &str,
+            _alg: &str,
+            wrapped: &[u8],
+        ) -> anyhow::Result<SecretBytes<ACCESS_SECRET_LEN>> {
+            let pad = Self::pad(&self.resolve(key_id)?);
+            let plain: Vec<u8> = wrapped.iter().zip(pad.iter()).map(|(a, b)| a ^ b).collect();
+            SecretBytes::from_slice(&plain).ok_or_else(|| anyhow::anyhow!("bad length"))
         }
     }
 }
@@ -414,6 +498,35 @@ mod tests {
     }
 
     #[test]
+    fn slots_get_access_checks_and_rewrap_adds_missing_ones() {
+        let w = XorWrapper::new(&[K1]);
+        let (mut h, k) = volume(&w);
+        let secret = kdf::access_secret(&k);
+        let check = h.slots[0].check.clone().expect("new slots have a check");
+        assert_eq!(
+            w.unwrap_check(K1, "RSA-OAEP-256", &check).unwrap().expose(),
+            secret.expose()
+        );
+        // A slot from before format v2 (no check): rewrap adds it even with nothing else to do.
+        h.slots[0].check = None;
+        h.seal(&k);
+        let out = rewrap(
+            &mut h,
+            &w,
+            &RewrapPlan {
+                add: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(out.already_present, Some(0));
+        assert_eq!(out.checks_added, vec![0]);
+        assert!(h.slots[0].check.is_some());
+        h.verify_key(&k).unwrap();
+        h.verify_access_secret(secret.expose()).unwrap();
+    }
+
+    #[test]
     fn make_slot_rejects_a_wrap_that_does_not_round_trip() {
         struct Broken;
         impl KeyWrapper for Broken {
@@ -430,7 +543,24 @@ mod tests {
             fn latest_version(&self, k: &str) -> anyhow::Result<String> {
                 Ok(k.into())
             }
+            fn wrap_check(
+                &self,
+                _: &str,
+                _: &str,
+                _: &SecretBytes<ACCESS_SECRET_LEN>,
+            ) -> anyhow::Result<Vec<u8>> {
+                Ok(vec![1; 40])
+            }
+            fn unwrap_check(
+                &self,
+                _: &str,
+                _: &str,
+                _: &[u8],
+            ) -> anyhow::Result<SecretBytes<ACCESS_SECRET_LEN>> {
+                Ok(SecretBytes::zeroed())
+            }
         }
         assert!(make_slot(&Broken, K1, None, &vmk(3)).is_err());
+        assert!(make_check(&Broken, K1, "A256KW", &vmk(3)).is_err());
     }
 }
