@@ -56,6 +56,10 @@ pub struct SlotRef {
     pub key_id: String,
     pub algorithm: String,
     pub wrapped: Vec<u8>,
+    /// Format v2: the wrapped access-check secret. Periodic checks unwrap this instead of the
+    /// volume key, so the VMK never passes through the agent's HTTP stack except to unlock or
+    /// resume. `None` for slots of older volumes (checks then unwrap the VMK).
+    pub check: Option<Vec<u8>>,
 }
 
 /// A device being served by a worker.
@@ -121,6 +125,15 @@ pub trait Platform: Send + Sync + 'static {
         &self,
         slot: &SlotRef,
     ) -> impl Future<Output = Result<VolumeKey, AccessError>> + Send;
+    /// Proves access with `slot` without the volume key: unwrapKey of the slot's access-check
+    /// secret, verified against the header (the same key and permission as the VMK, so
+    /// revocation takes it away just the same). A slot without one (a volume formatted before
+    /// format v2) falls back to unwrapping the VMK and checking it.
+    fn check_slot(
+        &self,
+        h: &Self::Header,
+        slot: &SlotRef,
+    ) -> impl Future<Output = Result<(), AccessError>> + Send;
 
     /// Starts a worker serving `dev` as `settings.name`; with `recover_dev_id` it re-attaches
     /// that QUIESCED ublk device (ublk resume) instead of adding a new device. When the

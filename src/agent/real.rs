@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::crypto::kdf::ACCESS_SECRET_LEN;
 use crate::header::{self, LoadedHeader};
 use crate::keys::{ErrorClass, KeyError, KeyVaultProvider};
 use crate::secmem::VolumeKey;
@@ -254,6 +255,7 @@ impl Platform for RealPlatform {
                 key_id: s.key_id.clone(),
                 algorithm: s.algorithm.clone(),
                 wrapped: s.wrapped.clone(),
+                check: s.check.clone(),
             })
             .collect()
     }
@@ -274,6 +276,31 @@ impl Platform for RealPlatform {
             .await
             .map_err(|e| AccessError::new(AccessClass::Transient, format!("internal: {e}")))?;
         r.map_err(|e| access_error(&e))
+    }
+
+    async fn check_slot(&self, h: &LoadedHeader, slot: &SlotRef) -> Result<(), AccessError> {
+        let Some(check) = slot.check.clone() else {
+            let key = self.unwrap_key(slot).await?;
+            return self.verify_key(h, &key);
+        };
+        let p = self.provider.borrow().clone();
+        let (kid, alg) = (slot.key_id.clone(), slot.algorithm.clone());
+        let secret = tokio::spawn(async move {
+            p.unwrap_secret::<ACCESS_SECRET_LEN>(&kid, &alg, &check)
+                .await
+        })
+        .await
+        .map_err(|e| AccessError::new(AccessClass::Transient, format!("internal: {e}")))?
+        .map_err(|e| access_error(&e))?;
+        // A secret that unwraps but fails the check is not this volume's (as with a VMK that
+        // fails the key check): treated like a denial, never as access.
+        h.verify_access_secret(secret.expose()).map_err(|e| {
+            let class = match e {
+                header::HeaderError::WrongKey => AccessClass::Denied,
+                _ => AccessClass::Misconfigured,
+            };
+            AccessError::new(class, format!("access check with {}: {e}", slot.key_id))
+        })
     }
 
     async fn spawn(

@@ -137,6 +137,14 @@ pub struct VolumeCtl<P: Platform> {
 }
 
 /// Waits for the armed worker watch (forever when none is armed).
+/// What an access check must produce: the volume key (unlock, resume) or only the proof
+/// that access is granted (the periodic check of a serving volume).
+#[derive(Clone, Copy)]
+enum Want {
+    Key,
+    Proof,
+}
+
 async fn worker_exit(w: &mut Option<WorkerExit>) -> String {
     match w {
         Some(f) => f.await,
@@ -448,9 +456,26 @@ impl<P: Platform> VolumeCtl<P> {
         }
     }
 
-    /// Unwraps the key of the stored slot (or each slot until one works) and checks it
-    /// against the header's key check. The caller drops (zeroizes) the key when done.
+    /// Unwraps the volume key (to unlock or resume) from the slot that worked last, else
+    /// from each slot in turn, and checks it against the header's key check. The caller
+    /// drops (zeroizes) the key when done.
     async fn check_access(&mut self) -> Result<VolumeKey, AccessError> {
+        match self.try_slots(Want::Key).await? {
+            Some(key) => Ok(key),
+            None => Err(AccessError::new(AccessClass::Misconfigured, "no key")),
+        }
+    }
+
+    /// Proves that access is still granted without unwrapping the volume key (the periodic
+    /// check of a serving volume): the slots' access-check secrets (format v2).
+    async fn prove_access(&mut self) -> Result<(), AccessError> {
+        self.try_slots(Want::Proof).await.map(drop)
+    }
+
+    /// Tries the slot that worked last first, then every other slot until one works: after a
+    /// key rotation (`kvcrypt rewrap` added a slot for the new version) a disabled old
+    /// version must not lock a volume the new slot still opens.
+    async fn try_slots(&mut self, want: Want) -> Result<Option<VolumeKey>, AccessError> {
         if self.header.is_none() {
             let dev = match &self.served {
                 Some(s) => s.backing.clone(),
@@ -466,10 +491,13 @@ impl<P: Platform> VolumeCtl<P> {
         let Some(h) = self.header.as_ref() else {
             return Err(AccessError::new(AccessClass::Misconfigured, "no header"));
         };
-        let slots = match &self.slot {
-            Some(s) => vec![s.clone()],
-            None => self.p.slots(h),
-        };
+        let mut slots = self.p.slots(h);
+        if let Some(last) = &self.slot
+            && let Some(i) = slots.iter().position(|s| s.key_id == last.key_id)
+        {
+            let s = slots.remove(i);
+            slots.insert(0, s);
+        }
         if slots.is_empty() {
             return Err(AccessError::new(
                 AccessClass::Misconfigured,
@@ -478,31 +506,42 @@ impl<P: Platform> VolumeCtl<P> {
         }
         let mut errors: Vec<AccessError> = Vec::new();
         for slot in slots {
-            let res = tokio::time::timeout(self.s.check_timeout, self.p.unwrap_key(&slot)).await;
+            let timeout = self.s.check_timeout;
+            let res = match want {
+                Want::Key => tokio::time::timeout(timeout, self.p.unwrap_key(&slot))
+                    .await
+                    .map(|r| {
+                        r.and_then(|key| match self.p.verify_key(h, &key) {
+                            Ok(()) => Ok(Some(key)),
+                            // A key that unwraps but fails the key check is not this
+                            // volume's key: never serve with it, and treat it like a denial.
+                            Err(e) => Err(AccessError::new(
+                                AccessClass::Denied,
+                                format!(
+                                    "key unwrapped by {} fails the volume's key check: {}",
+                                    slot.key_id, e.message
+                                ),
+                            )),
+                        })
+                    }),
+                Want::Proof => tokio::time::timeout(timeout, self.p.check_slot(h, &slot))
+                    .await
+                    .map(|r| r.map(|()| None)),
+            };
             match res {
                 Err(_) => errors.push(AccessError::new(
                     AccessClass::Transient,
-                    format!(
-                        "unwrapKey with {} timed out after {:?}",
-                        slot.key_id, self.s.check_timeout
-                    ),
+                    format!("unwrapKey with {} timed out after {timeout:?}", slot.key_id),
                 )),
                 Ok(Err(e)) => errors.push(e),
-                Ok(Ok(key)) => match self.p.verify_key(h, &key) {
-                    Ok(()) => {
-                        self.slot = Some(slot);
-                        return Ok(key);
+                Ok(Ok(key)) => {
+                    if self.slot.as_ref().is_some_and(|s| s.key_id != slot.key_id) {
+                        tracing::info!(volume = %self.s.name, key_id = %slot.key_id,
+                            "volume {}: key slot {} works; using it from now on", self.s.name, slot.key_id);
                     }
-                    // A key that unwraps but fails the key check is not this volume's key:
-                    // never serve with it, and treat it like a denial.
-                    Err(e) => errors.push(AccessError::new(
-                        AccessClass::Denied,
-                        format!(
-                            "key unwrapped by {} fails the volume's key check: {}",
-                            slot.key_id, e.message
-                        ),
-                    )),
-                },
+                    self.slot = Some(slot);
+                    return Ok(key);
+                }
             }
         }
         // With several slots, one transient failure means "maybe later": do not treat the
@@ -900,9 +939,8 @@ impl<P: Platform> VolumeCtl<P> {
                 return;
             }
         }
-        match self.check_access().await {
-            Ok(key) => {
-                drop(key);
+        match self.prove_access().await {
+            Ok(()) => {
                 self.record_ok();
                 self.publish();
             }

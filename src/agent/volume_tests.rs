@@ -51,7 +51,14 @@ struct World {
     hold_fuse: bool,
     /// FUSE: a connection is held now (of the live worker, or of a dead one awaiting takeover).
     fuse_held: bool,
+    /// A second key slot (a newer key version, as after `kvcrypt rewrap`).
+    rotated: bool,
+    /// Key ids whose version is disabled: Denied for them whatever `vault` says.
+    disabled: Vec<String>,
 }
+
+const SLOT_OLD: &str = "https://v.vault.azure.net/keys/k/1";
+const SLOT_NEW: &str = "https://v.vault.azure.net/keys/k/2";
 
 const UBLK_ID: u32 = 3;
 
@@ -126,11 +133,40 @@ impl Platform for Fake {
         Ok(())
     }
     fn slots(&self, _h: &()) -> Vec<SlotRef> {
-        vec![SlotRef {
-            key_id: "https://v.vault.azure.net/keys/k/1".into(),
+        let slot = |k: &str| SlotRef {
+            key_id: k.into(),
             algorithm: "RSA-OAEP-256".into(),
             wrapped: vec![1, 2, 3],
-        }]
+            check: Some(vec![4, 5, 6]),
+        };
+        if self.0.lock().unwrap().rotated {
+            vec![slot(SLOT_OLD), slot(SLOT_NEW)]
+        } else {
+            vec![slot(SLOT_OLD)]
+        }
+    }
+    async fn check_slot(&self, _h: &(), slot: &SlotRef) -> Result<(), AccessError> {
+        let (v, disabled) = {
+            let w = self.0.lock().unwrap();
+            (w.vault, w.disabled.contains(&slot.key_id))
+        };
+        self.ev(format!("check:{v:?}"));
+        if disabled {
+            return Err(AccessError::new(AccessClass::Denied, "KeyDisabled"));
+        }
+        match v {
+            Some(Vault::Ok) => Ok(()),
+            Some(Vault::WrongKey) => Err(AccessError::new(
+                AccessClass::Denied,
+                "access check mismatch",
+            )),
+            Some(Vault::Denied) => Err(AccessError::new(AccessClass::Denied, "ForbiddenByRbac")),
+            Some(Vault::Transient) | None => Err(AccessError::new(AccessClass::Transient, "503")),
+            Some(Vault::Hang) => {
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+        }
     }
     fn verify_key(&self, _h: &(), key: &VolumeKey) -> Result<(), AccessError> {
         if key.expose().iter().all(|b| *b == GOOD) {
@@ -142,9 +178,15 @@ impl Platform for Fake {
             ))
         }
     }
-    async fn unwrap_key(&self, _slot: &SlotRef) -> Result<VolumeKey, AccessError> {
-        let v = self.0.lock().unwrap().vault;
+    async fn unwrap_key(&self, slot: &SlotRef) -> Result<VolumeKey, AccessError> {
+        let (v, disabled) = {
+            let w = self.0.lock().unwrap();
+            (w.vault, w.disabled.contains(&slot.key_id))
+        };
         self.ev(format!("unwrap:{v:?}"));
+        if disabled {
+            return Err(AccessError::new(AccessClass::Denied, "KeyDisabled"));
+        }
         match v {
             Some(Vault::Ok) => Ok(VolumeKey::from_slice(&[GOOD; 64]).unwrap()),
             Some(Vault::WrongKey) => Ok(VolumeKey::from_slice(&[7; 64]).unwrap()),
@@ -736,7 +778,7 @@ async fn ublk_resume_recovers_the_quiesced_device_with_a_new_worker() {
     let order: Vec<&str> = ev
         .iter()
         .map(|s| s.as_str())
-        .filter(|e| !e.starts_with("unwrap"))
+        .filter(|e| !e.starts_with("unwrap") && !e.starts_with("check"))
         .collect();
     assert_eq!(
         order,
@@ -1103,7 +1145,7 @@ async fn reload_policy_applies_from_the_next_check_without_a_new_worker() {
     s.check_interval = Duration::from_secs(60);
     let (h, desired) = spawn_managed(s.clone(), f.clone());
     wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
-    let checks = f.count("unwrap:Some(Ok)");
+    let checks = f.count("check:Some(Ok)");
     // Reload: check every second instead of every minute, and remove on revocation.
     s.check_interval = Duration::from_secs(1);
     s.revoke_policy = RevokePolicy::Remove;
@@ -1111,7 +1153,7 @@ async fn reload_policy_applies_from_the_next_check_without_a_new_worker() {
         settings: s,
         configured: true,
     });
-    wait_events(&f, "unwrap:Some(Ok)", checks + 1, Duration::from_secs(3)).await;
+    wait_events(&f, "check:Some(Ok)", checks + 1, Duration::from_secs(3)).await;
     let st = h.status.borrow().clone();
     let p = st.policy.expect("policy shown");
     assert_eq!(p.check_interval, "1s");
@@ -1588,4 +1630,51 @@ async fn a_closed_volume_stays_closed_across_an_agent_restart() {
     assert!(h.status.borrow().manual);
     assert!(send(&h, Command::Unlock).await.is_ok());
     wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+}
+
+/// Issue: every periodic check unwrapped the VMK, so each left the key in the agent's HTTP
+/// buffers. A serving volume is checked with the access-check secret only; the VMK is
+/// unwrapped once to unlock and once per resume.
+#[tokio::test(start_paused = true)]
+async fn serving_checks_never_unwrap_the_volume_key() {
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    assert_eq!(f.count("unwrap:Some(Ok)"), 1, "one unwrap to unlock");
+    wait_events(&f, "check:Some(Ok)", 20, Duration::from_secs(120)).await;
+    assert_eq!(f.count("unwrap:Some(Ok)"), 1, "{:?}", f.events());
+    f.set_vault(Vault::Denied);
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(10)).await;
+    f.set_vault(Vault::Ok);
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(10)).await;
+    assert_eq!(f.count("unwrap:Some(Ok)"), 2, "one more to resume");
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+}
+
+/// Issue: after a rotation (`kvcrypt rewrap` added a slot for the new key version),
+/// disabling the old version made the cached slot fail as Denied and locked a healthy volume.
+/// The other slots are tried before anything is locked.
+#[tokio::test(start_paused = true)]
+async fn rotation_disabling_the_old_version_keeps_serving() {
+    let f = Fake::new();
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    assert_eq!(h.status.borrow().key_id.as_deref(), Some(SLOT_OLD));
+    {
+        let mut w = f.0.lock().unwrap();
+        w.rotated = true;
+        w.disabled.push(SLOT_OLD.into());
+    }
+    let before = f.count("check:Some(Ok)");
+    wait_events(&f, "check:Some(Ok)", before + 10, Duration::from_secs(60)).await;
+    let st = h.status.borrow().clone();
+    assert_eq!(st.state, VolumeState::Serving, "{st:?}");
+    assert_eq!(st.key_id.as_deref(), Some(SLOT_NEW));
+    // A lock + unlock (resume) unwraps with the slot that works.
+    assert_eq!(send(&h, Command::Lock).await.unwrap(), "locked");
+    assert_eq!(send(&h, Command::Unlock).await.unwrap(), "resumed");
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+    // Both versions disabled: now it is a revocation.
+    f.0.lock().unwrap().disabled.push(SLOT_NEW.into());
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(10)).await;
 }
