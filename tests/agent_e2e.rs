@@ -14,66 +14,11 @@ use kvcrypt::agent::lab::{Lab, LabOptions, Revocation};
 use kvcrypt::agent::status::VolumeState;
 use kvcrypt::emulator::{Fault, FaultKind, FaultTarget};
 
-const EXE: &str = env!("CARGO_BIN_EXE_kvcrypt");
-const T: Duration = Duration::from_secs(30);
-
-fn is_root() -> bool {
-    // SAFETY: getuid has no preconditions.
-    unsafe { libc::getuid() == 0 }
-}
-
-/// Root, and a build whose data path is wired. While the worker / format wiring are still
-/// being merged this says why it cannot run (loudly) instead of failing every scenario on
-/// the same missing piece; once they are in, every scenario runs.
-fn ready() -> bool {
-    if !is_root() {
-        eprintln!("SKIPPED: the agent end-to-end tests need root (loop devices, FUSE, mounts)");
-        return false;
-    }
-    let out = Command::new(EXE)
-        .args(["worker", "/nonexistent", "probe-only"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    if String::from_utf8_lossy(&out.stderr).contains("not implemented yet") {
-        eprintln!("SKIPPED: `kvcrypt worker` is not implemented in this build yet");
-        return false;
-    }
-    let out = Command::new(EXE)
-        .args([
-            "--config",
-            "/nonexistent/kvcrypt.toml",
-            "format",
-            "/nonexistent",
-            "--key-id",
-            "x",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    if String::from_utf8_lossy(&out.stderr).contains("not built into this kvcrypt yet") {
-        eprintln!(
-            "SKIPPED: `kvcrypt format` is not wired to the Key Vault provider in this build yet"
-        );
-        return false;
-    }
-    true
-}
-
-fn sh(cmd: &str) -> std::process::Output {
-    Command::new("sh").arg("-c").arg(cmd).output().unwrap()
-}
-
-fn must(cmd: &str) -> String {
-    let o = sh(cmd);
-    assert!(
-        o.status.success(),
-        "{cmd}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+mod agent_common;
+use agent_common::{
+    EXE, Running, StopWorkerOnDrop, T, must, ready, sh, stop_agent_child, stop_leftover_worker,
+    worker_pid,
+};
 
 fn record(scenario: &str, what: &str, d: Duration) {
     eprintln!(
@@ -94,85 +39,6 @@ fn record(scenario: &str, what: &str, d: Duration) {
     }
 }
 
-/// An agent process and the lab it belongs to; stops the agent (SIGTERM, then SIGKILL) and
-/// unmounts on drop.
-struct Running {
-    lab: Lab,
-    agent: Option<Child>,
-    mnt: Option<PathBuf>,
-    _dir: tempfile::TempDir,
-}
-
-impl Running {
-    fn start(opts: LabOptions) -> Running {
-        let dir = tempfile::tempdir().unwrap();
-        let lab = Lab::start(dir.path(), Path::new(EXE), &opts).unwrap();
-        lab.format().unwrap();
-        let agent = lab.spawn_agent(None).unwrap();
-        let r = Running {
-            lab,
-            agent: Some(agent),
-            mnt: None,
-            _dir: dir,
-        };
-        r.lab
-            .wait_state(VolumeState::Serving, T)
-            .map_err(|e| r.fail(e))
-            .unwrap();
-        r
-    }
-
-    fn fail(&self, e: impl std::fmt::Display) -> String {
-        let log = std::fs::read_to_string(self.lab.dir.join("agent.log")).unwrap_or_default();
-        format!("{e}\n--- agent.log ---\n{log}")
-    }
-
-    fn block_device(&self) -> String {
-        self.lab
-            .status()
-            .unwrap()
-            .block_device
-            .expect("served device")
-    }
-
-    fn mount(&mut self) -> PathBuf {
-        let bd = self.block_device();
-        must(&format!("mkfs.ext4 -q -F {bd}"));
-        let mnt = self.lab.dir.join("mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
-        must(&format!("mount {bd} {}", mnt.display()));
-        self.mnt = Some(mnt.clone());
-        mnt
-    }
-
-    fn umount(&mut self) {
-        if let Some(m) = self.mnt.take() {
-            must(&format!("umount {}", m.display()));
-        }
-    }
-
-    fn stop_agent(&mut self) {
-        if let Some(a) = self.agent.take() {
-            stop_agent_child(a);
-        }
-    }
-}
-
-/// SIGTERM to an agent we started, SIGKILL if it has not exited after 30 s.
-fn stop_agent_child(mut a: std::process::Child) {
-    // SAFETY: signalling our own child by pid.
-    unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(30) {
-        if a.try_wait().ok().flatten().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = a.kill();
-    let _ = a.wait();
-}
-
 /// For a scenario that runs its agent by hand: stops the agent and any worker it left when the
 /// scenario ends early (a failed assertion), so no process or device outlives the test.
 struct AgentOnDrop<'a> {
@@ -189,77 +55,11 @@ impl Drop for AgentOnDrop<'_> {
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(m) = self.mnt.take() {
-            // The device may be suspended: restore access first so the unmount can finish.
-            for how in [
-                Revocation::Permission,
-                Revocation::DisableKey,
-                Revocation::Firewall,
-            ] {
-                let _ = self.lab.restore(how);
-            }
-            let _ = self
-                .lab
-                .wait_state(VolumeState::Serving, Duration::from_secs(5));
-            let _ = sh(&format!(
-                "umount {} || umount -l {}",
-                m.display(),
-                m.display()
-            ));
-        }
-        self.stop_agent();
-        stop_leftover_worker(&self.lab.run_dir);
-    }
-}
-
-/// Workers the agent could not close (slow shutdown under load), or ones a failed scenario
-/// left (every volume of the lab, e.g. one added by a reload): stop each by the pid in its
-/// state file, so no test leaves a device behind.
-fn stop_leftover_worker(run_dir: &Path) {
-    let Ok(dir) = std::fs::read_dir(run_dir.join("volumes")) else {
-        return;
-    };
-    for e in dir.flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "json") {
-            stop_worker_of(&p);
-        }
-    }
-}
-
-fn stop_worker_of(state: &Path) {
-    if let Ok(bytes) = std::fs::read(state)
-        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes)
-        && let Some(pid) = v["pid"].as_i64()
-    {
-        // SAFETY: plain kill(2) of the worker started for this test.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        for _ in 0..500 {
-            if !state.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// Runs [`stop_leftover_worker`] when a scenario without an agent ends (or fails).
-struct StopWorkerOnDrop(PathBuf);
-
-/// A lab with its volume formatted, no agent, and the guard for the worker it may start.
 fn formatted_lab_without_agent(dir: &Path) -> (Lab, StopWorkerOnDrop) {
     let lab = Lab::start(dir, Path::new(EXE), &LabOptions::default()).unwrap();
     lab.format().unwrap();
     let stop = StopWorkerOnDrop(lab.run_dir.clone());
     (lab, stop)
-}
-
-impl Drop for StopWorkerOnDrop {
-    fn drop(&mut self) {
-        stop_leftover_worker(&self.0);
-    }
 }
 
 /// A process doing one O_DIRECT read of the device: it must wait while the volume is locked.
@@ -1237,12 +1037,6 @@ fn agent_and_worker_sigkilled_together_recover_in_place_from_the_fd_store() {
     must(&format!("umount {}", mnt.display()));
     std::mem::forget(umount.take());
     must(&format!("e2fsck -fn {bd}"));
-}
-
-fn worker_pid(run_dir: &Path) -> u32 {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run_dir.join("volumes/demo.json")).unwrap()).unwrap();
-    v["pid"].as_u64().unwrap() as u32
 }
 
 /// The scenarios that kill FUSE workers run one at a time: the io_uring one switches the

@@ -10,13 +10,12 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+use common::in_ci;
+
 fn have(tool: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 #[test]

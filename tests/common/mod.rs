@@ -1,4 +1,4 @@
-//! Helpers shared by the crypto integration tests.
+//! Helpers shared by the integration tests: test-data decoding, and whether this is CI.
 #![allow(dead_code)]
 
 use kvcrypt::secmem::VolumeKey;
@@ -15,4 +15,10 @@ pub fn hex(s: &str) -> Vec<u8> {
 /// A volume key from 128 hex digits.
 pub fn vmk(hex_key: &str) -> VolumeKey {
     VolumeKey::from_slice(&hex(hex_key)).expect("64-byte key")
+}
+
+/// True under CI (`CI=true`, as `.ci/run` sets it): a test that cannot run there must fail, not
+/// skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
