@@ -40,6 +40,7 @@ impl Platform for Scripted {
             key_id: "https://t.vault.azure.net/keys/k/v1".into(),
             algorithm: "RSA-OAEP-256".into(),
             wrapped: vec![9],
+            check: Some(vec![8]),
         }]
     }
     fn verify_key(&self, _h: &(), _k: &VolumeKey) -> Result<(), AccessError> {
@@ -51,6 +52,17 @@ impl Platform for Scripted {
         } else {
             Ok(VolumeKey::from_slice(&[0x11; 64]).unwrap())
         }
+    }
+    async fn check_slot(&self, _h: &(), _s: &SlotRef) -> Result<(), AccessError> {
+        if self.0.lock().unwrap().denied {
+            Err(AccessError::new(AccessClass::Denied, "403 ForbiddenByRbac"))
+        } else {
+            Ok(())
+        }
+    }
+    async fn kill_worker(&self, _n: &str) -> Result<String, String> {
+        self.0.lock().unwrap().worker_key = None;
+        Ok("killed".into())
     }
     async fn spawn(
         &self,

@@ -135,6 +135,11 @@ pub trait Platform: Send + Sync + 'static {
         slot: &SlotRef,
     ) -> impl Future<Output = Result<(), AccessError>> + Send;
 
+    /// Ends the worker of `name` with SIGKILL sent through a pidfd and waits until the pidfd
+    /// reports its exit, so its key pages are gone: the last resort when a suspend fails or
+    /// times out (a wedged worker must not keep the key). `Ok` describes what was done.
+    fn kill_worker(&self, name: &str) -> impl Future<Output = Result<String, String>> + Send;
+
     /// Starts a worker serving `dev` as `settings.name`; with `recover_dev_id` it re-attaches
     /// that QUIESCED ublk device (ublk resume) instead of adding a new device. When the
     /// platform holds a dead FUSE worker's connection ([`fuse_held`](Self::fuse_held)) the new

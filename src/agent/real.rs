@@ -27,6 +27,8 @@ const WORKER_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on one control request to a worker (and on waiting for it to exit after `close`):
 /// a hung worker must not stall its volume's task for long.
 const WORKER_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a SIGKILLed worker may take to be gone (in-flight direct I/O must complete first).
+const KILL_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct RealPlatform {
     /// The current key provider; a reload replaces it (calls in flight keep the old one).
@@ -467,6 +469,32 @@ impl Platform for RealPlatform {
                 tracing::warn!(volume = name, pid, error = %e, "volume {name}: cannot watch worker {pid} (pidfd_open: {e}); relying on status checks");
                 Box::pin(std::future::pending())
             }
+        }
+    }
+
+    async fn kill_worker(&self, name: &str) -> Result<String, String> {
+        let Some(st) = worker::read_state(name) else {
+            return Ok("no worker state file: no worker to kill".into());
+        };
+        let pid = st.pid;
+        let w = match PidWatch::open(pid) {
+            Ok(w) => w,
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                return Ok(format!("worker pid {pid} had already exited"));
+            }
+            Err(e) => return Err(format!("pidfd_open({pid}): {e}")),
+        };
+        w.kill()
+            .map_err(|e| format!("SIGKILL to worker pid {pid}: {e}"))?;
+        match tokio::time::timeout(KILL_CONFIRM_TIMEOUT, w.exited()).await {
+            Ok(Ok(())) => Ok(format!(
+                "worker pid {pid} killed (SIGKILL); its exit confirmed by its pidfd"
+            )),
+            Ok(Err(e)) => Err(format!("waiting on the pidfd of worker {pid}: {e}")),
+            Err(_) => Err(format!(
+                "worker pid {pid} did not exit within {KILL_CONFIRM_TIMEOUT:?} of SIGKILL \
+                 (stuck in the kernel, state D?)"
+            )),
         }
     }
 

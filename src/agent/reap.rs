@@ -37,6 +37,26 @@ impl PidWatch {
         self.pid
     }
 
+    /// Sends SIGKILL to exactly this process (a pidfd cannot hit a recycled pid).
+    pub fn kill(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_send_signal takes our open pidfd, a signal number, a null siginfo
+        // (allowed: the kernel fills in a default) and flags 0; no memory is passed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Waits until the process has exited (all its threads). Needs a tokio runtime.
     pub async fn exited(self) -> io::Result<()> {
         // SAFETY: the OwnedFd moves into the AsyncFd, so the descriptor stays open and the
@@ -104,6 +124,20 @@ mod tests {
         child.kill().unwrap();
         waiting.await.unwrap().unwrap();
         child.wait().unwrap();
+    }
+
+    #[tokio::test]
+    async fn kill_through_the_pidfd_ends_exactly_that_process() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let w = PidWatch::open(child.id()).unwrap();
+        w.kill().unwrap();
+        w.exited().await.unwrap();
+        let st = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
     }
 
     #[test]

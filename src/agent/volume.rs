@@ -115,6 +115,9 @@ pub struct VolumeCtl<P: Platform> {
     /// (udev saw a device) is news worth retrying at once for. After any other failure it is
     /// not, and the backoff stands.
     waiting_for_device: bool,
+    /// The worker was killed because it did not confirm a suspend: resuming starts a new one
+    /// (taking over its held device) instead of asking the dead one.
+    worker_killed: bool,
     worker: Option<serde_json::Value>,
     rng: StdRng,
     /// Resolves when the serving worker process ends; armed while serving.
@@ -137,6 +140,10 @@ pub struct VolumeCtl<P: Platform> {
 }
 
 /// Waits for the armed worker watch (forever when none is armed).
+/// How long a worker may take to confirm a suspend (it waits for in-flight I/O) before it is
+/// killed so that its key is gone.
+const SUSPEND_TIMEOUT: Duration = Duration::from_secs(35);
+
 /// What an access check must produce: the volume key (unlock, resume) or only the proof
 /// that access is granted (the periodic check of a serving volume).
 #[derive(Clone, Copy)]
@@ -192,6 +199,7 @@ pub fn spawn_managed<P: Platform>(
         manual: false,
         next: Instant::now(),
         waiting_for_device: false,
+        worker_killed: false,
         worker: None,
         rng: StdRng::from_entropy(),
         exit_watch: None,
@@ -981,10 +989,29 @@ impl<P: Platform> VolumeCtl<P> {
         // Freeze first so everything the filesystem acknowledged is on the device before
         // I/O stops; thaw only after resume (thawing writes the superblock).
         self.frozen = Some(self.p.freeze(&sv.block_device).await);
-        if let Err(e) = self.p.suspend(&self.s.name).await {
-            // If the worker is unreachable its key is gone with it or it is wedged; either way
-            // we must not report it as serving.
-            tracing::error!(volume = %self.s.name, error = %e, "volume {}: suspending the worker failed: {e}", self.s.name);
+        let res = match tokio::time::timeout(SUSPEND_TIMEOUT, self.p.suspend(&self.s.name)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {SUSPEND_TIMEOUT:?}")),
+        };
+        let mut reason = reason;
+        if let Err(e) = res {
+            // A worker that did not confirm the suspend may still hold the key (wedged, or
+            // its answer lost): end it, so the key is gone for certain. Its I/O stays held
+            // (ublk: the device goes QUIESCED; FUSE: the agent holds the connection) and the
+            // resume path starts a new worker.
+            tracing::error!(volume = %self.s.name, error = %e, "volume {}: suspending the worker failed: {e}; killing it", self.s.name);
+            let killed = match self.p.kill_worker(&self.s.name).await {
+                Ok(how) => {
+                    tracing::warn!(volume = %self.s.name, "volume {}: {how}", self.s.name);
+                    how
+                }
+                Err(k) => {
+                    tracing::error!(volume = %self.s.name, error = %k, "volume {}: killing the worker failed: {k}", self.s.name);
+                    format!("killing it failed: {k}")
+                }
+            };
+            reason = format!("{reason}; suspend failed ({e}), {killed}");
+            self.worker_killed = true;
         }
         self.enter_suspended(reason, manual).await;
     }
@@ -1061,9 +1088,20 @@ impl<P: Platform> VolumeCtl<P> {
                 }
                 Err(e) => Err(format!("recovering ublk device {id}: {e}")),
             },
+            // Killed after a failed suspend: a new worker takes over the held device.
+            Some(sv) if self.worker_killed => {
+                match self.p.spawn(&self.s, &sv.backing, &key, None).await {
+                    Ok(new) => {
+                        self.served = Some(new);
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("starting a worker after the killed one: {e}")),
+                }
+            }
             _ => self.p.resume(&self.s.name, &key).await,
         };
         drop(key);
+        self.worker_killed = false;
         let bd = self.served.as_ref().map(|s| s.block_device.clone());
         match res {
             Ok(()) => {

@@ -51,6 +51,9 @@ struct World {
     hold_fuse: bool,
     /// FUSE: a connection is held now (of the live worker, or of a dead one awaiting takeover).
     fuse_held: bool,
+    /// The worker does not confirm a suspend: `Some(false)` answers an error, `Some(true)`
+    /// never answers (wedged). Its key stays until it is killed.
+    suspend_fault: Option<bool>,
     /// A second key slot (a newer key version, as after `kvcrypt rewrap`).
     rotated: bool,
     /// Key ids whose version is disabled: Denied for them whatever `vault` says.
@@ -318,8 +321,26 @@ impl Platform for Fake {
         self.ev(format!("clean:{}", served.block_device.display()));
         "cleaned".into()
     }
+    async fn kill_worker(&self, _name: &str) -> Result<String, String> {
+        self.ev("kill");
+        let mut w = self.0.lock().unwrap();
+        if w.worker.take().is_none() {
+            return Ok("no worker".into());
+        }
+        if w.ublk {
+            w.quiesced = Some(UBLK_ID);
+        }
+        end_worker(&mut w, "killed by signal 9");
+        Ok("worker killed (SIGKILL)".into())
+    }
     async fn suspend(&self, _name: &str) -> Result<(), String> {
         self.ev("suspend");
+        let fault = self.0.lock().unwrap().suspend_fault;
+        match fault {
+            Some(true) => std::future::pending::<()>().await,
+            Some(false) => return Err("worker refused: internal error".into()),
+            None => {}
+        }
         let mut w = self.0.lock().unwrap();
         if w.ublk && w.worker.is_some() {
             // The worker process exits; the device stays, QUIESCED.
@@ -1677,4 +1698,36 @@ async fn rotation_disabling_the_old_version_keeps_serving() {
     // Both versions disabled: now it is a revocation.
     f.0.lock().unwrap().disabled.push(SLOT_NEW.into());
     wait_state(&h, VolumeState::Suspended, Duration::from_secs(10)).await;
+}
+
+/// Issue: a failed suspend was only logged; the state said suspended while a wedged worker
+/// kept its key for the whole `hold`. A suspend that fails or never answers ends the worker
+/// (the key goes with it), the status says so, and unlock starts a new worker.
+#[tokio::test(start_paused = true)]
+async fn a_failed_or_hung_suspend_kills_the_worker() {
+    for hang in [false, true] {
+        let f = Fake::new();
+        let h = spawn_volume(settings(), f.clone());
+        wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+        f.0.lock().unwrap().suspend_fault = Some(hang);
+        assert_eq!(send(&h, Command::Lock).await.unwrap(), "locked");
+        assert_eq!(
+            f.worker_key(),
+            None,
+            "hang={hang}: the worker (and key) is gone"
+        );
+        assert_eq!(f.count("kill"), 1);
+        let st = h.status.borrow().clone();
+        assert_eq!(st.state, VolumeState::Suspended);
+        let reason = st.reason.clone().unwrap_or_default();
+        assert!(
+            reason.contains("suspend failed") && reason.contains("killed"),
+            "{reason}"
+        );
+        f.0.lock().unwrap().suspend_fault = None;
+        assert_eq!(send(&h, Command::Unlock).await.unwrap(), "resumed");
+        assert_eq!(f.worker_key(), Some(Some([GOOD; 64])));
+        assert_eq!(f.count("spawn"), 2, "a new worker took over");
+        assert_eq!(h.status.borrow().state, VolumeState::Serving);
+    }
 }
