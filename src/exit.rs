@@ -33,6 +33,9 @@ pub enum Exit {
     Permission = 12,
     /// A required kernel feature (ublk, FUSE, loop) is missing.
     Unsupported = 13,
+    /// Key memory cannot be locked in RAM (memfd_secret and mlock failed) and swappable key
+    /// pages are not allowed (`KVCRYPT_ALLOW_UNLOCKED_KEY_MEMORY=1`).
+    KeyMemory = 16,
 }
 
 impl Exit {

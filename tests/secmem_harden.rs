@@ -47,3 +47,40 @@ fn secret_pages_are_excluded_from_core_dumps() {
         block[0]
     );
 }
+
+/// Issue: when `mlock` failed (RLIMIT_MEMLOCK) key pages silently fell back to unlocked,
+/// swappable memory. A process that would hold keys now refuses to start (exit 16, a message
+/// naming the limit) unless swappable key pages are explicitly allowed.
+#[test]
+fn key_memory_that_cannot_be_locked_is_refused_unless_allowed() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "CI runs the tests as root");
+        eprintln!("skipped: needs root to drop to an unprivileged user with RLIMIT_MEMLOCK=0");
+        return;
+    }
+    let exe = env!("CARGO_BIN_EXE_kvcrypt");
+    // As nobody (no CAP_IPC_LOCK) with a zero memlock limit, neither memfd_secret pages nor
+    // mlock are possible. `open` of a missing device would fail later for other reasons.
+    let run = |allow: bool| {
+        let mut c = std::process::Command::new("prlimit");
+        c.args(["--memlock=0:0", "setpriv", "--reuid=65534", "--regid=65534"])
+            .args(["--clear-groups", "--", exe, "open", "/nonexistent/disk", "t"])
+            .env_remove(kvcrypt::secmem::ALLOW_UNLOCKED_ENV);
+        if allow {
+            c.env(kvcrypt::secmem::ALLOW_UNLOCKED_ENV, "1");
+        }
+        c.output().expect("run kvcrypt under prlimit/setpriv")
+    };
+    let refused = run(false);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(16), "{err}");
+    assert!(
+        err.contains("cannot lock key memory") && err.contains("RLIMIT_MEMLOCK is 0 bytes"),
+        "{err}"
+    );
+    let allowed = run(true);
+    let err = String::from_utf8_lossy(&allowed.stderr);
+    assert_ne!(allowed.status.code(), Some(16), "{err}");
+    assert!(!err.contains("cannot lock key memory"), "{err}");
+}

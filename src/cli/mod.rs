@@ -370,6 +370,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     ) {
         harden();
     }
+    // Every process that takes a volume key first makes sure it can lock it in RAM.
+    let holds_keys = match &cli.command {
+        Command::Format(_)
+        | Command::Rewrap(_)
+        | Command::Open(_)
+        | Command::Worker(_)
+        | Command::Agent(_) => true,
+        Command::Header(HeaderCmd::Dump(a)) => a.dump_master_key,
+        _ => false,
+    };
+    if holds_keys {
+        crate::secmem::check_key_memory()?;
+    }
     match cli.command {
         Command::Format(a) => offline::format(&config, a),
         Command::Header(h) => offline::header(&config, h),
@@ -423,6 +436,9 @@ pub fn classify(err: &anyhow::Error) -> Exit {
             return e.exit_class();
         }
         if let Some(e) = cause.downcast_ref::<CliError>() {
+            return e.exit_class();
+        }
+        if let Some(e) = cause.downcast_ref::<crate::secmem::KeyMemoryError>() {
             return e.exit_class();
         }
         if let Some(e) = cause.downcast_ref::<std::io::Error>() {

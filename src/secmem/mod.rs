@@ -12,7 +12,7 @@ mod pages;
 use std::marker::PhantomData;
 
 use pages::SecretPages;
-pub use pages::{Backing, harden_process};
+pub use pages::{ALLOW_UNLOCKED_ENV, Backing, KeyMemoryError, check_key_memory, harden_process};
 
 /// Overwrites (volatile) 8 KiB of stack below the caller, where temporaries of a callee that
 /// handled key material (e.g. a crate's key expansion or HMAC state) may remain. Best effort:

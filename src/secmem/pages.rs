@@ -49,25 +49,60 @@ fn page_size() -> usize {
 /// Remembers that `memfd_secret` is unavailable so we do not retry a failing syscall per key.
 static NO_MEMFD_SECRET: OnceLock<()> = OnceLock::new();
 
+/// Set to `1` to accept key pages that cannot be locked in RAM (they could be swapped out).
+/// Without it a process that cannot lock its key memory refuses to hold keys.
+pub const ALLOW_UNLOCKED_ENV: &str = "KVCRYPT_ALLOW_UNLOCKED_KEY_MEMORY";
+
+fn unlocked_allowed() -> bool {
+    static ALLOWED: OnceLock<bool> = OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var_os(ALLOW_UNLOCKED_ENV).is_some_and(|v| v == "1"))
+}
+
+/// Why secret pages could not be had.
+#[derive(Debug)]
+pub(crate) enum PagesError {
+    /// No memory could be mapped at all.
+    Map(io::Error),
+    /// Neither `memfd_secret` nor `mlock` worked, and unlocked pages are not allowed.
+    Lock(io::Error),
+}
+
 impl SecretPages {
-    /// Maps at least `len` (> 0) zeroed bytes. Aborts like `Box` on out-of-memory.
+    /// Maps at least `len` (> 0) zeroed bytes. Aborts like `Box` on out-of-memory, and with a
+    /// message when the pages cannot be locked (processes that hold keys check
+    /// [`check_key_memory`] when they start, so this is only reached if a limit is hit later).
     pub(crate) fn new(len: usize) -> SecretPages {
+        match Self::try_new(len) {
+            Ok(p) => p,
+            Err(PagesError::Lock(e)) => {
+                eprintln!("kvcrypt: refusing to hold a key in memory that cannot be locked: {e}");
+                std::process::abort()
+            }
+            Err(PagesError::Map(_)) => std::alloc::handle_alloc_error(
+                std::alloc::Layout::from_size_align(len.max(1), page_size())
+                    .unwrap_or(std::alloc::Layout::new::<u8>()),
+            ),
+        }
+    }
+
+    pub(crate) fn try_new(len: usize) -> Result<SecretPages, PagesError> {
         let page = page_size();
         let len = len.max(1).div_ceil(page) * page;
         if NO_MEMFD_SECRET.get().is_none() {
             match Self::memfd_secret(len) {
-                Ok(p) => return p,
+                Ok(p) => return Ok(p),
                 Err(_) => {
                     let _ = NO_MEMFD_SECRET.set(());
                 }
             }
         }
-        match Self::anon(len) {
-            Ok(p) => p,
-            Err(_) => std::alloc::handle_alloc_error(
-                std::alloc::Layout::from_size_align(len, page)
-                    .unwrap_or(std::alloc::Layout::new::<u8>()),
-            ),
+        let (p, lock_error) = Self::anon(len).map_err(PagesError::Map)?;
+        match lock_error {
+            Some(e) if !unlocked_allowed() => {
+                drop(p);
+                Err(PagesError::Lock(e))
+            }
+            _ => Ok(p),
         }
     }
 
@@ -113,7 +148,8 @@ impl SecretPages {
         })
     }
 
-    fn anon(len: usize) -> io::Result<SecretPages> {
+    /// Anonymous pages, with the `mlock` error if they could not be locked.
+    fn anon(len: usize) -> io::Result<(SecretPages, Option<io::Error>)> {
         // SAFETY: new private anonymous mapping; no existing memory is affected.
         let p = unsafe {
             libc::mmap(
@@ -133,7 +169,8 @@ impl SecretPages {
             libc::madvise(p, len, libc::MADV_DONTDUMP);
             libc::mlock(p, len) == 0
         };
-        Ok(SecretPages {
+        let lock_error = (!locked).then(io::Error::last_os_error);
+        let pages = SecretPages {
             ptr: NonNull::new(p.cast())
                 .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?,
             len,
@@ -142,7 +179,8 @@ impl SecretPages {
             } else {
                 Backing::UnlockedAnon
             },
-        })
+        };
+        Ok((pages, lock_error))
     }
 
     pub(crate) fn as_ptr(&self) -> *mut u8 {
@@ -168,6 +206,50 @@ impl Drop for SecretPages {
                 libc::munlock(self.ptr.as_ptr().cast(), self.len);
             }
             libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// Key memory cannot be locked in RAM and unlocked pages are not allowed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot lock key memory in RAM (memfd_secret is unavailable and mlock failed: {source}; \
+     RLIMIT_MEMLOCK is {limit}): kvcrypt refuses to hold volume keys in memory that could be \
+     swapped out. Raise the limit (systemd: LimitMEMLOCK=, shell: ulimit -l), run as root, or \
+     set {ALLOW_UNLOCKED_ENV}=1 to accept swappable key pages"
+)]
+pub struct KeyMemoryError {
+    source: io::Error,
+    limit: String,
+}
+
+impl crate::exit::ExitClass for KeyMemoryError {
+    fn exit_class(&self) -> crate::exit::Exit {
+        crate::exit::Exit::KeyMemory
+    }
+}
+
+/// Checks, before a process takes any key, that key memory can be had as it must be: what
+/// backs it, or why it is refused (see [`ALLOW_UNLOCKED_ENV`]).
+pub fn check_key_memory() -> Result<Backing, KeyMemoryError> {
+    match SecretPages::try_new(1) {
+        Ok(p) => Ok(p.backing()),
+        Err(PagesError::Lock(source)) | Err(PagesError::Map(source)) => {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes into the valid rlimit struct we pass.
+            let limit = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0 {
+                if lim.rlim_cur == libc::RLIM_INFINITY {
+                    "unlimited".to_owned()
+                } else {
+                    format!("{} bytes", lim.rlim_cur)
+                }
+            } else {
+                "unknown".to_owned()
+            };
+            Err(KeyMemoryError { source, limit })
         }
     }
 }
