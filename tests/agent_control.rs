@@ -60,6 +60,9 @@ impl Platform for Scripted {
             Ok(())
         }
     }
+    async fn repair_header(&self, _d: &Path, _h: &()) -> Result<Option<String>, String> {
+        Ok(None)
+    }
     async fn kill_worker(&self, _n: &str) -> Result<String, String> {
         self.0.lock().unwrap().worker_key = None;
         Ok("killed".into())

@@ -1429,3 +1429,49 @@ fn reload_adds_volumes_keeps_serving_on_a_bad_file_and_applies_policy() {
     assert!(!r.lab.run_dir.join("volumes/second.json").exists());
     assert_eq!(r.lab.status().unwrap().state, VolumeState::Serving);
 }
+
+/// Issue: a damaged header copy was never reported by the agent or the worker (only `header
+/// dump` noticed), so a disk could lose its last good copy unnoticed. The agent rewrites it at
+/// unlock, once the winning copy proved authentic, and says so in its log.
+#[test]
+fn agent_repairs_a_damaged_header_copy_at_unlock() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), Path::new(EXE), &LabOptions::default()).unwrap();
+    lab.format().unwrap();
+    // Bit rot inside the secondary copy's JSON metadata.
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new()
+            .write(true)
+            .open(&lab.image)
+            .unwrap(),
+        b"rot",
+        512 * 1024 + 4096 + 20,
+    )
+    .unwrap();
+    let before = kvcrypt::header::read(&lab.image).unwrap();
+    assert_eq!(before.damaged.len(), 1, "{:?}", before.damaged);
+    let agent = lab.spawn_agent(None).unwrap();
+    let mut r = Running {
+        lab,
+        agent: Some(agent),
+        mnt: None,
+        _dir: dir,
+    };
+    r.lab
+        .wait_state(VolumeState::Serving, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    let after = kvcrypt::header::read(&r.lab.image).unwrap();
+    assert!(after.damaged.is_empty(), "{:?}", after.damaged);
+    assert!(after.sequence > before.sequence);
+    assert_eq!(after.uuid, before.uuid);
+    let log = std::fs::read_to_string(r.lab.dir.join("agent.log")).unwrap();
+    assert!(
+        log.contains("repaired the damaged header copy") && log.contains("secondary header"),
+        "{log}"
+    );
+    r.stop_agent();
+}

@@ -55,7 +55,10 @@ fn secret_pages_are_excluded_from_core_dumps() {
 fn key_memory_that_cannot_be_locked_is_refused_unless_allowed() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var_os("CI").is_none(), "CI runs the tests as root");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the tests as root"
+        );
         eprintln!("skipped: needs root to drop to an unprivileged user with RLIMIT_MEMLOCK=0");
         return;
     }
@@ -65,7 +68,14 @@ fn key_memory_that_cannot_be_locked_is_refused_unless_allowed() {
     let run = |allow: bool| {
         let mut c = std::process::Command::new("prlimit");
         c.args(["--memlock=0:0", "setpriv", "--reuid=65534", "--regid=65534"])
-            .args(["--clear-groups", "--", exe, "open", "/nonexistent/disk", "t"])
+            .args([
+                "--clear-groups",
+                "--",
+                exe,
+                "open",
+                "/nonexistent/disk",
+                "t",
+            ])
             .env_remove(kvcrypt::secmem::ALLOW_UNLOCKED_ENV);
         if allow {
             c.env(kvcrypt::secmem::ALLOW_UNLOCKED_ENV, "1");

@@ -135,6 +135,15 @@ pub trait Platform: Send + Sync + 'static {
         slot: &SlotRef,
     ) -> impl Future<Output = Result<(), AccessError>> + Send;
 
+    /// Rewrites both header copies of `dev` from `h` when the other copy is damaged or stale
+    /// (the winning copy was just proved authentic by the key check and MAC). `Ok(None)`:
+    /// nothing to repair; `Ok(Some(what))`: repaired, `what` says what was wrong.
+    fn repair_header(
+        &self,
+        dev: &Path,
+        h: &Self::Header,
+    ) -> impl Future<Output = Result<Option<String>, String>> + Send;
+
     /// Ends the worker of `name` with SIGKILL sent through a pidfd and waits until the pidfd
     /// reports its exit, so its key pages are gone: the last resort when a suspend fails or
     /// times out (a wedged worker must not keep the key). `Ok` describes what was done.

@@ -472,6 +472,24 @@ impl Platform for RealPlatform {
         }
     }
 
+    async fn repair_header(&self, dev: &Path, h: &LoadedHeader) -> Result<Option<String>, String> {
+        if h.damaged.is_empty() {
+            return Ok(None);
+        }
+        let what = h
+            .damaged
+            .iter()
+            .map(|d| format!("{}: {}", d.copy, d.reason))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let d = dev.to_owned();
+        let mut hdr = h.header.clone();
+        blocking(move || header::write(&d, &mut hdr))
+            .await?
+            .map_err(|e| format!("{what}; rewriting it failed: {e}"))?;
+        Ok(Some(what))
+    }
+
     async fn kill_worker(&self, name: &str) -> Result<String, String> {
         let Some(st) = worker::read_state(name) else {
             return Ok("no worker state file: no worker to kill".into());

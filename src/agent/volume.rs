@@ -12,6 +12,7 @@
 //! in place), else a new FUSE loop device, with backoff when it keeps dying; a
 //! revocation or `kvcrypt lock` meanwhile ends in `suspended` / `locked` without a new worker.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -618,6 +619,7 @@ impl<P: Platform> VolumeCtl<P> {
                 return false;
             }
         };
+        self.repair_header(&dev).await;
         let res = self.p.spawn(&self.s, &dev, &key, None).await;
         drop(key);
         match res {
@@ -647,6 +649,28 @@ impl<P: Platform> VolumeCtl<P> {
                 self.record_error(&e);
                 fail(self, "worker failed to start".into());
                 false
+            }
+        }
+    }
+
+    /// A damaged or stale header copy is rewritten once the header has proved authentic (key
+    /// check and MAC passed) and before a worker opens the device; it is logged either way, so
+    /// a failing disk is noticed rather than found out when the last copy goes.
+    async fn repair_header(&mut self, dev: &Path) {
+        let Some(h) = self.header.as_ref() else {
+            return;
+        };
+        let name = &self.s.name;
+        match self.p.repair_header(dev, h).await {
+            Ok(None) => {}
+            Ok(Some(what)) => {
+                tracing::warn!(volume = %name, device = %dev.display(),
+                    "volume {name}: repaired the damaged header copy of {} ({what})", dev.display());
+            }
+            Err(e) => {
+                tracing::error!(volume = %name, device = %dev.display(), error = %e,
+                    "volume {name}: a header copy of {} is damaged and could not be repaired: {e}; \
+                     save the header now (kvcrypt header backup)", dev.display());
             }
         }
     }

@@ -54,6 +54,8 @@ struct World {
     /// The worker does not confirm a suspend: `Some(false)` answers an error, `Some(true)`
     /// never answers (wedged). Its key stays until it is killed.
     suspend_fault: Option<bool>,
+    /// One header copy is damaged: repaired (rewritten) at the next unlock.
+    header_damaged: bool,
     /// A second key slot (a newer key version, as after `kvcrypt rewrap`).
     rotated: bool,
     /// Key ids whose version is disabled: Denied for them whatever `vault` says.
@@ -320,6 +322,14 @@ impl Platform for Fake {
     async fn clean_dead_worker(&self, _name: &str, served: &Served) -> String {
         self.ev(format!("clean:{}", served.block_device.display()));
         "cleaned".into()
+    }
+    async fn repair_header(&self, _dev: &Path, _h: &()) -> Result<Option<String>, String> {
+        let mut w = self.0.lock().unwrap();
+        if !std::mem::take(&mut w.header_damaged) {
+            return Ok(None);
+        }
+        w.events.push("repair".into());
+        Ok(Some("secondary header: checksum mismatch".into()))
     }
     async fn kill_worker(&self, _name: &str) -> Result<String, String> {
         self.ev("kill");
@@ -1730,4 +1740,25 @@ async fn a_failed_or_hung_suspend_kills_the_worker() {
         assert_eq!(f.count("spawn"), 2, "a new worker took over");
         assert_eq!(h.status.borrow().state, VolumeState::Serving);
     }
+}
+
+/// Issue: a damaged header copy was never reported by the agent (only `header dump` noticed),
+/// so a volume could lose its last good copy unnoticed. It is rewritten at unlock, once the
+/// header proved authentic and before the worker opens the device.
+#[tokio::test(start_paused = true)]
+async fn a_damaged_header_copy_is_repaired_at_unlock() {
+    let f = Fake::new();
+    f.0.lock().unwrap().header_damaged = true;
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    let ev = f.events();
+    let pos = |e: &str| ev.iter().position(|x| x == e);
+    assert!(
+        pos("repair").is_some() && pos("repair") < pos("spawn"),
+        "{ev:?}"
+    );
+    assert!(
+        pos("unwrap:Some(Ok)") < pos("repair"),
+        "only after the key check: {ev:?}"
+    );
 }
