@@ -1453,17 +1453,7 @@ fn agent_repairs_a_damaged_header_copy_at_unlock() {
     .unwrap();
     let before = kvcrypt::header::read(&lab.image).unwrap();
     assert_eq!(before.damaged.len(), 1, "{:?}", before.damaged);
-    let agent = lab.spawn_agent(None).unwrap();
-    let mut r = Running {
-        lab,
-        agent: Some(agent),
-        mnt: None,
-        _dir: dir,
-    };
-    r.lab
-        .wait_state(VolumeState::Serving, T)
-        .map_err(|e| r.fail(e))
-        .unwrap();
+    let mut r = Running::agent_for(lab, dir);
     let after = kvcrypt::header::read(&r.lab.image).unwrap();
     assert!(after.damaged.is_empty(), "{:?}", after.damaged);
     assert!(after.sequence > before.sequence);

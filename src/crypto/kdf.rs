@@ -113,18 +113,20 @@ pub fn access_secret(vmk: &VolumeKey) -> SecretBytes<ACCESS_SECRET_LEN> {
 
 /// Access-check digest stored in a v2 header: HMAC-SHA256(secret, [`ACCESS_CHECK_LABEL`]).
 pub fn access_check_digest(secret: &[u8]) -> [u8; 32] {
-    let mut m = HmacSha256::new_from_slice(secret)
-        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-    m.update(ACCESS_CHECK_LABEL);
-    m.finalize().into_bytes().into()
+    access_check_mac(secret).finalize().into_bytes().into()
 }
 
 /// Constant-time check of an unwrapped access-check secret against the stored digest.
 pub fn verify_access_check(secret: &[u8], stored: &[u8; 32]) -> bool {
+    access_check_mac(secret).verify_slice(stored).is_ok()
+}
+
+/// HMAC-SHA256 keyed by the access-check secret over [`ACCESS_CHECK_LABEL`].
+fn access_check_mac(secret: &[u8]) -> HmacSha256 {
     let mut m = HmacSha256::new_from_slice(secret)
         .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
     m.update(ACCESS_CHECK_LABEL);
-    m.verify_slice(stored).is_ok()
+    m
 }
 
 #[cfg(test)]

@@ -86,6 +86,12 @@ impl Running {
         let dir = tempfile::tempdir().unwrap();
         let lab = Lab::start(dir.path(), Path::new(EXE), &opts).unwrap();
         lab.format().unwrap();
+        Running::agent_for(lab, dir)
+    }
+
+    /// Starts the agent on a lab already set up (formatted, perhaps altered) and waits until
+    /// its volume serves.
+    pub fn agent_for(lab: Lab, dir: tempfile::TempDir) -> Running {
         let agent = lab.spawn_agent(None).unwrap();
         let r = Running {
             lab,
