@@ -33,6 +33,13 @@ pub enum Exit {
     Permission = 12,
     /// A required kernel feature (ublk, FUSE, loop) is missing.
     Unsupported = 13,
+    /// The volume is being served (by the agent, a worker or `kvcrypt open`) or its block
+    /// device is held open exclusively by someone else; destructive commands refuse it and no
+    /// flag overrides that.
+    InUse = 14,
+    /// The header names a key the configuration does not pin for this volume; refused before
+    /// any network request.
+    NotPinned = 15,
     /// Key memory cannot be locked in RAM (memfd_secret and mlock failed) and swappable key
     /// pages are not allowed (`KVCRYPT_ALLOW_UNLOCKED_KEY_MEMORY=1`).
     KeyMemory = 16,

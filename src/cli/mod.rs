@@ -462,6 +462,8 @@ pub enum CliError {
     #[error("{0}")]
     Busy(String),
     #[error("{0}")]
+    InUse(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     Permission(String),
@@ -475,6 +477,7 @@ impl ExitClass for CliError {
             CliError::Usage(_) => Exit::Usage,
             CliError::Config(_) => Exit::Config,
             CliError::Busy(_) => Exit::Busy,
+            CliError::InUse(_) => Exit::InUse,
             CliError::NotFound(_) => Exit::NotFound,
             CliError::Permission(_) => Exit::Permission,
             CliError::Unsupported(_) => Exit::Unsupported,
