@@ -9,6 +9,7 @@ pub mod mountinfo;
 
 pub mod crypto;
 pub mod header;
+pub mod inuse;
 
 pub mod keys;
 

@@ -140,3 +140,54 @@ fn backup_and_restore_through_the_cli() {
     assert_eq!(l.uuid, h.uuid);
     l.verify_key(&key(1)).unwrap();
 }
+
+/// Issue 10 (d9): `header backup` and `header dump` refused a truncated device ("device too
+/// small"), so the one thing an operator should do first — save the header — was impossible;
+/// and the backup file was created with the umask (0644 by default) though it holds the
+/// wrapped keys.
+#[test]
+fn a_truncated_device_still_has_its_header_saved_and_dumped_and_backups_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "x");
+    // The device lost its last 3 MiB (a shrunk LV, a partial copy).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(5 * MIB)
+        .unwrap();
+    let bak = dir.path().join("v.hdr");
+    // Under the common umask 022, which would leave the file world-readable.
+    let out = Command::new("sh")
+        .args(["-c", "umask 022 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_kvcrypt"))
+        .args(["header", "backup", s(&p), s(&bak)])
+        .env("KVCRYPT_CONFIG", "/nonexistent/kvcrypt.toml")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("is truncated") && err.contains("bytes missing"),
+        "{err}"
+    );
+    let mode = std::fs::metadata(&bak).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "backup mode {mode:o}");
+    assert_eq!(header::read_backup(&bak).unwrap().uuid, h.uuid);
+    let out = kvcrypt(&["header", "dump", "--json", s(&p)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&h.uuid.to_string()),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains("is truncated"), "{err}");
+    // Serving still refuses it: the data area is not all there.
+    assert!(matches!(
+        header::read(&p),
+        Err(header::HeaderError::DeviceTooSmall { .. })
+    ));
+}

@@ -438,6 +438,9 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         if let Some(e) = cause.downcast_ref::<CliError>() {
             return e.exit_class();
         }
+        if let Some(e) = cause.downcast_ref::<crate::inuse::InUseError>() {
+            return e.exit_class();
+        }
         if let Some(e) = cause.downcast_ref::<crate::secmem::KeyMemoryError>() {
             return e.exit_class();
         }

@@ -131,6 +131,7 @@ pub fn header(config: &Path, h: HeaderCmd) -> anyhow::Result<()> {
         HeaderCmd::Backup { device, file } => {
             let l = header::backup(&device, &file)?;
             warn_damaged(&device, &l);
+            warn_truncated(&device, &l);
             println!(
                 "Saved the header area of {} (volume {}) to {}",
                 device.display(),
@@ -151,6 +152,19 @@ fn warn_damaged(device: &Path, l: &header::LoadedHeader) {
             device.display(),
             d.copy,
             d.reason
+        );
+    }
+}
+
+/// A device shorter than its data area can still have its header saved or dumped, but it can
+/// not be served: say so, with the numbers.
+fn warn_truncated(device: &Path, l: &header::LoadedHeader) {
+    if let Some(missing) = l.missing_bytes() {
+        eprintln!(
+            "kvcrypt: warning: {} is truncated: {} bytes, but its data area ends at byte {}              ({missing} bytes missing); the header is intact, but the volume cannot be opened              until the device has its full size again",
+            device.display(),
+            l.device_size,
+            l.header.data_offset.saturating_add(l.header.data_length),
         );
     }
 }
@@ -178,7 +192,7 @@ fn confirm(question: &str, flag: &str) -> anyhow::Result<()> {
 }
 
 fn header_dump(config: &Path, a: HeaderDumpArgs) -> anyhow::Result<()> {
-    let l = header::read(&a.device)?;
+    let l = header::read_header_only(&a.device)?;
     let master_key = if a.dump_master_key {
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
@@ -210,11 +224,15 @@ fn header_dump(config: &Path, a: HeaderDumpArgs) -> anyhow::Result<()> {
         print!("{}", dump::text(&a.device, &l, mk).as_str());
         warn_damaged(&a.device, &l);
     }
+    warn_truncated(&a.device, &l);
     Ok(())
 }
 
 fn header_restore(device: &Path, file: &Path, yes: bool) -> anyhow::Result<()> {
     let backup = header::read_backup(file)?;
+    // Claimed before asking: a served or mounted device is refused whatever the answer would
+    // be, and nothing starts serving it while the operator reads the question.
+    let dev = crate::inuse::open_for_overwrite(device)?;
     let current = match header::read(device) {
         Ok(l) if l.uuid == backup.uuid => format!("the header of the same volume {}", l.uuid),
         Ok(l) => format!("a DIFFERENT kvcrypt volume {}", l.uuid),
@@ -232,7 +250,7 @@ fn header_restore(device: &Path, file: &Path, yes: bool) -> anyhow::Result<()> {
             "--yes",
         )?;
     }
-    let h = header::restore(device, file)?;
+    let h = header::restore_to(&dev, device, file)?;
     println!(
         "Restored the header of volume {} onto {} (sequence {})",
         h.uuid,

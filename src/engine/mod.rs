@@ -121,6 +121,8 @@ pub enum EngineError {
     Crypto(#[from] CryptoError),
     #[error("the device is shutting down")]
     ShutDown,
+    #[error(transparent)]
+    InUse(#[from] crate::inuse::InUseError),
 }
 
 impl EngineError {
@@ -135,6 +137,7 @@ impl EngineError {
             }
             EngineError::Crypto(_) => libc::EIO,
             EngineError::ShutDown => libc::ESHUTDOWN,
+            EngineError::InUse(_) => libc::EBUSY,
         }
     }
 }
@@ -142,6 +145,7 @@ impl EngineError {
 impl ExitClass for EngineError {
     fn exit_class(&self) -> Exit {
         match self {
+            EngineError::InUse(e) => e.exit_class(),
             EngineError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 Exit::NotFound
             }
@@ -212,23 +216,14 @@ impl Engine {
                 cfg.max_io
             )));
         }
+        let open_failed = |source: std::io::Error| open_error(&cfg.backing, source);
         let (mut file, mut direct) = match open_backing(&cfg.backing, cfg.read_only, true) {
             Ok(f) => (f, true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
-                open_backing(&cfg.backing, cfg.read_only, false).map_err(|source| {
-                    EngineError::Open {
-                        path: cfg.backing.clone(),
-                        source,
-                    }
-                })?,
+                open_backing(&cfg.backing, cfg.read_only, false).map_err(open_failed)?,
                 false,
             ),
-            Err(source) => {
-                return Err(EngineError::Open {
-                    path: cfg.backing.clone(),
-                    source,
-                });
-            }
+            Err(source) => return Err(open_failed(source)),
         };
         let size = file
             .seek(SeekFrom::End(0))
@@ -245,15 +240,13 @@ impl Engine {
         }
         if direct && !probe_direct(&file, cfg.data_offset, cfg.sector_size as usize) {
             // O_DIRECT opened but an aligned sector read fails (logical block size larger
-            // than our sector): use the page cache instead.
-            file = open_backing(&cfg.backing, cfg.read_only, false).map_err(|source| {
-                EngineError::Open {
-                    path: cfg.backing.clone(),
-                    source,
-                }
-            })?;
+            // than our sector): use the page cache instead. Closed first: a block device is
+            // opened O_EXCL, which a second open of our own would collide with.
+            drop(file);
+            file = open_backing(&cfg.backing, cfg.read_only, false).map_err(open_failed)?;
             direct = false;
         }
+        claim_served(&file, &cfg.backing)?;
         if !direct {
             tracing::warn!(
                 backing = %cfg.backing.display(),
@@ -677,16 +670,71 @@ fn is_zero(s: &[u8]) -> bool {
     s.iter().all(|&b| b == 0)
 }
 
+/// How long opening the backing store waits out a claim that is being let go: a worker that
+/// was killed or crashed with I/O in flight releases its descriptor only when the kernel has
+/// torn down its io_uring, which happens asynchronously after the process is gone.
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens the backing store; a block device exclusively (`O_EXCL`), so while it is served it
+/// cannot be mounted, formatted or restored over (see [`crate::inuse`]). `EBUSY` is retried
+/// for [`CLAIM_WAIT`].
 fn open_backing(path: &Path, read_only: bool, direct: bool) -> std::io::Result<File> {
     let mut flags = libc::O_CLOEXEC;
     if direct {
         flags |= libc::O_DIRECT;
     }
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .custom_flags(flags)
-        .open(path)
+    if crate::inuse::is_block_device(path) {
+        flags |= libc::O_EXCL;
+    }
+    let deadline = std::time::Instant::now() + CLAIM_WAIT;
+    loop {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(flags)
+            .open(path)
+        {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// `EBUSY` from the exclusive open means someone else holds the device: that is "in use"
+/// (exit 14), not a device error.
+fn open_error(path: &Path, source: std::io::Error) -> EngineError {
+    if source.raw_os_error() == Some(libc::EBUSY) {
+        crate::inuse::InUseError::Exclusive {
+            path: path.to_path_buf(),
+        }
+        .into()
+    } else {
+        EngineError::Open {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Takes the shared "being served" claim ([`crate::inuse::claim_served`]), waiting out an
+/// exclusive one for [`CLAIM_WAIT`] (a header restore finishing), then refusing.
+fn claim_served(file: &File, path: &Path) -> Result<(), EngineError> {
+    let deadline = std::time::Instant::now() + CLAIM_WAIT;
+    loop {
+        match crate::inuse::claim_served(file, path) {
+            Err(crate::inuse::InUseError::BeingRewritten { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => return Ok(r?),
+        }
+    }
 }
 
 /// True if an aligned one-sector `O_DIRECT` read at the data offset works.

@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::layout::{self, DecodeError};
@@ -31,13 +31,13 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -
 }
 
 /// Size in bytes of an open device or file.
-pub fn device_size(file: &mut File, path: &Path) -> Result<u64, HeaderError> {
+pub fn device_size(mut file: &File, path: &Path) -> Result<u64, HeaderError> {
     file.seek(SeekFrom::End(0))
         .map_err(io_err(path, "determining size"))
 }
 
 /// Reads up to `HEADER_AREA_SIZE` bytes from the start of `file` (less if it is shorter).
-fn read_area(file: &mut File, path: &Path) -> Result<Vec<u8>, HeaderError> {
+fn read_area(mut file: &File, path: &Path) -> Result<Vec<u8>, HeaderError> {
     let mut buf = Vec::with_capacity(layout::HEADER_AREA_SIZE as usize);
     file.seek(SeekFrom::Start(0))
         .map_err(io_err(path, "seeking to the header"))?;
@@ -163,18 +163,26 @@ pub fn parse_image(
 /// copy that was, and which copy is damaged.
 pub fn read(path: impl AsRef<Path>) -> Result<LoadedHeader, HeaderError> {
     let path = path.as_ref();
-    let mut f = File::open(path).map_err(io_err(path, "opening"))?;
-    let size = device_size(&mut f, path)?;
-    let area = read_area(&mut f, path)?;
-    let (header, used, damaged) = parse_image(&area, path)?;
-    let needed = header.data_offset.saturating_add(header.data_length);
-    if size < needed {
+    let l = read_header_only(path)?;
+    if l.missing_bytes().is_some() {
         return Err(HeaderError::DeviceTooSmall {
             path: path.to_path_buf(),
-            size,
-            needed,
+            size: l.device_size,
+            needed: l.header.data_offset.saturating_add(l.header.data_length),
         });
     }
+    Ok(l)
+}
+
+/// [`read`] without the check that the device holds the whole data area: for the commands that
+/// must still work on a truncated device (`header dump`, `header backup`), so its header can be
+/// saved before anything else is tried. [`LoadedHeader::missing_bytes`] tells how short it is.
+pub fn read_header_only(path: impl AsRef<Path>) -> Result<LoadedHeader, HeaderError> {
+    let path = path.as_ref();
+    let f = File::open(path).map_err(io_err(path, "opening"))?;
+    let size = device_size(&f, path)?;
+    let area = read_area(&f, path)?;
+    let (header, used, damaged) = parse_image(&area, path)?;
     Ok(LoadedHeader {
         header,
         used,
@@ -186,8 +194,8 @@ pub fn read(path: impl AsRef<Path>) -> Result<LoadedHeader, HeaderError> {
 /// Identity of the kvcrypt volume at `path`, or `None` for anything else (including errors).
 pub fn probe(path: impl AsRef<Path>) -> Option<ProbeInfo> {
     let path = path.as_ref();
-    let mut f = File::open(path).ok()?;
-    let area = read_area(&mut f, path).ok()?;
+    let f = File::open(path).ok()?;
+    let area = read_area(&f, path).ok()?;
     let (h, _, _) = parse_image(&area, path).ok()?;
     Some(ProbeInfo {
         uuid: h.uuid,
@@ -206,12 +214,18 @@ pub fn probe(path: impl AsRef<Path>) -> Option<ProbeInfo> {
 /// fields.
 pub fn write(path: impl AsRef<Path>, h: &mut VolumeHeader) -> Result<(), HeaderError> {
     let path = path.as_ref();
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .map_err(io_err(path, "opening for writing"))?;
-    let size = device_size(&mut f, path)?;
+    write_to(&f, path, h)
+}
+
+/// [`write`] through a descriptor the caller opened (and may hold a claim on, see
+/// [`crate::inuse::open_for_overwrite`]); `path` names it in errors.
+pub fn write_to(f: &File, path: &Path, h: &mut VolumeHeader) -> Result<(), HeaderError> {
+    let size = device_size(f, path)?;
     let needed = h.data_offset.saturating_add(h.data_length);
     if size < needed {
         return Err(HeaderError::DeviceTooSmall {
@@ -220,7 +234,7 @@ pub fn write(path: impl AsRef<Path>, h: &mut VolumeHeader) -> Result<(), HeaderE
             needed,
         });
     }
-    let area = read_area(&mut f, path)?;
+    let area = read_area(f, path)?;
     let mut disk_max = 0u64;
     let mut current = None;
     for c in Copy::BOTH {
@@ -261,12 +275,15 @@ pub fn backup(
     file: impl AsRef<Path>,
 ) -> Result<LoadedHeader, HeaderError> {
     let (device, file) = (device.as_ref(), file.as_ref());
-    let loaded = read(device)?;
-    let mut f = File::open(device).map_err(io_err(device, "opening"))?;
-    let area = read_area(&mut f, device)?;
+    let loaded = read_header_only(device)?;
+    let f = File::open(device).map_err(io_err(device, "opening"))?;
+    let area = read_area(&f, device)?;
+    // 0600 whatever the umask: the backup holds the wrapped keys and the key check, and
+    // restoring it brings back every key slot it lists (also one revoked since).
     let mut out = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(file)
         .map_err(io_err(
             file,
@@ -281,8 +298,8 @@ pub fn backup(
 /// Reads a header backup (as written by [`backup`]) and returns its header.
 pub fn read_backup(file: impl AsRef<Path>) -> Result<VolumeHeader, HeaderError> {
     let file = file.as_ref();
-    let mut f = File::open(file).map_err(io_err(file, "opening the backup"))?;
-    let area = read_area(&mut f, file)?;
+    let f = File::open(file).map_err(io_err(file, "opening the backup"))?;
+    let area = read_area(&f, file)?;
     Ok(parse_image(&area, file)?.0)
 }
 
@@ -294,5 +311,17 @@ pub fn restore(
 ) -> Result<VolumeHeader, HeaderError> {
     let mut h = read_backup(file)?;
     write(device, &mut h)?;
+    Ok(h)
+}
+
+/// [`restore`] through a descriptor the caller opened (and holds a claim on); `device` names
+/// it in errors.
+pub fn restore_to(
+    f: &File,
+    device: &Path,
+    file: impl AsRef<Path>,
+) -> Result<VolumeHeader, HeaderError> {
+    let mut h = read_backup(file)?;
+    write_to(f, device, &mut h)?;
     Ok(h)
 }

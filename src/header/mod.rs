@@ -22,7 +22,8 @@ use crate::exit::{Exit, ExitClass};
 use crate::secmem::VolumeKey;
 
 pub use device::{
-    ProbeInfo, backup, device_size, parse_image, probe, read, read_backup, restore, write,
+    ProbeInfo, backup, device_size, parse_image, probe, read, read_backup, read_header_only,
+    restore, restore_to, write, write_to,
 };
 
 /// The provider name of Azure Key Vault / Managed HSM key slots.
@@ -137,6 +138,18 @@ pub struct LoadedHeader {
     pub damaged: Vec<DamagedCopy>,
     /// Size of the device in bytes.
     pub device_size: u64,
+}
+
+impl LoadedHeader {
+    /// Bytes missing at the end of the device (the data area runs past it), or `None` if the
+    /// device is large enough. Only [`read_header_only`] returns such headers.
+    pub fn missing_bytes(&self) -> Option<u64> {
+        let needed = self
+            .header
+            .data_offset
+            .saturating_add(self.header.data_length);
+        (self.device_size < needed).then(|| needed - self.device_size)
+    }
 }
 
 impl std::ops::Deref for LoadedHeader {

@@ -1,6 +1,6 @@
 //! `kvcrypt format`: safety checks, VMK generation, first key slot, optional wipe, header write.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{IsTerminal, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -95,33 +95,6 @@ fn check_existing(f: &File, path: &Path, force: bool) -> anyhow::Result<Vec<&'st
     Ok(found)
 }
 
-/// Opens the device for writing. Block devices are opened with `O_EXCL`, which Linux refuses
-/// with `EBUSY` while the device is mounted, swapped on or held by device-mapper/another
-/// exclusive opener — formatting such a device would destroy live data.
-fn open_exclusive(path: &Path) -> anyhow::Result<File> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let is_block = std::fs::metadata(path)
-        .with_context(|| format!("cannot access {}", path.display()))?
-        .file_type()
-        .is_block_device();
-    let mut o = OpenOptions::new();
-    o.read(true).write(true);
-    if is_block {
-        o.custom_flags(libc::O_EXCL);
-    }
-    o.open(path).map_err(|e| {
-        if e.raw_os_error() == Some(libc::EBUSY) {
-            CliError::Busy(format!(
-                "{} is in use (mounted, active swap, or opened exclusively by another program)",
-                path.display()
-            ))
-            .into()
-        } else {
-            anyhow::Error::new(e).context(format!("opening {} for writing", path.display()))
-        }
-    })
-}
-
 /// Formats `path`: returns the header written (sequence 1 on a fresh device).
 pub fn format_device(
     path: &Path,
@@ -135,8 +108,10 @@ pub fn format_device(
         ))
         .into());
     }
-    let mut f = open_exclusive(path)?;
-    let size = header::device_size(&mut f, path)?;
+    // Block devices O_EXCL and the exclusive claim: a mounted device or a served volume is
+    // refused (no flag overrides that), and the claim is held until the header is written.
+    let f = crate::inuse::open_for_overwrite(path)?;
+    let size = header::device_size(&f, path)?;
     let needed = layout::HEADER_AREA_SIZE + u64::from(plan.sector_size);
     if size < needed {
         return Err(HeaderError::DeviceTooSmall {
@@ -169,8 +144,7 @@ pub fn format_device(
     if plan.wipe {
         wipe_data_area(&f, path, &h, &vmk, plan.progress)?;
     }
-    drop(f);
-    header::write(path, &mut h)?;
+    header::write_to(&f, path, &mut h)?;
     Ok(h)
 }
 
@@ -226,6 +200,7 @@ mod tests {
     use super::super::slots::testing::XorWrapper;
     use super::super::slots::unlock;
     use super::*;
+    use std::fs::OpenOptions;
 
     const K: &str = "https://a.vault.azure.net/keys/vol/v1";
 

@@ -1,0 +1,174 @@
+//! Issue 10 (d4): destructive commands never write over a volume that is being served.
+//! `kvcrypt format --yes` used to overwrite a file the agent served and a block device
+//! `kvcrypt open` served (the backing store was not claimed), and `header restore --yes` wrote
+//! any header over a served device. Now every serving process holds a claim on its backing
+//! store (src/inuse.rs) and `format` / `header restore` refuse with exit 14, whatever the flags.
+
+mod agent_common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use agent_common::*;
+use kvcrypt::agent::lab::LabOptions;
+use kvcrypt::agent::status::VolumeState;
+
+fn run(mut c: Command) -> Output {
+    c.stdin(Stdio::null()).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn head(p: &Path) -> Vec<u8> {
+    let mut b = vec![0u8; 1 << 20];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(p).unwrap(), &mut b, 0).unwrap();
+    b
+}
+
+#[test]
+fn format_and_header_restore_refuse_a_file_the_agent_serves_even_when_locked() {
+    if !ready() {
+        return;
+    }
+    let mut r = Running::start(LabOptions::default());
+    let lab = &r.lab;
+    let bak = lab.dir.join("header.bak");
+    let o = run({
+        let mut c = lab.kvcrypt();
+        c.args(["header", "backup"]).arg(&lab.image).arg(&bak);
+        c
+    });
+    assert!(o.status.success(), "{}", text(&o));
+    let before = head(&lab.image);
+    for extra in [&["--yes"][..], &["--yes", "--wipe"][..]] {
+        let o = run({
+            let mut c = lab.kvcrypt();
+            c.arg("format")
+                .arg(&lab.image)
+                .args(["--key-id", &lab.key_id])
+                .args(extra);
+            c
+        });
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(14), "{t}");
+        assert!(t.contains("is being served by pid"), "{t}");
+    }
+    let o = run({
+        let mut c = lab.kvcrypt();
+        c.args(["header", "restore", "--yes"])
+            .arg(&lab.image)
+            .arg(&bak);
+        c
+    });
+    assert_eq!(o.status.code(), Some(14), "{}", text(&o));
+    // Locked (key wiped, worker holding I/O): still served, still refused.
+    let o = run({
+        let mut c = lab.kvcrypt();
+        c.args(["lock", "demo"]);
+        c
+    });
+    assert!(o.status.success(), "{}", text(&o));
+    lab.wait_state(VolumeState::Suspended, T).unwrap();
+    let o = run({
+        let mut c = lab.kvcrypt();
+        c.arg("format")
+            .arg(&lab.image)
+            .args(["--key-id", &lab.key_id, "--yes"]);
+        c
+    });
+    assert_eq!(o.status.code(), Some(14), "{}", text(&o));
+    assert!(
+        head(&lab.image) == before,
+        "a refused command wrote to the header area"
+    );
+    // Once nothing serves it, the same command works.
+    let o = run({
+        let mut c = lab.kvcrypt();
+        c.args(["unlock", "demo"]);
+        c
+    });
+    assert!(o.status.success(), "{}", text(&o));
+    lab.wait_state(VolumeState::Serving, T).unwrap();
+    let o = run({
+        let mut c = lab.kvcrypt();
+        c.args(["close", "demo"]);
+        c
+    });
+    assert!(o.status.success(), "{}", text(&o));
+    r.stop_agent();
+    stop_leftover_worker(&r.lab.run_dir);
+    let o = run({
+        let mut c = r.lab.kvcrypt();
+        c.args(["header", "restore", "--yes"])
+            .arg(&r.lab.image)
+            .arg(&bak);
+        c
+    });
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn format_refuses_a_block_device_served_by_kvcrypt_open_and_it_cannot_be_mounted() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lab = kvcrypt::agent::lab::Lab::start(dir.path(), Path::new(EXE), &LabOptions::default())
+        .unwrap();
+    let lo = must(&format!("losetup -f --show {}", lab.image.display()))
+        .trim()
+        .to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = sh(&format!("losetup -d {}", self.0));
+        }
+    }
+    let _lo = Detach(lo.clone());
+    let o = run({
+        let mut c = lab.kvcrypt();
+        c.args(["format", &lo, "--key-id", &lab.key_id, "--yes"]);
+        c
+    });
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run({
+        let mut c = lab.kvcrypt();
+        c.args(["open", &lo, "busyvol", "--transport", "fuse"]);
+        c
+    });
+    assert!(o.status.success(), "{}", text(&o));
+    let _worker = StopWorkerOnDrop(lab.run_dir.clone());
+    let before = head(Path::new(&lo));
+    let o = run({
+        let mut c = lab.kvcrypt();
+        c.args(["format", &lo, "--key-id", &lab.key_id, "--yes"]);
+        c
+    });
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(14), "{t}");
+    assert!(t.contains("in use"), "{t}");
+    // The raw backing device cannot be mounted behind the worker's back either.
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = sh(&format!("mount -o ro {lo} {}", mnt.display()));
+    assert!(
+        !m.status.success(),
+        "mounting the served backing device worked"
+    );
+    assert!(
+        head(Path::new(&lo)) == before,
+        "a refused format wrote to the device"
+    );
+    let o = run({
+        let mut c = lab.kvcrypt();
+        c.args(["close", "busyvol"]);
+        c
+    });
+    assert!(o.status.success(), "{}", text(&o));
+}
