@@ -94,19 +94,36 @@ pub fn open_for_overwrite(path: &Path) -> Result<File, InUseError> {
             }
         }
     })?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(TryLockError::WouldBlock) => Err(InUseError::Served {
-            path: path.to_path_buf(),
-            holder: holders(&f),
-        }),
-        Err(TryLockError::Error(source)) => Err(InUseError::Io {
-            path: path.to_path_buf(),
-            op: "claiming exclusively",
-            source,
-        }),
+    // systemd-udevd holds a shared flock on a block device for the moment it probes it (after
+    // every close of a writable descriptor, see systemd.io/BLOCK_DEVICE_LOCKING), so a short
+    // conflict is not a served volume: retry for a little while. A serving process holds its
+    // claim for as long as it runs, so a real conflict outlasts this.
+    let deadline = std::time::Instant::now() + TRANSIENT_HOLD;
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(InUseError::Served {
+                    path: path.to_path_buf(),
+                    holder: holders(&f),
+                });
+            }
+            Err(TryLockError::Error(source)) => {
+                return Err(InUseError::Io {
+                    path: path.to_path_buf(),
+                    op: "claiming exclusively",
+                    source,
+                });
+            }
+        }
     }
 }
+
+/// How long [`open_for_overwrite`] waits out a shared claim before calling the volume served.
+const TRANSIENT_HOLD: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Takes the shared "being served" claim on an open backing store. Fails only while a
 /// destructive command holds the exclusive claim.
