@@ -64,6 +64,8 @@ struct World {
 
 const SLOT_OLD: &str = "https://v.vault.azure.net/keys/k/1";
 const SLOT_NEW: &str = "https://v.vault.azure.net/keys/k/2";
+/// The key the tests' configuration pins (both slots are versions of it).
+const PINNED: &str = "https://v.vault.azure.net/keys/k";
 
 const UBLK_ID: u32 = 3;
 
@@ -439,6 +441,10 @@ fn settings() -> VolumeSettings {
         queue_depth: 128,
         allow_discards: false,
         read_only: false,
+        pins: crate::keys::Pins::new(
+            vec![crate::keys::KeyPin::parse(PINNED).unwrap()],
+            "keys of [vault]",
+        ),
         check_interval: Duration::from_secs(1),
         check_jitter: 0.0,
         check_timeout: Duration::from_secs(5),
@@ -1239,7 +1245,7 @@ async fn removed_volume_that_is_not_served_is_forgotten_at_once() {
     assert_eq!(f.count("spawn"), 0);
 }
 
-const VAULT: &str = "[vault.credential]\nkind = \"managed-identity\"\n";
+const VAULT: &str = "[vault]\nkeys = [\"https://v.vault.azure.net/keys/k\"]\n[vault.credential]\nkind = \"managed-identity\"\n";
 
 #[tokio::test(start_paused = true)]
 async fn invalid_reload_keeps_the_old_configuration_and_a_valid_one_applies() {
