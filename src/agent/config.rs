@@ -611,6 +611,60 @@ transport = "fuse"
     }
 
     #[test]
+    fn pins_come_from_the_volume_else_from_vault_and_bad_ones_are_named() {
+        let c = parse(
+            r#"
+[vault]
+keys = ["https://a.vault.azure.net/keys/k"]
+[vault.credential]
+kind = "managed-identity"
+[[volume]]
+name = "own"
+path = "/dev/a"
+keys = ["https://b.vault.azure.net/keys/other", "https://c.managedhsm.azure.net/keys/h"]
+[[volume]]
+name = "inherits"
+path = "/dev/b"
+"#,
+        )
+        .unwrap();
+        let s = c.volume_settings();
+        let ids = |i: usize| {
+            s[i].pins
+                .keys
+                .iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ids(0),
+            vec![
+                "https://b.vault.azure.net/keys/other",
+                "https://c.managedhsm.azure.net/keys/h"
+            ]
+        );
+        assert_eq!(ids(1), vec!["https://a.vault.azure.net/keys/k"]);
+        assert!(s[1].pins.source.contains("[vault]"));
+        for bad in [
+            "https://a.vault.azure.net/keys/k/0123456789abcdef",
+            "http://a.vault.azure.net/keys/k",
+            "https://a.vault.azure.net/secrets/k",
+        ] {
+            for text in [
+                format!("[[volume]]\nname = \"x\"\npath = \"/a\"\nkeys = [\"{bad}\"]\n"),
+                format!(
+                    "[vault]\nkeys = [\"{bad}\"]\n[vault.credential]\nkind = \"managed-identity\"\n"
+                ),
+            ] {
+                let e = parse(&text).unwrap_err();
+                assert_eq!(e.exit_class(), Exit::Config);
+                let m = e.to_string();
+                assert!(m.contains(&format!("keys entry '{bad}'")), "{m}");
+            }
+        }
+    }
+
+    #[test]
     fn example_file_parses() {
         let text = include_str!("../../examples/kvcrypt.toml");
         let c = parse(text).unwrap();
