@@ -105,6 +105,15 @@ fn unwrap_volume_key(
         let Some(key_id) = key_id else {
             continue;
         };
+        if pins.pin_for(&slot.key_id).is_none() {
+            eprintln!(
+                "kvcrypt: warning: key slot {} names {}, which the configuration does not pin; \
+                 trying it anyway ({})",
+                slot.id,
+                slot.key_id,
+                super::pinning::ALLOW_FLAG
+            );
+        }
         match provider.unwrap(&key_id, &slot.algorithm, &slot.wrapped) {
             Ok(key) => match loaded.verify_key(&key) {
                 Ok(()) => return Ok(key),
