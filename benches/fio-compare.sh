@@ -86,6 +86,8 @@ setup_kvcrypt() {
     "${admin[@]}" grant --principal "$cid" --op unwrap,wrap,get >/dev/null
     cat >"$WORK/kvcrypt.toml" <<CFG
 [vault]
+# The keys allowed to unlock volumes (the header does not choose the vault).
+keys = ["https://benchvault.vault.azure.net/keys/kek"]
 resolve = ["benchvault.vault.azure.net:443:127.0.0.1:$port", "login.microsoftonline.com:443:127.0.0.1:$port"]
 ca_file = "$WORK/emu/ca.pem"
 

@@ -150,7 +150,8 @@ fn control_socket_notify_and_shutdown() {
     }
     let cfg = Config::parse(
         Path::new("test.toml"),
-        "[agent]\ncheck_interval = \"200ms\"\nhold = \"1h\"\n[[volume]]\nname = \"vol1\"\npath = \"/dev/fake0\"\n",
+        "[agent]\ncheck_interval = \"200ms\"\nhold = \"1h\"\n[[volume]]\nname = \"vol1\"\npath = \"/dev/fake0\"\n\
+         keys = [\"https://t.vault.azure.net/keys/k\"]\n",
     )
     .unwrap();
     let p = Arc::new(Scripted(Mutex::new(World::default())));

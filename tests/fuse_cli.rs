@@ -36,7 +36,7 @@ fn format_open_write_close_reopen_through_the_cli() {
     let kv = Kv::start();
     kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
     let p = kv.principal("kvcrypt-host", &[Op::Get, Op::Wrap, Op::Unwrap]);
-    let cfg = kv.config_file(&p, "");
+    let cfg = kv.config_file(&p, &format!("keys = [\"https://{VAULT}/keys/disk-kek\"]"));
     let img = kv.dir.path().join("disk.img");
     std::fs::File::create(&img)
         .unwrap()
@@ -121,7 +121,10 @@ fn format_open_write_close_reopen_through_the_cli() {
 
     // Without access to the key, open fails with the access-denied exit code and serves nothing.
     let stranger = kv.principal("stranger", &[Op::Get]);
-    let cfg2 = kv.config_file(&stranger, "");
+    let cfg2 = kv.config_file(
+        &stranger,
+        &format!("keys = [\"https://{VAULT}/keys/disk-kek\"]"),
+    );
     let denied = kvcrypt(&cfg2, &["open", imgs, name, "--transport", "fuse"]);
     assert_eq!(
         denied.status.code(),

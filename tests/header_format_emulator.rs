@@ -52,7 +52,10 @@ fn format_dump_rewrap_against_the_emulator() {
     let p = kv.principal("kvcrypt-host", &[Op::Get, Op::Wrap, Op::Unwrap]);
     let cfg = kv.config_file(
         &p,
-        "attempt_timeout_ms = 2000\ndeadline_ms = 10000\nmax_retries = 1\n",
+        &format!(
+            "keys = [\"https://{VAULT}/keys/disk-kek\"]\nattempt_timeout_ms = 2000\n\
+             deadline_ms = 10000\nmax_retries = 1\n"
+        ),
     );
     let dev = kv.dir.path().join("disk.img");
     std::fs::File::create(&dev)

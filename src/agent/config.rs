@@ -173,6 +173,11 @@ pub struct VolumeConfig {
     pub allow_discards: bool,
     #[serde(default)]
     pub read_only: bool,
+    /// The keys allowed to unlock this volume (versionless key ids, any version matches);
+    /// replaces `[vault] keys` for this volume. See `Pins`: a header slot naming another key is
+    /// never tried, and requests go to the host named here.
+    #[serde(default)]
+    pub keys: Vec<crate::keys::KeyPin>,
     // Per-volume overrides of [agent].
     #[serde(default, deserialize_with = "de_some_duration")]
     pub check_interval: Option<Duration>,
@@ -216,6 +221,8 @@ pub struct VolumeSettings {
     pub queue_depth: u16,
     pub allow_discards: bool,
     pub read_only: bool,
+    /// The keys that may unlock the volume: its own `keys`, else `[vault] keys`.
+    pub pins: crate::keys::Pins,
     pub check_interval: Duration,
     pub check_jitter: f64,
     pub check_timeout: Duration,
@@ -357,6 +364,7 @@ impl Config {
             queue_depth: v.queue_depth,
             allow_discards: v.allow_discards,
             read_only: v.read_only,
+            pins: self.pins_for(v),
             check_interval: v.check_interval.unwrap_or(a.check_interval),
             check_jitter: a.check_jitter,
             check_timeout: a.check_timeout,
@@ -367,6 +375,29 @@ impl Config {
             hook: v.hook.clone().or_else(|| a.hook.clone()),
             hook_timeout: v.hook_timeout.unwrap_or(a.hook_timeout),
         }
+    }
+}
+
+impl Config {
+    /// A volume's pins: its own `keys`, else those of `[vault]`, named for messages.
+    fn pins_for(&self, v: &VolumeConfig) -> crate::keys::Pins {
+        if !v.keys.is_empty() {
+            return crate::keys::Pins::new(
+                v.keys.clone(),
+                format!("keys of [[volume]] \"{}\"", v.name),
+            );
+        }
+        let vault = self
+            .vault
+            .as_ref()
+            .map(|c| c.keys.clone())
+            .unwrap_or_default();
+        let source = if vault.is_empty() {
+            format!("keys of [[volume]] \"{}\" and of [vault]", v.name)
+        } else {
+            "keys of [vault]".to_owned()
+        };
+        crate::keys::Pins::new(vault, source)
     }
 }
 
@@ -577,6 +608,60 @@ transport = "fuse"
             .unwrap_err()
             .to_string();
         assert!(e.contains("agent.check_interval"), "{e}");
+    }
+
+    #[test]
+    fn pins_come_from_the_volume_else_from_vault_and_bad_ones_are_named() {
+        let c = parse(
+            r#"
+[vault]
+keys = ["https://a.vault.azure.net/keys/k"]
+[vault.credential]
+kind = "managed-identity"
+[[volume]]
+name = "own"
+path = "/dev/a"
+keys = ["https://b.vault.azure.net/keys/other", "https://c.managedhsm.azure.net/keys/h"]
+[[volume]]
+name = "inherits"
+path = "/dev/b"
+"#,
+        )
+        .unwrap();
+        let s = c.volume_settings();
+        let ids = |i: usize| {
+            s[i].pins
+                .keys
+                .iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ids(0),
+            vec![
+                "https://b.vault.azure.net/keys/other",
+                "https://c.managedhsm.azure.net/keys/h"
+            ]
+        );
+        assert_eq!(ids(1), vec!["https://a.vault.azure.net/keys/k"]);
+        assert!(s[1].pins.source.contains("[vault]"));
+        for bad in [
+            "https://a.vault.azure.net/keys/k/0123456789abcdef",
+            "http://a.vault.azure.net/keys/k",
+            "https://a.vault.azure.net/secrets/k",
+        ] {
+            for text in [
+                format!("[[volume]]\nname = \"x\"\npath = \"/a\"\nkeys = [\"{bad}\"]\n"),
+                format!(
+                    "[vault]\nkeys = [\"{bad}\"]\n[vault.credential]\nkind = \"managed-identity\"\n"
+                ),
+            ] {
+                let e = parse(&text).unwrap_err();
+                assert_eq!(e.exit_class(), Exit::Config);
+                let m = e.to_string();
+                assert!(m.contains(&format!("keys entry '{bad}'")), "{m}");
+            }
+        }
     }
 
     #[test]

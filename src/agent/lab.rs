@@ -96,6 +96,7 @@ impl Lab {
         let text = format!(
             r#"# Written by the kvcrypt lab: the emulator stands in for Azure.
 [vault]
+keys = ["https://{VAULT_HOST}/keys/{KEY_NAME}"]
 resolve = ["{VAULT_HOST}:443:127.0.0.1:{port}", "{LOGIN_HOST}:443:127.0.0.1:{port}"]
 ca_file = "{ca}"
 attempt_timeout_ms = 1000

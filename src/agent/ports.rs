@@ -22,6 +22,10 @@ pub enum AccessClass {
     Transient,
     /// Local setup is wrong (credentials, key id, header); retrying will not fix it.
     Misconfigured,
+    /// The header names no key the configuration pins for the volume (or nothing is pinned):
+    /// refused before any request. A configuration matter, never a revocation.
+    #[serde(rename = "not-pinned")]
+    NotPinned,
 }
 
 impl std::fmt::Display for AccessClass {
@@ -30,6 +34,7 @@ impl std::fmt::Display for AccessClass {
             AccessClass::Denied => "denied",
             AccessClass::Transient => "transient",
             AccessClass::Misconfigured => "misconfigured",
+            AccessClass::NotPinned => "not pinned",
         })
     }
 }

@@ -96,6 +96,9 @@ pub struct PolicyView {
     pub revoke_policy: RevokePolicy,
     /// "off" or a duration.
     pub offline_lock_after: String,
+    /// The keys pinned for the volume (versionless ids); empty: nothing pinned.
+    #[serde(default)]
+    pub keys: Vec<String>,
 }
 
 impl PolicyView {
@@ -106,6 +109,7 @@ impl PolicyView {
             hold: d(s.hold),
             revoke_policy: s.revoke_policy,
             offline_lock_after: s.offline_lock_after.map(d).unwrap_or_else(|| "off".into()),
+            keys: s.pins.keys.iter().map(|k| k.to_string()).collect(),
         }
     }
 }

@@ -500,18 +500,41 @@ impl<P: Platform> VolumeCtl<P> {
         let Some(h) = self.header.as_ref() else {
             return Err(AccessError::new(AccessClass::Misconfigured, "no header"));
         };
-        let mut slots = self.p.slots(h);
-        if let Some(last) = &self.slot
-            && let Some(i) = slots.iter().position(|s| s.key_id == last.key_id)
-        {
-            let s = slots.remove(i);
-            slots.insert(0, s);
-        }
+        let slots = self.p.slots(h);
         if slots.is_empty() {
             return Err(AccessError::new(
                 AccessClass::Misconfigured,
                 "the volume header has no key slot",
             ));
+        }
+        // Pinning, before any request: only slots naming a key the configuration pins are
+        // tried, and with the pin's host (the disk is not trusted to choose the vault).
+        let ids: Vec<&str> = slots.iter().map(|s| s.key_id.as_str()).collect();
+        let chosen = self
+            .s
+            .pins
+            .select(&ids)
+            .map_err(|e| AccessError::new(AccessClass::NotPinned, e.0))?;
+        let mut slots: Vec<SlotRef> = slots
+            .into_iter()
+            .zip(chosen)
+            .filter_map(|(mut slot, id)| match id {
+                Some(id) => {
+                    slot.key_id = id;
+                    Some(slot)
+                }
+                None => {
+                    tracing::debug!(volume = %self.s.name, key_id = %slot.key_id,
+                        "volume {}: key slot {} is not pinned; not tried", self.s.name, slot.key_id);
+                    None
+                }
+            })
+            .collect();
+        if let Some(last) = &self.slot
+            && let Some(i) = slots.iter().position(|s| s.key_id == last.key_id)
+        {
+            let s = slots.remove(i);
+            slots.insert(0, s);
         }
         let mut errors: Vec<AccessError> = Vec::new();
         for slot in slots {
@@ -615,6 +638,12 @@ impl<P: Platform> VolumeCtl<P> {
             Ok(k) => k,
             Err(e) => {
                 self.record_error(&e);
+                if e.class == AccessClass::NotPinned {
+                    tracing::error!(volume = %self.s.name, error = %e.message,
+                        "volume {}: not unlocked, its key is not pinned: {}", self.s.name, e.message);
+                    fail(self, format!("key not pinned: {}", e.message));
+                    return false;
+                }
                 fail(self, format!("cannot unwrap the key ({})", e.class));
                 return false;
             }
@@ -978,8 +1007,16 @@ impl<P: Platform> VolumeCtl<P> {
             }
             Err(e) => {
                 self.record_error(&e);
-                tracing::warn!(volume = %self.s.name, class = %e.class, error = %e.message,
-                    "volume {}: access check failed ({}): {}", self.s.name, e.class, e.message);
+                if e.class == AccessClass::NotPinned {
+                    // E.g. a reload removed the pin: a configuration error, not Key Vault's
+                    // answer, so no revocation (no freeze, no wipe). Only offline_lock_after,
+                    // the operator's limit on time without a successful check, still applies.
+                    tracing::error!(volume = %self.s.name, class = %e.class, error = %e.message,
+                        "volume {}: access check not made, its key is not pinned (configuration error, not a revocation; the volume keeps serving): {}", self.s.name, e.message);
+                } else {
+                    tracing::warn!(volume = %self.s.name, class = %e.class, error = %e.message,
+                        "volume {}: access check failed ({}): {}", self.s.name, e.class, e.message);
+                }
                 if e.class == AccessClass::Denied {
                     self.lock(format!("access denied: {}", e.message), false)
                         .await;

@@ -60,10 +60,17 @@ struct World {
     rotated: bool,
     /// Key ids whose version is disabled: Denied for them whatever `vault` says.
     disabled: Vec<String>,
+    /// The header's slot key ids instead of SLOT_OLD (/ SLOT_NEW): what an attacker who can
+    /// write the disk put there.
+    header_ids: Option<Vec<String>>,
+    /// Key ids the fake vault was asked about (unwrapKey or access check), in order.
+    asked: Vec<String>,
 }
 
 const SLOT_OLD: &str = "https://v.vault.azure.net/keys/k/1";
 const SLOT_NEW: &str = "https://v.vault.azure.net/keys/k/2";
+/// The key the tests' configuration pins (both slots are versions of it).
+const PINNED: &str = "https://v.vault.azure.net/keys/k";
 
 const UBLK_ID: u32 = 3;
 
@@ -144,7 +151,10 @@ impl Platform for Fake {
             wrapped: vec![1, 2, 3],
             check: Some(vec![4, 5, 6]),
         };
-        if self.0.lock().unwrap().rotated {
+        let w = self.0.lock().unwrap();
+        if let Some(ids) = &w.header_ids {
+            ids.iter().map(|k| slot(k)).collect()
+        } else if w.rotated {
             vec![slot(SLOT_OLD), slot(SLOT_NEW)]
         } else {
             vec![slot(SLOT_OLD)]
@@ -152,7 +162,8 @@ impl Platform for Fake {
     }
     async fn check_slot(&self, _h: &(), slot: &SlotRef) -> Result<(), AccessError> {
         let (v, disabled) = {
-            let w = self.0.lock().unwrap();
+            let mut w = self.0.lock().unwrap();
+            w.asked.push(slot.key_id.clone());
             (w.vault, w.disabled.contains(&slot.key_id))
         };
         self.ev(format!("check:{v:?}"));
@@ -185,7 +196,8 @@ impl Platform for Fake {
     }
     async fn unwrap_key(&self, slot: &SlotRef) -> Result<VolumeKey, AccessError> {
         let (v, disabled) = {
-            let w = self.0.lock().unwrap();
+            let mut w = self.0.lock().unwrap();
+            w.asked.push(slot.key_id.clone());
             (w.vault, w.disabled.contains(&slot.key_id))
         };
         self.ev(format!("unwrap:{v:?}"));
@@ -439,6 +451,10 @@ fn settings() -> VolumeSettings {
         queue_depth: 128,
         allow_discards: false,
         read_only: false,
+        pins: crate::keys::Pins::new(
+            vec![crate::keys::KeyPin::parse(PINNED).unwrap()],
+            "keys of [vault]",
+        ),
         check_interval: Duration::from_secs(1),
         check_jitter: 0.0,
         check_timeout: Duration::from_secs(5),
@@ -1239,7 +1255,7 @@ async fn removed_volume_that_is_not_served_is_forgotten_at_once() {
     assert_eq!(f.count("spawn"), 0);
 }
 
-const VAULT: &str = "[vault.credential]\nkind = \"managed-identity\"\n";
+const VAULT: &str = "[vault]\nkeys = [\"https://v.vault.azure.net/keys/k\"]\n[vault.credential]\nkind = \"managed-identity\"\n";
 
 #[tokio::test(start_paused = true)]
 async fn invalid_reload_keeps_the_old_configuration_and_a_valid_one_applies() {
@@ -1761,4 +1777,130 @@ async fn a_damaged_header_copy_is_repaired_at_unlock() {
         pos("unwrap:Some(Ok)") < pos("repair"),
         "only after the key check: {ev:?}"
     );
+}
+
+// --- pinning: the configuration, not the header, names the keys and the vault ---
+
+fn pinned_to(keys: &[&str]) -> crate::keys::Pins {
+    crate::keys::Pins::new(
+        keys.iter()
+            .map(|k| crate::keys::KeyPin::parse(k).unwrap())
+            .collect(),
+        "keys of [vault]",
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_header_naming_an_unpinned_key_is_never_tried() {
+    let f = Fake::new();
+    f.0.lock().unwrap().header_ids = Some(vec![
+        "https://attacker.vault.azure.net/keys/k/1".into(),
+        "https://v.vault.azure.net/keys/other/1".into(),
+    ]);
+    let h = spawn_volume(settings(), f.clone());
+    let mut rx = h.status.clone();
+    tokio::time::timeout(
+        Duration::from_secs(3),
+        rx.wait_for(|s| s.last_error.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Retries (backoff) meet the same refusal; nothing is ever asked of any vault.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let st = h.status.borrow().clone();
+    assert_eq!(st.state, VolumeState::Locked);
+    let e = st.last_error.clone().expect("error recorded");
+    assert_eq!(e.class, AccessClass::NotPinned);
+    assert!(
+        e.message
+            .contains("https://attacker.vault.azure.net/keys/k/1")
+            && e.message.contains(PINNED),
+        "names the header's ids and the pins: {}",
+        e.message
+    );
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("key not pinned"),
+        "{st:?}"
+    );
+    assert!(f.0.lock().unwrap().asked.is_empty(), "{:?}", f.events());
+    assert_eq!(f.count("spawn"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_pinned_slots_are_tried_with_the_pins_host() {
+    let f = Fake::new();
+    f.0.lock().unwrap().header_ids = Some(vec![
+        "https://attacker.vault.azure.net/keys/k/1".into(),
+        "https://V.Vault.Azure.Net/keys/K/2".into(),
+    ]);
+    let h = spawn_volume(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    let asked = f.0.lock().unwrap().asked.clone();
+    assert_eq!(asked, vec!["https://v.vault.azure.net/keys/k/2".to_owned()]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        f.0.lock()
+            .unwrap()
+            .asked
+            .iter()
+            .all(|k| k == "https://v.vault.azure.net/keys/k/2"),
+        "access checks too use only the pinned slot"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_pinned_refuses_and_says_how_to_pin() {
+    let f = Fake::new();
+    let mut s = settings();
+    s.pins = crate::keys::Pins::new(vec![], "keys of [[volume]] \"data\" and of [vault]");
+    let h = spawn_volume(s, f.clone());
+    let mut rx = h.status.clone();
+    tokio::time::timeout(
+        Duration::from_secs(3),
+        rx.wait_for(|s| s.last_error.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let st = h.status.borrow().clone();
+    assert_eq!(st.state, VolumeState::Locked);
+    let reason = st.reason.unwrap_or_default();
+    assert!(
+        reason.contains("no key is pinned") && reason.contains("keys = ["),
+        "{reason}"
+    );
+    assert!(f.0.lock().unwrap().asked.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pin_removed_while_serving_is_a_configuration_error_not_a_revocation() {
+    let f = Fake::new();
+    let (h, desired) = spawn_managed(settings(), f.clone());
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    let asked = f.0.lock().unwrap().asked.len();
+    desired.send_modify(|d| d.settings.pins = pinned_to(&["https://v.vault.azure.net/keys/new"]));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let st = h.status.borrow().clone();
+    assert_eq!(st.state, VolumeState::Serving, "{st:?}");
+    assert_eq!(
+        st.last_error.as_ref().map(|e| e.class),
+        Some(AccessClass::NotPinned)
+    );
+    assert_eq!(f.worker_key(), Some(Some([GOOD; 64])), "key not wiped");
+    assert!(!f.0.lock().unwrap().frozen, "not frozen");
+    assert_eq!(f.count("suspend"), 0, "{:?}", f.events());
+    assert_eq!(
+        f.0.lock().unwrap().asked.len(),
+        asked,
+        "no request for the unpinned key"
+    );
+    // Pinned again: checks resume.
+    desired.send_modify(|d| d.settings.pins = pinned_to(&[PINNED]));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(f.0.lock().unwrap().asked.len() > asked);
+    assert_eq!(h.status.borrow().state, VolumeState::Serving);
 }

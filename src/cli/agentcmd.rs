@@ -144,6 +144,12 @@ pub fn render_status(vols: &[VolumeStatus], now: f64) -> String {
                 "  policy:      check every {}, revoke_policy {policy}, hold {}, offline_lock_after {}\n",
                 p.check_interval, p.hold, p.offline_lock_after
             ));
+            let keys = if p.keys.is_empty() {
+                "none (nothing can unlock this volume: add keys = [...])".to_owned()
+            } else {
+                p.keys.join(", ")
+            };
+            out.push_str(&format!("  pinned keys: {keys}\n"));
         }
         out.push_str(&format!("  last check:  {}\n", ago(v.last_ok, now)));
         if let Some(s) = v.suspended_at {
@@ -369,8 +375,13 @@ mod tests {
             hold: "5m".into(),
             revoke_policy: crate::agent::config::RevokePolicy::Remove,
             offline_lock_after: "off".into(),
+            keys: vec!["https://v.vault.azure.net/keys/k".into()],
         });
         let s = render_status(&[v], 1040.0);
+        assert!(
+            s.contains("  pinned keys: https://v.vault.azure.net/keys/k\n"),
+            "{s}"
+        );
         assert!(
             s.starts_with("old: serving (REMOVED from the configuration: still served"),
             "{s}"

@@ -4,6 +4,7 @@
 mod agentcmd;
 mod docs;
 mod offline;
+mod pinning;
 mod serve;
 
 use std::path::PathBuf;
@@ -106,6 +107,10 @@ pub struct FormatArgs {
     /// Encrypt zeros over the whole data area (slow; hides which blocks were ever written).
     #[arg(long)]
     pub wipe: bool,
+    /// Wrap with a key the configuration does not pin (`keys` of `[vault]`). The agent will
+    /// not unlock the volume with it until it is pinned.
+    #[arg(long)]
+    pub allow_unpinned_key: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +142,10 @@ pub struct HeaderDumpArgs {
     /// Confirm --dump-master-key without a terminal prompt.
     #[arg(long, requires = "dump_master_key")]
     pub yes_i_understand: bool,
+    /// Use a key the configuration does not pin (`keys` of `[vault]`), trusting the key ids
+    /// on the disk for this command. Only for volumes whose disk you trust.
+    #[arg(long, requires = "dump_master_key")]
+    pub allow_unpinned_key: bool,
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +169,10 @@ pub struct RewrapArgs {
     /// Only remove slots, add none.
     #[arg(long)]
     pub no_add: bool,
+    /// Unlock with, or add a slot for, a key the configuration does not pin (`keys` of
+    /// `[vault]`), trusting the key ids on the disk for this command. Only for volumes whose disk you trust.
+    #[arg(long)]
+    pub allow_unpinned_key: bool,
 }
 
 #[derive(Debug, Args)]
@@ -204,6 +217,10 @@ pub struct OpenArgs {
     /// Stay in the foreground (serve until SIGTERM/SIGINT).
     #[arg(long)]
     pub foreground: bool,
+    /// Use a key the configuration does not pin (`keys` of `[vault]`), trusting the key ids
+    /// on the disk for this command. Only for volumes whose disk you trust.
+    #[arg(long)]
+    pub allow_unpinned_key: bool,
 }
 
 #[derive(Debug, Args)]
@@ -439,6 +456,9 @@ pub fn classify(err: &anyhow::Error) -> Exit {
             return e.exit_class();
         }
         if let Some(e) = cause.downcast_ref::<crate::inuse::InUseError>() {
+            return e.exit_class();
+        }
+        if let Some(e) = cause.downcast_ref::<crate::keys::PinError>() {
             return e.exit_class();
         }
         if let Some(e) = cause.downcast_ref::<crate::secmem::KeyMemoryError>() {

@@ -24,9 +24,9 @@ use slots::KeyWrapper;
 
 /// THE wiring point to the Key Vault provider: builds the `KeyWrapper` used by `format`,
 /// `rewrap` and `header dump --dump-master-key` from the `[vault]` table of the config file.
-fn vault_wrapper(config: &Path) -> anyhow::Result<Box<dyn KeyWrapper>> {
-    let cfg = load_vault_config(config)?;
-    Ok(Box::new(crate::keys::BlockingProvider::new(&cfg)?))
+/// (Their pins, `[vault] keys`, are checked before it is used: see `pinning`.)
+fn vault_wrapper(cfg: &crate::keys::VaultConfig) -> anyhow::Result<Box<dyn KeyWrapper>> {
+    Ok(Box::new(crate::keys::BlockingProvider::new(cfg)?))
 }
 
 /// Reads only the `[vault]` table of the config file (the offline commands need nothing else,
@@ -101,8 +101,21 @@ impl KeyWrapper for crate::keys::BlockingProvider {
 }
 
 pub fn format(config: &Path, a: FormatArgs) -> anyhow::Result<()> {
+    let cfg = load_vault_config(config)?;
+    // Before anything is read, written or asked of a vault: the key must be pinned.
+    crate::keys::KeyId::parse(&a.key_id)?;
+    let pins = super::pinning::cli_pins(&cfg, config, a.allow_unpinned_key);
+    let key_id = pins.check_target(&a.key_id)?;
+    if pins.pin_for(&a.key_id).is_none() {
+        eprintln!(
+            "kvcrypt: warning: formatting with {}, which the configuration does not pin \
+             ({}): the agent will not unlock this volume until the key is pinned",
+            a.key_id,
+            super::pinning::ALLOW_FLAG
+        );
+    }
     let plan = format::FormatPlan {
-        key_id: a.key_id,
+        key_id,
         algorithm: a.algorithm,
         label: a.label.unwrap_or_default(),
         sector_size: a.sector_size,
@@ -111,7 +124,7 @@ pub fn format(config: &Path, a: FormatArgs) -> anyhow::Result<()> {
         wipe: a.wipe,
         progress: true,
     };
-    let w = vault_wrapper(config)?;
+    let w = vault_wrapper(&cfg)?;
     let h = format::format_device(&a.device, &plan, w.as_ref())?;
     println!(
         "Formatted {} as kvcrypt volume {} ({} bytes of data in {}-byte sectors); key slot 0: {} ({})",
@@ -211,8 +224,10 @@ fn header_dump(config: &Path, a: HeaderDumpArgs) -> anyhow::Result<()> {
                 "--yes-i-understand",
             )?;
         }
-        let w = vault_wrapper(config)?;
-        let (vmk, slot) = slots::unlock(&l, w.as_ref())?;
+        let cfg = load_vault_config(config)?;
+        let pins = super::pinning::cli_pins(&cfg, config, a.allow_unpinned_key);
+        let w = vault_wrapper(&cfg)?;
+        let (vmk, slot) = slots::unlock(&l, w.as_ref(), &pins)?;
         Some((vmk, slot))
     } else {
         None
@@ -307,8 +322,10 @@ pub fn rewrap(config: &Path, a: RewrapArgs) -> anyhow::Result<()> {
         add: !a.no_add,
         remove: a.remove_slot,
     };
-    let w = vault_wrapper(config)?;
-    let out = slots::rewrap(&mut l.header, w.as_ref(), &plan)?;
+    let cfg = load_vault_config(config)?;
+    let pins = super::pinning::cli_pins(&cfg, config, a.allow_unpinned_key);
+    let w = vault_wrapper(&cfg)?;
+    let out = slots::rewrap(&mut l.header, w.as_ref(), &plan, &pins)?;
     for (id, why) in &out.checks_failed {
         eprintln!(
             "warning: key slot {id} got no access check ({why}); the agent's access checks \

@@ -16,7 +16,7 @@ use crate::worker::{self, RunOptions, WorkerClient, WorkerError, WorkerSpec};
 pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
     worker::validate_name(&a.name)?;
     let loaded = header::read(&a.device)?;
-    let key = unwrap_volume_key(config, &a.device, &loaded)?;
+    let key = unwrap_volume_key(config, &a.device, &loaded, a.allow_unpinned_key)?;
     // ublk: a worker that died (SIGKILL, crash) left its device QUIESCED with every request
     // held; re-attach that device (same /dev/ublkbN) instead of adding a new one.
     let recover_dev_id = stale_ublk_device(&a.name, &a.device, a.transport);
@@ -81,20 +81,40 @@ fn stale_ublk_device(name: &str, device: &Path, transport: TransportKind) -> Opt
         .filter(|&id| crate::transport::ublk::is_recoverable(id))
 }
 
-/// Unwraps the VMK with the first key slot that works and checks it against the header.
+/// Unwraps the VMK with the first pinned key slot that works and checks it against the
+/// header. Slots naming a key `[vault] keys` does not pin are never tried (refused before any
+/// request when none is pinned), and requests go to the pin's host.
 fn unwrap_volume_key(
     config: &Path,
     device: &Path,
     loaded: &LoadedHeader,
+    allow_unpinned: bool,
 ) -> anyhow::Result<VolumeKey> {
     if loaded.slots.is_empty() {
         return Err(CliError::Config(format!("{} has no key slots", device.display())).into());
     }
     let cfg = load_vault_config(config)?;
+    let pins = super::pinning::cli_pins(&cfg, config, allow_unpinned);
+    let ids: Vec<&str> = loaded.slots.iter().map(|s| s.key_id.as_str()).collect();
+    let chosen = pins
+        .select(&ids)
+        .with_context(|| format!("opening {}", device.display()))?;
     let provider = BlockingProvider::new(&cfg)?;
     let mut last: Option<anyhow::Error> = None;
-    for slot in &loaded.slots {
-        match provider.unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped) {
+    for (slot, key_id) in loaded.slots.iter().zip(chosen) {
+        let Some(key_id) = key_id else {
+            continue;
+        };
+        if pins.pin_for(&slot.key_id).is_none() {
+            eprintln!(
+                "kvcrypt: warning: key slot {} names {}, which the configuration does not pin; \
+                 trying it anyway ({})",
+                slot.id,
+                slot.key_id,
+                super::pinning::ALLOW_FLAG
+            );
+        }
+        match provider.unwrap(&key_id, &slot.algorithm, &slot.wrapped) {
             Ok(key) => match loaded.verify_key(&key) {
                 Ok(()) => return Ok(key),
                 Err(e) => {

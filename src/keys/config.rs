@@ -34,6 +34,15 @@ pub struct VaultConfig {
     #[serde(default)]
     pub authority_host: Option<String>,
 
+    /// The keys allowed to unlock volumes, as versionless key ids
+    /// (`https://myvault.vault.azure.net/keys/disk-kek`; any version matches, so rotation keeps
+    /// working). Used by the CLI commands (`open`, `format`, `rewrap`, `header dump
+    /// --dump-master-key`) and by every `[[volume]]` without its own `keys`. A header slot
+    /// naming any other key is never tried, and requests go to the host named here, never to
+    /// one the disk names. Validated when the file is read.
+    #[serde(default)]
+    pub keys: Vec<super::KeyPin>,
+
     /// curl-style DNS overrides applied to every connection kvcrypt makes (Entra ID and Key
     /// Vault): `"HOST:PORT:ADDR"` or `"HOST:PORT:ADDR:ADDRPORT"`, e.g.
     /// `"myvault.vault.azure.net:443:127.0.0.1:8443"`. TLS is still verified against `HOST`, so
@@ -198,6 +207,7 @@ impl VaultConfig {
         Self {
             credential,
             authority_host: None,
+            keys: Vec::new(),
             resolve: Vec::new(),
             ca_file: None,
             attempt_timeout_ms: default_attempt_timeout_ms(),

@@ -14,6 +14,7 @@ mod credential;
 mod error;
 mod http;
 mod keyid;
+mod pin;
 
 pub use config::{
     AzureCliConfig, ClientCertificateConfig, ClientSecretConfig, CredentialConfig,
@@ -21,6 +22,7 @@ pub use config::{
 };
 pub use error::{ErrorClass, Failure, KeyError, Operation};
 pub use keyid::KeyId;
+pub use pin::{KeyPin, PinError, Pins};
 
 use crate::secmem::{SecretBytes, VolumeKey};
 use azure_core::credentials::TokenCredential;

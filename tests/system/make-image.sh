@@ -27,6 +27,8 @@ CID=$(cat "$PREP/client-id")
 cat > "$S/etc/kvcrypt/kvcrypt.toml" <<EOT
 # System test configuration (tests/system/make-image.sh).
 [vault]
+# The keys allowed to unlock volumes (the header does not choose the vault).
+keys = ["https://myvault.vault.azure.net/keys/kek"]
 resolve = ["myvault.vault.azure.net:443:127.0.0.1", "login.microsoftonline.com:443:127.0.0.1"]
 ca_file = "/var/lib/kvemu/ca.pem"
 # TCG is slow: generous per-call bounds.

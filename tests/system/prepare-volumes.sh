@@ -29,6 +29,8 @@ chmod 600 client-secret; echo "$CID" > client-id; rm principal.json
 "${A[@]}" grant --principal "$CID" --op get,wrap,unwrap --key kek >/dev/null
 cat > host.toml <<EOT
 [vault]
+# The keys allowed to unlock volumes (the header does not choose the vault).
+keys = ["https://myvault.vault.azure.net/keys/kek"]
 resolve = ["myvault.vault.azure.net:443:127.0.0.1", "login.microsoftonline.com:443:127.0.0.1"]
 ca_file = "$OUT/kvemu/ca.pem"
 [vault.credential]

@@ -239,7 +239,11 @@ mod tests {
         assert_eq!(h.slots[0].key_id, K, "slot stores the versioned id");
         let loaded = header::read(&p).unwrap();
         assert_eq!(loaded.header, h);
-        let (vmk, _) = unlock(&loaded, &w).unwrap();
+        let pins = crate::keys::Pins::new(
+            vec![crate::keys::KeyPin::parse("https://a.vault.azure.net/keys/vol").unwrap()],
+            "keys of [vault]",
+        );
+        let (vmk, _) = unlock(&loaded, &w, &pins).unwrap();
         assert_eq!(&vmk.expose()[..], &key[..]);
         // The data area holds XTS(0…) under the VMK: decrypting sector 5 gives zeros.
         let mut sector = vec![0u8; 512];

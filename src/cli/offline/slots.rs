@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 
 use crate::crypto::kdf::{self, ACCESS_SECRET_LEN};
 use crate::header::{self, HeaderError, KeySlot, VolumeHeader};
+use crate::keys::{PinError, Pins};
 use crate::secmem::{SecretBytes, VolumeKey};
 
 /// The VMK wrapped by one key: what the provider returns.
@@ -122,18 +123,58 @@ pub fn make_slot(
     })
 }
 
-/// Unwraps the VMK from the first slot that works and passes the key check and MAC.
-/// Returns the key and the slot id. A MAC failure aborts at once (the header is not to be
-/// trusted); otherwise the error of the last slot tried is returned, with all slots' reasons.
-pub fn unlock(h: &VolumeHeader, w: &dyn KeyWrapper) -> anyhow::Result<(VolumeKey, u32)> {
+/// For each slot of `h`, the key id to unwrap it with (`None`: not pinned, never tried).
+/// Refuses, before any request, a header none of whose slots names a pinned key.
+pub fn pinned_ids(h: &VolumeHeader, pins: &Pins) -> Result<Vec<Option<String>>, PinError> {
+    let ids: Vec<&str> = h.slots.iter().map(|s| s.key_id.as_str()).collect();
+    let chosen = pins.select(&ids)?;
+    for (s, id) in h.slots.iter().zip(&chosen) {
+        if id.is_some() && pins.pin_for(&s.key_id).is_none() {
+            eprintln!(
+                "kvcrypt: warning: key slot {} names {}, which the configuration does not pin; \
+                 trying it anyway (--allow-unpinned-key)",
+                s.id, s.key_id
+            );
+        }
+    }
+    Ok(chosen)
+}
+
+/// Unwraps the VMK from the first pinned slot that works and passes the key check and MAC.
+/// Returns the key and the slot id. Slots naming an unpinned key are never tried; a header
+/// with no pinned slot is refused before any request. A MAC failure aborts at once (the
+/// header is not to be trusted); otherwise the error of the last slot tried is returned, with
+/// all slots' reasons.
+pub fn unlock(
+    h: &VolumeHeader,
+    w: &dyn KeyWrapper,
+    pins: &Pins,
+) -> anyhow::Result<(VolumeKey, u32)> {
+    let chosen = pinned_ids(h, pins)?;
+    unlock_with(h, w, chosen)
+}
+
+/// [`unlock`] with the key ids [`pinned_ids`] chose.
+fn unlock_with(
+    h: &VolumeHeader,
+    w: &dyn KeyWrapper,
+    chosen: Vec<Option<String>>,
+) -> anyhow::Result<(VolumeKey, u32)> {
     let mut reasons = Vec::new();
     let mut last: Option<anyhow::Error> = None;
-    for s in &h.slots {
+    for (s, id) in h.slots.iter().zip(chosen) {
         if s.provider != header::PROVIDER_AZURE {
             reasons.push(format!("slot {}: unknown provider {:?}", s.id, s.provider));
             continue;
         }
-        match w.unwrap(&s.key_id, &s.algorithm, &s.wrapped) {
+        let Some(key_id) = id else {
+            reasons.push(format!(
+                "slot {} ({}): not pinned, not tried",
+                s.id, s.key_id
+            ));
+            continue;
+        };
+        match w.unwrap(&key_id, &s.algorithm, &s.wrapped) {
             Ok(vmk) => match h.verify_key(&vmk) {
                 Ok(()) => return Ok((vmk, s.id)),
                 Err(HeaderError::Tampered) => return Err(HeaderError::Tampered.into()),
@@ -185,6 +226,7 @@ pub fn rewrap(
     h: &mut VolumeHeader,
     w: &dyn KeyWrapper,
     plan: &RewrapPlan,
+    pins: &Pins,
 ) -> anyhow::Result<RewrapOutcome> {
     if !plan.add && plan.remove.is_empty() {
         return Err(
@@ -206,7 +248,32 @@ pub fn rewrap(
         )
         .into());
     }
-    let (vmk, unlocked_with) = unlock(h, w)?;
+    // Before any request: the new slot's key must be pinned too (an explicit one is checked
+    // here; the default, the latest version of the first pinned slot's key, is pinned).
+    let explicit = plan
+        .key_id
+        .as_deref()
+        .map(|k| {
+            crate::keys::KeyId::parse(k)?;
+            let id = pins.check_target(k)?;
+            if pins.pin_for(k).is_none() {
+                eprintln!(
+                    "kvcrypt: warning: wrapping with {k}, which the configuration does not pin \
+                     (--allow-unpinned-key): the agent will not use this slot until it is pinned"
+                );
+            }
+            Ok::<_, anyhow::Error>(id)
+        })
+        .transpose()?;
+    let chosen = pinned_ids(h, pins)?;
+    // Slot id → the key id its requests use (`None`: not pinned), from before any change.
+    let pinned: Vec<(u32, Option<String>)> = h
+        .slots
+        .iter()
+        .map(|s| s.id)
+        .zip(chosen.iter().cloned())
+        .collect();
+    let (vmk, unlocked_with) = unlock_with(h, w, chosen)?;
     let mut out = RewrapOutcome {
         unlocked_with,
         added: None,
@@ -216,20 +283,24 @@ pub fn rewrap(
         checks_failed: Vec::new(),
     };
     if plan.add {
-        let target = match &plan.key_id {
-            Some(k) => k.clone(),
+        let target = match explicit {
+            Some(k) => k,
             None => {
-                let first = h
-                    .slots
-                    .first()
+                let first = pinned
+                    .iter()
+                    .find_map(|(_, k)| k.as_ref())
                     .ok_or_else(|| HeaderError::Invalid("no key slots".into()))?;
-                w.latest_version(&versionless(&first.key_id))
-                    .with_context(|| format!("looking up the latest version of {}", first.key_id))?
+                w.latest_version(&versionless(first))
+                    .with_context(|| format!("looking up the latest version of {first}"))?
             }
         };
         let algorithm = plan.algorithm.as_deref();
         let present = h.slots.iter().find(|s| {
-            s.key_id == target
+            let id = pinned
+                .iter()
+                .find(|(i, _)| *i == s.id)
+                .and_then(|(_, k)| k.as_ref());
+            id == Some(&target)
                 && algorithm.is_none_or(|a| a == s.algorithm)
                 && !remove.contains(&s.id)
         });
@@ -248,7 +319,21 @@ pub fn rewrap(
     // checks stop unwrapping the VMK. A key that cannot wrap now (wrapKey not permitted,
     // version disabled) keeps its slot as it was: it still unlocks, checks fall back to it.
     for s in h.slots.iter_mut().filter(|s| s.check.is_none()) {
-        match make_check(w, &s.key_id, &s.algorithm, &vmk) {
+        let id = pinned
+            .iter()
+            .find(|(i, _)| *i == s.id)
+            .and_then(|(_, k)| k.as_ref());
+        let Some(key_id) = id else {
+            out.checks_failed.push((
+                s.id,
+                format!(
+                    "{} is not pinned; no request is made to its vault",
+                    s.key_id
+                ),
+            ));
+            continue;
+        };
+        match make_check(w, key_id, &s.algorithm, &vmk) {
             Ok(c) => {
                 s.check = Some(c);
                 out.checks_added.push(s.id);
@@ -368,6 +453,17 @@ mod tests {
     const K2: &str = "https://a.vault.azure.net/keys/vol/v2";
     const OTHER: &str = "https://b.vault.azure.net/keys/recovery/r1";
 
+    /// The configuration's pins: both test keys (versionless).
+    fn pins() -> Pins {
+        Pins::new(
+            [K1, OTHER]
+                .iter()
+                .map(|k| crate::keys::KeyPin::parse(&versionless(k)).unwrap())
+                .collect(),
+            "keys of [vault]",
+        )
+    }
+
     fn vmk(b: u8) -> VolumeKey {
         VolumeKey::from_slice(&[b; 64]).unwrap()
     }
@@ -397,7 +493,7 @@ mod tests {
     fn unlock_finds_the_working_slot() {
         let w = XorWrapper::new(&[K1, OTHER]);
         let (mut h, k) = volume(&w);
-        let (got, id) = unlock(&h, &w).unwrap();
+        let (got, id) = unlock(&h, &w, &pins()).unwrap();
         assert_eq!((got.expose(), id), (k.expose(), 0));
         // A slot of a wrong key placed first is skipped; the good one still unlocks.
         let bad = make_slot(&w, OTHER, None, &vmk(9)).unwrap();
@@ -405,13 +501,13 @@ mod tests {
         let good = h.slots.remove(0);
         h.slots.push(good);
         h.seal(&k);
-        let (_, id) = unlock(&h, &w).unwrap();
+        let (_, id) = unlock(&h, &w, &pins()).unwrap();
         assert_eq!(id, 0);
         assert_ne!(id, bad_id);
         // Only the wrong-key slot left: WrongKey.
         h.slots.retain(|s| s.id == bad_id);
         h.seal(&k);
-        let e = unlock(&h, &w).unwrap_err();
+        let e = unlock(&h, &w, &pins()).unwrap_err();
         assert!(
             matches!(e.downcast_ref::<HeaderError>(), Some(HeaderError::WrongKey)),
             "{e:#}"
@@ -423,14 +519,14 @@ mod tests {
         let w = XorWrapper::new(&[K1]);
         let (mut h, _) = volume(&w);
         h.label = "changed".into();
-        let e = unlock(&h, &w).unwrap_err();
+        let e = unlock(&h, &w, &pins()).unwrap_err();
         assert!(matches!(
             e.downcast_ref::<HeaderError>(),
             Some(HeaderError::Tampered)
         ));
         let (h, _) = volume(&w);
         let denied = XorWrapper::new(&[OTHER]);
-        let e = unlock(&h, &denied).unwrap_err();
+        let e = unlock(&h, &denied, &pins()).unwrap_err();
         assert!(format!("{e:#}").contains("denied"), "{e:#}");
     }
 
@@ -443,7 +539,7 @@ mod tests {
             add: true,
             ..Default::default()
         };
-        let out = rewrap(&mut h, &w, &plan).unwrap();
+        let out = rewrap(&mut h, &w, &plan, &pins()).unwrap();
         assert_eq!(out.already_present, Some(0));
         assert_eq!(out.added, None);
         // The key is rotated to v2: a new slot for v2, and slot 0 removed.
@@ -453,13 +549,13 @@ mod tests {
             remove: vec![0],
             ..Default::default()
         };
-        let out = rewrap(&mut h, &w, &plan).unwrap();
+        let out = rewrap(&mut h, &w, &plan, &pins()).unwrap();
         assert_eq!(out.added, Some(1));
         assert_eq!(out.removed, vec![0]);
         assert_eq!(h.slots.len(), 1);
         assert_eq!(h.slots[0].key_id, K2);
         h.verify_key(&k).unwrap();
-        let (got, id) = unlock(&h, &w).unwrap();
+        let (got, id) = unlock(&h, &w, &pins()).unwrap();
         assert_eq!((got.expose(), id), (k.expose(), 1));
     }
 
@@ -473,7 +569,7 @@ mod tests {
             algorithm: Some("RSA-OAEP".into()),
             remove: vec![],
         };
-        let out = rewrap(&mut h, &w, &plan).unwrap();
+        let out = rewrap(&mut h, &w, &plan, &pins()).unwrap();
         assert_eq!(out.added, Some(1));
         assert_eq!(h.slots[1].algorithm, "RSA-OAEP");
         h.verify_key(&k).unwrap();
@@ -482,19 +578,19 @@ mod tests {
             remove: vec![5],
             ..Default::default()
         };
-        assert!(rewrap(&mut h, &w, &bad).is_err());
+        assert!(rewrap(&mut h, &w, &bad, &pins()).is_err());
         let all = RewrapPlan {
             add: false,
             remove: vec![0, 1],
             ..Default::default()
         };
         assert!(
-            rewrap(&mut h, &w, &all).is_err(),
+            rewrap(&mut h, &w, &all, &pins()).is_err(),
             "removing every slot must fail"
         );
         assert_eq!(h.slots.len(), 2, "a refused rewrap changes nothing");
         let none = RewrapPlan::default();
-        assert!(rewrap(&mut h, &w, &none).is_err());
+        assert!(rewrap(&mut h, &w, &none, &pins()).is_err());
     }
 
     #[test]
@@ -517,6 +613,7 @@ mod tests {
                 add: true,
                 ..Default::default()
             },
+            &pins(),
         )
         .unwrap();
         assert_eq!(out.already_present, Some(0));

@@ -19,6 +19,8 @@ emu_start() {
   printf '%s' "$SECRET" > /etc/kvcrypt/sp.secret; chmod 600 /etc/kvcrypt/sp.secret
   cat > /etc/kvcrypt/kvcrypt.toml <<EOT
 [vault]
+# The keys allowed to unlock volumes (the header does not choose the vault).
+keys = ["https://myvault.vault.azure.net/keys/kek"]
 resolve = ["myvault.vault.azure.net:443:127.0.0.1", "login.microsoftonline.com:443:127.0.0.1"]
 ca_file = "/tmp/kvemu/ca.pem"
 attempt_timeout_ms = 20000

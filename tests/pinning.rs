@@ -1,0 +1,469 @@
+//! Key pinning end to end: the configuration (`keys = [...]`), never the disk, decides which
+//! Key Vault keys may unlock a volume and which host kvcrypt talks to. Headers are tampered the
+//! way an attacker who can write the disk would (key ids rewritten, checksums fixed; the MAC
+//! is only checked after an unwrap), and the emulator's request log and a loopback listener
+//! standing in for the attacker's host prove that no request was sent.
+
+mod header_common;
+mod kvtest;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use header_common::{PRIMARY, SECONDARY, fix_checksum, metadata_len, read_at, write_at};
+use kvcrypt::emulator::Op;
+use kvcrypt::header;
+use kvtest::{Kv, LOGIN, VAULT, kvcrypt_cli as run, ok};
+
+const MIB: u64 = 1024 * 1024;
+const ATTACKER: &str = "attacker.example.com";
+
+fn pin(name: &str) -> String {
+    format!("https://{VAULT}/keys/{name}")
+}
+
+/// A loopback listener standing in for the host a tampered header names.
+struct Trap {
+    listener: TcpListener,
+}
+
+impl Trap {
+    fn new() -> Trap {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        Trap { listener }
+    }
+    fn port(&self) -> u16 {
+        self.listener.local_addr().unwrap().port()
+    }
+    /// Whether anything connected (a DNS-resolved connect to the attacker's host).
+    fn was_contacted(&self) -> bool {
+        self.listener.accept().is_ok()
+    }
+}
+
+/// A config file for principal `client_id` / `secret`: `[vault]` reaching the emulator (and
+/// sending the attacker's host to `trap_port`), with `keys` lines as given.
+fn config(kv: &Kv, p: &kvcrypt::emulator::PrincipalInfo, keys: &str, trap_port: u16) -> PathBuf {
+    let secret = kv.dir.path().join(format!("secret-{}", p.client_id));
+    std::fs::write(&secret, format!("{}\n", p.secret.clone().unwrap())).unwrap();
+    let port = kv.emu.port();
+    let text = format!(
+        "[vault]\n{keys}\nresolve = [\"{VAULT}:443:127.0.0.1:{port}\", \"{LOGIN}:443:127.0.0.1:{port}\", \
+         \"{ATTACKER}:443:127.0.0.1:{trap_port}\"]\nca_file = {:?}\nattempt_timeout_ms = 2000\n\
+         deadline_ms = 6000\nmax_retries = 0\n[vault.credential]\nkind = \"client-secret\"\n\
+         tenant_id = {:?}\nclient_id = {:?}\nsecret_file = {:?}\n",
+        kv.emu.ca_pem_path(),
+        kv.emu.tenant_id(),
+        p.client_id,
+        secret,
+    );
+    let path = kv
+        .dir
+        .path()
+        .join(format!("kvcrypt-{}-{}.toml", p.client_id, keys.len()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn image(kv: &Kv, name: &str) -> PathBuf {
+    let p = kv.dir.path().join(name);
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    p
+}
+
+/// Replaces `from` by `to` in the key ids of both header copies and fixes their checksums.
+fn rewrite_key_ids(dev: &Path, from: &str, to: &str) {
+    for copy in [PRIMARY, SECONDARY] {
+        let len = metadata_len(dev, copy) as usize;
+        let md = String::from_utf8(read_at(dev, copy + 4096, len)).unwrap();
+        let evil = md.replace(from, to);
+        assert_ne!(md, evil, "{from} not found in the header");
+        write_at(dev, copy + 4096, evil.as_bytes());
+        write_at(dev, copy + 168, &(evil.len() as u64).to_le_bytes());
+        fix_checksum(dev, copy);
+    }
+}
+
+fn total_requests(kv: &Kv) -> u64 {
+    kv.emu.requests().0.total
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn dump_master_key(cfg: &Path, dev: &Path) -> Output {
+    run(
+        cfg,
+        &[
+            "header",
+            "dump",
+            "--json",
+            "--dump-master-key",
+            "--yes-i-understand",
+            dev.to_str().unwrap(),
+        ],
+    )
+}
+
+fn master_key_hex(out: &Output) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&ok(out).into_bytes()).unwrap();
+    v["master_key_hex"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_header_rewritten_to_another_host_is_refused_before_any_request() {
+    let kv = Kv::start();
+    kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
+    let p = kv.principal("host", &[Op::Get, Op::Wrap, Op::Unwrap]);
+    let trap = Trap::new();
+    let cfg = config(
+        &kv,
+        &p,
+        &format!("keys = [\"{}\"]", pin("disk-kek")),
+        trap.port(),
+    );
+    let dev = image(&kv, "disk.img");
+    let devs = dev.to_str().unwrap();
+    ok(&run(&cfg, &["format", devs, "--key-id", &pin("disk-kek")]));
+    rewrite_key_ids(
+        &dev,
+        &format!("https://{VAULT}/keys/"),
+        &format!("https://{ATTACKER}/keys/"),
+    );
+    let forged = header::read(&dev).unwrap().slots[0].key_id.clone();
+    assert!(
+        forged.starts_with(&format!("https://{ATTACKER}/")),
+        "{forged}"
+    );
+
+    let before = total_requests(&kv);
+    for args in [
+        vec!["open", devs, "t-pin-evil", "--transport", "fuse"],
+        vec![
+            "header",
+            "dump",
+            "--dump-master-key",
+            "--yes-i-understand",
+            devs,
+        ],
+        vec!["rewrap", devs],
+    ] {
+        let out = run(&cfg, &args);
+        assert_eq!(out.status.code(), Some(15), "{args:?}: {}", stderr(&out));
+        let e = stderr(&out);
+        assert!(
+            e.contains(&forged) && e.contains(&pin("disk-kek")),
+            "{args:?}: the error names the header's key id and the pins: {e}"
+        );
+    }
+    assert!(
+        !trap.was_contacted(),
+        "a request went to the host the disk names"
+    );
+    assert_eq!(
+        total_requests(&kv),
+        before,
+        "no request at all (not even a token) for a refused header"
+    );
+    assert!(kvcrypt::worker::read_state("t-pin-evil").is_none());
+}
+
+#[test]
+fn a_header_naming_another_key_of_the_same_vault_is_refused() {
+    // The attacker's volume: a key of the same vault they can use, a master key they know.
+    let kv = Kv::start();
+    kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
+    kv.emu.create_key("evil-kek", "RSA", Some(2048)).unwrap();
+    let p = kv.principal("host", &[Op::Get, Op::Wrap, Op::Unwrap]);
+    let trap = Trap::new();
+    let cfg = config(
+        &kv,
+        &p,
+        &format!("keys = [\"{}\"]", pin("disk-kek")),
+        trap.port(),
+    );
+    let dev = image(&kv, "planted.img");
+    let devs = dev.to_str().unwrap();
+    let made = run(
+        &cfg,
+        &[
+            "format",
+            devs,
+            "--key-id",
+            &pin("evil-kek"),
+            "--allow-unpinned-key",
+        ],
+    );
+    ok(&made);
+    assert!(
+        stderr(&made).contains("does not pin"),
+        "warned: {}",
+        stderr(&made)
+    );
+
+    let before = total_requests(&kv);
+    let out = dump_master_key(&cfg, &dev);
+    assert_eq!(out.status.code(), Some(15), "{}", stderr(&out));
+    assert!(stderr(&out).contains("/keys/evil-kek/"), "{}", stderr(&out));
+    let out = run(
+        &cfg,
+        &["open", devs, "t-pin-planted", "--transport", "fuse"],
+    );
+    assert_eq!(out.status.code(), Some(15), "{}", stderr(&out));
+    assert_eq!(total_requests(&kv), before, "nothing asked of the vault");
+    assert!(kvcrypt::worker::read_state("t-pin-planted").is_none());
+
+    // With the evil key pinned as well, the same header unlocks: the pin is what decides.
+    let both = config(
+        &kv,
+        &p,
+        &format!(
+            "keys = [\"{}\", \"{}\"]",
+            pin("disk-kek"),
+            // Compared as Key Vault does: host and key name case-insensitively.
+            "https://MyVault.Vault.Azure.Net/keys/Evil-KEK"
+        ),
+        trap.port(),
+    );
+    master_key_hex(&dump_master_key(&both, &dev));
+}
+
+#[test]
+fn a_pinned_versionless_key_still_unlocks_after_rotation() {
+    let kv = Kv::start();
+    let v1 = kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
+    let p = kv.principal("host", &[Op::Get, Op::Wrap, Op::Unwrap]);
+    let trap = Trap::new();
+    let cfg = config(
+        &kv,
+        &p,
+        &format!("keys = [\"{}\"]", pin("disk-kek")),
+        trap.port(),
+    );
+    let dev = image(&kv, "rot.img");
+    let devs = dev.to_str().unwrap();
+    ok(&run(&cfg, &["format", devs, "--key-id", &pin("disk-kek")]));
+    let vmk = master_key_hex(&dump_master_key(&cfg, &dev));
+    let v2 = kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
+    assert_ne!(v1, v2);
+    // The rewrap adds a slot for the latest version (pinned through the versionless id) and
+    // drops the old one; the new version unlocks.
+    ok(&run(&cfg, &["rewrap", devs, "--remove-slot", "0"]));
+    let l = header::read(&dev).unwrap();
+    assert_eq!(l.slots.len(), 1);
+    assert!(
+        v2.ends_with(l.slots[0].key_id.rsplit('/').next().unwrap()),
+        "{v2} vs {}",
+        l.slots[0].key_id
+    );
+    assert_eq!(master_key_hex(&dump_master_key(&cfg, &dev)), vmk);
+    assert!(!trap.was_contacted());
+}
+
+#[test]
+fn format_and_rewrap_write_only_pinned_keys() {
+    let kv = Kv::start();
+    kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
+    kv.emu.create_key("other-kek", "RSA", Some(2048)).unwrap();
+    let p = kv.principal("host", &[Op::Get, Op::Wrap, Op::Unwrap]);
+    let trap = Trap::new();
+    let pinned = config(
+        &kv,
+        &p,
+        &format!("keys = [\"{}\"]", pin("disk-kek")),
+        trap.port(),
+    );
+    let unpinned = config(&kv, &p, "", trap.port());
+    let dev = image(&kv, "fmt.img");
+    let devs = dev.to_str().unwrap();
+
+    let before = total_requests(&kv);
+    let out = run(&pinned, &["format", devs, "--key-id", &pin("other-kek")]);
+    assert_eq!(out.status.code(), Some(15), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&pin("other-kek")) && stderr(&out).contains(&pin("disk-kek")),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing pinned at all: refused too, saying how to pin.
+    let out = run(&unpinned, &["format", devs, "--key-id", &pin("disk-kek")]);
+    assert_eq!(out.status.code(), Some(15), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("keys = [") && stderr(&out).contains("--allow-unpinned-key"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(total_requests(&kv), before, "refused before any request");
+    assert!(
+        matches!(
+            header::read(&dev),
+            Err(header::HeaderError::NotKvcrypt { .. })
+        ),
+        "nothing written"
+    );
+
+    ok(&run(
+        &pinned,
+        &["format", devs, "--key-id", &pin("disk-kek")],
+    ));
+    let out = run(&pinned, &["rewrap", devs, "--key-id", &pin("other-kek")]);
+    assert_eq!(out.status.code(), Some(15), "{}", stderr(&out));
+    assert_eq!(header::read(&dev).unwrap().slots.len(), 1, "no slot added");
+    // Told otherwise: the slot is added, with a warning.
+    let out = run(
+        &pinned,
+        &[
+            "rewrap",
+            devs,
+            "--key-id",
+            &pin("other-kek"),
+            "--allow-unpinned-key",
+        ],
+    );
+    ok(&out);
+    assert!(stderr(&out).contains("does not pin"), "{}", stderr(&out));
+    assert_eq!(header::read(&dev).unwrap().slots.len(), 2);
+}
+
+#[test]
+fn a_bad_pin_is_a_configuration_error_naming_it() {
+    let kv = Kv::start();
+    let p = kv.principal("host", &[Op::Get, Op::Wrap, Op::Unwrap]);
+    let dev = image(&kv, "bad.img");
+    for (bad, why) in [
+        (format!("{}/0123456789abcdef", pin("disk-kek")), "version"),
+        (format!("http://{VAULT}/keys/disk-kek"), "https"),
+        (format!("https://{VAULT}/secrets/disk-kek"), "/keys/"),
+    ] {
+        let cfg = config(&kv, &p, &format!("keys = [\"{bad}\"]"), 9);
+        let out = run(
+            &cfg,
+            &[
+                "format",
+                dev.to_str().unwrap(),
+                "--key-id",
+                &pin("disk-kek"),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(7), "{bad}: {}", stderr(&out));
+        let e = stderr(&out);
+        assert!(
+            e.contains(&format!("keys entry '{bad}'")) && e.contains(why),
+            "{bad}: {e}"
+        );
+        // The agent's [[volume]] keys: the same, at load.
+        let agent_cfg = kv.dir.path().join("agent-bad.toml");
+        std::fs::write(
+            &agent_cfg,
+            format!(
+                "{}[[volume]]\nname = \"v\"\npath = \"/dev/null\"\nkeys = [\"{bad}\"]\n",
+                std::fs::read_to_string(config(&kv, &p, "", 9)).unwrap()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_kvcrypt"))
+            .arg("--config")
+            .arg(&agent_cfg)
+            .args(["agent", "--once"])
+            .env("KVCRYPT_RUN_DIR", kv.dir.path().join("run"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(7), "{bad}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("keys entry '{bad}'")),
+            "{bad}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+/// Kills the agent on drop, so a failing assertion leaves no daemon behind.
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_agent_refuses_a_rewritten_header_without_a_request() {
+    use kvcrypt::agent::lab::{Lab, LabOptions, VAULT_HOST};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: the agent needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(
+        dir.path(),
+        Path::new(env!("CARGO_BIN_EXE_kvcrypt")),
+        &LabOptions::default(),
+    )
+    .unwrap();
+    lab.format().unwrap();
+    let trap = Trap::new();
+    // The attacker's host resolves to the trap, so a request there would be seen.
+    let text = std::fs::read_to_string(&lab.config).unwrap().replacen(
+        "resolve = [",
+        &format!("resolve = [\"{ATTACKER}:443:127.0.0.1:{}\", ", trap.port()),
+        1,
+    );
+    std::fs::write(&lab.config, text).unwrap();
+    rewrite_key_ids(
+        &lab.image,
+        &format!("https://{VAULT_HOST}/keys/"),
+        &format!("https://{ATTACKER}/keys/"),
+    );
+    let before = lab.emu.requests().0.total;
+    let _agent = Agent(lab.spawn_agent(None).unwrap());
+    let t0 = Instant::now();
+    let st = loop {
+        if let Ok(st) = lab.status()
+            && st.last_error.is_some()
+        {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no status");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        st.state,
+        kvcrypt::agent::status::VolumeState::Locked,
+        "{st:?}"
+    );
+    let e = st.last_error.unwrap();
+    assert_eq!(
+        serde_json::to_value(e.class).unwrap(),
+        "not-pinned",
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains(ATTACKER) && e.message.contains(&lab.key_id),
+        "{}",
+        e.message
+    );
+    assert!(
+        st.reason.unwrap_or_default().contains("key not pinned"),
+        "kvcrypt status shows why"
+    );
+    assert!(
+        !trap.was_contacted(),
+        "the agent connected to the disk's host"
+    );
+    assert_eq!(
+        lab.emu.requests().0.total,
+        before,
+        "no request to the vault"
+    );
+}
