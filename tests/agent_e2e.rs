@@ -1465,3 +1465,145 @@ fn agent_repairs_a_damaged_header_copy_at_unlock() {
     );
     r.stop_agent();
 }
+
+/// Only Key Vault's own error answers revoke: an HTML 403 from something in front of the vault,
+/// an empty 404 and a 401 without the vault's challenge keep the volume serving (they are
+/// Transient and follow `offline_lock_after`), while Key Vault's own 403 Forbidden locks it.
+#[test]
+fn proxy_error_pages_never_lock_but_key_vaults_own_403_does() {
+    if !ready() {
+        return;
+    }
+    let mut r = Running::start(LabOptions {
+        agent: "check_interval = \"1s\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\nhold = \"5m\"\noffline_lock_after = \"10s\"\n".into(),
+        ..Default::default()
+    });
+    let mnt = r.mount();
+    must(&format!(
+        "head -c 1048576 /dev/urandom > {}/data.bin && sync",
+        mnt.display()
+    ));
+    let sum = sha256(&mnt.join("data.bin"));
+    let bd = r.block_device();
+    let key = kvcrypt::agent::lab::KEY_NAME;
+
+    let t0 = Instant::now();
+    for (kind, seen) in [
+        (
+            FaultKind::Html { status: 403 },
+            "HTTP 403, content-type text/html",
+        ),
+        (
+            FaultKind::Empty { status: 404 },
+            "HTTP 404, no content-type, empty body",
+        ),
+        (
+            FaultKind::UnauthorizedNoChallenge,
+            "without a Bearer challenge that persisted",
+        ),
+    ] {
+        r.lab.emu.clear_faults();
+        r.lab
+            .emu
+            .inject_fault(Fault::new(kind.clone()).for_key(key));
+        let phase = Instant::now();
+        let mut checked = false;
+        while phase.elapsed() < Duration::from_millis(2500) {
+            let st = r.lab.status().map_err(|e| r.fail(e)).unwrap();
+            assert_eq!(
+                st.state,
+                VolumeState::Serving,
+                "{kind:?} must not lock: {}",
+                r.fail(format!("{st:?}"))
+            );
+            if let Some(e) = &st.last_error
+                && e.message.contains(seen)
+            {
+                assert_eq!(
+                    e.class,
+                    kvcrypt::agent::ports::AccessClass::Transient,
+                    "{e:?}"
+                );
+                assert!(
+                    e.message
+                        .contains("not a Key Vault error answer, treated as transient"),
+                    "{e:?}"
+                );
+                checked = true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(checked, "no failed check saw {kind:?}: {}", r.fail(""));
+        // The device still serves, without the page cache: reads come from the worker.
+        must(&format!(
+            "timeout 10 dd if={bd} of=/dev/null bs=1M count=4 iflag=direct status=none"
+        ));
+    }
+    must("sync; echo 3 > /proc/sys/vm/drop_caches");
+    assert_eq!(sha256(&mnt.join("data.bin")), sum);
+
+    // Still no valid answer: offline_lock_after (10 s since the last good check) locks it, and
+    // says so — not as a revocation.
+    r.lab.emu.clear_faults();
+    r.lab
+        .emu
+        .inject_fault(Fault::new(FaultKind::Html { status: 403 }).for_key(key));
+    let (st, _) = r
+        .lab
+        .wait_state(VolumeState::Suspended, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_secs(7),
+        "locked after {:?}, before offline_lock_after",
+        t0.elapsed()
+    );
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("offline_lock_after"),
+        "{st:?}"
+    );
+    assert_eq!(
+        st.last_error.as_ref().map(|e| e.class),
+        Some(kvcrypt::agent::ports::AccessClass::Transient),
+        "{st:?}"
+    );
+    r.lab.emu.clear_faults();
+    r.lab
+        .wait_state(VolumeState::Serving, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+
+    // Key Vault's own 403 Forbidden (RBAC) is a revocation: locked at the next check.
+    let t1 = Instant::now();
+    r.lab.revoke(Revocation::Permission).unwrap();
+    let (st, _) = r
+        .lab
+        .wait_state(VolumeState::Suspended, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    assert!(t1.elapsed() < Duration::from_secs(8), "{:?}", t1.elapsed());
+    let e = st.last_error.as_ref().expect("last error");
+    assert_eq!(
+        e.class,
+        kvcrypt::agent::ports::AccessClass::Denied,
+        "{st:?}"
+    );
+    assert!(e.message.contains("ForbiddenByRbac"), "{e:?}");
+    assert!(
+        !st.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("offline_lock_after"),
+        "{st:?}"
+    );
+    r.lab.restore(Revocation::Permission).unwrap();
+    r.lab
+        .wait_state(VolumeState::Serving, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    assert_eq!(sha256(&mnt.join("data.bin")), sum);
+    r.umount();
+}
