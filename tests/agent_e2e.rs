@@ -1465,3 +1465,167 @@ fn agent_repairs_a_damaged_header_copy_at_unlock() {
     );
     r.stop_agent();
 }
+
+/// `sha256` that shows the agent's log when the read fails.
+fn checked_sha256(r: &Running, path: &Path) -> String {
+    let o = sh(&format!("timeout 60 sha256sum {}", path.display()));
+    assert!(
+        o.status.success(),
+        "{}",
+        r.fail(format!(
+            "sha256sum {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&o.stderr)
+        ))
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Only Key Vault's own error answers revoke: an HTML 403 from something in front of the vault,
+/// an empty 404 and a 401 without the vault's challenge keep the volume serving (they are
+/// Transient and follow `offline_lock_after`), while Key Vault's own 403 Forbidden locks it.
+#[test]
+fn proxy_error_pages_never_lock_but_key_vaults_own_403_does() {
+    if !ready() {
+        return;
+    }
+    let mut r = Running::start(LabOptions {
+        agent: "check_interval = \"1s\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\nhold = \"5m\"\noffline_lock_after = \"20s\"\n".into(),
+        ..Default::default()
+    });
+    let mnt = r.mount();
+    must(&format!(
+        "head -c 1048576 /dev/urandom > {}/data.bin && sync",
+        mnt.display()
+    ));
+    let sum = checked_sha256(&r, &mnt.join("data.bin"));
+    let bd = r.block_device();
+    let key = kvcrypt::agent::lab::KEY_NAME;
+
+    // Three phases of 2 s each stay well inside offline_lock_after (20 s), also on a loaded host.
+    for (kind, seen) in [
+        (
+            FaultKind::Html { status: 403 },
+            "HTTP 403, content-type text/html",
+        ),
+        (
+            FaultKind::Empty { status: 404 },
+            "HTTP 404, no content-type, empty body",
+        ),
+        (
+            FaultKind::UnauthorizedNoChallenge,
+            "without a Bearer challenge that persisted",
+        ),
+    ] {
+        r.lab.emu.clear_faults();
+        r.lab
+            .emu
+            .inject_fault(Fault::new(kind.clone()).for_key(key));
+        let phase = Instant::now();
+        let mut checked = false;
+        while phase.elapsed() < Duration::from_secs(2) {
+            let st = r.lab.status().map_err(|e| r.fail(e)).unwrap();
+            assert_eq!(
+                st.state,
+                VolumeState::Serving,
+                "{kind:?} must not lock: {}",
+                r.fail(format!("{st:?}"))
+            );
+            if let Some(e) = &st.last_error
+                && e.message.contains(seen)
+            {
+                assert_eq!(
+                    e.class,
+                    kvcrypt::agent::ports::AccessClass::Transient,
+                    "{e:?}"
+                );
+                assert!(
+                    e.message
+                        .contains("not a Key Vault error answer, treated as transient"),
+                    "{e:?}"
+                );
+                checked = true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(checked, "no failed check saw {kind:?}: {}", r.fail(""));
+        // The device still serves, without the page cache: reads come from the worker.
+        must(&format!(
+            "timeout 10 dd if={bd} of=/dev/null bs=1M count=4 iflag=direct status=none"
+        ));
+    }
+
+    // Still no valid answer: offline_lock_after (20 s since the last good check) locks it, and
+    // says so — not as a revocation.
+    r.lab.emu.clear_faults();
+    r.lab
+        .emu
+        .inject_fault(Fault::new(FaultKind::Html { status: 403 }).for_key(key));
+    let (st, _) = r
+        .lab
+        .wait_state(VolumeState::Suspended, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    let (Some(ok), Some(at)) = (st.last_ok, st.suspended_at) else {
+        panic!("{st:?}");
+    };
+    assert!(
+        at - ok >= 19.0,
+        "locked {:.1} s after the last good check, before offline_lock_after: {st:?}",
+        at - ok
+    );
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("offline_lock_after"),
+        "{st:?}"
+    );
+    assert_eq!(
+        st.last_error.as_ref().map(|e| e.class),
+        Some(kvcrypt::agent::ports::AccessClass::Transient),
+        "{st:?}"
+    );
+    r.lab.emu.clear_faults();
+    r.lab
+        .wait_state(VolumeState::Serving, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+
+    // Key Vault's own 403 Forbidden (RBAC) is a revocation: locked at the next check.
+    let t1 = Instant::now();
+    r.lab.revoke(Revocation::Permission).unwrap();
+    let (st, _) = r
+        .lab
+        .wait_state(VolumeState::Suspended, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    assert!(t1.elapsed() < Duration::from_secs(8), "{:?}", t1.elapsed());
+    let e = st.last_error.as_ref().expect("last error");
+    assert_eq!(
+        e.class,
+        kvcrypt::agent::ports::AccessClass::Denied,
+        "{st:?}"
+    );
+    assert!(e.message.contains("ForbiddenByRbac"), "{e:?}");
+    assert!(
+        !st.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("offline_lock_after"),
+        "{st:?}"
+    );
+    r.lab.restore(Revocation::Permission).unwrap();
+    r.lab
+        .wait_state(VolumeState::Serving, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    // Nothing was lost on the way (read from the device, not the page cache).
+    must("sync; echo 3 > /proc/sys/vm/drop_caches");
+    assert_eq!(checked_sha256(&r, &mnt.join("data.bin")), sum);
+    r.umount();
+}

@@ -824,6 +824,138 @@ async fn fault_injection() {
     assert_eq!(log.last().unwrap().status, 200);
 }
 
+/// Raw answer of a GET: status, headers, body bytes.
+async fn raw_get(
+    c: &reqwest::Client,
+    url: &str,
+    token: &str,
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    let r = c.get(url).bearer_auth(token).send().await.expect("request");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.bytes().await.expect("body").to_vec())
+}
+
+#[tokio::test]
+async fn faults_that_are_not_the_vaults_answers() {
+    let emu = start();
+    let c = client(&emu);
+    let (_p, t) = admin_principal(&c, &emu).await;
+    emu.create_key("k1", "oct", Some(256)).unwrap();
+    emu.create_key("k2", "oct", Some(256)).unwrap();
+    let k1 = url(&emu, VAULT, "/keys/k1");
+    let k2 = url(&emu, VAULT, "/keys/k2");
+
+    // An HTML page, as a proxy or application gateway sends: no JSON, none of the vault's headers.
+    emu.inject_fault(Fault::new(FaultKind::Html { status: 403 }).times(1));
+    let (s, h, body) = raw_get(&c, &k1, &t).await;
+    assert_eq!(s, 403);
+    assert_eq!(h["content-type"], "text/html");
+    assert!(!h.contains_key("x-ms-request-id"), "{h:?}");
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.starts_with("<html>") && text.contains("403 Forbidden"),
+        "{text}"
+    );
+
+    // Empty, for a chosen status.
+    emu.inject_fault(Fault::new(FaultKind::Empty { status: 404 }).times(1));
+    let (s, h, body) = raw_get(&c, &k1, &t).await;
+    assert_eq!((s, body.len()), (404, 0));
+    assert!(!h.contains_key("content-type"), "{h:?}");
+
+    // JSON, but without Key Vault's `error` object.
+    emu.inject_fault(Fault::new(FaultKind::ForeignJson { status: 403 }).times(1));
+    let (s, h, body) = raw_get(&c, &k1, &t).await;
+    assert_eq!(s, 403);
+    assert!(
+        h["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert!(v.get("error").is_none(), "{v}");
+    assert_eq!(v["status"], 403);
+
+    // A Key Vault-shaped 401 without the challenge the real vault always sends.
+    emu.inject_fault(Fault::new(FaultKind::UnauthorizedNoChallenge).times(1));
+    let (s, h, body) = raw_get(&c, &k1, &t).await;
+    assert_eq!(s, 401);
+    assert!(!h.contains_key("www-authenticate"), "{h:?}");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "Unauthorized");
+    // The genuine 401 (no token) does carry it.
+    let r = c.get(&k1).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer ")
+    );
+
+    // Aimed at one key (name matched case-insensitively): other keys and the token endpoint
+    // are answered normally, and the fault stays for its key.
+    emu.inject_fault(Fault::new(FaultKind::Html { status: 404 }).for_key("K1"));
+    assert_eq!(call(&c, Method::GET, &k2, &t, None).await.0, 200);
+    assert_eq!(raw_get(&c, &k1, &t).await.0, 404);
+    assert_eq!(raw_get(&c, &url(&emu, VAULT, "/keys/k1/"), &t).await.0, 404);
+    let list = url(&emu, VAULT, "/keys");
+    assert_eq!(call(&c, Method::GET, &list, &t, None).await.0, 200);
+    emu.clear_faults();
+    assert_eq!(call(&c, Method::GET, &k1, &t, None).await.0, 200);
+
+    let (counters, _) = emu.requests();
+    assert_eq!(counters.by_fault.get("html-403"), Some(&1));
+    assert_eq!(counters.by_fault.get("empty-404"), Some(&1));
+    assert_eq!(counters.by_fault.get("foreign-json-403"), Some(&1));
+    assert_eq!(counters.by_fault.get("unauthorized-no-challenge"), Some(&1));
+    assert_eq!(counters.by_fault.get("html-404"), Some(&2));
+
+    // The admin API takes them as JSON, and refuses a status that is not an error.
+    let admin = emu.admin_url();
+    let r = c
+        .post(format!("{admin}/faults"))
+        .bearer_auth(emu.admin_token())
+        .json(&json!({"kind": "empty", "status": 403, "key": "k2", "count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (s, _, body) = raw_get(&c, &k2, &t).await;
+    assert_eq!((s, body.len()), (403, 0));
+    let r = c
+        .post(format!("{admin}/faults"))
+        .bearer_auth(emu.admin_token())
+        .json(&json!({"kind": "html", "status": 200}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("not an error status"),
+        "{v}"
+    );
+    let r = c
+        .post(format!("{admin}/faults"))
+        .bearer_auth(emu.admin_token())
+        .json(&json!({"kind": "unauthorized_no_challenge", "target": "token", "count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .post(emu.token_url())
+        .form(&[("grant_type", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(!r.headers().contains_key("www-authenticate"));
+}
+
 #[tokio::test]
 async fn admin_http_api() {
     let emu = start();

@@ -117,6 +117,24 @@ fn binary_serves_and_admin_subcommands_drive_it() {
     assert!(ok);
     let (ok, _) = admin(&ready, state, &["fault", "latency"]);
     assert!(!ok, "latency needs --ms");
+    let (ok, _) = admin(
+        &ready,
+        state,
+        &[
+            "fault", "html", "--status", "404", "--key", "kek", "--count", "2",
+        ],
+    );
+    assert!(ok);
+    let (ok, _) = admin(&ready, state, &["fault", "empty"]);
+    assert!(ok);
+    let (ok, _) = admin(&ready, state, &["fault", "foreign_json", "--status", "200"]);
+    assert!(!ok, "a fault status must be an error status");
+    let (ok, _) = admin(
+        &ready,
+        state,
+        &["fault", "unauthorized_no_challenge", "--target", "all"],
+    );
+    assert!(ok);
     let (_, out) = admin(&ready, state, &["state"]);
     let st: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -126,6 +144,17 @@ fn binary_serves_and_admin_subcommands_drive_it() {
     assert_eq!(st["keys"][0]["versions"][0]["enabled"], false);
     assert_eq!(st["firewall"], true);
     assert_eq!(st["faults"][0]["kind"], "throttle");
+    assert_eq!(
+        st["faults"][1],
+        serde_json::json!({"kind": "html", "status": 404, "key": "kek", "count": 2, "target": "vault"})
+    );
+    assert_eq!(st["faults"][2]["kind"], "empty");
+    assert_eq!(
+        st["faults"][2]["status"], 403,
+        "html/empty/foreign_json default to 403"
+    );
+    assert_eq!(st["faults"][3]["kind"], "unauthorized_no_challenge");
+    assert_eq!(st["faults"][3]["target"], "all");
     let (ok, _) = admin(&ready, state, &["delete-principal", "--principal", "nope"]);
     assert!(!ok, "unknown principal is an error");
     // A wrong admin token is refused.

@@ -705,3 +705,210 @@ async fn vault_and_token_endpoint_unreachable_is_transient() {
         .unwrap_err();
     assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Only Key Vault's own error answers revoke: whatever else answers (a proxy's HTML page, an empty
+// body, some other JSON, a 401 without the vault's challenge) is Transient.
+
+/// The answers injected for `fault`, and the status each must report.
+fn foreign_faults() -> Vec<(FaultKind, u16)> {
+    vec![
+        (FaultKind::Html { status: 403 }, 403),
+        (FaultKind::Html { status: 404 }, 404),
+        (FaultKind::Empty { status: 403 }, 403),
+        (FaultKind::Empty { status: 404 }, 404),
+        (FaultKind::ForeignJson { status: 403 }, 403),
+        (FaultKind::ForeignJson { status: 404 }, 404),
+        (FaultKind::UnauthorizedNoChallenge, 401),
+    ]
+}
+
+#[tokio::test]
+async fn answers_that_are_not_key_vaults_are_transient() {
+    let kv = Kv::start();
+    let (provider, slot, _) = ready(&kv).await;
+    for (fault, status) in foreign_faults() {
+        kv.emu.inject_fault(Fault::new(fault.clone()));
+        let err = provider
+            .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
+            .await
+            .unwrap_err();
+        assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
+        assert_eq!(err.status(), Some(status), "{fault:?}: {err}");
+        assert_eq!(
+            err.code(),
+            None,
+            "an unverified answer's code is not trusted: {err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("not a Key Vault error answer, treated as transient"),
+            "{fault:?}: {msg}"
+        );
+        assert!(msg.contains(&format!("HTTP {status}")), "{fault:?}: {msg}");
+        match fault {
+            FaultKind::Html { .. } => {
+                assert!(msg.contains("content-type text/html"), "{msg}");
+                assert!(msg.contains("<html> <head><title>"), "{msg}");
+            }
+            FaultKind::Empty { .. } => assert!(msg.contains("empty body"), "{msg}"),
+            FaultKind::ForeignJson { .. } => {
+                assert!(msg.contains("Access denied by the gateway policy"), "{msg}")
+            }
+            _ => {
+                assert!(
+                    msg.contains("without a Bearer challenge that persisted"),
+                    "{msg}"
+                );
+                assert!(!msg.contains("freshly obtained"), "{msg}");
+            }
+        }
+        kv.emu.clear_faults();
+        provider
+            .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
+            .await
+            .expect("the vault answers again");
+    }
+}
+
+#[tokio::test]
+async fn a_fresh_client_meeting_a_challenge_less_401_is_transient() {
+    // The first request of a new client carries no token: a 401 without a challenge then says
+    // nothing about this identity.
+    let kv = Kv::start();
+    let (provider, slot, _) = ready(&kv).await;
+    let fresh = KeyVaultProvider::new(provider.config()).unwrap();
+    kv.emu.clear_requests();
+    kv.emu
+        .inject_fault(Fault::new(FaultKind::UnauthorizedNoChallenge));
+    let err = fresh
+        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
+        .await
+        .unwrap_err();
+    assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
+    assert_eq!(err.status(), Some(401));
+    assert!(!err.to_string().contains("freshly obtained"), "{err}");
+    // Without a challenge the SDK never fetched a token: nothing was tried with one.
+    let (_, log) = kv.emu.requests();
+    assert!(
+        log.iter().all(|e| e.op.as_deref() != Some("token")),
+        "{log:?}"
+    );
+    assert_eq!(log.len(), 1, "{log:?}");
+}
+
+#[tokio::test]
+async fn keyed_fault_hits_only_that_key() {
+    let kv = Kv::start();
+    let (provider, slot, _) = ready(&kv).await;
+    kv.emu.create_key("other", "RSA", Some(2048)).unwrap();
+    let other = provider
+        .wrap(&key_id(VAULT, "other"), None, &random_vmk())
+        .await
+        .unwrap();
+    kv.emu
+        .inject_fault(Fault::new(FaultKind::Html { status: 403 }).for_key("K"));
+    let err = provider
+        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
+        .await
+        .unwrap_err();
+    assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
+    provider
+        .unwrap(&other.key_id, &other.algorithm, &other.wrapped)
+        .await
+        .expect("another key is not affected");
+}
+
+#[tokio::test]
+async fn token_endpoint_answers_that_are_not_entra_ids_are_transient() {
+    let kv = Kv::start();
+    kv.emu.create_key("k", "RSA", Some(2048)).unwrap();
+    let p = kv.principal("host1", CRYPTO_USER);
+    for fault in [
+        FaultKind::Html { status: 403 },
+        FaultKind::Empty { status: 400 },
+        FaultKind::Empty { status: 401 },
+        FaultKind::ForeignJson { status: 400 },
+    ] {
+        // A new provider each time: no cached token, so the token endpoint is asked.
+        let provider = kv.provider(&p);
+        kv.emu
+            .inject_fault(Fault::new(fault.clone()).target(FaultTarget::Token));
+        let err = provider
+            .wrap(&key_id(VAULT, "k"), None, &random_vmk())
+            .await
+            .unwrap_err();
+        assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
+        assert!(err.failure().unwrap().from_identity, "{err}");
+        assert!(
+            err.to_string()
+                .contains("not an Entra ID or managed identity error answer"),
+            "{fault:?}: {err}"
+        );
+        kv.emu.clear_faults();
+    }
+}
+
+#[tokio::test]
+async fn challenge_that_persists_after_a_fresh_token_is_denied() {
+    // Every token the emulator issues is already expired: Key Vault challenges the request, the
+    // SDK fetches a new token and re-sends, and Key Vault challenges again.
+    let kv = {
+        let c = EmulatorConfig {
+            token_lifetime: Duration::ZERO,
+            ..EmulatorConfig::default()
+        };
+        Kv {
+            emu: kvcrypt::emulator::Emulator::start(c).unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    };
+    kv.emu.create_key("k", "RSA", Some(2048)).unwrap();
+    let provider = kv.provider(&kv.principal("host1", CRYPTO_USER));
+    let err = provider
+        .wrap(&key_id(VAULT, "k"), Some("RSA-OAEP-256"), &random_vmk())
+        .await
+        .unwrap_err();
+    assert_err(&err, ErrorClass::Denied, Some("Unauthorized"), VAULT, "k");
+    assert_eq!(err.status(), Some(401));
+    assert!(err.to_string().contains("freshly obtained token"), "{err}");
+    let (_, log) = kv.emu.requests();
+    let tokens = log
+        .iter()
+        .filter(|e| e.op.as_deref() == Some("token"))
+        .count();
+    assert!(tokens >= 1, "a token was obtained: {log:?}");
+}
+
+#[tokio::test]
+async fn real_key_vault_denials_stay_denied_next_to_foreign_faults() {
+    // The same vault, the same provider: Key Vault's own 403 and 404 still revoke.
+    let kv = Kv::start();
+    let (provider, slot, who) = ready(&kv).await;
+    kv.emu.revoke(&who, &[Op::Unwrap], None).unwrap();
+    let err = provider
+        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
+        .await
+        .unwrap_err();
+    assert_err(
+        &err,
+        ErrorClass::Denied,
+        Some("ForbiddenByRbac"),
+        VAULT,
+        "k",
+    );
+    kv.emu.grant(&who, &[Op::Unwrap], None).unwrap();
+    kv.emu.set_key_enabled("k", None, false).unwrap();
+    let err = provider
+        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
+        .await
+        .unwrap_err();
+    assert_err(&err, ErrorClass::Denied, Some("KeyDisabled"), VAULT, "k");
+    kv.emu.set_key_enabled("k", None, true).unwrap();
+    kv.admin_client(VAULT).delete_key("k", None).await.unwrap();
+    let err = provider
+        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
+        .await
+        .unwrap_err();
+    assert_err(&err, ErrorClass::Denied, Some("KeyNotFound"), VAULT, "k");
+}

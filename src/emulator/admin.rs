@@ -80,6 +80,35 @@ pub enum FaultKind {
     Reset,
     /// Never answer (until the fault is cleared... for new requests; or the emulator stops).
     Hang,
+    /// Answer `status` with an HTML error page (`text/html`), as a reverse proxy, load
+    /// balancer or firewall appliance in front of the service would.
+    Html { status: u16 },
+    /// Answer `status` with an empty body and no content type.
+    Empty { status: u16 },
+    /// Answer `status` with JSON that is not the service's error shape
+    /// (`{"code":"…","message":"…","status":N}`, no `error` object).
+    ForeignJson { status: u16 },
+    /// 401 with a Key Vault-shaped body but no `WWW-Authenticate` challenge (the real vault
+    /// always challenges its 401s).
+    UnauthorizedNoChallenge,
+}
+
+impl FaultKind {
+    /// Checks the fields an admin request gave.
+    pub fn validate(&self) -> Result<(), AdminError> {
+        match self {
+            FaultKind::Html { status }
+            | FaultKind::Empty { status }
+            | FaultKind::ForeignJson { status }
+                if !(400..=599).contains(status) =>
+            {
+                Err(AdminError::BadRequest(format!(
+                    "fault status {status} is not an error status (400-599)"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Which requests a fault applies to.
@@ -103,6 +132,10 @@ pub struct Fault {
     pub count: Option<u64>,
     #[serde(default)]
     pub target: FaultTarget,
+    /// Only requests naming this key (`/keys/{key}/…`, case-insensitive); `None` = all.
+    /// Token requests name no key, so a keyed fault never applies to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 impl Fault {
@@ -111,7 +144,13 @@ impl Fault {
             kind,
             count: None,
             target: FaultTarget::Vault,
+            key: None,
         }
+    }
+    /// Restricts the fault to requests for key `name`.
+    pub fn for_key(mut self, name: &str) -> Self {
+        self.key = Some(name.to_owned());
+        self
     }
     pub fn times(mut self, n: u64) -> Self {
         self.count = Some(n);
@@ -604,6 +643,7 @@ pub async fn handle(
             )),
             ("POST", ["faults"]) => {
                 let f: Fault = body_json(body)?;
+                f.kind.validate()?;
                 shared.inject_fault(f);
                 Ok(ok())
             }

@@ -174,16 +174,23 @@ enum AdminCmd {
         #[arg(value_parser = ["rbac", "access-policy"])]
         mode: String,
     },
-    /// Inject a fault: latency, status, throttle, reset or hang.
+    /// Inject a fault: latency, status, throttle, reset, hang, or an answer that is not the
+    /// service's: html, empty, foreign_json (for --status), unauthorized_no_challenge.
     Fault {
-        #[arg(value_parser = ["latency", "status", "throttle", "reset", "hang"])]
+        #[arg(value_parser = [
+            "latency", "status", "throttle", "reset", "hang", "html", "empty", "foreign_json",
+            "unauthorized_no_challenge",
+        ])]
         kind: String,
         /// Latency in milliseconds (latency).
         #[arg(long)]
         ms: Option<u64>,
-        /// HTTP status (status; default 503).
+        /// HTTP status (status: default 503; html, empty, foreign_json: default 403).
         #[arg(long)]
         status: Option<u16>,
+        /// Only requests for this key (default: every request of the target).
+        #[arg(long)]
+        key: Option<String>,
         /// Retry-After seconds (throttle; omit for a 429 without the header).
         #[arg(long)]
         retry_after: Option<u64>,
@@ -380,11 +387,16 @@ fn admin_main(a: AdminArgs) -> anyhow::Result<()> {
             retry_after,
             count,
             target,
+            key,
         } => {
             let mut f = serde_json::json!({"kind": kind, "count": count, "target": target});
+            if let Some(k) = key {
+                f["key"] = k.into();
+            }
             match kind.as_str() {
                 "latency" => f["ms"] = ms.context("latency needs --ms")?.into(),
                 "status" => f["status"] = status.unwrap_or(503).into(),
+                "html" | "empty" | "foreign_json" => f["status"] = status.unwrap_or(403).into(),
                 "throttle" => f["retry_after"] = serde_json::json!(retry_after),
                 _ => {}
             }

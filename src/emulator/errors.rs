@@ -185,6 +185,56 @@ pub fn server_error(status: StatusCode) -> Resp {
     kv_error(status, code, msg, None)
 }
 
+/// Bodies that are NOT the services' own (fault injection): what a reverse proxy, load
+/// balancer or firewall appliance in front of the vault answers. They carry none of the
+/// vault's `x-ms-*` headers either.
+pub fn html_page(status: StatusCode) -> Resp {
+    let title = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error")
+    );
+    let page = format!(
+        "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>Microsoft-Azure-Application-Gateway/v2</center>\r\n</body>\r\n</html>\r\n"
+    );
+    let mut r = Response::new(Full::new(Bytes::from(page)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("text/html"),
+    );
+    r
+}
+
+/// `status` with no body and no content type.
+pub fn empty(status: StatusCode) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = status;
+    r
+}
+
+/// JSON, but not Key Vault's `{"error":{…}}` nor an OAuth error.
+pub fn foreign_json(status: StatusCode) -> Resp {
+    json(
+        status,
+        &serde_json::json!({
+            "code": status.canonical_reason().unwrap_or("Error"),
+            "message": "Access denied by the gateway policy.",
+            "status": status.as_u16(),
+        }),
+    )
+}
+
+/// A Key Vault-shaped 401 without the `WWW-Authenticate` challenge the real vault sends.
+pub fn unauthorized_without_challenge() -> Resp {
+    kv_error(
+        StatusCode::UNAUTHORIZED,
+        "Unauthorized",
+        "AKV10000: Request is missing a Bearer or PoP token.",
+        None,
+    )
+}
+
 /// Entra ID (AAD v2 token endpoint) error body.
 pub fn aad_error(status: StatusCode, error: &str, code: u32, description: &str) -> Resp {
     let trace = uuid::Uuid::new_v4();

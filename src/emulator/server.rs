@@ -2,7 +2,10 @@
 
 use super::Shared;
 use super::admin::{FaultKind, FaultTarget, LogEntry};
-use super::errors::{Resp, json, server_error, throttled, vault_headers};
+use super::errors::{
+    Resp, empty, foreign_json, html_page, json, server_error, throttled,
+    unauthorized_without_challenge, vault_headers,
+};
 use super::{identity, model::now, vault};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
@@ -124,19 +127,40 @@ pub async fn serve(
 
 enum Decision {
     Continue,
+    /// An answer in the vault's own format (gets its `x-ms-*` headers).
     Respond(Resp, String),
+    /// An answer from "something in front of" the vault: sent as is.
+    RespondForeign(Resp, String),
     Reset,
     Hang,
 }
 
+/// The key a data-plane path names (`/keys/{name}/…`), if any.
+fn key_of(path: &str) -> Option<&str> {
+    let mut segs = path.trim_start_matches('/').split('/');
+    match (segs.next(), segs.next()) {
+        (Some("keys"), Some(name)) if !name.is_empty() => Some(name),
+        _ => None,
+    }
+}
+
+fn error_status(status: u16) -> StatusCode {
+    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+}
+
 /// Consumes matching faults (counted ones decrement, exhausted ones are removed).
-fn decide(shared: &Shared, target: FaultTarget) -> (Duration, Decision) {
+fn decide(shared: &Shared, target: FaultTarget, key: Option<&str>) -> (Duration, Decision) {
     let mut faults = shared.faults();
     let mut latency = Duration::ZERO;
     let mut decision = Decision::Continue;
     for f in faults.iter_mut() {
         let applies = f.target == FaultTarget::All || f.target == target;
-        if !applies || f.count == Some(0) {
+        let key_matches = match (&f.key, key) {
+            (None, _) => true,
+            (Some(want), Some(k)) => want.eq_ignore_ascii_case(k),
+            (Some(_), None) => false,
+        };
+        if !applies || !key_matches || f.count == Some(0) {
             continue;
         }
         let used = match &f.kind {
@@ -164,6 +188,31 @@ fn decide(shared: &Shared, target: FaultTarget) -> (Duration, Decision) {
             }
             FaultKind::Hang => {
                 decision = Decision::Hang;
+                true
+            }
+            FaultKind::Html { status } => {
+                let s = error_status(*status);
+                decision = Decision::RespondForeign(html_page(s), format!("html-{}", s.as_u16()));
+                true
+            }
+            FaultKind::Empty { status } => {
+                let s = error_status(*status);
+                decision = Decision::RespondForeign(empty(s), format!("empty-{}", s.as_u16()));
+                true
+            }
+            FaultKind::ForeignJson { status } => {
+                let s = error_status(*status);
+                decision = Decision::RespondForeign(
+                    foreign_json(s),
+                    format!("foreign-json-{}", s.as_u16()),
+                );
+                true
+            }
+            FaultKind::UnauthorizedNoChallenge => {
+                decision = Decision::Respond(
+                    unauthorized_without_challenge(),
+                    "unauthorized-no-challenge".into(),
+                );
                 true
             }
         };
@@ -235,7 +284,8 @@ async fn handle(
     } else {
         FaultTarget::Vault
     };
-    let (latency, decision) = decide(&shared, target);
+    let key = if is_token { None } else { key_of(&path) };
+    let (latency, decision) = decide(&shared, target, key);
     if !latency.is_zero() {
         entry.fault = Some("latency".into());
         tokio::time::sleep(latency).await;
@@ -247,6 +297,12 @@ async fn handle(
             entry.status = resp.status().as_u16();
             shared.log().push(entry);
             return Ok(vault_headers(resp, &uuid::Uuid::new_v4().to_string()));
+        }
+        Decision::RespondForeign(resp, name) => {
+            entry.fault = Some(name);
+            entry.status = resp.status().as_u16();
+            shared.log().push(entry);
+            return Ok(resp);
         }
         Decision::Reset => {
             entry.fault = Some("reset".into());

@@ -7,8 +7,10 @@
 //! Only `Denied` means "access was revoked" — the agent wipes keys on it. Anything that might be
 //! a passing network or service problem is `Transient`; local mistakes are `Misconfigured`.
 
-use super::http::CapturedFailure;
+use super::answer::{Received, Shape, challenge_persisted, shape};
+use super::http::CallRecord;
 use crate::exit::{Exit, ExitClass};
+use azure_core::http::headers::CONTENT_TYPE;
 use std::fmt;
 use std::time::Duration;
 
@@ -162,43 +164,27 @@ pub(crate) struct Target {
     pub op: Operation,
 }
 
-/// Error body fields, parsed from the raw response.
+/// The fields of a service error answer that classification uses.
 #[derive(Debug, Default, PartialEq)]
 struct Body {
     /// Key Vault `error.code` or OAuth `error`.
     code: Option<String>,
     /// Key Vault `error.innererror.code`.
     inner: Option<String>,
-    /// Key Vault `error.message` or OAuth `error_description` / MSI `message`.
+    /// Key Vault `error.message` or OAuth `error_description` / App Service `message`.
     message: Option<String>,
-    /// The body had the OAuth / MSI shape (`error` is a string).
-    oauth: bool,
 }
 
-fn parse_body(raw: &[u8]) -> Body {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(raw) else {
-        return Body::default();
-    };
-    let s = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_owned);
-    match v.get("error") {
-        Some(e) if e.is_object() => Body {
-            code: s(e.get("code")),
-            inner: s(e.get("innererror").and_then(|i| i.get("code"))),
-            message: s(e.get("message")),
-            oauth: false,
-        },
-        Some(e) if e.is_string() => Body {
-            code: s(Some(e)),
-            inner: None,
-            message: s(v.get("error_description")),
-            oauth: true,
-        },
-        _ => Body {
-            code: None,
-            inner: None,
-            message: s(v.get("message")).or_else(|| s(v.get("Message"))),
-            oauth: true,
-        },
+/// The HTTP answer found in an error chain (or captured from the token endpoint).
+struct HttpAnswer<'a> {
+    status: u16,
+    content_type: Option<&'a str>,
+    body: &'a [u8],
+}
+
+impl HttpAnswer<'_> {
+    fn received(&self) -> Received {
+        Received::new(self.status, self.content_type, self.body)
     }
 }
 
@@ -218,17 +204,14 @@ fn tidy(msg: &str) -> String {
     }
 }
 
-/// Classifies an SDK error from a call described by `target`. `identity_answer` is the last
-/// failed token-endpoint answer captured for this call, if any (see `http::CaptureFailures`).
-pub(crate) fn classify(
-    err: &azure_core::Error,
-    target: &Target,
-    identity_answer: Option<&CapturedFailure>,
-) -> KeyError {
+/// Classifies an SDK error from a call described by `target`. `record` holds what the
+/// pipelines saw of this call: the last failed token-endpoint answer (`http::CaptureFailures`)
+/// and the Key Vault exchanges (`http::TraceAnswers`).
+pub(crate) fn classify(err: &azure_core::Error, target: &Target, record: &CallRecord) -> KeyError {
     // The identity credentials wrap their failures in ErrorKind::Credential; the HTTP answer (if
     // any) sits further down the source chain.
     let mut from_identity = false;
-    let mut http: Option<(&azure_core::Error, u16, &[u8])> = None;
+    let mut http: Option<HttpAnswer<'_>> = None;
     let mut transport: Option<String> = None;
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
@@ -240,11 +223,16 @@ pub(crate) fn classify(
                     raw_response,
                     ..
                 } if http.is_none() => {
-                    let body = raw_response
-                        .as_ref()
-                        .map(|r| r.body().as_ref())
-                        .unwrap_or(&[]);
-                    http = Some((ae, u16::from(*status), body));
+                    http = Some(HttpAnswer {
+                        status: u16::from(*status),
+                        content_type: raw_response
+                            .as_ref()
+                            .and_then(|r| r.headers().get_optional_str(&CONTENT_TYPE)),
+                        body: raw_response
+                            .as_ref()
+                            .map(|r| r.body().as_ref())
+                            .unwrap_or(&[]),
+                    });
                 }
                 _ => {}
             }
@@ -256,22 +244,25 @@ pub(crate) fn classify(
         cur = e.source();
     }
 
-    if let Some((_, status, raw)) = http {
-        let body = parse_body(raw);
-        let identity = from_identity || body.oauth;
-        return if identity {
-            classify_identity(status, body, target)
+    // Which service answered is decided by where the answer came from (the credentials wrap
+    // theirs in ErrorKind::Credential), never by what the body claims to be.
+    if let Some(answer) = http {
+        return if from_identity {
+            classify_identity(&answer, target)
         } else {
-            classify_vault(status, body, target)
+            classify_vault(&answer, challenge_persisted(&record.exchanges), target)
         };
     }
 
     // The credential could not parse the token endpoint's error answer (azure_identity 1.0
-    // fails on `\r\n` in descriptions): classify from our own copy of it.
-    if from_identity && let Some(answer) = identity_answer {
-        let mut body = parse_body(&answer.body);
-        body.oauth = true;
-        return classify_identity(answer.status, body, target);
+    // fails on `\r\n` in descriptions, and on anything not JSON): classify from our own copy.
+    if from_identity && let Some(answer) = &record.identity {
+        let answer = HttpAnswer {
+            status: answer.status,
+            content_type: answer.content_type.as_deref(),
+            body: &answer.body,
+        };
+        return classify_identity(&answer, target);
     }
 
     let Target { vault, key, op } = target;
@@ -393,7 +384,62 @@ fn describe_reqwest(e: &reqwest::Error) -> String {
     }
 }
 
-fn classify_vault(status: u16, body: Body, target: &Target) -> KeyError {
+/// A transient failure for an answer that is not the service's own error answer (a proxy's,
+/// load balancer's or captive portal's page, an empty body, some other JSON): it must never
+/// revoke, so it is Transient and follows the agent's `offline_lock_after`.
+fn not_service_answer(
+    target: &Target,
+    answer: &HttpAnswer<'_>,
+    from_identity: bool,
+    why: &str,
+) -> KeyError {
+    let Target { vault, key, op } = target;
+    let (who, what) = if from_identity {
+        (
+            "the identity endpoint (Entra ID / managed identity)",
+            "an Entra ID or managed identity error answer",
+        )
+    } else {
+        ("Key Vault", "a Key Vault error answer")
+    };
+    KeyError::Transient(Failure::new(
+        target,
+        Some(answer.status),
+        None,
+        from_identity,
+        format!(
+            "{who} for {op} on key '{key}' in vault {vault} answered {}{why}: not {what}, \
+             treated as transient (a proxy, load balancer or firewall appliance may be answering \
+             in its place; only the service's own error answers revoke access)",
+            answer.received()
+        ),
+    ))
+}
+
+fn classify_vault(answer: &HttpAnswer<'_>, persisted: bool, target: &Target) -> KeyError {
+    let status = answer.status;
+    let body = match shape(status, answer.body) {
+        Shape::KeyVault {
+            code,
+            inner,
+            message,
+        } => Body {
+            code: Some(code),
+            inner,
+            message,
+        },
+        _ => return not_service_answer(target, answer, false, ""),
+    };
+    // A 401 is only Key Vault refusing this identity when its Bearer challenge came back for a
+    // request carrying a token fetched after a first challenge.
+    if status == 401 && !persisted {
+        return not_service_answer(
+            target,
+            answer,
+            false,
+            " without a Bearer challenge that persisted after a fresh token was sent",
+        );
+    }
     let Target { vault, key, op } = target;
     let code = body.inner.clone().or(body.code.clone());
     let said = body
@@ -405,8 +451,8 @@ fn classify_vault(status: u16, body: Body, target: &Target) -> KeyError {
     let f = |message: String| Failure::new(target, Some(status), code.clone(), false, message);
     match status {
         401 => KeyError::Denied(f(format!(
-            "Key Vault {vault} rejected the access token for {op} on key '{key}' (401 after \
-             re-authenticating): check that the identity belongs to the vault's tenant and that \
+            "Key Vault {vault} rejected the access token for {op} on key '{key}' (401 with a \
+             Bearer challenge again after a freshly obtained token was sent): check that the identity belongs to the vault's tenant and that \
              vault.authority_host matches the vault's cloud.{said}"
         ))),
         403 => {
@@ -445,11 +491,7 @@ fn classify_vault(status: u16, body: Body, target: &Target) -> KeyError {
                 "Key Vault {vault} denied {op} on key '{key}' ({code_txt}): {hint}.{said}"
             )))
         }
-        404 if matches!(
-            code.as_deref(),
-            Some("KeyNotFound") | Some("NotFound") | None
-        ) =>
-        {
+        404 if matches!(code.as_deref(), Some("KeyNotFound") | Some("NotFound")) => {
             KeyError::Denied(f(format!(
                 "Key Vault {vault} has no key '{key}' (or not this version) for {op} \
                  ({code_txt}): it was deleted or never existed; if soft-deleted, recover it \
@@ -474,7 +516,23 @@ fn classify_vault(status: u16, body: Body, target: &Target) -> KeyError {
     }
 }
 
-fn classify_identity(status: u16, body: Body, target: &Target) -> KeyError {
+fn classify_identity(answer: &HttpAnswer<'_>, target: &Target) -> KeyError {
+    let status = answer.status;
+    let body = match shape(status, answer.body) {
+        Shape::OAuth { code, message } => Body {
+            code: Some(code),
+            inner: None,
+            message: Some(message),
+        },
+        Shape::AppServiceIdentity { message } => Body {
+            code: None,
+            inner: None,
+            message: Some(message),
+        },
+        Shape::KeyVault { .. } | Shape::Foreign => {
+            return not_service_answer(target, answer, true, "");
+        }
+    };
     let Target { vault, key, op } = target;
     let code = body.code.clone();
     let said = body
@@ -504,12 +562,17 @@ fn classify_identity(status: u16, body: Body, target: &Target) -> KeyError {
              longer trusts this token, or the principal was removed.{said}"
         ))),
         // Managed identity endpoints answer 400 when the identity is not (or no longer)
-        // assigned to this machine.
+        // assigned to this machine: IMDS with OAuth `invalid_request` "Identity not found",
+        // App Service with "No Managed Identity found for specified ClientId/…".
         (400 | 401 | 403, None) | (400 | 401 | 403, Some("invalid_request"))
             if body.message.as_deref().is_some_and(|m| {
                 let m = m.to_ascii_lowercase();
-                m.contains("identity") && (m.contains("not found") || m.contains("not assigned"))
-            }) || code.is_none() =>
+                m.contains("identity")
+                    && (m.contains("not found")
+                        || m.contains("identity found")
+                        || m.contains("not assigned")
+                        || m.contains("has not been assigned"))
+            }) =>
         {
             KeyError::Denied(f(format!(
                 "{lead}: the managed identity endpoint refused (HTTP {status}): the identity is \
@@ -527,6 +590,8 @@ fn classify_identity(status: u16, body: Body, target: &Target) -> KeyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::answer::Exchange;
+    use crate::keys::http::CapturedFailure;
     use azure_core::http::{RawResponse, StatusCode, headers::Headers};
 
     fn target() -> Target {
@@ -538,7 +603,20 @@ mod tests {
     }
 
     fn classify_t(e: &azure_core::Error, t: &Target) -> KeyError {
-        classify(e, t, None)
+        classify(e, t, &CallRecord::default())
+    }
+
+    /// What the trace policy records when the SDK answered a challenge and was refused again.
+    fn challenged_twice() -> CallRecord {
+        let ex = |authorized| Exchange {
+            authorized,
+            status: 401,
+            challenge: true,
+        };
+        CallRecord {
+            identity: None,
+            exchanges: vec![ex(false), ex(true)],
+        }
     }
 
     #[test]
@@ -555,9 +633,14 @@ mod tests {
         );
         let answer = CapturedFailure {
             status: 401,
+            content_type: Some("application/json; charset=utf-8".into()),
             body: br#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.\r\nTrace ID: x"}"#.to_vec(),
         };
-        let e = classify(&outer, &target(), Some(&answer));
+        let record = CallRecord {
+            identity: Some(answer),
+            exchanges: Vec::new(),
+        };
+        let e = classify(&outer, &target(), &record);
         assert_eq!(e.class(), ErrorClass::Denied, "{e}");
         assert_eq!(e.code(), Some("invalid_client"));
         assert!(e.failure().unwrap().from_identity);
@@ -569,7 +652,13 @@ mod tests {
     }
 
     fn http_err(status: StatusCode, body: &str) -> azure_core::Error {
-        let raw = RawResponse::from_bytes(status, Headers::new(), body.as_bytes().to_vec());
+        let mut headers = Headers::new();
+        if body.starts_with('{') {
+            headers.insert(CONTENT_TYPE, "application/json; charset=utf-8");
+        } else if body.starts_with('<') {
+            headers.insert(CONTENT_TYPE, "text/html");
+        }
+        let raw = RawResponse::from_bytes(status, headers, body.as_bytes().to_vec());
         azure_core::Error::with_message(
             azure_core::error::ErrorKind::HttpResponse {
                 status,
@@ -598,9 +687,17 @@ mod tests {
         assert!(!msg.contains('\r') && !msg.contains('\n'), "{msg}");
     }
 
+    fn identity_err(status: StatusCode, body: &str) -> azure_core::Error {
+        azure_core::Error::with_error(
+            azure_core::error::ErrorKind::Credential,
+            http_err(status, body),
+            "ClientSecretCredential authentication failed.",
+        )
+    }
+
     #[test]
     fn status_table() {
-        let cases: &[(StatusCode, &str, ErrorClass, Option<&str>)] = &[
+        let vault: &[(StatusCode, &str, ErrorClass, Option<&str>)] = &[
             (
                 StatusCode::Forbidden,
                 r#"{"error":{"code":"Forbidden","message":"m","innererror":{"code":"KeyDisabled"}}}"#,
@@ -614,16 +711,16 @@ mod tests {
                 Some("ForbiddenByFirewall"),
             ),
             (
+                StatusCode::Forbidden,
+                r#"{"error":{"code":"ForbiddenByPolicy","message":"Operation denied by policy"}}"#,
+                ErrorClass::Denied,
+                Some("ForbiddenByPolicy"),
+            ),
+            (
                 StatusCode::NotFound,
                 r#"{"error":{"code":"KeyNotFound","message":"A key with (name/id) k1 was not found in this key vault."}}"#,
                 ErrorClass::Denied,
                 Some("KeyNotFound"),
-            ),
-            (
-                StatusCode::Unauthorized,
-                r#"{"error":{"code":"Unauthorized","message":"AKV10032: Invalid issuer."}}"#,
-                ErrorClass::Denied,
-                Some("Unauthorized"),
             ),
             (
                 StatusCode::TooManyRequests,
@@ -649,6 +746,62 @@ mod tests {
                 ErrorClass::Misconfigured,
                 Some("BadParameter"),
             ),
+            // Not Key Vault's answers: never Denied, whatever the status.
+            (
+                StatusCode::Forbidden,
+                "<html><head><title>403 Forbidden</title></head><body>nginx</body></html>",
+                ErrorClass::Transient,
+                None,
+            ),
+            (StatusCode::Forbidden, "", ErrorClass::Transient, None),
+            (StatusCode::NotFound, "", ErrorClass::Transient, None),
+            (
+                StatusCode::NotFound,
+                "<!DOCTYPE html><html><body>Not Found</body></html>",
+                ErrorClass::Transient,
+                None,
+            ),
+            (
+                StatusCode::Forbidden,
+                r#"{"statusCode":403,"message":"Forbidden by the gateway"}"#,
+                ErrorClass::Transient,
+                None,
+            ),
+            (
+                StatusCode::Forbidden,
+                r#"{"error":"Forbidden"}"#,
+                ErrorClass::Transient,
+                None,
+            ),
+            (
+                StatusCode::BadRequest,
+                "Bad Request",
+                ErrorClass::Transient,
+                None,
+            ),
+            // An OAuth body on the vault's path is not Entra ID's answer.
+            (
+                StatusCode::Unauthorized,
+                r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided."}"#,
+                ErrorClass::Transient,
+                None,
+            ),
+            // A 401 without the challenge round (no trace of a re-sent token).
+            (
+                StatusCode::Unauthorized,
+                r#"{"error":{"code":"Unauthorized","message":"AKV10032: Invalid issuer."}}"#,
+                ErrorClass::Transient,
+                None,
+            ),
+        ];
+        for (status, body, class, code) in vault {
+            let e = classify_t(&http_err(*status, body), &target());
+            assert_eq!(e.class(), *class, "{status} {body}: {e}");
+            assert_eq!(e.code(), *code, "{status} {body}");
+            assert_eq!(e.status(), Some(u16::from(*status)));
+            assert!(!e.failure().unwrap().from_identity, "{e}");
+        }
+        let identity: &[(StatusCode, &str, ErrorClass, Option<&str>)] = &[
             (
                 StatusCode::Unauthorized,
                 r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.","error_codes":[7000215]}"#,
@@ -673,13 +826,146 @@ mod tests {
                 ErrorClass::Denied,
                 Some("invalid_request"),
             ),
+            (
+                StatusCode::BadRequest,
+                r#"{"statusCode":400,"message":"No Managed Identity found for specified ClientId/ResourceId/PrincipalId.","correlationId":"c"}"#,
+                ErrorClass::Denied,
+                None,
+            ),
+            (
+                StatusCode::Unauthorized,
+                r#"{"statusCode":401,"message":"The X-IDENTITY-HEADER header is missing."}"#,
+                ErrorClass::Misconfigured,
+                None,
+            ),
+            (
+                StatusCode::ServiceUnavailable,
+                r#"{"error":"temporarily_unavailable","error_description":"AADSTS50196: loop"}"#,
+                ErrorClass::Transient,
+                Some("temporarily_unavailable"),
+            ),
+            // Not the identity service's answers.
+            (
+                StatusCode::Unauthorized,
+                "<html><body>401 Authorization Required</body></html>",
+                ErrorClass::Transient,
+                None,
+            ),
+            (StatusCode::BadRequest, "", ErrorClass::Transient, None),
+            (
+                StatusCode::Forbidden,
+                r#"{"message":"blocked"}"#,
+                ErrorClass::Transient,
+                None,
+            ),
+            (
+                StatusCode::Forbidden,
+                r#"{"error":{"code":"Forbidden","message":"m"}}"#,
+                ErrorClass::Transient,
+                None,
+            ),
         ];
-        for (status, body, class, code) in cases {
-            let e = classify_t(&http_err(*status, body), &target());
+        for (status, body, class, code) in identity {
+            let e = classify_t(&identity_err(*status, body), &target());
             assert_eq!(e.class(), *class, "{status} {body}: {e}");
             assert_eq!(e.code(), *code, "{status} {body}");
             assert_eq!(e.status(), Some(u16::from(*status)));
+            assert!(e.failure().unwrap().from_identity, "{e}");
         }
+    }
+
+    #[test]
+    fn foreign_answer_message_says_what_was_received() {
+        let body = "<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body><center>nginx</center></body></html>";
+        let e = classify_t(&http_err(StatusCode::Forbidden, body), &target());
+        assert_eq!(e.class(), ErrorClass::Transient);
+        assert_eq!(e.exit_class(), Exit::VaultUnavailable);
+        let msg = e.to_string();
+        for part in [
+            "myvault.vault.azure.net",
+            "'k1'",
+            "unwrapKey",
+            "HTTP 403",
+            "content-type text/html",
+            "<html> <head><title>403 Forbidden</title>",
+            "not a Key Vault error answer, treated as transient",
+        ] {
+            assert!(msg.contains(part), "{part:?} missing: {msg}");
+        }
+        assert!(!msg.contains(['\r', '\n']), "{msg}");
+        let e = classify_t(&http_err(StatusCode::NotFound, ""), &target());
+        assert!(
+            e.to_string()
+                .contains("HTTP 404, no content-type, empty body"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unauthorized_needs_a_challenge_that_persisted() {
+        let body = r#"{"error":{"code":"Unauthorized","message":"[TokenExpired] Error validating token: 'S2S12086'."}}"#;
+        let e = classify(
+            &http_err(StatusCode::Unauthorized, body),
+            &target(),
+            &challenged_twice(),
+        );
+        assert_eq!(e.class(), ErrorClass::Denied, "{e}");
+        assert_eq!(e.code(), Some("Unauthorized"));
+        assert!(e.to_string().contains("freshly obtained token"), "{e}");
+        // Without the challenge round (a 401 with no challenge, or to a request without a
+        // token): transient, and the message does not claim a re-authentication.
+        let once = CallRecord {
+            identity: None,
+            exchanges: vec![Exchange {
+                authorized: true,
+                status: 401,
+                challenge: false,
+            }],
+        };
+        let e = classify(&http_err(StatusCode::Unauthorized, body), &target(), &once);
+        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+        assert!(
+            e.to_string()
+                .contains("without a Bearer challenge that persisted"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("freshly obtained"), "{e}");
+        // A challenge round that ends in an HTML 401: not Key Vault's answer.
+        let e = classify(
+            &http_err(StatusCode::Unauthorized, "<html>401</html>"),
+            &target(),
+            &challenged_twice(),
+        );
+        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+    }
+
+    #[test]
+    fn unparsable_identity_answer_that_is_not_entra_is_transient() {
+        let outer = azure_core::Error::with_error(
+            azure_core::error::ErrorKind::Credential,
+            azure_core::Error::with_message(
+                azure_core::error::ErrorKind::DataConversion,
+                "expected value at line 1 column 1",
+            ),
+            "ClientSecretCredential authentication failed.",
+        );
+        let record = CallRecord {
+            identity: Some(CapturedFailure {
+                status: 403,
+                content_type: Some("text/html".into()),
+                body: b"<html><body>Access denied by proxy</body></html>".to_vec(),
+            }),
+            exchanges: Vec::new(),
+        };
+        let e = classify(&outer, &target(), &record);
+        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+        assert!(e.failure().unwrap().from_identity);
+        assert!(
+            e.to_string()
+                .contains("not an Entra ID or managed identity error answer"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("Access denied by proxy"), "{e}");
     }
 
     #[test]

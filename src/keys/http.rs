@@ -7,8 +7,11 @@
 //! a boot-time unlock must answer within a bounded deadline.
 
 use super::KeyError;
+use super::answer::{Exchange, is_bearer_challenge};
 use super::config::VaultConfig;
-use azure_core::http::headers::{RETRY_AFTER, RETRY_AFTER_MS, X_MS_RETRY_AFTER_MS};
+use azure_core::http::headers::{
+    AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, RETRY_AFTER_MS, WWW_AUTHENTICATE, X_MS_RETRY_AFTER_MS,
+};
 use azure_core::http::policies::{Policy, PolicyResult, RetryHeaders, RetryPolicy};
 use azure_core::http::{
     AsyncRawResponse, ClientOptions, Context, Request, RetryOptions, StatusCode, Transport,
@@ -168,6 +171,13 @@ pub(crate) fn client_options(
     }
 }
 
+/// The options for the Key Vault clients: as `client_options`, plus `TraceAnswers`.
+pub(crate) fn vault_client_options(client: &reqwest::Client, cfg: &VaultConfig) -> ClientOptions {
+    let mut options = client_options(client, cfg, None);
+    options.per_try_policies.push(Arc::new(TraceAnswers));
+    options
+}
+
 /// The options for the identity credential: as `client_options`, plus `CaptureFailures`.
 pub(crate) fn identity_client_options(
     client: &reqwest::Client,
@@ -183,22 +193,84 @@ pub(crate) fn identity_client_options(
 #[derive(Debug, Clone)]
 pub(crate) struct CapturedFailure {
     pub status: u16,
+    pub content_type: Option<String>,
     pub body: Vec<u8>,
 }
 
-/// Per-operation slot the identity pipeline fills with the last failed token answer. It travels
-/// in the request `Context`, which the Key Vault client hands on to the credential.
+/// What one operation's pipelines recorded about its failed answers.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct FailureSlot(Arc<Mutex<Option<CapturedFailure>>>);
+pub(crate) struct CallRecord {
+    /// The last failed token-endpoint answer (`CaptureFailures`).
+    pub identity: Option<CapturedFailure>,
+    /// The Key Vault request/answer pairs, oldest first (`TraceAnswers`; the last few only).
+    pub exchanges: Vec<Exchange>,
+}
+
+/// How many Key Vault exchanges a record keeps: the 401 rule needs the last two.
+const EXCHANGES_KEPT: usize = 8;
+
+/// Per-operation slot the pipelines fill (the identity pipeline with the last failed token
+/// answer, the vault pipeline with its exchanges). It travels in the request `Context`, which
+/// the Key Vault client hands on to the credential.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FailureSlot(Arc<Mutex<CallRecord>>);
 
 impl FailureSlot {
-    pub(crate) fn take(&self) -> Option<CapturedFailure> {
-        self.0.lock().ok().and_then(|mut s| s.take())
+    pub(crate) fn take(&self) -> CallRecord {
+        self.0
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default()
     }
 
     /// A `Context` carrying this slot, for `ClientMethodOptions`.
     pub(crate) fn context(&self) -> Context<'static> {
         Context::new().with_value(self.clone())
+    }
+}
+
+/// Records, for every Key Vault request the SDK sends, whether it carried a bearer token and
+/// whether its answer was a challenge — never the token or any body.
+///
+/// Why: a 401 only means "this identity is refused" when Key Vault challenged a request that
+/// carried a token the SDK fetched after a first challenge (see `answer::challenge_persisted`);
+/// the error the SDK returns shows only the last answer, not what was sent. As a per-try policy
+/// it runs after the SDK's authorization policy, so it sees both sends of a challenge round.
+#[derive(Debug)]
+struct TraceAnswers;
+
+#[async_trait::async_trait]
+impl Policy for TraceAnswers {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
+        let authorized = request
+            .headers()
+            .get_optional_str(&AUTHORIZATION)
+            .is_some_and(|v| {
+                v.len() > 7
+                    && v.get(..7)
+                        .is_some_and(|p| p.eq_ignore_ascii_case("bearer "))
+            });
+        let response = next[0].send(ctx, request, &next[1..]).await?;
+        if let Some(slot) = ctx.value::<FailureSlot>()
+            && let Ok(mut s) = slot.0.lock()
+        {
+            if s.exchanges.len() == EXCHANGES_KEPT {
+                s.exchanges.remove(0);
+            }
+            s.exchanges.push(Exchange {
+                authorized,
+                status: u16::from(response.status()),
+                challenge: is_bearer_challenge(
+                    response.headers().get_optional_str(&WWW_AUTHENTICATE),
+                ),
+            });
+        }
+        Ok(response)
     }
 }
 
@@ -230,8 +302,9 @@ impl Policy for CaptureFailures {
         let (status, headers, body) = response.deconstruct();
         let bytes = body.collect().await?;
         if let Ok(mut s) = slot.0.lock() {
-            *s = Some(CapturedFailure {
+            s.identity = Some(CapturedFailure {
                 status: u16::from(status),
+                content_type: headers.get_optional_str(&CONTENT_TYPE).map(str::to_owned),
                 body: bytes.to_vec(),
             });
         }

@@ -9,6 +9,7 @@
 //! (per-attempt timeouts, `resolve`, extra CA) and a bounded retry policy (`http.rs`). TLS
 //! verification and the Key Vault challenge resource check are always on.
 
+mod answer;
 mod config;
 mod credential;
 mod error;
@@ -202,7 +203,7 @@ impl KeyVaultProvider {
                 )
                 .await;
             wipe_bytes(keep);
-            let response = result.map_err(|e| classify(&e, &target, slot.take().as_ref()))?;
+            let response = result.map_err(|e| classify(&e, &target, &slot.take()))?;
             let raw = azure_core::Bytes::from(response.into_body());
             let parsed: OpResult<'_> = serde_json::from_slice(&raw)
                 .map_err(|e| bad_answer(&target, &format!("unparsable wrapKey result: {e}")))?;
@@ -275,7 +276,7 @@ impl KeyVaultProvider {
                     }),
                 )
                 .await
-                .map_err(|e| classify(&e, &target, slot.take().as_ref()))?;
+                .map_err(|e| classify(&e, &target, &slot.take()))?;
             let raw = azure_core::Bytes::from(response.into_body());
             let result = decode_unwrap_result::<N>(&raw, &target);
             wipe_bytes(raw);
@@ -332,7 +333,7 @@ impl KeyVaultProvider {
             return Ok(Arc::clone(c));
         }
         let options = KeyClientOptions {
-            client_options: http::client_options(&self.vault_http, &self.cfg, None),
+            client_options: http::vault_client_options(&self.vault_http, &self.cfg),
             // Always verify that the challenge's resource matches the vault's domain; there is
             // deliberately no setting to turn this off.
             verify_challenge_resource: Some(true),
@@ -370,7 +371,7 @@ impl KeyVaultProvider {
                 }),
             )
             .await
-            .map_err(|e| classify(&e, target, slot.take().as_ref()))?;
+            .map_err(|e| classify(&e, target, &slot.take()))?;
         let key = response
             .into_model()
             .map_err(|e| bad_answer(target, &format!("unparsable key: {e}")))?;

@@ -160,7 +160,9 @@ pub fn stop_agent_child(mut a: std::process::Child) {
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(m) = self.mnt.take() {
-            // The device may be suspended: restore access first so the unmount can finish.
+            // The device may be suspended: restore access (and drop injected faults) first so
+            // the unmount can finish and the worker can be stopped.
+            self.lab.emu.clear_faults();
             for how in [
                 Revocation::Permission,
                 Revocation::DisableKey,
