@@ -310,7 +310,10 @@ async fn open<P: Platform>(spec: OpenSpec, reg: &Registry<P>) -> Response {
     if !spec.device.is_absolute() {
         return Response::err(
             ErrorCode::BadRequest,
-            format!("{}: the device path must be absolute", spec.device.display()),
+            format!(
+                "{}: the device path must be absolute",
+                spec.device.display()
+            ),
         );
     }
     let Some(set) = &reg.set else {

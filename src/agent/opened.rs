@@ -115,8 +115,12 @@ fn load_from(d: &Path) -> Vec<OpenSpec> {
             .and_then(|b| serde_json::from_slice::<OpenSpec>(&b).map_err(|e| e.to_string()));
         match parsed {
             Ok(s) if p.file_stem().is_some_and(|n| *n == *s.name) => out.push(s),
-            Ok(s) => tracing::warn!(record = %p.display(), "ignoring {}: it names volume {:?}", p.display(), s.name),
-            Err(e) => tracing::warn!(record = %p.display(), error = %e, "ignoring the damaged runtime volume record {}: {e}", p.display()),
+            Ok(s) => {
+                tracing::warn!(record = %p.display(), "ignoring {}: it names volume {:?}", p.display(), s.name)
+            }
+            Err(e) => {
+                tracing::warn!(record = %p.display(), error = %e, "ignoring the damaged runtime volume record {}: {e}", p.display())
+            }
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::config::{Config, ConfigError, VolumeSettings};
-use super::ports::Platform;
 use super::opened::{self, OpenSpec};
+use super::ports::Platform;
 use super::volume::{Command, Desired, VolumeHandle, spawn_managed, spawn_runtime};
 
 /// Why a reload was refused (nothing changed).
