@@ -207,7 +207,7 @@ impl<P: Platform> VolumeSet<P> {
     /// still serves is closed first by the task's shutdown). Configured volumes are not
     /// touched.
     pub fn forget(&mut self, name: &str) {
-        if !self.entries.get(name).is_some_and(|e| e.runtime.is_some()) {
+        if self.entries.get(name).is_none_or(|e| e.runtime.is_none()) {
             return;
         }
         if let Some(e) = self.entries.remove(name) {
