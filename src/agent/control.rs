@@ -515,6 +515,16 @@ mod tests {
             r#"{"op":"attach","device":"/dev/sdb"}"#
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format"}"#).is_err());
+        let r: Request = serde_json::from_str(
+            r#"{"op":"open","name":"rt","device":"/dev/sdc","transport":"fuse","queue_depth":64}"#,
+        )
+        .unwrap();
+        let Request::Open(spec) = r else {
+            panic!("not an open request: {r:?}")
+        };
+        assert_eq!(spec.name, "rt");
+        assert_eq!(spec.queue_depth, 64);
+        assert!(!spec.read_only && spec.queues.is_none());
     }
 
     #[test]
