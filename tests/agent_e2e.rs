@@ -1466,12 +1466,12 @@ fn agent_repairs_a_damaged_header_copy_at_unlock() {
     r.stop_agent();
 }
 
-/// A FUSE loop device no longer serves: its node is gone or it is detached.
-fn detached(bd: &str) -> bool {
-    !Path::new(bd).exists()
-        || must(&format!("losetup -n -O BACK-FILE {bd} 2>/dev/null || true"))
-            .trim()
-            .is_empty()
+/// The FUSE loop device `bd` no longer serves volume `name`: gone, detached, or bound to
+/// something else (tests running alongside reuse freed loop devices), told by its
+/// `kvcrypt:NAME` label.
+fn detached(bd: &str, name: &str) -> bool {
+    !kvcrypt::agent::reap::loop_label(Path::new(bd))
+        .is_ok_and(|l| l.as_deref() == Some(&format!("kvcrypt:{name}")))
 }
 
 /// md5 of the first 4 MiB of `bd`, read past the page cache.
@@ -1599,9 +1599,10 @@ fn open_with_an_agent_running_is_access_checked_adopted_and_closed_for_good() {
     let gone = status_of(&r.lab, "rt").unwrap_err().to_string();
     assert!(gone.contains("no volume named"), "{gone}");
     assert!(!rec.exists(), "record deleted on close");
-    assert!(detached(&bd), "{bd} still served after close");
+    assert!(detached(&bd, "rt"), "{bd} still served after close");
+    // Longer than two check intervals (1 s). (The loop device itself may be reused by a
+    // test running alongside; a worker serving rt again would write its state file.)
     std::thread::sleep(Duration::from_millis(2500));
-    assert!(detached(&bd), "{bd} served again after close");
     assert!(status_of(&r.lab, "rt").is_err());
     assert!(!r.lab.run_dir.join("volumes/rt.json").exists());
     let log = std::fs::read_to_string(r.lab.dir.join("agent.log")).unwrap();
@@ -1626,11 +1627,18 @@ fn close_of_a_configured_volume_is_not_taken_for_a_crash() {
         "{}",
         r.fail(String::from_utf8_lossy(&out.stderr))
     );
-    assert!(detached(&bd), "{bd} still served after close");
+    assert!(detached(&bd, "demo"), "{bd} still served after close");
     // Longer than two check intervals (1 s).
     std::thread::sleep(Duration::from_millis(2500));
-    assert!(detached(&bd), "{}", r.fail(format!("{bd} served again")));
+    // Not served again: no worker (it would write its state file), no device in the status.
+    // (The loop device itself may be reused by a test running alongside.)
+    assert!(
+        !r.lab.run_dir.join("volumes/demo.json").exists(),
+        "{}",
+        r.fail(format!("{bd} served again"))
+    );
     let st = r.lab.status().unwrap();
+    assert!(st.block_device.is_none(), "{st:?}");
     assert_eq!(st.state, VolumeState::Locked, "{st:?}");
     assert!(
         st.reason
