@@ -1629,3 +1629,249 @@ fn proxy_error_pages_never_lock_but_key_vaults_own_403_does() {
     assert_eq!(checked_sha256(&r, &mnt.join("data.bin")), sum);
     r.umount();
 }
+
+/// The FUSE loop device `bd` no longer serves volume `name`: gone, detached, or bound to
+/// something else (tests running alongside reuse freed loop devices), told by its
+/// `kvcrypt:NAME` label.
+fn detached(bd: &str, name: &str) -> bool {
+    !kvcrypt::agent::reap::loop_label(Path::new(bd))
+        .is_ok_and(|l| l.as_deref() == Some(&format!("kvcrypt:{name}")))
+}
+
+/// md5 of the first 4 MiB of `bd`, read past the page cache.
+fn device_md5(bd: &str) -> String {
+    must(&format!(
+        "dd if={bd} bs=1M count=4 iflag=direct 2>/dev/null | md5sum"
+    ))
+}
+
+/// Issue 10, finding 6: a volume opened with `kvcrypt open` was never access-checked (it stayed
+/// readable after its key's unwrap permission was revoked) and `status`/`lock` did not know
+/// it. With the agent running, `open` hands it to the agent: listed, locked on revocation and
+/// resumed on restore, taken over by a restarted agent, and forgotten for good on `close`.
+#[test]
+fn open_with_an_agent_running_is_access_checked_adopted_and_closed_for_good() {
+    if !ready() {
+        return;
+    }
+    let mut r = Running::start(LabOptions::default());
+    let img = r.lab.dir.join("rt.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let out = r
+        .lab
+        .kvcrypt()
+        .arg("format")
+        .arg(&img)
+        .args(["--key-id", &r.lab.key_id, "--yes"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let open = |name: &str, dev: &Path| {
+        r.lab
+            .kvcrypt()
+            .arg("open")
+            .arg(dev)
+            .args([name, "--transport", "fuse"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = open("rt", &img);
+    assert!(
+        out.status.success(),
+        "{}",
+        r.fail(String::from_utf8_lossy(&out.stderr))
+    );
+    let bd = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(bd.starts_with("/dev/"), "open printed {bd:?}");
+
+    // (a) The agent lists and serves it; its record holds no key and is private.
+    let st = status_of(&r.lab, "rt").unwrap();
+    assert_eq!(st.state, VolumeState::Serving, "{st:?}");
+    assert!(st.opened, "{st:?}");
+    assert_eq!(st.block_device.as_deref(), Some(bd.as_str()));
+    let rec = r.lab.run_dir.join("opened/rt.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&rec).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let text = r.lab.kvcrypt().args(["status", "rt"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.starts_with("rt: serving (opened by kvcrypt open"),
+        "{text}"
+    );
+    must(&format!(
+        "dd if=/dev/urandom of={bd} bs=1M count=4 oflag=direct status=none"
+    ));
+    let sum = device_md5(&bd);
+
+    // A configured volume's name and a missing device are refused.
+    let out = open("demo", &img);
+    assert_eq!(out.status.code(), Some(10), "{out:?}");
+    let out = open("rt2", &r.lab.dir.join("missing.img"));
+    assert_eq!(out.status.code(), Some(11), "{out:?}");
+    assert!(status_of(&r.lab, "rt2").is_err());
+    assert!(!r.lab.run_dir.join("opened/rt2.json").exists());
+
+    // Revocation locks it (key wiped, I/O held); restore resumes it with the data intact.
+    r.lab.revoke(Revocation::Permission).unwrap();
+    let st = wait_status(&r, "rt", "suspended", |s| s.state == VolumeState::Suspended);
+    assert_eq!(
+        st.last_error.as_ref().map(|e| e.class),
+        Some(kvcrypt::agent::ports::AccessClass::Denied),
+        "{st:?}"
+    );
+    let mut reader = direct_read(&bd);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        reader.try_wait().unwrap().is_none(),
+        "I/O must wait while rt is locked"
+    );
+    r.lab.restore(Revocation::Permission).unwrap();
+    wait_status(&r, "rt", "resumed", |s| s.state == VolumeState::Serving);
+    assert!(reader.wait().unwrap().success());
+    assert_eq!(device_md5(&bd), sum);
+
+    // (b) A restarted agent (SIGKILL: the worker keeps serving) takes it over again.
+    let mut a = r.agent.take().unwrap();
+    a.kill().unwrap();
+    a.wait().unwrap();
+    r.agent = Some(r.lab.spawn_agent(None).unwrap());
+    let st = wait_status(&r, "rt", "adopted", |s| s.state == VolumeState::Serving);
+    assert!(st.opened, "{st:?}");
+    assert_eq!(st.block_device.as_deref(), Some(bd.as_str()));
+    assert!(st.reason.unwrap_or_default().contains("adopted"), "adopted");
+    // … and still enforces revocation.
+    r.lab.revoke(Revocation::Permission).unwrap();
+    wait_status(&r, "rt", "suspended", |s| s.state == VolumeState::Suspended);
+    r.lab.restore(Revocation::Permission).unwrap();
+    wait_status(&r, "rt", "resumed", |s| s.state == VolumeState::Serving);
+    assert_eq!(device_md5(&bd), sum);
+
+    // (c) close: closed in the agent, forgotten, not restarted as a crashed worker.
+    let out = r.lab.kvcrypt().args(["close", "rt"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        r.fail(String::from_utf8_lossy(&out.stderr))
+    );
+    let gone = status_of(&r.lab, "rt").unwrap_err().to_string();
+    assert!(gone.contains("no volume named"), "{gone}");
+    assert!(!rec.exists(), "record deleted on close");
+    assert!(detached(&bd, "rt"), "{bd} still served after close");
+    // Longer than two check intervals (1 s). (The loop device itself may be reused by a
+    // test running alongside; a worker serving rt again would write its state file.)
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(status_of(&r.lab, "rt").is_err());
+    assert!(!r.lab.run_dir.join("volumes/rt.json").exists());
+    let log = std::fs::read_to_string(r.lab.dir.join("agent.log")).unwrap();
+    assert_no_crash(&log, "rt");
+    // The configured volume was not disturbed.
+    assert_eq!(r.lab.status().unwrap().state, VolumeState::Serving);
+}
+
+/// Issue 10, finding 7: `kvcrypt close` of a configured volume is done by the agent and stays
+/// done: the device goes away for good (not taken for a crashed worker and served again), the
+/// status says closed, and the log has no crash or failed I/O.
+#[test]
+fn close_of_a_configured_volume_is_not_taken_for_a_crash() {
+    if !ready() {
+        return;
+    }
+    let r = Running::start(LabOptions::default());
+    let bd = r.block_device();
+    let out = r.lab.kvcrypt().args(["close", "demo"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        r.fail(String::from_utf8_lossy(&out.stderr))
+    );
+    assert!(detached(&bd, "demo"), "{bd} still served after close");
+    // Longer than two check intervals (1 s).
+    std::thread::sleep(Duration::from_millis(2500));
+    // Not served again: no worker (it would write its state file), no device in the status.
+    // (The loop device itself may be reused by a test running alongside.)
+    assert!(
+        !r.lab.run_dir.join("volumes/demo.json").exists(),
+        "{}",
+        r.fail(format!("{bd} served again"))
+    );
+    let st = r.lab.status().unwrap();
+    assert!(st.block_device.is_none(), "{st:?}");
+    assert_eq!(st.state, VolumeState::Locked, "{st:?}");
+    assert!(
+        st.reason
+            .unwrap_or_default()
+            .contains("closed by kvcrypt close"),
+        "status after close"
+    );
+    assert_eq!(st.restarts, 0);
+    let log = std::fs::read_to_string(r.lab.dir.join("agent.log")).unwrap();
+    assert_no_crash(&log, "demo");
+}
+
+/// The agent log has no worker crash, restart or failed I/O for volume `name`.
+fn assert_no_crash(log: &str, name: &str) {
+    for l in log
+        .lines()
+        .filter(|l| l.contains(&format!("volume {name}:")))
+    {
+        for bad in [
+            "worker died",
+            "crashed",
+            "I/O on",
+            "failed",
+            "worker restarted",
+        ] {
+            assert!(
+                !l.contains(bad) || l.contains("access check failed"),
+                "{bad:?} in {l}"
+            );
+        }
+    }
+}
+
+/// Issue 10, finding 6: without an agent, `kvcrypt open` used to serve a volume nobody ever
+/// access-checked. Now it refuses (exit 11, NotFound) naming both ways out, before reading
+/// the device or the configuration; `--foreground` alone is refused too (usage).
+#[test]
+fn open_without_an_agent_refuses_unless_told_no_access_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(EXE)
+            .args([
+                "--config",
+                "/nonexistent/kvcrypt.toml",
+                "open",
+                "/nonexistent/disk",
+                "x",
+            ])
+            .args(args)
+            .env("KVCRYPT_RUN_DIR", dir.path())
+            .env("KVCRYPT_ALLOW_UNLOCKED_KEY_MEMORY", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(11), "{err}");
+    assert!(
+        err.contains("no agent running") && err.contains("--no-access-checks"),
+        "{err}"
+    );
+    let out = run(&["--foreground"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--no-access-checks"), "{err}");
+    // With the flag it goes on as before (and fails here on the missing device).
+    let out = run(&["--no-access-checks"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("no agent running"), "{err}");
+    assert!(err.contains("/nonexistent/disk"), "{err}");
+}

@@ -54,9 +54,19 @@ fn format_open_write_close_reopen_through_the_cli() {
         ],
     ));
 
-    let dev = ok(&kvcrypt(&cfg, &["open", imgs, name, "--transport", "fuse"]))
-        .trim()
-        .to_string();
+    let dev = ok(&kvcrypt(
+        &cfg,
+        &[
+            "open",
+            imgs,
+            name,
+            "--transport",
+            "fuse",
+            "--no-access-checks",
+        ],
+    ))
+    .trim()
+    .to_string();
     assert!(
         dev.starts_with("/dev/loop"),
         "open prints the block device: {dev}"
@@ -66,7 +76,17 @@ fn format_open_write_close_reopen_through_the_cli() {
     assert_eq!(state.transport, "fuse");
 
     // The same name again: busy (exit code 10).
-    let again = kvcrypt(&cfg, &["open", imgs, name, "--transport", "fuse"]);
+    let again = kvcrypt(
+        &cfg,
+        &[
+            "open",
+            imgs,
+            name,
+            "--transport",
+            "fuse",
+            "--no-access-checks",
+        ],
+    );
     assert_eq!(
         again.status.code(),
         Some(10),
@@ -89,7 +109,15 @@ fn format_open_write_close_reopen_through_the_cli() {
     // Read-only reopen shows the same bytes and refuses writes.
     let dev = ok(&kvcrypt(
         &cfg,
-        &["open", imgs, name, "--transport", "fuse", "--read-only"],
+        &[
+            "open",
+            imgs,
+            name,
+            "--transport",
+            "fuse",
+            "--read-only",
+            "--no-access-checks",
+        ],
     ))
     .trim()
     .to_string();
@@ -125,7 +153,17 @@ fn format_open_write_close_reopen_through_the_cli() {
         &stranger,
         &format!("keys = [\"https://{VAULT}/keys/disk-kek\"]"),
     );
-    let denied = kvcrypt(&cfg2, &["open", imgs, name, "--transport", "fuse"]);
+    let denied = kvcrypt(
+        &cfg2,
+        &[
+            "open",
+            imgs,
+            name,
+            "--transport",
+            "fuse",
+            "--no-access-checks",
+        ],
+    );
     assert_eq!(
         denied.status.code(),
         Some(5),

@@ -317,7 +317,13 @@ impl ForegroundOpen {
             .kvcrypt()
             .arg("open")
             .arg(&lab.image)
-            .args([OPEN_NAME, "--transport", "fuse", "--foreground"])
+            .args([
+                OPEN_NAME,
+                "--transport",
+                "fuse",
+                "--foreground",
+                "--no-access-checks",
+            ])
             .env("KVCRYPT_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

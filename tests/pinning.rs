@@ -145,7 +145,14 @@ fn a_header_rewritten_to_another_host_is_refused_before_any_request() {
 
     let before = total_requests(&kv);
     for args in [
-        vec!["open", devs, "t-pin-evil", "--transport", "fuse"],
+        vec![
+            "open",
+            devs,
+            "t-pin-evil",
+            "--transport",
+            "fuse",
+            "--no-access-checks",
+        ],
         vec![
             "header",
             "dump",
@@ -214,7 +221,14 @@ fn a_header_naming_another_key_of_the_same_vault_is_refused() {
     assert!(stderr(&out).contains("/keys/evil-kek/"), "{}", stderr(&out));
     let out = run(
         &cfg,
-        &["open", devs, "t-pin-planted", "--transport", "fuse"],
+        &[
+            "open",
+            devs,
+            "t-pin-planted",
+            "--transport",
+            "fuse",
+            "--no-access-checks",
+        ],
     );
     assert_eq!(out.status.code(), Some(15), "{}", stderr(&out));
     assert_eq!(total_requests(&kv), before, "nothing asked of the vault");

@@ -75,6 +75,7 @@ fn key_memory_that_cannot_be_locked_is_refused_unless_allowed() {
                 "open",
                 "/nonexistent/disk",
                 "t",
+                "--no-access-checks",
             ])
             .env_remove(kvcrypt::secmem::ALLOW_UNLOCKED_ENV);
         if allow {

@@ -46,7 +46,7 @@ pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(300);
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -379,6 +379,22 @@ impl Config {
 }
 
 impl Config {
+    /// The pins of a volume the configuration does not list (`kvcrypt open`): those of
+    /// `[vault]`, named for messages.
+    pub fn vault_pins(&self, name: &str) -> crate::keys::Pins {
+        let vault = self
+            .vault
+            .as_ref()
+            .map(|c| c.keys.clone())
+            .unwrap_or_default();
+        let source = if vault.is_empty() {
+            format!("keys of [vault] (volume \"{name}\" was opened by kvcrypt open)")
+        } else {
+            "keys of [vault]".to_owned()
+        };
+        crate::keys::Pins::new(vault, source)
+    }
+
     /// A volume's pins: its own `keys`, else those of `[vault]`, named for messages.
     fn pins_for(&self, v: &VolumeConfig) -> crate::keys::Pins {
         if !v.keys.is_empty() {

@@ -16,7 +16,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
-use super::ports::Platform;
+use super::opened::{OPEN_TIMEOUT, OpenSpec};
+use super::ports::{AccessClass, Platform};
+use super::reload::OpenRefused;
 use super::status::{VolumeState, VolumeStatus};
 use super::volume::{CloseRefused, Command, VolumeHandle};
 
@@ -49,9 +51,23 @@ pub enum Request {
         device: String,
     },
     /// `kvcrypt close NAME` of a configured volume: closed, and kept closed until `unlock`.
+    /// Of a runtime volume (`Open`): closed and forgotten.
     Close {
         name: String,
     },
+    /// `kvcrypt open DEVICE NAME` with the agent running: the agent unwraps the key itself,
+    /// serves the device and access-checks it like a configured volume (a runtime volume,
+    /// recorded under the run directory until `kvcrypt close`).
+    Open(OpenSpec),
+}
+
+/// What the control socket asks of the daemon's volume set (it owns the volume tasks).
+#[derive(Debug)]
+pub enum SetRequest {
+    /// Adopt a runtime volume: record it and start its task.
+    Open(OpenSpec, oneshot::Sender<Result<VolumeHandle, OpenRefused>>),
+    /// Forget a runtime volume (closed, or its first unlock failed).
+    Forget(String, oneshot::Sender<()>),
 }
 
 /// Error kinds a client maps to exit codes.
@@ -64,6 +80,14 @@ pub enum ErrorCode {
     BadRequest,
     /// Refused: the device is mounted, held open or suspended.
     Busy,
+    /// Key Vault denied access to the volume's key.
+    Denied,
+    /// Key Vault unreachable or failing for now.
+    Unavailable,
+    /// Local setup is wrong (header, credentials, key id).
+    Config,
+    /// The header names no key the configuration pins for the volume.
+    NotPinned,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +125,8 @@ pub struct Registry<P: Platform> {
     /// Follows reloads (volumes added, and forgotten once closed after removal).
     pub volumes: tokio::sync::watch::Receiver<BTreeMap<String, VolumeHandle>>,
     pub platform: Arc<P>,
+    /// To the daemon's volume set (runtime volumes); `None`: `open` is refused.
+    pub set: Option<tokio::sync::mpsc::Sender<SetRequest>>,
 }
 
 /// Creates the run directory (0700) and binds the socket (0600). Refuses to steal the socket
@@ -240,7 +266,13 @@ async fn handle<P: Platform>(req: Request, reg: &Registry<P>) -> Response {
                     return Response::err(ErrorCode::Failed, "the volume task has stopped");
                 }
                 match rx.await {
-                    Ok(Ok(m)) => Response::ok(format!("{name}: {m}")),
+                    Ok(Ok(m)) => {
+                        let opened = h.status.borrow().opened;
+                        if opened {
+                            forget(reg, &name).await;
+                        }
+                        Response::ok(format!("{name}: {m}"))
+                    }
                     Ok(Err(e)) => {
                         let code = match e {
                             CloseRefused::Busy(_) => ErrorCode::Busy,
@@ -254,6 +286,7 @@ async fn handle<P: Platform>(req: Request, reg: &Registry<P>) -> Response {
             }
             Err(r) => r,
         },
+        Request::Open(spec) => open(spec, reg).await,
         Request::Attach { device } => {
             tracing::info!(
                 device,
@@ -265,6 +298,102 @@ async fn handle<P: Platform>(req: Request, reg: &Registry<P>) -> Response {
             Response::ok(format!(
                 "{device}: volumes waiting for a device will retry now"
             ))
+        }
+    }
+}
+
+/// `Request::Open`: the volume set adopts the volume; the answer waits for its first unlock
+/// (serving, or why not: then it is forgotten again, nothing left behind).
+async fn open<P: Platform>(spec: OpenSpec, reg: &Registry<P>) -> Response {
+    let name = spec.name.clone();
+    if let Err(e) = crate::worker::validate_name(&name) {
+        return Response::err(ErrorCode::BadRequest, e.to_string());
+    }
+    if !spec.device.is_absolute() {
+        return Response::err(
+            ErrorCode::BadRequest,
+            format!(
+                "{}: the device path must be absolute",
+                spec.device.display()
+            ),
+        );
+    }
+    let Some(set) = &reg.set else {
+        return Response::err(
+            ErrorCode::Failed,
+            "this agent does not take volumes from kvcrypt open",
+        );
+    };
+    let (tx, rx) = oneshot::channel();
+    if set.send(SetRequest::Open(spec, tx)).await.is_err() {
+        return Response::err(ErrorCode::Failed, "the agent is stopping");
+    }
+    let h = match rx.await {
+        Ok(Ok(h)) => h,
+        Ok(Err(OpenRefused::Busy(m))) => return Response::err(ErrorCode::Busy, m),
+        Ok(Err(OpenRefused::NotFound(m))) => return Response::err(ErrorCode::NotFound, m),
+        Ok(Err(OpenRefused::Failed(m))) => return Response::err(ErrorCode::Failed, m),
+        Err(_) => return Response::err(ErrorCode::Failed, "the agent is stopping"),
+    };
+    let mut st = h.status.clone();
+    let first = tokio::time::timeout(
+        OPEN_TIMEOUT,
+        st.wait_for(|s| match s.state {
+            VolumeState::Serving | VolumeState::Suspended => true,
+            VolumeState::Locked | VolumeState::Removed => s.reason.is_some(),
+            VolumeState::Unlocking => false,
+        }),
+    )
+    .await
+    .map(|r| r.map(|v| v.clone()));
+    let got = match first {
+        Ok(Ok(v)) => v,
+        _ => {
+            forget(reg, &name).await;
+            return Response::err(
+                ErrorCode::Unavailable,
+                format!("{name}: not served within {OPEN_TIMEOUT:?}; given up"),
+            );
+        }
+    };
+    if matches!(got.state, VolumeState::Serving | VolumeState::Suspended) {
+        tracing::info!(volume = %name, "volume {name}: opened by kvcrypt open; served and access-checked by the agent until kvcrypt close");
+        return Response {
+            volumes: vec![got],
+            ..Response::ok(format!("{name}: {}", "opened"))
+        };
+    }
+    forget(reg, &name).await;
+    let (code, detail) = match &got.last_error {
+        Some(e) => (
+            match e.class {
+                AccessClass::Denied => ErrorCode::Denied,
+                AccessClass::Transient => ErrorCode::Unavailable,
+                AccessClass::Misconfigured => ErrorCode::Config,
+                AccessClass::NotPinned => ErrorCode::NotPinned,
+            },
+            format!(": {}", e.message),
+        ),
+        None => (ErrorCode::Failed, String::new()),
+    };
+    Response::err(
+        code,
+        format!(
+            "{name}: {}{detail}",
+            got.reason.unwrap_or_else(|| "not opened".into())
+        ),
+    )
+}
+
+async fn forget<P: Platform>(reg: &Registry<P>, name: &str) {
+    if let Some(set) = &reg.set {
+        let (tx, rx) = oneshot::channel();
+        if set
+            .send(SetRequest::Forget(name.to_owned(), tx))
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
         }
     }
 }
@@ -318,6 +447,10 @@ impl crate::exit::ExitClass for ClientError {
                 ErrorCode::BadRequest => Exit::Usage,
                 ErrorCode::Failed => Exit::Failure,
                 ErrorCode::Busy => Exit::Busy,
+                ErrorCode::Denied => Exit::AccessDenied,
+                ErrorCode::Unavailable => Exit::VaultUnavailable,
+                ErrorCode::Config => Exit::Config,
+                ErrorCode::NotPinned => Exit::NotPinned,
             },
         }
     }
@@ -386,6 +519,16 @@ mod tests {
             r#"{"op":"attach","device":"/dev/sdb"}"#
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format"}"#).is_err());
+        let r: Request = serde_json::from_str(
+            r#"{"op":"open","name":"rt","device":"/dev/sdc","transport":"fuse","queue_depth":64}"#,
+        )
+        .unwrap();
+        let Request::Open(spec) = r else {
+            panic!("not an open request: {r:?}")
+        };
+        assert_eq!(spec.name, "rt");
+        assert_eq!(spec.queue_depth, 64);
+        assert!(!spec.read_only && spec.queues.is_none());
     }
 
     #[test]

@@ -119,7 +119,14 @@ pub async fn run<P: Platform>(cfg: Config, p: Arc<P>, opts: Options) -> Result<(
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
 
     let settings = cfg.volume_settings();
-    let mut set = VolumeSet::start(p.clone(), &settings);
+    // Volumes `kvcrypt open` handed to an earlier agent are taken over again (not by a
+    // one-shot `--once` pass, which serves only the configured volumes it was given).
+    let runtime = if opts.once {
+        vec![]
+    } else {
+        super::opened::load_all()
+    };
+    let mut set = VolumeSet::start_with(p.clone(), cfg.clone(), &settings, runtime);
     let handles = set.handles();
     tracing::info!(
         volumes = handles.len(),
@@ -143,9 +150,11 @@ pub async fn run<P: Platform>(cfg: Config, p: Arc<P>, opts: Options) -> Result<(
     }
     notifier.ready(&text);
 
+    let (set_tx, mut set_rx) = tokio::sync::mpsc::channel::<control::SetRequest>(16);
     let reg = Arc::new(Registry {
         volumes: set.registry(),
         platform: p.clone(),
+        set: Some(set_tx),
     });
     let server = listener.map(|l| tokio::spawn(control::serve(l, reg)));
 
@@ -187,6 +196,15 @@ pub async fn run<P: Platform>(cfg: Config, p: Arc<P>, opts: Options) -> Result<(
                 notifier.ready(&t);
                 last_status = t;
             }
+            Some(req) = set_rx.recv() => match req {
+                control::SetRequest::Open(spec, reply) => {
+                    let _ = reply.send(set.open(spec));
+                }
+                control::SetRequest::Forget(name, done) => {
+                    set.forget(&name);
+                    let _ = done.send(());
+                }
+            },
             _ = wd_tick.tick(), if wd.is_some() => notifier.watchdog(),
             _ = status_tick.tick() => {
                 set.prune();

@@ -3,7 +3,7 @@
 //!
 //! Layout: `config` (the TOML file), `volume` (per-volume state machine over the `ports`
 //! trait), `control` (root-only JSON-line socket), `notify` (sd_notify), `freeze`
-//! (FIFREEZE/FITHAW), `hook`, `discover` (finding devices), `daemon` (wiring), `reload` (SIGHUP: re-read the configuration), `real` (the
+//! (FIFREEZE/FITHAW), `hook`, `discover` (finding devices), `daemon` (wiring), `reload` (SIGHUP: re-read the configuration), `opened` (volumes handed over by `kvcrypt open`), `real` (the
 //! production [`ports::Platform`]).
 
 pub mod backoff;
@@ -18,6 +18,7 @@ pub mod hook;
 pub mod lab;
 pub mod logging;
 pub mod notify;
+pub mod opened;
 pub mod ports;
 pub mod real;
 pub mod reap;

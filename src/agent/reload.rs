@@ -16,8 +16,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::config::{Config, ConfigError, VolumeSettings};
+use super::opened::{self, OpenSpec};
 use super::ports::Platform;
-use super::volume::{Desired, VolumeHandle, spawn_managed};
+use super::volume::{Command, Desired, VolumeHandle, spawn_managed, spawn_runtime};
 
 /// Why a reload was refused (nothing changed).
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,20 @@ pub fn plan(current: &Current, new: &[VolumeSettings]) -> Plan {
 struct Entry {
     handle: VolumeHandle,
     desired: watch::Sender<Desired>,
+    /// A runtime volume (`kvcrypt open`): not part of the configuration, so a reload neither
+    /// removes nor replaces it (it only takes the new `[agent]` policy); forgotten once
+    /// closed.
+    runtime: Option<OpenSpec>,
+}
+
+/// Why the agent refused to adopt a `kvcrypt open` volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenRefused {
+    /// The name is taken (a configured volume, or another open one).
+    Busy(String),
+    /// The device does not exist.
+    NotFound(String),
+    Failed(String),
 }
 
 /// The volume tasks of a running agent, and the registry the control socket reads.
@@ -81,19 +96,43 @@ pub struct VolumeSet<P: Platform> {
     /// Replacements (changed device) waiting for the old volume of that name to be closed.
     pending: BTreeMap<String, VolumeSettings>,
     registry: watch::Sender<BTreeMap<String, VolumeHandle>>,
+    /// The configuration in effect: runtime volumes take their policy from its `[agent]`.
+    cfg: Config,
 }
 
 impl<P: Platform> VolumeSet<P> {
     /// Starts a task per volume.
     pub fn start(p: Arc<P>, settings: &[VolumeSettings]) -> Self {
+        Self::start_with(p, Config::default(), settings, vec![])
+    }
+
+    /// Starts a task per configured volume of `cfg` (`settings`), and one per runtime volume
+    /// recorded by an earlier agent (`runtime`; those whose name is now configured are
+    /// skipped: the configuration wins, the record is dropped).
+    pub fn start_with(
+        p: Arc<P>,
+        cfg: Config,
+        settings: &[VolumeSettings],
+        runtime: Vec<OpenSpec>,
+    ) -> Self {
         let mut set = Self {
             p,
             entries: BTreeMap::new(),
             pending: BTreeMap::new(),
             registry: watch::Sender::new(BTreeMap::new()),
+            cfg,
         };
         for s in settings {
             set.spawn(s.clone());
+        }
+        for spec in runtime {
+            if set.entries.contains_key(&spec.name) {
+                tracing::warn!(volume = %spec.name, "volume {}: opened by kvcrypt open before the agent restarted, but now a configured volume has that name; serving the configured one", spec.name);
+                opened::remove(&spec.name);
+                continue;
+            }
+            tracing::info!(volume = %spec.name, device = %spec.device.display(), "volume {}: taking over the volume opened by kvcrypt open ({})", spec.name, spec.device.display());
+            set.spawn_opened(spec);
         }
         set.publish();
         set
@@ -101,7 +140,91 @@ impl<P: Platform> VolumeSet<P> {
 
     fn spawn(&mut self, s: VolumeSettings) {
         let (handle, desired) = spawn_managed(s.clone(), self.p.clone());
-        self.entries.insert(s.name, Entry { handle, desired });
+        self.entries.insert(
+            s.name,
+            Entry {
+                handle,
+                desired,
+                runtime: None,
+            },
+        );
+    }
+
+    fn spawn_opened(&mut self, spec: OpenSpec) -> VolumeHandle {
+        let (handle, desired) = spawn_runtime(spec.settings(&self.cfg), self.p.clone());
+        self.entries.insert(
+            spec.name.clone(),
+            Entry {
+                handle: handle.clone(),
+                desired,
+                runtime: Some(spec),
+            },
+        );
+        handle
+    }
+
+    /// `kvcrypt open` with the agent running: records the volume (so a restarted agent takes
+    /// it over) and starts its task. The caller waits for its first unlock and calls
+    /// [`forget`](Self::forget) if that fails.
+    pub fn open(&mut self, spec: OpenSpec) -> Result<VolumeHandle, OpenRefused> {
+        let name = spec.name.clone();
+        match self.entries.get(&name) {
+            Some(e) if e.runtime.is_some() => {
+                return Err(OpenRefused::Busy(format!(
+                    "volume {name} is already open (kvcrypt status {name}; kvcrypt close {name} first)"
+                )));
+            }
+            Some(_) => {
+                return Err(OpenRefused::Busy(format!(
+                    "{name} is the name of a volume in the agent's configuration; the agent serves it (kvcrypt unlock {name}), or choose another name"
+                )));
+            }
+            None => {}
+        }
+        if self.pending.contains_key(&name) {
+            return Err(OpenRefused::Busy(format!(
+                "{name} is the name of a volume in the agent's configuration; choose another name"
+            )));
+        }
+        if !spec.device.exists() {
+            return Err(OpenRefused::NotFound(format!(
+                "{}: no such device or file",
+                spec.device.display()
+            )));
+        }
+        opened::save(&spec).map_err(|e| {
+            OpenRefused::Failed(format!(
+                "cannot record volume {name} in {}: {e}",
+                opened::dir().display()
+            ))
+        })?;
+        let h = self.spawn_opened(spec);
+        self.publish();
+        Ok(h)
+    }
+
+    /// Forgets the runtime volume `name`: its record is deleted and its task ended (one that
+    /// still serves is closed first by the task's shutdown). Configured volumes are not
+    /// touched.
+    pub fn forget(&mut self, name: &str) {
+        if self.entries.get(name).is_none_or(|e| e.runtime.is_none()) {
+            return;
+        }
+        if let Some(e) = self.entries.remove(name) {
+            opened::remove(name);
+            let (tx, _rx) = tokio::sync::oneshot::channel();
+            let _ = e.handle.tx.try_send(Command::Shutdown(tx));
+        }
+        self.start_pending(name);
+        self.publish();
+    }
+
+    /// A configured volume that waited for a runtime or removed one of the same name.
+    fn start_pending(&mut self, name: &str) {
+        if let Some(s) = self.pending.remove(name) {
+            tracing::info!(volume = %name, device = %s.selector, "volume {name}: the old volume of that name is closed; attaching {}", s.selector);
+            self.spawn(s);
+        }
     }
 
     fn publish(&self) {
@@ -124,6 +247,7 @@ impl<P: Platform> VolumeSet<P> {
     fn current(&self) -> Current {
         self.entries
             .iter()
+            .filter(|(_, e)| e.runtime.is_none())
             .map(|(n, e)| {
                 let d = e.desired.borrow();
                 (n.clone(), (d.settings.clone(), d.configured))
@@ -146,6 +270,16 @@ impl<P: Platform> VolumeSet<P> {
                 message,
             })?;
         let plan = self.apply(&cfg.volume_settings());
+        // Runtime volumes stay; they follow the new `[agent]` policy.
+        self.cfg = cfg;
+        for e in self.entries.values() {
+            if let Some(spec) = &e.runtime {
+                e.desired.send_replace(Desired {
+                    settings: spec.settings(&self.cfg),
+                    configured: true,
+                });
+            }
+        }
         Ok(describe(path, &plan))
     }
 
@@ -155,6 +289,12 @@ impl<P: Platform> VolumeSet<P> {
         self.pending.clear();
         let plan = plan(&self.current(), new);
         for s in &plan.add {
+            if self.entries.contains_key(&s.name) {
+                // A runtime volume (kvcrypt open) has the name: it stays until closed.
+                tracing::warn!(volume = %s.name, device = %s.selector, "reload: new volume {} ({}) has the name of a volume opened by kvcrypt open; it is attached once that one is closed", s.name, s.selector);
+                self.pending.insert(s.name.clone(), s.clone());
+                continue;
+            }
             tracing::info!(volume = %s.name, device = %s.selector, "reload: new volume {} ({})", s.name, s.selector);
             self.spawn(s.clone());
         }
@@ -190,18 +330,19 @@ impl<P: Platform> VolumeSet<P> {
         let done: Vec<String> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.handle.tx.is_closed() && !e.desired.borrow().configured)
+            .filter(|(_, e)| {
+                e.handle.tx.is_closed() && (e.runtime.is_some() || !e.desired.borrow().configured)
+            })
             .map(|(n, _)| n.clone())
             .collect();
         if done.is_empty() {
             return;
         }
         for n in done {
-            self.entries.remove(&n);
-            if let Some(s) = self.pending.remove(&n) {
-                tracing::info!(volume = %n, device = %s.selector, "volume {n}: old device closed; attaching its new device {}", s.selector);
-                self.spawn(s);
+            if self.entries.remove(&n).is_some_and(|e| e.runtime.is_some()) {
+                opened::remove(&n);
             }
+            self.start_pending(&n);
         }
         self.publish();
     }

@@ -82,6 +82,10 @@ pub struct VolumeStatus {
     /// unlocked or re-attached again.
     #[serde(default)]
     pub removed_from_config: bool,
+    /// Handed to the agent by `kvcrypt open` (not in the configuration file): served and
+    /// access-checked like a configured volume until `kvcrypt close`, which forgets it.
+    #[serde(default)]
+    pub opened: bool,
     /// The policy in effect (after the last reload).
     #[serde(default)]
     pub policy: Option<PolicyView>,
@@ -130,6 +134,7 @@ impl VolumeStatus {
             worker: None,
             restarts: 0,
             removed_from_config: false,
+            opened: false,
             policy: None,
         }
     }

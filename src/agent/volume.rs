@@ -136,6 +136,9 @@ pub struct VolumeCtl<P: Platform> {
     desired: watch::Receiver<Desired>,
     /// In the configuration file (see [`Desired::configured`]).
     configured: bool,
+    /// Handed over by `kvcrypt open` (see [`spawn_runtime`]): `kvcrypt close` ends the task
+    /// (the daemon then forgets the volume) instead of keeping it closed until unlock.
+    runtime: bool,
     /// The operator's lock/close last recorded with [`Platform::remember_manual`].
     manual_recorded: std::cell::Cell<bool>,
 }
@@ -171,6 +174,24 @@ pub fn spawn_volume<P: Platform>(settings: VolumeSettings, p: Arc<P>) -> VolumeH
 pub fn spawn_managed<P: Platform>(
     settings: VolumeSettings,
     p: Arc<P>,
+) -> (VolumeHandle, watch::Sender<Desired>) {
+    spawn_task(settings, p, false)
+}
+
+/// Starts the task of a runtime volume (`kvcrypt open` with the agent running): unlocked,
+/// served, checked, restarted and locked exactly like a configured volume; only `kvcrypt
+/// close` differs: it closes the device and ends the task, so the volume is forgotten.
+pub fn spawn_runtime<P: Platform>(
+    settings: VolumeSettings,
+    p: Arc<P>,
+) -> (VolumeHandle, watch::Sender<Desired>) {
+    spawn_task(settings, p, true)
+}
+
+fn spawn_task<P: Platform>(
+    settings: VolumeSettings,
+    p: Arc<P>,
+    runtime: bool,
 ) -> (VolumeHandle, watch::Sender<Desired>) {
     let (desired_tx, desired) = watch::channel(Desired {
         settings: settings.clone(),
@@ -210,6 +231,7 @@ pub fn spawn_managed<P: Platform>(
         serving_since: None,
         desired,
         configured: true,
+        runtime,
         manual_recorded: std::cell::Cell::new(false),
     };
     tokio::spawn(ctl.run());
@@ -221,9 +243,15 @@ impl<P: Platform> VolumeCtl<P> {
         self.adopt().await;
         loop {
             if self.finished() {
-                tracing::info!(volume = %self.s.name, state = %self.state,
-                    "volume {}: removed from the configuration and no longer served ({}); no longer managed",
-                    self.s.name, self.state);
+                if self.runtime {
+                    tracing::info!(volume = %self.s.name, state = %self.state,
+                        "volume {}: opened by kvcrypt open, now closed ({}); no longer managed",
+                        self.s.name, self.state);
+                } else {
+                    tracing::info!(volume = %self.s.name, state = %self.state,
+                        "volume {}: removed from the configuration and no longer served ({}); no longer managed",
+                        self.s.name, self.state);
+                }
                 self.publish();
                 return;
             }
@@ -349,7 +377,8 @@ impl<P: Platform> VolumeCtl<P> {
             manual: self.manual,
             worker: self.worker.clone(),
             restarts: self.restarts,
-            removed_from_config: !self.configured,
+            removed_from_config: !self.configured && !self.runtime,
+            opened: self.runtime,
             policy: Some(PolicyView::of(&self.s)),
         };
         self.status_tx.send_replace(st);
@@ -1405,6 +1434,14 @@ impl<P: Platform> VolumeCtl<P> {
                     "suspended (filesystems frozen, I/O held): closing it now would fail that I/O; run kvcrypt unlock {name} first"
                 )));
             }
+            _ if self.runtime => {
+                // Nothing served (revoked and removed, or never unlocked): forget it.
+                let was = self.state;
+                self.configured = false;
+                self.next = Instant::now() + IDLE;
+                self.set_state(VolumeState::Locked, Some("closed by kvcrypt close".into()));
+                return Ok(format!("was not open ({was}); no longer managed"));
+            }
             _ => {
                 self.manual = true;
                 self.next = Instant::now() + IDLE;
@@ -1421,6 +1458,17 @@ impl<P: Platform> VolumeCtl<P> {
         // Closing ends the worker on purpose: not a crash to recover from.
         self.disarm_watch();
         match self.p.close(&name, false).await {
+            Ok(()) if self.runtime => {
+                // Opened by `kvcrypt open`: closing is the end of it. The task ends (see
+                // `finished`) and the daemon forgets the volume and its record.
+                self.served = None;
+                self.worker = None;
+                self.header = None;
+                self.configured = false;
+                self.next = Instant::now() + IDLE;
+                self.set_state(VolumeState::Locked, Some("closed by kvcrypt close".into()));
+                Ok(format!("closed {}", sv.block_device.display()))
+            }
             Ok(()) => {
                 self.served = None;
                 self.worker = None;

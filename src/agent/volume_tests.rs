@@ -1904,3 +1904,62 @@ async fn a_pin_removed_while_serving_is_a_configuration_error_not_a_revocation()
     assert!(f.0.lock().unwrap().asked.len() > asked);
     assert_eq!(h.status.borrow().state, VolumeState::Serving);
 }
+
+/// A runtime volume (`kvcrypt open` handed to the agent) is served and checked like a
+/// configured one, survives a reload that does not name it, blocks a configured volume of
+/// the same name until it is closed, and `close` ends it for good (no manual lock kept).
+#[tokio::test(start_paused = true)]
+async fn runtime_volume_survives_reload_and_close_forgets_it() {
+    use super::opened::OpenSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kvcrypt.toml");
+    let head = format!("{VAULT}[agent]\ncheck_interval = \"1s\"\ncheck_jitter = 0.0\n");
+    std::fs::write(&path, &head).unwrap();
+    let cfg = super::config::Config::load(&path).unwrap();
+    let f = Fake::new();
+    let spec = OpenSpec {
+        name: "rt".into(),
+        device: "/dev/fake".into(),
+        transport: crate::cli::TransportKind::Fuse,
+        queues: None,
+        queue_depth: 128,
+        allow_discards: false,
+        read_only: false,
+    };
+    let mut set = VolumeSet::start_with(f.clone(), cfg, &[], vec![spec]);
+    let h = set.handles()["rt"].clone();
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
+    assert!(h.status.borrow().opened);
+    assert!(!h.status.borrow().removed_from_config);
+
+    // Checked like a configured volume: a denial suspends it.
+    f.set_vault(Vault::Denied);
+    wait_state(&h, VolumeState::Suspended, Duration::from_secs(5)).await;
+    f.set_vault(Vault::Ok);
+    wait_state(&h, VolumeState::Serving, Duration::from_secs(5)).await;
+
+    // A reload that does not name it keeps it; one that configures its name waits for it.
+    std::fs::write(
+        &path,
+        format!("{head}[[volume]]\nname = \"rt\"\nlabel = \"other\"\n"),
+    )
+    .unwrap();
+    set.reload(&path).unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let st = h.status.borrow().clone();
+    assert_eq!(st.state, VolumeState::Serving, "{st:?}");
+    assert!(st.opened && !st.removed_from_config, "{st:?}");
+    assert!(!h.tx.is_closed());
+
+    // Close: closed, not kept as a manual lock, and the task ends; the configured volume of
+    // that name takes its place.
+    assert!(close_req(&h).await.unwrap().starts_with("closed"));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(h.tx.is_closed(), "task ended");
+    assert!(!h.status.borrow().manual);
+    assert_eq!(f.count("crash"), 0);
+    set.prune();
+    let now = set.handles()["rt"].clone();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!now.status.borrow().opened);
+}

@@ -113,6 +113,9 @@ pub fn render_status(vols: &[VolumeStatus], now: f64) -> String {
         if v.manual {
             out.push_str(" (locked by kvcrypt lock)");
         }
+        if v.opened {
+            out.push_str(" (opened by kvcrypt open: served and checked until kvcrypt close)");
+        }
         if v.removed_from_config {
             out.push_str(" (REMOVED from the configuration: still served and checked until closed with `kvcrypt close`)");
         }

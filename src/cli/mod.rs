@@ -52,7 +52,8 @@ pub enum Command {
     Rewrap(RewrapArgs),
     /// Measure the XTS engine (MB/s per core), like `cryptsetup benchmark`.
     Benchmark(BenchmarkArgs),
-    /// Unlock DEVICE and serve its plaintext as a block device named NAME.
+    /// Unlock DEVICE and serve its plaintext as a block device named NAME (handed to the
+    /// running agent, which access-checks it until `kvcrypt close`).
     Open(OpenArgs),
     /// Flush and remove the served device NAME.
     Close(CloseArgs),
@@ -214,13 +215,21 @@ pub struct OpenArgs {
     /// Serve read-only.
     #[arg(long)]
     pub read_only: bool,
-    /// Stay in the foreground (serve until SIGTERM/SIGINT).
+    /// Stay in the foreground (serve until SIGTERM/SIGINT). Not access-checked: requires
+    /// --no-access-checks.
     #[arg(long)]
     pub foreground: bool,
     /// Use a key the configuration does not pin (`keys` of `[vault]`), trusting the key ids
     /// on the disk for this command. Only for volumes whose disk you trust.
     #[arg(long)]
     pub allow_unpinned_key: bool,
+
+    /// Serve without the running agent, so nobody re-checks access to the key: revoking it in
+    /// Key Vault does NOT lock this volume (defeats revocation). Without this flag `open`
+    /// hands the volume to the agent (kvcrypt-agent.service), which checks it periodically,
+    /// and refuses when no agent runs.
+    #[arg(long)]
+    pub no_access_checks: bool,
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,27 @@ use crate::worker::{self, RunOptions, WorkerClient, WorkerError, WorkerSpec};
 /// device (detached worker, or in the foreground) and print the block device path.
 pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
     worker::validate_name(&a.name)?;
+    if a.foreground && !a.no_access_checks {
+        return Err(CliError::Usage(
+            "--foreground serves without access checks (revoking the key would not lock the volume); \
+             pass --no-access-checks as well to accept that, or leave out --foreground to hand the \
+             volume to the agent"
+                .into(),
+        )
+        .into());
+    }
+    if !a.no_access_checks {
+        if a.allow_unpinned_key {
+            // The agent trusts only the configuration's pins; a one-off waiver belongs to a
+            // volume nobody else serves.
+            return Err(CliError::Usage(
+                "--allow-unpinned-key cannot be handed to the agent, which only unlocks keys                  pinned in the configuration: add the key to `keys` of [vault], or pass                  --no-access-checks as well to serve it from this command"
+                    .into(),
+            )
+            .into());
+        }
+        return open_in_agent(&a);
+    }
     let loaded = header::read(&a.device)?;
     let key = unwrap_volume_key(config, &a.device, &loaded, a.allow_unpinned_key)?;
     // ublk: a worker that died (SIGKILL, crash) left its device QUIESCED with every request
@@ -64,6 +85,44 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
     worker::wait_until_named(&info.name, &info.block_device);
     println!("{}", info.block_device.display());
     Ok(())
+}
+
+/// `kvcrypt open` with access checks: the running agent unwraps the key, serves the volume
+/// and re-checks access like a configured volume's (status, lock, revocation, close). This
+/// process never holds the key. No agent: refused (NotFound) naming both ways out.
+fn open_in_agent(a: &OpenArgs) -> anyhow::Result<()> {
+    use crate::agent::control::{self, ClientError, Request};
+    use crate::agent::opened::{OPEN_TIMEOUT, OpenSpec};
+    let device = std::path::absolute(&a.device)
+        .with_context(|| format!("resolving {}", a.device.display()))?;
+    let req = Request::Open(OpenSpec {
+        name: a.name.clone(),
+        device,
+        transport: a.transport,
+        queues: a.queues,
+        queue_depth: a.queue_depth,
+        allow_discards: a.allow_discards,
+        read_only: a.read_only,
+    });
+    // The agent's own wait plus a margin for the answer.
+    let timeout = OPEN_TIMEOUT + std::time::Duration::from_secs(20);
+    match control::request(&control::socket_path(), &req, timeout) {
+        Ok(r) => {
+            let bd = r.volumes.first().and_then(|v| v.block_device.clone());
+            match bd {
+                Some(bd) => println!("{bd}"),
+                None => println!("{}", r.message.unwrap_or_default()),
+            }
+            Ok(())
+        }
+        Err(ClientError::NotRunning(_)) => Err(CliError::NotFound(format!(
+            "no agent running (no control socket at {}); start kvcrypt-agent.service, or pass \
+             --no-access-checks to serve without revocation checks",
+            control::socket_path().display()
+        ))
+        .into()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The ublk device a dead worker of volume `name` left behind for `device`, if the kernel still
@@ -163,8 +222,9 @@ pub fn close(a: CloseArgs) -> anyhow::Result<()> {
     worker::validate_name(&a.name)?;
     // A volume the agent manages is closed by the agent, which then keeps it closed until
     // `kvcrypt unlock`; closing its worker behind the agent's back looked like a crash, and the
-    // agent served it again at once. Volumes the agent does not know (`kvcrypt open`) and a
-    // machine without an agent are closed directly.
+    // agent served it again at once. A runtime volume (`kvcrypt open` handed it to the
+    // agent) is closed and forgotten there. Workers the agent does not know (`open
+    // --no-access-checks`) and a machine without an agent are closed directly.
     use crate::agent::control::{self, ClientError, ErrorCode, Request};
     let req = Request::Close {
         name: a.name.clone(),

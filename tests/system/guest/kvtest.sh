@@ -190,11 +190,11 @@ phase1() {
 
   H "close after umount while another volume's worker (other transport) runs"
   # A worker started while $MNT is mounted must not keep that filesystem pinned in its mount
-  # namespace: `pin` is served with the other transport by `kvcrypt open` (not the agent).
+  # namespace: `pin` is served with the other transport by `kvcrypt open --no-access-checks` (not the agent).
   local other=fuse; [ "$TRANSPORT" = fuse ] && other=ublk
   truncate -s 16M /var/tmp/pin.img
   R kvcrypt --config /etc/kvtest/cli.toml format /var/tmp/pin.img --key-id https://myvault.vault.azure.net/keys/kek --label pin --yes
-  R kvcrypt --config /etc/kvtest/cli.toml open /var/tmp/pin.img pin --transport "$other"
+  R kvcrypt --config /etc/kvtest/cli.toml open /var/tmp/pin.img pin --transport "$other" --no-access-checks
   R systemctl stop "$(mount_unit)"
   R kvcrypt close "$VOL"; local rc=$?
   sleep 3

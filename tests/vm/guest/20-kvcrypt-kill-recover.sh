@@ -15,7 +15,7 @@ emu_start
 dd if=/dev/zero of=/tmp/vol2.img bs=1M count=80 2>/dev/null
 dd if=/dev/urandom of=/tmp/vmk bs=64 count=1 2>/dev/null
 kvcrypt format /tmp/vol2.img --key-id "$KEY_ID" --master-key-file /tmp/vmk --yes >/dev/null || fail "format"
-DEV=$(kvcrypt open /tmp/vol2.img vol2 --transport ublk --queues 2) || fail "open"
+DEV=$(kvcrypt open /tmp/vol2.img vol2 --transport ublk --no-access-checks --queues 2) || fail "open"
 ID=${DEV#/dev/ublkb}
 mkfs.ext4 -q -F "$DEV"; mkdir -p /mnt/w; mount -t ext4 "$DEV" /mnt/w
 mkdir -p /tmp/src2; for i in $(seq 1 24); do dd if=/dev/urandom of=/tmp/src2/f$i bs=64k count=4 2>/dev/null; done
@@ -35,7 +35,7 @@ T "device state $(state_of $ID)"
 
 # Recover: `kvcrypt open` finds the QUIESCED device of this name in the state file.
 HOW=open
-NEW=$(kvcrypt open /tmp/vol2.img vol2 --transport ublk 2>/tmp/open.err) || HOW=failed
+NEW=$(kvcrypt open /tmp/vol2.img vol2 --transport ublk --no-access-checks 2>/tmp/open.err) || HOW=failed
 if [ "$HOW" = failed ]; then
   echo "kvcrypt open did not recover: $(cat /tmp/open.err)"; echo "falling back to kvcrypt worker --recover-dev-id $ID"
   HOW=worker

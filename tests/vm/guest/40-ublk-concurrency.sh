@@ -35,7 +35,7 @@ fi
 T "backing store $BACK"
 kvcrypt format $BACK --key-id "$KEY_ID" --yes >/dev/null || fail "format $BACK"
 # The worker inherits KVCRYPT_LOG: info shows the queue's in-flight high-water marks.
-DEV=$(KVCRYPT_LOG=info kvcrypt open $BACK vol4 --transport ublk --queues 1) || fail "open"
+DEV=$(KVCRYPT_LOG=info kvcrypt open $BACK vol4 --transport ublk --no-access-checks --queues 1) || fail "open"
 ID=${DEV#/dev/ublkb}
 [ "$(ls /sys/block/ublkb$ID/mq/ | wc -l)" = 1 ] || fail "expected 1 hw queue"
 T "opened $DEV with one queue"
