@@ -7,14 +7,23 @@
 mod agent_common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
 use agent_common::*;
-use kvcrypt::agent::lab::LabOptions;
+use kvcrypt::agent::lab::{Lab, LabOptions};
 use kvcrypt::agent::status::VolumeState;
 
-fn run(mut c: Command) -> Output {
-    c.stdin(Stdio::null()).output().unwrap()
+/// `kvcrypt ARGS` with the lab's config and run directory, no stdin.
+fn kv(lab: &Lab, args: &[&str]) -> Output {
+    lab.kvcrypt()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
 }
 
 fn text(o: &Output) -> String {
@@ -38,78 +47,44 @@ fn format_and_header_restore_refuse_a_file_the_agent_serves_even_when_locked() {
     }
     let mut r = Running::start(LabOptions::default());
     let lab = &r.lab;
-    let bak = lab.dir.join("header.bak");
-    let o = run({
-        let mut c = lab.kvcrypt();
-        c.args(["header", "backup"]).arg(&lab.image).arg(&bak);
-        c
-    });
+    let (img, bak) = (s(&lab.image), lab.dir.join("header.bak"));
+    let o = kv(lab, &["header", "backup", img, s(&bak)]);
     assert!(o.status.success(), "{}", text(&o));
     let before = head(&lab.image);
     for extra in [&["--yes"][..], &["--yes", "--wipe"][..]] {
-        let o = run({
-            let mut c = lab.kvcrypt();
-            c.arg("format")
-                .arg(&lab.image)
-                .args(["--key-id", &lab.key_id])
-                .args(extra);
-            c
-        });
+        let o = kv(
+            lab,
+            &[&["format", img, "--key-id", &lab.key_id], extra].concat(),
+        );
         let t = text(&o);
         assert_eq!(o.status.code(), Some(14), "{t}");
         assert!(t.contains("is being served by pid"), "{t}");
     }
-    let o = run({
-        let mut c = lab.kvcrypt();
-        c.args(["header", "restore", "--yes"])
-            .arg(&lab.image)
-            .arg(&bak);
-        c
-    });
+    let o = kv(lab, &["header", "restore", "--yes", img, s(&bak)]);
     assert_eq!(o.status.code(), Some(14), "{}", text(&o));
     // Locked (key wiped, worker holding I/O): still served, still refused.
-    let o = run({
-        let mut c = lab.kvcrypt();
-        c.args(["lock", "demo"]);
-        c
-    });
+    let o = kv(lab, &["lock", "demo"]);
     assert!(o.status.success(), "{}", text(&o));
     lab.wait_state(VolumeState::Suspended, T).unwrap();
-    let o = run({
-        let mut c = lab.kvcrypt();
-        c.arg("format")
-            .arg(&lab.image)
-            .args(["--key-id", &lab.key_id, "--yes"]);
-        c
-    });
+    let o = kv(lab, &["format", img, "--key-id", &lab.key_id, "--yes"]);
     assert_eq!(o.status.code(), Some(14), "{}", text(&o));
     assert!(
         head(&lab.image) == before,
         "a refused command wrote to the header area"
     );
-    // Once nothing serves it, the same command works.
-    let o = run({
-        let mut c = lab.kvcrypt();
-        c.args(["unlock", "demo"]);
-        c
-    });
+    // Once nothing serves it (unlocked, so closing fails no held I/O, then closed), the
+    // same command works.
+    let o = kv(lab, &["unlock", "demo"]);
     assert!(o.status.success(), "{}", text(&o));
     lab.wait_state(VolumeState::Serving, T).unwrap();
-    let o = run({
-        let mut c = lab.kvcrypt();
-        c.args(["close", "demo"]);
-        c
-    });
+    let o = kv(lab, &["close", "demo"]);
     assert!(o.status.success(), "{}", text(&o));
     r.stop_agent();
     stop_leftover_worker(&r.lab.run_dir);
-    let o = run({
-        let mut c = r.lab.kvcrypt();
-        c.args(["header", "restore", "--yes"])
-            .arg(&r.lab.image)
-            .arg(&bak);
-        c
-    });
+    let o = kv(
+        &r.lab,
+        &["header", "restore", "--yes", s(&r.lab.image), s(&bak)],
+    );
     assert!(o.status.success(), "{}", text(&o));
 }
 
@@ -119,8 +94,7 @@ fn format_refuses_a_block_device_served_by_kvcrypt_open_and_it_cannot_be_mounted
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let lab = kvcrypt::agent::lab::Lab::start(dir.path(), Path::new(EXE), &LabOptions::default())
-        .unwrap();
+    let lab = Lab::start(dir.path(), Path::new(EXE), &LabOptions::default()).unwrap();
     let lo = must(&format!("losetup -f --show {}", lab.image.display()))
         .trim()
         .to_string();
@@ -131,32 +105,24 @@ fn format_refuses_a_block_device_served_by_kvcrypt_open_and_it_cannot_be_mounted
         }
     }
     let _lo = Detach(lo.clone());
-    let o = run({
-        let mut c = lab.kvcrypt();
-        c.args(["format", &lo, "--key-id", &lab.key_id, "--yes"]);
-        c
-    });
+    let format = ["format", &lo, "--key-id", &lab.key_id, "--yes"];
+    let o = kv(&lab, &format);
     assert!(o.status.success(), "{}", text(&o));
-    let o = run({
-        let mut c = lab.kvcrypt();
-        c.args([
+    let o = kv(
+        &lab,
+        &[
             "open",
             &lo,
             "busyvol",
             "--transport",
             "fuse",
             "--no-access-checks",
-        ]);
-        c
-    });
+        ],
+    );
     assert!(o.status.success(), "{}", text(&o));
     let _worker = StopWorkerOnDrop(lab.run_dir.clone());
     let before = head(Path::new(&lo));
-    let o = run({
-        let mut c = lab.kvcrypt();
-        c.args(["format", &lo, "--key-id", &lab.key_id, "--yes"]);
-        c
-    });
+    let o = kv(&lab, &format);
     let t = text(&o);
     assert_eq!(o.status.code(), Some(14), "{t}");
     assert!(t.contains("in use"), "{t}");
@@ -172,10 +138,6 @@ fn format_refuses_a_block_device_served_by_kvcrypt_open_and_it_cannot_be_mounted
         head(Path::new(&lo)) == before,
         "a refused format wrote to the device"
     );
-    let o = run({
-        let mut c = lab.kvcrypt();
-        c.args(["close", "busyvol"]);
-        c
-    });
+    let o = kv(&lab, &["close", "busyvol"]);
     assert!(o.status.success(), "{}", text(&o));
 }

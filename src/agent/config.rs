@@ -382,17 +382,9 @@ impl Config {
     /// The pins of a volume the configuration does not list (`kvcrypt open`): those of
     /// `[vault]`, named for messages.
     pub fn vault_pins(&self, name: &str) -> crate::keys::Pins {
-        let vault = self
-            .vault
-            .as_ref()
-            .map(|c| c.keys.clone())
-            .unwrap_or_default();
-        let source = if vault.is_empty() {
-            format!("keys of [vault] (volume \"{name}\" was opened by kvcrypt open)")
-        } else {
-            "keys of [vault]".to_owned()
-        };
-        crate::keys::Pins::new(vault, source)
+        self.vault_pins_or(format!(
+            "keys of [vault] (volume \"{name}\" was opened by kvcrypt open)"
+        ))
     }
 
     /// A volume's pins: its own `keys`, else those of `[vault]`, named for messages.
@@ -403,13 +395,19 @@ impl Config {
                 format!("keys of [[volume]] \"{}\"", v.name),
             );
         }
+        self.vault_pins_or(format!("keys of [[volume]] \"{}\" and of [vault]", v.name))
+    }
+
+    /// The `[vault]` pins, named "keys of [vault]"; `when_empty` names where pins were looked
+    /// for when there are none (the refusal tells the operator where to add them).
+    fn vault_pins_or(&self, when_empty: String) -> crate::keys::Pins {
         let vault = self
             .vault
             .as_ref()
             .map(|c| c.keys.clone())
             .unwrap_or_default();
         let source = if vault.is_empty() {
-            format!("keys of [[volume]] \"{}\" and of [vault]", v.name)
+            when_empty
         } else {
             "keys of [vault]".to_owned()
         };
