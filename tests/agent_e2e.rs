@@ -696,6 +696,7 @@ fn sigkilled_fuse_worker_under_a_mounted_writer_is_recovered_in_place() {
     let mut fio = fio_writer(&mnt, 20, &fio_log);
     let mut reader = device_reader(&bd);
     std::thread::sleep(Duration::from_secs(2));
+    let mut resent = Vec::new();
     for kill in 1..=3u32 {
         let old_pid = worker_pid(&run_dir);
         let t0 = Instant::now();
@@ -723,11 +724,16 @@ fn sigkilled_fuse_worker_under_a_mounted_writer_is_recovered_in_place() {
         std::thread::sleep(Duration::from_secs(2));
         let ws = worker_status(&run_dir);
         eprintln!("kill {kill}: worker {new_pid} status {ws}");
-        assert!(
-            ws["resent"].as_u64().unwrap_or(0) > 0,
-            "the dead worker had requests in flight that were resent: {ws}"
-        );
+        resent.push(ws["resent"].as_u64().unwrap_or(0));
     }
+    // fio writes through the page cache, so a kill can fall between two writeback bursts with
+    // nothing in flight (seen once in CI under a parallel test: 17, 16, 0). At least one of
+    // the kills must have caught requests in flight and had them resent; that none was lost
+    // is what fio's verify, the sha256 and e2fsck below prove.
+    assert!(
+        resent.iter().any(|&n| n > 0),
+        "no kill had requests in flight that were resent: {resent:?}"
+    );
     let status = fio.wait().unwrap();
     assert!(reader.try_wait().unwrap().is_none(), "a read failed");
     let _ = reader.kill();

@@ -141,3 +141,74 @@ fn format_refuses_a_block_device_served_by_kvcrypt_open_and_it_cannot_be_mounted
     let o = kv(&lab, &["close", "busyvol"]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// A worker that never answers the suspend is killed (issue 10 d7); between that kill and the
+/// next worker no process serves the volume, yet the agent will resume it, so the agent claims
+/// it itself: format is still refused, naming the agent.
+#[test]
+fn a_volume_whose_wedged_worker_was_killed_stays_claimed_by_the_agent() {
+    if !ready() {
+        return;
+    }
+    let mut r = Running::start(LabOptions::default());
+    let pid = worker_pid(&r.lab.run_dir);
+    let agent_pid = r.agent.as_ref().unwrap().id();
+    // SAFETY: kill(2) of the worker this test's agent started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    let mut lock = r
+        .lab
+        .kvcrypt()
+        .args(["lock", "demo"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The suspend gets no answer for 35 s, then the worker is killed.
+    let (st, _) = r
+        .lab
+        .wait_state(VolumeState::Suspended, std::time::Duration::from_secs(120))
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    let _ = lock.wait();
+    let reason = st.reason.clone().unwrap_or_default();
+    assert!(reason.contains("killed (SIGKILL)"), "{st:?}");
+    assert!(
+        !Path::new(&format!("/proc/{pid}/exe")).exists(),
+        "worker {pid} still alive"
+    );
+    let o = kv(
+        &r.lab,
+        &[
+            "format",
+            s(&r.lab.image),
+            "--key-id",
+            &r.lab.key_id,
+            "--yes",
+        ],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(14), "{t}");
+    assert!(t.contains(&format!("pid {agent_pid} (")), "{t}");
+    // Unlocked: a new worker serves it and the agent lets go of its stand-in claim.
+    let o = kv(&r.lab, &["unlock", "demo"]);
+    assert!(o.status.success(), "{}", text(&o));
+    r.lab
+        .wait_state(VolumeState::Serving, T)
+        .map_err(|e| r.fail(e))
+        .unwrap();
+    let o = kv(
+        &r.lab,
+        &[
+            "format",
+            s(&r.lab.image),
+            "--key-id",
+            &r.lab.key_id,
+            "--yes",
+        ],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(14), "{t}");
+    assert!(!t.contains(&format!("pid {agent_pid} (")), "{t}");
+    r.stop_agent();
+}

@@ -35,6 +35,11 @@ pub struct RealPlatform {
     provider: tokio::sync::watch::Sender<Arc<KeyVaultProvider>>,
     exe: PathBuf,
     fuse: FuseHolder,
+    /// Claims on the backing store of volumes whose worker the agent killed (a failed or hung
+    /// suspend), held until a new worker serves it or the volume is closed: in between no
+    /// process serves it, yet the agent will resume it, so it must not be formatted or have
+    /// another header restored onto it (src/inuse.rs).
+    stand_in: Arc<Mutex<HashMap<String, std::fs::File>>>,
 }
 
 /// The FUSE connections the agent holds (cheap to clone: shared with blocking tasks).
@@ -57,7 +62,25 @@ struct HeldFuse {
     fds: Vec<Arc<OwnedFd>>,
 }
 
+/// The agent's own shared claim on a backing store (see [`RealPlatform::stand_in`]).
+fn stand_in_claim(device: &Path) -> Result<std::fs::File, crate::inuse::InUseError> {
+    let f = std::fs::File::open(device).map_err(|source| crate::inuse::InUseError::Io {
+        path: device.to_owned(),
+        op: "opening to claim",
+        source,
+    })?;
+    crate::inuse::claim_served(&f, device)?;
+    Ok(f)
+}
+
 impl RealPlatform {
+    fn release_stand_in(&self, name: &str) {
+        self.stand_in
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
     pub fn new(vault: &VaultConfig) -> Result<Self, KeyError> {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/sbin/kvcrypt"));
         let fdstore = FdStore::from_env();
@@ -87,6 +110,7 @@ impl RealPlatform {
                 handed_back: Arc::new(Mutex::new(handed_back)),
                 fdstore,
             },
+            stand_in: Arc::default(),
         })
     }
 }
@@ -344,6 +368,7 @@ impl Platform for RealPlatform {
                         }
                     })
                     .await;
+                    self.release_stand_in(&name);
                     return Ok(Served {
                         in_place,
                         ..Served::new(dev.to_owned(), bd)
@@ -386,6 +411,7 @@ impl Platform for RealPlatform {
         })
         .await?
         .map_err(|e| e.to_string())?;
+        self.release_stand_in(&s.name);
         Ok(Served {
             ublk_dev_id,
             ..Served::new(dev.to_owned(), bd)
@@ -421,6 +447,7 @@ impl Platform for RealPlatform {
     }
 
     async fn release_fuse(&self, name: &str, served: &Served) -> String {
+        self.release_stand_in(name);
         let held = self.fuse.let_go(name);
         let n = name.to_owned();
         let bd = served.block_device.clone();
@@ -495,6 +522,18 @@ impl Platform for RealPlatform {
             return Ok("no worker state file: no worker to kill".into());
         };
         let pid = st.pid;
+        // Taken while the worker still holds its own (shared claims coexist), so the volume is
+        // never unclaimed.
+        match stand_in_claim(&st.device) {
+            Ok(f) => {
+                self.stand_in
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.to_owned(), f);
+            }
+            Err(e) => tracing::warn!(volume = %name, error = %e,
+                "volume {name}: cannot claim its backing store for the agent ({e}); it is unclaimed until the next worker starts"),
+        }
         let w = match PidWatch::open(pid) {
             Ok(w) => w,
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
@@ -577,11 +616,13 @@ impl Platform for RealPlatform {
         // mounted would otherwise keep its I/O hanging on our copies).
         if res.is_ok() || worker::read_state(name).is_none_or(|st| !worker::pid_alive(st.pid)) {
             self.fuse.let_go(name);
+            self.release_stand_in(name);
         }
         res
     }
 
     async fn delete_ublk_device(&self, name: &str, dev_id: u32) -> Result<(), String> {
+        self.release_stand_in(name);
         let n = name.to_owned();
         blocking(move || {
             crate::transport::ublk::delete_device(dev_id)?;
