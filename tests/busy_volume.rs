@@ -142,6 +142,18 @@ fn format_refuses_a_block_device_served_by_kvcrypt_open_and_it_cannot_be_mounted
     assert!(o.status.success(), "{}", text(&o));
 }
 
+/// `kvcrypt format --yes` of the lab's image, which must be refused as in use (exit 14); its
+/// output, to tell who holds the volume.
+fn format_refused(lab: &Lab) -> String {
+    let o = kv(
+        lab,
+        &["format", s(&lab.image), "--key-id", &lab.key_id, "--yes"],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(14), "{t}");
+    t
+}
+
 /// A worker that never answers the suspend is killed (issue 10 d7); between that kill and the
 /// next worker no process serves the volume, yet the agent will resume it, so the agent claims
 /// it itself: format is still refused, naming the agent.
@@ -177,18 +189,7 @@ fn a_volume_whose_wedged_worker_was_killed_stays_claimed_by_the_agent() {
         !Path::new(&format!("/proc/{pid}/exe")).exists(),
         "worker {pid} still alive"
     );
-    let o = kv(
-        &r.lab,
-        &[
-            "format",
-            s(&r.lab.image),
-            "--key-id",
-            &r.lab.key_id,
-            "--yes",
-        ],
-    );
-    let t = text(&o);
-    assert_eq!(o.status.code(), Some(14), "{t}");
+    let t = format_refused(&r.lab);
     assert!(t.contains(&format!("pid {agent_pid} (")), "{t}");
     // Unlocked: a new worker serves it and the agent lets go of its stand-in claim.
     let o = kv(&r.lab, &["unlock", "demo"]);
@@ -197,18 +198,7 @@ fn a_volume_whose_wedged_worker_was_killed_stays_claimed_by_the_agent() {
         .wait_state(VolumeState::Serving, T)
         .map_err(|e| r.fail(e))
         .unwrap();
-    let o = kv(
-        &r.lab,
-        &[
-            "format",
-            s(&r.lab.image),
-            "--key-id",
-            &r.lab.key_id,
-            "--yes",
-        ],
-    );
-    let t = text(&o);
-    assert_eq!(o.status.code(), Some(14), "{t}");
+    let t = format_refused(&r.lab);
     assert!(!t.contains(&format!("pid {agent_pid} (")), "{t}");
     r.stop_agent();
 }

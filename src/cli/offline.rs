@@ -174,7 +174,9 @@ fn warn_damaged(device: &Path, l: &header::LoadedHeader) {
 fn warn_truncated(device: &Path, l: &header::LoadedHeader) {
     if let Some(missing) = l.missing_bytes() {
         eprintln!(
-            "kvcrypt: warning: {} is truncated: {} bytes, but its data area ends at byte {}              ({missing} bytes missing); the header is intact, but the volume cannot be opened              until the device has its full size again",
+            "kvcrypt: warning: {} is truncated: {} bytes, but its data area ends at byte {} \
+             ({missing} bytes missing); the header is intact, but the volume cannot be opened \
+             until the device has its full size again",
             device.display(),
             l.device_size,
             l.header.data_offset.saturating_add(l.header.data_length),

@@ -29,7 +29,9 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
             // The agent trusts only the configuration's pins; a one-off waiver belongs to a
             // volume nobody else serves.
             return Err(CliError::Usage(
-                "--allow-unpinned-key cannot be handed to the agent, which only unlocks keys                  pinned in the configuration: add the key to `keys` of [vault], or pass                  --no-access-checks as well to serve it from this command"
+                "--allow-unpinned-key cannot be handed to the agent, which only unlocks keys \
+                 pinned in the configuration: add the key to `keys` of [vault], or pass \
+                 --no-access-checks as well to serve it from this command"
                     .into(),
             )
             .into());
