@@ -222,6 +222,38 @@ fn library_start_and_shutdown_from_plain_test() {
         emu.vault_url("v"),
         format!("https://v.vault.azure.net:{port}")
     );
+    assert!(
+        listens_in_this_process(port),
+        "the emulator's listener is ours"
+    );
     emu.shutdown();
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    // Not "connect fails": once the port is free, any process (the emulator binary another
+    // test here starts on port 0) may bind it. What shutdown must do is close our listener.
+    assert!(
+        !listens_in_this_process(port),
+        "port {port} still listened on by this process after shutdown"
+    );
+}
+
+/// Whether a socket of this process listens on TCP `port` (IPv4): the LISTEN rows of
+/// /proc/net/tcp for that port, matched by inode against this process's descriptors.
+fn listens_in_this_process(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|row| {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            let local_port = cols.get(1)?.rsplit(':').next()?;
+            let listening = cols.get(3)? == &"0A";
+            if !listening || u16::from_str_radix(local_port, 16).ok()? != port {
+                return None;
+            }
+            Some(format!("socket:[{}]", cols.get(9)?))
+        })
+        .collect();
+    std::fs::read_dir("/proc/self/fd").unwrap().any(|fd| {
+        std::fs::read_link(fd.unwrap().path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
 }
