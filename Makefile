@@ -38,10 +38,10 @@ RULES = udev/60-kvcrypt.rules
 all: build
 
 build:
-	$(CARGO) build --release --bins
+	$(CARGO) build --workspace --release --bins
 
 $(KVCRYPT) $(EMULATOR):
-	$(CARGO) build --release --bins
+	$(CARGO) build --workspace --release --bins
 
 install: $(KVCRYPT) $(EMULATOR)
 	$(INSTALL) -d -m 0755 $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) \

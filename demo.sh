@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # kvcrypt demo: installs the build dependencies (Debian/Ubuntu), builds a release binary and
-# runs `kvcrypt demo` — format a scratch volume, serve it, mkfs, write, revoke the Key Vault
+# runs `kvcrypt-demo` — format a scratch volume, serve it, mkfs, write, revoke the Key Vault
 # permission in the bundled emulator (→ locked), restore it (→ resumed), verify the data.
-# Needs root (loop device + FUSE). Usage (as root): ./demo.sh [kvcrypt demo options, e.g. --keep]
+# Needs root (loop device + FUSE). Usage (as root): ./demo.sh [kvcrypt-demo options, e.g. --keep]
 set -euo pipefail
 cd "$(dirname "$0")"
 [ "$(id -u)" = 0 ] || { echo "demo.sh: run as root: ./demo.sh" >&2; exit 1; }
@@ -14,4 +14,4 @@ modprobe loop 2>/dev/null || true
 echo "demo: building (release)…"
 cargo build --release --bins --quiet
 target="${CARGO_TARGET_DIR:-target}"
-exec "$target/release/kvcrypt" demo "$@"
+exec "$target/release/kvcrypt-demo" "$@"

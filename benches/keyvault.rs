@@ -8,8 +8,8 @@
 #[path = "../tests/kvtest/mod.rs"]
 mod kvtest;
 
-use kvcrypt::emulator::{Fault, FaultKind, Op};
-use kvcrypt::keys::{KeyVaultProvider, VaultConfig};
+use kvcrypt_keyvault::{KeyVaultProvider, VaultConfig};
+use kvcrypt_kv_emulator::{Fault, FaultKind, Op};
 use kvtest::{HSM, Kv, VAULT, key_id, random_vmk};
 use std::time::{Duration, Instant};
 

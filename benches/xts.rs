@@ -5,8 +5,8 @@
 //! and `python3 benches/openssl_xts.py` (see the benchmark section of the issue note).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use kvcrypt::crypto::{Implementation, XtsCipher};
-use kvcrypt::secmem::VolumeKey;
+use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_crypto::{Implementation, XtsCipher};
 
 fn xts(c: &mut Criterion) {
     let key = VolumeKey::from_slice(&[0x5a; 64]).expect("64 bytes");

@@ -4,12 +4,12 @@
 //! `cargo run --release --example fuzz_header -- [EXECUTIONS] [RNG_SEED]`
 //! `cargo run --example fuzz_header -- --seeds DIR` writes the seed inputs (for cargo-fuzz).
 //!
-//! Starts from valid header copies (`kvcrypt::header::fuzzing::seed_inputs`), applies random
+//! Starts from valid header copies (`kvcrypt_format::fuzzing::seed_inputs`), applies random
 //! stacked mutations (bit flips, byte/integer overwrites with boundary values, JSON-token
 //! splices, truncation, extension, flag changes) and keeps inputs the parser accepts as further
 //! seeds. Stops with exit code 1 on a property violation; a panic aborts with the input saved.
 
-use kvcrypt::header::fuzzing::{check_input, seed_inputs};
+use kvcrypt_format::fuzzing::{check_input, seed_inputs};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -19,9 +19,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use kvcrypt::crypto::XtsCipher;
-use kvcrypt::secmem::VolumeKey;
-use kvcrypt::transport::ublk::{self, BlockTarget, ServeEnd, SplitStep, StopRequest, UblkOptions};
+use kvcrypt_crypto::XtsCipher;
+use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_datapath::transport::ublk::{
+    self, BlockTarget, ServeEnd, SplitStep, StopRequest, UblkOptions,
+};
 
 /// pread/pwrite + XTS: just enough target to drive the transport.
 struct XtsFile {

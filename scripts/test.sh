@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 
 cargo fmt --all -- --check
-cargo clippy --all-targets --release -- -D warnings
+cargo clippy --workspace --all-targets --release -- -D warnings
 # Release build: the crypto and data-path tests move hundreds of MB, and the VM test copies the
 # release binaries into its guest.
-cargo build --release --bins
-cargo test --release -- --test-threads=2
+cargo build --workspace --release --bins
+cargo test --workspace --release -- --test-threads=2

@@ -1,22 +1,10 @@
 //! kvcrypt: block-device encryption with the volume key wrapped by a customer-held
-//! Azure Key Vault / Managed HSM key. See `docs/FORMAT.md` and `README.md`.
+//! Azure Key Vault / Managed HSM key. This crate is the agent, its volume workers and the
+//! command line; the layers below live in their own crates (docs/ARCHITECTURE.md):
+//! `kvcrypt-format` (on-disk header), `kvcrypt-crypto` (XTS + secret memory),
+//! `kvcrypt-keyvault` (the Key Vault provider), `kvcrypt-datapath` (engine + transports),
+//! `kvcrypt-host` (device and mount facts), `kvcrypt-exit` (exit codes).
 
-pub mod exit;
-
-pub mod secmem;
-
-pub mod mountinfo;
-
-pub mod crypto;
-pub mod header;
-pub mod inuse;
-
-pub mod keys;
-
-pub mod emulator;
-
-pub mod engine;
-pub mod transport;
 pub mod worker;
 
 pub mod agent;

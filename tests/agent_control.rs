@@ -15,7 +15,7 @@ use kvcrypt::agent::daemon::{self, Options};
 use kvcrypt::agent::ports::{
     AccessClass, AccessError, CloseFailed, Platform, Served, SlotRef, WorkerExit,
 };
-use kvcrypt::secmem::VolumeKey;
+use kvcrypt_crypto::secmem::VolumeKey;
 
 #[derive(Default)]
 struct World {

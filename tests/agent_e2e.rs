@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kvcrypt::agent::lab::{Lab, LabOptions, Revocation};
 use kvcrypt::agent::status::VolumeState;
-use kvcrypt::emulator::{Fault, FaultKind, FaultTarget};
+use kvcrypt_kv_emulator::{Fault, FaultKind, FaultTarget};
+use kvcrypt_lab::lab::{Lab, LabOptions, Revocation};
 
 mod agent_common;
 use agent_common::{
@@ -1457,10 +1457,10 @@ fn agent_repairs_a_damaged_header_copy_at_unlock() {
         512 * 1024 + 4096 + 20,
     )
     .unwrap();
-    let before = kvcrypt::header::read(&lab.image).unwrap();
+    let before = kvcrypt_format::read(&lab.image).unwrap();
     assert_eq!(before.damaged.len(), 1, "{:?}", before.damaged);
     let mut r = Running::agent_for(lab, dir);
-    let after = kvcrypt::header::read(&r.lab.image).unwrap();
+    let after = kvcrypt_format::read(&r.lab.image).unwrap();
     assert!(after.damaged.is_empty(), "{:?}", after.damaged);
     assert!(after.sequence > before.sequence);
     assert_eq!(after.uuid, before.uuid);
@@ -1510,7 +1510,7 @@ fn proxy_error_pages_never_lock_but_key_vaults_own_403_does() {
     ));
     let sum = checked_sha256(&r, &mnt.join("data.bin"));
     let bd = r.block_device();
-    let key = kvcrypt::agent::lab::KEY_NAME;
+    let key = kvcrypt_lab::lab::KEY_NAME;
 
     // Three phases of 2 s each stay well inside offline_lock_after (20 s), also on a loaded host.
     for (kind, seen) in [

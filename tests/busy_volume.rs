@@ -2,7 +2,7 @@
 //! `kvcrypt format --yes` used to overwrite a file the agent served and a block device
 //! `kvcrypt open` served (the backing store was not claimed), and `header restore --yes` wrote
 //! any header over a served device. Now every serving process holds a claim on its backing
-//! store (src/inuse.rs) and `format` / `header restore` refuse with exit 14, whatever the flags.
+//! store (crates/kvcrypt-host/src/inuse.rs) and `format` / `header restore` refuse with exit 14, whatever the flags.
 
 mod agent_common;
 
@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 
 use agent_common::*;
-use kvcrypt::agent::lab::{Lab, LabOptions};
 use kvcrypt::agent::status::VolumeState;
+use kvcrypt_lab::lab::{Lab, LabOptions};
 
 /// `kvcrypt ARGS` with the lab's config and run directory, no stdin.
 fn kv(lab: &Lab, args: &[&str]) -> Output {

@@ -8,8 +8,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use fuse_common::{pattern, skip_without_fuse_loop, wait_gone};
-use kvcrypt::emulator::Op;
-use kvcrypt::engine::AlignedBuf;
+use kvcrypt_datapath::engine::AlignedBuf;
+use kvcrypt_kv_emulator::Op;
 use kvtest::{Kv, VAULT, kvcrypt_cli as kvcrypt, ok};
 
 const MIB: u64 = 1 << 20;

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use fuse_common::*;
-use kvcrypt::engine::{AlignedBuf, Engine, EngineConfig};
-use kvcrypt::transport::fuse::{FuseDevice, FuseOptions};
+use kvcrypt_datapath::engine::{AlignedBuf, Engine, EngineConfig};
+use kvcrypt_datapath::transport::fuse::{FuseDevice, FuseOptions};
 
 const MIB: u64 = 1 << 20;
 

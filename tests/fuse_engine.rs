@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fuse_common::*;
-use kvcrypt::engine::{Engine, EngineConfig, EngineError};
+use kvcrypt_datapath::engine::{Engine, EngineConfig, EngineError};
 
 const MIB: u64 = 1 << 20;
 
@@ -36,11 +36,11 @@ fn aligned_round_trip_uses_direct_io_and_io_uring() {
     e.read_at(4096, &mut back).unwrap();
     assert_eq!(back, data);
     // write_at_mut on an aligned buffer (in-place encryption path).
-    let mut abuf = kvcrypt::engine::AlignedBuf::new(256 * 1024);
+    let mut abuf = kvcrypt_datapath::engine::AlignedBuf::new(256 * 1024);
     abuf.copy_from_slice(&pattern(256 * 1024, 2));
     let expect = abuf.to_vec();
     e.write_at_mut(6 * MIB, &mut abuf, true).unwrap();
-    let mut rbuf = kvcrypt::engine::AlignedBuf::new(256 * 1024);
+    let mut rbuf = kvcrypt_datapath::engine::AlignedBuf::new(256 * 1024);
     e.read_at(6 * MIB, &mut rbuf).unwrap();
     assert_eq!(&rbuf[..], &expect[..]);
 }
@@ -377,12 +377,12 @@ fn refused_o_direct_falls_back_to_buffered_io() {
 /// return `Suspended` without blocking, and `wait_resumed` releases on resume / shutdown.
 #[test]
 fn split_phase_api_matches_the_blocking_path() {
-    use kvcrypt::engine::SplitError;
+    use kvcrypt_datapath::engine::SplitError;
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let (e, path) = engine(dir.path(), MIB, 4096);
     let e = Arc::new(e);
     let plain = pattern(8192, 7);
-    let mut buf = kvcrypt::engine::AlignedBuf::new(8192);
+    let mut buf = kvcrypt_datapath::engine::AlignedBuf::new(8192);
     buf.copy_from_slice(&plain);
     e.try_encrypt(16384, &mut buf).unwrap();
     assert_ne!(&buf[..], &plain[..], "encrypted in place");

@@ -7,7 +7,7 @@
 mod fuse_common;
 
 use fuse_common::*;
-use kvcrypt::transport::fuse::FuseMode;
+use kvcrypt_datapath::transport::fuse::FuseMode;
 
 /// Root, FUSE, loop and a kernel with FUSE-over-io_uring; `None` means skip (said why).
 fn uring() -> Option<EnableUring> {

@@ -3,14 +3,14 @@
 mod header_common;
 
 use header_common::*;
-use kvcrypt::exit::{Exit, ExitClass};
-use kvcrypt::header::{self, Copy, HeaderError, VolumeHeader};
+use kvcrypt_exit::{Exit, ExitClass};
+use kvcrypt_format::{Copy, HeaderError, VolumeHeader};
 
 #[test]
 fn write_read_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "data");
-    let l = header::read(&p).unwrap();
+    let l = kvcrypt_format::read(&p).unwrap();
     assert_eq!(l.header, h);
     assert_eq!(l.sequence, 1);
     assert_eq!(l.used, Copy::Primary);
@@ -43,7 +43,7 @@ fn device_smaller_than_header_plus_one_sector() {
     // Writing a header whose data area does not fit the device is refused, nothing written.
     let mut h = VolumeHeader::new_for_device(8 * MIB, 4096, "", &vmk).unwrap();
     let small = sized_file(dir.path(), "small.img", 2 * MIB);
-    let e = header::write(&small, &mut h).unwrap_err();
+    let e = kvcrypt_format::write(&small, &mut h).unwrap_err();
     assert!(matches!(e, HeaderError::DeviceTooSmall { .. }), "{e}");
     assert!(read_at(&small, 0, 8).iter().all(|&b| b == 0));
     // A device that shrank after formatting: clear error on read.
@@ -54,7 +54,7 @@ fn device_smaller_than_header_plus_one_sector() {
         .unwrap()
         .set_len(4 * MIB)
         .unwrap();
-    let e = header::read(&p).unwrap_err();
+    let e = kvcrypt_format::read(&p).unwrap_err();
     assert!(
         matches!(e, HeaderError::DeviceTooSmall { size, .. } if size == 4 * MIB),
         "{e}"
@@ -72,16 +72,16 @@ fn not_a_kvcrypt_device() {
         .collect();
     write_at(&noise, 0, &bytes);
     for p in [&zeros, &empty, &noise] {
-        let e = header::read(p).unwrap_err();
+        let e = kvcrypt_format::read(p).unwrap_err();
         assert!(
             matches!(e, HeaderError::NotKvcrypt { .. }),
             "{}: {e}",
             p.display()
         );
         assert_eq!(e.exit_class(), Exit::NotKvcrypt);
-        assert!(header::probe(p).is_none());
+        assert!(kvcrypt_format::probe(p).is_none());
     }
-    let e = header::read(dir.path().join("missing")).unwrap_err();
+    let e = kvcrypt_format::read(dir.path().join("missing")).unwrap_err();
     assert!(matches!(e, HeaderError::Io { .. }));
     assert_eq!(e.exit_class(), Exit::NotFound);
 }
@@ -93,7 +93,7 @@ fn primary_corrupt_opens_from_secondary_and_write_repairs_it() {
     let good = read_at(&p, PRIMARY, 8192);
     flip(&p, PRIMARY + 40); // first label byte
     flip(&p, PRIMARY + 4100); // metadata byte
-    let l = header::read(&p).unwrap();
+    let l = kvcrypt_format::read(&p).unwrap();
     assert_eq!(l.used, Copy::Secondary);
     assert_eq!(l.header, h);
     assert_eq!(l.damaged.len(), 1);
@@ -105,7 +105,7 @@ fn primary_corrupt_opens_from_secondary_and_write_repairs_it() {
     );
 
     let mut h2 = l.header.clone();
-    header::write(&p, &mut h2).unwrap();
+    kvcrypt_format::write(&p, &mut h2).unwrap();
     assert_eq!(h2.sequence, 2);
     // The primary's bytes on disk are repaired: equal to the original except the sequence
     // number and checksum, which a new write changes.
@@ -120,7 +120,7 @@ fn primary_corrupt_opens_from_secondary_and_write_repairs_it() {
         v[224..256].fill(0);
     }
     assert_eq!(a, b);
-    let l = header::read(&p).unwrap();
+    let l = kvcrypt_format::read(&p).unwrap();
     assert!(l.damaged.is_empty(), "{:?}", l.damaged);
     assert_eq!(l.used, Copy::Primary);
 }
@@ -130,17 +130,17 @@ fn secondary_corrupt_is_reported_and_repaired() {
     let dir = tempfile::tempdir().unwrap();
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "data");
     write_at(&p, SECONDARY, &[0xff; 4096]);
-    let l = header::read(&p).unwrap();
+    let l = kvcrypt_format::read(&p).unwrap();
     assert_eq!(l.used, Copy::Primary);
     assert_eq!(
         l.damaged.iter().map(|d| d.copy).collect::<Vec<_>>(),
         vec![Copy::Secondary]
     );
     let mut h = l.header.clone();
-    header::write(&p, &mut h).unwrap();
+    kvcrypt_format::write(&p, &mut h).unwrap();
     assert_eq!(&read_at(&p, SECONDARY, 8)[..], b"KVCRYPT\xba");
     assert_eq!(&read_at(&p, SECONDARY + 16, 8)[..], &2u64.to_le_bytes());
-    assert!(header::read(&p).unwrap().damaged.is_empty());
+    assert!(kvcrypt_format::read(&p).unwrap().damaged.is_empty());
 }
 
 #[test]
@@ -149,13 +149,13 @@ fn stale_copy_loses_to_higher_sequence() {
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "old");
     let old_primary = read_at(&p, PRIMARY, 512 * 1024);
     let vmk = key(1);
-    let mut h = header::read(&p).unwrap().header;
+    let mut h = kvcrypt_format::read(&p).unwrap().header;
     h.label = "new".into();
     h.seal(&vmk);
-    header::write(&p, &mut h).unwrap();
+    kvcrypt_format::write(&p, &mut h).unwrap();
     // Simulate a crash that left the primary at the old contents.
     write_at(&p, PRIMARY, &old_primary);
-    let l = header::read(&p).unwrap();
+    let l = kvcrypt_format::read(&p).unwrap();
     assert_eq!(l.used, Copy::Secondary);
     assert_eq!(l.label, "new");
     assert_eq!(l.sequence, 2);
@@ -168,13 +168,13 @@ fn both_copies_corrupt_suggests_header_restore() {
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "data");
     flip(&p, PRIMARY + 130);
     flip(&p, SECONDARY + 4200);
-    let e = header::read(&p).unwrap_err();
+    let e = kvcrypt_format::read(&p).unwrap_err();
     assert!(matches!(e, HeaderError::BothCopiesCorrupt { .. }), "{e}");
     assert_eq!(e.exit_class(), Exit::HeaderInvalid);
     let msg = e.to_string();
     assert!(msg.contains("kvcrypt header restore"), "{msg}");
     assert!(msg.contains(&p.display().to_string()), "{msg}");
-    assert!(header::probe(&p).is_none());
+    assert!(kvcrypt_format::probe(&p).is_none());
 }
 
 #[test]
@@ -190,7 +190,7 @@ fn truncated_metadata() {
         .unwrap()
         .set_len(4096 + md_len / 2)
         .unwrap();
-    let e = header::read(&p).unwrap_err();
+    let e = kvcrypt_format::read(&p).unwrap_err();
     assert!(matches!(e, HeaderError::TruncatedMetadata { .. }), "{e}");
     assert_eq!(e.exit_class(), Exit::HeaderInvalid);
 
@@ -200,7 +200,7 @@ fn truncated_metadata() {
         write_at(&p, copy + 168, &(md_len / 2).to_le_bytes());
         fix_checksum(&p, copy);
     }
-    let e = header::read(&p).unwrap_err();
+    let e = kvcrypt_format::read(&p).unwrap_err();
     assert!(
         matches!(e, HeaderError::BothCopiesCorrupt { ref primary, .. } if primary.contains("JSON")),
         "{e}"
@@ -213,11 +213,11 @@ fn unknown_version_is_refused() {
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "data");
     write_at(&p, PRIMARY + 8, &3u16.to_le_bytes());
     // One copy of an unknown version: the other (v2) copy is used, the first reported.
-    let l = header::read(&p).unwrap();
+    let l = kvcrypt_format::read(&p).unwrap();
     assert_eq!(l.used, Copy::Secondary);
     assert!(l.damaged[0].reason.contains("unsupported version 3"));
     write_at(&p, SECONDARY + 8, &3u16.to_le_bytes());
-    let e = header::read(&p).unwrap_err();
+    let e = kvcrypt_format::read(&p).unwrap_err();
     assert!(
         matches!(
             e,
@@ -237,7 +237,7 @@ fn unknown_version_is_refused() {
 fn wrong_key_fails_the_key_check() {
     let dir = tempfile::tempdir().unwrap();
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "data");
-    let l = header::read(&p).unwrap();
+    let l = kvcrypt_format::read(&p).unwrap();
     let e = l.verify_key(&key(2)).unwrap_err();
     assert!(matches!(e, HeaderError::WrongKey));
     assert_eq!(e.exit_class(), Exit::WrongKey);
@@ -253,7 +253,7 @@ fn tampered_label_is_detected_by_the_mac() {
         fix_checksum(&p, copy);
     }
     // Without the key the change is invisible (checksums are right) ...
-    let l = header::read(&p).unwrap();
+    let l = kvcrypt_format::read(&p).unwrap();
     assert_eq!(l.label, "evil");
     assert!(l.damaged.is_empty());
     // ... with the key it is caught.
@@ -275,7 +275,7 @@ fn tampered_key_slot_is_detected_by_the_mac() {
         write_at(&p, copy + 168, &(evil.len() as u64).to_le_bytes());
         fix_checksum(&p, copy);
     }
-    let l = header::read(&p).unwrap();
+    let l = kvcrypt_format::read(&p).unwrap();
     assert!(l.slots[0].key_id.contains("attacker"));
     assert!(matches!(l.verify_key(&key(1)), Err(HeaderError::Tampered)));
 }
@@ -285,18 +285,18 @@ fn backup_restore_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "data");
     let bak = dir.path().join("v.hdr");
-    header::backup(&p, &bak).unwrap();
+    kvcrypt_format::backup(&p, &bak).unwrap();
     assert_eq!(std::fs::metadata(&bak).unwrap().len(), MIB);
     // A second backup to the same file is refused rather than overwriting it.
-    assert!(header::backup(&p, &bak).is_err());
+    assert!(kvcrypt_format::backup(&p, &bak).is_err());
     // Destroy both copies, then restore.
     write_at(&p, PRIMARY, &vec![0u8; MIB as usize]);
     assert!(matches!(
-        header::read(&p),
+        kvcrypt_format::read(&p),
         Err(HeaderError::NotKvcrypt { .. })
     ));
-    let restored = header::restore(&p, &bak).unwrap();
-    let l = header::read(&p).unwrap();
+    let restored = kvcrypt_format::restore(&p, &bak).unwrap();
+    let l = kvcrypt_format::read(&p).unwrap();
     assert!(l.damaged.is_empty());
     assert_eq!(l.uuid, h.uuid);
     assert_eq!(l.slots, h.slots);
@@ -306,7 +306,7 @@ fn backup_restore_round_trip() {
     // A non-header file is not accepted as a backup.
     let junk = sized_file(dir.path(), "junk", MIB);
     assert!(matches!(
-        header::restore(&p, &junk),
+        kvcrypt_format::restore(&p, &junk),
         Err(HeaderError::NotKvcrypt { .. })
     ));
 }
@@ -315,7 +315,7 @@ fn backup_restore_round_trip() {
 fn probe_reports_identity() {
     let dir = tempfile::tempdir().unwrap();
     let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "my vol");
-    let info = header::probe(&p).unwrap();
+    let info = kvcrypt_format::probe(&p).unwrap();
     assert_eq!(info.uuid, h.uuid);
     assert_eq!(info.label, "my vol");
     assert_eq!(info.version, 2);

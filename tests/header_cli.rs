@@ -1,4 +1,4 @@
-//! The `kvcrypt` binary's offline header commands: output and exit codes (src/exit.rs).
+//! The `kvcrypt` binary's offline header commands: output and exit codes (crates/kvcrypt-exit).
 
 mod header_common;
 
@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use header_common::*;
-use kvcrypt::header;
+use kvcrypt_format as header;
 
 fn kvcrypt(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kvcrypt"))

@@ -44,14 +44,14 @@ fn document_reproduces_checksum_key_check_and_mac() {
     let dir = tempfile::tempdir().unwrap();
     let vmk = key(1);
     let p = sized_file(dir.path(), "v.img", 8 * MIB);
-    let mut h = kvcrypt::header::VolumeHeader::new_for_device(8 * MIB, 512, "doc ✓", &vmk).unwrap();
+    let mut h = kvcrypt_format::VolumeHeader::new_for_device(8 * MIB, 512, "doc ✓", &vmk).unwrap();
     h.add_slot(slot(1));
     // Slot 2 carries an access check (format v2); slot 1 is as a v1 volume's slot was.
     let mut s2 = slot(2);
     s2.check = Some(vec![0xa5; 40]);
     h.add_slot(s2);
     h.seal(&vmk);
-    kvcrypt::header::write(&p, &mut h).unwrap();
+    kvcrypt_format::write(&p, &mut h).unwrap();
 
     for (copy, index) in [(PRIMARY, 0u16), (SECONDARY, 1u16)] {
         let block = read_at(&p, copy, 4096);

@@ -6,10 +6,10 @@ mod kvtest;
 use std::path::Path;
 use std::process::Output;
 
-use kvcrypt::crypto::XtsCipher;
-use kvcrypt::emulator::Op;
-use kvcrypt::header;
-use kvcrypt::secmem::VolumeKey;
+use kvcrypt_crypto::XtsCipher;
+use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_format as header;
+use kvcrypt_kv_emulator::Op;
 use kvtest::{Kv, VAULT, kvcrypt_cli as run, ok};
 
 const MIB: u64 = 1024 * 1024;
@@ -42,11 +42,8 @@ fn master_key(cfg: &Path, dev: &str) -> Result<VolumeKey, Output> {
 fn format_dump_rewrap_against_the_emulator() {
     // Root is needed for --dump-master-key (CI runs as root).
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test runs as root, like CI"
-    );
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test runs as root, like CI");
     let kv = Kv::start();
     let v1 = kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
     let p = kv.principal("kvcrypt-host", &[Op::Get, Op::Wrap, Op::Unwrap]);
@@ -101,7 +98,7 @@ fn format_dump_rewrap_against_the_emulator() {
     // digest is that of the secret derived from this VMK.
     assert_eq!(l.version, 2);
     assert!(l.slots[0].check.as_ref().is_some_and(|c| !c.is_empty()));
-    l.verify_access_secret(kvcrypt::crypto::kdf::access_secret(&vmk).expose())
+    l.verify_access_secret(kvcrypt_crypto::kdf::access_secret(&vmk).expose())
         .unwrap();
     let mut sector = vec![0u8; 4096];
     std::os::unix::fs::FileExt::read_exact_at(

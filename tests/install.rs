@@ -28,7 +28,11 @@ fn make_install_stages_everything() {
         .arg(format!("KVCRYPT={}", env!("CARGO_BIN_EXE_kvcrypt")))
         .arg(format!(
             "EMULATOR={}",
-            env!("CARGO_BIN_EXE_kvcrypt-kv-emulator")
+            // Another package's binary: cargo builds every workspace binary for `cargo test`,
+            // into the same directory.
+            std::path::Path::new(env!("CARGO_BIN_EXE_kvcrypt"))
+                .with_file_name("kvcrypt-kv-emulator")
+                .display()
         ))
         .output()
         .unwrap();

@@ -9,18 +9,18 @@
 mod kvtest;
 
 use base64::Engine as _;
-use kvcrypt::emulator::{NewPrincipal, Op, PrincipalKind};
-use kvcrypt::keys::{
+use kvcrypt_keyvault::{
     ClientCertificateConfig, ClientSecretConfig, CredentialConfig, ErrorClass, KeyVaultProvider,
     ManagedIdentityConfig, VaultConfig, WorkloadIdentityConfig,
 };
+use kvcrypt_kv_emulator::{NewPrincipal, Op, PrincipalKind};
 use kvtest::{Kv, VAULT, key_id, random_vmk};
 use std::process::Command;
 
 const CRYPTO_USER: &[Op] = &[Op::Get, Op::Wrap, Op::Unwrap];
 
 /// Wrap + unwrap with `cfg`; returns the error of the first failing step.
-async fn round_trip(cfg: &VaultConfig) -> Result<(), kvcrypt::keys::KeyError> {
+async fn round_trip(cfg: &VaultConfig) -> Result<(), kvcrypt_keyvault::KeyError> {
     let provider = KeyVaultProvider::new(cfg)?;
     let vmk = random_vmk();
     let slot = provider.wrap(&key_id(VAULT, "k"), None, &vmk).await?;

@@ -5,9 +5,9 @@
 mod kvtest;
 
 use azure_core::http::RequestContent;
-use kvcrypt::emulator::{AuthMode, EmulatorConfig, Fault, FaultKind, FaultTarget, Op};
-use kvcrypt::exit::{Exit, ExitClass};
-use kvcrypt::keys::{BlockingProvider, ErrorClass, KeyError, KeyId, KeyVaultProvider};
+use kvcrypt_exit::{Exit, ExitClass};
+use kvcrypt_keyvault::{BlockingProvider, ErrorClass, KeyError, KeyId, KeyVaultProvider};
+use kvcrypt_kv_emulator::{AuthMode, EmulatorConfig, Fault, FaultKind, FaultTarget, Op};
 use kvtest::{HSM, Kv, VAULT, key_id, random_vmk};
 use std::time::{Duration, Instant};
 
@@ -279,7 +279,7 @@ async fn expired_key_still_unwraps_but_refuses_wrap() {
 }
 
 /// Sets up a key, a provider and one good slot.
-async fn ready(kv: &Kv) -> (KeyVaultProvider, kvcrypt::keys::WrappedKey, String) {
+async fn ready(kv: &Kv) -> (KeyVaultProvider, kvcrypt_keyvault::WrappedKey, String) {
     kv.emu.create_key("k", "RSA", Some(2048)).unwrap();
     let p = kv.principal("host1", CRYPTO_USER);
     let provider = kv.provider(&p);
@@ -411,7 +411,7 @@ async fn wrong_client_secret_is_denied() {
     kv.emu.create_key("k", "RSA", Some(2048)).unwrap();
     let p = kv.principal("host1", CRYPTO_USER);
     let cfg = kv.config(&p);
-    if let kvcrypt::keys::CredentialConfig::ClientSecret(c) = &cfg.credential {
+    if let kvcrypt_keyvault::CredentialConfig::ClientSecret(c) = &cfg.credential {
         std::fs::write(c.secret_file.as_ref().unwrap(), "not-the-secret\n").unwrap();
     }
     let provider = KeyVaultProvider::new(&cfg).unwrap();
@@ -552,7 +552,7 @@ async fn challenge_from_foreign_domain_is_refused() {
     let kv = {
         let mut c = EmulatorConfig::default();
         c.hosts.push("myvault.vault.example.net".into());
-        let emu = kvcrypt::emulator::Emulator::start(c).unwrap();
+        let emu = kvcrypt_kv_emulator::Emulator::start(c).unwrap();
         Kv {
             emu,
             dir: tempfile::tempdir().unwrap(),
@@ -859,7 +859,7 @@ async fn challenge_that_persists_after_a_fresh_token_is_denied() {
             ..EmulatorConfig::default()
         };
         Kv {
-            emu: kvcrypt::emulator::Emulator::start(c).unwrap(),
+            emu: kvcrypt_kv_emulator::Emulator::start(c).unwrap(),
             dir: tempfile::tempdir().unwrap(),
         }
     };

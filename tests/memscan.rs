@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kvcrypt::agent::lab::{Lab, LabOptions, Revocation, VOLUME};
 use kvcrypt::agent::status::VolumeState;
+use kvcrypt_lab::lab::{Lab, LabOptions, Revocation, VOLUME};
 
 mod agent_common;
 mod common;

@@ -13,8 +13,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use header_common::{PRIMARY, SECONDARY, fix_checksum, metadata_len, read_at, write_at};
-use kvcrypt::emulator::Op;
-use kvcrypt::header;
+use kvcrypt_format as header;
+use kvcrypt_kv_emulator::Op;
 use kvtest::{Kv, LOGIN, VAULT, kvcrypt_cli as run, ok};
 
 const MIB: u64 = 1024 * 1024;
@@ -46,7 +46,7 @@ impl Trap {
 
 /// A config file for principal `client_id` / `secret`: `[vault]` reaching the emulator (and
 /// sending the attacker's host to `trap_port`), with `keys` lines as given.
-fn config(kv: &Kv, p: &kvcrypt::emulator::PrincipalInfo, keys: &str, trap_port: u16) -> PathBuf {
+fn config(kv: &Kv, p: &kvcrypt_kv_emulator::PrincipalInfo, keys: &str, trap_port: u16) -> PathBuf {
     let secret = kv.dir.path().join(format!("secret-{}", p.client_id));
     std::fs::write(&secret, format!("{}\n", p.secret.clone().unwrap())).unwrap();
     let port = kv.emu.port();
@@ -411,7 +411,7 @@ impl Drop for Agent {
 
 #[test]
 fn the_agent_refuses_a_rewritten_header_without_a_request() {
-    use kvcrypt::agent::lab::{Lab, LabOptions, VAULT_HOST};
+    use kvcrypt_lab::lab::{Lab, LabOptions, VAULT_HOST};
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIPPED: the agent needs root");

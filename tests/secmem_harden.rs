@@ -3,15 +3,17 @@
 
 #[test]
 fn harden_process_disables_dumps_and_core_files() {
-    kvcrypt::secmem::harden_process().expect("harden_process");
-    // SAFETY (test): prctl(PR_GET_DUMPABLE) and getrlimit only read process attributes.
+    kvcrypt_crypto::secmem::harden_process().expect("harden_process");
+    // SAFETY: prctl(PR_GET_DUMPABLE) and getrlimit only read process attributes.
     let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
     assert_eq!(dumpable, 0, "process must not be dumpable");
     let mut lim = libc::rlimit {
         rlim_cur: 1,
         rlim_max: 1,
     };
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut lim) }, 0);
+    // SAFETY: getrlimit writes only into `lim`, a valid rlimit.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut lim) };
+    assert_eq!(rc, 0);
     assert_eq!(
         (lim.rlim_cur, lim.rlim_max),
         (0, 0),
@@ -24,7 +26,7 @@ fn harden_process_disables_dumps_and_core_files() {
 #[test]
 fn secret_pages_are_excluded_from_core_dumps() {
     // VM_DONTDUMP shows as "dd" in /proc/self/smaps VmFlags.
-    let key = kvcrypt::secmem::VolumeKey::from_slice(&[3u8; 64]).expect("64 bytes");
+    let key = kvcrypt_crypto::secmem::VolumeKey::from_slice(&[3u8; 64]).expect("64 bytes");
     let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
     let start = format!("{:x}-", key.address());
     let block: Vec<&str> = smaps
@@ -77,9 +79,9 @@ fn key_memory_that_cannot_be_locked_is_refused_unless_allowed() {
                 "t",
                 "--no-access-checks",
             ])
-            .env_remove(kvcrypt::secmem::ALLOW_UNLOCKED_ENV);
+            .env_remove(kvcrypt_crypto::secmem::ALLOW_UNLOCKED_ENV);
         if allow {
-            c.env(kvcrypt::secmem::ALLOW_UNLOCKED_ENV, "1");
+            c.env(kvcrypt_crypto::secmem::ALLOW_UNLOCKED_ENV, "1");
         }
         c.output().expect("run kvcrypt under prlimit/setpriv")
     };

@@ -16,8 +16,8 @@
 mod common;
 
 use common::{hex, vmk};
-use kvcrypt::crypto::{CryptoError, Implementation, XtsCipher};
-use kvcrypt::secmem::VolumeKey;
+use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_crypto::{CryptoError, Implementation, XtsCipher};
 use rand::{Rng, RngCore, SeedableRng};
 
 const KEY1: &str = "2718281828459045235360287471352662497757247093699959574966967627";

@@ -10,10 +10,10 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::cli::TransportKind;
-use crate::exit::{Exit, ExitClass};
+use kvcrypt_exit::{Exit, ExitClass};
 
 /// The `[vault]` table: owned by the Key Vault provider.
-pub type VaultConfig = crate::keys::VaultConfig;
+pub type VaultConfig = kvcrypt_keyvault::VaultConfig;
 
 /// A configuration error, naming the file and the field so the operator can fix it.
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +177,7 @@ pub struct VolumeConfig {
     /// replaces `[vault] keys` for this volume. See `Pins`: a header slot naming another key is
     /// never tried, and requests go to the host named here.
     #[serde(default)]
-    pub keys: Vec<crate::keys::KeyPin>,
+    pub keys: Vec<kvcrypt_keyvault::KeyPin>,
     // Per-volume overrides of [agent].
     #[serde(default, deserialize_with = "de_some_duration")]
     pub check_interval: Option<Duration>,
@@ -222,7 +222,7 @@ pub struct VolumeSettings {
     pub allow_discards: bool,
     pub read_only: bool,
     /// The keys that may unlock the volume: its own `keys`, else `[vault] keys`.
-    pub pins: crate::keys::Pins,
+    pub pins: kvcrypt_keyvault::Pins,
     pub check_interval: Duration,
     pub check_jitter: f64,
     pub check_timeout: Duration,
@@ -381,16 +381,16 @@ impl Config {
 impl Config {
     /// The pins of a volume the configuration does not list (`kvcrypt open`): those of
     /// `[vault]`, named for messages.
-    pub fn vault_pins(&self, name: &str) -> crate::keys::Pins {
+    pub fn vault_pins(&self, name: &str) -> kvcrypt_keyvault::Pins {
         self.vault_pins_or(format!(
             "keys of [vault] (volume \"{name}\" was opened by kvcrypt open)"
         ))
     }
 
     /// A volume's pins: its own `keys`, else those of `[vault]`, named for messages.
-    fn pins_for(&self, v: &VolumeConfig) -> crate::keys::Pins {
+    fn pins_for(&self, v: &VolumeConfig) -> kvcrypt_keyvault::Pins {
         if !v.keys.is_empty() {
-            return crate::keys::Pins::new(
+            return kvcrypt_keyvault::Pins::new(
                 v.keys.clone(),
                 format!("keys of [[volume]] \"{}\"", v.name),
             );
@@ -400,7 +400,7 @@ impl Config {
 
     /// The `[vault]` pins, named "keys of [vault]"; `when_empty` names where pins were looked
     /// for when there are none (the refusal tells the operator where to add them).
-    fn vault_pins_or(&self, when_empty: String) -> crate::keys::Pins {
+    fn vault_pins_or(&self, when_empty: String) -> kvcrypt_keyvault::Pins {
         let vault = self
             .vault
             .as_ref()
@@ -411,7 +411,7 @@ impl Config {
         } else {
             "keys of [vault]".to_owned()
         };
-        crate::keys::Pins::new(vault, source)
+        kvcrypt_keyvault::Pins::new(vault, source)
     }
 }
 

@@ -434,9 +434,9 @@ pub enum ClientError {
     Refused { code: ErrorCode, message: String },
 }
 
-impl crate::exit::ExitClass for ClientError {
-    fn exit_class(&self) -> crate::exit::Exit {
-        use crate::exit::Exit;
+impl kvcrypt_exit::ExitClass for ClientError {
+    fn exit_class(&self) -> kvcrypt_exit::Exit {
+        use kvcrypt_exit::Exit;
         match self {
             ClientError::Permission(_) => Exit::Permission,
             ClientError::NotRunning(_) => Exit::NotFound,

@@ -37,20 +37,20 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
 }
 
-impl crate::exit::ExitClass for DaemonError {
-    fn exit_class(&self) -> crate::exit::Exit {
+impl kvcrypt_exit::ExitClass for DaemonError {
+    fn exit_class(&self) -> kvcrypt_exit::Exit {
         match self {
             DaemonError::Socket { source, .. }
                 if source.kind() == std::io::ErrorKind::AddrInUse =>
             {
-                crate::exit::Exit::Busy
+                kvcrypt_exit::Exit::Busy
             }
             DaemonError::Socket { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {
-                crate::exit::Exit::Permission
+                kvcrypt_exit::Exit::Permission
             }
-            _ => crate::exit::Exit::Failure,
+            _ => kvcrypt_exit::Exit::Failure,
         }
     }
 }

@@ -64,7 +64,7 @@ pub fn dev_numbers(block_device: &Path) -> io::Result<(u32, u32)> {
 /// the first one it can freeze: they are all the same superblock).
 pub fn mountpoints_in(mountinfo: &str, major: u32, minor: u32) -> Vec<PathBuf> {
     let want = format!("{major}:{minor}");
-    crate::mountinfo::parse(mountinfo)
+    kvcrypt_host::mountinfo::parse(mountinfo)
         .into_iter()
         .filter(|m| m.devno == want)
         .map(|m| m.mount_point)

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
-use crate::secmem::VolumeKey;
+use kvcrypt_crypto::secmem::VolumeKey;
 
 use super::config::{Selector, VaultConfig, VolumeSettings};
 

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::crypto::kdf::ACCESS_SECRET_LEN;
-use crate::header::{self, LoadedHeader};
-use crate::keys::{ErrorClass, KeyError, KeyVaultProvider};
-use crate::secmem::VolumeKey;
+use kvcrypt_crypto::kdf::ACCESS_SECRET_LEN;
+use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_format::LoadedHeader;
+use kvcrypt_keyvault::{ErrorClass, KeyError, KeyVaultProvider};
 
 use super::config::{Selector, VaultConfig, VolumeSettings};
 use super::control::run_dir;
@@ -19,8 +19,8 @@ use super::fdstore::{self, FdStore};
 use super::freeze::{self, FrozenSet};
 use super::ports::{AccessClass, AccessError, CloseFailed, Platform, Served, SlotRef, WorkerExit};
 use super::reap::{self, PidWatch};
-use crate::transport::fuse::FuseInit;
 use crate::worker::{self, FuseTakeover, WorkerClient, WorkerSpec};
+use kvcrypt_datapath::transport::fuse::FuseInit;
 
 /// How long a worker may take to come up (FUSE mount + loop device, or ublk add).
 const WORKER_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,7 +38,7 @@ pub struct RealPlatform {
     /// Claims on the backing store of volumes whose worker the agent killed (a failed or hung
     /// suspend), held until a new worker serves it or the volume is closed: in between no
     /// process serves it, yet the agent will resume it, so it must not be formatted or have
-    /// another header restored onto it (src/inuse.rs).
+    /// another header restored onto it (crates/kvcrypt-host/src/inuse.rs).
     stand_in: Arc<Mutex<HashMap<String, std::fs::File>>>,
 }
 
@@ -63,13 +63,13 @@ struct HeldFuse {
 }
 
 /// The agent's own shared claim on a backing store (see [`RealPlatform::stand_in`]).
-fn stand_in_claim(device: &Path) -> Result<std::fs::File, crate::inuse::InUseError> {
-    let f = std::fs::File::open(device).map_err(|source| crate::inuse::InUseError::Io {
+fn stand_in_claim(device: &Path) -> Result<std::fs::File, kvcrypt_host::inuse::InUseError> {
+    let f = std::fs::File::open(device).map_err(|source| kvcrypt_host::inuse::InUseError::Io {
         path: device.to_owned(),
         op: "opening to claim",
         source,
     })?;
-    crate::inuse::claim_served(&f, device)?;
+    kvcrypt_host::inuse::claim_served(&f, device)?;
     Ok(f)
 }
 
@@ -233,7 +233,7 @@ pub fn access_error(e: &KeyError) -> AccessError {
 }
 
 pub fn probe_identity(p: &Path) -> Option<Identity> {
-    header::probe(p).map(|i| Identity {
+    kvcrypt_format::probe(p).map(|i| Identity {
         uuid: i.uuid,
         label: i.label,
     })
@@ -268,7 +268,7 @@ impl Platform for RealPlatform {
 
     async fn read_header(&self, dev: &Path) -> Result<LoadedHeader, AccessError> {
         let d = dev.to_owned();
-        blocking(move || header::read(&d))
+        blocking(move || kvcrypt_format::read(&d))
             .await
             .map_err(|e| AccessError::new(AccessClass::Transient, e))?
             .map_err(|e| AccessError::new(AccessClass::Misconfigured, e.to_string()))
@@ -322,7 +322,7 @@ impl Platform for RealPlatform {
         // fails the key check): treated like a denial, never as access.
         h.verify_access_secret(secret.expose()).map_err(|e| {
             let class = match e {
-                header::HeaderError::WrongKey => AccessClass::Denied,
+                kvcrypt_format::HeaderError::WrongKey => AccessClass::Denied,
                 _ => AccessClass::Misconfigured,
             };
             AccessError::new(class, format!("access check with {}: {e}", slot.key_id))
@@ -511,7 +511,7 @@ impl Platform for RealPlatform {
             .join("; ");
         let d = dev.to_owned();
         let mut hdr = h.header.clone();
-        blocking(move || header::write(&d, &mut hdr))
+        blocking(move || kvcrypt_format::write(&d, &mut hdr))
             .await?
             .map_err(|e| format!("{what}; rewriting it failed: {e}"))?;
         Ok(Some(what))
@@ -556,7 +556,7 @@ impl Platform for RealPlatform {
     }
 
     async fn ublk_recoverable(&self, dev_id: u32) -> bool {
-        blocking(move || crate::transport::ublk::is_recoverable(dev_id))
+        blocking(move || kvcrypt_datapath::transport::ublk::is_recoverable(dev_id))
             .await
             .unwrap_or(false)
     }
@@ -625,10 +625,10 @@ impl Platform for RealPlatform {
         self.release_stand_in(name);
         let n = name.to_owned();
         blocking(move || {
-            crate::transport::ublk::delete_device(dev_id)?;
+            kvcrypt_datapath::transport::ublk::delete_device(dev_id)?;
             // The exited worker's state file named the device for recovery: drop it.
             worker::reap_stale(&n);
-            Ok::<_, crate::transport::ublk::UblkTransportError>(())
+            Ok::<_, kvcrypt_datapath::transport::ublk::UblkTransportError>(())
         })
         .await?
         .map_err(|e| e.to_string())
@@ -708,7 +708,7 @@ impl Platform for RealPlatform {
 /// recovers the device with a new worker, hold expiry deletes it.
 fn suspended_ublk(st: worker::WorkerState) -> Option<Served> {
     let id = st.ublk_dev_id.filter(|_| st.transport == "ublk")?;
-    if worker::pid_alive(st.pid) || !crate::transport::ublk::is_recoverable(id) {
+    if worker::pid_alive(st.pid) || !kvcrypt_datapath::transport::ublk::is_recoverable(id) {
         return None;
     }
     Some(Served {

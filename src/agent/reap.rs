@@ -74,7 +74,7 @@ impl PidWatch {
 /// the worker is dead: the FUSE mount lived in the worker's private namespace, and a file on a
 /// mount whose namespace is gone shows as "/".)
 pub fn loop_label(dev: &Path) -> io::Result<Option<String>> {
-    crate::transport::loopdev::label(dev)
+    kvcrypt_datapath::transport::loopdev::label(dev)
 }
 
 /// Detaches loop device `loop_dev` if it is still bound to the FUSE file of volume `name`,
@@ -91,12 +91,12 @@ pub fn detach_dead_fuse_loop(loop_dev: &Path, name: &str) -> String {
     if !is_loop {
         return format!("{dev} is not a loop device");
     }
-    let want = crate::transport::fuse::loop_label(name);
+    let want = kvcrypt_datapath::transport::fuse::loop_label(name);
     let ours = |d: &Path| loop_label(d).is_ok_and(|l| l.as_deref() == Some(want.as_str()));
     if !ours(loop_dev) {
         return format!("{dev} was already detached");
     }
-    let err = crate::transport::loopdev::detach(loop_dev).err();
+    let err = kvcrypt_datapath::transport::loopdev::detach(loop_dev).err();
     match (err, ours(loop_dev)) {
         (_, false) => format!("detached {dev}"),
         (None, true) => format!(

@@ -21,7 +21,7 @@ use rand::rngs::StdRng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::secmem::VolumeKey;
+use kvcrypt_crypto::secmem::VolumeKey;
 
 use super::backoff::{Backoff, jitter};
 use super::config::{RevokePolicy, Selector, VolumeSettings};

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::secmem::VolumeKey;
+use kvcrypt_crypto::secmem::VolumeKey;
 
 use super::config::{RetryConfig, RevokePolicy, Selector, VolumeSettings};
 use super::ports::{AccessClass, AccessError, CloseFailed, Platform, Served, SlotRef, WorkerExit};
@@ -451,8 +451,8 @@ fn settings() -> VolumeSettings {
         queue_depth: 128,
         allow_discards: false,
         read_only: false,
-        pins: crate::keys::Pins::new(
-            vec![crate::keys::KeyPin::parse(PINNED).unwrap()],
+        pins: kvcrypt_keyvault::Pins::new(
+            vec![kvcrypt_keyvault::KeyPin::parse(PINNED).unwrap()],
             "keys of [vault]",
         ),
         check_interval: Duration::from_secs(1),
@@ -1781,10 +1781,10 @@ async fn a_damaged_header_copy_is_repaired_at_unlock() {
 
 // --- pinning: the configuration, not the header, names the keys and the vault ---
 
-fn pinned_to(keys: &[&str]) -> crate::keys::Pins {
-    crate::keys::Pins::new(
+fn pinned_to(keys: &[&str]) -> kvcrypt_keyvault::Pins {
+    kvcrypt_keyvault::Pins::new(
         keys.iter()
-            .map(|k| crate::keys::KeyPin::parse(k).unwrap())
+            .map(|k| kvcrypt_keyvault::KeyPin::parse(k).unwrap())
             .collect(),
         "keys of [vault]",
     )
@@ -1856,7 +1856,7 @@ async fn only_pinned_slots_are_tried_with_the_pins_host() {
 async fn nothing_pinned_refuses_and_says_how_to_pin() {
     let f = Fake::new();
     let mut s = settings();
-    s.pins = crate::keys::Pins::new(vec![], "keys of [[volume]] \"data\" and of [vault]");
+    s.pins = kvcrypt_keyvault::Pins::new(vec![], "keys of [[volume]] \"data\" and of [vault]");
     let h = spawn_volume(s, f.clone());
     let mut rx = h.status.clone();
     tokio::time::timeout(

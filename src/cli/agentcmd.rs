@@ -10,7 +10,7 @@ use crate::agent::config::Config;
 use crate::agent::control::{self, Request, Response};
 use crate::agent::status::{VolumeStatus, unix_now};
 
-use super::{AgentArgs, AttachArgs, CliError, DemoArgs, NameArgs, StatusArgs, UdevNameArgs};
+use super::{AgentArgs, AttachArgs, CliError, NameArgs, StatusArgs, UdevNameArgs};
 
 /// Lock/unlock can wait for a Key Vault round trip and a worker; status is quick.
 const SLOW_REQUEST: Duration = Duration::from_secs(120);
@@ -307,11 +307,6 @@ pub fn udev_name(a: UdevNameArgs) -> anyhow::Result<()> {
         ))
         .into()),
     }
-}
-
-pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("locating the kvcrypt binary")?;
-    crate::agent::demo::run_demo(&exe, a.dir, a.size_mib, a.keep)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::exit::{Exit, ExitClass};
+use kvcrypt_exit::{Exit, ExitClass};
 
 /// Default configuration file (vault credentials, volumes, agent policy).
 pub const DEFAULT_CONFIG: &str = "/etc/kvcrypt/kvcrypt.toml";
@@ -65,8 +65,6 @@ pub enum Command {
     Unlock(NameArgs),
     /// Show the state of volumes served by the agent.
     Status(StatusArgs),
-    /// Run the whole story on a scratch file with the bundled Key Vault emulator.
-    Demo(DemoArgs),
     /// Print shell completions.
     Completions(CompletionsArgs),
     /// Write man pages.
@@ -270,19 +268,6 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Scratch directory (default: a new temporary directory).
-    #[arg(long)]
-    pub dir: Option<PathBuf>,
-    /// Size of the scratch volume in MiB.
-    #[arg(long, default_value_t = 256)]
-    pub size_mib: u64,
-    /// Keep the scratch directory and emulator state afterwards.
-    #[arg(long)]
-    pub keep: bool,
-}
-
-#[derive(Debug, Args)]
 pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
 }
@@ -383,7 +368,7 @@ fn init_logging(verbose: u8) {
 /// Not dumpable, no core files: used by every command that holds an unwrapped volume key.
 /// (The worker hardens itself and fails if it cannot; here a failure is only logged.)
 pub(crate) fn harden() {
-    if let Err(e) = crate::secmem::harden_process() {
+    if let Err(e) = kvcrypt_crypto::secmem::harden_process() {
         tracing::warn!(error = %e, "cannot harden the process (dumpable / core limit)");
     }
 }
@@ -407,7 +392,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         _ => false,
     };
     if holds_keys {
-        crate::secmem::check_key_memory()?;
+        kvcrypt_crypto::secmem::check_key_memory()?;
     }
     match cli.command {
         Command::Format(a) => offline::format(&config, a),
@@ -422,7 +407,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Lock(a) => agentcmd::lock(a),
         Command::Unlock(a) => agentcmd::unlock(a),
         Command::Status(a) => agentcmd::status(a),
-        Command::Demo(a) => agentcmd::demo(a),
         Command::Completions(a) => docs::completions(a),
         Command::Man(a) => docs::man(a),
         Command::Attach(a) => agentcmd::attach(&config, a),
@@ -434,22 +418,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
 /// Every library error type that implements [`ExitClass`] must be listed here.
 pub fn classify(err: &anyhow::Error) -> Exit {
     for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<crate::header::HeaderError>() {
+        if let Some(e) = cause.downcast_ref::<kvcrypt_format::HeaderError>() {
             return e.exit_class();
         }
-        if let Some(e) = cause.downcast_ref::<crate::keys::KeyError>() {
+        if let Some(e) = cause.downcast_ref::<kvcrypt_keyvault::KeyError>() {
             return e.exit_class();
         }
-        if let Some(e) = cause.downcast_ref::<crate::transport::TransportError>() {
+        if let Some(e) = cause.downcast_ref::<kvcrypt_datapath::transport::TransportError>() {
             return e.exit_class();
         }
         if let Some(e) = cause.downcast_ref::<crate::worker::WorkerError>() {
             return e.exit_class();
         }
-        if let Some(e) = cause.downcast_ref::<crate::engine::EngineError>() {
+        if let Some(e) = cause.downcast_ref::<kvcrypt_datapath::engine::EngineError>() {
             return e.exit_class();
         }
-        if let Some(e) = cause.downcast_ref::<crate::transport::ublk::UblkTransportError>() {
+        if let Some(e) =
+            cause.downcast_ref::<kvcrypt_datapath::transport::ublk::UblkTransportError>()
+        {
             return e.exit_class();
         }
         if let Some(e) = cause.downcast_ref::<crate::agent::config::ConfigError>() {
@@ -464,13 +450,13 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         if let Some(e) = cause.downcast_ref::<CliError>() {
             return e.exit_class();
         }
-        if let Some(e) = cause.downcast_ref::<crate::inuse::InUseError>() {
+        if let Some(e) = cause.downcast_ref::<kvcrypt_host::inuse::InUseError>() {
             return e.exit_class();
         }
-        if let Some(e) = cause.downcast_ref::<crate::keys::PinError>() {
+        if let Some(e) = cause.downcast_ref::<kvcrypt_keyvault::PinError>() {
             return e.exit_class();
         }
-        if let Some(e) = cause.downcast_ref::<crate::secmem::KeyMemoryError>() {
+        if let Some(e) = cause.downcast_ref::<kvcrypt_crypto::secmem::KeyMemoryError>() {
             return e.exit_class();
         }
         if let Some(e) = cause.downcast_ref::<std::io::Error>() {

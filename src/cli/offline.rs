@@ -18,20 +18,20 @@ use anyhow::Context;
 use super::{
     BenchmarkArgs, CliError, FormatArgs, HeaderCmd, HeaderDumpArgs, ProbeArgs, RewrapArgs,
 };
-use crate::exit::Exit;
-use crate::header;
+use kvcrypt_exit::Exit;
+use kvcrypt_format as header;
 use slots::KeyWrapper;
 
 /// THE wiring point to the Key Vault provider: builds the `KeyWrapper` used by `format`,
 /// `rewrap` and `header dump --dump-master-key` from the `[vault]` table of the config file.
 /// (Their pins, `[vault] keys`, are checked before it is used: see `pinning`.)
-fn vault_wrapper(cfg: &crate::keys::VaultConfig) -> anyhow::Result<Box<dyn KeyWrapper>> {
-    Ok(Box::new(crate::keys::BlockingProvider::new(cfg)?))
+fn vault_wrapper(cfg: &kvcrypt_keyvault::VaultConfig) -> anyhow::Result<Box<dyn KeyWrapper>> {
+    Ok(Box::new(kvcrypt_keyvault::BlockingProvider::new(cfg)?))
 }
 
 /// Reads only the `[vault]` table of the config file (the offline commands need nothing else,
 /// and must not fail on agent settings they do not use).
-fn load_vault_config(config: &Path) -> anyhow::Result<crate::keys::VaultConfig> {
+fn load_vault_config(config: &Path) -> anyhow::Result<kvcrypt_keyvault::VaultConfig> {
     let text = std::fs::read_to_string(config).map_err(|e| {
         CliError::Config(format!(
             "cannot read config file {} ({e}); its [vault] table says how to reach Key Vault \
@@ -49,20 +49,20 @@ fn load_vault_config(config: &Path) -> anyhow::Result<crate::keys::VaultConfig> 
     })?;
     let vault_text = toml::to_string(vault)
         .map_err(|e| CliError::Config(format!("config file {}: [vault]: {e}", config.display())))?;
-    crate::keys::VaultConfig::from_toml(&vault_text)
+    kvcrypt_keyvault::VaultConfig::from_toml(&vault_text)
         .with_context(|| format!("config file {}", config.display()))
 }
 
 /// The real provider: Azure Key Vault / Managed HSM (errors stay `keys::KeyError`, so the
 /// CLI's exit code tells denied from unreachable).
-impl KeyWrapper for crate::keys::BlockingProvider {
+impl KeyWrapper for kvcrypt_keyvault::BlockingProvider {
     fn wrap(
         &self,
         key_id: &str,
         algorithm: Option<&str>,
-        vmk: &crate::secmem::VolumeKey,
+        vmk: &kvcrypt_crypto::secmem::VolumeKey,
     ) -> anyhow::Result<slots::Wrapped> {
-        let w = crate::keys::BlockingProvider::wrap(self, key_id, algorithm, vmk)?;
+        let w = kvcrypt_keyvault::BlockingProvider::wrap(self, key_id, algorithm, vmk)?;
         Ok(slots::Wrapped {
             key_id: w.key_id,
             algorithm: w.algorithm,
@@ -74,19 +74,21 @@ impl KeyWrapper for crate::keys::BlockingProvider {
         key_id: &str,
         algorithm: &str,
         wrapped: &[u8],
-    ) -> anyhow::Result<crate::secmem::VolumeKey> {
-        Ok(crate::keys::BlockingProvider::unwrap(
+    ) -> anyhow::Result<kvcrypt_crypto::secmem::VolumeKey> {
+        Ok(kvcrypt_keyvault::BlockingProvider::unwrap(
             self, key_id, algorithm, wrapped,
         )?)
     }
     fn latest_version(&self, key_id: &str) -> anyhow::Result<String> {
-        Ok(crate::keys::BlockingProvider::latest_version(self, key_id)?)
+        Ok(kvcrypt_keyvault::BlockingProvider::latest_version(
+            self, key_id,
+        )?)
     }
     fn wrap_check(
         &self,
         key_id: &str,
         algorithm: &str,
-        secret: &crate::secmem::SecretBytes<{ crate::crypto::kdf::ACCESS_SECRET_LEN }>,
+        secret: &kvcrypt_crypto::secmem::SecretBytes<{ kvcrypt_crypto::kdf::ACCESS_SECRET_LEN }>,
     ) -> anyhow::Result<Vec<u8>> {
         Ok(self.wrap_secret(key_id, Some(algorithm), secret)?.wrapped)
     }
@@ -95,7 +97,9 @@ impl KeyWrapper for crate::keys::BlockingProvider {
         key_id: &str,
         algorithm: &str,
         wrapped: &[u8],
-    ) -> anyhow::Result<crate::secmem::SecretBytes<{ crate::crypto::kdf::ACCESS_SECRET_LEN }>> {
+    ) -> anyhow::Result<
+        kvcrypt_crypto::secmem::SecretBytes<{ kvcrypt_crypto::kdf::ACCESS_SECRET_LEN }>,
+    > {
         Ok(self.unwrap_secret(key_id, algorithm, wrapped)?)
     }
 }
@@ -103,7 +107,7 @@ impl KeyWrapper for crate::keys::BlockingProvider {
 pub fn format(config: &Path, a: FormatArgs) -> anyhow::Result<()> {
     let cfg = load_vault_config(config)?;
     // Before anything is read, written or asked of a vault: the key must be pinned.
-    crate::keys::KeyId::parse(&a.key_id)?;
+    kvcrypt_keyvault::KeyId::parse(&a.key_id)?;
     let pins = super::pinning::cli_pins(&cfg, config, a.allow_unpinned_key);
     let key_id = pins.check_target(&a.key_id)?;
     if pins.pin_for(&a.key_id).is_none() {
@@ -249,7 +253,7 @@ fn header_restore(device: &Path, file: &Path, yes: bool) -> anyhow::Result<()> {
     let backup = header::read_backup(file)?;
     // Claimed before asking: a served or mounted device is refused whatever the answer would
     // be, and nothing starts serving it while the operator reads the question.
-    let dev = crate::inuse::open_for_overwrite(device)?;
+    let dev = kvcrypt_host::inuse::open_for_overwrite(device)?;
     let current = match header::read(device) {
         Ok(l) if l.uuid == backup.uuid => format!("the header of the same volume {}", l.uuid),
         Ok(l) => format!("a DIFFERENT kvcrypt volume {}", l.uuid),
@@ -364,7 +368,7 @@ pub fn benchmark(a: BenchmarkArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let report = crate::crypto::bench::run_benchmark(a.seconds);
+    let report = kvcrypt_crypto::bench::run_benchmark(a.seconds);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -376,7 +380,7 @@ pub fn benchmark(a: BenchmarkArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::ExitClass;
+    use kvcrypt_exit::ExitClass;
 
     fn cfg(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -400,7 +404,7 @@ mod tests {
         let c = load_vault_config(&p).unwrap();
         assert!(matches!(
             c.credential,
-            crate::keys::CredentialConfig::ManagedIdentity(_)
+            kvcrypt_keyvault::CredentialConfig::ManagedIdentity(_)
         ));
         // Not a TOML file at all.
         let (_d, p) = cfg("this is = = not toml");

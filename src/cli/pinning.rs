@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::keys::{Pins, VaultConfig};
+use kvcrypt_keyvault::{Pins, VaultConfig};
 
 /// The flag that waives the check, as messages name it.
 pub const ALLOW_FLAG: &str = "--allow-unpinned-key";

@@ -6,10 +6,10 @@ use std::path::Path;
 use anyhow::Context;
 
 use super::{CliError, CloseArgs, OpenArgs, TransportKind, WorkerArgs};
-use crate::header::{self, LoadedHeader};
-use crate::keys::{BlockingProvider, VaultConfig};
-use crate::secmem::VolumeKey;
 use crate::worker::{self, RunOptions, WorkerClient, WorkerError, WorkerSpec};
+use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_format::LoadedHeader;
+use kvcrypt_keyvault::{BlockingProvider, VaultConfig};
 
 /// `kvcrypt open DEVICE NAME`: unwrap the volume key through Key Vault, check it, serve the
 /// device (detached worker, or in the foreground) and print the block device path.
@@ -38,7 +38,7 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
         }
         return open_in_agent(&a);
     }
-    let loaded = header::read(&a.device)?;
+    let loaded = kvcrypt_format::read(&a.device)?;
     let key = unwrap_volume_key(config, &a.device, &loaded, a.allow_unpinned_key)?;
     // ublk: a worker that died (SIGKILL, crash) left its device QUIESCED with every request
     // held; re-attach that device (same /dev/ublkbN) instead of adding a new one.
@@ -139,7 +139,7 @@ fn stale_ublk_device(name: &str, device: &Path, transport: TransportKind) -> Opt
         return None;
     }
     s.ublk_dev_id
-        .filter(|&id| crate::transport::ublk::is_recoverable(id))
+        .filter(|&id| kvcrypt_datapath::transport::ublk::is_recoverable(id))
 }
 
 /// Unwraps the VMK with the first pinned key slot that works and checks it against the
@@ -259,7 +259,7 @@ pub fn close(a: CloseArgs) -> anyhow::Result<()> {
 /// `kvcrypt worker …` (hidden): read the key from the key fd, serve until closed.
 pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     // Before the key exists in this process: no core dumps, no ptrace by non-root.
-    crate::secmem::harden_process().context("hardening the worker process")?;
+    kvcrypt_crypto::secmem::harden_process().context("hardening the worker process")?;
     let mut kf = worker::take_fd(a.key_fd).with_context(|| format!("key fd {}", a.key_fd))?;
     let mut key = VolumeKey::zeroed();
     kf.read_exact(key.expose_mut())

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{WorkerError, fdpass, socket_path, validate_name};
-use crate::secmem::VolumeKey;
-use crate::transport::fuse::FuseInit;
+use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_datapath::transport::fuse::FuseInit;
 
 /// The answer to `{"op":"status"}`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -82,10 +82,10 @@ fn pick_name(
 fn awaits_new_worker(s: &WorkerState) -> bool {
     match s.transport.as_str() {
         "ublk" => s.ublk_dev_id.is_some() && s.block_device.exists(),
-        "fuse" => crate::transport::loopdev::label(&s.block_device)
+        "fuse" => kvcrypt_datapath::transport::loopdev::label(&s.block_device)
             .ok()
             .flatten()
-            .is_some_and(|l| l == crate::transport::fuse::loop_label(&s.name)),
+            .is_some_and(|l| l == kvcrypt_datapath::transport::fuse::loop_label(&s.name)),
         _ => false,
     }
 }

@@ -29,9 +29,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cli::TransportKind;
-use crate::exit::{Exit, ExitClass};
-use crate::secmem::VolumeKey;
-use crate::transport::fuse::FuseInit;
+use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_datapath::transport::fuse::FuseInit;
+use kvcrypt_exit::{Exit, ExitClass};
 
 pub use client::{WorkerClient, WorkerStatus};
 pub use manage::{close_and_wait, name_of_block_device};

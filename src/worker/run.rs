@@ -18,12 +18,12 @@ use super::{
     state_path, sys, validate_name,
 };
 use crate::cli::TransportKind;
-use crate::crypto::XtsCipher;
-use crate::engine::{Engine, EngineConfig};
-use crate::header::{self, VolumeHeader};
-use crate::secmem::VolumeKey;
-use crate::transport::fuse::{FuseDevice, FuseInit, FuseOptions};
-use crate::transport::ublk;
+use kvcrypt_crypto::XtsCipher;
+use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_datapath::engine::{Engine, EngineConfig};
+use kvcrypt_datapath::transport::fuse::{FuseDevice, FuseInit, FuseOptions};
+use kvcrypt_datapath::transport::ublk;
+use kvcrypt_format::VolumeHeader;
 
 /// What to serve (the `kvcrypt worker` arguments without descriptors).
 #[derive(Debug, Clone)]
@@ -72,7 +72,7 @@ pub fn run_worker(
     // Signals are taken synchronously by a dedicated thread; block them before any thread
     // starts so every thread inherits the mask.
     sys::block_termination_signals().context("blocking termination signals")?;
-    let loaded = header::read(&opts.device)?;
+    let loaded = kvcrypt_format::read(&opts.device)?;
     loaded
         .verify_key(&key)
         .with_context(|| format!("checking the key of {}", opts.device.display()))?;
@@ -84,7 +84,7 @@ pub fn run_worker(
     let use_ublk = match opts.transport {
         TransportKind::Ublk => true,
         TransportKind::Fuse => false,
-        TransportKind::Auto => crate::transport::auto_is_ublk(),
+        TransportKind::Auto => kvcrypt_datapath::transport::auto_is_ublk(),
     };
     let mut cfg = EngineConfig::new(&opts.device, h.data_offset, h.data_length, h.sector_size);
     cfg.read_only = opts.read_only;
@@ -106,7 +106,7 @@ fn serve_fuse(
     // The FUSE file is plaintext: mount it where only this process can see it, in a namespace
     // that pins no other filesystem (the same one a ublk worker serves from). Done before any
     // serving thread exists, so all of them live in the private namespace.
-    crate::mountinfo::enter_worker_namespace(Some(&super::run_dir()))
+    kvcrypt_host::mountinfo::enter_worker_namespace(Some(&super::run_dir()))
         .context("creating a private mount namespace for the FUSE file")?;
     let mut fopts = FuseOptions::new(&opts.name, fuse_dir().join(&opts.name));
     fopts.read_only = opts.read_only;
@@ -230,7 +230,7 @@ fn fuse_loop(
                                     let _ = written.recv_timeout(std::time::Duration::from_secs(2));
                                     return Ok(());
                                 }
-                                Err(e @ crate::transport::TransportError::Busy(_)) => {
+                                Err(e @ kvcrypt_datapath::transport::TransportError::Busy(_)) => {
                                     json!({"ok": false, "busy": true, "error": e.to_string()})
                                 }
                                 Err(e) => {

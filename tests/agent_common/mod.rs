@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kvcrypt::agent::lab::{Lab, LabOptions, Revocation};
 use kvcrypt::agent::status::VolumeState;
+use kvcrypt_lab::lab::{Lab, LabOptions, Revocation};
 
 pub const EXE: &str = env!("CARGO_BIN_EXE_kvcrypt");
 pub const T: Duration = Duration::from_secs(30);

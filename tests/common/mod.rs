@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: test-data decoding, and whether this is CI.
 #![allow(dead_code)]
 
-use kvcrypt::secmem::VolumeKey;
+use kvcrypt_crypto::secmem::VolumeKey;
 
 /// Decodes a hex string (test data only; panics on malformed test constants).
 pub fn hex(s: &str) -> Vec<u8> {

@@ -7,8 +7,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use kvcrypt::crypto::XtsCipher;
-use kvcrypt::secmem::VolumeKey;
+use kvcrypt_crypto::XtsCipher;
+use kvcrypt_crypto::secmem::VolumeKey;
 
 /// Data offset used by tests that build a volume without a header (1 MiB, like the format).
 pub const DATA_OFFSET: u64 = 1 << 20;
@@ -121,8 +121,8 @@ pub fn make_volume(dir: &Path, size: u64, key: &VolumeKey) -> PathBuf {
     f.set_len(size).expect("size volume file");
     drop(f);
     let mut h =
-        kvcrypt::header::VolumeHeader::new_for_device(size, 4096, "test", key).expect("new header");
-    kvcrypt::header::write(&path, &mut h).expect("write header");
+        kvcrypt_format::VolumeHeader::new_for_device(size, 4096, "test", key).expect("new header");
+    kvcrypt_format::write(&path, &mut h).expect("write header");
     path
 }
 

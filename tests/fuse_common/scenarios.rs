@@ -10,9 +10,9 @@ use std::time::Duration;
 use super::*;
 use std::sync::Arc;
 
-use kvcrypt::engine::{AlignedBuf, Engine, EngineConfig};
-use kvcrypt::transport::fuse::{FuseDevice, FuseMode, FuseOptions};
 use kvcrypt::worker::{WorkerClient, WorkerError, WorkerInfo, spawn_worker};
+use kvcrypt_datapath::engine::{AlignedBuf, Engine, EngineConfig};
+use kvcrypt_datapath::transport::fuse::{FuseDevice, FuseMode, FuseOptions};
 
 pub const MIB: u64 = 1 << 20;
 

@@ -6,8 +6,8 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use kvcrypt::header::{self, KeySlot, VolumeHeader};
-use kvcrypt::secmem::VolumeKey;
+use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_format::{KeySlot, VolumeHeader};
 use sha2::{Digest, Sha256};
 
 pub const MIB: u64 = 1024 * 1024;
@@ -22,7 +22,7 @@ pub fn key(b: u8) -> VolumeKey {
 pub fn slot(n: u8) -> KeySlot {
     KeySlot {
         id: 0,
-        provider: header::PROVIDER_AZURE.into(),
+        provider: kvcrypt_format::PROVIDER_AZURE.into(),
         key_id: format!("https://example.vault.azure.net/keys/vol/{n:032x}"),
         algorithm: "RSA-OAEP-256".into(),
         wrapped: vec![n; 256],
@@ -45,7 +45,7 @@ pub fn formatted(dir: &Path, name: &str, size: u64, label: &str) -> (PathBuf, Vo
     let mut h = VolumeHeader::new_for_device(size, 4096, label, &vmk).unwrap();
     h.add_slot(slot(1));
     h.seal(&vmk);
-    header::write(&p, &mut h).unwrap();
+    kvcrypt_format::write(&p, &mut h).unwrap();
     (p, h)
 }
 

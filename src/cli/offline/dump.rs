@@ -7,8 +7,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use zeroize::Zeroizing;
 
-use crate::header::{Copy, LoadedHeader};
-use crate::secmem::VolumeKey;
+use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_format::{Copy, LoadedHeader};
 
 fn hex(bytes: &[u8]) -> Zeroizing<String> {
     let mut s = Zeroizing::new(String::with_capacity(bytes.len() * 2));

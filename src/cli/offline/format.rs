@@ -11,9 +11,9 @@ use rand::RngCore;
 use super::signatures;
 use super::slots::{KeyWrapper, make_slot};
 use crate::cli::CliError;
-use crate::crypto::XtsCipher;
-use crate::header::{self, HeaderError, VolumeHeader, layout};
-use crate::secmem::{VMK_LEN, VolumeKey};
+use kvcrypt_crypto::XtsCipher;
+use kvcrypt_crypto::secmem::{VMK_LEN, VolumeKey};
+use kvcrypt_format::{HeaderError, VolumeHeader, layout};
 
 /// Everything `format` needs besides the key provider.
 pub struct FormatPlan {
@@ -110,8 +110,8 @@ pub fn format_device(
     }
     // Block devices O_EXCL and the exclusive claim: a mounted device or a served volume is
     // refused (no flag overrides that), and the claim is held until the header is written.
-    let f = crate::inuse::open_for_overwrite(path)?;
-    let size = header::device_size(&f, path)?;
+    let f = kvcrypt_host::inuse::open_for_overwrite(path)?;
+    let size = kvcrypt_format::device_size(&f, path)?;
     let needed = layout::HEADER_AREA_SIZE + u64::from(plan.sector_size);
     if size < needed {
         return Err(HeaderError::DeviceTooSmall {
@@ -144,7 +144,7 @@ pub fn format_device(
     if plan.wipe {
         wipe_data_area(&f, path, &h, &vmk, plan.progress)?;
     }
-    header::write_to(&f, path, &mut h)?;
+    kvcrypt_format::write_to(&f, path, &mut h)?;
     Ok(h)
 }
 
@@ -237,10 +237,10 @@ mod tests {
         pl.sector_size = 512;
         let h = format_device(&p, &pl, &w).unwrap();
         assert_eq!(h.slots[0].key_id, K, "slot stores the versioned id");
-        let loaded = header::read(&p).unwrap();
+        let loaded = kvcrypt_format::read(&p).unwrap();
         assert_eq!(loaded.header, h);
-        let pins = crate::keys::Pins::new(
-            vec![crate::keys::KeyPin::parse("https://a.vault.azure.net/keys/vol").unwrap()],
+        let pins = kvcrypt_keyvault::Pins::new(
+            vec![kvcrypt_keyvault::KeyPin::parse("https://a.vault.azure.net/keys/vol").unwrap()],
             "keys of [vault]",
         );
         let (vmk, _) = unlock(&loaded, &w, &pins).unwrap();
@@ -283,7 +283,7 @@ mod tests {
         let e = format_device(&p, &plan(), &w).unwrap_err();
         assert!(format!("{e}").contains("kvcrypt header"), "{e}");
         assert_eq!(
-            header::read(&p).unwrap().uuid,
+            kvcrypt_format::read(&p).unwrap().uuid,
             first.uuid,
             "refused format wrote nothing"
         );

@@ -5,7 +5,7 @@
 //! dependency on its headers); the handful of magic numbers below cover what a cloud data disk
 //! realistically holds. Each entry names its source layout.
 
-use crate::header::layout;
+use kvcrypt_format::layout;
 
 /// How much of the start of the device to scan: the kvcrypt header area (its secondary copy
 /// is at 512 KiB; the furthest foreign signature, btrfs, is at 64 KiB).

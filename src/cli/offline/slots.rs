@@ -4,10 +4,10 @@
 
 use anyhow::{Context, bail};
 
-use crate::crypto::kdf::{self, ACCESS_SECRET_LEN};
-use crate::header::{self, HeaderError, KeySlot, VolumeHeader};
-use crate::keys::{PinError, Pins};
-use crate::secmem::{SecretBytes, VolumeKey};
+use kvcrypt_crypto::kdf::{self, ACCESS_SECRET_LEN};
+use kvcrypt_crypto::secmem::{SecretBytes, VolumeKey};
+use kvcrypt_format::{HeaderError, KeySlot, VolumeHeader};
+use kvcrypt_keyvault::{PinError, Pins};
 
 /// The VMK wrapped by one key: what the provider returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,11 +114,11 @@ pub fn make_slot(
     let check = make_check(w, &wr.key_id, &wr.algorithm, vmk)?;
     Ok(KeySlot {
         id: 0,
-        provider: header::PROVIDER_AZURE.into(),
+        provider: kvcrypt_format::PROVIDER_AZURE.into(),
         key_id: wr.key_id,
         algorithm: wr.algorithm,
         wrapped: wr.wrapped,
-        created_at: header::now_rfc3339(),
+        created_at: kvcrypt_format::now_rfc3339(),
         check: Some(check),
     })
 }
@@ -163,7 +163,7 @@ fn unlock_with(
     let mut reasons = Vec::new();
     let mut last: Option<anyhow::Error> = None;
     for (s, id) in h.slots.iter().zip(chosen) {
-        if s.provider != header::PROVIDER_AZURE {
+        if s.provider != kvcrypt_format::PROVIDER_AZURE {
             reasons.push(format!("slot {}: unknown provider {:?}", s.id, s.provider));
             continue;
         }
@@ -254,7 +254,7 @@ pub fn rewrap(
         .key_id
         .as_deref()
         .map(|k| {
-            crate::keys::KeyId::parse(k)?;
+            kvcrypt_keyvault::KeyId::parse(k)?;
             let id = pins.check_target(k)?;
             if pins.pin_for(k).is_none() {
                 eprintln!(
@@ -458,7 +458,7 @@ mod tests {
         Pins::new(
             [K1, OTHER]
                 .iter()
-                .map(|k| crate::keys::KeyPin::parse(&versionless(k)).unwrap())
+                .map(|k| kvcrypt_keyvault::KeyPin::parse(&versionless(k)).unwrap())
                 .collect(),
             "keys of [vault]",
         )

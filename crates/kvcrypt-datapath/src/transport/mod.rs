@@ -1,0 +1,55 @@
+//! How the kernel sees the plaintext device.
+//!
+//! - [`ublk`]: the primary transport (libublk; `/dev/ublkbN`).
+//! - [`fuse`]: the fallback where `/dev/ublk-control` is missing — the plaintext is one file in
+//!   a private FUSE mount, attached to a [`loopdev`] loop device with direct I/O.
+
+pub mod fuse;
+pub mod loopdev;
+pub mod ublk;
+
+use std::path::Path;
+
+use kvcrypt_exit::{Exit, ExitClass};
+
+/// The ublk transport is always compiled in; whether the kernel offers it is checked at run time.
+pub const UBLK_COMPILED_IN: bool = true;
+
+/// Where runtime state of served volumes lives.
+pub const RUN_DIR: &str = "/run/kvcrypt";
+
+/// Transport chosen for `--transport auto`.
+pub fn auto_is_ublk() -> bool {
+    UBLK_COMPILED_IN && Path::new("/dev/ublk-control").exists()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("FUSE is not available ({0}); load the fuse module or use --transport ublk")]
+    NoFuse(std::io::Error),
+    #[error("cannot mount the FUSE file {path}: {source}")]
+    Mount {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("FUSE setup failed: {0}")]
+    Setup(String),
+    #[error(transparent)]
+    Loop(#[from] loopdev::LoopError),
+    #[error("{0} is in use (mounted or held open); unmount it first")]
+    Busy(String),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+}
+
+impl ExitClass for TransportError {
+    fn exit_class(&self) -> Exit {
+        match self {
+            TransportError::NoFuse(_) => Exit::Unsupported,
+            TransportError::Loop(loopdev::LoopError::Control(_)) => Exit::Unsupported,
+            TransportError::Busy(_) => Exit::Busy,
+            TransportError::Engine(e) => e.exit_class(),
+            _ => Exit::Device,
+        }
+    }
+}

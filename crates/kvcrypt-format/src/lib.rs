@@ -1,0 +1,664 @@
+//! On-disk volume header, format v1 and v2 (docs/FORMAT.md is the normative description).
+//!
+//! Two copies of the header live in the first MiB of the device (primary at 0, secondary at
+//! 512 KiB). Each is a 4096-byte binary block followed by a JSON metadata area with the key
+//! slots, the key-check digest and the header MAC. The valid copy with the higher sequence
+//! number wins; a damaged copy is reported and rewritten by the next [`write`].
+//!
+//! Submodules: `layout` (bytes), `metadata` (JSON), `auth` (key check, MAC), `device` (file I/O
+//! and the two-copy rules).
+
+mod auth;
+mod device;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod layout;
+mod metadata;
+
+use std::path::PathBuf;
+
+use kvcrypt_crypto::kdf;
+use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_exit::{Exit, ExitClass};
+
+pub use device::{
+    ProbeInfo, backup, device_size, parse_image, probe, read, read_backup, read_header_only,
+    restore, restore_to, write, write_to,
+};
+
+/// The provider name of Azure Key Vault / Managed HSM key slots.
+pub const PROVIDER_AZURE: &str = "azure-keyvault";
+
+/// One wrapped copy of the volume master key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeySlot {
+    pub id: u32,
+    /// Who can unwrap it (`azure-keyvault`).
+    pub provider: String,
+    /// Full, versioned key id: `https://VAULT/keys/NAME/VERSION`.
+    pub key_id: String,
+    /// Wrap algorithm (`RSA-OAEP-256`, `RSA-OAEP`, `A256KW`, `CKM_AES_KEY_WRAP`).
+    pub algorithm: String,
+    /// The wrapped VMK as returned by the provider (base64 in the JSON).
+    pub wrapped: Vec<u8>,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// Format v2: the access-check secret wrapped by the same key (`None` in v1 headers and
+    /// for slots added before the volume became v2). Access checks unwrap this, never the VMK.
+    pub check: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for KeySlot {
+    // Wrapped bytes are not secret, but they are long; print their length only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySlot")
+            .field("id", &self.id)
+            .field("provider", &self.provider)
+            .field("key_id", &self.key_id)
+            .field("algorithm", &self.algorithm)
+            .field("wrapped_len", &self.wrapped.len())
+            .field("created_at", &self.created_at)
+            .field("check", &self.check.is_some())
+            .finish()
+    }
+}
+
+/// The decoded volume header (one copy's content).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeHeader {
+    /// Format version of this header: [`layout::VERSION_1`] or [`layout::VERSION_2`].
+    pub version: u16,
+    pub uuid: uuid::Uuid,
+    /// At most 47 bytes of UTF-8, no NUL.
+    pub label: String,
+    /// Always `aes-xts-plain64` in v1.
+    pub cipher: String,
+    /// Always 512 in v1 (two AES-256 keys).
+    pub key_bits: u32,
+    /// Encryption sector size: 4096 or 512.
+    pub sector_size: u32,
+    /// Byte offset of the data area (multiple of 1 MiB, at least 1 MiB).
+    pub data_offset: u64,
+    /// Byte length of the data area (multiple of `sector_size`).
+    pub data_length: u64,
+    /// Incremented by every [`write`].
+    pub sequence: u64,
+    pub slots: Vec<KeySlot>,
+    key_check: [u8; 32],
+    /// Format v2: digest of the access-check secret (`None` exactly in v1 headers).
+    access_check: Option<[u8; 32]>,
+    mac: [u8; 32],
+}
+
+/// Which of the two header copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Copy {
+    Primary,
+    Secondary,
+}
+
+impl Copy {
+    pub const BOTH: [Copy; 2] = [Copy::Primary, Copy::Secondary];
+    pub fn index(self) -> usize {
+        match self {
+            Copy::Primary => 0,
+            Copy::Secondary => 1,
+        }
+    }
+    pub fn offset(self) -> u64 {
+        layout::COPY_OFFSETS[self.index()]
+    }
+}
+
+impl std::fmt::Display for Copy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Copy::Primary => write!(f, "primary header (offset 0)"),
+            Copy::Secondary => write!(f, "secondary header (offset {})", layout::COPY_SIZE),
+        }
+    }
+}
+
+/// A copy that was not used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DamagedCopy {
+    pub copy: Copy,
+    pub reason: String,
+}
+
+/// Result of [`read`]: the winning header plus what was found about the copies.
+#[derive(Debug, Clone)]
+pub struct LoadedHeader {
+    pub header: VolumeHeader,
+    /// The copy the header was taken from.
+    pub used: Copy,
+    /// Copies that are damaged (or stale, i.e. valid with a lower sequence number). Repaired by
+    /// the next [`write`].
+    pub damaged: Vec<DamagedCopy>,
+    /// Size of the device in bytes.
+    pub device_size: u64,
+}
+
+impl LoadedHeader {
+    /// Bytes missing at the end of the device (the data area runs past it), or `None` if the
+    /// device is large enough. Only [`read_header_only`] returns such headers.
+    pub fn missing_bytes(&self) -> Option<u64> {
+        let needed = self
+            .header
+            .data_offset
+            .saturating_add(self.header.data_length);
+        (self.device_size < needed).then(|| needed - self.device_size)
+    }
+}
+
+impl std::ops::Deref for LoadedHeader {
+    type Target = VolumeHeader;
+    fn deref(&self) -> &VolumeHeader {
+        &self.header
+    }
+}
+
+impl std::ops::DerefMut for LoadedHeader {
+    fn deref_mut(&mut self) -> &mut VolumeHeader {
+        &mut self.header
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    #[error("{path}: not a kvcrypt volume (no kvcrypt header in either header copy)")]
+    NotKvcrypt { path: PathBuf },
+    #[error(
+        "{path}: device too small: {size} bytes, need at least {needed} bytes \
+         (1 MiB header area + the data area)"
+    )]
+    DeviceTooSmall {
+        path: PathBuf,
+        size: u64,
+        needed: u64,
+    },
+    #[error(
+        "{path}: both header copies are damaged (primary: {primary}; secondary: {secondary}); \
+         restore the header from a backup with `kvcrypt header restore {path} BACKUP_FILE`"
+    )]
+    BothCopiesCorrupt {
+        path: PathBuf,
+        primary: String,
+        secondary: String,
+    },
+    #[error(
+        "{path}: unsupported kvcrypt header version {version} (this kvcrypt understands versions \
+         1 to {supported}); use a newer kvcrypt"
+    )]
+    UnsupportedVersion {
+        path: PathBuf,
+        version: u16,
+        supported: u16,
+    },
+    #[error(
+        "{path}: header metadata is truncated ({reason}); the device or image was cut short — \
+         restore the header with `kvcrypt header restore {path} BACKUP_FILE`"
+    )]
+    TruncatedMetadata { path: PathBuf, reason: String },
+    #[error(
+        "the key does not match the volume's key check (wrong key, wrong key version or a slot \
+         of another volume)"
+    )]
+    WrongKey,
+    #[error(
+        "header MAC mismatch: the header was modified by someone without the volume key \
+         (tampered); do not use it — restore the header from a trusted backup"
+    )]
+    Tampered,
+    #[error("{path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid header: {0}")]
+    Invalid(String),
+}
+
+impl ExitClass for HeaderError {
+    fn exit_class(&self) -> Exit {
+        match self {
+            HeaderError::NotKvcrypt { .. } => Exit::NotKvcrypt,
+            HeaderError::DeviceTooSmall { .. } => Exit::Device,
+            HeaderError::BothCopiesCorrupt { .. }
+            | HeaderError::UnsupportedVersion { .. }
+            | HeaderError::TruncatedMetadata { .. }
+            | HeaderError::Tampered => Exit::HeaderInvalid,
+            HeaderError::WrongKey => Exit::WrongKey,
+            HeaderError::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::NotFound => Exit::NotFound,
+                std::io::ErrorKind::PermissionDenied => Exit::Permission,
+                _ => Exit::Device,
+            },
+            HeaderError::Invalid(_) => Exit::Usage,
+        }
+    }
+}
+
+/// Encodes `h` as a complete header-area image (both copies, 1 MiB) with `sequence`, exactly
+/// as [`write`] puts it on disk. For tests, fuzzing and tools that build images offline.
+pub fn encode_image(h: &VolumeHeader, sequence: u64) -> Result<Vec<u8>, HeaderError> {
+    let mut image = Vec::with_capacity(layout::HEADER_AREA_SIZE as usize);
+    for c in Copy::BOTH {
+        image.extend_from_slice(&h.encode_copy(c, sequence)?);
+    }
+    Ok(image)
+}
+
+/// Current time as RFC 3339 (UTC, seconds), for `KeySlot::created_at`.
+pub fn now_rfc3339() -> String {
+    use time::format_description::well_known::Rfc3339;
+    let now = time::OffsetDateTime::now_utc();
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    now.format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
+}
+
+impl VolumeHeader {
+    /// A fresh header for a device of `device_size` bytes: random UUID, data area from 1 MiB to
+    /// the last whole sector, no key slots yet, sealed with `vmk` (key check + MAC). Add slots
+    /// with [`VolumeHeader::add_slot`] and call [`VolumeHeader::seal`] again before [`write`].
+    pub fn new_for_device(
+        device_size: u64,
+        sector_size: u32,
+        label: &str,
+        vmk: &VolumeKey,
+    ) -> Result<VolumeHeader, HeaderError> {
+        let data_offset = layout::DATA_ALIGNMENT;
+        let ss = u64::from(sector_size);
+        let needed = data_offset + ss;
+        if device_size < needed {
+            return Err(HeaderError::DeviceTooSmall {
+                path: PathBuf::new(),
+                size: device_size,
+                needed,
+            });
+        }
+        let data_length = (device_size - data_offset) / ss * ss;
+        let mut h = VolumeHeader {
+            version: layout::VERSION,
+            uuid: uuid::Uuid::new_v4(),
+            label: label.to_string(),
+            cipher: layout::CIPHER.to_string(),
+            key_bits: layout::KEY_BITS,
+            sector_size,
+            data_offset,
+            data_length,
+            sequence: 0,
+            slots: Vec::new(),
+            key_check: [0; 32],
+            access_check: None,
+            mac: [0; 32],
+        };
+        h.validate().map_err(HeaderError::Invalid)?;
+        h.seal(vmk);
+        Ok(h)
+    }
+
+    /// Recomputes the key-check digest and the MAC with `vmk`. Needed after any change to a
+    /// MAC-covered field (label, geometry, slots). The caller must have verified `vmk` first
+    /// (sealing with a wrong key would lock the volume's real key out).
+    ///
+    /// Sealing writes the current format version: a v1 header becomes v2 and gains the
+    /// access-check digest (its slots gain access-check slots as the caller wraps them).
+    pub fn seal(&mut self, vmk: &VolumeKey) {
+        self.version = layout::VERSION;
+        self.access_check = Some(kdf::access_check_digest(kdf::access_secret(vmk).expose()));
+        self.key_check = auth::key_check(vmk);
+        self.mac = auth::mac(vmk, self, &self.key_check);
+    }
+
+    /// Checks an unwrapped access-check secret (from a slot's `check`) against the header's
+    /// digest. A mismatch is [`HeaderError::WrongKey`]; a v1 header has nothing to check
+    /// against ([`HeaderError::Invalid`]).
+    pub fn verify_access_secret(&self, secret: &[u8]) -> Result<(), HeaderError> {
+        match &self.access_check {
+            None => Err(HeaderError::Invalid(
+                "a format v1 header has no access check".into(),
+            )),
+            Some(d) if kdf::verify_access_check(secret, d) => Ok(()),
+            Some(_) => Err(HeaderError::WrongKey),
+        }
+    }
+
+    /// The stored access-check digest (format v2).
+    pub fn access_check_digest(&self) -> Option<&[u8; 32]> {
+        self.access_check.as_ref()
+    }
+
+    /// Checks that `vmk` is this volume's key (key-check digest → [`HeaderError::WrongKey`]) and
+    /// that the header is authentic (MAC → [`HeaderError::Tampered`]).
+    pub fn verify_key(&self, vmk: &VolumeKey) -> Result<(), HeaderError> {
+        if !auth::verify_key_check(vmk, &self.key_check) {
+            return Err(HeaderError::WrongKey);
+        }
+        if !auth::verify_mac(vmk, self, &self.key_check, &self.mac) {
+            return Err(HeaderError::Tampered);
+        }
+        Ok(())
+    }
+
+    /// Adds `slot` with the next free id (the id in `slot` is ignored) and returns that id.
+    /// The header must be re-sealed before it is written.
+    pub fn add_slot(&mut self, mut slot: KeySlot) -> u32 {
+        let id = self
+            .slots
+            .iter()
+            .map(|s| s.id.saturating_add(1))
+            .max()
+            .unwrap_or(0);
+        slot.id = id;
+        self.slots.push(slot);
+        id
+    }
+
+    /// Removes the slot `id`; refuses to remove the last slot (the volume would be unopenable).
+    pub fn remove_slot(&mut self, id: u32) -> Result<KeySlot, HeaderError> {
+        let pos = self
+            .slots
+            .iter()
+            .position(|s| s.id == id)
+            .ok_or_else(|| HeaderError::Invalid(format!("no key slot {id}")))?;
+        if self.slots.len() == 1 {
+            return Err(HeaderError::Invalid(format!(
+                "refusing to remove key slot {id}: it is the last one and the volume could never \
+                 be opened again"
+            )));
+        }
+        Ok(self.slots.remove(pos))
+    }
+
+    /// The stored key-check digest.
+    pub fn key_check_digest(&self) -> &[u8; 32] {
+        &self.key_check
+    }
+
+    /// The stored header MAC.
+    pub fn mac(&self) -> &[u8; 32] {
+        &self.mac
+    }
+
+    /// Number of encryption sectors in the data area.
+    pub fn sector_count(&self) -> u64 {
+        self.data_length / u64::from(self.sector_size.max(1))
+    }
+
+    /// Semantic checks of v1 values; the message names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.label.len() > layout::LABEL_MAX || self.label.as_bytes().contains(&0) {
+            return Err(format!(
+                "label must be at most {} bytes of UTF-8 without NUL (got {} bytes)",
+                layout::LABEL_MAX,
+                self.label.len()
+            ));
+        }
+        if self.cipher != layout::CIPHER {
+            return Err(format!("unsupported cipher {:?}", self.cipher));
+        }
+        if self.key_bits != layout::KEY_BITS {
+            return Err(format!("unsupported key size {} bits", self.key_bits));
+        }
+        if self.sector_size != 4096 && self.sector_size != 512 {
+            return Err(format!(
+                "sector size {} (must be 4096 or 512)",
+                self.sector_size
+            ));
+        }
+        if self.data_offset < layout::HEADER_AREA_SIZE
+            || !self.data_offset.is_multiple_of(layout::DATA_ALIGNMENT)
+        {
+            return Err(format!(
+                "data offset {} (must be a non-zero multiple of 1 MiB)",
+                self.data_offset
+            ));
+        }
+        if self.data_length == 0 || !self.data_length.is_multiple_of(u64::from(self.sector_size)) {
+            return Err(format!(
+                "data length {} (must be a non-zero multiple of the sector size {})",
+                self.data_length, self.sector_size
+            ));
+        }
+        if self.data_offset.checked_add(self.data_length).is_none() {
+            return Err("data area end overflows".into());
+        }
+        Ok(())
+    }
+
+    /// Builds one encoded copy (`COPY_SIZE` bytes) of this header.
+    fn encode_copy(&self, copy: Copy, sequence: u64) -> Result<Vec<u8>, HeaderError> {
+        self.validate().map_err(HeaderError::Invalid)?;
+        let md = metadata::encode(
+            &self.slots,
+            &self.key_check,
+            self.access_check.as_ref(),
+            &self.mac,
+        );
+        if md.len() as u64 > layout::MAX_METADATA_LEN {
+            return Err(HeaderError::Invalid(format!(
+                "metadata is {} bytes, the area holds {} (too many key slots?)",
+                md.len(),
+                layout::MAX_METADATA_LEN
+            )));
+        }
+        let raw = layout::RawBinary {
+            version: self.version,
+            copy_index: copy.index() as u16,
+            header_size: layout::BINARY_HEADER_SIZE as u32,
+            sequence,
+            uuid: *self.uuid.as_bytes(),
+            label: layout::pad_field(&self.label)
+                .ok_or_else(|| HeaderError::Invalid("label does not fit".into()))?,
+            cipher: layout::pad_field(&self.cipher)
+                .ok_or_else(|| HeaderError::Invalid("cipher name does not fit".into()))?,
+            key_bits: self.key_bits,
+            sector_size: self.sector_size,
+            data_offset: self.data_offset,
+            data_length: self.data_length,
+            copy_offsets: layout::COPY_OFFSETS,
+            copy_size: layout::COPY_SIZE,
+            metadata_len: md.len() as u64,
+        };
+        Ok(layout::encode_copy(&raw, &md))
+    }
+
+    /// Decodes and validates the copy expected at `copy` from its bytes.
+    fn decode_copy(bytes: &[u8], copy: Copy) -> Result<VolumeHeader, layout::DecodeError> {
+        use layout::DecodeError::Corrupt;
+        let (raw, md) = layout::decode_copy(bytes)?;
+        if usize::from(raw.copy_index) != copy.index() {
+            return Err(Corrupt(format!(
+                "copy index {} found in the {copy}",
+                raw.copy_index
+            )));
+        }
+        if raw.header_size as usize != layout::BINARY_HEADER_SIZE
+            || raw.copy_offsets != layout::COPY_OFFSETS
+            || raw.copy_size != layout::COPY_SIZE
+        {
+            return Err(Corrupt(
+                "header/copy size or copy offsets differ from v1 layout".into(),
+            ));
+        }
+        let label = layout::text_field(&raw.label).map_err(|e| Corrupt(format!("label: {e}")))?;
+        let cipher =
+            layout::text_field(&raw.cipher).map_err(|e| Corrupt(format!("cipher: {e}")))?;
+        let decoded = metadata::decode(md, raw.version).map_err(Corrupt)?;
+        let h = VolumeHeader {
+            version: raw.version,
+            uuid: uuid::Uuid::from_bytes(raw.uuid),
+            label,
+            cipher,
+            key_bits: raw.key_bits,
+            sector_size: raw.sector_size,
+            data_offset: raw.data_offset,
+            data_length: raw.data_length,
+            sequence: raw.sequence,
+            slots: decoded.slots,
+            key_check: decoded.key_check,
+            access_check: decoded.access_check,
+            mac: decoded.mac,
+        };
+        h.validate().map_err(Corrupt)?;
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> VolumeKey {
+        VolumeKey::from_slice(&[b; 64]).unwrap()
+    }
+
+    fn slot(n: u8) -> KeySlot {
+        KeySlot {
+            id: 99,
+            provider: PROVIDER_AZURE.into(),
+            key_id: format!("https://v.vault.azure.net/keys/k/{n}"),
+            algorithm: "RSA-OAEP-256".into(),
+            wrapped: vec![n; 256],
+            created_at: "2026-01-01T00:00:00Z".into(),
+            check: None,
+        }
+    }
+
+    #[test]
+    fn seal_verify_and_slot_changes() {
+        let vmk = key(1);
+        let mut h = VolumeHeader::new_for_device(64 << 20, 4096, "x", &vmk).unwrap();
+        assert_eq!(h.data_offset, 1 << 20);
+        assert_eq!(h.data_length, 63 << 20);
+        assert_eq!(h.add_slot(slot(1)), 0);
+        assert_eq!(h.add_slot(slot(2)), 1);
+        // Slots changed without re-sealing: the MAC no longer matches.
+        assert!(matches!(h.verify_key(&vmk), Err(HeaderError::Tampered)));
+        h.seal(&vmk);
+        h.verify_key(&vmk).unwrap();
+        assert!(matches!(h.verify_key(&key(2)), Err(HeaderError::WrongKey)));
+        h.remove_slot(0).unwrap();
+        assert!(h.remove_slot(1).is_err(), "last slot must stay");
+        assert!(h.remove_slot(7).is_err());
+        assert_eq!(h.add_slot(slot(3)), 2);
+    }
+
+    /// A volume formatted before format v2: its header is written as v1 (v1 MAC input, no
+    /// v2 members), so this builds one the way kvcrypt 0.1 sealed it.
+    fn v1_header(vmk: &VolumeKey) -> VolumeHeader {
+        let mut h = VolumeHeader::new_for_device(10 << 20, 4096, "old", vmk).unwrap();
+        h.add_slot(slot(1));
+        h.version = layout::VERSION_1;
+        h.access_check = None;
+        h.key_check = auth::key_check(vmk);
+        h.mac = auth::mac(vmk, &h, &h.key_check);
+        h
+    }
+
+    #[test]
+    fn v1_headers_still_read_and_verify_and_become_v2_when_sealed() {
+        let vmk = key(4);
+        let h1 = v1_header(&vmk);
+        let bytes = h1.encode_copy(Copy::Primary, 3).unwrap();
+        assert_eq!(&bytes[8..10], &[1, 0], "written as version 1");
+        assert!(!String::from_utf8_lossy(&bytes[4096..]).contains("access_check"));
+        let back = VolumeHeader::decode_copy(&bytes, Copy::Primary).unwrap();
+        assert_eq!(back.version, layout::VERSION_1);
+        assert!(back.access_check_digest().is_none());
+        back.verify_key(&vmk).unwrap();
+        let secret = kdf::access_secret(&vmk);
+        assert!(matches!(
+            back.verify_access_secret(secret.expose()),
+            Err(HeaderError::Invalid(_))
+        ));
+        // The next sealing write makes it v2 with an access check.
+        let mut h2 = back;
+        h2.slots[0].check = Some(vec![9; 48]);
+        h2.seal(&vmk);
+        let bytes = h2.encode_copy(Copy::Primary, 4).unwrap();
+        assert_eq!(&bytes[8..10], &[2, 0]);
+        let back = VolumeHeader::decode_copy(&bytes, Copy::Primary).unwrap();
+        back.verify_key(&vmk).unwrap();
+        back.verify_access_secret(secret.expose()).unwrap();
+        let wrong = kdf::access_secret(&key(5));
+        assert!(matches!(
+            back.verify_access_secret(wrong.expose()),
+            Err(HeaderError::WrongKey)
+        ));
+        assert_eq!(back.slots[0].check.as_deref(), Some(&[9u8; 48][..]));
+        // The slot's check is MAC-covered: changing it is tampering.
+        let mut t = back.clone();
+        t.slots[0].check = Some(vec![8; 48]);
+        assert!(matches!(t.verify_key(&vmk), Err(HeaderError::Tampered)));
+        let mut t = back;
+        t.slots[0].check = None;
+        assert!(matches!(t.verify_key(&vmk), Err(HeaderError::Tampered)));
+    }
+
+    #[test]
+    fn version_and_v2_members_must_agree() {
+        let vmk = key(6);
+        // A v1 header carrying v2 members is refused (a v1 reader could not interpret them).
+        let mut h = v1_header(&vmk);
+        h.slots[0].check = Some(vec![1; 40]);
+        let bytes = h.encode_copy(Copy::Primary, 1).unwrap();
+        assert!(VolumeHeader::decode_copy(&bytes, Copy::Primary).is_err());
+        // A v2 header without its access-check digest is refused.
+        let mut h = v1_header(&vmk);
+        h.version = layout::VERSION_2;
+        let bytes = h.encode_copy(Copy::Primary, 1).unwrap();
+        assert!(VolumeHeader::decode_copy(&bytes, Copy::Primary).is_err());
+    }
+
+    #[test]
+    fn copy_encode_decode_round_trip() {
+        let vmk = key(3);
+        let mut h = VolumeHeader::new_for_device(10 << 20, 512, "lbl ü", &vmk).unwrap();
+        h.add_slot(slot(5));
+        h.seal(&vmk);
+        for c in Copy::BOTH {
+            let bytes = h.encode_copy(c, 42).unwrap();
+            let back = VolumeHeader::decode_copy(&bytes, c).unwrap();
+            let mut want = h.clone();
+            want.sequence = 42;
+            assert_eq!(back, want);
+            back.verify_key(&vmk).unwrap();
+        }
+        // A primary copy placed where the secondary belongs is refused.
+        let bytes = h.encode_copy(Copy::Primary, 1).unwrap();
+        assert!(VolumeHeader::decode_copy(&bytes, Copy::Secondary).is_err());
+    }
+
+    #[test]
+    fn invalid_parameters_are_refused() {
+        let vmk = key(1);
+        assert!(matches!(
+            VolumeHeader::new_for_device((1 << 20) + 4095, 4096, "", &vmk),
+            Err(HeaderError::DeviceTooSmall { .. })
+        ));
+        assert!(VolumeHeader::new_for_device((1 << 20) + 512, 512, "", &vmk).is_ok());
+        assert!(matches!(
+            VolumeHeader::new_for_device(8 << 20, 4096, &"a".repeat(48), &vmk),
+            Err(HeaderError::Invalid(_))
+        ));
+        assert!(matches!(
+            VolumeHeader::new_for_device(8 << 20, 1024, "", &vmk),
+            Err(HeaderError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn rfc3339_timestamp() {
+        let t = now_rfc3339();
+        assert!(
+            time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339).is_ok(),
+            "{t}"
+        );
+    }
+}

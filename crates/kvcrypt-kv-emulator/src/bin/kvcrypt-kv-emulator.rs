@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    kvcrypt_kv_emulator::cli_main()
+}

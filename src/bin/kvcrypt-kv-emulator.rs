@@ -1,3 +1,0 @@
-fn main() -> std::process::ExitCode {
-    kvcrypt::emulator::cli_main()
-}
