@@ -21,9 +21,8 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use kvcrypt_crypto::XtsCipher;
 use kvcrypt_crypto::secmem::VolumeKey;
-use kvcrypt_datapath::transport::ublk::{
-    self, BlockTarget, ServeEnd, SplitStep, StopRequest, UblkOptions,
-};
+use kvcrypt_datapath::target::{BlockTarget, SplitStep};
+use kvcrypt_datapath::transport::ublk::{self, ServeEnd, StopRequest, UblkOptions};
 
 /// pread/pwrite + XTS: just enough target to drive the transport.
 struct XtsFile {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::cli::TransportKind;
+use kvcrypt_datapath::transport::TransportKind;
 use kvcrypt_exit::{Exit, ExitClass};
 
 /// The `[vault]` table: owned by the Key Vault provider.
@@ -509,6 +509,12 @@ mod tests {
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/kvcrypt/kvcrypt.toml"), s)
+    }
+
+    #[test]
+    fn volume_names_follow_the_workers_rule() {
+        assert!(!valid_name("-rf"));
+        assert!(valid_name("data-1"));
     }
 
     #[test]

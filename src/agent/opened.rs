@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{Config, Selector, VolumeSettings};
 use super::control::run_dir;
-use crate::cli::TransportKind;
+use kvcrypt_datapath::transport::TransportKind;
 
 /// What `kvcrypt open DEVICE NAME` asks the agent to serve.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

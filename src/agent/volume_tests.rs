@@ -446,7 +446,7 @@ fn settings() -> VolumeSettings {
     VolumeSettings {
         name: "data".into(),
         selector: Selector::Path("/dev/fake".into()),
-        transport: crate::cli::TransportKind::Fuse,
+        transport: kvcrypt_datapath::transport::TransportKind::Fuse,
         queues: None,
         queue_depth: 128,
         allow_discards: false,
@@ -1920,7 +1920,7 @@ async fn runtime_volume_survives_reload_and_close_forgets_it() {
     let spec = OpenSpec {
         name: "rt".into(),
         device: "/dev/fake".into(),
-        transport: crate::cli::TransportKind::Fuse,
+        transport: kvcrypt_datapath::transport::TransportKind::Fuse,
         queues: None,
         queue_depth: 128,
         allow_discards: false,

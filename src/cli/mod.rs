@@ -10,8 +10,9 @@ mod serve;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
+use kvcrypt_datapath::transport::TransportKind;
 use kvcrypt_exit::{Exit, ExitClass};
 
 /// Default configuration file (vault credentials, volumes, agent policy).
@@ -182,15 +183,6 @@ pub struct BenchmarkArgs {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 1.0)]
     pub seconds: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TransportKind {
-    /// ublk if /dev/ublk-control exists, FUSE + loop otherwise.
-    Auto,
-    Ublk,
-    Fuse,
 }
 
 #[derive(Debug, Args)]

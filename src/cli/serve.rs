@@ -5,7 +5,9 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use super::{CliError, CloseArgs, OpenArgs, TransportKind, WorkerArgs};
+use kvcrypt_datapath::transport::TransportKind;
+
+use super::{CliError, CloseArgs, OpenArgs, WorkerArgs};
 use crate::worker::{self, RunOptions, WorkerClient, WorkerError, WorkerSpec};
 use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_format::LoadedHeader;

@@ -28,8 +28,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cli::TransportKind;
 use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_datapath::transport::TransportKind;
 use kvcrypt_datapath::transport::fuse::FuseInit;
 use kvcrypt_exit::{Exit, ExitClass};
 
@@ -346,7 +346,7 @@ pub fn spawn_worker(spec: &WorkerSpec, key: &VolumeKey) -> Result<WorkerInfo, Wo
 
     let mut cmd = Command::new(&exe);
     cmd.arg("worker").arg(&spec.device).arg(&spec.name);
-    cmd.args(["--transport", transport_arg(spec.transport)]);
+    cmd.args(["--transport", spec.transport.as_str()]);
     cmd.args(["--queue-depth", &spec.queue_depth.to_string()]);
     cmd.args(["--key-fd", "3", "--ready-fd", "4"]);
     if let Some(q) = spec.queues {
@@ -482,14 +482,6 @@ pub const SERVICE_MANAGER_VARS: [&str; 6] = [
     "LISTEN_FDNAMES",
 ];
 
-fn transport_arg(t: TransportKind) -> &'static str {
-    match t {
-        TransportKind::Auto => "auto",
-        TransportKind::Ublk => "ublk",
-        TransportKind::Fuse => "fuse",
-    }
-}
-
 /// The last lines of a worker's log (its stderr), for error messages.
 pub fn log_tail(name: &str) -> String {
     let text = std::fs::read_to_string(log_path(name)).unwrap_or_default();
@@ -516,8 +508,5 @@ mod tests {
         for bad in ["", ".hidden", "-rf", "../x", "a/b", "sp ace", long.as_str()] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
-        // The agent's config applies the same rule.
-        assert!(!crate::agent::config::valid_name("-rf"));
-        assert!(crate::agent::config::valid_name("data-1"));
     }
 }

@@ -17,10 +17,10 @@ use super::{
     BY_KVCRYPT_DIR, FuseTakeover, WorkerState, ensure_dirs, fdpass, fuse_dir, socket_path,
     state_path, sys, validate_name,
 };
-use crate::cli::TransportKind;
 use kvcrypt_crypto::XtsCipher;
 use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_datapath::engine::{Engine, EngineConfig};
+use kvcrypt_datapath::transport::TransportKind;
 use kvcrypt_datapath::transport::fuse::{FuseDevice, FuseInit, FuseOptions};
 use kvcrypt_datapath::transport::ublk;
 use kvcrypt_format::VolumeHeader;

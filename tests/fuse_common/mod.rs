@@ -129,7 +129,7 @@ pub fn make_volume(dir: &Path, size: u64, key: &VolumeKey) -> PathBuf {
 /// A worker spec for tests: FUSE transport, this build's kvcrypt binary.
 pub fn worker_spec(device: &Path, name: &str) -> kvcrypt::worker::WorkerSpec {
     let mut spec = kvcrypt::worker::WorkerSpec::new(device, name);
-    spec.transport = kvcrypt::cli::TransportKind::Fuse;
+    spec.transport = kvcrypt_datapath::transport::TransportKind::Fuse;
     spec.exe = Some(PathBuf::from(env!("CARGO_BIN_EXE_kvcrypt")));
     spec
 }

@@ -3,4 +3,5 @@
 //! requests to it (ublk over io_uring; FUSE file + loop device where ublk is missing).
 
 pub mod engine;
+pub mod target;
 pub mod transport;

@@ -1,10 +1,10 @@
-//! The engine as a ublk [`BlockTarget`](crate::transport::ublk::BlockTarget).
+//! The engine as a [`BlockTarget`](crate::target::BlockTarget).
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use super::{Engine, EngineError, SplitError};
-use crate::transport::ublk::{BlockTarget, SplitStep};
+use crate::target::{BlockTarget, SplitStep};
 
 fn to_step(what: &str, e: SplitError) -> SplitStep {
     match e {

@@ -23,6 +23,30 @@ pub fn auto_is_ublk() -> bool {
     UBLK_COMPILED_IN && Path::new("/dev/ublk-control").exists()
 }
 
+/// Which transport serves a volume: the configuration's `transport =`, `kvcrypt open
+/// --transport` and the worker's command line all name it. With the `clap` feature it is also
+/// a command-line value (`auto`, `ublk`, `fuse`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// ublk if /dev/ublk-control exists, FUSE + loop otherwise.
+    Auto,
+    Ublk,
+    Fuse,
+}
+
+impl TransportKind {
+    /// The name used in configuration files and on command lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Auto => "auto",
+            TransportKind::Ublk => "ublk",
+            TransportKind::Fuse => "fuse",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("FUSE is not available ({0}); load the fuse module or use --transport ublk")]

@@ -21,9 +21,10 @@ use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::{BufDesc, UblkError};
 
+use super::Event;
 use super::request::{self, Geometry};
 use super::ring::{FileRef, QueueRing};
-use super::{BlockTarget, Event};
+use crate::target::BlockTarget;
 
 /// State shared between the serving thread and the queue threads.
 #[derive(Default)]

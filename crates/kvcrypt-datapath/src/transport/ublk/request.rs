@@ -9,7 +9,7 @@ use std::io;
 
 use libublk::sys;
 
-use super::{BlockTarget, SplitStep};
+use crate::target::{BlockTarget, SplitStep};
 
 /// Device geometry and policy checked on every request.
 #[derive(Clone, Copy, Debug)]

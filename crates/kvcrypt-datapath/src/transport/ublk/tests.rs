@@ -8,7 +8,8 @@ use std::sync::Mutex;
 use libublk::sys;
 
 use super::request::{Geometry, handle_request};
-use super::{BlockTarget, UblkOptions, ublk_params};
+use super::{UblkOptions, ublk_params};
+use crate::target::BlockTarget;
 
 mod engine;
 mod split;

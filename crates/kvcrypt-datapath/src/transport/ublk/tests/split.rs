@@ -13,7 +13,7 @@ use std::task::{Poll, Waker};
 use libublk::sys;
 
 use super::super::request::{BackingIo, Geometry, serve_request};
-use super::super::{BlockTarget, SplitStep};
+use crate::target::{BlockTarget, SplitStep};
 
 const DATA_OFFSET: u64 = 8192;
 const SIZE: u64 = 1 << 20;

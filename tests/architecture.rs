@@ -1,0 +1,237 @@
+//! The layout docs/ARCHITECTURE.md describes, checked against the tree: every workspace crate is
+//! documented there and inherits the workspace lints (which deny undocumented `unsafe`), the
+//! production crates do not depend on the emulator or the lab, and inside each crate the
+//! top-level modules import one another without cycles (Cargo already forbids cycles between
+//! crates; inside one crate only this test does).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Source directories of the workspace crates: the root package and `crates/*`.
+fn crate_dirs() -> Vec<PathBuf> {
+    let mut dirs = vec![root()];
+    let mut members: Vec<PathBuf> = fs::read_dir(root().join("crates"))
+        .expect("crates/")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("Cargo.toml").is_file())
+        .collect();
+    members.sort();
+    dirs.extend(members);
+    dirs
+}
+
+fn package_name(dir: &Path) -> String {
+    let toml = fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+    let table: toml::Table = toml.parse().unwrap();
+    table["package"]["name"].as_str().unwrap().to_string()
+}
+
+fn rs_files(p: &Path, out: &mut Vec<PathBuf>) {
+    if p.is_dir() {
+        for e in fs::read_dir(p).unwrap() {
+            rs_files(&e.unwrap().path(), out);
+        }
+    } else if p.extension().is_some_and(|e| e == "rs") {
+        out.push(p.to_path_buf());
+    }
+}
+
+/// `crate::NAME` paths in code (comments are skipped: a doc link is not a dependency).
+fn crate_paths(file: &Path) -> BTreeSet<String> {
+    let text = fs::read_to_string(file).unwrap();
+    let mut found = BTreeSet::new();
+    for line in text.lines() {
+        let code = line.split("//").next().unwrap_or("");
+        let mut rest = code;
+        while let Some(i) = rest.find("crate::") {
+            let before = rest[..i].chars().last();
+            rest = &rest[i + "crate::".len()..];
+            if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                continue; // e.g. `kvcrypt_crate::`, not this crate
+            }
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                found.insert(name);
+            }
+        }
+    }
+    found
+}
+
+/// Top-level module → the other top-level modules of the same crate it names.
+fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let mut graph = BTreeMap::new();
+    for e in fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        let name = match p.file_stem().and_then(|s| s.to_str()) {
+            Some(n) if p.is_dir() || p.extension().is_some_and(|e| e == "rs") => n.to_string(),
+            _ => continue,
+        };
+        if matches!(name.as_str(), "lib" | "main" | "bin") {
+            continue;
+        }
+        let mut files = Vec::new();
+        rs_files(&p, &mut files);
+        if p.is_dir() {
+            // `foo/` and `foo.rs` are one module.
+            let sibling = src.join(format!("{name}.rs"));
+            if sibling.is_file() {
+                files.push(sibling);
+            }
+        }
+        let deps: BTreeSet<String> = files
+            .iter()
+            .flat_map(|f| crate_paths(f))
+            .filter(|d| *d != name)
+            .collect();
+        graph.entry(name).or_insert_with(BTreeSet::new).extend(deps);
+    }
+    let modules: BTreeSet<String> = graph.keys().cloned().collect();
+    for deps in graph.values_mut() {
+        deps.retain(|d| modules.contains(d));
+    }
+    graph
+}
+
+/// A cycle in `graph`, if there is one.
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        n: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == n) {
+            let mut cycle = path[i..].to_vec();
+            cycle.push(n.to_string());
+            return Some(cycle);
+        }
+        if done.contains(n) {
+            return None;
+        }
+        path.push(n.to_string());
+        for d in graph.get(n).into_iter().flatten() {
+            if let Some(c) = visit(d, graph, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(n.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    for n in graph.keys() {
+        if let Some(c) = visit(n, graph, &mut Vec::new(), &mut done) {
+            return Some(c);
+        }
+    }
+    None
+}
+
+#[test]
+fn modules_inside_each_crate_import_one_another_without_cycles() {
+    for dir in crate_dirs() {
+        let graph = module_graph(&dir.join("src"));
+        if let Some(cycle) = find_cycle(&graph) {
+            panic!(
+                "{}: import cycle {} (graph: {graph:?})",
+                package_name(&dir),
+                cycle.join(" → ")
+            );
+        }
+    }
+}
+
+#[test]
+fn the_cycle_check_sees_a_cycle() {
+    // The checker itself, on a two-module crate that imports in a circle.
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("a.rs"), "use crate::b::X;\n").unwrap();
+    fs::create_dir(dir.path().join("b")).unwrap();
+    fs::write(
+        dir.path().join("b/mod.rs"),
+        "pub fn f() { crate::a::g() }\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.path().join("c.rs"),
+        "// crate::a in a comment is no edge\n",
+    )
+    .unwrap();
+    let graph = module_graph(dir.path());
+    assert_eq!(graph["c"], BTreeSet::new());
+    let cycle = find_cycle(&graph).expect("a ↔ b is a cycle");
+    assert_eq!(cycle.first(), cycle.last());
+}
+
+#[test]
+fn every_crate_is_documented_and_denies_undocumented_unsafe() {
+    let arch =
+        fs::read_to_string(root().join("docs/ARCHITECTURE.md")).expect("docs/ARCHITECTURE.md");
+    let readme = fs::read_to_string(root().join("README.md")).unwrap();
+    for dir in crate_dirs() {
+        let name = package_name(&dir);
+        assert!(
+            arch.contains(&format!("`{name}`")),
+            "docs/ARCHITECTURE.md does not describe `{name}`"
+        );
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "README §What is where does not list `{name}`"
+        );
+        let toml: toml::Table = fs::read_to_string(dir.join("Cargo.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            toml.get("lints")
+                .and_then(|l| l.get("workspace"))
+                .and_then(|w| w.as_bool()),
+            Some(true),
+            "{name}: Cargo.toml must say [lints] workspace = true"
+        );
+    }
+    let ws: toml::Table = fs::read_to_string(root().join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        ws["workspace"]["lints"]["clippy"]["undocumented_unsafe_blocks"].as_str(),
+        Some("deny")
+    );
+}
+
+#[test]
+fn production_crates_do_not_depend_on_the_emulator_or_the_lab() {
+    for dir in crate_dirs() {
+        let name = package_name(&dir);
+        if matches!(name.as_str(), "kvcrypt-kv-emulator" | "kvcrypt-lab") {
+            continue;
+        }
+        let toml: toml::Table = fs::read_to_string(dir.join("Cargo.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let deps = toml.get("dependencies").and_then(|d| d.as_table());
+        for banned in [
+            "kvcrypt-kv-emulator",
+            "kvcrypt-lab",
+            "hyper-util",
+            "rcgen",
+            "rsa",
+        ] {
+            assert!(
+                !deps.is_some_and(|d| d.contains_key(banned)),
+                "{name} depends on {banned}: only tests (dev-dependencies) may"
+            );
+        }
+    }
+}
