@@ -68,9 +68,17 @@ pub trait BlockTarget: Send + Sync + 'static {
         let _ = (offset, buf);
         Err(SplitStep::Errno(libc::EOPNOTSUPP))
     }
-    /// Blocks while the target is suspended. True once the key is back; false if the target
-    /// shuts down meanwhile (the waiting request then fails).
-    fn wait_resumed(&self) -> bool {
+    /// Blocks while the target is suspended, holding `waiting` requests (counted as parked).
+    /// True once the key is back; false if the target shuts down meanwhile (the waiting
+    /// requests then fail).
+    fn wait_resumed(&self, waiting: usize) -> bool {
+        let _ = waiting;
         true
     }
+    /// Whether the key is wiped right now (requests report `Suspended` or wait).
+    fn is_suspended(&self) -> bool {
+        false
+    }
+    /// Fails every waiting and later request: the device is going away while suspended.
+    fn shutdown(&self) {}
 }

@@ -2,6 +2,9 @@
 //! so scripts and systemd units can tell "wrong key" from "vault unreachable".
 //! The table is documented in README.md §Exit codes; keep both in sync.
 
+// This crate needs no `unsafe`; the compiler keeps it that way.
+#![forbid(unsafe_code)]
+
 /// Distinct exit codes of the `kvcrypt` binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

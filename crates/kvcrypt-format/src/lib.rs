@@ -8,6 +8,9 @@
 //! Submodules: `layout` (bytes), `metadata` (JSON), `auth` (key check, MAC), `device` (file I/O
 //! and the two-copy rules).
 
+// This crate needs no `unsafe`; the compiler keeps it that way.
+#![forbid(unsafe_code)]
+
 mod auth;
 mod device;
 #[doc(hidden)]

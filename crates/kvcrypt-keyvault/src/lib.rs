@@ -9,6 +9,9 @@
 //! (per-attempt timeouts, `resolve`, extra CA) and a bounded retry policy (`http.rs`). TLS
 //! verification and the Key Vault challenge resource check are always on.
 
+// This crate needs no `unsafe`; the compiler keeps it that way.
+#![forbid(unsafe_code)]
+
 mod answer;
 mod config;
 mod credential;

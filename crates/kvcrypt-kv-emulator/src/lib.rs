@@ -10,6 +10,9 @@
 //! emu.shutdown();
 //! ```
 
+// This crate needs no `unsafe`; the compiler keeps it that way.
+#![forbid(unsafe_code)]
+
 mod admin;
 mod cli;
 mod errors;

@@ -6,22 +6,30 @@ use std::os::fd::{AsRawFd, RawFd};
 use super::{Engine, EngineError, SplitError};
 use crate::target::{BlockTarget, SplitStep};
 
-fn to_step(what: &str, e: SplitError) -> SplitStep {
+// Failures are logged here, once, for every transport (they only pass an errno on to the
+// kernel); after shutdown every request fails by design, which is not worth a line each.
+fn log(what: &str, offset: Option<u64>, e: &EngineError) {
+    if matches!(e, EngineError::ShutDown) {
+        return;
+    }
+    match offset {
+        Some(o) => tracing::error!("{what} at volume offset {o}: {e}"),
+        None => tracing::error!("{what}: {e}"),
+    }
+}
+
+fn to_step(what: &str, offset: u64, e: SplitError) -> SplitStep {
     match e {
         SplitError::Suspended => SplitStep::Suspended,
         SplitError::Engine(e) => {
-            if !matches!(e, EngineError::ShutDown) {
-                tracing::error!("{what}: {e}");
-            }
+            log(what, Some(offset), &e);
             SplitStep::Errno(e.errno())
         }
     }
 }
 
-fn to_io(what: &str, e: EngineError) -> io::Error {
-    if !matches!(e, EngineError::ShutDown) {
-        tracing::error!("{what}: {e}");
-    }
+fn to_io(what: &str, offset: Option<u64>, e: EngineError) -> io::Error {
+    log(what, offset, &e);
     io::Error::from_raw_os_error(e.errno())
 }
 
@@ -33,21 +41,22 @@ impl BlockTarget for Engine {
         Engine::sector_size(self)
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        Engine::read_at(self, offset, buf).map_err(|e| to_io("read", e))
+        Engine::read_at(self, offset, buf).map_err(|e| to_io("read", Some(offset), e))
     }
     fn write_at(&self, offset: u64, buf: &mut [u8], fua: bool) -> io::Result<()> {
         self.write_at_mut(offset, buf, fua)
-            .map_err(|e| to_io("write", e))
+            .map_err(|e| to_io("write", Some(offset), e))
     }
     fn flush(&self) -> io::Result<()> {
-        Engine::flush(self).map_err(|e| to_io("flush", e))
+        Engine::flush(self).map_err(|e| to_io("flush", None, e))
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        Engine::discard(self, offset, len).map_err(|e| to_io("discard", e))
+        Engine::discard(self, offset, len).map_err(|e| to_io("discard", Some(offset), e))
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         // Encrypted zeros: correct whatever REQ_NOUNMAP says, and reveals nothing.
-        Engine::write_zeroes(self, offset, len, false).map_err(|e| to_io("write zeroes", e))
+        Engine::write_zeroes(self, offset, len, false)
+            .map_err(|e| to_io("write zeroes", Some(offset), e))
     }
     // Split-phase: the ublk queues submit backing I/O themselves (see engine::split).
     fn backing_fd(&self) -> Option<RawFd> {
@@ -58,13 +67,19 @@ impl BlockTarget for Engine {
     }
     fn encrypt(&self, offset: u64, buf: &mut [u8]) -> Result<(), SplitStep> {
         self.try_encrypt(offset, buf)
-            .map_err(|e| to_step("encrypt", e))
+            .map_err(|e| to_step("encrypt", offset, e))
     }
     fn decrypt(&self, offset: u64, buf: &mut [u8]) -> Result<(), SplitStep> {
         self.try_decrypt(offset, buf)
-            .map_err(|e| to_step("decrypt", e))
+            .map_err(|e| to_step("decrypt", offset, e))
     }
-    fn wait_resumed(&self) -> bool {
-        Engine::wait_resumed(self, 1)
+    fn wait_resumed(&self, waiting: usize) -> bool {
+        Engine::wait_resumed(self, waiting)
+    }
+    fn is_suspended(&self) -> bool {
+        Engine::is_suspended(self)
+    }
+    fn shutdown(&self) {
+        Engine::shutdown(self)
     }
 }

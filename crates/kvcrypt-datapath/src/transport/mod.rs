@@ -64,6 +64,8 @@ pub enum TransportError {
     Busy(String),
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
+    #[error("flushing the volume failed: {0}")]
+    Flush(std::io::Error),
 }
 
 impl ExitClass for TransportError {

@@ -11,7 +11,8 @@
 //! A single-file filesystem needs only ~12 opcodes, which is less code than adapting `fuser`'s
 //! session loop (single-threaded, one copy per write).
 //!
-//! Request flow: loop (kernel) → FUSE READ/WRITE/FSYNC/FALLOCATE → [`Engine`] → backing store.
+//! Request flow: loop (kernel) → FUSE READ/WRITE/FSYNC/FALLOCATE → the [`BlockTarget`] (in
+//! production the engine) → backing store.
 //! While the engine is suspended the serving threads block inside the engine, so requests wait
 //! (in the kernel's FUSE queue) instead of failing.
 //!
@@ -49,7 +50,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::engine::{ALIGN, AlignedBuf, Engine, EngineError};
+use crate::engine::{ALIGN, AlignedBuf};
+use crate::target::BlockTarget;
 
 use super::TransportError;
 use super::loopdev::{self, LoopDevice};
@@ -188,7 +190,7 @@ pub fn default_threads() -> usize {
 /// A served FUSE + loop device. Dropping it tears everything down (best effort); use
 /// [`close`](Self::close) for an orderly removal that reports errors.
 pub struct FuseDevice {
-    engine: Arc<Engine>,
+    target: Arc<dyn BlockTarget>,
     loopdev: Option<LoopDevice>,
     mountpoint: PathBuf,
     mounted: bool,
@@ -213,7 +215,10 @@ impl std::fmt::Debug for FuseDevice {
 
 impl FuseDevice {
     /// Mounts the FUSE file, starts the serving threads and attaches the loop device.
-    pub fn start(engine: Arc<Engine>, opts: &FuseOptions) -> Result<FuseDevice, TransportError> {
+    pub fn start(
+        target: Arc<dyn BlockTarget>,
+        opts: &FuseOptions,
+    ) -> Result<FuseDevice, TransportError> {
         let mp = opts.mountpoint.clone();
         let mount_err = |source| TransportError::Mount {
             path: mp.clone(),
@@ -254,7 +259,7 @@ impl FuseDevice {
             return Err(mount_err(io::Error::last_os_error()));
         }
         let mut dev = FuseDevice {
-            engine: engine.clone(),
+            target: target.clone(),
             loopdev: None,
             mountpoint: mp.clone(),
             mounted: true,
@@ -270,9 +275,10 @@ impl FuseDevice {
         // kernel took FUSE-over-io_uring; the other threads are started after that.
         let (init_tx, init_rx) = mpsc::channel();
         let ctx = Arc::new(Ctx {
-            engine: engine.clone(),
+            target: target.clone(),
             read_only: opts.read_only,
-            offer_uring: opts.io_uring && uring::supported(),
+            // The io_uring mode submits backing I/O itself: only for targets that have a descriptor.
+            offer_uring: opts.io_uring && uring::supported() && target.backing_fd().is_some(),
             init_done: Mutex::new(Some(init_tx)),
             resent: AtomicU64::new(0),
         });
@@ -340,7 +346,7 @@ impl FuseDevice {
         }
         let lo = loopdev::attach(
             &file,
-            engine.sector_size(),
+            target.sector_size(),
             opts.read_only,
             opts.loop_direct_io,
             &loop_label(&opts.name),
@@ -360,7 +366,7 @@ impl FuseDevice {
     /// every request the dead worker had read but not answered. The caller must be sure the
     /// dead worker's threads are all gone (its pidfd said so), or they could race us for them.
     pub fn recover(
-        engine: Arc<Engine>,
+        target: Arc<dyn BlockTarget>,
         opts: &FuseOptions,
         fds: Vec<OwnedFd>,
         init: FuseInit,
@@ -392,14 +398,14 @@ impl FuseDevice {
                 ))
             })?;
         let ctx = Arc::new(Ctx {
-            engine: engine.clone(),
+            target: target.clone(),
             read_only: opts.read_only,
             offer_uring: false,
             init_done: Mutex::new(None),
             resent: AtomicU64::new(0),
         });
         let mut dev = FuseDevice {
-            engine,
+            target,
             loopdev: None,
             mountpoint: opts.mountpoint.clone(),
             mounted: false,
@@ -488,8 +494,8 @@ impl FuseDevice {
         self.loopdev.as_ref().is_some_and(|l| l.direct_io())
     }
 
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+    pub fn target(&self) -> &Arc<dyn BlockTarget> {
+        &self.target
     }
 
     /// True if something (a mount, a process) holds the block device open.
@@ -515,19 +521,19 @@ impl FuseDevice {
                 .unwrap_or_default();
             return Err(TransportError::Busy(dev));
         }
-        let flushed = if self.engine.is_suspended() {
+        let flushed = if self.target.is_suspended() {
             Ok(())
         } else {
-            self.engine.flush()
+            self.target.flush()
         };
         self.teardown();
-        flushed.map_err(TransportError::from)
+        flushed.map_err(TransportError::Flush)
     }
 
     fn teardown(&mut self) {
         // Parked requests (suspended engine) must fail now, or the threads never finish.
-        if self.engine.is_suspended() {
-            self.engine.shutdown();
+        if self.target.is_suspended() {
+            self.target.shutdown();
         }
         // Last close of an autoclear loop device detaches it (and releases the FUSE file).
         self.loopdev = None;
@@ -575,7 +581,7 @@ impl Drop for FuseDevice {
 }
 
 struct Ctx {
-    engine: Arc<Engine>,
+    target: Arc<dyn BlockTarget>,
     read_only: bool,
     /// Accept FUSE-over-io_uring if the kernel offers it.
     offer_uring: bool,
@@ -653,7 +659,7 @@ fn serve_thread(ctx: &Ctx, fd: OwnedFd) {
 
 fn handle(ctx: &Ctx, fd: RawFd, h: &InHeader, msg: &mut [u8], reply: &mut AlignedBuf) {
     let body_start = size_of::<InHeader>();
-    let engine = &ctx.engine;
+    let target = &ctx.target;
     match h.opcode {
         INIT => {
             let i: InitIn = read(&msg[body_start..]);
@@ -701,7 +707,7 @@ fn handle(ctx: &Ctx, fd: RawFd, h: &InHeader, msg: &mut [u8], reply: &mut Aligne
         }
         READ => {
             let r: ReadIn = read(&msg[body_start..]);
-            let len = engine.data_length();
+            let len = target.size();
             let n = if r.offset >= len {
                 0
             } else {
@@ -711,9 +717,9 @@ fn handle(ctx: &Ctx, fd: RawFd, h: &InHeader, msg: &mut [u8], reply: &mut Aligne
                 reply_empty(fd, h.unique, 0);
                 return;
             }
-            match engine.read_at(r.offset, &mut reply[..n]) {
+            match target.read_at(r.offset, &mut reply[..n]) {
                 Ok(()) => reply_data(fd, h.unique, &reply[..n]),
-                Err(e) => reply_err(fd, h.unique, &e, "read", r.offset),
+                Err(e) => reply_err(fd, h.unique, &e),
             }
         }
         WRITE => {
@@ -725,13 +731,13 @@ fn handle(ctx: &Ctx, fd: RawFd, h: &InHeader, msg: &mut [u8], reply: &mut Aligne
             }
             if w.offset
                 .checked_add(size as u64)
-                .is_none_or(|end| end > engine.data_length())
+                .is_none_or(|end| end > target.size())
             {
                 reply_empty(fd, h.unique, -libc::ENOSPC);
                 return;
             }
             // The payload is page-aligned (see serve_thread): encrypted in place, no copy.
-            match engine.write_at_mut(w.offset, &mut msg[WRITE_HDR..WRITE_HDR + size], false) {
+            match target.write_at(w.offset, &mut msg[WRITE_HDR..WRITE_HDR + size], false) {
                 Ok(()) => reply_struct(
                     fd,
                     h.unique,
@@ -740,7 +746,7 @@ fn handle(ctx: &Ctx, fd: RawFd, h: &InHeader, msg: &mut [u8], reply: &mut Aligne
                         padding: 0,
                     },
                 ),
-                Err(e) => reply_err(fd, h.unique, &e, "write", w.offset),
+                Err(e) => reply_err(fd, h.unique, &e),
             }
         }
         _ => match meta_reply(ctx, h, &msg[body_start..], reply) {
@@ -796,18 +802,14 @@ fn meta_reply(ctx: &Ctx, h: &InHeader, body: &[u8], out: &mut [u8]) -> Reply {
         out[..b.len()].copy_from_slice(b);
         Reply::Data(b.len())
     }
-    let engine = &ctx.engine;
-    let engine_err = |e: &EngineError, what: &str, offset: u64| {
-        if !matches!(e, EngineError::ShutDown) {
-            tracing::error!("{what} at volume offset {offset}: {e}");
-        }
-        Reply::Err(e.errno())
-    };
+    let target = &ctx.target;
+    // The target logged the failure (crate::engine::target); the reply carries its errno.
+    let target_err = |e: &io::Error| Reply::Err(errno_of(e));
     match h.opcode {
         GETATTR => put(out, &attr_out(ctx)),
         SETATTR => {
             let s: SetattrIn = read(body);
-            if s.valid & FATTR_SIZE != 0 && s.size != engine.data_length() {
+            if s.valid & FATTR_SIZE != 0 && s.size != target.size() {
                 Reply::Err(libc::EPERM)
             } else {
                 put(out, &attr_out(ctx))
@@ -825,22 +827,22 @@ fn meta_reply(ctx: &Ctx, h: &InHeader, body: &[u8], out: &mut [u8]) -> Reply {
             };
             put(out, &o)
         }
-        FSYNC => match engine.flush() {
+        FSYNC => match target.flush() {
             Ok(()) => Reply::Data(0),
-            Err(e) => engine_err(&e, "flush", 0),
+            Err(e) => target_err(&e),
         },
         FALLOCATE => {
             let f: FallocateIn = read(body);
-            match fallocate(engine, &f) {
+            match fallocate(target.as_ref(), &f) {
                 Ok(()) => Reply::Data(0),
-                Err(e) => engine_err(&e, "fallocate", f.offset),
+                Err(e) => target_err(&e),
             }
         }
         FLUSH | RELEASE => Reply::Data(0),
         STATFS => {
-            let ss = engine.sector_size();
+            let ss = target.sector_size();
             let st = StatfsOut {
-                blocks: engine.data_length() / ss as u64,
+                blocks: target.size() / ss as u64,
                 bsize: ss,
                 frsize: ss,
                 namelen: 255,
@@ -858,30 +860,38 @@ fn meta_reply(ctx: &Ctx, h: &InHeader, body: &[u8], out: &mut [u8]) -> Reply {
 /// write-zeroes request; the engine's discard leaves zeros, so both are served correctly.
 /// Without `--allow-discards` punching is refused and the kernel falls back to writing zero
 /// pages for write-zeroes. `ZERO_RANGE` writes encrypted zeros (reveals nothing).
-fn fallocate(engine: &Engine, f: &FallocateIn) -> Result<(), EngineError> {
+fn fallocate(target: &dyn BlockTarget, f: &FallocateIn) -> io::Result<()> {
     let mode = f.mode as i32;
     if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
-        return engine.discard(f.offset, f.length);
+        return target.discard(f.offset, f.length);
     }
     if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
-        return engine.write_zeroes(f.offset, f.length, false);
+        return target.write_zeroes(f.offset, f.length);
     }
     if mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE {
         // Plain allocation: the whole volume already exists.
         return match f.offset.checked_add(f.length) {
-            Some(end) if end <= engine.data_length() => Ok(()),
-            _ => Err(EngineError::OutOfRange {
-                offset: f.offset,
-                len: f.length,
-                data_length: engine.data_length(),
-            }),
+            Some(end) if end <= target.size() => Ok(()),
+            _ => {
+                tracing::error!(
+                    "fallocate at volume offset {}: {} bytes reach past the end of the {}-byte volume",
+                    f.offset,
+                    f.length,
+                    target.size()
+                );
+                Err(io::Error::from_raw_os_error(libc::EINVAL))
+            }
         };
     }
-    Err(EngineError::DiscardDisabled)
+    tracing::error!(
+        "fallocate at volume offset {}: mode {mode:#x} is not supported",
+        f.offset
+    );
+    Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
 }
 
 fn attr_out(ctx: &Ctx) -> AttrOut {
-    let size = ctx.engine.data_length();
+    let size = ctx.target.size();
     AttrOut {
         attr_valid: 3600,
         attr: Attr {
@@ -890,18 +900,21 @@ fn attr_out(ctx: &Ctx) -> AttrOut {
             blocks: size / 512,
             mode: libc::S_IFREG | if ctx.read_only { 0o400 } else { 0o600 },
             nlink: 1,
-            blksize: ctx.engine.sector_size(),
+            blksize: ctx.target.sector_size(),
             ..Attr::default()
         },
         ..AttrOut::default()
     }
 }
 
-fn reply_err(fd: RawFd, unique: u64, e: &EngineError, what: &str, offset: u64) {
-    if !matches!(e, EngineError::ShutDown) {
-        tracing::error!("{what} at volume offset {offset}: {e}");
-    }
-    reply_empty(fd, unique, -e.errno());
+/// Fails a request with the target's error (the target logged it; see crate::engine::target).
+fn reply_err(fd: RawFd, unique: u64, e: &io::Error) {
+    reply_empty(fd, unique, -errno_of(e));
+}
+
+/// The errno a failed target call reports to the kernel.
+pub(super) fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
 }
 
 fn reply_empty(fd: RawFd, unique: u64, error: i32) {

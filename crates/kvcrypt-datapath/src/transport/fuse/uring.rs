@@ -11,9 +11,9 @@
 //! - Partial-sector READ/WRITE (loop never sends them) and the other opcodes: answered inline
 //!   with the blocking engine calls.
 //!
-//! Suspend ([`Engine::suspend`]): `try_encrypt`/`try_decrypt` report `Suspended`; such requests
+//! Suspend: the target's `encrypt`/`decrypt` report `Suspended`; such requests
 //! are kept (parked), in-flight backing I/O is finished, and then the thread blocks in
-//! [`Engine::wait_resumed`] until resume (retry them) or shutdown (fail them). New requests
+//! `BlockTarget::wait_resumed` until resume (retry them) or shutdown (fail them). New requests
 //! meanwhile wait in the kernel.
 
 use std::io;
@@ -23,7 +23,8 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::engine::{EngineError, SplitError};
+use super::errno_of;
+use crate::target::SplitStep;
 
 use super::proto::*;
 use super::uring_sys::{EntryBufs, Ring, new_ring, pin_to_cpu};
@@ -190,7 +191,11 @@ impl Queue {
                 return Err(io::Error::from_raw_os_error(-cqe.result()));
             }
         }
-        let backing = ctx.engine.backing_fd().as_raw_fd();
+        // Only offered for targets with a backing descriptor (see FuseDevice::start).
+        let backing = ctx
+            .target
+            .backing_fd()
+            .ok_or_else(|| io::Error::other("the target has no backing descriptor"))?;
         Ok(Queue {
             ctx,
             ring,
@@ -209,7 +214,7 @@ impl Queue {
     fn run(&mut self) {
         loop {
             if !self.parked.is_empty() {
-                if !self.ctx.engine.is_suspended() {
+                if !self.ctx.target.is_suspended() {
                     // Resumed while other work kept us busy. Look again afterwards: a new
                     // suspend may have parked them again, with nothing left to wake us.
                     self.retry_parked();
@@ -221,7 +226,7 @@ impl Queue {
                     if let Err(e) = self.ring.submit() {
                         tracing::error!("FUSE queue {}: submit: {e}", self.qid);
                     }
-                    if self.ctx.engine.wait_resumed(self.parked.len()) {
+                    if self.ctx.target.wait_resumed(self.parked.len()) {
                         self.retry_parked();
                     } else {
                         self.fail_parked();
@@ -303,8 +308,8 @@ impl Queue {
     }
 
     fn start_read(&mut self, i: usize, r: ReadIn) {
-        let engine = &self.ctx.engine;
-        let len = engine.data_length();
+        let target = &self.ctx.target;
+        let len = target.size();
         let n = if r.offset >= len {
             0
         } else {
@@ -313,7 +318,7 @@ impl Queue {
         if n == 0 {
             return self.commit(i, 0, 0);
         }
-        match engine.backing_offset(r.offset, n as u64, false) {
+        match target.backing_offset(r.offset, n as u64, false) {
             Ok(b) => {
                 let s = &mut self.slots[i];
                 (s.op, s.offset, s.len, s.backing) = (Op::Read, r.offset, n, b);
@@ -321,60 +326,64 @@ impl Queue {
             }
             // Partial sectors: the blocking engine path does read-modify-write correctly.
             Err(_) => {
-                let engine = self.ctx.engine.clone();
-                match engine.read_at(r.offset, &mut self.bufs.payload(i)[..n]) {
+                let target = self.ctx.target.clone();
+                match target.read_at(r.offset, &mut self.bufs.payload(i)[..n]) {
                     Ok(()) => self.commit(i, 0, n),
-                    Err(e) => self.commit_engine_err(i, &e, "read", r.offset),
+                    Err(e) => self.commit(i, errno_of(&e), 0),
                 }
             }
         }
     }
 
     fn start_write(&mut self, i: usize, w: WriteIn, payload: usize) {
-        let engine = self.ctx.engine.clone();
+        let target = self.ctx.target.clone();
         let size = w.size as usize;
         if size > payload || size > MAX_IO {
             return self.commit(i, libc::EINVAL, 0);
         }
         if w.offset
             .checked_add(size as u64)
-            .is_none_or(|end| end > engine.data_length())
+            .is_none_or(|end| end > target.size())
         {
             return self.commit(i, libc::ENOSPC, 0);
         }
-        match engine.backing_offset(w.offset, size as u64, true) {
+        match target.backing_offset(w.offset, size as u64, true) {
             Ok(b) => {
                 let s = &mut self.slots[i];
                 (s.op, s.offset, s.len, s.backing) = (Op::Write, w.offset, size, b);
                 self.encrypt_and_submit(i);
             }
-            Err(e @ EngineError::ReadOnly) => self.commit_engine_err(i, &e, "write", w.offset),
-            Err(_) => {
-                match engine.write_at_mut(w.offset, &mut self.bufs.payload(i)[..size], false) {
-                    Ok(()) => self.commit_write(i, w.size),
-                    Err(e) => self.commit_engine_err(i, &e, "write", w.offset),
-                }
+            Err(libc::EROFS) => {
+                tracing::error!(
+                    "write at volume offset {}: the volume is read-only",
+                    w.offset
+                );
+                self.commit(i, libc::EROFS, 0)
             }
+            Err(_) => match target.write_at(w.offset, &mut self.bufs.payload(i)[..size], false) {
+                Ok(()) => self.commit_write(i, w.size),
+                Err(e) => self.commit(i, errno_of(&e), 0),
+            },
         }
     }
 
     fn encrypt_and_submit(&mut self, i: usize) {
         let Slot { offset, len, .. } = self.slots[i];
-        let engine = self.ctx.engine.clone();
-        match engine.try_encrypt(offset, &mut self.bufs.payload(i)[..len]) {
+        let target = self.ctx.target.clone();
+        match target.encrypt(offset, &mut self.bufs.payload(i)[..len]) {
             Ok(()) => self.submit_backing(i),
-            Err(SplitError::Suspended) => self.parked.push(i),
-            Err(SplitError::Engine(e)) => self.commit_engine_err(i, &e, "write", offset),
+            Err(SplitStep::Suspended) => self.parked.push(i),
+            Err(SplitStep::Errno(errno)) => self.commit(i, errno, 0),
         }
     }
 
     fn finish_read(&mut self, i: usize) {
         let Slot { offset, len, .. } = self.slots[i];
-        let engine = self.ctx.engine.clone();
-        match engine.try_decrypt(offset, &mut self.bufs.payload(i)[..len]) {
+        let target = self.ctx.target.clone();
+        match target.decrypt(offset, &mut self.bufs.payload(i)[..len]) {
             Ok(()) => self.commit(i, 0, len),
-            Err(SplitError::Suspended) => self.parked.push(i),
-            Err(SplitError::Engine(e)) => self.commit_engine_err(i, &e, "read", offset),
+            Err(SplitStep::Suspended) => self.parked.push(i),
+            Err(SplitStep::Errno(errno)) => self.commit(i, errno, 0),
         }
     }
 
@@ -457,7 +466,8 @@ impl Queue {
     }
 
     fn fail_parked(&mut self) {
-        let errno = EngineError::ShutDown.errno();
+        // As the engine fails requests after shutdown.
+        let errno = libc::ESHUTDOWN;
         for i in std::mem::take(&mut self.parked) {
             self.commit(i, errno, 0);
         }
@@ -468,13 +478,6 @@ impl Queue {
         let b = bytes(&out);
         self.bufs.payload(i)[..b.len()].copy_from_slice(b);
         self.commit(i, 0, b.len());
-    }
-
-    fn commit_engine_err(&mut self, i: usize, e: &EngineError, what: &str, offset: u64) {
-        if !matches!(e, EngineError::ShutDown) {
-            tracing::error!("{what} at volume offset {offset}: {e}");
-        }
-        self.commit(i, e.errno(), 0);
     }
 
     /// Replies to entry `i`'s request (`errno` 0 = success with `n` payload bytes) and fetches

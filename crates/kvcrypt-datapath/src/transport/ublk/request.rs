@@ -190,7 +190,7 @@ fn crypto_step<T: BlockTarget + ?Sized>(
         match step() {
             Ok(()) => return Ok(()),
             Err(SplitStep::Suspended) => {
-                if !target.wait_resumed() {
+                if !target.wait_resumed(1) {
                     return Err(-libc::ESHUTDOWN);
                 }
             }

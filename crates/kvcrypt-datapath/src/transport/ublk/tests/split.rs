@@ -113,7 +113,7 @@ impl BlockTarget for XorTarget {
     fn decrypt(&self, offset: u64, buf: &mut [u8]) -> Result<(), SplitStep> {
         self.step("decrypt", offset, buf)
     }
-    fn wait_resumed(&self) -> bool {
+    fn wait_resumed(&self, _waiting: usize) -> bool {
         self.resumed.fetch_add(1, Ordering::SeqCst);
         true
     }
