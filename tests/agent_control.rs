@@ -129,8 +129,7 @@ fn kvcrypt(run: &Path, args: &[&str]) -> std::process::Output {
 }
 
 fn is_root() -> bool {
-    // SAFETY: getuid has no preconditions.
-    unsafe { libc::getuid() == 0 }
+    kvcrypt_host::process::running_as_root()
 }
 
 #[test]

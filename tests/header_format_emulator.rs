@@ -41,8 +41,7 @@ fn master_key(cfg: &Path, dev: &str) -> Result<VolumeKey, Output> {
 #[test]
 fn format_dump_rewrap_against_the_emulator() {
     // Root is needed for --dump-master-key (CI runs as root).
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = kvcrypt_host::process::euid();
     assert_eq!(euid, 0, "this test runs as root, like CI");
     let kv = Kv::start();
     let v1 = kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();

@@ -412,8 +412,7 @@ impl Drop for Agent {
 #[test]
 fn the_agent_refuses_a_rewritten_header_without_a_request() {
     use kvcrypt_lab::lab::{Lab, LabOptions, VAULT_HOST};
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !kvcrypt_host::process::running_as_root() {
         eprintln!("SKIPPED: the agent needs root");
         return;
     }

@@ -466,9 +466,11 @@ impl Platform for RealPlatform {
 
     async fn worker_status(&self, name: &str) -> Result<serde_json::Value, String> {
         let n = name.to_owned();
-        blocking(move || client(&n).and_then(|mut c| c.status_json()))
+        let status = blocking(move || client(&n).and_then(|mut c| c.status()))
             .await?
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        // Shown as is by `kvcrypt status` (the agent's status carries it as JSON).
+        serde_json::to_value(status).map_err(|e| e.to_string())
     }
 
     fn watch_worker(&self, name: &str) -> WorkerExit {

@@ -213,8 +213,7 @@ fn confirm(question: &str, flag: &str) -> anyhow::Result<()> {
 fn header_dump(config: &Path, a: HeaderDumpArgs) -> anyhow::Result<()> {
     let l = header::read_header_only(&a.device)?;
     let master_key = if a.dump_master_key {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
+        if !kvcrypt_host::process::running_as_root() {
             return Err(CliError::Permission(
                 "--dump-master-key needs root: the master key gives full access to the data".into(),
             )

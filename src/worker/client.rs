@@ -1,38 +1,15 @@
-//! Client side of a worker's control socket: JSON-line requests, one JSON-line answer each.
-//! `resume` is followed by the 64 raw key bytes on the same connection.
+//! Client side of a worker's control socket ([`super::protocol`]): one request line, one
+//! answer line each; `resume` is followed by the 64 raw key bytes on the same connection.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::time::Duration;
 
+use super::protocol::{Answer, Request, WorkerStatus};
 use super::{WorkerError, fdpass, socket_path, validate_name};
 use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_datapath::transport::fuse::FuseInit;
-
-/// The answer to `{"op":"status"}`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct WorkerStatus {
-    pub name: String,
-    pub pid: u32,
-    /// "serving" or "suspended".
-    pub state: String,
-    pub transport: String,
-    pub device: PathBuf,
-    pub block_device: PathBuf,
-    /// Requests waiting for resume.
-    pub parked: usize,
-    /// FUSE transport only: "io_uring" or "dev_fuse".
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fuse_mode: Option<String>,
-}
-
-impl WorkerStatus {
-    pub fn is_suspended(&self) -> bool {
-        self.state == "suspended"
-    }
-}
 
 /// A connection to one worker's control socket.
 pub struct WorkerClient {
@@ -77,21 +54,16 @@ impl WorkerClient {
         })
     }
 
-    fn request(
-        &mut self,
-        op: &str,
-        extra: Option<&[u8]>,
-    ) -> Result<serde_json::Value, WorkerError> {
+    fn request(&mut self, req: Request, key: Option<&VolumeKey>) -> Result<Answer, WorkerError> {
         let name = self.name.clone();
         let ctl = |source| WorkerError::Control {
             name: name.clone(),
             source,
         };
         let s = self.reader.get_mut();
-        s.write_all(format!("{{\"op\":\"{op}\"}}\n").as_bytes())
-            .map_err(ctl)?;
-        if let Some(b) = extra {
-            s.write_all(b).map_err(ctl)?;
+        s.write_all(req.line().as_bytes()).map_err(ctl)?;
+        if let Some(k) = key {
+            s.write_all(k.expose()).map_err(ctl)?;
         }
         let mut line = String::new();
         let n = self.reader.read_line(&mut line).map_err(ctl)?;
@@ -101,47 +73,42 @@ impl WorkerClient {
                 "the worker closed the connection",
             )));
         }
-        let v: serde_json::Value = serde_json::from_str(&line)
+        let answer: Answer = serde_json::from_str(&line)
             .map_err(|e| ctl(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-        if v.get("ok").and_then(|b| b.as_bool()) == Some(true) {
-            Ok(v)
-        } else {
-            let message = v
-                .get("error")
-                .and_then(|m| m.as_str())
-                .unwrap_or("request refused")
-                .to_string();
-            let busy = v.get("busy").and_then(|b| b.as_bool()).unwrap_or(false);
-            if v.get("permission").and_then(|b| b.as_bool()) == Some(true) {
-                return Err(WorkerError::Permission(self.name.clone()));
-            }
-            Err(WorkerError::Refused {
-                name: self.name.clone(),
-                message,
-                busy,
-            })
+        self.accepted(answer)
+    }
+
+    /// The answer if it says ok, else the refusal as an error.
+    fn accepted(&self, answer: Answer) -> Result<Answer, WorkerError> {
+        if answer.ok {
+            return Ok(answer);
         }
+        if answer.permission {
+            return Err(WorkerError::Permission(self.name.clone()));
+        }
+        Err(WorkerError::Refused {
+            name: self.name.clone(),
+            message: answer
+                .error
+                .unwrap_or_else(|| "request refused".to_string()),
+            busy: answer.busy,
+        })
     }
 
     pub fn status(&mut self) -> Result<WorkerStatus, WorkerError> {
-        let v = self.status_json()?;
-        serde_json::from_value(v)
-            .map_err(|e| WorkerError::State(format!("bad status from '{}': {e}", self.name)))
-    }
-
-    /// The raw status reply, with any fields beyond [`WorkerStatus`] (shown by `kvcrypt status`).
-    pub fn status_json(&mut self) -> Result<serde_json::Value, WorkerError> {
-        self.request("status", None)
+        self.request(Request::Status, None)?.status.ok_or_else(|| {
+            WorkerError::State(format!("'{}' answered status without one", self.name))
+        })
     }
 
     /// Waits for in-flight I/O, flushes, wipes the key; new I/O waits until `resume`.
     pub fn suspend(&mut self) -> Result<(), WorkerError> {
-        self.request("suspend", None).map(|_| ())
+        self.request(Request::Suspend, None).map(|_| ())
     }
 
     /// Hands the key back (it is checked against the volume header) and lets I/O continue.
     pub fn resume(&mut self, key: &VolumeKey) -> Result<(), WorkerError> {
-        self.request("resume", Some(key.expose())).map(|_| ())
+        self.request(Request::Resume, Some(key)).map(|_| ())
     }
 
     /// Duplicates of the worker's /dev/fuse descriptors (the same open files) and what INIT
@@ -158,7 +125,8 @@ impl WorkerClient {
             return Err(ctl(std::io::Error::other("unread data on the connection")));
         }
         let s = self.reader.get_mut();
-        s.write_all(b"{\"op\":\"fuse_fds\"}\n").map_err(ctl)?;
+        s.write_all(Request::FuseFds.line().as_bytes())
+            .map_err(ctl)?;
         // The descriptors ride on the answer line's bytes: read it with recvmsg, not through
         // the buffered reader.
         let mut line = Vec::new();
@@ -176,22 +144,15 @@ impl WorkerClient {
             }
             line.extend_from_slice(&buf[..n]);
         }
-        let v: serde_json::Value = serde_json::from_slice(&line)
+        let answer: Answer = serde_json::from_slice(&line)
             .map_err(|e| ctl(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-        if v.get("ok").and_then(|b| b.as_bool()) != Some(true) {
-            return Err(WorkerError::Refused {
-                name: self.name.clone(),
-                message: v
-                    .get("error")
-                    .and_then(|m| m.as_str())
-                    .unwrap_or("request refused")
-                    .to_string(),
-                busy: false,
-            });
-        }
-        let init: FuseInit = serde_json::from_value(v["fuse"].clone())
-            .map_err(|e| WorkerError::State(format!("bad fuse_fds answer from '{name}': {e}")))?;
-        let want = v["count"].as_u64().unwrap_or(0) as usize;
+        let answer = self.accepted(answer)?;
+        let init = answer.fuse.ok_or_else(|| {
+            WorkerError::State(format!(
+                "bad fuse_fds answer from '{name}': no INIT parameters"
+            ))
+        })?;
+        let want = answer.count.unwrap_or(0);
         if fds.len() != want {
             return Err(WorkerError::State(format!(
                 "'{name}' sent {} of {want} /dev/fuse descriptors",
@@ -203,6 +164,6 @@ impl WorkerClient {
 
     /// Flushes and removes the device; the worker exits. Refused while the device is in use.
     pub fn close(&mut self) -> Result<(), WorkerError> {
-        self.request("close", None).map(|_| ())
+        self.request(Request::Close, None).map(|_| ())
     }
 }

@@ -16,6 +16,7 @@ mod backing;
 mod client;
 pub mod fdpass;
 mod manage;
+pub mod protocol;
 mod run;
 mod sys;
 mod udev;
@@ -33,8 +34,9 @@ use kvcrypt_datapath::transport::TransportKind;
 use kvcrypt_datapath::transport::fuse::FuseInit;
 use kvcrypt_exit::{Exit, ExitClass};
 
-pub use client::{WorkerClient, WorkerStatus};
+pub use client::WorkerClient;
 pub use manage::{close_and_wait, name_of_block_device};
+pub use protocol::{ServeState, WorkerStatus};
 pub use run::{RunOptions, ServeHandle, link_by_name, run_worker, unlink_by_name};
 pub use sys::{pid_alive, take_fd};
 pub use udev::{UDEV_NAME_TIMEOUT, udev_running, wait_for_link, wait_until_named};

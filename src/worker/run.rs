@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 
 use anyhow::Context;
-use serde_json::json;
 
+use super::protocol::{Answer, Request, ServeState, WorkerStatus};
 use super::{
     BY_KVCRYPT_DIR, FuseTakeover, WorkerState, ensure_dirs, fdpass, fuse_dir, socket_path,
     state_path, sys, validate_name,
@@ -50,9 +50,9 @@ pub type ServeHandle<'a> = Box<dyn FnOnce(&Path) + 'a>;
 
 enum Event {
     Op {
-        op: String,
+        op: Request,
         key: Option<VolumeKey>,
-        reply: Sender<serde_json::Value>,
+        reply: Sender<Answer>,
         /// Signalled once the answer is on the socket (so `close` can answer before exiting).
         written: Receiver<()>,
     },
@@ -198,50 +198,52 @@ fn fuse_loop(
                 reply,
                 written,
             } => {
-                let answer = match op.as_str() {
-                    "status" => {
-                        let mut v = status_json(state, engine);
-                        v["resent"] = json!(dev.resent_requests());
-                        v
+                let answer = match op {
+                    Request::Status => {
+                        let mut st = status_of(state, engine);
+                        st.resent = Some(dev.resent_requests());
+                        Answer::status(st)
                     }
-                    "suspend" => match engine.suspend() {
-                        Ok(()) => json!({"ok": true}),
-                        Err(e) => json!({"ok": false, "error": e.to_string()}),
+                    Request::Suspend => match engine.suspend() {
+                        Ok(()) => Answer::ok(),
+                        Err(e) => Answer::refused(e.to_string()),
                     },
-                    "resume" => match key {
+                    Request::Resume => match key {
                         None => {
-                            json!({"ok": false, "error": "resume needs the 64-byte key after the request line"})
+                            Answer::refused("resume needs the 64-byte key after the request line")
                         }
                         Some(k) => match h.verify_key(&k) {
                             Ok(()) => {
                                 engine.resume(XtsCipher::new(&k));
-                                json!({"ok": true})
+                                Answer::ok()
                             }
-                            Err(e) => json!({"ok": false, "error": format!("key refused: {e}")}),
+                            Err(e) => Answer::refused(format!("key refused: {e}")),
                         },
                     },
-                    "close" => {
+                    Request::Close => {
                         if engine.is_suspended() {
-                            json!({"ok": false, "busy": true, "error": "the volume is suspended; resume it first (or stop the worker with SIGTERM)"})
+                            Answer::busy(
+                                "the volume is suspended; resume it first (or stop the worker with SIGTERM)",
+                            )
                         } else {
                             match dev.close(false) {
                                 Ok(()) => {
-                                    let _ = reply.send(json!({"ok": true}));
+                                    let _ = reply.send(Answer::ok());
                                     let _ = written.recv_timeout(std::time::Duration::from_secs(2));
                                     return Ok(());
                                 }
                                 Err(e @ kvcrypt_datapath::transport::TransportError::Busy(_)) => {
-                                    json!({"ok": false, "busy": true, "error": e.to_string()})
+                                    Answer::busy(e.to_string())
                                 }
                                 Err(e) => {
-                                    let _ =
-                                        reply.send(json!({"ok": false, "error": e.to_string()}));
+                                    let _ = reply.send(Answer::refused(e.to_string()));
                                     return Err(e.into());
                                 }
                             }
                         }
                     }
-                    other => json!({"ok": false, "error": format!("unknown op '{other}'")}),
+                    // Answered on the connection's own thread (it carries descriptors).
+                    Request::FuseFds => Answer::refused("fuse_fds is answered by the connection"),
                 };
                 let _ = reply.send(answer);
             }
@@ -270,7 +272,7 @@ fn serve_ublk(
     let mut listener = None;
     let mut published: Option<WorkerState> = None;
     // Control requests are answered by a helper thread: the main thread is inside serve().
-    let pending: Arc<std::sync::Mutex<Option<Sender<serde_json::Value>>>> = Arc::default();
+    let pending: Arc<std::sync::Mutex<Option<Sender<Answer>>>> = Arc::default();
     let end = {
         let pending = pending.clone();
         let engine2 = engine.clone();
@@ -327,7 +329,7 @@ fn serve_ublk(
     }
     // Answer the request that ended serving (close / suspend), then leave.
     if let Some(reply) = pending.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        let _ = reply.send(json!({"ok": true}));
+        let _ = reply.send(Answer::ok());
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     drop(published);
@@ -344,7 +346,7 @@ fn ublk_control(
     state: WorkerState,
     engine: Arc<Engine>,
     stop: ublk::StopHandle,
-    pending: Arc<std::sync::Mutex<Option<Sender<serde_json::Value>>>>,
+    pending: Arc<std::sync::Mutex<Option<Sender<Answer>>>>,
 ) {
     for ev in rx {
         match ev {
@@ -357,52 +359,57 @@ fn ublk_control(
             }
             Event::Op {
                 op, reply, written, ..
-            } => match op.as_str() {
-                "status" => {
-                    let _ = reply.send(status_json(&state, &engine));
+            } => match op {
+                Request::Status => {
+                    let _ = reply.send(Answer::status(status_of(&state, &engine)));
                 }
                 // ublk: closing deletes the disk; refuse while a filesystem is mounted on it or
                 // someone holds it open (SIGTERM still forces it).
-                "close" if ublk::device_in_use(&state.block_device) => {
-                    let _ = reply.send(json!({"ok": false, "busy": true, "error": format!(
+                Request::Close if ublk::device_in_use(&state.block_device) => {
+                    let _ = reply.send(Answer::busy(format!(
                         "{} is in use (mounted or held open); unmount it first",
                         state.block_device.display()
-                    )}));
+                    )));
                 }
-                "close" | "suspend" => {
+                Request::Close | Request::Suspend => {
                     drop(written);
                     *pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply);
-                    let req = if op == "close" {
+                    let req = if op == Request::Close {
                         ublk::StopRequest::Close
                     } else {
                         ublk::StopRequest::Detach
                     };
                     stop.request(req);
                 }
-                "resume" => {
-                    let _ = reply.send(json!({"ok": false, "error": "ublk volumes resume by starting a new worker with --recover-dev-id"}));
+                Request::Resume => {
+                    let _ = reply.send(Answer::refused(
+                        "ublk volumes resume by starting a new worker with --recover-dev-id",
+                    ));
                 }
-                other => {
-                    let _ =
-                        reply.send(json!({"ok": false, "error": format!("unknown op '{other}'")}));
+                Request::FuseFds => {
+                    let _ = reply.send(Answer::refused("not a FUSE worker"));
                 }
             },
         }
     }
 }
 
-fn status_json(state: &WorkerState, engine: &Engine) -> serde_json::Value {
-    json!({
-        "ok": true,
-        "name": state.name,
-        "pid": state.pid,
-        "state": if engine.is_suspended() { "suspended" } else { "serving" },
-        "transport": state.transport,
-        "device": state.device,
-        "block_device": state.block_device,
-        "parked": engine.parked_requests(),
-        "fuse_mode": state.fuse_mode,
-    })
+fn status_of(state: &WorkerState, engine: &Engine) -> WorkerStatus {
+    WorkerStatus {
+        name: state.name.clone(),
+        pid: state.pid,
+        state: if engine.is_suspended() {
+            ServeState::Suspended
+        } else {
+            ServeState::Serving
+        },
+        transport: state.transport.clone(),
+        device: state.device.clone(),
+        block_device: state.block_device.clone(),
+        parked: engine.parked_requests(),
+        fuse_mode: state.fuse_mode.clone(),
+        resent: None,
+    }
 }
 
 /// Writes the state file, the /dev/disk/by-kvcrypt symlink and starts the control socket and
@@ -503,22 +510,19 @@ fn answer_fuse_fds(w: &UnixStream, fuse: Option<&SharedFuse>) -> std::io::Result
                 fds.len(),
                 fdpass::MAX_FDS_PER_MESSAGE
             );
-            let line = format!("{}\n", json!({"ok": false, "error": msg}));
-            return fdpass::send_with_fds(w, line.as_bytes(), &[]).map(|_| ());
+            return fdpass::send_with_fds(w, Answer::refused(msg).line().as_bytes(), &[])
+                .map(|_| ());
         }
         Some(Err(why)) => {
-            let line = format!("{}\n", json!({"ok": false, "error": why}));
-            return fdpass::send_with_fds(w, line.as_bytes(), &[]).map(|_| ());
+            return fdpass::send_with_fds(w, Answer::refused(why.as_str()).line().as_bytes(), &[])
+                .map(|_| ());
         }
         None => {
-            let line = format!("{}\n", json!({"ok": false, "error": "not a FUSE worker"}));
+            let line = Answer::refused("not a FUSE worker").line();
             return fdpass::send_with_fds(w, line.as_bytes(), &[]).map(|_| ());
         }
     };
-    let line = format!(
-        "{}\n",
-        json!({"ok": true, "count": fds.len(), "fuse": init})
-    );
+    let line = Answer::fuse_fds(fds.len(), *init).line();
     let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
     fdpass::send_with_fds(w, line.as_bytes(), &borrowed).map(|_| ())
 }
@@ -555,11 +559,7 @@ fn serve_conn(conn: UnixStream, tx: Sender<Event>, fuse: Option<SharedFuse>) {
         Err(_) => return,
     };
     if !allowed {
-        let _ = writeln!(
-            w,
-            "{}",
-            json!({"ok": false, "permission": true, "error": "root only"})
-        );
+        let _ = w.write_all(Answer::permission_denied().line().as_bytes());
         return;
     }
     // Unbuffered on purpose: the 64 key bytes that follow a `resume` line must go straight
@@ -572,17 +572,22 @@ fn serve_conn(conn: UnixStream, tx: Sender<Event>, fuse: Option<SharedFuse>) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let op = serde_json::from_slice::<serde_json::Value>(&line)
-            .ok()
-            .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
-            .unwrap_or_default();
-        if op == "fuse_fds" {
+        let op = match Request::parse(&line) {
+            Ok(op) => op,
+            Err(why) => {
+                if w.write_all(Answer::refused(why).line().as_bytes()).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if op == Request::FuseFds {
             if answer_fuse_fds(&w, fuse.as_ref()).is_err() {
                 return;
             }
             continue;
         }
-        let key = if op == "resume" {
+        let key = if op.carries_key() {
             let mut k = VolumeKey::zeroed();
             if r.read_exact(k.expose_mut()).is_err() {
                 return;
@@ -606,8 +611,10 @@ fn serve_conn(conn: UnixStream, tx: Sender<Event>, fuse: Option<SharedFuse>) {
         }
         let answer = rrx
             .recv()
-            .unwrap_or_else(|_| json!({"ok": false, "error": "the worker is exiting"}));
-        let sent = writeln!(w, "{answer}").and_then(|()| w.flush());
+            .unwrap_or_else(|_| Answer::refused("the worker is exiting"));
+        let sent = w
+            .write_all(answer.line().as_bytes())
+            .and_then(|()| w.flush());
         let _ = wtx.send(());
         if sent.is_err() {
             return;

@@ -113,36 +113,7 @@ pub fn peer_uid(s: &UnixStream) -> io::Result<u32> {
     Ok(cred.uid)
 }
 
-pub fn euid() -> u32 {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() }
-}
-
-/// True if a process with this pid exists (signal 0 probe).
-pub fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: kill with signal 0 only checks existence/permission.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-/// Sends a signal to a worker (one we started, or the pid its own state file records).
-pub fn signal(pid: u32, sig: i32) -> io::Result<()> {
-    let pid = match i32::try_from(pid) {
-        Ok(p) if p > 0 => p,
-        _ => return Err(io::Error::from_raw_os_error(libc::ESRCH)),
-    };
-    // SAFETY: kill has no memory arguments.
-    if unsafe { libc::kill(pid, sig) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
+pub use kvcrypt_host::process::{euid, pid_alive, signal};
 
 /// Blocks SIGTERM/SIGINT/SIGHUP in the calling thread (and threads it spawns later), so that
 /// [`wait_termination`] can take them synchronously.

@@ -15,8 +15,7 @@ pub const EXE: &str = env!("CARGO_BIN_EXE_kvcrypt");
 pub const T: Duration = Duration::from_secs(30);
 
 pub fn is_root() -> bool {
-    // SAFETY: getuid has no preconditions.
-    unsafe { libc::getuid() == 0 }
+    kvcrypt_host::process::running_as_root()
 }
 
 /// Root, and a build whose data path is wired. While the worker / format wiring are still

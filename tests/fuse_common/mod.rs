@@ -82,8 +82,7 @@ pub fn skip_without_fuse_loop() -> bool {
             return true;
         }
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !kvcrypt_host::process::running_as_root() {
         eprintln!("\n!!! SKIPPING: FUSE+loop tests need root (CI runs as root) !!!\n");
         return true;
     }
@@ -159,7 +158,7 @@ impl Drop for Cleanup {
         }
         for n in &self.names {
             if let Ok(mut c) = kvcrypt::worker::WorkerClient::connect(n) {
-                if c.status().map(|s| s.state == "suspended").unwrap_or(false) {
+                if c.status().map(|s| s.is_suspended()).unwrap_or(false) {
                     let _ = c.resume(&test_key(42));
                 }
                 let _ = c.close();

@@ -256,9 +256,15 @@ pub fn suspend_parks_and_resume_completes(name: &str, mode: Option<&str>) {
     let (key, vol) = (&fx.key, &fx.vol);
     let info = spawn_checked(vol, name, mode);
     let mut c = WorkerClient::connect(name).unwrap();
-    assert_eq!(c.status().unwrap().state, "serving");
+    assert_eq!(
+        c.status().unwrap().state,
+        kvcrypt::worker::ServeState::Serving
+    );
     c.suspend().expect("suspend");
-    assert_eq!(c.status().unwrap().state, "suspended");
+    assert_eq!(
+        c.status().unwrap().state,
+        kvcrypt::worker::ServeState::Suspended
+    );
 
     let dev = info.block_device.clone();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -288,7 +294,10 @@ pub fn suspend_parks_and_resume_completes(name: &str, mode: Option<&str>) {
     // A wrong key is refused and the volume stays suspended.
     let wrong = c.resume(&test_key(7)).unwrap_err();
     assert!(matches!(wrong, WorkerError::Refused { .. }), "{wrong}");
-    assert_eq!(c.status().unwrap().state, "suspended");
+    assert_eq!(
+        c.status().unwrap().state,
+        kvcrypt::worker::ServeState::Suspended
+    );
     c.resume(key).expect("resume");
     rx.recv_timeout(Duration::from_secs(30))
         .expect("write completes after resume");

@@ -42,8 +42,7 @@ impl Drop for Demo {
             let _ = Command::new("umount").arg(&m).status();
         }
         if let Some(mut a) = self.agent.take() {
-            // SAFETY: signalling our own child by pid.
-            unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+            let _ = kvcrypt_host::process::signal(a.id(), libc::SIGTERM);
             let _ = a.wait();
         }
     }
@@ -78,8 +77,7 @@ fn ms(d: Duration) -> String {
 
 /// Runs the demo in `dir` (kept) or a fresh temporary directory (removed unless `keep`).
 pub fn run_demo(exe: &Path, dir: Option<PathBuf>, size_mib: u64, keep: bool) -> anyhow::Result<()> {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
+    if !kvcrypt_host::process::running_as_root() {
         bail!(kvcrypt::cli::CliError::Permission(
             "the demo needs root for the loop device and FUSE: run kvcrypt-demo as root".into()
         ));
@@ -248,8 +246,7 @@ fn story(exe: &Path, dir: &Path, size_mib: u64) -> anyhow::Result<()> {
         "verified: sha256 unchanged, e2fsck -fn clean; stopping the agent (keys wiped)",
     );
     if let Some(mut a) = d.agent.take() {
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+        kvcrypt_host::process::signal(a.id(), libc::SIGTERM)?;
         a.wait()?;
     }
     println!(

@@ -257,7 +257,9 @@ pub fn device_state(dev_id: u32) -> Option<(DeviceState, i32)> {
 pub fn is_recoverable(dev_id: u32) -> bool {
     match device_state(dev_id) {
         Some((DeviceState::Quiesced, _)) => true,
-        Some((DeviceState::Live, pid)) => !os::pid_alive(pid),
+        Some((DeviceState::Live, pid)) => {
+            !u32::try_from(pid).is_ok_and(kvcrypt_host::process::pid_alive)
+        }
         _ => false,
     }
 }
@@ -651,7 +653,11 @@ fn recover_ctrl(dev_id: u32, opts: &UblkOptions, size: u64, shift: u8) -> Result
         let info = probe.dev_info();
         match state_of(info.state) {
             DeviceState::Quiesced => break,
-            DeviceState::Live if Instant::now() < deadline && !os::pid_alive(info.ublksrv_pid) => {
+            DeviceState::Live
+                if Instant::now() < deadline
+                    && !u32::try_from(info.ublksrv_pid)
+                        .is_ok_and(kvcrypt_host::process::pid_alive) =>
+            {
                 std::thread::sleep(Duration::from_millis(50));
             }
             DeviceState::Live => {

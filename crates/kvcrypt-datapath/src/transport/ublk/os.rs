@@ -1,6 +1,5 @@
 //! The few raw OS calls the ublk transport needs (kept here so `unsafe` stays in one small place).
 
-use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -16,16 +15,6 @@ pub fn device_in_use(path: &Path) -> bool {
         Ok(_) => false,
         Err(e) => e.raw_os_error() == Some(libc::EBUSY),
     }
-}
-
-/// Whether a process with this pid exists (signal 0 probes without sending anything).
-pub fn pid_alive(pid: i32) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: kill with signal 0 performs only the existence/permission check.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Ends the process immediately, without running destructors or exit handlers.
