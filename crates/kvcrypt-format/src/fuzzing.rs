@@ -6,6 +6,11 @@
 //! are also placed as the secondary copy (copy index patched to 1; bit 2 also bumps its
 //! sequence). With bit 0 the checksums are recomputed after that, so mutations get past the
 //! checksum into the field validation and the JSON parser.
+//!
+//! An input that starts with the kvcrypt magic is instead a raw header-area image (both copies,
+//! as `tests/data/headers/` holds them), taken as it is: the hostile corpus seeds the fuzzer
+//! directly. The compact inputs this shadows have flags `0x4B` and a copy without the magic,
+//! which the parser refuses at its first check, so no input worth mutating is lost.
 
 use std::path::Path;
 
@@ -34,6 +39,9 @@ fn fix_checksum(copy: &mut [u8]) {
 
 /// Expands a compact fuzz input into a header-area image.
 pub fn image_from_input(data: &[u8]) -> Vec<u8> {
+    if data.starts_with(&layout::MAGIC) {
+        return data[..data.len().min(layout::HEADER_AREA_SIZE as usize)].to_vec();
+    }
     let Some((&flags, body)) = data.split_first() else {
         return Vec::new();
     };
@@ -149,5 +157,9 @@ mod tests {
         }
         assert_eq!(check_input(&[]), Ok(false));
         assert_eq!(check_input(&[3]), Ok(false));
+        // A raw image (starts with the magic) is parsed as it is, not as flags || copy.
+        let raw = &seeds[0][1..];
+        assert_eq!(image_from_input(raw), raw);
+        assert_eq!(check_input(raw), Ok(true));
     }
 }
