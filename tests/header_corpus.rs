@@ -253,7 +253,8 @@ fn c(file: &'static str, build: fn() -> Vec<u8>, device: Device, expect: Expect)
     }
 }
 
-/// The corpus header with `n` minimal slots, if it fits the metadata area.
+/// The corpus header with `n` minimal slots, if it fits the metadata area pretty-printed (the
+/// writer falls back to compact JSON beyond that, see `json-compact-many-slots.img`).
 fn with_slots(n: usize) -> Option<VolumeHeader> {
     let mut h = header_with(|h| h.slots.clear());
     for _ in 0..n {
@@ -263,7 +264,8 @@ fn with_slots(n: usize) -> Option<VolumeHeader> {
         h.add_slot(s);
     }
     h.seal(&key());
-    kvcrypt_format::encode_image(&h, SEQ).is_ok().then_some(h)
+    let img = kvcrypt_format::encode_image(&h, SEQ).ok()?;
+    (&img[4096..4098] == b"{\n").then_some(h)
 }
 
 fn cases() -> Vec<Case> {
@@ -535,24 +537,69 @@ fn cases() -> Vec<Case> {
             primary_bad!("metadata JSON: unknown field `note`"),
         ),
         c(
-            // 100 000 nested arrays: refused where the first slot field should be (depth 3),
-            // long before serde_json's recursion limit; no stack overflow.
+            // 50 000 nested objects where a slot id belongs: refused at the first one (the
+            // typed parser never descends into them); no stack overflow.
             "json-deep-nesting.img",
             || {
                 primary(|c| {
-                    let n = 100_000;
-                    let md = format!("{{\"keyslots\":{}{}}}", "[".repeat(n), "]".repeat(n));
+                    let n = 50_000;
+                    let md = format!(
+                        "{{\"keyslots\":[{{\"id\":{}0{}}}]}}",
+                        "{\"x\":".repeat(n),
+                        "}".repeat(n)
+                    );
                     set_metadata(c, md.as_bytes());
                 })
             },
             Sized,
-            primary_bad!("metadata JSON: invalid type: sequence, expected u32"),
+            primary_bad!("metadata JSON: invalid type: map, expected u32"),
         ),
         c(
             "json-trailing-garbage.img",
             || json_primary(|s| s + "{}"),
             Sized,
             primary_bad!("metadata JSON: trailing characters"),
+        ),
+        c(
+            // Authentic content, but the slot is the JSON array of its field values: serde
+            // accepts that for a struct, FORMAT.md §2.3 does not (a second encoding).
+            "json-slot-as-array.img",
+            || {
+                json_primary(|s| {
+                    let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
+                    let slot = v["keyslots"][0].as_object().unwrap().clone();
+                    let fields = [
+                        "id",
+                        "provider",
+                        "key_id",
+                        "algorithm",
+                        "wrapped",
+                        "created_at",
+                        "check",
+                    ];
+                    v["keyslots"][0] = fields.iter().map(|f| slot[*f].clone()).collect();
+                    serde_json::to_string_pretty(&v).unwrap()
+                })
+            },
+            Sized,
+            primary_bad!("metadata JSON: invalid type: sequence, expected a JSON object"),
+        ),
+        c(
+            // A v1 header that carries the v2 member `access_check` as `null` (and no `check`).
+            "v1-access-check-null.img",
+            || {
+                primary(|c| {
+                    put(c, OFF_VERSION, &1u16.to_le_bytes());
+                    edit_json(c, |s| {
+                        let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
+                        v["access_check"] = serde_json::Value::Null;
+                        v["keyslots"][0].as_object_mut().unwrap().remove("check");
+                        serde_json::to_string_pretty(&v).unwrap()
+                    })
+                })
+            },
+            Sized,
+            primary_bad!("metadata JSON: invalid type: null, expected a JSON object"),
         ),
         c(
             "slots-duplicate-id.img",
@@ -739,6 +786,49 @@ fn cases() -> Vec<Case> {
                 used: Copy::Primary,
                 damaged: &[(Copy::Secondary, "no kvcrypt magic")],
                 then: Then::AlgorithmRefused,
+            },
+        ),
+        c(
+            // Authentic, written compactly (as FORMAT.md allows: any JSON formatting) with more
+            // slots than fit the area pretty-printed. A reader that accepts it must be able to
+            // write it back (repair, rewrap).
+            "json-compact-many-slots.img",
+            || {
+                let mut h = header_with(|h| h.slots.clear());
+                for _ in 0..3000 {
+                    let mut s = slot("https://v.vault.azure.net/keys/k/1");
+                    s.wrapped = vec![1];
+                    s.check = None;
+                    h.add_slot(s);
+                }
+                h.seal(&key());
+                let digest = |alg: &str, d: &[u8; 32]| serde_json::json!({"algorithm": alg, "value": b64(d)});
+                let slots: Vec<_> = h
+                    .slots
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "id": s.id, "provider": s.provider, "key_id": s.key_id,
+                            "algorithm": s.algorithm, "wrapped": b64(&s.wrapped),
+                            "created_at": s.created_at,
+                        })
+                    })
+                    .collect();
+                let md = serde_json::to_vec(&serde_json::json!({
+                    "keyslots": slots,
+                    "key_check": digest("hkdf-sha256/hmac-sha256", h.key_check_digest()),
+                    "access_check": digest("hkdf-sha256/hmac-sha256", h.access_check_digest().unwrap()),
+                    "mac": digest("hmac-sha256", h.mac()),
+                }))
+                .unwrap();
+                assert!(md.len() as u64 <= MAX_METADATA_LEN, "{}", md.len());
+                primary(|c| set_metadata(c, &md))
+            },
+            Sized,
+            Expect::Opens {
+                used: Copy::Primary,
+                damaged: &[(Copy::Secondary, "no kvcrypt magic")],
+                then: Then::Rewrites,
             },
         ),
         // --- the two-copy rules (device.rs parse_image) -------------------------------------

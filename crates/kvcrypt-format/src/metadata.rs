@@ -2,10 +2,19 @@
 //! (`deny_unknown_fields`): anything a reader cannot interpret needs a new format version, so
 //! no unauthenticated data can hide in the metadata. The v2 members (`access_check`, a slot's
 //! `check`) are refused in a v1 header and `access_check` is required in a v2 one.
+//!
+//! Each member also has exactly one JSON shape: an object is a JSON object (serde's derived
+//! structs would also take the array of their field values) and an optional member is absent,
+//! never `null` (serde would read `null` as absent). Otherwise one header would have several
+//! encodings, and a v1 header could carry `"access_check": null`.
+
+use std::fmt;
+use std::marker::PhantomData;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use serde::{Deserialize, Serialize};
+use serde::de::{MapAccess, Visitor, value::MapAccessDeserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::KeySlot;
 
@@ -15,11 +24,18 @@ pub const MAC_ALGORITHM: &str = "hmac-sha256";
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Metadata {
+    #[serde(deserialize_with = "objects")]
     pub keyslots: Vec<JsonSlot>,
+    #[serde(deserialize_with = "object")]
     pub key_check: JsonDigest,
     /// Format v2 only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "some_object",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub access_check: Option<JsonDigest>,
+    #[serde(deserialize_with = "object")]
     pub mac: JsonDigest,
 }
 
@@ -35,7 +51,11 @@ pub struct JsonSlot {
     /// RFC 3339 timestamp.
     pub created_at: String,
     /// Format v2 only: base64 of the wrapped access-check secret.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "some",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub check: Option<String>,
 }
 
@@ -45,6 +65,46 @@ pub struct JsonDigest {
     pub algorithm: String,
     /// Base64 of the 32-byte value.
     pub value: String,
+}
+
+/// `T` read only from a JSON object (see the module comment).
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct OnlyMap<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for OnlyMap<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                // The derived visitor does the rest (unknown and duplicate members included).
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(OnlyMap(PhantomData)).map(Object)
+    }
+}
+
+fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Object::deserialize(d).map(|o| o.0)
+}
+
+fn objects<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    Vec::<Object<T>>::deserialize(d).map(|v| v.into_iter().map(|o| o.0).collect())
+}
+
+/// A present optional object member (absent is `None` through `#[serde(default)]`).
+fn some_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    object(d).map(Some)
+}
+
+/// A present optional member: `null` is refused like any other wrong type.
+fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// The decoded, validated content of the metadata area.
@@ -100,11 +160,20 @@ pub fn encode(
     };
     // Serializing plain strings and integers cannot fail; fall back to an empty object rather
     // than panic (the checksum/validation on read would then refuse it loudly).
-    serde_json::to_vec_pretty(&md).unwrap_or_else(|_| b"{}".to_vec())
+    let pretty = serde_json::to_vec_pretty(&md).unwrap_or_else(|_| b"{}".to_vec());
+    if pretty.len() as u64 <= super::layout::MAX_METADATA_LEN {
+        return pretty;
+    }
+    // Too big pretty-printed: write it without whitespace. That is the shortest JSON text of
+    // this content (serde_json escapes minimally), so every header a reader accepted — in any
+    // formatting, docs/FORMAT.md §2.3 — can be written back (repair, rewrap).
+    serde_json::to_vec(&md).unwrap_or(pretty)
 }
 
 pub fn decode(bytes: &[u8], version: u16) -> Result<Decoded, String> {
-    let md: Metadata = serde_json::from_slice(bytes).map_err(|e| format!("metadata JSON: {e}"))?;
+    let md: Metadata = serde_json::from_slice::<Object<Metadata>>(bytes)
+        .map_err(|e| format!("metadata JSON: {e}"))?
+        .0;
     let v2 = version >= super::layout::VERSION_2;
     if !v2 && (md.access_check.is_some() || md.keyslots.iter().any(|s| s.check.is_some())) {
         return Err("format v1 header with v2 members (access_check / check)".into());
