@@ -5,12 +5,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use kvcrypt_exit::{Context, Exit, Failure};
 
 use crate::lab::{KEY_NAME, Lab, LabOptions, Revocation, VOLUME};
 use kvcrypt::agent::status::VolumeState;
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// A step of the lab (a test harness, whose errors are plain `anyhow` ones) failed: the demo
+/// failed, with the generic exit code.
+fn in_lab<T>(r: anyhow::Result<T>) -> Result<T, Failure> {
+    r.map_err(|e| Failure::wrap(Exit::Failure, e))
+}
 
 struct Demo {
     t0: Instant,
@@ -48,22 +54,25 @@ impl Drop for Demo {
     }
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<String> {
+fn run(cmd: &mut Command) -> Result<String, Failure> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        return Err(Failure::new(
+            Exit::Failure,
+            format!(
+                "{cmd:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn sha256(p: &Path) -> anyhow::Result<String> {
+fn sha256(p: &Path) -> Result<String, Failure> {
     Ok(run(Command::new("sha256sum").arg(p))?
         .split_whitespace()
         .next()
@@ -76,11 +85,17 @@ fn ms(d: Duration) -> String {
 }
 
 /// Runs the demo in `dir` (kept) or a fresh temporary directory (removed unless `keep`).
-pub fn run_demo(exe: &Path, dir: Option<PathBuf>, size_mib: u64, keep: bool) -> anyhow::Result<()> {
+pub fn run_demo(
+    exe: &Path,
+    dir: Option<PathBuf>,
+    size_mib: u64,
+    keep: bool,
+) -> Result<(), Failure> {
     if !kvcrypt_host::process::running_as_root() {
-        bail!(kvcrypt::cli::CliError::Permission(
-            "the demo needs root for the loop device and FUSE: run kvcrypt-demo as root".into()
-        ));
+        return Err(kvcrypt::cli::CliError::Permission(
+            "the demo needs root for the loop device and FUSE: run kvcrypt-demo as root".into(),
+        )
+        .into());
     }
     // A directory the user named is never removed.
     let keep = keep || dir.is_some();
@@ -97,19 +112,19 @@ pub fn run_demo(exe: &Path, dir: Option<PathBuf>, size_mib: u64, keep: bool) -> 
     res
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
+fn tempfile_dir() -> Result<PathBuf, Failure> {
     let d = std::env::temp_dir().join(format!("kvcrypt-demo-{}", std::process::id()));
     std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     Ok(d)
 }
 
-fn story(exe: &Path, dir: &Path, size_mib: u64) -> anyhow::Result<()> {
+fn story(exe: &Path, dir: &Path, size_mib: u64) -> Result<(), Failure> {
     let t0 = Instant::now();
     let opts = LabOptions {
         size_mib,
         ..Default::default()
     };
-    let lab = Lab::start(dir, exe, &opts)?;
+    let lab = in_lab(Lab::start(dir, exe, &opts))?;
     let mut d = Demo {
         t0,
         lab,
@@ -127,7 +142,7 @@ fn story(exe: &Path, dir: &Path, size_mib: u64) -> anyhow::Result<()> {
     );
 
     let t = Instant::now();
-    d.lab.format()?;
+    in_lab(d.lab.format())?;
     d.step(
         2,
         &format!(
@@ -139,9 +154,12 @@ fn story(exe: &Path, dir: &Path, size_mib: u64) -> anyhow::Result<()> {
     );
 
     let t = Instant::now();
-    d.agent = Some(d.lab.spawn_agent(None)?);
-    let (st, _) = d.lab.wait_state(VolumeState::Serving, WAIT)?;
-    let bd = st.block_device.clone().context("no device")?;
+    d.agent = Some(in_lab(d.lab.spawn_agent(None))?);
+    let (st, _) = in_lab(d.lab.wait_state(VolumeState::Serving, WAIT))?;
+    let bd = st
+        .block_device
+        .clone()
+        .ok_or_else(|| Failure::new(Exit::Failure, "no device"))?;
     d.step(
         3,
         &format!(
@@ -171,13 +189,13 @@ fn story(exe: &Path, dir: &Path, size_mib: u64) -> anyhow::Result<()> {
         ),
     );
 
-    d.lab.revoke(Revocation::Permission)?;
+    in_lab(d.lab.revoke(Revocation::Permission))?;
     d.revoked = true;
     d.step(
         5,
         "revoke: the customer removes the principal's unwrapKey permission",
     );
-    let (st, waited) = d.lab.wait_state(VolumeState::Suspended, WAIT)?;
+    let (st, waited) = in_lab(d.lab.wait_state(VolumeState::Suspended, WAIT))?;
     d.note(&format!(
         "→ locked after {}: filesystem frozen, key wiped in the worker, I/O held",
         ms(waited)
@@ -217,9 +235,9 @@ fn story(exe: &Path, dir: &Path, size_mib: u64) -> anyhow::Result<()> {
     );
 
     let t = Instant::now();
-    d.lab.restore(Revocation::Permission)?;
+    in_lab(d.lab.restore(Revocation::Permission))?;
     d.revoked = false;
-    let (_, _) = d.lab.wait_state(VolumeState::Serving, WAIT)?;
+    let (_, _) = in_lab(d.lab.wait_state(VolumeState::Serving, WAIT))?;
     let resumed = t.elapsed();
     let ok = reader.wait()?.success();
     d.step(
@@ -236,7 +254,10 @@ fn story(exe: &Path, dir: &Path, size_mib: u64) -> anyhow::Result<()> {
         .arg("sync; echo 3 > /proc/sys/vm/drop_caches"))?;
     let after = sha256(&data)?;
     if after != sum {
-        bail!("data changed across revoke/restore: {sum} != {after}");
+        return Err(Failure::new(
+            Exit::Failure,
+            format!("data changed across revoke/restore: {sum} != {after}"),
+        ));
     }
     run(Command::new("umount").arg(&mnt))?;
     d.mnt = None;

@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
+use kvcrypt_exit::{Context, Exit, Failure};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,14 +30,18 @@ struct DemoArgs {
     kvcrypt: Option<PathBuf>,
 }
 
-fn kvcrypt_next_to_me() -> anyhow::Result<PathBuf> {
+fn kvcrypt_next_to_me() -> Result<PathBuf, Failure> {
     let me = std::env::current_exe().context("locating the kvcrypt-demo binary")?;
     let exe = me.with_file_name("kvcrypt");
-    anyhow::ensure!(
-        exe.is_file(),
-        "no kvcrypt binary next to {} (build it with `cargo build --release --bins`, or pass --kvcrypt PATH)",
-        me.display()
-    );
+    if !exe.is_file() {
+        return Err(Failure::new(
+            Exit::Failure,
+            format!(
+                "no kvcrypt binary next to {} (build it with `cargo build --release --bins`, or pass --kvcrypt PATH)",
+                me.display()
+            ),
+        ));
+    }
     Ok(exe)
 }
 
@@ -51,7 +55,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kvcrypt-demo: {e:#}");
-            ExitCode::from(kvcrypt::cli::classify(&e).code())
+            ExitCode::from(e.exit().code())
         }
     }
 }
