@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use kvcrypt_exit::{Context, Exit, Failure};
 
 use crate::agent::config::Config;
 use crate::agent::control::{self, Request, Response};
@@ -15,7 +15,7 @@ use super::{AgentArgs, AttachArgs, CliError, NameArgs, StatusArgs, UdevNameArgs}
 /// Lock/unlock can wait for a Key Vault round trip and a worker; status is quick.
 const SLOW_REQUEST: Duration = Duration::from_secs(120);
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -23,7 +23,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-pub fn agent(config: &Path, a: AgentArgs) -> anyhow::Result<()> {
+pub fn agent(config: &Path, a: AgentArgs) -> Result<(), Failure> {
     super::harden();
     let cfg = Config::load(config)?;
     if cfg.volumes.is_empty() {
@@ -36,7 +36,11 @@ pub fn agent(config: &Path, a: AgentArgs) -> anyhow::Result<()> {
     run_daemon(config, cfg, opts)
 }
 
-fn run_daemon(path: &Path, cfg: Config, opts: crate::agent::daemon::Options) -> anyhow::Result<()> {
+fn run_daemon(
+    path: &Path,
+    cfg: Config,
+    opts: crate::agent::daemon::Options,
+) -> Result<(), Failure> {
     let vault = cfg
         .vault
         .clone()
@@ -53,30 +57,33 @@ fn run_daemon(path: &Path, cfg: Config, opts: crate::agent::daemon::Options) -> 
             })?,
         );
         crate::agent::daemon::run(cfg, p, opts).await?;
-        anyhow::Ok(())
+        Ok::<(), Failure>(())
     })
 }
 
-fn call(req: Request, timeout: Duration) -> anyhow::Result<Response> {
+fn call(req: Request, timeout: Duration) -> Result<Response, Failure> {
     Ok(control::request(&control::socket_path(), &req, timeout)?)
 }
 
-pub fn lock(a: NameArgs) -> anyhow::Result<()> {
+pub fn lock(a: NameArgs) -> Result<(), Failure> {
     let r = call(Request::Lock { name: a.name }, SLOW_REQUEST)?;
     println!("{}", r.message.unwrap_or_default());
     Ok(())
 }
 
-pub fn unlock(a: NameArgs) -> anyhow::Result<()> {
+pub fn unlock(a: NameArgs) -> Result<(), Failure> {
     let r = call(Request::Unlock { name: a.name }, SLOW_REQUEST)?;
     println!("{}", r.message.unwrap_or_default());
     Ok(())
 }
 
-pub fn status(a: StatusArgs) -> anyhow::Result<()> {
+pub fn status(a: StatusArgs) -> Result<(), Failure> {
     let r = call(Request::Status { name: a.name }, Duration::from_secs(10))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r.volumes)?);
+        // Serialising plain status structs does not fail in practice; nothing to tell apart.
+        let json = serde_json::to_string_pretty(&r.volumes)
+            .map_err(|e| Failure::wrap(Exit::Failure, e))?;
+        println!("{json}");
     } else {
         print!("{}", render_status(&r.volumes, unix_now()));
     }
@@ -203,7 +210,7 @@ fn dev_path(p: &Path) -> PathBuf {
     }
 }
 
-pub fn attach(config: &Path, a: AttachArgs) -> anyhow::Result<()> {
+pub fn attach(config: &Path, a: AttachArgs) -> Result<(), Failure> {
     let dev = dev_path(&a.device);
     let req = Request::Attach {
         device: dev.display().to_string(),
@@ -294,7 +301,7 @@ fn probe(dev: &Path) -> Option<crate::agent::discover::Identity> {
     crate::agent::real::probe_identity(dev)
 }
 
-pub fn udev_name(a: UdevNameArgs) -> anyhow::Result<()> {
+pub fn udev_name(a: UdevNameArgs) -> Result<(), Failure> {
     let dev = dev_path(&a.device);
     match crate::worker::name_of_block_device(&dev) {
         Some(n) => {

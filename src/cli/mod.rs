@@ -1,4 +1,6 @@
-//! Command-line edge: clap definitions, dispatch, and mapping of typed errors to exit codes.
+//! Command-line edge: clap definitions, dispatch, and the exit code of a failed command.
+//! Every handler returns `Result<_, Failure>`: a typed error's exit code is fixed where `?`
+//! converts it (see `kvcrypt_exit::Failure`), and `main` only reads it.
 //! Handlers live in one file per command group; this file only wires them.
 
 mod agentcmd;
@@ -13,7 +15,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use kvcrypt_datapath::transport::TransportKind;
-use kvcrypt_exit::{Exit, ExitClass};
+use kvcrypt_exit::{Exit, ExitClass, Failure};
 
 /// Default configuration file (vault credentials, volumes, agent policy).
 pub const DEFAULT_CONFIG: &str = "/etc/kvcrypt/kvcrypt.toml";
@@ -323,9 +325,8 @@ pub fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let exit = classify(&e);
             eprintln!("kvcrypt: {e:#}");
-            ExitCode::from(exit.code())
+            ExitCode::from(e.exit().code())
         }
     }
 }
@@ -365,7 +366,7 @@ pub(crate) fn harden() {
     }
 }
 
-fn dispatch(cli: Cli) -> anyhow::Result<()> {
+fn dispatch(cli: Cli) -> Result<(), Failure> {
     let config = cli.config;
     if matches!(
         cli.command,
@@ -404,62 +405,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Attach(a) => agentcmd::attach(&config, a),
         Command::UdevName(a) => agentcmd::udev_name(a),
     }
-}
-
-/// Maps the first typed error found in the chain to its exit code.
-/// Every library error type that implements [`ExitClass`] must be listed here.
-pub fn classify(err: &anyhow::Error) -> Exit {
-    for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<kvcrypt_format::HeaderError>() {
-            return e.exit_class();
-        }
-        if let Some(e) = cause.downcast_ref::<kvcrypt_keyvault::KeyError>() {
-            return e.exit_class();
-        }
-        if let Some(e) = cause.downcast_ref::<kvcrypt_datapath::transport::TransportError>() {
-            return e.exit_class();
-        }
-        if let Some(e) = cause.downcast_ref::<crate::worker::WorkerError>() {
-            return e.exit_class();
-        }
-        if let Some(e) = cause.downcast_ref::<kvcrypt_datapath::engine::EngineError>() {
-            return e.exit_class();
-        }
-        if let Some(e) =
-            cause.downcast_ref::<kvcrypt_datapath::transport::ublk::UblkTransportError>()
-        {
-            return e.exit_class();
-        }
-        if let Some(e) = cause.downcast_ref::<crate::agent::config::ConfigError>() {
-            return e.exit_class();
-        }
-        if let Some(e) = cause.downcast_ref::<crate::agent::control::ClientError>() {
-            return e.exit_class();
-        }
-        if let Some(e) = cause.downcast_ref::<crate::agent::daemon::DaemonError>() {
-            return e.exit_class();
-        }
-        if let Some(e) = cause.downcast_ref::<CliError>() {
-            return e.exit_class();
-        }
-        if let Some(e) = cause.downcast_ref::<kvcrypt_host::inuse::InUseError>() {
-            return e.exit_class();
-        }
-        if let Some(e) = cause.downcast_ref::<kvcrypt_keyvault::PinError>() {
-            return e.exit_class();
-        }
-        if let Some(e) = cause.downcast_ref::<kvcrypt_crypto::secmem::KeyMemoryError>() {
-            return e.exit_class();
-        }
-        if let Some(e) = cause.downcast_ref::<std::io::Error>() {
-            return match e.kind() {
-                std::io::ErrorKind::NotFound => Exit::NotFound,
-                std::io::ErrorKind::PermissionDenied => Exit::Permission,
-                _ => Exit::Device,
-            };
-        }
-    }
-    Exit::Failure
 }
 
 /// Errors raised at the CLI edge itself.
@@ -503,5 +448,56 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// The exit code is the one of the typed error `?` converted, and context added on the
+    /// way out keeps it (a context that fell back to the generic code would fail here: none of
+    /// these classes is `Exit::Failure`).
+    #[test]
+    fn exit_codes_come_from_the_error_type_through_context() {
+        use kvcrypt_exit::Context;
+        let dir = tempfile::tempdir().unwrap();
+        let zeros = dir.path().join("zeros.img");
+        std::fs::write(&zeros, vec![0u8; 2 << 20]).unwrap();
+
+        fn read(p: &std::path::Path) -> Result<(), Failure> {
+            kvcrypt_format::read(p)?;
+            Ok(())
+        }
+        let e = read(&zeros)
+            .with_context(|| format!("opening {}", zeros.display()))
+            .unwrap_err();
+        assert!(matches!(
+            e.error()
+                .root_cause()
+                .downcast_ref::<kvcrypt_format::HeaderError>(),
+            Some(kvcrypt_format::HeaderError::NotKvcrypt { .. })
+        ));
+        assert_eq!(e.exit(), Exit::NotKvcrypt, "{e:#}");
+        assert!(
+            format!("{e:#}").starts_with(&format!("opening {}: ", zeros.display())),
+            "{e:#}"
+        );
+
+        let tampered = || -> Result<(), Failure> {
+            Err(kvcrypt_format::HeaderError::Tampered).context("key slot 0")?;
+            Ok(())
+        };
+        let e = tampered().context("opening data").unwrap_err();
+        assert_eq!(e.exit(), Exit::HeaderInvalid, "{e:#}");
+
+        let missing = dir.path().join("missing");
+        let e = std::fs::File::open(&missing)
+            .with_context(|| format!("opening {}", missing.display()))
+            .context("format")
+            .unwrap_err();
+        assert_eq!(e.exit(), Exit::NotFound, "{e:#}");
+
+        // A CLI error keeps its class through a helper's context too.
+        let e = Err::<(), _>(CliError::InUse("data is served".into()))
+            .context("header restore")
+            .unwrap_err();
+        assert_eq!(e.exit(), Exit::InUse);
+        assert_eq!(format!("{e:#}"), "header restore: data is served");
     }
 }

@@ -13,25 +13,25 @@ mod udev;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-
 use super::{
     BenchmarkArgs, CliError, FormatArgs, HeaderCmd, HeaderDumpArgs, ProbeArgs, RewrapArgs,
 };
-use kvcrypt_exit::Exit;
+use kvcrypt_exit::{Context, Exit, Failure};
 use kvcrypt_format as header;
 use slots::KeyWrapper;
 
 /// THE wiring point to the Key Vault provider: builds the `KeyWrapper` used by `format`,
 /// `rewrap` and `header dump --dump-master-key` from the `[vault]` table of the config file.
 /// (Their pins, `[vault] keys`, are checked before it is used: see `pinning`.)
-fn vault_wrapper(cfg: &kvcrypt_keyvault::VaultConfig) -> anyhow::Result<Box<dyn KeyWrapper>> {
+fn vault_wrapper(
+    cfg: &kvcrypt_keyvault::VaultConfig,
+) -> Result<Box<dyn KeyWrapper>, kvcrypt_keyvault::KeyError> {
     Ok(Box::new(kvcrypt_keyvault::BlockingProvider::new(cfg)?))
 }
 
 /// Reads only the `[vault]` table of the config file (the offline commands need nothing else,
 /// and must not fail on agent settings they do not use).
-fn load_vault_config(config: &Path) -> anyhow::Result<kvcrypt_keyvault::VaultConfig> {
+fn load_vault_config(config: &Path) -> Result<kvcrypt_keyvault::VaultConfig, Failure> {
     let text = std::fs::read_to_string(config).map_err(|e| {
         CliError::Config(format!(
             "cannot read config file {} ({e}); its [vault] table says how to reach Key Vault \
@@ -61,7 +61,7 @@ impl KeyWrapper for kvcrypt_keyvault::BlockingProvider {
         key_id: &str,
         algorithm: Option<&str>,
         vmk: &kvcrypt_crypto::secmem::VolumeKey,
-    ) -> anyhow::Result<slots::Wrapped> {
+    ) -> Result<slots::Wrapped, Failure> {
         let w = kvcrypt_keyvault::BlockingProvider::wrap(self, key_id, algorithm, vmk)?;
         Ok(slots::Wrapped {
             key_id: w.key_id,
@@ -74,12 +74,12 @@ impl KeyWrapper for kvcrypt_keyvault::BlockingProvider {
         key_id: &str,
         algorithm: &str,
         wrapped: &[u8],
-    ) -> anyhow::Result<kvcrypt_crypto::secmem::VolumeKey> {
+    ) -> Result<kvcrypt_crypto::secmem::VolumeKey, Failure> {
         Ok(kvcrypt_keyvault::BlockingProvider::unwrap(
             self, key_id, algorithm, wrapped,
         )?)
     }
-    fn latest_version(&self, key_id: &str) -> anyhow::Result<String> {
+    fn latest_version(&self, key_id: &str) -> Result<String, Failure> {
         Ok(kvcrypt_keyvault::BlockingProvider::latest_version(
             self, key_id,
         )?)
@@ -89,7 +89,7 @@ impl KeyWrapper for kvcrypt_keyvault::BlockingProvider {
         key_id: &str,
         algorithm: &str,
         secret: &kvcrypt_crypto::secmem::SecretBytes<{ kvcrypt_crypto::kdf::ACCESS_SECRET_LEN }>,
-    ) -> anyhow::Result<Vec<u8>> {
+    ) -> Result<Vec<u8>, Failure> {
         Ok(self.wrap_secret(key_id, Some(algorithm), secret)?.wrapped)
     }
     fn unwrap_check(
@@ -97,14 +97,15 @@ impl KeyWrapper for kvcrypt_keyvault::BlockingProvider {
         key_id: &str,
         algorithm: &str,
         wrapped: &[u8],
-    ) -> anyhow::Result<
+    ) -> Result<
         kvcrypt_crypto::secmem::SecretBytes<{ kvcrypt_crypto::kdf::ACCESS_SECRET_LEN }>,
+        Failure,
     > {
         Ok(self.unwrap_secret(key_id, algorithm, wrapped)?)
     }
 }
 
-pub fn format(config: &Path, a: FormatArgs) -> anyhow::Result<()> {
+pub fn format(config: &Path, a: FormatArgs) -> Result<(), Failure> {
     let cfg = load_vault_config(config)?;
     // Before anything is read, written or asked of a vault: the key must be pinned.
     kvcrypt_keyvault::KeyId::parse(&a.key_id)?;
@@ -142,7 +143,7 @@ pub fn format(config: &Path, a: FormatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn header(config: &Path, h: HeaderCmd) -> anyhow::Result<()> {
+pub fn header(config: &Path, h: HeaderCmd) -> Result<(), Failure> {
     match h {
         HeaderCmd::Dump(a) => header_dump(config, a),
         HeaderCmd::Backup { device, file } => {
@@ -189,7 +190,7 @@ fn warn_truncated(device: &Path, l: &header::LoadedHeader) {
 }
 
 /// Asks the operator to type YES on the terminal; refuses without a terminal.
-fn confirm(question: &str, flag: &str) -> anyhow::Result<()> {
+fn confirm(question: &str, flag: &str) -> Result<(), Failure> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
         return Err(CliError::Usage(format!(
@@ -210,7 +211,7 @@ fn confirm(question: &str, flag: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn header_dump(config: &Path, a: HeaderDumpArgs) -> anyhow::Result<()> {
+fn header_dump(config: &Path, a: HeaderDumpArgs) -> Result<(), Failure> {
     let l = header::read_header_only(&a.device)?;
     let master_key = if a.dump_master_key {
         if !kvcrypt_host::process::running_as_root() {
@@ -248,7 +249,7 @@ fn header_dump(config: &Path, a: HeaderDumpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn header_restore(device: &Path, file: &Path, yes: bool) -> anyhow::Result<()> {
+fn header_restore(device: &Path, file: &Path, yes: bool) -> Result<(), Failure> {
     let backup = header::read_backup(file)?;
     // Claimed before asking: a served or mounted device is refused whatever the answer would
     // be, and nothing starts serving it while the operator reads the question.
@@ -294,7 +295,7 @@ fn probe_path(p: &Path) -> PathBuf {
 /// Silent by contract (udev `IMPORT{program}`): prints properties for a kvcrypt volume, and for
 /// anything else exits with `Exit::NotKvcrypt` without a word — hence the direct `exit`
 /// instead of an error that `main` would print.
-pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
+pub fn probe(a: ProbeArgs) -> Result<(), Failure> {
     let Some(info) = header::probe(probe_path(&a.device)) else {
         std::process::exit(i32::from(Exit::NotKvcrypt.code()));
     };
@@ -318,7 +319,7 @@ pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn rewrap(config: &Path, a: RewrapArgs) -> anyhow::Result<()> {
+pub fn rewrap(config: &Path, a: RewrapArgs) -> Result<(), Failure> {
     let mut l = header::read(&a.device)?;
     warn_damaged(&a.device, &l);
     let plan = slots::RewrapPlan {
@@ -359,7 +360,7 @@ pub fn rewrap(config: &Path, a: RewrapArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn benchmark(a: BenchmarkArgs) -> anyhow::Result<()> {
+pub fn benchmark(a: BenchmarkArgs) -> Result<(), Failure> {
     if !(a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 600.0) {
         return Err(CliError::Usage(format!(
             "--seconds {} is out of range: give a duration between 0 and 600 seconds",
@@ -369,7 +370,10 @@ pub fn benchmark(a: BenchmarkArgs) -> anyhow::Result<()> {
     }
     let report = kvcrypt_crypto::bench::run_benchmark(a.seconds);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        // Serialising the plain report struct does not fail in practice; nothing to tell apart.
+        let json =
+            serde_json::to_string_pretty(&report).map_err(|e| Failure::wrap(Exit::Failure, e))?;
+        println!("{json}");
     } else {
         print!("{}", report.table());
     }
@@ -379,7 +383,6 @@ pub fn benchmark(a: BenchmarkArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvcrypt_exit::ExitClass;
 
     fn cfg(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -393,12 +396,12 @@ mod tests {
         let (_d, p) = cfg("[agent]\n");
         let e = load_vault_config(&p).unwrap_err();
         assert!(format!("{e:#}").contains("no [vault] table"), "{e:#}");
-        assert_eq!(super::super::classify(&e), Exit::Config);
+        assert_eq!(e.exit(), Exit::Config);
         let e = load_vault_config(Path::new("/nonexistent/kvcrypt.toml")).unwrap_err();
-        assert_eq!(super::super::classify(&e), Exit::Config);
+        assert_eq!(e.exit(), Exit::Config);
         let (_d, p) = cfg("[vault]\nbogus = 1\n");
         let e = load_vault_config(&p).unwrap_err();
-        assert_eq!(super::super::classify(&e), Exit::Config, "{e:#}");
+        assert_eq!(e.exit(), Exit::Config, "{e:#}");
         let (_d, p) = cfg("[vault.credential]\nkind = \"managed-identity\"\n");
         let c = load_vault_config(&p).unwrap();
         assert!(matches!(
@@ -408,9 +411,7 @@ mod tests {
         // Not a TOML file at all.
         let (_d, p) = cfg("this is = = not toml");
         let e = load_vault_config(&p).unwrap_err();
-        assert_eq!(
-            e.downcast_ref::<CliError>().map(|c| c.exit_class()),
-            Some(Exit::Config)
-        );
+        assert_eq!(e.exit(), Exit::Config, "{e:#}");
+        assert!(format!("{e:#}").contains("config file"), "{e:#}");
     }
 }

@@ -3,19 +3,18 @@
 use std::io::Read;
 use std::path::Path;
 
-use anyhow::Context;
-
 use kvcrypt_datapath::transport::TransportKind;
 
 use super::{CliError, CloseArgs, OpenArgs, WorkerArgs};
 use crate::worker::{self, RunOptions, WorkerClient, WorkerError, WorkerSpec};
 use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_exit::{Context, Exit, Failure};
 use kvcrypt_format::LoadedHeader;
 use kvcrypt_keyvault::{BlockingProvider, VaultConfig};
 
 /// `kvcrypt open DEVICE NAME`: unwrap the volume key through Key Vault, check it, serve the
 /// device (detached worker, or in the foreground) and print the block device path.
-pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
+pub fn open(config: &Path, a: OpenArgs) -> Result<(), Failure> {
     worker::validate_name(&a.name)?;
     if a.foreground && !a.no_access_checks {
         return Err(CliError::Usage(
@@ -94,7 +93,7 @@ pub fn open(config: &Path, a: OpenArgs) -> anyhow::Result<()> {
 /// `kvcrypt open` with access checks: the running agent unwraps the key, serves the volume
 /// and re-checks access like a configured volume's (status, lock, revocation, close). This
 /// process never holds the key. No agent: refused (NotFound) naming both ways out.
-fn open_in_agent(a: &OpenArgs) -> anyhow::Result<()> {
+fn open_in_agent(a: &OpenArgs) -> Result<(), Failure> {
     use crate::agent::control::{self, ClientError, Request};
     use crate::agent::opened::{OPEN_TIMEOUT, OpenSpec};
     let device = std::path::absolute(&a.device)
@@ -152,7 +151,7 @@ fn unwrap_volume_key(
     device: &Path,
     loaded: &LoadedHeader,
     allow_unpinned: bool,
-) -> anyhow::Result<VolumeKey> {
+) -> Result<VolumeKey, Failure> {
     if loaded.slots.is_empty() {
         return Err(CliError::Config(format!("{} has no key slots", device.display())).into());
     }
@@ -163,7 +162,7 @@ fn unwrap_volume_key(
         .select(&ids)
         .with_context(|| format!("opening {}", device.display()))?;
     let provider = BlockingProvider::new(&cfg)?;
-    let mut last: Option<anyhow::Error> = None;
+    let mut last: Option<Failure> = None;
     for (slot, key_id) in loaded.slots.iter().zip(chosen) {
         let Some(key_id) = key_id else {
             continue;
@@ -182,24 +181,24 @@ fn unwrap_volume_key(
                 Ok(()) => return Ok(key),
                 Err(e) => {
                     last = Some(
-                        anyhow::Error::new(e)
-                            .context(format!("key slot {} ({})", slot.id, slot.key_id)),
+                        Failure::from(e).context(format!("key slot {} ({})", slot.id, slot.key_id)),
                     )
                 }
             },
             Err(e) => {
-                last = Some(anyhow::Error::new(e).context(format!(
+                last = Some(Failure::from(e).context(format!(
                     "unwrapping key slot {} with {}",
                     slot.id, slot.key_id
                 )))
             }
         }
     }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("no usable key slot")))
+    // Not reached in practice: `select` refuses a header without a pinned slot.
+    Err(last.unwrap_or_else(|| Failure::new(Exit::Failure, "no usable key slot")))
 }
 
 /// The `[vault]` table of the config file.
-fn load_vault_config(config: &Path) -> anyhow::Result<VaultConfig> {
+fn load_vault_config(config: &Path) -> Result<VaultConfig, CliError> {
     let text = std::fs::read_to_string(config).map_err(|e| {
         CliError::Config(format!(
             "cannot read the configuration file {}: {e} (pass --config)",
@@ -222,7 +221,7 @@ fn load_vault_config(config: &Path) -> anyhow::Result<VaultConfig> {
 }
 
 /// `kvcrypt close NAME`: flush and remove the device; the worker exits.
-pub fn close(a: CloseArgs) -> anyhow::Result<()> {
+pub fn close(a: CloseArgs) -> Result<(), Failure> {
     worker::validate_name(&a.name)?;
     // A volume the agent manages is closed by the agent, which then keeps it closed until
     // `kvcrypt unlock`; closing its worker behind the agent's back looked like a crash, and the
@@ -259,7 +258,7 @@ pub fn close(a: CloseArgs) -> anyhow::Result<()> {
 }
 
 /// `kvcrypt worker …` (hidden): read the key from the key fd, serve until closed.
-pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+pub fn worker(a: WorkerArgs) -> Result<(), Failure> {
     // Before the key exists in this process: no core dumps, no ptrace by non-root.
     kvcrypt_crypto::secmem::harden_process().context("hardening the worker process")?;
     let mut kf = worker::take_fd(a.key_fd).with_context(|| format!("key fd {}", a.key_fd))?;
@@ -273,7 +272,9 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     };
     let fuse_takeover = match (a.fuse_recover, a.fuse_init, a.fuse_fds) {
         (Some(loop_dev), Some(init), Some(n)) => {
-            let init = serde_json::from_str(&init).context("--fuse-init")?;
+            // Written by the agent from a dead worker's state file; not an operator's input.
+            let init = serde_json::from_str(&init)
+                .map_err(|e| Failure::wrap(Exit::Failure, e).context("--fuse-init"))?;
             let mut fds = Vec::with_capacity(n);
             for i in 0..n as i32 {
                 let fd = worker::FUSE_FD_BASE + i;

@@ -10,8 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 
-use anyhow::Context;
-
 use super::protocol::{Answer, Request, ServeState, WorkerStatus};
 use super::{
     BY_KVCRYPT_DIR, FuseTakeover, WorkerState, ensure_dirs, fdpass, fuse_dir, socket_path,
@@ -23,6 +21,7 @@ use kvcrypt_datapath::engine::{Engine, EngineConfig};
 use kvcrypt_datapath::transport::TransportKind;
 use kvcrypt_datapath::transport::fuse::{FuseDevice, FuseInit, FuseOptions};
 use kvcrypt_datapath::transport::ublk;
+use kvcrypt_exit::{Context, Exit, Failure};
 use kvcrypt_format::VolumeHeader;
 
 /// What to serve (the `kvcrypt worker` arguments without descriptors).
@@ -67,7 +66,7 @@ pub fn run_worker(
     opts: &RunOptions,
     key: VolumeKey,
     on_ready: ServeHandle<'_>,
-) -> anyhow::Result<()> {
+) -> Result<(), Failure> {
     validate_name(&opts.name)?;
     // Signals are taken synchronously by a dedicated thread; block them before any thread
     // starts so every thread inherits the mask.
@@ -102,12 +101,15 @@ fn serve_fuse(
     h: &VolumeHeader,
     engine: Arc<Engine>,
     on_ready: ServeHandle<'_>,
-) -> anyhow::Result<()> {
+) -> Result<(), Failure> {
     // The FUSE file is plaintext: mount it where only this process can see it, in a namespace
     // that pins no other filesystem (the same one a ublk worker serves from). Done before any
     // serving thread exists, so all of them live in the private namespace.
-    kvcrypt_host::mountinfo::enter_worker_namespace(Some(&super::run_dir()))
-        .context("creating a private mount namespace for the FUSE file")?;
+    // `NamespaceError` has no exit class of its own: the generic code, as before.
+    kvcrypt_host::mountinfo::enter_worker_namespace(Some(&super::run_dir())).map_err(|e| {
+        Failure::wrap(Exit::Failure, e)
+            .context("creating a private mount namespace for the FUSE file")
+    })?;
     let mut fopts = FuseOptions::new(&opts.name, fuse_dir().join(&opts.name));
     fopts.read_only = opts.read_only;
     if let Some(q) = opts.queues {
@@ -173,7 +175,7 @@ fn fuse_loop(
     dev: &mut FuseDevice,
     state: &WorkerState,
     rx: &Receiver<Event>,
-) -> anyhow::Result<()> {
+) -> Result<(), Failure> {
     for ev in rx {
         match ev {
             Event::Terminate(_) | Event::BackingGone(_) => {
@@ -257,7 +259,7 @@ fn serve_ublk(
     h: &VolumeHeader,
     engine: Arc<Engine>,
     on_ready: ServeHandle<'_>,
-) -> anyhow::Result<()> {
+) -> Result<(), Failure> {
     let uopts = ublk::UblkOptions {
         queues: opts.queues,
         depth: opts.queue_depth,
@@ -418,11 +420,12 @@ fn publish(
     state: &WorkerState,
     tx: &Sender<Event>,
     fuse: Option<SharedFuse>,
-) -> anyhow::Result<UnixListener> {
+) -> Result<UnixListener, Failure> {
     let sp = state_path(&state.name);
     let tmp = sp.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    // Serialising the plain state struct does not fail in practice; nothing to tell apart.
+    let json = serde_json::to_vec_pretty(state).map_err(|e| Failure::wrap(Exit::Failure, e))?;
+    std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
     std::fs::rename(&tmp, &sp)?;
 

@@ -5,7 +5,6 @@ use std::io::{IsTerminal, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use rand::RngCore;
 
 use super::signatures;
@@ -13,6 +12,7 @@ use super::slots::{KeyWrapper, make_slot};
 use crate::cli::CliError;
 use kvcrypt_crypto::XtsCipher;
 use kvcrypt_crypto::secmem::{VMK_LEN, VolumeKey};
+use kvcrypt_exit::{Context, Failure};
 use kvcrypt_format::{HeaderError, VolumeHeader, layout};
 
 /// Everything `format` needs besides the key provider.
@@ -31,7 +31,7 @@ pub struct FormatPlan {
 
 /// Reads a customer-supplied VMK: exactly 64 raw bytes, two different AES-256 halves
 /// (IEEE 1619 / FIPS 140 require the XTS data and tweak keys to differ).
-pub fn read_master_key_file(path: &Path) -> anyhow::Result<VolumeKey> {
+pub fn read_master_key_file(path: &Path) -> Result<VolumeKey, Failure> {
     let mut f =
         File::open(path).with_context(|| format!("opening master key file {}", path.display()))?;
     let mut vmk = VolumeKey::zeroed();
@@ -71,7 +71,7 @@ pub fn random_master_key() -> VolumeKey {
 }
 
 /// Refuses to overwrite recognisable content unless forced. Returns what was found.
-fn check_existing(f: &File, path: &Path, force: bool) -> anyhow::Result<Vec<&'static str>> {
+fn check_existing(f: &File, path: &Path, force: bool) -> Result<Vec<&'static str>, Failure> {
     let mut head = vec![0u8; signatures::SCAN_LEN];
     let mut got = 0;
     while got < head.len() {
@@ -100,7 +100,7 @@ pub fn format_device(
     path: &Path,
     plan: &FormatPlan,
     w: &dyn KeyWrapper,
-) -> anyhow::Result<VolumeHeader> {
+) -> Result<VolumeHeader, Failure> {
     if plan.label.len() > layout::LABEL_MAX || plan.label.contains('\0') {
         return Err(CliError::Usage(format!(
             "label must be at most {} bytes of UTF-8 without NUL",
@@ -155,7 +155,7 @@ fn wipe_data_area(
     h: &VolumeHeader,
     vmk: &VolumeKey,
     progress: bool,
-) -> anyhow::Result<()> {
+) -> Result<(), Failure> {
     const CHUNK: u64 = 4 * 1024 * 1024; // a multiple of both sector sizes
     let cipher = XtsCipher::new(vmk);
     let ss = u64::from(h.sector_size);
@@ -177,7 +177,7 @@ fn wipe_data_area(
         chunk.fill(0);
         cipher
             .encrypt_sectors(chunk, done / ss, h.sector_size as usize)
-            .map_err(|e| anyhow::anyhow!("encrypting the wipe pattern: {e}"))?;
+            .context("encrypting the wipe pattern")?;
         f.write_all_at(chunk, h.data_offset + done)
             .with_context(|| {
                 format!("wiping {} at byte {}", path.display(), h.data_offset + done)
@@ -273,7 +273,7 @@ mod tests {
         let e = format_device(&p, &plan(), &w).unwrap_err();
         assert!(format!("{e}").contains("ext2/3/4"), "{e}");
         assert!(matches!(
-            e.downcast_ref::<CliError>(),
+            e.error().downcast_ref::<CliError>(),
             Some(CliError::Busy(_))
         ));
         let mut pl = plan();
@@ -296,7 +296,7 @@ mod tests {
         let p = file(dir.path(), (1 << 20) + 4095);
         let e = format_device(&p, &plan(), &w).unwrap_err();
         assert!(matches!(
-            e.downcast_ref::<HeaderError>(),
+            e.error().downcast_ref::<HeaderError>(),
             Some(HeaderError::DeviceTooSmall { .. })
         ));
 

@@ -2,10 +2,9 @@
 //! [`KeyWrapper`] trait so it is testable without a vault (the real implementation is the
 //! Key Vault provider; see `vault_wrapper` in `offline.rs`).
 
-use anyhow::{Context, bail};
-
 use kvcrypt_crypto::kdf::{self, ACCESS_SECRET_LEN};
 use kvcrypt_crypto::secmem::{SecretBytes, VolumeKey};
+use kvcrypt_exit::{Context, Exit, Failure};
 use kvcrypt_format::{HeaderError, KeySlot, VolumeHeader};
 use kvcrypt_keyvault::{PinError, Pins};
 
@@ -18,7 +17,8 @@ pub struct Wrapped {
     pub wrapped: Vec<u8>,
 }
 
-/// What the offline commands need from a key provider.
+/// What the offline commands need from a key provider. Its errors carry their exit code (the
+/// real provider's are `KeyError`s: denied and unreachable exit differently).
 pub trait KeyWrapper {
     /// Wraps `vmk` with `key_id` (versioned or versionless; versionless means the latest).
     fn wrap(
@@ -26,11 +26,11 @@ pub trait KeyWrapper {
         key_id: &str,
         algorithm: Option<&str>,
         vmk: &VolumeKey,
-    ) -> anyhow::Result<Wrapped>;
+    ) -> Result<Wrapped, Failure>;
     /// Unwraps a slot's bytes with its versioned key id.
-    fn unwrap(&self, key_id: &str, algorithm: &str, wrapped: &[u8]) -> anyhow::Result<VolumeKey>;
+    fn unwrap(&self, key_id: &str, algorithm: &str, wrapped: &[u8]) -> Result<VolumeKey, Failure>;
     /// Versioned id of the latest version of `key_id`.
-    fn latest_version(&self, key_id: &str) -> anyhow::Result<String>;
+    fn latest_version(&self, key_id: &str) -> Result<String, Failure>;
     /// Wraps a format v2 access-check secret with the versioned `key_id` and `algorithm` of a
     /// slot (the slot's `check`).
     fn wrap_check(
@@ -38,14 +38,14 @@ pub trait KeyWrapper {
         key_id: &str,
         algorithm: &str,
         secret: &SecretBytes<ACCESS_SECRET_LEN>,
-    ) -> anyhow::Result<Vec<u8>>;
+    ) -> Result<Vec<u8>, Failure>;
     /// Unwraps a slot's `check`.
     fn unwrap_check(
         &self,
         key_id: &str,
         algorithm: &str,
         wrapped: &[u8],
-    ) -> anyhow::Result<SecretBytes<ACCESS_SECRET_LEN>>;
+    ) -> Result<SecretBytes<ACCESS_SECRET_LEN>, Failure>;
 }
 
 /// Wraps the volume's access-check secret for the slot `key_id`/`algorithm` and proves it
@@ -55,7 +55,7 @@ pub fn make_check(
     key_id: &str,
     algorithm: &str,
     vmk: &VolumeKey,
-) -> anyhow::Result<Vec<u8>> {
+) -> Result<Vec<u8>, Failure> {
     let secret = kdf::access_secret(vmk);
     let check = w
         .wrap_check(key_id, algorithm, &secret)
@@ -64,10 +64,14 @@ pub fn make_check(
         .unwrap_check(key_id, algorithm, &check)
         .with_context(|| format!("unwrapping the new access check with {key_id} to verify it"))?;
     if back.expose() != secret.expose() {
-        bail!(
-            "key {key_id} returned a wrapped access check that does not unwrap to what was \
-             wrapped; refusing to store it"
-        );
+        // The vault answered, but inconsistently: none of the specific classes fits.
+        return Err(Failure::new(
+            Exit::Failure,
+            format!(
+                "key {key_id} returned a wrapped access check that does not unwrap to what was \
+                 wrapped; refusing to store it"
+            ),
+        ));
     }
     Ok(check)
 }
@@ -92,7 +96,7 @@ pub fn make_slot(
     key_id: &str,
     algorithm: Option<&str>,
     vmk: &VolumeKey,
-) -> anyhow::Result<KeySlot> {
+) -> Result<KeySlot, Failure> {
     let wr = w
         .wrap(key_id, algorithm, vmk)
         .with_context(|| format!("wrapping the volume key with {key_id}"))?;
@@ -105,11 +109,15 @@ pub fn make_slot(
             )
         })?;
     if back.expose() != vmk.expose() {
-        bail!(
-            "key {} returned a wrapped key that does not unwrap to the volume key; refusing to \
-             store it",
-            wr.key_id
-        );
+        // As in `make_check`: an inconsistent vault answer has no specific class.
+        return Err(Failure::new(
+            Exit::Failure,
+            format!(
+                "key {} returned a wrapped key that does not unwrap to the volume key; refusing \
+                 to store it",
+                wr.key_id
+            ),
+        ));
     }
     let check = make_check(w, &wr.key_id, &wr.algorithm, vmk)?;
     Ok(KeySlot {
@@ -149,7 +157,7 @@ pub fn unlock(
     h: &VolumeHeader,
     w: &dyn KeyWrapper,
     pins: &Pins,
-) -> anyhow::Result<(VolumeKey, u32)> {
+) -> Result<(VolumeKey, u32), Failure> {
     let chosen = pinned_ids(h, pins)?;
     unlock_with(h, w, chosen)
 }
@@ -159,9 +167,9 @@ fn unlock_with(
     h: &VolumeHeader,
     w: &dyn KeyWrapper,
     chosen: Vec<Option<String>>,
-) -> anyhow::Result<(VolumeKey, u32)> {
+) -> Result<(VolumeKey, u32), Failure> {
     let mut reasons = Vec::new();
-    let mut last: Option<anyhow::Error> = None;
+    let mut last: Option<Failure> = None;
     for (s, id) in h.slots.iter().zip(chosen) {
         if s.provider != kvcrypt_format::PROVIDER_AZURE {
             reasons.push(format!("slot {}: unknown provider {:?}", s.id, s.provider));
@@ -227,7 +235,7 @@ pub fn rewrap(
     w: &dyn KeyWrapper,
     plan: &RewrapPlan,
     pins: &Pins,
-) -> anyhow::Result<RewrapOutcome> {
+) -> Result<RewrapOutcome, Failure> {
     if !plan.add && plan.remove.is_empty() {
         return Err(
             HeaderError::Invalid("nothing to do: --no-add without --remove-slot".into()).into(),
@@ -262,7 +270,7 @@ pub fn rewrap(
                      (--allow-unpinned-key): the agent will not use this slot until it is pinned"
                 );
             }
-            Ok::<_, anyhow::Error>(id)
+            Ok::<_, Failure>(id)
         })
         .transpose()?;
     let chosen = pinned_ids(h, pins)?;
@@ -370,12 +378,12 @@ pub mod testing {
         fn pad(key_id: &str) -> [u8; 64] {
             Sha512::digest(key_id.as_bytes()).into()
         }
-        fn resolve(&self, key_id: &str) -> anyhow::Result<String> {
+        fn resolve(&self, key_id: &str) -> Result<String, Failure> {
             let base = versionless(key_id);
             let latest = self
                 .latest
                 .get(&base)
-                .ok_or_else(|| anyhow::anyhow!("denied: {key_id}"))?;
+                .ok_or_else(|| Failure::new(Exit::AccessDenied, format!("denied: {key_id}")))?;
             Ok(if base == key_id.trim_end_matches('/') {
                 latest.clone()
             } else {
@@ -390,7 +398,7 @@ pub mod testing {
             key_id: &str,
             algorithm: Option<&str>,
             vmk: &VolumeKey,
-        ) -> anyhow::Result<Wrapped> {
+        ) -> Result<Wrapped, Failure> {
             let kid = self.resolve(key_id)?;
             let pad = Self::pad(&kid);
             let wrapped = vmk
@@ -405,24 +413,24 @@ pub mod testing {
                 wrapped,
             })
         }
-        fn unwrap(&self, key_id: &str, _alg: &str, wrapped: &[u8]) -> anyhow::Result<VolumeKey> {
+        fn unwrap(&self, key_id: &str, _alg: &str, wrapped: &[u8]) -> Result<VolumeKey, Failure> {
             let kid = self.resolve(key_id)?;
             let pad = Self::pad(&kid);
             let plain: Vec<u8> = wrapped.iter().zip(pad.iter()).map(|(a, b)| a ^ b).collect();
-            VolumeKey::from_slice(&plain).ok_or_else(|| anyhow::anyhow!("bad length"))
+            VolumeKey::from_slice(&plain).ok_or_else(|| Failure::new(Exit::Failure, "bad length"))
         }
-        fn latest_version(&self, key_id: &str) -> anyhow::Result<String> {
+        fn latest_version(&self, key_id: &str) -> Result<String, Failure> {
             self.latest
                 .get(&versionless(key_id))
                 .cloned()
-                .ok_or_else(|| anyhow::anyhow!("denied: {key_id}"))
+                .ok_or_else(|| Failure::new(Exit::AccessDenied, format!("denied: {key_id}")))
         }
         fn wrap_check(
             &self,
             key_id: &str,
             _alg: &str,
             secret: &SecretBytes<ACCESS_SECRET_LEN>,
-        ) -> anyhow::Result<Vec<u8>> {
+        ) -> Result<Vec<u8>, Failure> {
             let pad = Self::pad(&self.resolve(key_id)?);
             Ok(secret
                 .expose()
@@ -436,10 +444,10 @@ pub mod testing {
             key_id: &str,
             _alg: &str,
             wrapped: &[u8],
-        ) -> anyhow::Result<SecretBytes<ACCESS_SECRET_LEN>> {
+        ) -> Result<SecretBytes<ACCESS_SECRET_LEN>, Failure> {
             let pad = Self::pad(&self.resolve(key_id)?);
             let plain: Vec<u8> = wrapped.iter().zip(pad.iter()).map(|(a, b)| a ^ b).collect();
-            SecretBytes::from_slice(&plain).ok_or_else(|| anyhow::anyhow!("bad length"))
+            SecretBytes::from_slice(&plain).ok_or_else(|| Failure::new(Exit::Failure, "bad length"))
         }
     }
 }
@@ -509,7 +517,10 @@ mod tests {
         h.seal(&k);
         let e = unlock(&h, &w, &pins()).unwrap_err();
         assert!(
-            matches!(e.downcast_ref::<HeaderError>(), Some(HeaderError::WrongKey)),
+            matches!(
+                e.error().downcast_ref::<HeaderError>(),
+                Some(HeaderError::WrongKey)
+            ),
             "{e:#}"
         );
     }
@@ -521,7 +532,7 @@ mod tests {
         h.label = "changed".into();
         let e = unlock(&h, &w, &pins()).unwrap_err();
         assert!(matches!(
-            e.downcast_ref::<HeaderError>(),
+            e.error().downcast_ref::<HeaderError>(),
             Some(HeaderError::Tampered)
         ));
         let (h, _) = volume(&w);
@@ -627,17 +638,17 @@ mod tests {
     fn make_slot_rejects_a_wrap_that_does_not_round_trip() {
         struct Broken;
         impl KeyWrapper for Broken {
-            fn wrap(&self, k: &str, _: Option<&str>, _: &VolumeKey) -> anyhow::Result<Wrapped> {
+            fn wrap(&self, k: &str, _: Option<&str>, _: &VolumeKey) -> Result<Wrapped, Failure> {
                 Ok(Wrapped {
                     key_id: k.into(),
                     algorithm: "A256KW".into(),
                     wrapped: vec![1; 72],
                 })
             }
-            fn unwrap(&self, _: &str, _: &str, _: &[u8]) -> anyhow::Result<VolumeKey> {
+            fn unwrap(&self, _: &str, _: &str, _: &[u8]) -> Result<VolumeKey, Failure> {
                 Ok(VolumeKey::zeroed())
             }
-            fn latest_version(&self, k: &str) -> anyhow::Result<String> {
+            fn latest_version(&self, k: &str) -> Result<String, Failure> {
                 Ok(k.into())
             }
             fn wrap_check(
@@ -645,7 +656,7 @@ mod tests {
                 _: &str,
                 _: &str,
                 _: &SecretBytes<ACCESS_SECRET_LEN>,
-            ) -> anyhow::Result<Vec<u8>> {
+            ) -> Result<Vec<u8>, Failure> {
                 Ok(vec![1; 40])
             }
             fn unwrap_check(
@@ -653,7 +664,7 @@ mod tests {
                 _: &str,
                 _: &str,
                 _: &[u8],
-            ) -> anyhow::Result<SecretBytes<ACCESS_SECRET_LEN>> {
+            ) -> Result<SecretBytes<ACCESS_SECRET_LEN>, Failure> {
                 Ok(SecretBytes::zeroed())
             }
         }
