@@ -235,3 +235,41 @@ fn production_crates_do_not_depend_on_the_emulator_or_the_lab() {
         }
     }
 }
+
+/// The volume state machine's core does no I/O and never touches key material: everything with
+/// a side effect, and the unwrapped key, stay in the shell that carries out its effects
+/// (`agent/volume/mod.rs`). Checked on the source, because "pure" is a property of what the file
+/// may name.
+#[test]
+fn the_agent_core_does_no_io_and_holds_no_key() {
+    let path = root().join("src/agent/volume/core.rs");
+    let src = fs::read_to_string(&path).expect("src/agent/volume/core.rs");
+    let code: String = src
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let forbidden = [
+        ("async fn", "an async function"),
+        (".await", "an await"),
+        ("Platform", "the platform trait"),
+        ("VolumeKey", "a volume key"),
+        ("std::fs", "the file system"),
+        ("std::process", "processes"),
+        ("tokio::spawn", "a task"),
+        ("tokio::time::sleep", "a timer"),
+        ("Instant::now", "the clock (time comes with each event)"),
+        ("unsafe", "unsafe code"),
+    ];
+    let found: Vec<String> = forbidden
+        .iter()
+        .filter(|(needle, _)| code.contains(needle))
+        .map(|(needle, what)| format!("`{needle}` ({what})"))
+        .collect();
+    assert!(
+        found.is_empty(),
+        "{} must stay pure, but it uses {}",
+        path.display(),
+        found.join(", ")
+    );
+}

@@ -1,8 +1,8 @@
 //! The agent daemon: boot-time unlock with retries, periodic access checks, and the
 //! revoke → suspend → resume / remove state machine (docs/AGENT.md "State machine", "udev").
 //!
-//! Layout: `config` (the TOML file), `volume` (per-volume state machine over the `ports`
-//! trait), `control` (root-only JSON-line socket), `notify` (sd_notify), `freeze`
+//! Layout: `config` (the TOML file), `volume` (per-volume state machine: a pure `core` and the
+//! async shell that carries out its effects over the `ports` trait), `control` (root-only JSON-line socket), `notify` (sd_notify), `freeze`
 //! (FIFREEZE/FITHAW), `hook`, `discover` (finding devices), `daemon` (wiring), `reload` (SIGHUP: re-read the configuration), `opened` (volumes handed over by `kvcrypt open`), `real` (the
 //! production [`ports::Platform`]).
 
