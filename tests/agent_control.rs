@@ -13,7 +13,8 @@ use std::time::Duration;
 use kvcrypt::agent::config::{Config, Selector, VolumeSettings};
 use kvcrypt::agent::daemon::{self, Options};
 use kvcrypt::agent::ports::{
-    AccessClass, AccessError, CloseFailed, Platform, Served, SlotRef, WorkerExit,
+    AccessClass, AccessError, CloseFailed, Platform, PlatformError, PlatformFailure, Served,
+    SlotRef, WorkerExit,
 };
 use kvcrypt_crypto::secmem::VolumeKey;
 
@@ -60,10 +61,10 @@ impl Platform for Scripted {
             Ok(())
         }
     }
-    async fn repair_header(&self, _d: &Path, _h: &()) -> Result<Option<String>, String> {
+    async fn repair_header(&self, _d: &Path, _h: &()) -> Result<Option<String>, PlatformError> {
         Ok(None)
     }
-    async fn kill_worker(&self, _n: &str) -> Result<String, String> {
+    async fn kill_worker(&self, _n: &str) -> Result<String, PlatformError> {
         self.0.lock().unwrap().worker_key = None;
         Ok("killed".into())
     }
@@ -73,17 +74,17 @@ impl Platform for Scripted {
         d: &Path,
         k: &VolumeKey,
         _recover: Option<u32>,
-    ) -> Result<Served, String> {
+    ) -> Result<Served, PlatformError> {
         self.0.lock().unwrap().worker_key = Some(Some(k.expose()[0]));
         Ok(Served::new(d.to_owned(), "/dev/loop99".into()))
     }
     async fn adopt(&self, _n: &str) -> Option<Served> {
         None
     }
-    async fn worker_status(&self, _n: &str) -> Result<serde_json::Value, String> {
+    async fn worker_status(&self, _n: &str) -> Result<serde_json::Value, PlatformError> {
         match self.0.lock().unwrap().worker_key {
             Some(_) => Ok(serde_json::json!({"reads": 3, "writes": 4})),
-            None => Err("gone".into()),
+            None => Err(PlatformError::new(PlatformFailure::WorkerControl, "gone")),
         }
     }
     fn watch_worker(&self, _n: &str) -> WorkerExit {
@@ -96,11 +97,11 @@ impl Platform for Scripted {
     async fn clean_dead_worker(&self, _n: &str, _s: &Served) -> String {
         String::new()
     }
-    async fn suspend(&self, _n: &str) -> Result<(), String> {
+    async fn suspend(&self, _n: &str) -> Result<(), PlatformError> {
         self.0.lock().unwrap().worker_key = Some(None);
         Ok(())
     }
-    async fn resume(&self, _n: &str, k: &VolumeKey) -> Result<(), String> {
+    async fn resume(&self, _n: &str, k: &VolumeKey) -> Result<(), PlatformError> {
         self.0.lock().unwrap().worker_key = Some(Some(k.expose()[0]));
         Ok(())
     }
@@ -110,12 +111,17 @@ impl Platform for Scripted {
         w.closed += 1;
         Ok(())
     }
-    async fn delete_ublk_device(&self, _n: &str, _id: u32) -> Result<(), String> {
-        Err("no ublk here".into())
+    async fn delete_ublk_device(&self, _n: &str, _id: u32) -> Result<(), PlatformError> {
+        Err(PlatformError::new(PlatformFailure::Device, "no ublk here"))
     }
     async fn freeze(&self, _b: &Path) {}
     async fn thaw(&self, _b: &Path, _f: Option<()>) {}
-    async fn run_hook(&self, _s: &VolumeSettings, _b: &Path, _r: &str) -> Result<(), String> {
+    async fn run_hook(
+        &self,
+        _s: &VolumeSettings,
+        _b: &Path,
+        _r: &str,
+    ) -> Result<(), PlatformError> {
         Ok(())
     }
 }

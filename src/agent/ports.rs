@@ -55,6 +55,46 @@ impl AccessError {
     }
 }
 
+/// What kind of platform operation failed, as far as the state machine and the operator can
+/// tell; the message says the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlatformFailure {
+    /// A worker could not be started, or did not report ready.
+    WorkerStart,
+    /// A worker did not answer its control socket in time, or answered with an error.
+    WorkerControl,
+    /// Ending a wedged worker by SIGKILL failed.
+    WorkerKill,
+    /// A kernel device operation (deleting a ublk device) failed.
+    Device,
+    /// Rewriting a damaged header copy failed.
+    HeaderWrite,
+    /// The configured hook failed or timed out.
+    Hook,
+    /// A `[vault]` section that cannot be used (reload).
+    VaultConfig,
+    /// The agent's own machinery failed (a blocking helper task panicked).
+    Internal,
+}
+
+/// A failed platform operation: its kind and an operator-readable message (never key
+/// material). Displays as the message alone, which is what the logs and replies quote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PlatformError {
+    pub failure: PlatformFailure,
+    pub message: String,
+}
+
+impl PlatformError {
+    pub fn new(failure: PlatformFailure, message: impl Into<String>) -> Self {
+        Self {
+            failure,
+            message: message.into(),
+        }
+    }
+}
+
 /// One key slot as the agent uses it: enough to call unwrapKey.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotRef {
@@ -147,12 +187,13 @@ pub trait Platform: Send + Sync + 'static {
         &self,
         dev: &Path,
         h: &Self::Header,
-    ) -> impl Future<Output = Result<Option<String>, String>> + Send;
+    ) -> impl Future<Output = Result<Option<String>, PlatformError>> + Send;
 
     /// Ends the worker of `name` with SIGKILL sent through a pidfd and waits until the pidfd
     /// reports its exit, so its key pages are gone: the last resort when a suspend fails or
     /// times out (a wedged worker must not keep the key). `Ok` describes what was done.
-    fn kill_worker(&self, name: &str) -> impl Future<Output = Result<String, String>> + Send;
+    fn kill_worker(&self, name: &str)
+    -> impl Future<Output = Result<String, PlatformError>> + Send;
 
     /// Starts a worker serving `dev` as `settings.name`; with `recover_dev_id` it re-attaches
     /// that QUIESCED ublk device (ublk resume) instead of adding a new device. When the
@@ -165,7 +206,7 @@ pub trait Platform: Send + Sync + 'static {
         dev: &Path,
         key: &VolumeKey,
         recover_dev_id: Option<u32>,
-    ) -> impl Future<Output = Result<Served, String>> + Send;
+    ) -> impl Future<Output = Result<Served, PlatformError>> + Send;
     /// Finds a worker left running by a previous agent (or, for ublk, a device left QUIESCED
     /// by a worker that exited on suspend: reported as suspended, with its device id).
     fn adopt(&self, name: &str) -> impl Future<Output = Option<Served>> + Send;
@@ -173,7 +214,7 @@ pub trait Platform: Send + Sync + 'static {
     fn worker_status(
         &self,
         name: &str,
-    ) -> impl Future<Output = Result<serde_json::Value, String>> + Send;
+    ) -> impl Future<Output = Result<serde_json::Value, PlatformError>> + Send;
     /// Watches the worker now serving `name`: the future resolves as soon as that process
     /// ends (crash, SIGKILL, or its own exit). It never resolves if the worker cannot be
     /// watched; the periodic status check still notices a dead worker then.
@@ -201,14 +242,14 @@ pub trait Platform: Send + Sync + 'static {
         std::future::ready(String::new())
     }
     /// Wipes the worker's key; new I/O waits.
-    fn suspend(&self, name: &str) -> impl Future<Output = Result<(), String>> + Send;
+    fn suspend(&self, name: &str) -> impl Future<Output = Result<(), PlatformError>> + Send;
     /// Gives a suspended FUSE worker its key back; held I/O proceeds. (ublk workers are
     /// gone after suspend: the state machine resumes them with `spawn(.., Some(id))`.)
     fn resume(
         &self,
         name: &str,
         key: &VolumeKey,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), PlatformError>> + Send;
     /// Flushes, removes the device, ends the worker. Without `force` a device in use (or a
     /// suspended one) stays; with `force` it is removed anyway (revocation: the data must go).
     fn close(
@@ -223,7 +264,7 @@ pub trait Platform: Send + Sync + 'static {
         &self,
         name: &str,
         dev_id: u32,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), PlatformError>> + Send;
 
     /// FIFREEZE every filesystem mounted on `block_device`.
     fn freeze(&self, block_device: &Path) -> impl Future<Output = Self::Frozen> + Send;
@@ -237,7 +278,7 @@ pub trait Platform: Send + Sync + 'static {
     /// Reload: builds a new key provider from `vault` (validation, credential files) and,
     /// only if that succeeds, uses it for every later Key Vault call. On error nothing
     /// changes. Platforms without a vault client accept anything.
-    fn reload_vault(&self, vault: &VaultConfig) -> Result<(), String> {
+    fn reload_vault(&self, vault: &VaultConfig) -> Result<(), PlatformError> {
         let _ = vault;
         Ok(())
     }
@@ -265,7 +306,7 @@ pub trait Platform: Send + Sync + 'static {
         settings: &VolumeSettings,
         block_device: &Path,
         reason: &str,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), PlatformError>> + Send;
 }
 
 /// Why a worker did not close. `busy`: the device is mounted or held open (the operator must
@@ -288,6 +329,12 @@ impl From<String> for CloseFailed {
             busy: false,
             message,
         }
+    }
+}
+
+impl From<PlatformError> for CloseFailed {
+    fn from(e: PlatformError) -> Self {
+        e.message.into()
     }
 }
 

@@ -17,7 +17,10 @@ use super::control::run_dir;
 use super::discover::{self, Identity};
 use super::fdstore::{self, FdStore};
 use super::freeze::{self, FrozenSet};
-use super::ports::{AccessClass, AccessError, CloseFailed, Platform, Served, SlotRef, WorkerExit};
+use super::ports::{
+    AccessClass, AccessError, CloseFailed, Platform, PlatformError, PlatformFailure, Served,
+    SlotRef, WorkerExit,
+};
 use super::reap::{self, PidWatch};
 use crate::worker::{self, FuseTakeover, WorkerClient, WorkerSpec};
 use kvcrypt_datapath::transport::fuse::FuseInit;
@@ -239,18 +242,30 @@ pub fn probe_identity(p: &Path) -> Option<Identity> {
     })
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| format!("internal task failed: {e}"))
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, PlatformError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        PlatformError::new(
+            PlatformFailure::Internal,
+            format!("internal task failed: {e}"),
+        )
+    })
+}
+
+/// The copy of the key handed to a blocking task (zeroized when that task drops it).
+fn key_copy(key: &VolumeKey) -> Result<VolumeKey, PlatformError> {
+    VolumeKey::from_slice(key.expose())
+        .ok_or_else(|| PlatformError::new(PlatformFailure::Internal, "key length"))
 }
 
 impl Platform for RealPlatform {
     type Header = LoadedHeader;
     type Frozen = FrozenSet;
 
-    fn reload_vault(&self, vault: &VaultConfig) -> Result<(), String> {
-        let new = KeyVaultProvider::new(vault).map_err(|e| e.to_string())?;
+    fn reload_vault(&self, vault: &VaultConfig) -> Result<(), PlatformError> {
+        let new = KeyVaultProvider::new(vault)
+            .map_err(|e| PlatformError::new(PlatformFailure::VaultConfig, e.to_string()))?;
         self.provider.send_replace(Arc::new(new));
         Ok(())
     }
@@ -270,7 +285,7 @@ impl Platform for RealPlatform {
         let d = dev.to_owned();
         blocking(move || kvcrypt_format::read(&d))
             .await
-            .map_err(|e| AccessError::new(AccessClass::Transient, e))?
+            .map_err(|e| AccessError::new(AccessClass::Transient, e.message))?
             .map_err(|e| AccessError::new(AccessClass::Misconfigured, e.to_string()))
     }
 
@@ -335,7 +350,7 @@ impl Platform for RealPlatform {
         dev: &Path,
         key: &VolumeKey,
         recover_dev_id: Option<u32>,
-    ) -> Result<Served, String> {
+    ) -> Result<Served, PlatformError> {
         let mut spec = worker_spec(&self.exe, s, dev, recover_dev_id);
         // A dead FUSE worker's connection we hold: the new worker takes it over in place.
         let takeover = if recover_dev_id.is_none() {
@@ -349,7 +364,7 @@ impl Platform for RealPlatform {
         let in_place = takeover.is_some();
         if let Some(t) = takeover {
             spec.fuse_takeover = Some(t.clone());
-            let k = VolumeKey::from_slice(key.expose()).ok_or("key length")?;
+            let k = key_copy(key)?;
             let sp = spec.clone();
             let res = blocking(move || {
                 let info = worker::spawn_worker(&sp, &k)?;
@@ -387,14 +402,14 @@ impl Platform for RealPlatform {
                         reap::detach_dead_fuse_loop(&loop_dev, &n)
                     })
                     .await
-                    .unwrap_or_else(|e| e);
+                    .unwrap_or_else(|e| e.message);
                     tracing::warn!(volume = %name, error = %e, cleanup = %note,
                         "volume {name}: taking over the dead worker's FUSE connection failed ({e}); opening the volume on a new loop device ({note})");
                 }
             }
         }
         // The key copy moves into the blocking task and is zeroized when it is dropped there.
-        let k = VolumeKey::from_slice(key.expose()).ok_or("key length")?;
+        let k = key_copy(key)?;
         let me = self.fuse.clone();
         let (bd, ublk_dev_id) = blocking(move || {
             let info = worker::spawn_worker(&spec, &k)?;
@@ -410,7 +425,7 @@ impl Platform for RealPlatform {
             Ok::<_, worker::WorkerError>((info.block_device, id))
         })
         .await?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| PlatformError::new(PlatformFailure::WorkerStart, e.to_string()))?;
         self.release_stand_in(&s.name);
         Ok(Served {
             ublk_dev_id,
@@ -456,7 +471,7 @@ impl Platform for RealPlatform {
             reap::detach_dead_fuse_loop(&bd, &n)
         })
         .await
-        .unwrap_or_else(|e| e);
+        .unwrap_or_else(|e| e.message);
         if held {
             format!("let go of its FUSE connection (held I/O fails); {note}")
         } else {
@@ -464,13 +479,14 @@ impl Platform for RealPlatform {
         }
     }
 
-    async fn worker_status(&self, name: &str) -> Result<serde_json::Value, String> {
+    async fn worker_status(&self, name: &str) -> Result<serde_json::Value, PlatformError> {
         let n = name.to_owned();
         let status = blocking(move || client(&n).and_then(|mut c| c.status()))
             .await?
-            .map_err(|e| e.to_string())?;
+            .map_err(worker_control)?;
         // Shown as is by `kvcrypt status` (the agent's status carries it as JSON).
-        serde_json::to_value(status).map_err(|e| e.to_string())
+        serde_json::to_value(status)
+            .map_err(|e| PlatformError::new(PlatformFailure::Internal, e.to_string()))
     }
 
     fn watch_worker(&self, name: &str) -> WorkerExit {
@@ -501,7 +517,11 @@ impl Platform for RealPlatform {
         }
     }
 
-    async fn repair_header(&self, dev: &Path, h: &LoadedHeader) -> Result<Option<String>, String> {
+    async fn repair_header(
+        &self,
+        dev: &Path,
+        h: &LoadedHeader,
+    ) -> Result<Option<String>, PlatformError> {
         if h.damaged.is_empty() {
             return Ok(None);
         }
@@ -515,11 +535,16 @@ impl Platform for RealPlatform {
         let mut hdr = h.header.clone();
         blocking(move || kvcrypt_format::write(&d, &mut hdr))
             .await?
-            .map_err(|e| format!("{what}; rewriting it failed: {e}"))?;
+            .map_err(|e| {
+                PlatformError::new(
+                    PlatformFailure::HeaderWrite,
+                    format!("{what}; rewriting it failed: {e}"),
+                )
+            })?;
         Ok(Some(what))
     }
 
-    async fn kill_worker(&self, name: &str) -> Result<String, String> {
+    async fn kill_worker(&self, name: &str) -> Result<String, PlatformError> {
         let Some(st) = worker::read_state(name) else {
             return Ok("no worker state file: no worker to kill".into());
         };
@@ -541,19 +566,21 @@ impl Platform for RealPlatform {
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
                 return Ok(format!("worker pid {pid} had already exited"));
             }
-            Err(e) => return Err(format!("pidfd_open({pid}): {e}")),
+            Err(e) => return Err(kill_failed(format!("pidfd_open({pid}): {e}"))),
         };
         w.kill()
-            .map_err(|e| format!("SIGKILL to worker pid {pid}: {e}"))?;
+            .map_err(|e| kill_failed(format!("SIGKILL to worker pid {pid}: {e}")))?;
         match tokio::time::timeout(KILL_CONFIRM_TIMEOUT, w.exited()).await {
             Ok(Ok(())) => Ok(format!(
                 "worker pid {pid} killed (SIGKILL); its exit confirmed by its pidfd"
             )),
-            Ok(Err(e)) => Err(format!("waiting on the pidfd of worker {pid}: {e}")),
-            Err(_) => Err(format!(
+            Ok(Err(e)) => Err(kill_failed(format!(
+                "waiting on the pidfd of worker {pid}: {e}"
+            ))),
+            Err(_) => Err(kill_failed(format!(
                 "worker pid {pid} did not exit within {KILL_CONFIRM_TIMEOUT:?} of SIGKILL \
                  (stuck in the kernel, state D?)"
-            )),
+            ))),
         }
     }
 
@@ -588,22 +615,22 @@ impl Platform for RealPlatform {
             reap::detach_dead_fuse_loop(&sv.block_device, &n)
         })
         .await
-        .unwrap_or_else(|e| e)
+        .unwrap_or_else(|e| e.message)
     }
 
-    async fn suspend(&self, name: &str) -> Result<(), String> {
+    async fn suspend(&self, name: &str) -> Result<(), PlatformError> {
         let n = name.to_owned();
         blocking(move || client(&n).and_then(|mut c| c.suspend()))
             .await?
-            .map_err(|e| e.to_string())
+            .map_err(worker_control)
     }
 
-    async fn resume(&self, name: &str, key: &VolumeKey) -> Result<(), String> {
+    async fn resume(&self, name: &str, key: &VolumeKey) -> Result<(), PlatformError> {
         let n = name.to_owned();
-        let k = VolumeKey::from_slice(key.expose()).ok_or("key length")?;
+        let k = key_copy(key)?;
         blocking(move || client(&n).and_then(|mut c| c.resume(&k)))
             .await?
-            .map_err(|e| e.to_string())
+            .map_err(worker_control)
     }
 
     async fn close(&self, name: &str, force: bool) -> Result<(), CloseFailed> {
@@ -623,7 +650,7 @@ impl Platform for RealPlatform {
         res
     }
 
-    async fn delete_ublk_device(&self, name: &str, dev_id: u32) -> Result<(), String> {
+    async fn delete_ublk_device(&self, name: &str, dev_id: u32) -> Result<(), PlatformError> {
         self.release_stand_in(name);
         let n = name.to_owned();
         blocking(move || {
@@ -633,7 +660,7 @@ impl Platform for RealPlatform {
             Ok::<_, kvcrypt_datapath::transport::ublk::UblkTransportError>(())
         })
         .await?
-        .map_err(|e| e.to_string())
+        .map_err(|e| PlatformError::new(PlatformFailure::Device, e.to_string()))
     }
 
     async fn freeze(&self, block_device: &Path) -> FrozenSet {
@@ -695,11 +722,13 @@ impl Platform for RealPlatform {
         s: &VolumeSettings,
         block_device: &Path,
         reason: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), PlatformError> {
         match &s.hook {
             None => Ok(()),
             Some(h) => {
-                super::hook::run_hook(h, s.hook_timeout, &s.name, block_device, None, reason).await
+                super::hook::run_hook(h, s.hook_timeout, &s.name, block_device, None, reason)
+                    .await
+                    .map_err(|e| PlatformError::new(PlatformFailure::Hook, e))
             }
         }
     }
@@ -787,4 +816,13 @@ fn worker_spec(
     spec.exe = Some(exe.to_owned());
     spec.ready_timeout = WORKER_READY_TIMEOUT;
     spec
+}
+
+/// A worker that did not answer its control socket, or answered with an error.
+fn worker_control(e: worker::WorkerError) -> PlatformError {
+    PlatformError::new(PlatformFailure::WorkerControl, e.to_string())
+}
+
+fn kill_failed(message: String) -> PlatformError {
+    PlatformError::new(PlatformFailure::WorkerKill, message)
 }

@@ -263,12 +263,10 @@ impl<P: Platform> VolumeSet<P> {
             message: "missing: the agent needs a [vault] table (credentials) to unwrap keys".into(),
         })?;
         // The last step that can fail: after it, applying the volumes cannot.
-        self.p
-            .reload_vault(vault)
-            .map_err(|message| ReloadError::Vault {
-                path: path.display().to_string(),
-                message,
-            })?;
+        self.p.reload_vault(vault).map_err(|e| ReloadError::Vault {
+            path: path.display().to_string(),
+            message: e.message,
+        })?;
         let plan = self.apply(&cfg.volume_settings());
         // Runtime volumes stay; they follow the new `[agent]` policy.
         self.cfg = cfg;

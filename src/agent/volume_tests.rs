@@ -7,7 +7,10 @@ use std::time::Duration;
 use kvcrypt_crypto::secmem::VolumeKey;
 
 use super::config::{RetryConfig, RevokePolicy, Selector, VolumeSettings};
-use super::ports::{AccessClass, AccessError, CloseFailed, Platform, Served, SlotRef, WorkerExit};
+use super::ports::{
+    AccessClass, AccessError, CloseFailed, Platform, PlatformError, PlatformFailure, Served,
+    SlotRef, WorkerExit,
+};
 use super::status::VolumeState;
 use super::volume::{CloseRefused, Command, VolumeHandle, spawn_volume};
 
@@ -221,7 +224,7 @@ impl Platform for Fake {
         dev: &Path,
         key: &VolumeKey,
         recover_dev_id: Option<u32>,
-    ) -> Result<Served, String> {
+    ) -> Result<Served, PlatformError> {
         let mut w = self.0.lock().unwrap();
         let takeover = !w.ublk && w.fuse_held && recover_dev_id.is_none();
         match recover_dev_id {
@@ -230,13 +233,19 @@ impl Platform for Fake {
                 w.events.push("spawn".into());
                 if w.spawn_fails > 0 {
                     w.spawn_fails -= 1;
-                    return Err("the worker failed before it was ready".into());
+                    return Err(PlatformError::new(
+                        PlatformFailure::WorkerStart,
+                        "the worker failed before it was ready",
+                    ));
                 }
             }
             Some(id) => {
                 w.events.push(format!("recover:{id}"));
                 if w.quiesced.take() != Some(id) {
-                    return Err(format!("ublk device {id} is not QUIESCED"));
+                    return Err(PlatformError::new(
+                        PlatformFailure::WorkerStart,
+                        format!("ublk device {id} is not QUIESCED"),
+                    ));
                 }
             }
         }
@@ -308,10 +317,13 @@ impl Platform for Fake {
             .push(format!("release:{}", served.block_device.display()));
         "released".into()
     }
-    async fn worker_status(&self, _name: &str) -> Result<serde_json::Value, String> {
+    async fn worker_status(&self, _name: &str) -> Result<serde_json::Value, PlatformError> {
         match &self.0.lock().unwrap().worker {
             Some(_) => Ok(serde_json::json!({"reads": 1})),
-            None => Err("no worker".into()),
+            None => Err(PlatformError::new(
+                PlatformFailure::WorkerControl,
+                "no worker",
+            )),
         }
     }
     fn watch_worker(&self, _name: &str) -> WorkerExit {
@@ -335,7 +347,7 @@ impl Platform for Fake {
         self.ev(format!("clean:{}", served.block_device.display()));
         "cleaned".into()
     }
-    async fn repair_header(&self, _dev: &Path, _h: &()) -> Result<Option<String>, String> {
+    async fn repair_header(&self, _dev: &Path, _h: &()) -> Result<Option<String>, PlatformError> {
         let mut w = self.0.lock().unwrap();
         if !std::mem::take(&mut w.header_damaged) {
             return Ok(None);
@@ -343,7 +355,7 @@ impl Platform for Fake {
         w.events.push("repair".into());
         Ok(Some("secondary header: checksum mismatch".into()))
     }
-    async fn kill_worker(&self, _name: &str) -> Result<String, String> {
+    async fn kill_worker(&self, _name: &str) -> Result<String, PlatformError> {
         self.ev("kill");
         let mut w = self.0.lock().unwrap();
         if w.worker.take().is_none() {
@@ -355,12 +367,17 @@ impl Platform for Fake {
         end_worker(&mut w, "killed by signal 9");
         Ok("worker killed (SIGKILL)".into())
     }
-    async fn suspend(&self, _name: &str) -> Result<(), String> {
+    async fn suspend(&self, _name: &str) -> Result<(), PlatformError> {
         self.ev("suspend");
         let fault = self.0.lock().unwrap().suspend_fault;
         match fault {
             Some(true) => std::future::pending::<()>().await,
-            Some(false) => return Err("worker refused: internal error".into()),
+            Some(false) => {
+                return Err(PlatformError::new(
+                    PlatformFailure::WorkerControl,
+                    "worker refused: internal error",
+                ));
+            }
             None => {}
         }
         let mut w = self.0.lock().unwrap();
@@ -376,17 +393,23 @@ impl Platform for Fake {
                 w.key = None;
                 Ok(())
             }
-            None => Err("no worker".into()),
+            None => Err(PlatformError::new(
+                PlatformFailure::WorkerControl,
+                "no worker",
+            )),
         }
     }
-    async fn resume(&self, _name: &str, key: &VolumeKey) -> Result<(), String> {
+    async fn resume(&self, _name: &str, key: &VolumeKey) -> Result<(), PlatformError> {
         self.ev("resume");
         match self.0.lock().unwrap().worker.as_mut() {
             Some(w) => {
                 w.key = Some(*key.expose());
                 Ok(())
             }
-            None => Err("no worker".into()),
+            None => Err(PlatformError::new(
+                PlatformFailure::WorkerControl,
+                "no worker",
+            )),
         }
     }
     async fn close(&self, _name: &str, force: bool) -> Result<(), CloseFailed> {
@@ -405,12 +428,15 @@ impl Platform for Fake {
         end_worker(&mut w, "exited after close");
         Ok(())
     }
-    async fn delete_ublk_device(&self, _name: &str, id: u32) -> Result<(), String> {
+    async fn delete_ublk_device(&self, _name: &str, id: u32) -> Result<(), PlatformError> {
         let mut w = self.0.lock().unwrap();
         w.events.push(format!("delete:{id}"));
         match w.quiesced.take() {
             Some(q) if q == id => Ok(()),
-            _ => Err(format!("no QUIESCED ublk device {id}")),
+            _ => Err(PlatformError::new(
+                PlatformFailure::Device,
+                format!("no QUIESCED ublk device {id}"),
+            )),
         }
     }
     async fn freeze(&self, bd: &Path) -> String {
@@ -436,7 +462,12 @@ impl Platform for Fake {
     async fn system_stopping(&self) -> bool {
         self.0.lock().unwrap().system_stopping
     }
-    async fn run_hook(&self, _s: &VolumeSettings, bd: &Path, _r: &str) -> Result<(), String> {
+    async fn run_hook(
+        &self,
+        _s: &VolumeSettings,
+        bd: &Path,
+        _r: &str,
+    ) -> Result<(), PlatformError> {
         self.ev(format!("hook:{}", bd.display()));
         Ok(())
     }

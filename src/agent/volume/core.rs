@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::agent::backoff::{Backoff, jitter};
 use crate::agent::config::{RevokePolicy, Selector, VolumeSettings};
-use crate::agent::ports::{AccessClass, AccessError, CloseFailed, Served, SlotRef};
+use crate::agent::ports::{AccessClass, AccessError, CloseFailed, PlatformError, Served, SlotRef};
 use crate::agent::status::{LastError, PolicyView, VolumeState, VolumeStatus};
 
 /// Far enough in the future to mean "no timer".
@@ -124,15 +124,15 @@ pub enum Event {
     /// The slot that worked (for [`Want::Key`] the shell now holds the checked key), or every
     /// slot's error in the order tried.
     Access(Result<SlotRef, Vec<AccessError>>),
-    Spawned(Result<Served, String>),
-    Resumed(Result<(), String>),
-    WorkerStatus(Result<serde_json::Value, String>),
-    Suspended(Result<(), String>),
-    Killed(Result<String, String>),
+    Spawned(Result<Served, PlatformError>),
+    Resumed(Result<(), PlatformError>),
+    WorkerStatus(Result<serde_json::Value, PlatformError>),
+    Suspended(Result<(), PlatformError>),
+    Killed(Result<String, PlatformError>),
     Closed(Result<(), CloseFailed>),
-    ForceRemoved(Result<(), String>),
-    UblkDeleted(Result<(), String>),
-    HookRan(Result<(), String>),
+    ForceRemoved(Result<(), PlatformError>),
+    UblkDeleted(Result<(), PlatformError>),
+    HookRan(Result<(), PlatformError>),
     Probed(DeadProbe),
     /// A cleanup's note for the log.
     Cleaned(String),
@@ -1088,7 +1088,7 @@ impl Core {
                         reason,
                         manual,
                         served,
-                        error: e,
+                        error: e.message,
                     });
                     fx.push(Effect::Kill);
                 }
@@ -1147,7 +1147,7 @@ impl Core {
                 self.resumed(why, served, r, clock, fx);
             }
             (Op::Resume { why, served, .. }, Event::Resumed(r)) => {
-                let r = r.map(|()| served.clone());
+                let r = r.map(|()| served.clone()).map_err(|e| e.message);
                 self.resumed(why, served, r, clock, fx);
             }
             (
@@ -1488,7 +1488,7 @@ impl Core {
         &mut self,
         from: VolumeState,
         dev: PathBuf,
-        r: Result<Served, String>,
+        r: Result<Served, PlatformError>,
         clock: Clock,
         fx: &mut Vec<Effect>,
     ) {
@@ -1990,7 +1990,7 @@ impl Core {
         &mut self,
         dead: Served,
         recover: Option<u32>,
-        r: Result<Served, String>,
+        r: Result<Served, PlatformError>,
         clock: Clock,
         fx: &mut Vec<Effect>,
     ) {

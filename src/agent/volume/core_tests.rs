@@ -10,7 +10,9 @@ use tokio::time::Instant;
 
 use super::core::{Clock, Core, DeadProbe, Effect, Event, Want};
 use crate::agent::config::{RetryConfig, RevokePolicy, Selector, VolumeSettings};
-use crate::agent::ports::{AccessClass, AccessError, CloseFailed, Served, SlotRef};
+use crate::agent::ports::{
+    AccessClass, AccessError, CloseFailed, PlatformError, PlatformFailure, Served, SlotRef,
+};
 use crate::agent::status::VolumeState;
 
 const KEY: &str = "https://v.vault.azure.net/keys/k";
@@ -364,7 +366,13 @@ fn transitions() {
                         "access:proof:1",
                     ),
                     e(denied(), "unwatch suspend"),
-                    e(Event::Suspended(Err("no answer".into())), "kill"),
+                    e(
+                        Event::Suspended(Err(PlatformError::new(
+                            PlatformFailure::WorkerControl,
+                            "no answer",
+                        ))),
+                        "kill",
+                    ),
                     e(Event::Killed(Ok("killed".into())), "publish:suspended"),
                     e(Event::Tick, "access:key:1"),
                     e(Event::Access(Ok(slot(1))), "spawn"),

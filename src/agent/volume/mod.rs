@@ -33,7 +33,9 @@ use kvcrypt_crypto::secmem::VolumeKey;
 use self::core::{Clock, Core, DeadProbe, Effect, Event, SUSPEND_TIMEOUT, Want};
 pub use self::core::{CloseRefused, Desired};
 use super::config::VolumeSettings;
-use super::ports::{AccessClass, AccessError, Platform, Served, SlotRef, WorkerExit};
+use super::ports::{
+    AccessClass, AccessError, Platform, PlatformError, PlatformFailure, Served, SlotRef, WorkerExit,
+};
 use super::status::{VolumeStatus, unix_now};
 
 /// Requests to a volume task (from the control socket, udev attach, shutdown).
@@ -300,9 +302,10 @@ impl<P: Platform> Shell<P> {
             } => Event::Access(self.access(slots, want, timeout).await),
             Effect::Spawn { dev, recover } => {
                 let Some(key) = self.key.take() else {
-                    return Some(Event::Spawned(Err(
-                        "no unwrapped key to start it with".into()
-                    )));
+                    return Some(Event::Spawned(Err(PlatformError::new(
+                        PlatformFailure::Internal,
+                        "no unwrapped key to start it with",
+                    ))));
                 };
                 let settings = self.core.settings().clone();
                 let r = p.spawn(&settings, &dev, &key, recover).await;
@@ -311,9 +314,10 @@ impl<P: Platform> Shell<P> {
             }
             Effect::ResumeWorker => {
                 let Some(key) = self.key.take() else {
-                    return Some(Event::Resumed(
-                        Err("no unwrapped key to resume with".into()),
-                    ));
+                    return Some(Event::Resumed(Err(PlatformError::new(
+                        PlatformFailure::Internal,
+                        "no unwrapped key to resume with",
+                    ))));
                 };
                 let r = p.resume(&name, &key).await;
                 drop(key);
@@ -325,7 +329,10 @@ impl<P: Platform> Shell<P> {
                 Event::Suspended(
                     match tokio::time::timeout(SUSPEND_TIMEOUT, p.suspend(&name)).await {
                         Ok(r) => r,
-                        Err(_) => Err(format!("no answer within {SUSPEND_TIMEOUT:?}")),
+                        Err(_) => Err(PlatformError::new(
+                            PlatformFailure::WorkerControl,
+                            format!("no answer within {SUSPEND_TIMEOUT:?}"),
+                        )),
                     },
                 )
             }
@@ -435,10 +442,10 @@ impl<P: Platform> Shell<P> {
     /// Removes the served device whatever its state (revocation: the data must go). A
     /// suspended ublk volume has no worker (it exited, leaving the device QUIESCED), so the
     /// device itself is deleted; otherwise the worker is closed with force.
-    async fn force_remove(&mut self, sv: &Served, suspended: bool) -> Result<(), String> {
+    async fn force_remove(&mut self, sv: &Served, suspended: bool) -> Result<(), PlatformError> {
         let name = self.core.settings().name.clone();
         if !suspended {
-            return self.p.close(&name, true).await.map_err(|e| e.message);
+            return self.p.close(&name, true).await.map_err(closing_failed);
         }
         // A suspended device is torn down with a frozen filesystem on it, held through our
         // freeze handle. Removing it fails the held I/O (ublk: STOP; FUSE: the worker's SIGTERM
@@ -455,17 +462,25 @@ impl<P: Platform> Shell<P> {
         let remove = async {
             match sv.ublk_dev_id {
                 Some(id) => p.delete_ublk_device(&name, id).await,
-                None => p.close(&name, true).await.map_err(|e| e.message),
+                None => p.close(&name, true).await.map_err(closing_failed),
             }
         };
         let bounded = tokio::time::timeout(Duration::from_secs(30), remove);
         let thaw = p.thaw(&sv.block_device, fz);
         match tokio::join!(bounded, thaw).0 {
             Ok(r) => r,
-            Err(_) => Err(format!(
-                "{} no longer serves (its I/O fails) but is still held, probably by a mounted filesystem; it goes away once that is unmounted",
-                sv.block_device.display()
+            Err(_) => Err(PlatformError::new(
+                PlatformFailure::Device,
+                format!(
+                    "{} no longer serves (its I/O fails) but is still held, probably by a mounted filesystem; it goes away once that is unmounted",
+                    sv.block_device.display()
+                ),
             )),
         }
     }
+}
+
+/// A forced close that failed: the worker did not end as asked.
+fn closing_failed(e: super::ports::CloseFailed) -> PlatformError {
+    PlatformError::new(PlatformFailure::WorkerControl, e.message)
 }
