@@ -4,7 +4,7 @@ mod header_common;
 
 use header_common::*;
 use kvcrypt_exit::{Exit, ExitClass};
-use kvcrypt_format::{Copy, HeaderError, VolumeHeader};
+use kvcrypt_format::{HeaderCopy, HeaderError, VolumeHeader};
 
 #[test]
 fn write_read_round_trip() {
@@ -13,7 +13,7 @@ fn write_read_round_trip() {
     let l = kvcrypt_format::read(&p).unwrap();
     assert_eq!(l.header, h);
     assert_eq!(l.sequence, 1);
-    assert_eq!(l.used, Copy::Primary);
+    assert_eq!(l.used, HeaderCopy::Primary);
     assert!(l.damaged.is_empty(), "{:?}", l.damaged);
     assert_eq!(l.device_size, 8 * MIB);
     assert_eq!((l.data_offset, l.data_length), (MIB, 7 * MIB));
@@ -94,10 +94,10 @@ fn primary_corrupt_opens_from_secondary_and_write_repairs_it() {
     flip(&p, PRIMARY + 40); // first label byte
     flip(&p, PRIMARY + 4100); // metadata byte
     let l = kvcrypt_format::read(&p).unwrap();
-    assert_eq!(l.used, Copy::Secondary);
+    assert_eq!(l.used, HeaderCopy::Secondary);
     assert_eq!(l.header, h);
     assert_eq!(l.damaged.len(), 1);
-    assert_eq!(l.damaged[0].copy, Copy::Primary);
+    assert_eq!(l.damaged[0].copy, HeaderCopy::Primary);
     assert!(
         l.damaged[0].reason.contains("checksum"),
         "{}",
@@ -122,7 +122,7 @@ fn primary_corrupt_opens_from_secondary_and_write_repairs_it() {
     assert_eq!(a, b);
     let l = kvcrypt_format::read(&p).unwrap();
     assert!(l.damaged.is_empty(), "{:?}", l.damaged);
-    assert_eq!(l.used, Copy::Primary);
+    assert_eq!(l.used, HeaderCopy::Primary);
 }
 
 #[test]
@@ -131,10 +131,10 @@ fn secondary_corrupt_is_reported_and_repaired() {
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "data");
     write_at(&p, SECONDARY, &[0xff; 4096]);
     let l = kvcrypt_format::read(&p).unwrap();
-    assert_eq!(l.used, Copy::Primary);
+    assert_eq!(l.used, HeaderCopy::Primary);
     assert_eq!(
         l.damaged.iter().map(|d| d.copy).collect::<Vec<_>>(),
-        vec![Copy::Secondary]
+        vec![HeaderCopy::Secondary]
     );
     let mut h = l.header.clone();
     kvcrypt_format::write(&p, &mut h).unwrap();
@@ -156,7 +156,7 @@ fn stale_copy_loses_to_higher_sequence() {
     // Simulate a crash that left the primary at the old contents.
     write_at(&p, PRIMARY, &old_primary);
     let l = kvcrypt_format::read(&p).unwrap();
-    assert_eq!(l.used, Copy::Secondary);
+    assert_eq!(l.used, HeaderCopy::Secondary);
     assert_eq!(l.label, "new");
     assert_eq!(l.sequence, 2);
     assert!(l.damaged[0].reason.contains("stale"), "{:?}", l.damaged);
@@ -214,7 +214,7 @@ fn unknown_version_is_refused() {
     write_at(&p, PRIMARY + 8, &3u16.to_le_bytes());
     // One copy of an unknown version: the other (v2) copy is used, the first reported.
     let l = kvcrypt_format::read(&p).unwrap();
-    assert_eq!(l.used, Copy::Secondary);
+    assert_eq!(l.used, HeaderCopy::Secondary);
     assert!(l.damaged[0].reason.contains("unsupported version 3"));
     write_at(&p, SECONDARY + 8, &3u16.to_le_bytes());
     let e = kvcrypt_format::read(&p).unwrap_err();

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_exit::{Exit, ExitClass};
 use kvcrypt_format::layout::{self, COPY_SIZE};
-use kvcrypt_format::{Copy, HeaderError, KeySlot, VolumeHeader};
+use kvcrypt_format::{HeaderCopy, HeaderError, KeySlot, VolumeHeader};
 
 const MIB: u64 = 1024 * 1024;
 /// Device size the images are read at (unless a row says the file is the whole device): the
@@ -73,7 +73,7 @@ fn valid() -> Vec<u8> {
     image(&header_with(|_| {}), SEQ)
 }
 
-fn cp(img: &mut [u8], c: Copy) -> &mut [u8] {
+fn cp(img: &mut [u8], c: HeaderCopy) -> &mut [u8] {
     let o = c.offset() as usize;
     &mut img[o..o + COPY_SIZE as usize]
 }
@@ -132,7 +132,7 @@ fn trim(mut img: Vec<u8>) -> Vec<u8> {
 /// (zeros on the device), so the primary's own check is what the error reports.
 fn primary(edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
     let mut img = valid();
-    edit(cp(&mut img, Copy::Primary));
+    edit(cp(&mut img, HeaderCopy::Primary));
     img.truncate(COPY_SIZE as usize);
     trim(img)
 }
@@ -140,7 +140,7 @@ fn primary(edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
 /// The valid image with `edit` applied to both copies.
 fn both(edit: impl Fn(&mut [u8])) -> Vec<u8> {
     let mut img = valid();
-    for c in Copy::BOTH {
+    for c in HeaderCopy::BOTH {
         edit(cp(&mut img, c));
     }
     trim(img)
@@ -207,8 +207,8 @@ enum Expect {
     /// `read` accepts the image: the copy it used and the copies it reports damaged (with a
     /// word of the reason), then what the next layer says.
     Opens {
-        used: Copy,
-        damaged: &'static [(Copy, &'static str)],
+        used: HeaderCopy,
+        damaged: &'static [(HeaderCopy, &'static str)],
         then: Then,
     },
 }
@@ -696,8 +696,8 @@ fn cases() -> Vec<Case> {
             || sealed_primary(|h| h.slots.clear()),
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
-                damaged: &[(Copy::Secondary, "no kvcrypt magic")],
+                used: HeaderCopy::Primary,
+                damaged: &[(HeaderCopy::Secondary, "no kvcrypt magic")],
                 then: Then::Unlocks,
             },
         ),
@@ -723,8 +723,8 @@ fn cases() -> Vec<Case> {
             },
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
-                damaged: &[(Copy::Secondary, "no kvcrypt magic")],
+                used: HeaderCopy::Primary,
+                damaged: &[(HeaderCopy::Secondary, "no kvcrypt magic")],
                 then: Then::Unlocks,
             },
         ),
@@ -735,8 +735,8 @@ fn cases() -> Vec<Case> {
             || sealed_primary(|h| h.slots[0].wrapped = vec![0xa5; 370_000]),
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
-                damaged: &[(Copy::Secondary, "no kvcrypt magic")],
+                used: HeaderCopy::Primary,
+                damaged: &[(HeaderCopy::Secondary, "no kvcrypt magic")],
                 then: Then::Unlocks,
             },
         ),
@@ -749,8 +749,8 @@ fn cases() -> Vec<Case> {
             },
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
-                damaged: &[(Copy::Secondary, "no kvcrypt magic")],
+                used: HeaderCopy::Primary,
+                damaged: &[(HeaderCopy::Secondary, "no kvcrypt magic")],
                 then: Then::KeyIdRefused("only reachable over https"),
             },
         ),
@@ -763,8 +763,8 @@ fn cases() -> Vec<Case> {
             },
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
-                damaged: &[(Copy::Secondary, "no kvcrypt magic")],
+                used: HeaderCopy::Primary,
+                damaged: &[(HeaderCopy::Secondary, "no kvcrypt magic")],
                 then: Then::KeyIdRefused("credentials in the URL are not allowed"),
             },
         ),
@@ -773,8 +773,8 @@ fn cases() -> Vec<Case> {
             || sealed_primary(|h| h.slots[0].key_id = "https://169.254.169.254/keys/vol/1".into()),
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
-                damaged: &[(Copy::Secondary, "no kvcrypt magic")],
+                used: HeaderCopy::Primary,
+                damaged: &[(HeaderCopy::Secondary, "no kvcrypt magic")],
                 then: Then::KeyIdRefused("not an IP address"),
             },
         ),
@@ -783,8 +783,8 @@ fn cases() -> Vec<Case> {
             || sealed_primary(|h| h.slots[0].algorithm = "none".into()),
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
-                damaged: &[(Copy::Secondary, "no kvcrypt magic")],
+                used: HeaderCopy::Primary,
+                damaged: &[(HeaderCopy::Secondary, "no kvcrypt magic")],
                 then: Then::AlgorithmRefused,
             },
         ),
@@ -826,8 +826,8 @@ fn cases() -> Vec<Case> {
             },
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
-                damaged: &[(Copy::Secondary, "no kvcrypt magic")],
+                used: HeaderCopy::Primary,
+                damaged: &[(HeaderCopy::Secondary, "no kvcrypt magic")],
                 then: Then::Rewrites,
             },
         ),
@@ -836,13 +836,13 @@ fn cases() -> Vec<Case> {
             "primary-corrupt-secondary-valid.img",
             || {
                 let mut img = valid();
-                cp(&mut img, Copy::Primary)[4096 + 20] ^= 0x01;
+                cp(&mut img, HeaderCopy::Primary)[4096 + 20] ^= 0x01;
                 trim(img)
             },
             Sized,
             Expect::Opens {
-                used: Copy::Secondary,
-                damaged: &[(Copy::Primary, "checksum mismatch")],
+                used: HeaderCopy::Secondary,
+                damaged: &[(HeaderCopy::Primary, "checksum mismatch")],
                 then: Then::Unlocks,
             },
         ),
@@ -856,8 +856,8 @@ fn cases() -> Vec<Case> {
             },
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
-                damaged: &[(Copy::Secondary, "copy index 0 found in the secondary")],
+                used: HeaderCopy::Primary,
+                damaged: &[(HeaderCopy::Secondary, "copy index 0 found in the secondary")],
                 then: Then::Unlocks,
             },
         ),
@@ -865,15 +865,15 @@ fn cases() -> Vec<Case> {
             "primary-version-3-secondary-valid.img",
             || {
                 let mut img = valid();
-                let p = cp(&mut img, Copy::Primary);
+                let p = cp(&mut img, HeaderCopy::Primary);
                 put(p, OFF_VERSION, &3u16.to_le_bytes());
                 refix(p);
                 trim(img)
             },
             Sized,
             Expect::Opens {
-                used: Copy::Secondary,
-                damaged: &[(Copy::Primary, "unsupported version 3")],
+                used: HeaderCopy::Secondary,
+                damaged: &[(HeaderCopy::Primary, "unsupported version 3")],
                 then: Then::Unlocks,
             },
         ),
@@ -888,9 +888,9 @@ fn cases() -> Vec<Case> {
             },
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
+                used: HeaderCopy::Primary,
                 damaged: &[(
-                    Copy::Secondary,
+                    HeaderCopy::Secondary,
                     "same sequence number but different content",
                 )],
                 then: Then::Unlocks,
@@ -902,7 +902,7 @@ fn cases() -> Vec<Case> {
             "newer-secondary-bad-mac.img",
             || {
                 let mut img = valid();
-                let sec = cp(&mut img, Copy::Secondary);
+                let sec = cp(&mut img, HeaderCopy::Secondary);
                 put(sec, OFF_SEQUENCE, &(SEQ + 1).to_le_bytes());
                 put(sec, OFF_LABEL, &text48(b"evil"));
                 refix(sec);
@@ -910,8 +910,8 @@ fn cases() -> Vec<Case> {
             },
             Sized,
             Expect::Opens {
-                used: Copy::Secondary,
-                damaged: &[(Copy::Primary, "stale (sequence 5 < 6")],
+                used: HeaderCopy::Secondary,
+                damaged: &[(HeaderCopy::Primary, "stale (sequence 5 < 6")],
                 then: Then::KeyFails(pat!(HeaderInvalid, HeaderError::Tampered)),
             },
         ),
@@ -925,7 +925,7 @@ fn cases() -> Vec<Case> {
             },
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
+                used: HeaderCopy::Primary,
                 damaged: &[],
                 then: Then::KeyFails(pat!(HeaderInvalid, HeaderError::Tampered)),
             },
@@ -943,7 +943,7 @@ fn cases() -> Vec<Case> {
             },
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
+                used: HeaderCopy::Primary,
                 damaged: &[],
                 then: Then::KeyFails(pat!(WrongKey, HeaderError::WrongKey)),
             },
@@ -953,7 +953,7 @@ fn cases() -> Vec<Case> {
             || trim(image(&header_with(|_| {}), u64::MAX)),
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
+                used: HeaderCopy::Primary,
                 damaged: &[],
                 then: Then::WriteFails(pat!(Usage, HeaderError::Invalid(m)
                     if m == "sequence number exhausted")),
@@ -964,7 +964,7 @@ fn cases() -> Vec<Case> {
             || trim(valid()),
             Sized,
             Expect::Opens {
-                used: Copy::Primary,
+                used: HeaderCopy::Primary,
                 damaged: &[],
                 then: Then::Rewrites,
             },

@@ -1,6 +1,6 @@
 //! What the agent's state machine needs from the outside world, as one trait.
 //!
-//! The real implementation (`real.rs`) talks to Key Vault, the header code, the worker
+//! The real implementation (`host_platform.rs`) talks to Key Vault, the header code, the worker
 //! processes and the kernel; unit tests drive the state machine with a fake. Keeping every
 //! side effect behind this trait is what makes the revocation logic testable without root.
 

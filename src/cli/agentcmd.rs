@@ -52,7 +52,7 @@ fn run_daemon(
     let rt = runtime()?;
     rt.block_on(async move {
         let p = Arc::new(
-            crate::agent::real::RealPlatform::new(&vault).with_context(|| {
+            crate::agent::host_platform::HostPlatform::new(&vault).with_context(|| {
                 format!("setting up the Key Vault client from {}", path.display())
             })?,
         );
@@ -298,7 +298,7 @@ fn unit_coming_back(active_state: &str) -> bool {
 }
 
 fn probe(dev: &Path) -> Option<crate::agent::discover::Identity> {
-    crate::agent::real::probe_identity(dev)
+    crate::agent::host_platform::probe_identity(dev)
 }
 
 pub fn udev_name(a: UdevNameArgs) -> Result<(), Failure> {

@@ -5,9 +5,9 @@
 
 mod agentcmd;
 mod docs;
-mod offline;
 mod pinning;
 mod serve;
+mod volume;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -388,11 +388,11 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         kvcrypt_crypto::secmem::check_key_memory()?;
     }
     match cli.command {
-        Command::Format(a) => offline::format(&config, a),
-        Command::Header(h) => offline::header(&config, h),
-        Command::Probe(a) => offline::probe(a),
-        Command::Rewrap(a) => offline::rewrap(&config, a),
-        Command::Benchmark(a) => offline::benchmark(a),
+        Command::Format(a) => volume::format(&config, a),
+        Command::Header(h) => volume::header(&config, h),
+        Command::Probe(a) => volume::probe(a),
+        Command::Rewrap(a) => volume::rewrap(&config, a),
+        Command::Benchmark(a) => volume::benchmark(a),
         Command::Open(a) => serve::open(&config, a),
         Command::Close(a) => serve::close(a),
         Command::Worker(a) => serve::worker(a),

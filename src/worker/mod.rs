@@ -37,7 +37,7 @@ use kvcrypt_exit::{Exit, ExitClass};
 pub use client::WorkerClient;
 pub use manage::{close_and_wait, name_of_block_device};
 pub use protocol::{ServeState, WorkerStatus};
-pub use run::{RunOptions, ServeHandle, link_by_name, run_worker, unlink_by_name};
+pub use run::{OnReady, RunOptions, link_by_name, run_worker, unlink_by_name};
 pub use sys::{pid_alive, take_fd};
 pub use udev::{UDEV_NAME_TIMEOUT, udev_running, wait_for_link, wait_until_named};
 

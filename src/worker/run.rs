@@ -45,7 +45,7 @@ pub struct RunOptions {
 type SharedFuse = Arc<Result<(Vec<OwnedFd>, FuseInit), String>>;
 
 /// Called once the block device exists (the worker writes it to its ready fd).
-pub type ServeHandle<'a> = Box<dyn FnOnce(&Path) + 'a>;
+pub type OnReady<'a> = Box<dyn FnOnce(&Path) + 'a>;
 
 enum Event {
     Op {
@@ -62,11 +62,7 @@ enum Event {
 }
 
 /// Serves the volume until it is closed (control `close`, or SIGTERM/SIGINT/SIGHUP).
-pub fn run_worker(
-    opts: &RunOptions,
-    key: VolumeKey,
-    on_ready: ServeHandle<'_>,
-) -> Result<(), Failure> {
+pub fn run_worker(opts: &RunOptions, key: VolumeKey, on_ready: OnReady<'_>) -> Result<(), Failure> {
     validate_name(&opts.name)?;
     // Signals are taken synchronously by a dedicated thread; block them before any thread
     // starts so every thread inherits the mask.
@@ -100,7 +96,7 @@ fn serve_fuse(
     opts: &RunOptions,
     h: &VolumeHeader,
     engine: Arc<Engine>,
-    on_ready: ServeHandle<'_>,
+    on_ready: OnReady<'_>,
 ) -> Result<(), Failure> {
     // The FUSE file is plaintext: mount it where only this process can see it, in a namespace
     // that pins no other filesystem (the same one a ublk worker serves from). Done before any
@@ -138,7 +134,7 @@ fn serve_fuse(
         pid: std::process::id(),
         name: opts.name.clone(),
         device: opts.device.clone(),
-        transport: "fuse".into(),
+        transport: TransportKind::Fuse.as_str().into(),
         block_device: bdev.clone(),
         ublk_dev_id: None,
         uuid: h.uuid.to_string(),
@@ -258,7 +254,7 @@ fn serve_ublk(
     opts: &RunOptions,
     h: &VolumeHeader,
     engine: Arc<Engine>,
-    on_ready: ServeHandle<'_>,
+    on_ready: OnReady<'_>,
 ) -> Result<(), Failure> {
     let uopts = ublk::UblkOptions {
         queues: opts.queues,
@@ -291,7 +287,7 @@ fn serve_ublk(
                     pid: std::process::id(),
                     name: name.clone(),
                     device: opts.device.clone(),
-                    transport: "ublk".into(),
+                    transport: TransportKind::Ublk.as_str().into(),
                     block_device: bdev.to_path_buf(),
                     ublk_dev_id: Some(dev_id),
                     uuid: h.uuid.to_string(),

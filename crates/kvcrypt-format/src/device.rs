@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::layout::{self, DecodeError};
-use super::{Copy, DamagedCopy, HeaderError, LoadedHeader, VolumeHeader};
+use super::{DamagedCopy, HeaderCopy, HeaderError, LoadedHeader, VolumeHeader};
 
 /// What `kvcrypt probe` needs: identity of a kvcrypt volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +48,7 @@ fn read_area(mut file: &File, path: &Path) -> Result<Vec<u8>, HeaderError> {
 }
 
 /// The bytes of `copy` inside an image of the header area (possibly short or empty).
-fn copy_bytes(area: &[u8], copy: Copy) -> &[u8] {
+fn copy_bytes(area: &[u8], copy: HeaderCopy) -> &[u8] {
     let start = (copy.offset() as usize).min(area.len());
     let end = (start + layout::COPY_SIZE as usize).min(area.len());
     &area[start..end]
@@ -68,14 +68,14 @@ fn describe(e: &DecodeError) -> String {
 pub fn parse_image(
     area: &[u8],
     path: &Path,
-) -> Result<(VolumeHeader, Copy, Vec<DamagedCopy>), HeaderError> {
-    let results: Vec<(Copy, Result<VolumeHeader, DecodeError>)> = Copy::BOTH
+) -> Result<(VolumeHeader, HeaderCopy, Vec<DamagedCopy>), HeaderError> {
+    let results: Vec<(HeaderCopy, Result<VolumeHeader, DecodeError>)> = HeaderCopy::BOTH
         .iter()
         .map(|&c| (c, VolumeHeader::decode_copy(copy_bytes(area, c), c)))
         .collect();
 
     // The valid copy with the highest sequence wins; on a tie the primary (listed first).
-    let mut best: Option<(Copy, &VolumeHeader)> = None;
+    let mut best: Option<(HeaderCopy, &VolumeHeader)> = None;
     for (c, r) in &results {
         if let Ok(h) = r
             && best.is_none_or(|(_, b)| h.sequence > b.sequence)
@@ -144,7 +144,7 @@ pub fn parse_image(
             .unwrap_or_default();
         return Err(HeaderError::TruncatedMetadata { path, reason });
     }
-    let reason = |c: Copy| {
+    let reason = |c: HeaderCopy| {
         results
             .iter()
             .find(|(rc, _)| *rc == c)
@@ -154,8 +154,8 @@ pub fn parse_image(
     };
     Err(HeaderError::BothCopiesCorrupt {
         path,
-        primary: reason(Copy::Primary),
-        secondary: reason(Copy::Secondary),
+        primary: reason(HeaderCopy::Primary),
+        secondary: reason(HeaderCopy::Secondary),
     })
 }
 
@@ -237,7 +237,7 @@ pub fn write_to(f: &File, path: &Path, h: &mut VolumeHeader) -> Result<(), Heade
     let area = read_area(f, path)?;
     let mut disk_max = 0u64;
     let mut current = None;
-    for c in Copy::BOTH {
+    for c in HeaderCopy::BOTH {
         if let Ok(old) = VolumeHeader::decode_copy(copy_bytes(&area, c), c) {
             if current.is_none() || old.sequence > disk_max {
                 current = Some(c);
@@ -251,10 +251,10 @@ pub fn write_to(f: &File, path: &Path, h: &mut VolumeHeader) -> Result<(), Heade
         .checked_add(1)
         .ok_or_else(|| HeaderError::Invalid("sequence number exhausted".into()))?;
     let order = match current {
-        Some(Copy::Primary) => [Copy::Secondary, Copy::Primary],
-        _ => [Copy::Primary, Copy::Secondary],
+        Some(HeaderCopy::Primary) => [HeaderCopy::Secondary, HeaderCopy::Primary],
+        _ => [HeaderCopy::Primary, HeaderCopy::Secondary],
     };
-    let encoded: Vec<(Copy, Vec<u8>)> = order
+    let encoded: Vec<(HeaderCopy, Vec<u8>)> = order
         .iter()
         .map(|&c| h.encode_copy(c, sequence).map(|b| (c, b)))
         .collect::<Result<_, _>>()?;

@@ -96,17 +96,17 @@ pub struct VolumeHeader {
 /// Which of the two header copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Copy {
+pub enum HeaderCopy {
     Primary,
     Secondary,
 }
 
-impl Copy {
-    pub const BOTH: [Copy; 2] = [Copy::Primary, Copy::Secondary];
+impl HeaderCopy {
+    pub const BOTH: [HeaderCopy; 2] = [HeaderCopy::Primary, HeaderCopy::Secondary];
     pub fn index(self) -> usize {
         match self {
-            Copy::Primary => 0,
-            Copy::Secondary => 1,
+            HeaderCopy::Primary => 0,
+            HeaderCopy::Secondary => 1,
         }
     }
     pub fn offset(self) -> u64 {
@@ -114,11 +114,11 @@ impl Copy {
     }
 }
 
-impl std::fmt::Display for Copy {
+impl std::fmt::Display for HeaderCopy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Copy::Primary => write!(f, "primary header (offset 0)"),
-            Copy::Secondary => write!(f, "secondary header (offset {})", layout::COPY_SIZE),
+            HeaderCopy::Primary => write!(f, "primary header (offset 0)"),
+            HeaderCopy::Secondary => write!(f, "secondary header (offset {})", layout::COPY_SIZE),
         }
     }
 }
@@ -126,7 +126,7 @@ impl std::fmt::Display for Copy {
 /// A copy that was not used, and why.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DamagedCopy {
-    pub copy: Copy,
+    pub copy: HeaderCopy,
     pub reason: String,
 }
 
@@ -135,7 +135,7 @@ pub struct DamagedCopy {
 pub struct LoadedHeader {
     pub header: VolumeHeader,
     /// The copy the header was taken from.
-    pub used: Copy,
+    pub used: HeaderCopy,
     /// Copies that are damaged (or stale, i.e. valid with a lower sequence number). Repaired by
     /// the next [`write`].
     pub damaged: Vec<DamagedCopy>,
@@ -249,7 +249,7 @@ impl ExitClass for HeaderError {
 /// as [`write`] puts it on disk. For tests, fuzzing and tools that build images offline.
 pub fn encode_image(h: &VolumeHeader, sequence: u64) -> Result<Vec<u8>, HeaderError> {
     let mut image = Vec::with_capacity(layout::HEADER_AREA_SIZE as usize);
-    for c in Copy::BOTH {
+    for c in HeaderCopy::BOTH {
         image.extend_from_slice(&h.encode_copy(c, sequence)?);
     }
     Ok(image)
@@ -435,7 +435,7 @@ impl VolumeHeader {
     }
 
     /// Builds one encoded copy (`COPY_SIZE` bytes) of this header.
-    fn encode_copy(&self, copy: Copy, sequence: u64) -> Result<Vec<u8>, HeaderError> {
+    fn encode_copy(&self, copy: HeaderCopy, sequence: u64) -> Result<Vec<u8>, HeaderError> {
         self.validate().map_err(HeaderError::Invalid)?;
         let md = metadata::encode(
             &self.slots,
@@ -472,7 +472,7 @@ impl VolumeHeader {
     }
 
     /// Decodes and validates the copy expected at `copy` from its bytes.
-    fn decode_copy(bytes: &[u8], copy: Copy) -> Result<VolumeHeader, layout::DecodeError> {
+    fn decode_copy(bytes: &[u8], copy: HeaderCopy) -> Result<VolumeHeader, layout::DecodeError> {
         use layout::DecodeError::Corrupt;
         let (raw, md) = layout::decode_copy(bytes)?;
         if usize::from(raw.copy_index) != copy.index() {
@@ -568,10 +568,10 @@ mod tests {
     fn v1_headers_still_read_and_verify_and_become_v2_when_sealed() {
         let vmk = key(4);
         let h1 = v1_header(&vmk);
-        let bytes = h1.encode_copy(Copy::Primary, 3).unwrap();
+        let bytes = h1.encode_copy(HeaderCopy::Primary, 3).unwrap();
         assert_eq!(&bytes[8..10], &[1, 0], "written as version 1");
         assert!(!String::from_utf8_lossy(&bytes[4096..]).contains("access_check"));
-        let back = VolumeHeader::decode_copy(&bytes, Copy::Primary).unwrap();
+        let back = VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).unwrap();
         assert_eq!(back.version, layout::VERSION_1);
         assert!(back.access_check_digest().is_none());
         back.verify_key(&vmk).unwrap();
@@ -584,9 +584,9 @@ mod tests {
         let mut h2 = back;
         h2.slots[0].check = Some(vec![9; 48]);
         h2.seal(&vmk);
-        let bytes = h2.encode_copy(Copy::Primary, 4).unwrap();
+        let bytes = h2.encode_copy(HeaderCopy::Primary, 4).unwrap();
         assert_eq!(&bytes[8..10], &[2, 0]);
-        let back = VolumeHeader::decode_copy(&bytes, Copy::Primary).unwrap();
+        let back = VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).unwrap();
         back.verify_key(&vmk).unwrap();
         back.verify_access_secret(secret.expose()).unwrap();
         let wrong = kdf::access_secret(&key(5));
@@ -610,13 +610,13 @@ mod tests {
         // A v1 header carrying v2 members is refused (a v1 reader could not interpret them).
         let mut h = v1_header(&vmk);
         h.slots[0].check = Some(vec![1; 40]);
-        let bytes = h.encode_copy(Copy::Primary, 1).unwrap();
-        assert!(VolumeHeader::decode_copy(&bytes, Copy::Primary).is_err());
+        let bytes = h.encode_copy(HeaderCopy::Primary, 1).unwrap();
+        assert!(VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).is_err());
         // A v2 header without its access-check digest is refused.
         let mut h = v1_header(&vmk);
         h.version = layout::VERSION_2;
-        let bytes = h.encode_copy(Copy::Primary, 1).unwrap();
-        assert!(VolumeHeader::decode_copy(&bytes, Copy::Primary).is_err());
+        let bytes = h.encode_copy(HeaderCopy::Primary, 1).unwrap();
+        assert!(VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).is_err());
     }
 
     #[test]
@@ -625,7 +625,7 @@ mod tests {
         let mut h = VolumeHeader::new_for_device(10 << 20, 512, "lbl ü", &vmk).unwrap();
         h.add_slot(slot(5));
         h.seal(&vmk);
-        for c in Copy::BOTH {
+        for c in HeaderCopy::BOTH {
             let bytes = h.encode_copy(c, 42).unwrap();
             let back = VolumeHeader::decode_copy(&bytes, c).unwrap();
             let mut want = h.clone();
@@ -634,8 +634,8 @@ mod tests {
             back.verify_key(&vmk).unwrap();
         }
         // A primary copy placed where the secondary belongs is refused.
-        let bytes = h.encode_copy(Copy::Primary, 1).unwrap();
-        assert!(VolumeHeader::decode_copy(&bytes, Copy::Secondary).is_err());
+        let bytes = h.encode_copy(HeaderCopy::Primary, 1).unwrap();
+        assert!(VolumeHeader::decode_copy(&bytes, HeaderCopy::Secondary).is_err());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Offline commands: format, header, probe, rewrap, benchmark. (Owned by the format/XTS work.)
+//! Commands on a volume itself, run without the agent (they call Key Vault directly where they
+//! need a key): format, header, probe, rewrap, benchmark.
 //!
 //! Submodules: `format` (format logic), `slots` (key-slot logic behind the `KeyWrapper` trait),
 //! `signatures` (existing-content detection), `udev` (probe output encoding), `dump` (header

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use zeroize::Zeroizing;
 
 use kvcrypt_crypto::secmem::VolumeKey;
-use kvcrypt_format::{Copy, LoadedHeader};
+use kvcrypt_format::{HeaderCopy, LoadedHeader};
 
 fn hex(bytes: &[u8]) -> Zeroizing<String> {
     let mut s = Zeroizing::new(String::with_capacity(bytes.len() * 2));
@@ -18,7 +18,7 @@ fn hex(bytes: &[u8]) -> Zeroizing<String> {
     s
 }
 
-fn copy_state(l: &LoadedHeader, c: Copy) -> String {
+fn copy_state(l: &LoadedHeader, c: HeaderCopy) -> String {
     if l.used == c {
         "valid, in use".into()
     } else if let Some(d) = l.damaged.iter().find(|d| d.copy == c) {
@@ -64,7 +64,7 @@ pub fn text(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
     );
     let _ = writeln!(s, "  device size:   {} bytes", l.device_size);
     let _ = writeln!(s, "  sequence:      {}", l.sequence);
-    for c in Copy::BOTH {
+    for c in HeaderCopy::BOTH {
         let _ = writeln!(s, "  {c}: {}", copy_state(l, c));
     }
     let _ = writeln!(s, "  key check:     {}", B64.encode(l.key_check_digest()));
@@ -99,7 +99,7 @@ pub fn text(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
 
 /// Zeroizing because with `--dump-master-key` it holds the key.
 pub fn json(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Zeroizing<String> {
-    let copies: Vec<serde_json::Value> = Copy::BOTH
+    let copies: Vec<serde_json::Value> = HeaderCopy::BOTH
         .iter()
         .map(|&c| {
             let damaged = l.damaged.iter().find(|d| d.copy == c);

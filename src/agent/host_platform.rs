@@ -33,7 +33,7 @@ const WORKER_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a SIGKILLed worker may take to be gone (in-flight direct I/O must complete first).
 const KILL_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub struct RealPlatform {
+pub struct HostPlatform {
     /// The current key provider; a reload replaces it (calls in flight keep the old one).
     provider: tokio::sync::watch::Sender<Arc<KeyVaultProvider>>,
     exe: PathBuf,
@@ -65,7 +65,7 @@ struct HeldFuse {
     fds: Vec<Arc<OwnedFd>>,
 }
 
-/// The agent's own shared claim on a backing store (see [`RealPlatform::stand_in`]).
+/// The agent's own shared claim on a backing store (see [`HostPlatform::stand_in`]).
 fn stand_in_claim(device: &Path) -> Result<std::fs::File, kvcrypt_host::inuse::InUseError> {
     let f = std::fs::File::open(device).map_err(|source| kvcrypt_host::inuse::InUseError::Io {
         path: device.to_owned(),
@@ -76,7 +76,7 @@ fn stand_in_claim(device: &Path) -> Result<std::fs::File, kvcrypt_host::inuse::I
     Ok(f)
 }
 
-impl RealPlatform {
+impl HostPlatform {
     fn release_stand_in(&self, name: &str) {
         self.stand_in
             .lock()
@@ -259,7 +259,7 @@ fn key_copy(key: &VolumeKey) -> Result<VolumeKey, PlatformError> {
         .ok_or_else(|| PlatformError::new(PlatformFailure::Internal, "key length"))
 }
 
-impl Platform for RealPlatform {
+impl Platform for HostPlatform {
     type Header = LoadedHeader;
     type Frozen = FrozenSet;
 
@@ -738,7 +738,9 @@ impl Platform for RealPlatform {
 /// device QUIESCED (and its state file, with the device id). Adopted as suspended; resume
 /// recovers the device with a new worker, hold expiry deletes it.
 fn suspended_ublk(st: worker::WorkerState) -> Option<Served> {
-    let id = st.ublk_dev_id.filter(|_| st.transport == "ublk")?;
+    let id = st
+        .ublk_dev_id
+        .filter(|_| st.transport == kvcrypt_datapath::transport::TransportKind::Ublk.as_str())?;
     if worker::pid_alive(st.pid) || !kvcrypt_datapath::transport::ublk::is_recoverable(id) {
         return None;
     }
