@@ -10,7 +10,7 @@ use std::time::Duration;
 use kvcrypt_crypto::kdf::ACCESS_SECRET_LEN;
 use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_format::LoadedHeader;
-use kvcrypt_keyvault::{ErrorClass, KeyError, KeyVaultProvider};
+use kvcrypt_keyvault::{KeyError, KeyVaultProvider};
 
 use super::config::{Selector, VaultConfig, VolumeSettings};
 use super::control::run_dir;
@@ -227,12 +227,7 @@ impl FuseHolder {
 }
 
 pub fn access_error(e: &KeyError) -> AccessError {
-    let class = match e.class() {
-        ErrorClass::Denied => AccessClass::Denied,
-        ErrorClass::Transient => AccessClass::Transient,
-        ErrorClass::Misconfigured => AccessClass::Misconfigured,
-    };
-    AccessError::new(class, e.to_string())
+    AccessError::new(e.class().into(), e.to_string())
 }
 
 pub fn probe_identity(p: &Path) -> Option<Identity> {

@@ -28,6 +28,19 @@ pub enum AccessClass {
     NotPinned,
 }
 
+/// The key provider's own classification of a failed call. `AccessClass` is a separate type
+/// because it also holds what the agent decides before any call (`NotPinned`) and is what the
+/// status reports; every provider class maps to one access class.
+impl From<kvcrypt_keyvault::ErrorClass> for AccessClass {
+    fn from(c: kvcrypt_keyvault::ErrorClass) -> Self {
+        match c {
+            kvcrypt_keyvault::ErrorClass::Denied => AccessClass::Denied,
+            kvcrypt_keyvault::ErrorClass::Transient => AccessClass::Transient,
+            kvcrypt_keyvault::ErrorClass::Misconfigured => AccessClass::Misconfigured,
+        }
+    }
+}
+
 impl std::fmt::Display for AccessClass {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -62,13 +62,10 @@ impl KeyWrapper for kvcrypt_keyvault::BlockingProvider {
         key_id: &str,
         algorithm: Option<&str>,
         vmk: &kvcrypt_crypto::secmem::VolumeKey,
-    ) -> Result<slots::Wrapped, Failure> {
-        let w = kvcrypt_keyvault::BlockingProvider::wrap(self, key_id, algorithm, vmk)?;
-        Ok(slots::Wrapped {
-            key_id: w.key_id,
-            algorithm: w.algorithm,
-            wrapped: w.wrapped,
-        })
+    ) -> Result<kvcrypt_keyvault::WrappedKey, Failure> {
+        Ok(kvcrypt_keyvault::BlockingProvider::wrap(
+            self, key_id, algorithm, vmk,
+        )?)
     }
     fn unwrap(
         &self,

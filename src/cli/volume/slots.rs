@@ -6,18 +6,10 @@ use kvcrypt_crypto::kdf::{self, ACCESS_SECRET_LEN};
 use kvcrypt_crypto::secmem::{SecretBytes, VolumeKey};
 use kvcrypt_exit::{Context, Exit, Failure};
 use kvcrypt_format::{HeaderError, KeySlot, VolumeHeader};
-use kvcrypt_keyvault::{PinError, Pins};
+use kvcrypt_keyvault::{PinError, Pins, WrappedKey};
 
-/// The VMK wrapped by one key: what the provider returns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Wrapped {
-    /// Versioned key id that did the wrapping.
-    pub key_id: String,
-    pub algorithm: String,
-    pub wrapped: Vec<u8>,
-}
-
-/// What the offline commands need from a key provider. Its errors carry their exit code (the
+/// What the commands run without the agent need from a key provider (the wrapped key is the
+/// provider's own [`WrappedKey`]). Its errors carry their exit code (the
 /// real provider's are `KeyError`s: denied and unreachable exit differently).
 pub trait KeyWrapper {
     /// Wraps `vmk` with `key_id` (versioned or versionless; versionless means the latest).
@@ -26,7 +18,7 @@ pub trait KeyWrapper {
         key_id: &str,
         algorithm: Option<&str>,
         vmk: &VolumeKey,
-    ) -> Result<Wrapped, Failure>;
+    ) -> Result<WrappedKey, Failure>;
     /// Unwraps a slot's bytes with its versioned key id.
     fn unwrap(&self, key_id: &str, algorithm: &str, wrapped: &[u8]) -> Result<VolumeKey, Failure>;
     /// Versioned id of the latest version of `key_id`.
@@ -398,7 +390,7 @@ pub mod testing {
             key_id: &str,
             algorithm: Option<&str>,
             vmk: &VolumeKey,
-        ) -> Result<Wrapped, Failure> {
+        ) -> Result<WrappedKey, Failure> {
             let kid = self.resolve(key_id)?;
             let pad = Self::pad(&kid);
             let wrapped = vmk
@@ -407,7 +399,7 @@ pub mod testing {
                 .zip(pad.iter())
                 .map(|(a, b)| a ^ b)
                 .collect();
-            Ok(Wrapped {
+            Ok(WrappedKey {
                 key_id: kid,
                 algorithm: algorithm.unwrap_or("RSA-OAEP-256").into(),
                 wrapped,
@@ -638,8 +630,8 @@ mod tests {
     fn make_slot_rejects_a_wrap_that_does_not_round_trip() {
         struct Broken;
         impl KeyWrapper for Broken {
-            fn wrap(&self, k: &str, _: Option<&str>, _: &VolumeKey) -> Result<Wrapped, Failure> {
-                Ok(Wrapped {
+            fn wrap(&self, k: &str, _: Option<&str>, _: &VolumeKey) -> Result<WrappedKey, Failure> {
+                Ok(WrappedKey {
                     key_id: k.into(),
                     algorithm: "A256KW".into(),
                     wrapped: vec![1; 72],
