@@ -363,7 +363,7 @@ fn ublk_control(
                 }
                 // ublk: closing deletes the disk; refuse while a filesystem is mounted on it or
                 // someone holds it open (SIGTERM still forces it).
-                Request::Close if ublk::device_in_use(&state.block_device) => {
+                Request::Close if kvcrypt_host::inuse::device_in_use(&state.block_device) => {
                     let _ = reply.send(Answer::busy(format!(
                         "{} is in use (mounted or held open); unmount it first",
                         state.block_device.display()

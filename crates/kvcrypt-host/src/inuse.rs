@@ -64,6 +64,20 @@ impl ExitClass for InUseError {
     }
 }
 
+/// Whether someone holds block device `path` open exclusively (a mounted filesystem, LVM, md …):
+/// an `O_EXCL` open of a block device fails with EBUSY then. Close a device only when this is
+/// false, or the filesystem on it sees I/O errors.
+pub fn device_in_use(path: &Path) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+    {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+    }
+}
+
 /// True if `path` is a block device (false for anything else, including errors: the open
 /// that follows reports those).
 pub fn is_block_device(path: &Path) -> bool {

@@ -79,3 +79,9 @@ impl ExitClass for TransportError {
         }
     }
 }
+
+/// The positive errno a transport reports to the kernel for a failed backing I/O or target
+/// call (FUSE replies and ublk completions carry it negated); EIO when the error has none.
+pub(crate) fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().filter(|&n| n > 0).unwrap_or(libc::EIO)
+}

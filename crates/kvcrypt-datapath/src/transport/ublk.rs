@@ -35,7 +35,7 @@ use kvcrypt_exit::{Exit, ExitClass};
 
 use crate::target::BlockTarget;
 
-pub use os::{device_in_use, exit_immediately};
+pub use os::exit_immediately;
 
 /// The ublk control node; present when the `ublk_drv` module is loaded.
 pub const UBLK_CONTROL: &str = "/dev/ublk-control";

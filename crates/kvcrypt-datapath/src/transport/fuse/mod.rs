@@ -53,8 +53,8 @@ use std::time::Duration;
 use crate::engine::{ALIGN, AlignedBuf};
 use crate::target::BlockTarget;
 
-use super::TransportError;
 use super::loopdev::{self, LoopDevice};
+use super::{TransportError, errno_of};
 use proto::*;
 
 /// Largest READ/WRITE the kernel sends (FUSE `max_write`, `max_pages` = 256).
@@ -910,11 +910,6 @@ fn attr_out(ctx: &Ctx) -> AttrOut {
 /// Fails a request with the target's error (the target logged it; see crate::engine::target).
 fn reply_err(fd: RawFd, unique: u64, e: &io::Error) {
     reply_empty(fd, unique, -errno_of(e));
-}
-
-/// The errno a failed target call reports to the kernel.
-pub(super) fn errno_of(e: &io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(libc::EIO)
 }
 
 fn reply_empty(fd: RawFd, unique: u64, error: i32) {

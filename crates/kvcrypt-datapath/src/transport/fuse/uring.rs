@@ -23,8 +23,8 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::errno_of;
 use crate::target::SplitStep;
+use crate::transport::errno_of;
 
 use super::proto::*;
 use super::uring_sys::{EntryBufs, Ring, new_ring, pin_to_cpu};

@@ -246,7 +246,7 @@ fn errno_result(r: io::Result<()>, ok: i32) -> i32 {
         Ok(()) => ok,
         Err(e) => {
             tracing::warn!("ublk: backing I/O failed: {e}");
-            -e.raw_os_error().filter(|&n| n > 0).unwrap_or(libc::EIO)
+            -crate::transport::errno_of(&e)
         }
     }
 }
