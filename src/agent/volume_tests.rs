@@ -473,7 +473,9 @@ impl Platform for Fake {
     }
 }
 
-fn settings() -> VolumeSettings {
+/// Settings of the volume `data` on `/dev/fake`, pinned to `PINNED`, no jitter (shared with the
+/// core's table tests).
+pub(super) fn settings() -> VolumeSettings {
     VolumeSettings {
         name: "data".into(),
         selector: Selector::Path("/dev/fake".into()),

@@ -9,43 +9,15 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::core::{Clock, Core, DeadProbe, Effect, Event, Want};
-use crate::agent::config::{RetryConfig, RevokePolicy, Selector, VolumeSettings};
+use crate::agent::config::{RevokePolicy, VolumeSettings};
 use crate::agent::ports::{
     AccessClass, AccessError, CloseFailed, PlatformError, PlatformFailure, Served, SlotRef,
 };
 use crate::agent::status::VolumeState;
+use crate::agent::volume_tests::settings;
 
+/// The key the shared test settings pin (the volume tests' `PINNED`).
 const KEY: &str = "https://v.vault.azure.net/keys/k";
-
-fn settings() -> VolumeSettings {
-    VolumeSettings {
-        name: "data".into(),
-        selector: Selector::Path("/dev/disk".into()),
-        transport: kvcrypt_datapath::transport::TransportKind::Fuse,
-        queues: None,
-        queue_depth: 128,
-        allow_discards: false,
-        read_only: false,
-        pins: kvcrypt_keyvault::Pins::new(
-            vec![kvcrypt_keyvault::KeyPin::parse(KEY).unwrap()],
-            "keys of [vault]",
-        ),
-        check_interval: Duration::from_secs(1),
-        check_jitter: 0.0,
-        check_timeout: Duration::from_secs(5),
-        hold: Duration::from_secs(10),
-        revoke_policy: RevokePolicy::Suspend,
-        offline_lock_after: None,
-        unlock_retry: RetryConfig {
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(4),
-            multiplier: 2.0,
-            jitter: 0.0,
-        },
-        hook: None,
-        hook_timeout: Duration::from_secs(5),
-    }
-}
 
 fn slot(version: u32) -> SlotRef {
     slot_for(&format!("{KEY}/{version}"))
@@ -65,17 +37,17 @@ fn header(versions: &[u32]) -> Event {
 }
 
 fn dev() -> Option<PathBuf> {
-    Some("/dev/disk".into())
+    Some("/dev/fake".into())
 }
 
 fn fuse() -> Served {
-    Served::new("/dev/disk".into(), "/dev/loop9".into())
+    Served::new("/dev/fake".into(), "/dev/loop9".into())
 }
 
 fn ublk() -> Served {
     Served {
         ublk_dev_id: Some(3),
-        ..Served::new("/dev/disk".into(), "/dev/ublkb3".into())
+        ..Served::new("/dev/fake".into(), "/dev/ublkb3".into())
     }
 }
 
