@@ -5,12 +5,10 @@
 //!
 //! Run: `cargo bench --bench keyvault` (release build). Optional: `KV_BENCH_ITERS=500`.
 
-#[path = "../tests/kvtest/mod.rs"]
-mod kvtest;
-
 use kvcrypt_keyvault::{KeyVaultProvider, VaultConfig};
 use kvcrypt_kv_emulator::{Fault, FaultKind, Op};
-use kvtest::{HSM, Kv, VAULT, key_id, random_vmk};
+use kvcrypt_testkit::emulator::{HSM, Kv, VAULT, key_id};
+use kvcrypt_testkit::keys::random_vmk;
 use std::time::{Duration, Instant};
 
 fn stats(mut d: Vec<Duration>) -> String {

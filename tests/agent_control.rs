@@ -17,6 +17,7 @@ use kvcrypt::agent::ports::{
     SlotRef, WorkerExit,
 };
 use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_testkit::env::is_root;
 
 #[derive(Default)]
 struct World {
@@ -132,10 +133,6 @@ fn kvcrypt(run: &Path, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn is_root() -> bool {
-    kvcrypt_host::process::running_as_root()
 }
 
 #[test]
@@ -286,8 +283,8 @@ fn control_socket_notify_and_shutdown() {
     wait_state(&run, "vol1", "serving");
 
     // SIGTERM: clean shutdown closes the device and removes the socket.
-    // SAFETY: signalling our own process; the daemon installed a handler for SIGTERM.
-    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+    // The daemon (in this process) installed a handler for SIGTERM.
+    kvcrypt_host::process::signal(std::process::id(), libc::SIGTERM).unwrap();
     rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(20), agent)
             .await

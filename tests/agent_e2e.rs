@@ -14,11 +14,13 @@ use kvcrypt::agent::status::VolumeState;
 use kvcrypt_kv_emulator::{Fault, FaultKind, FaultTarget};
 use kvcrypt_lab::lab::{Lab, LabOptions, Revocation};
 
-mod agent_common;
-use agent_common::{
-    EXE, Running, StopWorkerOnDrop, T, must, ready, sh, stop_agent_child, stop_leftover_worker,
-    worker_pid,
+use kvcrypt_testkit::agent::{
+    AgentOnDrop, Running, StopWorkerOnDrop, T, formatted_lab, ready, worker_pid,
 };
+use kvcrypt_testkit::shell::{must, sh};
+
+/// The `kvcrypt` binary under test.
+const EXE: &str = env!("CARGO_BIN_EXE_kvcrypt");
 
 fn record(scenario: &str, what: &str, d: Duration) {
     eprintln!(
@@ -39,27 +41,8 @@ fn record(scenario: &str, what: &str, d: Duration) {
     }
 }
 
-/// For a scenario that runs its agent by hand: stops the agent and any worker it left when the
-/// scenario ends early (a failed assertion), so no process or device outlives the test.
-struct AgentOnDrop<'a> {
-    child: Option<std::process::Child>,
-    run_dir: &'a Path,
-}
-
-impl Drop for AgentOnDrop<'_> {
-    fn drop(&mut self) {
-        if let Some(a) = self.child.take() {
-            stop_agent_child(a);
-        }
-        stop_leftover_worker(self.run_dir);
-    }
-}
-
 fn formatted_lab_without_agent(dir: &Path) -> (Lab, StopWorkerOnDrop) {
-    let lab = Lab::start(dir, Path::new(EXE), &LabOptions::default()).unwrap();
-    lab.format().unwrap();
-    let stop = StopWorkerOnDrop(lab.run_dir.clone());
-    (lab, stop)
+    formatted_lab(EXE, dir, &LabOptions::default())
 }
 
 /// A process doing one O_DIRECT read of the device: it must wait while the volume is locked.
@@ -89,7 +72,7 @@ fn sha256(path: &Path) -> String {
 
 #[test]
 fn boot_with_vault_unreachable_then_reachable() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -139,8 +122,7 @@ fn boot_with_vault_unreachable_then_reachable() {
     }
     assert!(saw);
     let mut agent = guard.child.take().unwrap();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    kvcrypt_host::process::signal(agent.id(), libc::SIGTERM).unwrap();
     assert!(agent.wait().unwrap().success());
     assert!(
         !Path::new(&bd).exists()
@@ -201,10 +183,10 @@ fn revoke_restore_cycle(r: &mut Running, mnt: &Path, how: Revocation, scenario: 
 
 #[test]
 fn revoke_each_way_locks_and_restore_resumes_without_loss() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
-    let mut r = Running::start(LabOptions {
+    let mut r = Running::start(EXE, LabOptions {
         agent:
             "check_interval = \"1s\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\nhold = \"5m\"\n"
                 .into(),
@@ -237,10 +219,10 @@ fn revoke_each_way_locks_and_restore_resumes_without_loss() {
 
 #[test]
 fn fio_verify_across_revoke_and_restore() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
-    let r = Running::start(LabOptions::default());
+    let r = Running::start(EXE, LabOptions::default());
     let bd = r.block_device();
     let fio = Command::new("fio")
         .args([
@@ -283,18 +265,21 @@ fn fio_verify_across_revoke_and_restore() {
 
 #[test]
 fn hold_expiry_runs_hook_removes_and_restore_reattaches() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
     let hookdir = tempfile::tempdir().unwrap();
     let hook_out = hookdir.path().join("hook.out");
-    let r = Running::start(LabOptions {
-        agent: format!(
-            "check_interval = \"1s\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\nhold = \"3s\"\nhook = \"echo $KVCRYPT_NAME $KVCRYPT_DEVICE >> {}\"\n",
-            hook_out.display()
-        ),
-        ..Default::default()
-    });
+    let r = Running::start(
+        EXE,
+        LabOptions {
+            agent: format!(
+                "check_interval = \"1s\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\nhold = \"3s\"\nhook = \"echo $KVCRYPT_NAME $KVCRYPT_DEVICE >> {}\"\n",
+                hook_out.display()
+            ),
+            ..Default::default()
+        },
+    );
     let bd = r.block_device();
     // Raw data written through the device (no filesystem: the device goes away).
     must(&format!(
@@ -340,10 +325,10 @@ fn hold_expiry_runs_hook_removes_and_restore_reattaches() {
 
 #[test]
 fn transient_outage_never_locks_and_offline_lock_after_does() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
-    let r = Running::start(LabOptions::default());
+    let r = Running::start(EXE, LabOptions::default());
     // 5xx, throttling and hangs for several intervals: stays served.
     for kind in [
         FaultKind::Status { status: 503 },
@@ -368,7 +353,7 @@ fn transient_outage_never_locks_and_offline_lock_after_does() {
     );
     drop(r);
 
-    let r = Running::start(LabOptions {
+    let r = Running::start(EXE, LabOptions {
         agent: "check_interval = \"1s\"\ncheck_jitter = 0.0\ncheck_timeout = \"2s\"\noffline_lock_after = \"4s\"\n".into(),
         ..Default::default()
     });
@@ -389,10 +374,10 @@ fn transient_outage_never_locks_and_offline_lock_after_does() {
 
 #[test]
 fn lock_unlock_status_through_the_cli_and_agent_restart_adopts_workers() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
-    let mut r = Running::start(LabOptions::default());
+    let mut r = Running::start(EXE, LabOptions::default());
     let mnt = r.mount();
     must(&format!("echo hello > {}/f; sync", mnt.display()));
     let bd = r.block_device();
@@ -509,7 +494,7 @@ fn attach_without_agent(lab: &Lab) -> serde_json::Value {
 
 #[test]
 fn udev_attach_without_agent_then_agent_adopts() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -550,8 +535,7 @@ fn udev_attach_without_agent_then_agent_adopts() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("retry now"));
     let mut agent = guard.child.take().unwrap();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    kvcrypt_host::process::signal(agent.id(), libc::SIGTERM).unwrap();
     assert!(agent.wait().unwrap().success());
     assert!(
         !lab.run_dir.join("volumes/demo.json").exists(),
@@ -564,7 +548,7 @@ fn udev_attach_without_agent_then_agent_adopts() {
 /// wait for EOF until the worker exits. Its output goes to its log file instead.
 #[test]
 fn attach_output_through_a_pipe_returns_while_the_worker_keeps_serving() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -674,15 +658,18 @@ fn fio_writer(mnt: &Path, secs: u32, log: &Path) -> Child {
 /// passes, e2fsck is clean and a file written before the kills reads back.
 #[test]
 fn sigkilled_fuse_worker_under_a_mounted_writer_is_recovered_in_place() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
     let _serial = FUSE_MODE_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut r = Running::start(LabOptions {
-        agent: "check_interval = \"5m\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\n".into(),
-        size_mib: 256,
-        ..Default::default()
-    });
+    let mut r = Running::start(
+        EXE,
+        LabOptions {
+            agent: "check_interval = \"5m\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\n".into(),
+            size_mib: 256,
+            ..Default::default()
+        },
+    );
     let run_dir = r.lab.run_dir.clone();
     assert_eq!(worker_field(&run_dir, "fuse_mode"), "dev_fuse");
     let bd = r.block_device();
@@ -700,8 +687,7 @@ fn sigkilled_fuse_worker_under_a_mounted_writer_is_recovered_in_place() {
     for kill in 1..=3u32 {
         let old_pid = worker_pid(&run_dir);
         let t0 = Instant::now();
-        // SAFETY: kill(2) of the worker this test's agent started (pid from its state file).
-        assert_eq!(unsafe { libc::kill(old_pid as i32, libc::SIGKILL) }, 0);
+        kvcrypt_host::process::signal(old_pid, libc::SIGKILL).unwrap();
         let st = wait_restarted(&r, kill);
         record(
             "worker-crash-fuse-in-place",
@@ -773,14 +759,17 @@ fn sigkilled_fuse_worker_under_a_mounted_writer_is_recovered_in_place() {
 /// recovered in place, on the same /dev/loopN.
 #[test]
 fn adopted_fuse_worker_killed_later_is_still_recovered_in_place() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
     let _serial = FUSE_MODE_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut r = Running::start(LabOptions {
-        agent: "check_interval = \"5m\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\n".into(),
-        ..Default::default()
-    });
+    let mut r = Running::start(
+        EXE,
+        LabOptions {
+            agent: "check_interval = \"5m\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\n".into(),
+            ..Default::default()
+        },
+    );
     let run_dir = r.lab.run_dir.clone();
     let bd = r.block_device();
     let mut a = r.agent.take().unwrap();
@@ -795,8 +784,7 @@ fn adopted_fuse_worker_killed_later_is_still_recovered_in_place() {
     assert!(st.reason.unwrap_or_default().contains("adopted"));
     let holder = std::fs::File::open(&bd).unwrap();
     let old_pid = worker_pid(&run_dir);
-    // SAFETY: kill(2) of the worker this test's agent adopted (pid from its state file).
-    assert_eq!(unsafe { libc::kill(old_pid as i32, libc::SIGKILL) }, 0);
+    kvcrypt_host::process::signal(old_pid, libc::SIGKILL).unwrap();
     let st = wait_restarted(&r, 1);
     assert_eq!(st.block_device.as_deref(), Some(bd.as_str()), "{st:?}");
     assert!(
@@ -914,7 +902,7 @@ fn spawn_agent_with_fds(lab: &Lab, fds: &[(String, std::os::fd::OwnedFd)]) -> Ch
 /// the notify socket and hands the descriptors to the new agent.
 #[test]
 fn agent_and_worker_sigkilled_together_recover_in_place_from_the_fd_store() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
     let _serial = FUSE_MODE_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -1076,7 +1064,7 @@ impl Drop for UringOn {
 /// again on a new one; everything fsynced before the kill reads back.
 #[test]
 fn sigkilled_fuse_worker_is_served_again_with_fsynced_data_intact() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
     let _serial = FUSE_MODE_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -1084,10 +1072,13 @@ fn sigkilled_fuse_worker_is_served_again_with_fsynced_data_intact() {
         eprintln!("SKIPPED: this kernel has no FUSE-over-io_uring ({ENABLE_URING} missing)");
         return;
     };
-    let r = Running::start(LabOptions {
-        agent: "check_interval = \"5m\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\n".into(),
-        ..Default::default()
-    });
+    let r = Running::start(
+        EXE,
+        LabOptions {
+            agent: "check_interval = \"5m\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\n".into(),
+            ..Default::default()
+        },
+    );
     let bd = r.block_device();
     let run_dir = r.lab.run_dir.clone();
     assert_eq!(worker_field(&run_dir, "fuse_mode"), "io_uring");
@@ -1104,8 +1095,7 @@ fn sigkilled_fuse_worker_is_served_again_with_fsynced_data_intact() {
     let holder = std::fs::File::open(&bd).unwrap();
 
     let t0 = Instant::now();
-    // SAFETY: kill(2) of the worker this test's agent started (pid from its state file).
-    assert_eq!(unsafe { libc::kill(old_pid as i32, libc::SIGKILL) }, 0);
+    kvcrypt_host::process::signal(old_pid, libc::SIGKILL).unwrap();
     let st = loop {
         let st = r.lab.status().map_err(|e| r.fail(e)).unwrap();
         if st.restarts >= 1 && st.state == VolumeState::Serving {
@@ -1214,8 +1204,7 @@ fn wait_status(
 
 fn sighup(r: &Running) {
     let pid = r.agent.as_ref().expect("agent running").id();
-    // SAFETY: signalling our own child by pid.
-    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    kvcrypt_host::process::signal(pid, libc::SIGHUP).unwrap();
 }
 
 /// Reads sd_notify datagrams until one contains `want`; returns every one read.
@@ -1256,7 +1245,7 @@ fn device_round_trip(dir: &Path, bd: &str) {
 
 #[test]
 fn reload_adds_volumes_keeps_serving_on_a_bad_file_and_applies_policy() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -1441,7 +1430,7 @@ fn reload_adds_volumes_keeps_serving_on_a_bad_file_and_applies_policy() {
 /// unlock, once the winning copy proved authentic, and says so in its log.
 #[test]
 fn agent_repairs_a_damaged_header_copy_at_unlock() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -1496,10 +1485,10 @@ fn checked_sha256(r: &Running, path: &Path) -> String {
 /// Transient and follow `offline_lock_after`), while Key Vault's own 403 Forbidden locks it.
 #[test]
 fn proxy_error_pages_never_lock_but_key_vaults_own_403_does() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
-    let mut r = Running::start(LabOptions {
+    let mut r = Running::start(EXE, LabOptions {
         agent: "check_interval = \"1s\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\nhold = \"5m\"\noffline_lock_after = \"20s\"\n".into(),
         ..Default::default()
     });
@@ -1657,10 +1646,10 @@ fn device_md5(bd: &str) -> String {
 /// resumed on restore, taken over by a restarted agent, and forgotten for good on `close`.
 #[test]
 fn open_with_an_agent_running_is_access_checked_adopted_and_closed_for_good() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
-    let mut r = Running::start(LabOptions::default());
+    let mut r = Running::start(EXE, LabOptions::default());
     let img = r.lab.dir.join("rt.img");
     std::fs::File::create(&img)
         .unwrap()
@@ -1786,10 +1775,10 @@ fn open_with_an_agent_running_is_access_checked_adopted_and_closed_for_good() {
 /// status says closed, and the log has no crash or failed I/O.
 #[test]
 fn close_of_a_configured_volume_is_not_taken_for_a_crash() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
-    let r = Running::start(LabOptions::default());
+    let r = Running::start(EXE, LabOptions::default());
     let bd = r.block_device();
     let out = r.lab.kvcrypt().args(["close", "demo"]).output().unwrap();
     assert!(

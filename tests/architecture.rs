@@ -1,6 +1,6 @@
 //! The layout docs/ARCHITECTURE.md describes, checked against the tree: every workspace crate is
 //! documented there and inherits the workspace lints (which deny undocumented `unsafe`), the
-//! production crates do not depend on the emulator or the lab, and inside each crate the
+//! production crates do not depend on the emulator, the lab or the testkit, and inside each crate the
 //! top-level modules import one another without cycles (Cargo already forbids cycles between
 //! crates; inside one crate only this test does).
 
@@ -213,7 +213,11 @@ fn every_crate_is_documented_and_denies_undocumented_unsafe() {
 fn production_crates_do_not_depend_on_the_emulator_or_the_lab() {
     for dir in crate_dirs() {
         let name = package_name(&dir);
-        if matches!(name.as_str(), "kvcrypt-kv-emulator" | "kvcrypt-lab") {
+        // The test-only crates: they exist to link the emulator (and one another).
+        if matches!(
+            name.as_str(),
+            "kvcrypt-kv-emulator" | "kvcrypt-lab" | "kvcrypt-testkit"
+        ) {
             continue;
         }
         let toml: toml::Table = fs::read_to_string(dir.join("Cargo.toml"))
@@ -224,6 +228,7 @@ fn production_crates_do_not_depend_on_the_emulator_or_the_lab() {
         for banned in [
             "kvcrypt-kv-emulator",
             "kvcrypt-lab",
+            "kvcrypt-testkit",
             "hyper-util",
             "rcgen",
             "rsa",

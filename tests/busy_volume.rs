@@ -4,14 +4,18 @@
 //! any header over a served device. Now every serving process holds a claim on its backing
 //! store (crates/kvcrypt-host/src/inuse.rs) and `format` / `header restore` refuse with exit 14, whatever the flags.
 
-mod agent_common;
-
 use std::path::Path;
 use std::process::{Output, Stdio};
 
-use agent_common::*;
 use kvcrypt::agent::status::VolumeState;
 use kvcrypt_lab::lab::{Lab, LabOptions};
+use kvcrypt_testkit::agent::{
+    Running, StopWorkerOnDrop, T, ready, stop_leftover_worker, worker_pid,
+};
+use kvcrypt_testkit::shell::{must, sh};
+
+/// The `kvcrypt` binary under test.
+const EXE: &str = env!("CARGO_BIN_EXE_kvcrypt");
 
 /// `kvcrypt ARGS` with the lab's config and run directory, no stdin.
 fn kv(lab: &Lab, args: &[&str]) -> Output {
@@ -42,10 +46,10 @@ fn head(p: &Path) -> Vec<u8> {
 
 #[test]
 fn format_and_header_restore_refuse_a_file_the_agent_serves_even_when_locked() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
-    let mut r = Running::start(LabOptions::default());
+    let mut r = Running::start(EXE, LabOptions::default());
     let lab = &r.lab;
     let (img, bak) = (s(&lab.image), lab.dir.join("header.bak"));
     let o = kv(lab, &["header", "backup", img, s(&bak)]);
@@ -90,7 +94,7 @@ fn format_and_header_restore_refuse_a_file_the_agent_serves_even_when_locked() {
 
 #[test]
 fn format_refuses_a_block_device_served_by_kvcrypt_open_and_it_cannot_be_mounted() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -159,14 +163,13 @@ fn format_refused(lab: &Lab) -> String {
 /// it itself: format is still refused, naming the agent.
 #[test]
 fn a_volume_whose_wedged_worker_was_killed_stays_claimed_by_the_agent() {
-    if !ready() {
+    if !ready(EXE) {
         return;
     }
-    let mut r = Running::start(LabOptions::default());
+    let mut r = Running::start(EXE, LabOptions::default());
     let pid = worker_pid(&r.lab.run_dir);
     let agent_pid = r.agent.as_ref().unwrap().id();
-    // SAFETY: kill(2) of the worker this test's agent started.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    kvcrypt_host::process::signal(pid, libc::SIGSTOP).unwrap();
     let mut lock = r
         .lab
         .kvcrypt()

@@ -1,27 +1,14 @@
 //! `kvcrypt format` / `open --transport fuse` / `close` through the real Key Vault provider
 //! against the in-process emulator: the operator's path to a plaintext block device.
 
-mod fuse_common;
-mod kvtest;
-
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use fuse_common::{pattern, skip_without_fuse_loop, wait_gone};
 use kvcrypt_datapath::engine::AlignedBuf;
 use kvcrypt_kv_emulator::Op;
-use kvtest::{Kv, VAULT, kvcrypt_cli as kvcrypt, ok};
-
-const MIB: u64 = 1 << 20;
-
-fn io_direct(dev: &str) -> std::fs::File {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap()
-}
+use kvcrypt_testkit::cli::Cli;
+use kvcrypt_testkit::emulator::{Kv, VAULT};
+use kvcrypt_testkit::fuse::prelude::*;
 
 #[test]
 fn format_open_write_close_reopen_through_the_cli() {
@@ -29,44 +16,35 @@ fn format_open_write_close_reopen_through_the_cli() {
         return;
     }
     let name = "t-fuse-cli";
-    let _cleanup = fuse_common::Cleanup {
-        mounts: vec![],
-        names: vec![name.into()],
-    };
+    let _cleanup = Cleanup::worker(name);
     let kv = Kv::start();
     kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
     let p = kv.principal("kvcrypt-host", &[Op::Get, Op::Wrap, Op::Unwrap]);
     let cfg = kv.config_file(&p, &format!("keys = [\"https://{VAULT}/keys/disk-kek\"]"));
-    let img = kv.dir.path().join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(48 * MIB)
-        .unwrap();
+    let cli = Cli::new(env!("CARGO_BIN_EXE_kvcrypt")).config(&cfg);
+    let img = kvcrypt_testkit::volume::sized_file(kv.dir.path(), "disk.img", 48 * MIB);
     let imgs = img.to_str().unwrap();
-    ok(&kvcrypt(
-        &cfg,
-        &[
-            "format",
-            imgs,
-            "--key-id",
-            &format!("https://{VAULT}/keys/disk-kek"),
-            "--yes",
-        ],
-    ));
+    cli.run(&[
+        "format",
+        imgs,
+        "--key-id",
+        &format!("https://{VAULT}/keys/disk-kek"),
+        "--yes",
+    ])
+    .ok();
 
-    let dev = ok(&kvcrypt(
-        &cfg,
-        &[
+    let dev = cli
+        .run(&[
             "open",
             imgs,
             name,
             "--transport",
             "fuse",
             "--no-access-checks",
-        ],
-    ))
-    .trim()
-    .to_string();
+        ])
+        .ok()
+        .trim()
+        .to_string();
     assert!(
         dev.starts_with("/dev/loop"),
         "open prints the block device: {dev}"
@@ -76,40 +54,31 @@ fn format_open_write_close_reopen_through_the_cli() {
     assert_eq!(state.transport, "fuse");
 
     // The same name again: busy (exit code 10).
-    let again = kvcrypt(
-        &cfg,
-        &[
-            "open",
-            imgs,
-            name,
-            "--transport",
-            "fuse",
-            "--no-access-checks",
-        ],
-    );
-    assert_eq!(
-        again.status.code(),
-        Some(10),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    let again = cli.run(&[
+        "open",
+        imgs,
+        name,
+        "--transport",
+        "fuse",
+        "--no-access-checks",
+    ]);
+    again.code(10);
 
     let data = pattern(2 * MIB as usize, 5);
     let mut buf = AlignedBuf::new(data.len());
     buf.copy_from_slice(&data);
-    let f = io_direct(&dev);
+    let f = open_direct(Path::new(&dev));
     f.write_all_at(&buf, 7 * MIB).unwrap();
     f.sync_all().unwrap();
     drop(f);
-    ok(&kvcrypt(&cfg, &["close", name]));
+    cli.run(&["close", name]).ok();
     wait_gone(state.pid);
     // Closing again: no such volume (exit code 11).
-    assert_eq!(kvcrypt(&cfg, &["close", name]).status.code(), Some(11));
+    cli.run(&["close", name]).code(11);
 
     // Read-only reopen shows the same bytes and refuses writes.
-    let dev = ok(&kvcrypt(
-        &cfg,
-        &[
+    let dev = cli
+        .run(&[
             "open",
             imgs,
             name,
@@ -117,10 +86,10 @@ fn format_open_write_close_reopen_through_the_cli() {
             "fuse",
             "--read-only",
             "--no-access-checks",
-        ],
-    ))
-    .trim()
-    .to_string();
+        ])
+        .ok()
+        .trim()
+        .to_string();
     let state = kvcrypt::worker::read_state(name).expect("state file");
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -144,7 +113,7 @@ fn format_open_write_close_reopen_through_the_cli() {
             "read-only device accepted a write"
         );
     }
-    ok(&kvcrypt(&cfg, &["close", name]));
+    cli.run(&["close", name]).ok();
     wait_gone(state.pid);
 
     // Without access to the key, open fails with the access-denied exit code and serves nothing.
@@ -153,22 +122,14 @@ fn format_open_write_close_reopen_through_the_cli() {
         &stranger,
         &format!("keys = [\"https://{VAULT}/keys/disk-kek\"]"),
     );
-    let denied = kvcrypt(
-        &cfg2,
-        &[
-            "open",
-            imgs,
-            name,
-            "--transport",
-            "fuse",
-            "--no-access-checks",
-        ],
-    );
-    assert_eq!(
-        denied.status.code(),
-        Some(5),
-        "{}",
-        String::from_utf8_lossy(&denied.stderr)
-    );
+    let denied = cli.config(&cfg2).run(&[
+        "open",
+        imgs,
+        name,
+        "--transport",
+        "fuse",
+        "--no-access-checks",
+    ]);
+    denied.code(5);
     assert!(kvcrypt::worker::read_state(name).is_none());
 }

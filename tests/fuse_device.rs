@@ -1,17 +1,13 @@
 //! FUSE + loop transport driven through the library: block-device round trip, fio verify,
 //! suspend/resume through the device.
 
-mod fuse_common;
-
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use fuse_common::*;
 use kvcrypt_datapath::engine::{AlignedBuf, Engine, EngineConfig};
 use kvcrypt_datapath::transport::fuse::{FuseDevice, FuseOptions};
-
-const MIB: u64 = 1 << 20;
+use kvcrypt_testkit::fuse::prelude::*;
 
 #[test]
 fn block_device_round_trip_and_ciphertext_on_disk() {

@@ -1,16 +1,12 @@
 //! Engine tests: round trips, unaligned read-modify-write, bounds, on-disk ciphertext, no
 //! plaintext on the backing store, suspension, discard and write-zeroes, buffered fallback.
 
-mod fuse_common;
-
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuse_common::*;
 use kvcrypt_datapath::engine::{Engine, EngineConfig, EngineError};
-
-const MIB: u64 = 1 << 20;
+use kvcrypt_testkit::fuse::prelude::*;
 
 fn engine(dir: &std::path::Path, data_len: u64, ss: u32) -> (Engine, std::path::PathBuf) {
     let path = backing_file(dir, data_len);

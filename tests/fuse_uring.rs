@@ -4,10 +4,15 @@
 //! ciphertext on disk, ext4 across close/reopen, fio verify with concurrency, fsync durability
 //! across SIGKILL, and suspend parking I/O until resume.
 
-mod fuse_common;
-
-use fuse_common::*;
 use kvcrypt_datapath::transport::fuse::FuseMode;
+use kvcrypt_testkit::fuse::prelude::*;
+
+/// The worker scenarios with `enable_uring=Y` held, and the io_uring serving mode checked.
+const URING: Worker = Worker {
+    exe: env!("CARGO_BIN_EXE_kvcrypt"),
+    uring: Some(true),
+    mode: Some("io_uring"),
+};
 
 /// Root, FUSE, loop and a kernel with FUSE-over-io_uring; `None` means skip (said why).
 fn uring() -> Option<EnableUring> {
@@ -25,38 +30,35 @@ fn uring_block_device_round_trip_and_ciphertext_on_disk() {
 
 #[test]
 fn uring_ext4_files_survive_close_and_reopen() {
-    let Some(_on) = uring() else { return };
-    scenarios::ext4_close_reopen("t-uring-ext4", Some("io_uring"));
+    URING.run("t-uring-ext4", scenarios::ext4_close_reopen);
 }
 
 #[test]
 fn uring_fio_verify_random_io_with_four_jobs() {
-    let Some(_on) = uring() else { return };
-    scenarios::fio_verify("t-uring-fio", Some("io_uring"));
+    URING.run("t-uring-fio", scenarios::fio_verify);
 }
 
 #[test]
 fn uring_suspend_under_fio_load_parks_then_completes() {
-    let Some(_on) = uring() else { return };
-    scenarios::suspend_during_fio_verify("t-uring-susload", Some("io_uring"));
+    URING.run("t-uring-susload", scenarios::suspend_during_fio_verify);
 }
 
 #[test]
 fn uring_sigterm_while_suspended_fails_parked_io_and_exits() {
-    let Some(_on) = uring() else { return };
-    scenarios::sigterm_while_suspended_exits("t-uring-term", Some("io_uring"));
+    URING.run("t-uring-term", scenarios::sigterm_while_suspended_exits);
 }
 
 #[test]
 fn uring_fsynced_data_survives_sigkill_of_the_worker() {
-    let Some(_on) = uring() else { return };
-    scenarios::fsync_survives_sigkill("t-uring-kill", Some("io_uring"));
+    URING.run("t-uring-kill", scenarios::fsync_survives_sigkill);
 }
 
 #[test]
 fn uring_writes_wait_while_suspended_and_complete_after_resume() {
-    let Some(_on) = uring() else { return };
-    scenarios::suspend_parks_and_resume_completes("t-uring-suspend", Some("io_uring"));
+    URING.run(
+        "t-uring-suspend",
+        scenarios::suspend_parks_and_resume_completes,
+    );
 }
 
 #[test]

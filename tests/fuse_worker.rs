@@ -2,58 +2,49 @@
 //! `spawn_worker`): ext4 with checksummed files across close/reopen, fio verify, flush
 //! durability across SIGKILL, and suspend/resume through the block device.
 
-mod fuse_common;
-
-use fuse_common::scenarios::MIB;
-use fuse_common::*;
 use kvcrypt::worker::{WorkerClient, WorkerError, spawn_worker};
+use kvcrypt_testkit::fuse::prelude::*;
+
+/// The `kvcrypt` binary under test.
+const EXE: &str = env!("CARGO_BIN_EXE_kvcrypt");
+/// The scenarios in whatever FUSE mode the kernel gives (not checked).
+const WORKER: Worker = Worker {
+    exe: EXE,
+    uring: None,
+    mode: None,
+};
 
 #[test]
 fn ext4_files_survive_close_and_reopen_and_backing_has_no_plaintext() {
-    if skip_without_fuse_loop() {
-        return;
-    }
-    scenarios::ext4_close_reopen("t-fuse-ext4", None);
+    WORKER.run("t-fuse-ext4", scenarios::ext4_close_reopen);
 }
 
 #[test]
 fn fio_verify_random_io_with_four_jobs() {
-    if skip_without_fuse_loop() {
-        return;
-    }
-    scenarios::fio_verify("t-fuse-fio", None);
+    WORKER.run("t-fuse-fio", scenarios::fio_verify);
 }
 
 #[test]
 fn suspend_under_fio_load_parks_then_completes() {
-    if skip_without_fuse_loop() {
-        return;
-    }
-    scenarios::suspend_during_fio_verify("t-fuse-susload", None);
+    WORKER.run("t-fuse-susload", scenarios::suspend_during_fio_verify);
 }
 
 #[test]
 fn sigterm_while_suspended_fails_parked_io_and_exits() {
-    if skip_without_fuse_loop() {
-        return;
-    }
-    scenarios::sigterm_while_suspended_exits("t-fuse-term", None);
+    WORKER.run("t-fuse-term", scenarios::sigterm_while_suspended_exits);
 }
 
 #[test]
 fn fsynced_data_survives_sigkill_of_the_worker() {
-    if skip_without_fuse_loop() {
-        return;
-    }
-    scenarios::fsync_survives_sigkill("t-fuse-kill", None);
+    WORKER.run("t-fuse-kill", scenarios::fsync_survives_sigkill);
 }
 
 #[test]
 fn writes_wait_while_suspended_and_complete_after_resume() {
-    if skip_without_fuse_loop() {
-        return;
-    }
-    scenarios::suspend_parks_and_resume_completes("t-fuse-suspend", None);
+    WORKER.run(
+        "t-fuse-suspend",
+        scenarios::suspend_parks_and_resume_completes,
+    );
 }
 
 #[test]
@@ -64,7 +55,7 @@ fn a_worker_given_the_wrong_key_fails_with_its_reason() {
     let name = "t-fuse-wrongkey";
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let vol = make_volume(dir.path(), 16 * MIB, &test_key(42));
-    let err = spawn_worker(&worker_spec(&vol, name), &test_key(1)).unwrap_err();
+    let err = spawn_worker(&worker_spec(EXE, &vol, name), &test_key(1)).unwrap_err();
     match &err {
         WorkerError::Died { log, .. } => assert!(
             log.to_lowercase().contains("key"),
@@ -103,7 +94,7 @@ fn the_worker_namespace_holds_no_foreign_mount() {
         names: vec![name.into()],
     };
     let vol = make_volume(dir.path(), 16 * MIB, &test_key(42));
-    let info = spawn_worker(&worker_spec(&vol, name), &test_key(42)).expect("spawn worker");
+    let info = spawn_worker(&worker_spec(EXE, &vol, name), &test_key(42)).expect("spawn worker");
     let theirs = std::fs::read_to_string(format!("/proc/{}/mountinfo", info.pid)).unwrap();
     WorkerClient::connect(name).unwrap().close().unwrap();
     wait_gone(info.pid);

@@ -1,10 +1,10 @@
 //! Bad-input behaviour of the volume header (issue 3, deliverable 4), on temporary image files.
 
-mod header_common;
-
-use header_common::*;
 use kvcrypt_exit::{Exit, ExitClass};
 use kvcrypt_format::{HeaderCopy, HeaderError, VolumeHeader};
+use kvcrypt_testkit::MIB;
+use kvcrypt_testkit::keys::header_key as key;
+use kvcrypt_testkit::volume::*;
 
 #[test]
 fn write_read_round_trip() {
@@ -48,12 +48,7 @@ fn device_smaller_than_header_plus_one_sector() {
     assert!(read_at(&small, 0, 8).iter().all(|&b| b == 0));
     // A device that shrank after formatting: clear error on read.
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&p)
-        .unwrap()
-        .set_len(4 * MIB)
-        .unwrap();
+    set_len(&p, 4 * MIB);
     let e = kvcrypt_format::read(&p).unwrap_err();
     assert!(
         matches!(e, HeaderError::DeviceTooSmall { size, .. } if size == 4 * MIB),
@@ -184,12 +179,7 @@ fn truncated_metadata() {
     let md_len = metadata_len(&p, PRIMARY);
     assert!(md_len > 100);
     // An image cut off inside the primary's metadata (so the secondary is gone too).
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&p)
-        .unwrap()
-        .set_len(4096 + md_len / 2)
-        .unwrap();
+    set_len(&p, 4096 + md_len / 2);
     let e = kvcrypt_format::read(&p).unwrap_err();
     assert!(matches!(e, HeaderError::TruncatedMetadata { .. }), "{e}");
     assert_eq!(e.exit_class(), Exit::HeaderInvalid);

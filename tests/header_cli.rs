@@ -1,21 +1,20 @@
 //! The `kvcrypt` binary's offline header commands: output and exit codes (crates/kvcrypt-exit).
 
-mod header_common;
-
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-use header_common::*;
 use kvcrypt_format as header;
+use kvcrypt_testkit::MIB;
+use kvcrypt_testkit::keys::header_key as key;
+use kvcrypt_testkit::volume::*;
 
-fn kvcrypt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kvcrypt"))
-        .args(args)
+use kvcrypt_testkit::cli::{Cli, Run};
+
+/// `kvcrypt args` without a config file (the offline commands need none).
+fn kvcrypt(args: &[&str]) -> Run {
+    Cli::new(env!("CARGO_BIN_EXE_kvcrypt"))
         .env("KVCRYPT_CONFIG", "/nonexistent/kvcrypt.toml")
-        .env_remove("KVCRYPT_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run kvcrypt")
+        .run(args)
 }
 
 fn s(p: &Path) -> &str {
@@ -29,17 +28,8 @@ fn probe_is_silent_and_nonzero_for_anything_else() {
     let missing = dir.path().join("missing.img");
     for p in [&zeros, &missing] {
         let out = kvcrypt(&["probe", s(p)]);
-        assert_eq!(out.status.code(), Some(3), "{}", p.display());
-        assert!(
-            out.stdout.is_empty(),
-            "{:?}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        assert!(
-            out.stderr.is_empty(),
-            "{:?}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_eq!(out.code, Some(3), "{}", p.display());
+        out.silent();
     }
 }
 
@@ -48,8 +38,8 @@ fn probe_prints_udev_properties() {
     let dir = tempfile::tempdir().unwrap();
     let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "db disk\n1");
     let out = kvcrypt(&["probe", s(&p)]);
-    assert_eq!(out.status.code(), Some(0));
-    let text = String::from_utf8(out.stdout).unwrap();
+    out.code(0);
+    let text = out.out();
     let want = format!(
         "ID_FS_TYPE=kvcrypt\nID_FS_USAGE=crypto\nID_FS_VERSION=2\nID_FS_UUID={u}\n\
          ID_FS_UUID_ENC={u}\nID_FS_LABEL=db_disk_1\nID_FS_LABEL_ENC=db\\x20disk\\x0a1\n",
@@ -63,8 +53,8 @@ fn dump_exit_codes_for_bad_devices() {
     let dir = tempfile::tempdir().unwrap();
     let zeros = sized_file(dir.path(), "zeros.img", 4 * MIB);
     let out = kvcrypt(&["header", "dump", s(&zeros)]);
-    assert_eq!(out.status.code(), Some(3));
-    let err = String::from_utf8_lossy(&out.stderr);
+    out.code(3);
+    let err = &out.stderr;
     assert!(err.contains("not a kvcrypt volume"), "{err}");
     assert!(out.stdout.is_empty());
 
@@ -72,12 +62,12 @@ fn dump_exit_codes_for_bad_devices() {
     flip(&p, PRIMARY + 100);
     flip(&p, SECONDARY + 100);
     let out = kvcrypt(&["header", "dump", s(&p)]);
-    assert_eq!(out.status.code(), Some(4));
-    let err = String::from_utf8_lossy(&out.stderr);
+    out.code(4);
+    let err = &out.stderr;
     assert!(err.contains("kvcrypt header restore"), "{err}");
 
     let out = kvcrypt(&["header", "dump", s(&dir.path().join("missing"))]);
-    assert_eq!(out.status.code(), Some(11));
+    out.code(11);
 }
 
 #[test]
@@ -86,12 +76,7 @@ fn dump_json_describes_the_header_and_reports_damage() {
     let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "x");
     write_at(&p, SECONDARY, &[0u8; 64]);
     let out = kvcrypt(&["header", "dump", "--json", s(&p)]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    out.code(0);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["uuid"], h.uuid.to_string());
     assert_eq!(v["version"], 2);
@@ -103,13 +88,13 @@ fn dump_json_describes_the_header_and_reports_damage() {
     assert!(v["dm_crypt"].as_str().unwrap().contains("--offset 2048"));
     assert!(v.get("master_key_hex").is_none());
     let text = kvcrypt(&["header", "dump", s(&p)]);
-    assert_eq!(text.status.code(), Some(0));
-    let t = String::from_utf8(text.stdout).unwrap();
+    text.code(0);
+    let t = text.out();
     assert!(
         t.contains(&h.uuid.to_string()) && t.contains("DAMAGED"),
         "{t}"
     );
-    assert!(String::from_utf8_lossy(&text.stderr).contains("repaired by the next header write"));
+    assert!(text.stderr.contains("repaired by the next header write"));
 }
 
 #[test]
@@ -118,24 +103,14 @@ fn backup_and_restore_through_the_cli() {
     let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "x");
     let bak = dir.path().join("v.hdr");
     let out = kvcrypt(&["header", "backup", s(&p), s(&bak)]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    out.code(0);
     write_at(&p, 0, &vec![0u8; MIB as usize]);
     // No terminal and no --yes: refused, nothing written.
     let out = kvcrypt(&["header", "restore", s(&p), s(&bak)]);
-    assert_eq!(out.status.code(), Some(2));
+    out.code(2);
     assert!(header::probe(&p).is_none());
     let out = kvcrypt(&["header", "restore", "--yes", s(&p), s(&bak)]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    out.code(0);
     let l = header::read(&p).unwrap();
     assert_eq!(l.uuid, h.uuid);
     l.verify_key(&key(1)).unwrap();
@@ -151,24 +126,22 @@ fn a_truncated_device_still_has_its_header_saved_and_dumped_and_backups_are_priv
     let dir = tempfile::tempdir().unwrap();
     let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "x");
     // The device lost its last 3 MiB (a shrunk LV, a partial copy).
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&p)
-        .unwrap()
-        .set_len(5 * MIB)
-        .unwrap();
+    set_len(&p, 5 * MIB);
     let bak = dir.path().join("v.hdr");
     // Under the common umask 022, which would leave the file world-readable.
-    let out = Command::new("sh")
-        .args(["-c", "umask 022 && exec \"$0\" \"$@\""])
-        .arg(env!("CARGO_BIN_EXE_kvcrypt"))
-        .args(["header", "backup", s(&p), s(&bak)])
-        .env("KVCRYPT_CONFIG", "/nonexistent/kvcrypt.toml")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
+    let out = Run::new(
+        "header backup (umask 022)",
+        Command::new("sh")
+            .args(["-c", "umask 022 && exec \"$0\" \"$@\""])
+            .arg(env!("CARGO_BIN_EXE_kvcrypt"))
+            .args(["header", "backup", s(&p), s(&bak)])
+            .env("KVCRYPT_CONFIG", "/nonexistent/kvcrypt.toml")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap(),
+    );
+    let err = &out.stderr;
+    out.code(0);
     assert!(
         err.contains("is truncated") && err.contains("bytes missing"),
         "{err}"
@@ -177,13 +150,9 @@ fn a_truncated_device_still_has_its_header_saved_and_dumped_and_backups_are_priv
     assert_eq!(mode, 0o600, "backup mode {mode:o}");
     assert_eq!(header::read_backup(&bak).unwrap().uuid, h.uuid);
     let out = kvcrypt(&["header", "dump", "--json", s(&p)]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains(&h.uuid.to_string()),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let err = &out.stderr;
+    out.code(0);
+    assert!(out.out().contains(&h.uuid.to_string()), "{}", out.out());
     assert!(err.contains("is truncated"), "{err}");
     // Serving still refuses it: the data area is not all there.
     assert!(matches!(

@@ -1,12 +1,12 @@
 //! Re-implements docs/FORMAT.md §2–4 from the document alone (raw bytes, serde_json, HMAC) and
 //! checks it against what kvcrypt writes: the document is enough for a second implementation.
 
-mod header_common;
-
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use header_common::*;
 use hmac::{Hmac, Mac};
+use kvcrypt_testkit::MIB;
+use kvcrypt_testkit::keys::{header_key as key, slot};
+use kvcrypt_testkit::volume::*;
 use sha2::{Digest, Sha256};
 
 fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {

@@ -1,41 +1,21 @@
 //! End to end: `kvcrypt format`, `probe`, `header dump --dump-master-key`, `rewrap` through the
 //! real Key Vault provider against the in-process Key Vault emulator (TLS, Entra ID tokens).
 
-mod kvtest;
-
-use std::path::Path;
-use std::process::Output;
-
 use kvcrypt_crypto::XtsCipher;
 use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_format as header;
 use kvcrypt_kv_emulator::Op;
-use kvtest::{Kv, VAULT, kvcrypt_cli as run, ok};
+use kvcrypt_testkit::MIB;
+use kvcrypt_testkit::cli::{Cli, Run};
+use kvcrypt_testkit::emulator::{Kv, VAULT};
 
-const MIB: u64 = 1024 * 1024;
-
-fn master_key(cfg: &Path, dev: &str) -> Result<VolumeKey, Output> {
-    let out = run(
-        cfg,
-        &[
-            "header",
-            "dump",
-            "--json",
-            "--dump-master-key",
-            "--yes-i-understand",
-            dev,
-        ],
-    );
-    if out.status.code() != Some(0) {
+/// The volume key `header dump --dump-master-key` prints, or the failed run.
+fn master_key(cli: &Cli, dev: &str) -> Result<VolumeKey, Run> {
+    let out = cli.dump_master_key(dev);
+    if out.code != Some(0) {
         return Err(out);
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let hex = v["master_key_hex"].as_str().unwrap();
-    let bytes: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect();
-    Ok(VolumeKey::from_slice(&bytes).unwrap())
+    Ok(kvcrypt_testkit::keys::vmk(&out.master_key_hex()))
 }
 
 #[test]
@@ -53,21 +33,15 @@ fn format_dump_rewrap_against_the_emulator() {
              deadline_ms = 10000\nmax_retries = 1\n"
         ),
     );
-    let dev = kv.dir.path().join("disk.img");
-    std::fs::File::create(&dev)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
+    let cli = Cli::new(env!("CARGO_BIN_EXE_kvcrypt")).config(&cfg);
+    let dev = kvcrypt_testkit::volume::sized_file(kv.dir.path(), "disk.img", 16 * MIB);
     let devs = dev.to_str().unwrap();
     let key_id = format!("https://{VAULT}/keys/disk-kek");
 
-    let out = run(
-        &cfg,
-        &[
-            "format", devs, "--key-id", &key_id, "--label", "e2e", "--wipe",
-        ],
-    );
-    let text = ok(&out);
+    let out = cli.run(&[
+        "format", devs, "--key-id", &key_id, "--label", "e2e", "--wipe",
+    ]);
+    let text = out.ok();
     let l = header::read(&dev).unwrap();
     assert!(text.contains(&l.uuid.to_string()), "{text}");
     assert_eq!(l.slots.len(), 1);
@@ -83,15 +57,14 @@ fn format_dump_rewrap_against_the_emulator() {
     );
     assert_eq!(l.slots[0].algorithm, "RSA-OAEP-256");
 
-    let probe = ok(&run(&cfg, &["probe", devs]));
+    let probe = cli.run(&["probe", devs]).ok();
     assert!(
         probe.contains("ID_FS_TYPE=kvcrypt\n") && probe.contains("ID_FS_LABEL=e2e\n"),
         "{probe}"
     );
 
     // The unwrapped master key passes the key check, and the wiped data area decrypts to zeros.
-    let vmk =
-        master_key(&cfg, devs).unwrap_or_else(|o| panic!("{}", String::from_utf8_lossy(&o.stderr)));
+    let vmk = master_key(&cli, devs).unwrap_or_else(|o| panic!("{}", o.stderr));
     l.verify_key(&vmk).unwrap();
     // Format v2: the slot carries an access check wrapped by the same key, and the header's
     // digest is that of the secret derived from this VMK.
@@ -113,19 +86,14 @@ fn format_dump_rewrap_against_the_emulator() {
     assert!(sector.iter().all(|&b| b == 0));
 
     // A second format is refused without --yes (exit 10), and the volume is unchanged.
-    let again = run(&cfg, &["format", devs, "--key-id", &key_id]);
-    assert_eq!(
-        again.status.code(),
-        Some(10),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    let again = cli.run(&["format", devs, "--key-id", &key_id]);
+    again.code(10);
     assert_eq!(header::read(&dev).unwrap().uuid, l.uuid);
 
     // Rotate the key, rewrap to the latest version and drop the old slot.
     let v2 = kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
     assert_ne!(v1, v2);
-    ok(&run(&cfg, &["rewrap", devs, "--remove-slot", "0"]));
+    cli.run(&["rewrap", devs, "--remove-slot", "0"]).ok();
     let l2 = header::read(&dev).unwrap();
     assert_eq!(l2.slots.len(), 1);
     assert_eq!(l2.slots[0].id, 1);
@@ -135,26 +103,17 @@ fn format_dump_rewrap_against_the_emulator() {
         l2.slots[0].key_id
     );
     assert!(l2.sequence > l.sequence);
-    let vmk2 =
-        master_key(&cfg, devs).unwrap_or_else(|o| panic!("{}", String::from_utf8_lossy(&o.stderr)));
+    let vmk2 = master_key(&cli, devs).unwrap_or_else(|o| panic!("{}", o.stderr));
     assert_eq!(vmk2.expose(), vmk.expose(), "rewrap keeps the volume key");
 
     // Revoked unwrap permission: exit 5 (access denied).
     kv.emu.revoke(&p.client_id, &[Op::Unwrap], None).unwrap();
-    let denied = master_key(&cfg, devs).expect_err("denied");
-    assert_eq!(
-        denied.status.code(),
-        Some(5),
-        "{}",
-        String::from_utf8_lossy(&denied.stderr)
-    );
+    let denied = master_key(&cli, devs).expect_err("denied");
+    denied.code(5);
 
     // Missing config file: exit 7 (configuration).
-    let missing = run(&kv.dir.path().join("nope.toml"), &["rewrap", devs]);
-    assert_eq!(
-        missing.status.code(),
-        Some(7),
-        "{}",
-        String::from_utf8_lossy(&missing.stderr)
-    );
+    let missing = cli
+        .config(kv.dir.path().join("nope.toml"))
+        .run(&["rewrap", devs]);
+    missing.code(7);
 }

@@ -3,14 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
+use kvcrypt_testkit::env::have;
 
 #[test]
 fn make_install_stages_everything() {

@@ -6,15 +6,14 @@
 //! The environment-driven cases (`IDENTITY_ENDPOINT`, `CREDENTIALS_DIRECTORY`) run in a child
 //! process of this test binary, so no test mutates its own process environment.
 
-mod kvtest;
-
 use base64::Engine as _;
 use kvcrypt_keyvault::{
     ClientCertificateConfig, ClientSecretConfig, CredentialConfig, ErrorClass, KeyVaultProvider,
     ManagedIdentityConfig, VaultConfig, WorkloadIdentityConfig,
 };
 use kvcrypt_kv_emulator::{NewPrincipal, Op, PrincipalKind};
-use kvtest::{Kv, VAULT, key_id, random_vmk};
+use kvcrypt_testkit::emulator::{Kv, VAULT, key_id};
+use kvcrypt_testkit::keys::random_vmk;
 use std::process::Command;
 
 const CRYPTO_USER: &[Op] = &[Op::Get, Op::Wrap, Op::Unwrap];

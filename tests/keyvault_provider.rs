@@ -2,13 +2,12 @@
 //! the Key Vault challenge check on: every operation, each algorithm (checked against reference
 //! implementations where the key material is ours), rotation, expiry, and every error class.
 
-mod kvtest;
-
 use azure_core::http::RequestContent;
 use kvcrypt_exit::{Exit, ExitClass};
 use kvcrypt_keyvault::{BlockingProvider, ErrorClass, KeyError, KeyId, KeyVaultProvider};
 use kvcrypt_kv_emulator::{AuthMode, EmulatorConfig, Fault, FaultKind, FaultTarget, Op};
-use kvtest::{HSM, Kv, VAULT, key_id, random_vmk};
+use kvcrypt_testkit::emulator::{HSM, Kv, VAULT, key_id};
+use kvcrypt_testkit::keys::random_vmk;
 use std::time::{Duration, Instant};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;

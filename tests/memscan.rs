@@ -24,17 +24,20 @@ use std::time::{Duration, Instant};
 use kvcrypt::agent::status::VolumeState;
 use kvcrypt_lab::lab::{Lab, LabOptions, Revocation, VOLUME};
 
-mod agent_common;
-mod common;
-mod fuse_common;
 #[path = "memscan/report.rs"]
 mod report;
 #[path = "memscan/scan.rs"]
 mod scan;
 
-use agent_common::{EXE, Running, T, must, ready, stop_agent_child, stop_leftover_worker};
+use kvcrypt_testkit::agent::{Running, T, ready, stop_agent_child, stop_leftover_worker};
+use kvcrypt_testkit::data::hex;
+use kvcrypt_testkit::env::{in_ci, skip_without_fuse_loop};
+use kvcrypt_testkit::shell::must;
 use report::{Table, say};
 use scan::{Kind, Needles, Report};
+
+/// The `kvcrypt` binary under test.
+const EXE: &str = env!("CARGO_BIN_EXE_kvcrypt");
 
 /// This test's name: the scanner self-check runs this binary again with this filter.
 const TEST_NAME: &str = "volume_key_is_never_in_readable_memory";
@@ -86,9 +89,9 @@ fn volume_key_is_never_in_readable_memory() {
 
 /// Root, FUSE + loop and a wired build; under CI all of them are required.
 fn can_run() -> bool {
-    if fuse_common::skip_without_fuse_loop() || !ready() {
+    if skip_without_fuse_loop() || !ready(EXE) {
         assert!(
-            !common::in_ci(),
+            !in_ci(),
             "CI=true but the memory-scan test cannot run (see above): it needs root, /dev/fuse \
              and /dev/loop-control"
         );
@@ -175,7 +178,7 @@ fn hold_planted_key() -> ! {
     use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).expect("key line");
-    let raw = common::hex(line.trim());
+    let raw = hex(line.trim());
     let hex = line.trim().to_owned();
     let planted: Vec<Vec<u8>> = vec![
         raw.clone(),
@@ -215,7 +218,7 @@ impl Drop for AgentScenario {
 }
 
 fn agent_phases(table: &mut Table) {
-    let s = AgentScenario(Running::start(LabOptions::default()));
+    let s = AgentScenario(Running::start(EXE, LabOptions::default()));
     let r = &s.0;
     let needles = Needles::for_key(&dump_master_key(&r.lab));
     let bd = r.block_device();
@@ -386,7 +389,7 @@ fn dump_master_key(lab: &Lab) -> Vec<u8> {
         ],
     );
     let v: serde_json::Value = serde_json::from_slice(&out).expect("header dump JSON");
-    let key = common::hex(v["master_key_hex"].as_str().expect("master_key_hex"));
+    let key = hex(v["master_key_hex"].as_str().expect("master_key_hex"));
     assert_eq!(key.len(), 64, "a 512-bit VMK");
     key
 }

@@ -4,20 +4,18 @@
 //! is only checked after an unwrap), and the emulator's request log and a loopback listener
 //! standing in for the attacker's host prove that no request was sent.
 
-mod header_common;
-mod kvtest;
-
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use header_common::{PRIMARY, SECONDARY, fix_checksum, metadata_len, read_at, write_at};
 use kvcrypt_format as header;
 use kvcrypt_kv_emulator::Op;
-use kvtest::{Kv, LOGIN, VAULT, kvcrypt_cli as run, ok};
+use kvcrypt_testkit::MIB;
+use kvcrypt_testkit::cli::{Cli, Run};
+use kvcrypt_testkit::emulator::{Kv, VAULT};
+use kvcrypt_testkit::volume::{rewrite_metadata as rewrite_key_ids, sized_file};
 
-const MIB: u64 = 1024 * 1024;
+const EXE: &str = env!("CARGO_BIN_EXE_kvcrypt");
 const ATTACKER: &str = "attacker.example.com";
 
 fn pin(name: &str) -> String {
@@ -44,77 +42,32 @@ impl Trap {
     }
 }
 
-/// A config file for principal `client_id` / `secret`: `[vault]` reaching the emulator (and
-/// sending the attacker's host to `trap_port`), with `keys` lines as given.
+/// A config file for principal `p`: `[vault]` reaching the emulator (and sending the
+/// attacker's host to `trap_port`), with `keys` lines as given and short timeouts, no retries.
 fn config(kv: &Kv, p: &kvcrypt_kv_emulator::PrincipalInfo, keys: &str, trap_port: u16) -> PathBuf {
-    let secret = kv.dir.path().join(format!("secret-{}", p.client_id));
-    std::fs::write(&secret, format!("{}\n", p.secret.clone().unwrap())).unwrap();
-    let port = kv.emu.port();
-    let text = format!(
-        "[vault]\n{keys}\nresolve = [\"{VAULT}:443:127.0.0.1:{port}\", \"{LOGIN}:443:127.0.0.1:{port}\", \
-         \"{ATTACKER}:443:127.0.0.1:{trap_port}\"]\nca_file = {:?}\nattempt_timeout_ms = 2000\n\
-         deadline_ms = 6000\nmax_retries = 0\n[vault.credential]\nkind = \"client-secret\"\n\
-         tenant_id = {:?}\nclient_id = {:?}\nsecret_file = {:?}\n",
-        kv.emu.ca_pem_path(),
-        kv.emu.tenant_id(),
-        p.client_id,
-        secret,
-    );
-    let path = kv
-        .dir
-        .path()
-        .join(format!("kvcrypt-{}-{}.toml", p.client_id, keys.len()));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn image(kv: &Kv, name: &str) -> PathBuf {
-    let p = kv.dir.path().join(name);
-    std::fs::File::create(&p)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
-    p
-}
-
-/// Replaces `from` by `to` in the key ids of both header copies and fixes their checksums.
-fn rewrite_key_ids(dev: &Path, from: &str, to: &str) {
-    for copy in [PRIMARY, SECONDARY] {
-        let len = metadata_len(dev, copy) as usize;
-        let md = String::from_utf8(read_at(dev, copy + 4096, len)).unwrap();
-        let evil = md.replace(from, to);
-        assert_ne!(md, evil, "{from} not found in the header");
-        write_at(dev, copy + 4096, evil.as_bytes());
-        write_at(dev, copy + 168, &(evil.len() as u64).to_le_bytes());
-        fix_checksum(dev, copy);
-    }
-}
-
-fn total_requests(kv: &Kv) -> u64 {
-    kv.emu.requests().0.total
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn dump_master_key(cfg: &Path, dev: &Path) -> Output {
-    run(
-        cfg,
-        &[
-            "header",
-            "dump",
-            "--json",
-            "--dump-master-key",
-            "--yes-i-understand",
-            dev.to_str().unwrap(),
-        ],
+    kv.config_file_resolving(
+        p,
+        &format!("{keys}\nattempt_timeout_ms = 2000\ndeadline_ms = 6000\nmax_retries = 0"),
+        &[format!("{ATTACKER}:443:127.0.0.1:{trap_port}")],
     )
 }
 
-fn master_key_hex(out: &Output) -> String {
-    let v: serde_json::Value = serde_json::from_slice(&ok(out).into_bytes()).unwrap();
-    v["master_key_hex"].as_str().unwrap().to_owned()
+/// A blank 16 MiB image in the emulator's directory.
+fn image(kv: &Kv, name: &str) -> PathBuf {
+    sized_file(kv.dir.path(), name, 16 * MIB)
+}
+
+/// `kvcrypt --config cfg args`.
+fn run(cfg: &Path, args: &[&str]) -> Run {
+    Cli::new(EXE).config(cfg).run(args)
+}
+
+/// The volume key `header dump --dump-master-key` prints with `cfg` (the run must succeed).
+fn master_key(cfg: &Path, dev: &Path) -> String {
+    Cli::new(EXE)
+        .config(cfg)
+        .dump_master_key(dev.to_str().unwrap())
+        .master_key_hex()
 }
 
 #[test]
@@ -131,7 +84,7 @@ fn a_header_rewritten_to_another_host_is_refused_before_any_request() {
     );
     let dev = image(&kv, "disk.img");
     let devs = dev.to_str().unwrap();
-    ok(&run(&cfg, &["format", devs, "--key-id", &pin("disk-kek")]));
+    run(&cfg, &["format", devs, "--key-id", &pin("disk-kek")]).ok();
     rewrite_key_ids(
         &dev,
         &format!("https://{VAULT}/keys/"),
@@ -143,7 +96,7 @@ fn a_header_rewritten_to_another_host_is_refused_before_any_request() {
         "{forged}"
     );
 
-    let before = total_requests(&kv);
+    let before = kv.total_requests();
     for args in [
         vec![
             "open",
@@ -163,8 +116,8 @@ fn a_header_rewritten_to_another_host_is_refused_before_any_request() {
         vec!["rewrap", devs],
     ] {
         let out = run(&cfg, &args);
-        assert_eq!(out.status.code(), Some(15), "{args:?}: {}", stderr(&out));
-        let e = stderr(&out);
+        out.code(15);
+        let e = &out.stderr;
         assert!(
             e.contains(&forged) && e.contains(&pin("disk-kek")),
             "{args:?}: the error names the header's key id and the pins: {e}"
@@ -175,7 +128,7 @@ fn a_header_rewritten_to_another_host_is_refused_before_any_request() {
         "a request went to the host the disk names"
     );
     assert_eq!(
-        total_requests(&kv),
+        kv.total_requests(),
         before,
         "no request at all (not even a token) for a refused header"
     );
@@ -208,17 +161,17 @@ fn a_header_naming_another_key_of_the_same_vault_is_refused() {
             "--allow-unpinned-key",
         ],
     );
-    ok(&made);
+    made.ok();
     assert!(
-        stderr(&made).contains("does not pin"),
+        made.stderr.contains("does not pin"),
         "warned: {}",
-        stderr(&made)
+        made.stderr
     );
 
-    let before = total_requests(&kv);
-    let out = dump_master_key(&cfg, &dev);
-    assert_eq!(out.status.code(), Some(15), "{}", stderr(&out));
-    assert!(stderr(&out).contains("/keys/evil-kek/"), "{}", stderr(&out));
+    let before = kv.total_requests();
+    let out = Cli::new(EXE).config(&cfg).dump_master_key(devs);
+    out.code(15);
+    assert!(out.stderr.contains("/keys/evil-kek/"), "{}", out.stderr);
     let out = run(
         &cfg,
         &[
@@ -230,8 +183,8 @@ fn a_header_naming_another_key_of_the_same_vault_is_refused() {
             "--no-access-checks",
         ],
     );
-    assert_eq!(out.status.code(), Some(15), "{}", stderr(&out));
-    assert_eq!(total_requests(&kv), before, "nothing asked of the vault");
+    out.code(15);
+    assert_eq!(kv.total_requests(), before, "nothing asked of the vault");
     assert!(kvcrypt::worker::read_state("t-pin-planted").is_none());
 
     // With the evil key pinned as well, the same header unlocks: the pin is what decides.
@@ -246,7 +199,7 @@ fn a_header_naming_another_key_of_the_same_vault_is_refused() {
         ),
         trap.port(),
     );
-    master_key_hex(&dump_master_key(&both, &dev));
+    master_key(&both, &dev);
 }
 
 #[test]
@@ -263,13 +216,13 @@ fn a_pinned_versionless_key_still_unlocks_after_rotation() {
     );
     let dev = image(&kv, "rot.img");
     let devs = dev.to_str().unwrap();
-    ok(&run(&cfg, &["format", devs, "--key-id", &pin("disk-kek")]));
-    let vmk = master_key_hex(&dump_master_key(&cfg, &dev));
+    run(&cfg, &["format", devs, "--key-id", &pin("disk-kek")]).ok();
+    let vmk = master_key(&cfg, &dev);
     let v2 = kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
     assert_ne!(v1, v2);
     // The rewrap adds a slot for the latest version (pinned through the versionless id) and
     // drops the old one; the new version unlocks.
-    ok(&run(&cfg, &["rewrap", devs, "--remove-slot", "0"]));
+    run(&cfg, &["rewrap", devs, "--remove-slot", "0"]).ok();
     let l = header::read(&dev).unwrap();
     assert_eq!(l.slots.len(), 1);
     assert!(
@@ -277,7 +230,7 @@ fn a_pinned_versionless_key_still_unlocks_after_rotation() {
         "{v2} vs {}",
         l.slots[0].key_id
     );
-    assert_eq!(master_key_hex(&dump_master_key(&cfg, &dev)), vmk);
+    assert_eq!(master_key(&cfg, &dev), vmk);
     assert!(!trap.was_contacted());
 }
 
@@ -298,23 +251,23 @@ fn format_and_rewrap_write_only_pinned_keys() {
     let dev = image(&kv, "fmt.img");
     let devs = dev.to_str().unwrap();
 
-    let before = total_requests(&kv);
+    let before = kv.total_requests();
     let out = run(&pinned, &["format", devs, "--key-id", &pin("other-kek")]);
-    assert_eq!(out.status.code(), Some(15), "{}", stderr(&out));
+    out.code(15);
     assert!(
-        stderr(&out).contains(&pin("other-kek")) && stderr(&out).contains(&pin("disk-kek")),
+        out.stderr.contains(&pin("other-kek")) && out.stderr.contains(&pin("disk-kek")),
         "{}",
-        stderr(&out)
+        out.stderr
     );
     // Nothing pinned at all: refused too, saying how to pin.
     let out = run(&unpinned, &["format", devs, "--key-id", &pin("disk-kek")]);
-    assert_eq!(out.status.code(), Some(15), "{}", stderr(&out));
+    out.code(15);
     assert!(
-        stderr(&out).contains("keys = [") && stderr(&out).contains("--allow-unpinned-key"),
+        out.stderr.contains("keys = [") && out.stderr.contains("--allow-unpinned-key"),
         "{}",
-        stderr(&out)
+        out.stderr
     );
-    assert_eq!(total_requests(&kv), before, "refused before any request");
+    assert_eq!(kv.total_requests(), before, "refused before any request");
     assert!(
         matches!(
             header::read(&dev),
@@ -323,12 +276,9 @@ fn format_and_rewrap_write_only_pinned_keys() {
         "nothing written"
     );
 
-    ok(&run(
-        &pinned,
-        &["format", devs, "--key-id", &pin("disk-kek")],
-    ));
+    run(&pinned, &["format", devs, "--key-id", &pin("disk-kek")]).ok();
     let out = run(&pinned, &["rewrap", devs, "--key-id", &pin("other-kek")]);
-    assert_eq!(out.status.code(), Some(15), "{}", stderr(&out));
+    out.code(15);
     assert_eq!(header::read(&dev).unwrap().slots.len(), 1, "no slot added");
     // Told otherwise: the slot is added, with a warning.
     let out = run(
@@ -341,8 +291,8 @@ fn format_and_rewrap_write_only_pinned_keys() {
             "--allow-unpinned-key",
         ],
     );
-    ok(&out);
-    assert!(stderr(&out).contains("does not pin"), "{}", stderr(&out));
+    out.ok();
+    assert!(out.stderr.contains("does not pin"), "{}", out.stderr);
     assert_eq!(header::read(&dev).unwrap().slots.len(), 2);
 }
 
@@ -366,8 +316,8 @@ fn a_bad_pin_is_a_configuration_error_naming_it() {
                 &pin("disk-kek"),
             ],
         );
-        assert_eq!(out.status.code(), Some(7), "{bad}: {}", stderr(&out));
-        let e = stderr(&out);
+        assert_eq!(out.code, Some(7), "{bad}: {}", out.stderr);
+        let e = &out.stderr;
         assert!(
             e.contains(&format!("keys entry '{bad}'")) && e.contains(why),
             "{bad}: {e}"
@@ -382,19 +332,15 @@ fn a_bad_pin_is_a_configuration_error_naming_it() {
             ),
         )
         .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_kvcrypt"))
-            .arg("--config")
-            .arg(&agent_cfg)
-            .args(["agent", "--once"])
+        let out = Cli::new(EXE)
+            .config(&agent_cfg)
             .env("KVCRYPT_RUN_DIR", kv.dir.path().join("run"))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(7), "{bad}: {}", stderr(&out));
+            .run(&["agent", "--once"]);
+        assert_eq!(out.code, Some(7), "{bad}: {}", out.stderr);
         assert!(
-            stderr(&out).contains(&format!("keys entry '{bad}'")),
+            out.stderr.contains(&format!("keys entry '{bad}'")),
             "{bad}: {}",
-            stderr(&out)
+            out.stderr
         );
     }
 }
@@ -412,17 +358,12 @@ impl Drop for Agent {
 #[test]
 fn the_agent_refuses_a_rewritten_header_without_a_request() {
     use kvcrypt_lab::lab::{Lab, LabOptions, VAULT_HOST};
-    if !kvcrypt_host::process::running_as_root() {
+    if !kvcrypt_testkit::env::is_root() {
         eprintln!("SKIPPED: the agent needs root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(
-        dir.path(),
-        Path::new(env!("CARGO_BIN_EXE_kvcrypt")),
-        &LabOptions::default(),
-    )
-    .unwrap();
+    let lab = Lab::start(dir.path(), Path::new(EXE), &LabOptions::default()).unwrap();
     lab.format().unwrap();
     let trap = Trap::new();
     // The attacker's host resolves to the trap, so a request there would be seen.

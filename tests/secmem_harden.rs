@@ -55,7 +55,7 @@ fn secret_pages_are_excluded_from_core_dumps() {
 /// naming the limit) unless swappable key pages are explicitly allowed.
 #[test]
 fn key_memory_that_cannot_be_locked_is_refused_unless_allowed() {
-    if !kvcrypt_host::process::running_as_root() {
+    if !kvcrypt_testkit::env::is_root() {
         assert!(
             std::env::var_os("CI").is_none(),
             "CI runs the tests as root"

@@ -8,13 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-mod common;
-use common::in_ci;
-
-fn have(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
-}
+use kvcrypt_testkit::env::{have, in_ci};
 
 /// Target directory this test binary was built into (`<target>/<profile>/kvcrypt`).
 fn target_dir() -> PathBuf {

@@ -4,11 +4,11 @@
 //! permitted for main PID"). Its own binary in its own test file: it sets environment
 //! variables, which must not race with other tests' threads.
 
-mod fuse_common;
-
-use fuse_common::scenarios::MIB;
-use fuse_common::*;
 use kvcrypt::worker::{WorkerClient, spawn_worker};
+use kvcrypt_testkit::fuse::prelude::*;
+
+/// The `kvcrypt` binary under test.
+const EXE: &str = env!("CARGO_BIN_EXE_kvcrypt");
 
 /// What systemd hands a service's main process about itself, with plausible values.
 const SERVICE_VARS: [(&str, &str); 6] = [
@@ -35,11 +35,8 @@ fn worker_does_not_inherit_the_service_managers_variables() {
     let name = "t-worker-env";
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let vol = make_volume(dir.path(), 16 * MIB, &test_key(42));
-    let _cleanup = Cleanup {
-        mounts: vec![],
-        names: vec![name.into()],
-    };
-    let info = spawn_worker(&worker_spec(&vol, name), &test_key(42)).expect("spawn worker");
+    let _cleanup = Cleanup::worker(name);
+    let info = spawn_worker(&worker_spec(EXE, &vol, name), &test_key(42)).expect("spawn worker");
     let environ = std::fs::read(format!("/proc/{}/environ", info.pid)).expect("worker environ");
     let names: Vec<String> = environ
         .split(|b| *b == 0)

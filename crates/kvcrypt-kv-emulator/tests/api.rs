@@ -2,13 +2,13 @@
 //! challenge, the keys API, real cryptography cross-checked with independent code, error
 //! bodies, faults, and persistence across a restart.
 
-mod emulator_common;
-
-use emulator_common::*;
 use kvcrypt_kv_emulator::{
     AuthMode, Emulator, EmulatorConfig, Fault, FaultKind, FaultTarget, NewPrincipal, Op,
     PrincipalKind,
 };
+use kvcrypt_testkit::data::{b64, hex, unb64};
+use kvcrypt_testkit::emulator::rest::*;
+use kvcrypt_testkit::emulator::{HSM, VAULT};
 use reqwest::Method;
 use rsa::traits::PublicKeyParts;
 use rsa::{BigUint, Oaep, RsaPrivateKey};
@@ -637,13 +637,6 @@ async fn aes_key_wrap_on_managed_hsm_matches_rfc3394() {
     )
     .await;
     assert_eq!(s, 400);
-}
-
-fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
 }
 
 #[tokio::test]

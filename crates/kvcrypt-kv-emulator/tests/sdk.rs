@@ -2,16 +2,14 @@
 //! the emulator, unmodified: TLS verified against the emulator's CA, the vault reached by its
 //! real-looking host name (mapped to 127.0.0.1) and the SDK's challenge-resource check ON.
 
-mod emulator_common;
-
 use azure_core::http::{ClientOptions, Transport};
 use azure_identity::{ClientSecretCredential, ClientSecretCredentialOptions};
 use azure_security_keyvault_keys::{
     KeyClient, KeyClientOptions,
     models::{EncryptionAlgorithm, KeyOperationParameters},
 };
-use emulator_common::*;
 use kvcrypt_kv_emulator::{Emulator, EmulatorConfig, Op};
+use kvcrypt_testkit::emulator::rest::client;
 use std::sync::Arc;
 
 fn client_options(http: &reqwest::Client, authority: &str) -> ClientOptions {

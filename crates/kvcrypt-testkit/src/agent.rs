@@ -1,8 +1,6 @@
-//! Helpers shared by the tests that run the real `kvcrypt agent` against the in-process Key
-//! Vault emulator (tests/agent_e2e.rs, tests/memscan.rs): root / readiness checks, shell
-//! shorthands, and guards that stop the agent and its workers, so no test leaves a process or
-//! device behind even when an assertion fails.
-#![allow(dead_code)]
+//! The real `kvcrypt agent` in a lab (emulated vault, scratch volume): readiness checks and
+//! guards that stop the agent and its workers, so no test leaves a process or device behind
+//! even when an assertion fails.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,22 +9,20 @@ use std::time::{Duration, Instant};
 use kvcrypt::agent::status::VolumeState;
 use kvcrypt_lab::lab::{Lab, LabOptions, Revocation};
 
-pub const EXE: &str = env!("CARGO_BIN_EXE_kvcrypt");
+use crate::shell::{must, sh};
+
+/// How long a volume may take to reach a state.
 pub const T: Duration = Duration::from_secs(30);
 
-pub fn is_root() -> bool {
-    kvcrypt_host::process::running_as_root()
-}
-
-/// Root, and a build whose data path is wired. While the worker / format wiring are still
-/// being merged this says why it cannot run (loudly) instead of failing every scenario on
-/// the same missing piece; once they are in, every scenario runs.
-pub fn ready() -> bool {
-    if !is_root() {
+/// Root, and a build whose data path is wired (`exe` is the `kvcrypt` binary). While the worker
+/// / format wiring are still being merged this says why it cannot run (loudly) instead of
+/// failing every scenario on the same missing piece; once they are in, every scenario runs.
+pub fn ready(exe: &str) -> bool {
+    if !crate::env::is_root() {
         eprintln!("SKIPPED: the agent end-to-end tests need root (loop devices, FUSE, mounts)");
         return false;
     }
-    let out = Command::new(EXE)
+    let out = Command::new(exe)
         .args(["worker", "/nonexistent", "probe-only"])
         .stdin(Stdio::null())
         .output()
@@ -35,7 +31,7 @@ pub fn ready() -> bool {
         eprintln!("SKIPPED: `kvcrypt worker` is not implemented in this build yet");
         return false;
     }
-    let out = Command::new(EXE)
+    let out = Command::new(exe)
         .args([
             "--config",
             "/nonexistent/kvcrypt.toml",
@@ -56,19 +52,12 @@ pub fn ready() -> bool {
     true
 }
 
-pub fn sh(cmd: &str) -> std::process::Output {
-    Command::new("sh").arg("-c").arg(cmd).output().unwrap()
-}
-
-pub fn must(cmd: &str) -> String {
-    let o = sh(cmd);
-    assert!(
-        o.status.success(),
-        "{cmd}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+/// A formatted lab for `exe` in `dir`, no agent yet; the guard stops any worker it leaves.
+pub fn formatted_lab(exe: &str, dir: &Path, opts: &LabOptions) -> (Lab, StopWorkerOnDrop) {
+    let lab = Lab::start(dir, Path::new(exe), opts).unwrap();
+    lab.format().unwrap();
+    let stop = StopWorkerOnDrop(lab.run_dir.clone());
+    (lab, stop)
 }
 
 /// An agent process and the lab it belongs to; stops the agent (SIGTERM, then SIGKILL) and
@@ -81,9 +70,10 @@ pub struct Running {
 }
 
 impl Running {
-    pub fn start(opts: LabOptions) -> Running {
+    /// A formatted lab for `exe` and its agent, serving.
+    pub fn start(exe: &str, opts: LabOptions) -> Running {
         let dir = tempfile::tempdir().unwrap();
-        let lab = Lab::start(dir.path(), Path::new(EXE), &opts).unwrap();
+        let lab = Lab::start(dir.path(), Path::new(exe), &opts).unwrap();
         lab.format().unwrap();
         Running::agent_for(lab, dir)
     }
@@ -105,6 +95,7 @@ impl Running {
         r
     }
 
+    /// `e` with the agent's log, for a failure message.
     pub fn fail(&self, e: impl std::fmt::Display) -> String {
         let log = std::fs::read_to_string(self.lab.dir.join("agent.log")).unwrap_or_default();
         format!("{e}\n--- agent.log ---\n{log}")
@@ -118,6 +109,7 @@ impl Running {
             .expect("served device")
     }
 
+    /// mkfs.ext4 on the served device and mounts it (unmounted on drop).
     pub fn mount(&mut self) -> PathBuf {
         let bd = self.block_device();
         must(&format!("mkfs.ext4 -q -F {bd}"));
@@ -142,9 +134,8 @@ impl Running {
 }
 
 /// SIGTERM to an agent we started, SIGKILL if it has not exited after 30 s.
-pub fn stop_agent_child(mut a: std::process::Child) {
-    // SAFETY: signalling our own child by pid.
-    unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+pub fn stop_agent_child(mut a: Child) {
+    let _ = kvcrypt_host::process::signal(a.id(), libc::SIGTERM);
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(30) {
         if a.try_wait().ok().flatten().is_some() {
@@ -198,13 +189,13 @@ pub fn stop_leftover_worker(run_dir: &Path) {
     }
 }
 
+/// SIGTERM to the worker whose state file is `state`; waits (bounded) for the file to go.
 pub fn stop_worker_of(state: &Path) {
     if let Ok(bytes) = std::fs::read(state)
         && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes)
-        && let Some(pid) = v["pid"].as_i64()
+        && let Some(pid) = v["pid"].as_u64()
     {
-        // SAFETY: plain kill(2) of the worker started for this test.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let _ = kvcrypt_host::process::signal(pid as u32, libc::SIGTERM);
         for _ in 0..500 {
             if !state.exists() {
                 break;
@@ -214,6 +205,7 @@ pub fn stop_worker_of(state: &Path) {
     }
 }
 
+/// Stops every worker of the run directory on drop.
 pub struct StopWorkerOnDrop(pub PathBuf);
 
 impl Drop for StopWorkerOnDrop {
@@ -222,6 +214,23 @@ impl Drop for StopWorkerOnDrop {
     }
 }
 
+/// For a scenario that runs its agent by hand: stops the agent and any worker it left when the
+/// scenario ends early (a failed assertion), so no process or device outlives the test.
+pub struct AgentOnDrop<'a> {
+    pub child: Option<Child>,
+    pub run_dir: &'a Path,
+}
+
+impl Drop for AgentOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(a) = self.child.take() {
+            stop_agent_child(a);
+        }
+        stop_leftover_worker(self.run_dir);
+    }
+}
+
+/// The pid of the lab's `demo` volume worker, from its state file.
 pub fn worker_pid(run_dir: &Path) -> u32 {
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run_dir.join("volumes/demo.json")).unwrap()).unwrap();

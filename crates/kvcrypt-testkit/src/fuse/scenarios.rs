@@ -1,20 +1,26 @@
 //! The FUSE+loop worker scenarios (ext4 across close/reopen, fio verify, fsync + SIGKILL,
 //! suspend/resume), shared by tests/fuse_worker.rs (whatever mode the kernel gives) and
-//! tests/fuse_uring.rs (FUSE-over-io_uring forced on). `mode`, when given, is the serving mode
-//! the worker must report ("io_uring" / "dev_fuse").
+//! tests/fuse_uring.rs (FUSE-over-io_uring forced on), each run through [`Worker::run`]; and
+//! the library-level device round trip tests/fuse_device.rs and tests/fuse_uring.rs share.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use super::*;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use super::{Cleanup, Worker, cipher, wait_gone};
+use crate::MIB;
+use crate::data::{contains_any_chunk, pattern};
+use crate::keys::test_key;
+use crate::shell::run;
+use crate::volume::{DATA_OFFSET, backing_file, make_volume, open_direct};
+use kvcrypt_crypto::secmem::VolumeKey;
 
 use kvcrypt::worker::{WorkerClient, WorkerError, WorkerInfo, spawn_worker};
 use kvcrypt_datapath::engine::{AlignedBuf, Engine, EngineConfig};
 use kvcrypt_datapath::transport::fuse::{FuseDevice, FuseMode, FuseOptions};
-
-pub const MIB: u64 = 1 << 20;
 
 /// A formatted test volume (key `test_key(42)`) in a temporary directory, and a guard that
 /// closes worker `name` when the scenario ends or panics.
@@ -33,19 +39,16 @@ impl Fixture {
         Fixture {
             key,
             vol,
-            _cleanup: Cleanup {
-                mounts: vec![],
-                names: vec![name.into()],
-            },
+            _cleanup: Cleanup::worker(name),
             _dir: dir,
         }
     }
 }
 
 /// Starts a worker and checks the serving mode it reports.
-fn spawn_checked(vol: &Path, name: &str, mode: Option<&str>) -> WorkerInfo {
-    let info = spawn_worker(&worker_spec(vol, name), &test_key(42)).expect("spawn worker");
-    if let Some(mode) = mode {
+fn spawn_checked(w: &Worker, vol: &Path, name: &str) -> WorkerInfo {
+    let info = spawn_worker(&w.spec(vol, name), &test_key(42)).expect("spawn worker");
+    if let Some(mode) = w.mode {
         let st = WorkerClient::connect(name).unwrap().status().unwrap();
         assert_eq!(st.fuse_mode.as_deref(), Some(mode), "worker serving mode");
         let state = kvcrypt::worker::read_state(name).expect("state file");
@@ -60,7 +63,7 @@ fn spawn_checked(vol: &Path, name: &str, mode: Option<&str>) -> WorkerInfo {
 
 /// ext4 with ~200 MB of checksummed files, close, no plaintext on the backing file, reopen,
 /// verify, e2fsck.
-pub fn ext4_close_reopen(name: &str, mode: Option<&str>) {
+pub fn ext4_close_reopen(w: &Worker, name: &str) {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let key = test_key(42);
     let vol = make_volume(dir.path(), 320 * MIB, &key);
@@ -71,7 +74,7 @@ pub fn ext4_close_reopen(name: &str, mode: Option<&str>) {
         names: vec![name.into()],
     };
 
-    let info = spawn_checked(&vol, name, mode);
+    let info = spawn_checked(w, &vol, name);
     let bdev = info.block_device.to_str().unwrap().to_string();
     assert!(bdev.starts_with("/dev/loop"), "{bdev}");
     assert_eq!(
@@ -79,9 +82,9 @@ pub fn ext4_close_reopen(name: &str, mode: Option<&str>) {
         info.block_device
     );
     // A second open of the same name or device is refused.
-    let again = spawn_worker(&worker_spec(&vol, name), &key).unwrap_err();
+    let again = spawn_worker(&w.spec(&vol, name), &key).unwrap_err();
     assert!(matches!(again, WorkerError::AlreadyOpen { .. }), "{again}");
-    let other = spawn_worker(&worker_spec(&vol, &format!("{name}-b")), &key).unwrap_err();
+    let other = spawn_worker(&w.spec(&vol, &format!("{name}-b")), &key).unwrap_err();
     assert!(matches!(other, WorkerError::DeviceInUse { .. }), "{other}");
 
     run("mkfs.ext4", &["-q", "-F", &bdev]);
@@ -140,7 +143,7 @@ pub fn ext4_close_reopen(name: &str, mode: Option<&str>) {
     drop(raw);
 
     // Reopen, verify every checksum, fsck clean.
-    let info = spawn_checked(&vol, name, mode);
+    let info = spawn_checked(w, &vol, name);
     let bdev = info.block_device.to_str().unwrap().to_string();
     run("mount", &["-o", "ro", &bdev, mnt.to_str().unwrap()]);
     let mut check = std::process::Command::new("sha256sum")
@@ -167,10 +170,10 @@ pub fn ext4_close_reopen(name: &str, mode: Option<&str>) {
 }
 
 /// fio --verify=crc32c, four jobs at iodepth 16, mixed block sizes.
-pub fn fio_verify(name: &str, mode: Option<&str>) {
+pub fn fio_verify(w: &Worker, name: &str) {
     let fx = Fixture::new(name, 300 * MIB);
     let vol = &fx.vol;
-    let info = spawn_checked(vol, name, mode);
+    let info = spawn_checked(w, vol, name);
     let bdev = info.block_device.to_str().unwrap().to_string();
     run_fio_verify(&bdev);
     WorkerClient::connect(name).unwrap().close().expect("close");
@@ -178,10 +181,10 @@ pub fn fio_verify(name: &str, mode: Option<&str>) {
 }
 
 /// fsynced data survives SIGKILL of the worker.
-pub fn fsync_survives_sigkill(name: &str, mode: Option<&str>) {
+pub fn fsync_survives_sigkill(w: &Worker, name: &str) {
     let fx = Fixture::new(name, 64 * MIB);
     let vol = &fx.vol;
-    let info = spawn_checked(vol, name, mode);
+    let info = spawn_checked(w, vol, name);
     // Buffered writes into the block device's page cache, then fsync: only the flush makes
     // them durable.
     let data = pattern(8 * MIB as usize, 99);
@@ -193,11 +196,10 @@ pub fn fsync_survives_sigkill(name: &str, mode: Option<&str>) {
         f.write_all_at(&data, 3 * MIB + 4096).unwrap();
         f.sync_all().unwrap();
         // SIGKILL while the device is still open: no chance for any orderly flush.
-        // SAFETY: kill on the worker we started.
-        unsafe { libc::kill(info.pid as i32, libc::SIGKILL) };
+        let _ = kvcrypt_host::process::signal(info.pid, libc::SIGKILL);
         wait_gone(info.pid);
     }
-    let info = spawn_checked(vol, name, mode);
+    let info = spawn_checked(w, vol, name);
     let f = open_direct(&info.block_device);
     let mut back = AlignedBuf::new(data.len());
     f.read_exact_at(&mut back, 3 * MIB + 4096).unwrap();
@@ -209,10 +211,10 @@ pub fn fsync_survives_sigkill(name: &str, mode: Option<&str>) {
 
 /// SIGTERM while suspended with a write parked: the worker must not hang on the parked
 /// request — it fails it (the device is going away), tears down and exits.
-pub fn sigterm_while_suspended_exits(name: &str, mode: Option<&str>) {
+pub fn sigterm_while_suspended_exits(w: &Worker, name: &str) {
     let fx = Fixture::new(name, 64 * MIB);
     let vol = &fx.vol;
-    let info = spawn_checked(vol, name, mode);
+    let info = spawn_checked(w, vol, name);
     let mut c = WorkerClient::connect(name).unwrap();
     c.suspend().expect("suspend");
     let dev = info.block_device.clone();
@@ -234,8 +236,7 @@ pub fn sigterm_while_suspended_exits(name: &str, mode: Option<&str>) {
     }
     assert!(parked > 0, "the write never reached the worker");
     drop(c);
-    // SAFETY: signalling the worker this test started.
-    unsafe { libc::kill(info.pid as i32, libc::SIGTERM) };
+    let _ = kvcrypt_host::process::signal(info.pid, libc::SIGTERM);
     wait_gone(info.pid);
     let r = rx
         .recv_timeout(Duration::from_secs(30))
@@ -251,10 +252,10 @@ pub fn sigterm_while_suspended_exits(name: &str, mode: Option<&str>) {
 }
 
 /// A write parks while suspended, and completes after resume with the right key.
-pub fn suspend_parks_and_resume_completes(name: &str, mode: Option<&str>) {
+pub fn suspend_parks_and_resume_completes(w: &Worker, name: &str) {
     let fx = Fixture::new(name, 64 * MIB);
     let (key, vol) = (&fx.key, &fx.vol);
-    let info = spawn_checked(vol, name, mode);
+    let info = spawn_checked(w, vol, name);
     let mut c = WorkerClient::connect(name).unwrap();
     assert_eq!(
         c.status().unwrap().state,
@@ -363,10 +364,10 @@ fn run_fio_verify(bdev: &str) {
 
 /// Suspend while fio verify has many requests in flight, hold, resume: every request waits
 /// (none fails), in-flight ones are finished without deadlock, and fio verifies all data.
-pub fn suspend_during_fio_verify(name: &str, mode: Option<&str>) {
+pub fn suspend_during_fio_verify(w: &Worker, name: &str) {
     let fx = Fixture::new(name, 300 * MIB);
     let (key, vol) = (&fx.key, &fx.vol);
-    let info = spawn_checked(vol, name, mode);
+    let info = spawn_checked(w, vol, name);
     let bdev = info.block_device.to_str().unwrap().to_string();
     let stat = format!(
         "/sys/block/{}/stat",
