@@ -8,6 +8,7 @@ use kvcrypt_keyvault::{BlockingProvider, ErrorClass, KeyError, KeyId, KeyVaultPr
 use kvcrypt_kv_emulator::{AuthMode, EmulatorConfig, Fault, FaultKind, FaultTarget, Op};
 use kvcrypt_testkit::emulator::{HSM, Kv, VAULT, key_id};
 use kvcrypt_testkit::keys::random_vmk;
+use kvcrypt_testkit::table;
 use std::time::{Duration, Instant};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,27 +17,35 @@ fn b64(bytes: &[u8]) -> String {
     base64::Engine::encode(&B64, bytes)
 }
 
-/// Asserts the class and most specific code, and that the message names vault and key.
-fn assert_err(err: &KeyError, class: ErrorClass, code: Option<&str>, vault: &str, key: &str) {
-    assert_eq!(err.class(), class, "wrong class for: {err}");
+/// Asserts the class and most specific code, and that the message names vault and key; `what`
+/// (the case) starts every message.
+fn assert_err(
+    what: &str,
+    err: &KeyError,
+    class: ErrorClass,
+    code: Option<&str>,
+    vault: &str,
+    key: &str,
+) {
+    assert_eq!(err.class(), class, "{what}: wrong class for: {err}");
     if code.is_some() {
-        assert_eq!(err.code(), code, "wrong code for: {err}");
+        assert_eq!(err.code(), code, "{what}: wrong code for: {err}");
     }
     let msg = err.to_string();
     assert!(
         msg.contains(vault),
-        "message does not name the vault: {msg}"
+        "{what}: message does not name the vault: {msg}"
     );
     assert!(
         msg.contains(&format!("'{key}'")),
-        "message does not name the key: {msg}"
+        "{what}: message does not name the key: {msg}"
     );
     let exit = match class {
         ErrorClass::Denied => Exit::AccessDenied,
         ErrorClass::Transient => Exit::VaultUnavailable,
         ErrorClass::Misconfigured => Exit::Config,
     };
-    assert_eq!(err.exit_class(), exit);
+    assert_eq!(err.exit_class(), exit, "{what}: exit class");
 }
 
 /// Ops a typical kvcrypt identity gets ("Key Vault Crypto Service Encryption User").
@@ -274,7 +283,14 @@ async fn expired_key_still_unwraps_but_refuses_wrap() {
         .wrap(&key_id(VAULT, "k"), None, &vmk)
         .await
         .unwrap_err();
-    assert_err(&err, ErrorClass::Denied, Some("KeyExpired"), VAULT, "k");
+    assert_err(
+        "expired_key_still_unwraps_but_refuses_wrap",
+        &err,
+        ErrorClass::Denied,
+        Some("KeyExpired"),
+        VAULT,
+        "k",
+    );
 }
 
 /// Sets up a key, a provider and one good slot.
@@ -289,90 +305,275 @@ async fn ready(kv: &Kv) -> (KeyVaultProvider, kvcrypt_keyvault::WrappedKey, Stri
     (provider, slot, p.client_id)
 }
 
-#[tokio::test]
-async fn revoked_permission_is_denied_and_restored_access_works() {
-    let kv = Kv::start();
-    let (provider, slot, who) = ready(&kv).await;
-    kv.emu.revoke(&who, &[Op::Unwrap], None).unwrap();
-    let err = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap_err();
-    assert_err(
-        &err,
-        ErrorClass::Denied,
-        Some("ForbiddenByRbac"),
-        VAULT,
-        "k",
-    );
-    assert_eq!(err.status(), Some(403));
-    assert!(
-        err.to_string()
-            .contains("Key Vault Crypto Service Encryption User"),
-        "{err}"
-    );
-
-    kv.emu.grant(&who, &[Op::Unwrap], None).unwrap();
-    provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .expect("access restored");
+/// What a table row changes in the vault, or puts in front of it, before the unwrap.
+#[derive(Clone)]
+enum Change {
+    /// Revoke the principal's unwrap permission (RBAC vault).
+    Revoke,
+    /// Switch the vault to access policies and revoke unwrap.
+    AccessPolicy,
+    Disable,
+    Delete,
+    Firewall,
+    /// Inject this fault for every request until the row ends.
+    Fault(FaultKind),
 }
 
-#[tokio::test]
-async fn access_policy_vault_denies_with_access_denied() {
-    let kv = Kv::start();
-    let (provider, slot, who) = ready(&kv).await;
-    kv.emu.set_mode(AuthMode::AccessPolicy);
-    kv.emu.revoke(&who, &[Op::Unwrap], None).unwrap();
-    let err = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap_err();
-    assert_err(&err, ErrorClass::Denied, Some("AccessDenied"), VAULT, "k");
+/// One way the unwrap of a good slot can fail, and how the provider must report it.
+struct UnwrapCase {
+    change: Change,
+    class: ErrorClass,
+    /// The most specific code (`None`: not checked, see `no_code`).
+    code: Option<&'static str>,
+    /// The answer's code must not be reported (an unverified answer is not trusted).
+    no_code: bool,
+    status: Option<u16>,
+    /// Text the message must contain, and must not.
+    says: &'static [&'static str],
+    never_says: &'static [&'static str],
+    /// Undo the change afterwards: the same provider must then unwrap again.
+    undo: bool,
 }
 
-#[tokio::test]
-async fn disabled_key_is_denied() {
-    let kv = Kv::start();
-    let (provider, slot, _) = ready(&kv).await;
-    kv.emu.set_key_enabled("k", None, false).unwrap();
-    let err = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap_err();
-    assert_err(&err, ErrorClass::Denied, Some("KeyDisabled"), VAULT, "k");
+const fn case(change: Change, class: ErrorClass) -> UnwrapCase {
+    UnwrapCase {
+        change,
+        class,
+        code: None,
+        no_code: false,
+        status: None,
+        says: &[],
+        never_says: &[],
+        undo: false,
+    }
 }
 
-#[tokio::test]
-async fn deleted_key_is_denied() {
-    let kv = Kv::start();
-    let (provider, slot, _) = ready(&kv).await;
-    kv.admin_client(VAULT).delete_key("k", None).await.unwrap();
-    let err = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap_err();
-    assert_err(&err, ErrorClass::Denied, Some("KeyNotFound"), VAULT, "k");
-    assert_eq!(err.status(), Some(404));
+/// Only Key Vault's own error answers revoke (Denied); whatever else answers (a 5xx, a reset,
+/// a proxy's HTML page, an empty body, some other JSON, a 401 without the vault's challenge,
+/// throttling, a hung server) is Transient.
+fn unwrap_cases() -> Vec<(&'static str, UnwrapCase)> {
+    use Change::*;
+    use ErrorClass::{Denied, Transient};
+    const FOREIGN: &str = "not a Key Vault error answer, treated as transient";
+    let foreign = |kind: FaultKind, status: u16, says: &'static [&'static str]| UnwrapCase {
+        status: Some(status),
+        no_code: true,
+        says,
+        undo: true,
+        ..case(Fault(kind), Transient)
+    };
+    vec![
+        (
+            "revoked RBAC permission: denied, restored access works",
+            UnwrapCase {
+                code: Some("ForbiddenByRbac"),
+                status: Some(403),
+                says: &["Key Vault Crypto Service Encryption User"],
+                undo: true,
+                ..case(Revoke, Denied)
+            },
+        ),
+        (
+            "access-policy vault: AccessDenied",
+            UnwrapCase {
+                code: Some("AccessDenied"),
+                ..case(AccessPolicy, Denied)
+            },
+        ),
+        (
+            "disabled key: KeyDisabled",
+            UnwrapCase {
+                code: Some("KeyDisabled"),
+                ..case(Disable, Denied)
+            },
+        ),
+        (
+            "deleted key: KeyNotFound 404",
+            UnwrapCase {
+                code: Some("KeyNotFound"),
+                status: Some(404),
+                ..case(Delete, Denied)
+            },
+        ),
+        (
+            "firewall: ForbiddenByFirewall",
+            UnwrapCase {
+                code: Some("ForbiddenByFirewall"),
+                ..case(Firewall, Denied)
+            },
+        ),
+        (
+            "HTTP 500 (retried, persists): transient",
+            UnwrapCase {
+                status: Some(500),
+                ..case(Fault(FaultKind::Status { status: 500 }), Transient)
+            },
+        ),
+        (
+            "HTTP 503 (retried, persists): transient",
+            UnwrapCase {
+                status: Some(503),
+                ..case(Fault(FaultKind::Status { status: 503 }), Transient)
+            },
+        ),
+        (
+            "connection reset: transient",
+            case(Fault(FaultKind::Reset), Transient),
+        ),
+        (
+            "hung server: transient within the deadline",
+            case(Fault(FaultKind::Hang), Transient),
+        ),
+        (
+            "throttled with Retry-After: transient",
+            case(
+                Fault(FaultKind::Throttle {
+                    retry_after: Some(1),
+                }),
+                Transient,
+            ),
+        ),
+        (
+            "throttled without Retry-After: transient",
+            case(Fault(FaultKind::Throttle { retry_after: None }), Transient),
+        ),
+        (
+            "proxy HTML 403",
+            foreign(
+                FaultKind::Html { status: 403 },
+                403,
+                &[FOREIGN, "content-type text/html", "<html> <head><title>"],
+            ),
+        ),
+        (
+            "proxy HTML 404",
+            foreign(
+                FaultKind::Html { status: 404 },
+                404,
+                &[FOREIGN, "content-type text/html", "<html> <head><title>"],
+            ),
+        ),
+        (
+            "empty 403",
+            foreign(
+                FaultKind::Empty { status: 403 },
+                403,
+                &[FOREIGN, "empty body"],
+            ),
+        ),
+        (
+            "empty 404",
+            foreign(
+                FaultKind::Empty { status: 404 },
+                404,
+                &[FOREIGN, "empty body"],
+            ),
+        ),
+        (
+            "foreign JSON 403",
+            foreign(
+                FaultKind::ForeignJson { status: 403 },
+                403,
+                &[FOREIGN, "Access denied by the gateway policy"],
+            ),
+        ),
+        (
+            "foreign JSON 404",
+            foreign(
+                FaultKind::ForeignJson { status: 404 },
+                404,
+                &[FOREIGN, "Access denied by the gateway policy"],
+            ),
+        ),
+        (
+            "401 without the vault's challenge",
+            UnwrapCase {
+                never_says: &["freshly obtained"],
+                ..foreign(
+                    FaultKind::UnauthorizedNoChallenge,
+                    401,
+                    &[FOREIGN, "without a Bearer challenge that persisted"],
+                )
+            },
+        ),
+    ]
 }
 
+/// Each row on a fresh emulator: a key, a provider and one good slot, then the row's change,
+/// then the unwrap, whose error must be of the row's class, code, status and message.
 #[tokio::test]
-async fn firewall_is_denied() {
-    let kv = Kv::start();
-    let (provider, slot, _) = ready(&kv).await;
-    kv.emu.set_firewall(true);
-    let err = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
+async fn unwrap_errors_are_classified() {
+    table::rows_async(unwrap_cases(), |name, c| async move {
+        let kv = Kv::start();
+        let (provider, slot, who) = ready(&kv).await;
+        match &c.change {
+            Change::Revoke => kv.emu.revoke(&who, &[Op::Unwrap], None).unwrap(),
+            Change::AccessPolicy => {
+                kv.emu.set_mode(AuthMode::AccessPolicy);
+                kv.emu.revoke(&who, &[Op::Unwrap], None).unwrap();
+            }
+            Change::Disable => kv.emu.set_key_enabled("k", None, false).unwrap(),
+            Change::Delete => {
+                kv.admin_client(VAULT).delete_key("k", None).await.unwrap();
+            }
+            Change::Firewall => kv.emu.set_firewall(true),
+            Change::Fault(kind) => kv.emu.inject_fault(Fault::new(kind.clone())),
+        }
+        let start = Instant::now();
+        // The outer guard only keeps a broken deadline from hanging the test suite.
+        let err = tokio::time::timeout(
+            Duration::from_secs(60),
+            provider.unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped),
+        )
         .await
-        .unwrap_err();
-    assert_err(
-        &err,
-        ErrorClass::Denied,
-        Some("ForbiddenByFirewall"),
-        VAULT,
-        "k",
-    );
+        .unwrap_or_else(|_| panic!("{name}: the provider's own deadline must end the call"))
+        .expect_err(name);
+        eprintln!(
+            "{name}: {:?} after {:.2} s (deadline {} ms): {err}",
+            err.class(),
+            start.elapsed().as_secs_f64(),
+            provider.config().deadline_ms
+        );
+        assert_err(name, &err, c.class, c.code, VAULT, "k");
+        if let Some(status) = c.status {
+            assert_eq!(err.status(), Some(status), "{name}: {err}");
+        }
+        if c.no_code {
+            assert_eq!(
+                err.code(),
+                None,
+                "{name}: an unverified answer's code is not trusted: {err}"
+            );
+        }
+        if matches!(c.change, Change::Fault(FaultKind::Throttle { .. })) {
+            // Either the retries ran out (429 Throttled) or a long Retry-After hit the deadline.
+            assert!(
+                err.code() == Some("Throttled") || matches!(err, KeyError::Timeout { .. }),
+                "{name}: {err}"
+            );
+        }
+        let msg = err.to_string();
+        for s in c.says {
+            assert!(msg.contains(s), "{name}: message lacks {s:?}: {msg}");
+        }
+        if let Some(status) = c.status.filter(|_| c.no_code) {
+            assert!(msg.contains(&format!("HTTP {status}")), "{name}: {msg}");
+        }
+        for s in c.never_says {
+            assert!(!msg.contains(s), "{name}: message says {s:?}: {msg}");
+        }
+        if c.undo {
+            match c.change {
+                Change::Revoke => kv.emu.grant(&who, &[Op::Unwrap], None).unwrap(),
+                _ => kv.emu.clear_faults(),
+            }
+            provider
+                .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: access restored, yet: {e}"));
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -388,6 +589,7 @@ async fn deleted_principal_is_denied() {
         .await
         .unwrap_err();
     assert_err(
+        "deleted_principal_is_denied",
         &err,
         ErrorClass::Denied,
         Some("unauthorized_client"),
@@ -428,20 +630,9 @@ async fn wrong_client_secret_is_denied() {
 }
 
 #[tokio::test]
-async fn server_errors_are_transient_and_retried() {
+async fn a_single_server_error_is_retried() {
     let kv = Kv::start();
     let (provider, slot, _) = ready(&kv).await;
-    for status in [500u16, 503] {
-        kv.emu
-            .inject_fault(Fault::new(FaultKind::Status { status }));
-        let err = provider
-            .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-            .await
-            .unwrap_err();
-        assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
-        assert_eq!(err.status(), Some(status));
-        kv.emu.clear_faults();
-    }
     // One failure is absorbed by the retry policy.
     kv.emu
         .inject_fault(Fault::new(FaultKind::Status { status: 503 }).times(1));
@@ -449,78 +640,6 @@ async fn server_errors_are_transient_and_retried() {
         .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
         .await
         .expect("a single 503 is retried");
-}
-
-#[tokio::test]
-async fn throttling_is_transient_with_and_without_retry_after() {
-    let kv = Kv::start();
-    let (provider, slot, _) = ready(&kv).await;
-    for retry_after in [Some(1), None] {
-        kv.emu
-            .inject_fault(Fault::new(FaultKind::Throttle { retry_after }));
-        let err = provider
-            .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-            .await
-            .unwrap_err();
-        assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
-        // Either the retries ran out (429 Throttled) or a long Retry-After hit the deadline.
-        assert!(
-            err.code() == Some("Throttled") || matches!(err, KeyError::Timeout { .. }),
-            "{err}"
-        );
-        kv.emu.clear_faults();
-    }
-}
-
-#[tokio::test]
-async fn hung_server_is_transient_within_the_deadline() {
-    let kv = Kv::start();
-    let (provider, slot, _) = ready(&kv).await;
-    kv.emu.inject_fault(Fault::new(FaultKind::Hang));
-    let start = Instant::now();
-    // The outer guard only keeps a broken deadline from hanging the test suite.
-    let result = tokio::time::timeout(
-        Duration::from_secs(60),
-        provider.unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped),
-    )
-    .await
-    .expect("the provider's own deadline must end the call");
-    let elapsed = start.elapsed();
-    let err = result.unwrap_err();
-    assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
-    eprintln!(
-        "hung server declared Transient after {:.2} s (deadline {} ms): {err}",
-        elapsed.as_secs_f64(),
-        provider.config().deadline_ms
-    );
-    kv.emu.clear_faults();
-}
-
-#[tokio::test]
-async fn connection_reset_is_transient() {
-    let kv = Kv::start();
-    let (provider, slot, _) = ready(&kv).await;
-    kv.emu.inject_fault(Fault::new(FaultKind::Reset));
-    let err = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap_err();
-    assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
-}
-
-#[tokio::test]
-async fn token_endpoint_failure_is_transient() {
-    let kv = Kv::start();
-    kv.emu.create_key("k", "RSA", Some(2048)).unwrap();
-    let provider = kv.provider(&kv.principal("host1", CRYPTO_USER));
-    kv.emu
-        .inject_fault(Fault::new(FaultKind::Status { status: 503 }).target(FaultTarget::Token));
-    let err = provider
-        .wrap(&key_id(VAULT, "k"), None, &random_vmk())
-        .await
-        .unwrap_err();
-    assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
-    assert!(err.failure().unwrap().from_identity, "{err}");
 }
 
 #[tokio::test]
@@ -551,11 +670,7 @@ async fn challenge_from_foreign_domain_is_refused() {
     let kv = {
         let mut c = EmulatorConfig::default();
         c.hosts.push("myvault.vault.example.net".into());
-        let emu = kvcrypt_kv_emulator::Emulator::start(c).unwrap();
-        Kv {
-            emu,
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Kv::with(c)
     };
     kv.emu.create_key("k", "RSA", Some(2048)).unwrap();
     let mut cfg = kv.config(&kv.principal("host1", CRYPTO_USER));
@@ -590,7 +705,14 @@ async fn wrong_algorithm_for_key_is_misconfigured() {
         .wrap(&key_id(VAULT, "k"), Some("A256KW"), &random_vmk())
         .await
         .unwrap_err();
-    assert_err(&err, ErrorClass::Misconfigured, None, VAULT, "k");
+    assert_err(
+        "wrong_algorithm_for_key_is_misconfigured",
+        &err,
+        ErrorClass::Misconfigured,
+        None,
+        VAULT,
+        "k",
+    );
     assert_eq!(err.status(), Some(400));
 }
 
@@ -621,6 +743,7 @@ async fn unwrap_of_a_non_vmk_is_rejected() {
         .await
         .unwrap_err();
     assert_err(
+        "unwrap_of_a_non_vmk_is_rejected",
         &err,
         ErrorClass::Misconfigured,
         Some("WrongKeyLength"),
@@ -702,72 +825,14 @@ async fn vault_and_token_endpoint_unreachable_is_transient() {
         .wrap(&key_id(VAULT, "k"), None, &random_vmk())
         .await
         .unwrap_err();
-    assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Only Key Vault's own error answers revoke: whatever else answers (a proxy's HTML page, an empty
-// body, some other JSON, a 401 without the vault's challenge) is Transient.
-
-/// The answers injected for `fault`, and the status each must report.
-fn foreign_faults() -> Vec<(FaultKind, u16)> {
-    vec![
-        (FaultKind::Html { status: 403 }, 403),
-        (FaultKind::Html { status: 404 }, 404),
-        (FaultKind::Empty { status: 403 }, 403),
-        (FaultKind::Empty { status: 404 }, 404),
-        (FaultKind::ForeignJson { status: 403 }, 403),
-        (FaultKind::ForeignJson { status: 404 }, 404),
-        (FaultKind::UnauthorizedNoChallenge, 401),
-    ]
-}
-
-#[tokio::test]
-async fn answers_that_are_not_key_vaults_are_transient() {
-    let kv = Kv::start();
-    let (provider, slot, _) = ready(&kv).await;
-    for (fault, status) in foreign_faults() {
-        kv.emu.inject_fault(Fault::new(fault.clone()));
-        let err = provider
-            .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-            .await
-            .unwrap_err();
-        assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
-        assert_eq!(err.status(), Some(status), "{fault:?}: {err}");
-        assert_eq!(
-            err.code(),
-            None,
-            "an unverified answer's code is not trusted: {err}"
-        );
-        let msg = err.to_string();
-        assert!(
-            msg.contains("not a Key Vault error answer, treated as transient"),
-            "{fault:?}: {msg}"
-        );
-        assert!(msg.contains(&format!("HTTP {status}")), "{fault:?}: {msg}");
-        match fault {
-            FaultKind::Html { .. } => {
-                assert!(msg.contains("content-type text/html"), "{msg}");
-                assert!(msg.contains("<html> <head><title>"), "{msg}");
-            }
-            FaultKind::Empty { .. } => assert!(msg.contains("empty body"), "{msg}"),
-            FaultKind::ForeignJson { .. } => {
-                assert!(msg.contains("Access denied by the gateway policy"), "{msg}")
-            }
-            _ => {
-                assert!(
-                    msg.contains("without a Bearer challenge that persisted"),
-                    "{msg}"
-                );
-                assert!(!msg.contains("freshly obtained"), "{msg}");
-            }
-        }
-        kv.emu.clear_faults();
-        provider
-            .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-            .await
-            .expect("the vault answers again");
-    }
+    assert_err(
+        "vault_and_token_endpoint_unreachable_is_transient",
+        &err,
+        ErrorClass::Transient,
+        None,
+        VAULT,
+        "k",
+    );
 }
 
 #[tokio::test]
@@ -784,7 +849,14 @@ async fn a_fresh_client_meeting_a_challenge_less_401_is_transient() {
         .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
         .await
         .unwrap_err();
-    assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
+    assert_err(
+        "a_fresh_client_meeting_a_challenge_less_401_is_transient",
+        &err,
+        ErrorClass::Transient,
+        None,
+        VAULT,
+        "k",
+    );
     assert_eq!(err.status(), Some(401));
     assert!(!err.to_string().contains("freshly obtained"), "{err}");
     // Without a challenge the SDK never fetched a token: nothing was tried with one.
@@ -811,64 +883,89 @@ async fn keyed_fault_hits_only_that_key() {
         .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
         .await
         .unwrap_err();
-    assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
+    assert_err(
+        "keyed_fault_hits_only_that_key",
+        &err,
+        ErrorClass::Transient,
+        None,
+        VAULT,
+        "k",
+    );
     provider
         .unwrap(&other.key_id, &other.algorithm, &other.wrapped)
         .await
         .expect("another key is not affected");
 }
 
+/// The token endpoint failing, or answering with something that is not Entra ID's error
+/// answer: Transient, and said to come from the identity step. Each row on a fresh provider
+/// (no cached token, so the token endpoint is asked).
 #[tokio::test]
-async fn token_endpoint_answers_that_are_not_entra_ids_are_transient() {
-    let kv = Kv::start();
-    kv.emu.create_key("k", "RSA", Some(2048)).unwrap();
-    let p = kv.principal("host1", CRYPTO_USER);
-    for fault in [
-        FaultKind::Html { status: 403 },
-        FaultKind::Empty { status: 400 },
-        FaultKind::Empty { status: 401 },
-        FaultKind::ForeignJson { status: 400 },
-    ] {
-        // A new provider each time: no cached token, so the token endpoint is asked.
-        let provider = kv.provider(&p);
+async fn token_endpoint_failures_are_transient() {
+    const NOT_ENTRA: &str = "not an Entra ID or managed identity error answer";
+    let rows: Vec<(&'static str, (FaultKind, Option<&'static str>))> = vec![
+        (
+            "token endpoint 503",
+            (FaultKind::Status { status: 503 }, None),
+        ),
+        (
+            "token endpoint HTML 403",
+            (FaultKind::Html { status: 403 }, Some(NOT_ENTRA)),
+        ),
+        (
+            "token endpoint empty 400",
+            (FaultKind::Empty { status: 400 }, Some(NOT_ENTRA)),
+        ),
+        (
+            "token endpoint empty 401",
+            (FaultKind::Empty { status: 401 }, Some(NOT_ENTRA)),
+        ),
+        (
+            "token endpoint foreign JSON 400",
+            (FaultKind::ForeignJson { status: 400 }, Some(NOT_ENTRA)),
+        ),
+    ];
+    table::rows_async(rows, |name, (fault, says)| async move {
+        let kv = Kv::start();
+        kv.emu.create_key("k", "RSA", Some(2048)).unwrap();
+        let provider = kv.provider(&kv.principal("host1", CRYPTO_USER));
         kv.emu
-            .inject_fault(Fault::new(fault.clone()).target(FaultTarget::Token));
+            .inject_fault(Fault::new(fault).target(FaultTarget::Token));
         let err = provider
             .wrap(&key_id(VAULT, "k"), None, &random_vmk())
             .await
-            .unwrap_err();
-        assert_err(&err, ErrorClass::Transient, None, VAULT, "k");
-        assert!(err.failure().unwrap().from_identity, "{err}");
-        assert!(
-            err.to_string()
-                .contains("not an Entra ID or managed identity error answer"),
-            "{fault:?}: {err}"
-        );
-        kv.emu.clear_faults();
-    }
+            .expect_err(name);
+        assert_err(name, &err, ErrorClass::Transient, None, VAULT, "k");
+        assert!(err.failure().unwrap().from_identity, "{name}: {err}");
+        if let Some(says) = says {
+            assert!(err.to_string().contains(says), "{name}: {err}");
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn challenge_that_persists_after_a_fresh_token_is_denied() {
     // Every token the emulator issues is already expired: Key Vault challenges the request, the
     // SDK fetches a new token and re-sends, and Key Vault challenges again.
-    let kv = {
-        let c = EmulatorConfig {
-            token_lifetime: Duration::ZERO,
-            ..EmulatorConfig::default()
-        };
-        Kv {
-            emu: kvcrypt_kv_emulator::Emulator::start(c).unwrap(),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    };
+    let kv = Kv::with(EmulatorConfig {
+        token_lifetime: Duration::ZERO,
+        ..EmulatorConfig::default()
+    });
     kv.emu.create_key("k", "RSA", Some(2048)).unwrap();
     let provider = kv.provider(&kv.principal("host1", CRYPTO_USER));
     let err = provider
         .wrap(&key_id(VAULT, "k"), Some("RSA-OAEP-256"), &random_vmk())
         .await
         .unwrap_err();
-    assert_err(&err, ErrorClass::Denied, Some("Unauthorized"), VAULT, "k");
+    assert_err(
+        "challenge_that_persists_after_a_fresh_token_is_denied",
+        &err,
+        ErrorClass::Denied,
+        Some("Unauthorized"),
+        VAULT,
+        "k",
+    );
     assert_eq!(err.status(), Some(401));
     assert!(err.to_string().contains("freshly obtained token"), "{err}");
     let (_, log) = kv.emu.requests();
@@ -890,6 +987,7 @@ async fn real_key_vault_denials_stay_denied_next_to_foreign_faults() {
         .await
         .unwrap_err();
     assert_err(
+        "real_key_vault_denials_stay_denied_next_to_foreign_faults",
         &err,
         ErrorClass::Denied,
         Some("ForbiddenByRbac"),
@@ -902,12 +1000,26 @@ async fn real_key_vault_denials_stay_denied_next_to_foreign_faults() {
         .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
         .await
         .unwrap_err();
-    assert_err(&err, ErrorClass::Denied, Some("KeyDisabled"), VAULT, "k");
+    assert_err(
+        "real_key_vault_denials_stay_denied_next_to_foreign_faults",
+        &err,
+        ErrorClass::Denied,
+        Some("KeyDisabled"),
+        VAULT,
+        "k",
+    );
     kv.emu.set_key_enabled("k", None, true).unwrap();
     kv.admin_client(VAULT).delete_key("k", None).await.unwrap();
     let err = provider
         .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
         .await
         .unwrap_err();
-    assert_err(&err, ErrorClass::Denied, Some("KeyNotFound"), VAULT, "k");
+    assert_err(
+        "real_key_vault_denials_stay_denied_next_to_foreign_faults",
+        &err,
+        ErrorClass::Denied,
+        Some("KeyNotFound"),
+        VAULT,
+        "k",
+    );
 }
