@@ -24,6 +24,14 @@ fn format_open_write_close_reopen_through_the_cli() {
     let cli = Cli::new(env!("CARGO_BIN_EXE_kvcrypt")).config(&cfg);
     let img = kvcrypt_testkit::volume::sized_file(kv.dir.path(), "disk.img", 48 * MIB);
     let imgs = img.to_str().unwrap();
+    let open = [
+        "open",
+        imgs,
+        name,
+        "--transport",
+        "fuse",
+        "--no-access-checks",
+    ];
     cli.run(&[
         "format",
         imgs,
@@ -33,18 +41,7 @@ fn format_open_write_close_reopen_through_the_cli() {
     ])
     .ok();
 
-    let dev = cli
-        .run(&[
-            "open",
-            imgs,
-            name,
-            "--transport",
-            "fuse",
-            "--no-access-checks",
-        ])
-        .ok()
-        .trim()
-        .to_string();
+    let dev = cli.run(&open).ok().trim().to_string();
     assert!(
         dev.starts_with("/dev/loop"),
         "open prints the block device: {dev}"
@@ -54,14 +51,7 @@ fn format_open_write_close_reopen_through_the_cli() {
     assert_eq!(state.transport, "fuse");
 
     // The same name again: busy (exit code 10).
-    let again = cli.run(&[
-        "open",
-        imgs,
-        name,
-        "--transport",
-        "fuse",
-        "--no-access-checks",
-    ]);
+    let again = cli.run(&open);
     again.code(10);
 
     let data = pattern(2 * MIB as usize, 5);
@@ -78,15 +68,7 @@ fn format_open_write_close_reopen_through_the_cli() {
 
     // Read-only reopen shows the same bytes and refuses writes.
     let dev = cli
-        .run(&[
-            "open",
-            imgs,
-            name,
-            "--transport",
-            "fuse",
-            "--read-only",
-            "--no-access-checks",
-        ])
+        .run(&[&open[..], &["--read-only"]].concat())
         .ok()
         .trim()
         .to_string();
@@ -122,14 +104,7 @@ fn format_open_write_close_reopen_through_the_cli() {
         &stranger,
         &format!("keys = [\"https://{VAULT}/keys/disk-kek\"]"),
     );
-    let denied = cli.config(&cfg2).run(&[
-        "open",
-        imgs,
-        name,
-        "--transport",
-        "fuse",
-        "--no-access-checks",
-    ]);
+    let denied = cli.config(&cfg2).run(&open);
     denied.code(5);
     assert!(kvcrypt::worker::read_state(name).is_none());
 }

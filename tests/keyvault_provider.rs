@@ -3,8 +3,11 @@
 //! implementations where the key material is ours), rotation, expiry, and every error class.
 
 use azure_core::http::RequestContent;
+use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_exit::{Exit, ExitClass};
-use kvcrypt_keyvault::{BlockingProvider, ErrorClass, KeyError, KeyId, KeyVaultProvider};
+use kvcrypt_keyvault::{
+    BlockingProvider, ErrorClass, KeyError, KeyId, KeyVaultProvider, WrappedKey,
+};
 use kvcrypt_kv_emulator::{AuthMode, EmulatorConfig, Fault, FaultKind, FaultTarget, Op};
 use kvcrypt_testkit::emulator::{HSM, Kv, VAULT, key_id};
 use kvcrypt_testkit::keys::random_vmk;
@@ -48,6 +51,22 @@ fn assert_err(
     assert_eq!(err.exit_class(), exit, "{what}: exit class");
 }
 
+/// Unwraps `slot` as the header stores it (key id, algorithm, wrapped bytes).
+async fn unwrap_slot(
+    provider: &KeyVaultProvider,
+    slot: &WrappedKey,
+) -> Result<VolumeKey, KeyError> {
+    provider
+        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
+        .await
+}
+
+/// Asserts `slot` unwraps to `vmk`.
+async fn assert_unwraps(provider: &KeyVaultProvider, slot: &WrappedKey, vmk: &VolumeKey) {
+    let back = unwrap_slot(provider, slot).await.expect("unwrap");
+    assert_eq!(back.expose(), vmk.expose());
+}
+
 /// Ops a typical kvcrypt identity gets ("Key Vault Crypto Service Encryption User").
 const CRYPTO_USER: &[Op] = &[Op::Get, Op::Wrap, Op::Unwrap];
 
@@ -77,11 +96,7 @@ async fn versionless_wrap_returns_versioned_kid_and_unwraps() {
         .unwrap();
     assert_eq!(latest, slot.key_id);
 
-    let back = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap();
-    assert_eq!(back.expose(), vmk.expose());
+    assert_unwraps(&provider, &slot, &vmk).await;
 
     // Wrapping with the versioned id gives the same kid; RSA-OAEP is randomized.
     let again = provider.wrap(&slot.key_id, None, &vmk).await.unwrap();
@@ -185,11 +200,7 @@ async fn managed_hsm_oct_key_wraps_per_rfc3394() {
         let mut out = [0u8; 64];
         reference.unwrap(&slot.wrapped, &mut out).unwrap();
         assert_eq!(&out, vmk.expose());
-        let back = provider
-            .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-            .await
-            .unwrap();
-        assert_eq!(back.expose(), vmk.expose());
+        assert_unwraps(&provider, &slot, &vmk).await;
     }
 }
 
@@ -205,11 +216,7 @@ async fn rsa_hsm_key_round_trips() {
         .unwrap();
     assert_eq!(slot.algorithm, "RSA-OAEP-256");
     assert_eq!(slot.wrapped.len(), 384, "RSA-3072 ciphertext");
-    let back = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap();
-    assert_eq!(back.expose(), vmk.expose());
+    assert_unwraps(&provider, &slot, &vmk).await;
 }
 
 #[tokio::test]
@@ -234,11 +241,7 @@ async fn rotated_key_still_unwraps_old_slots() {
     assert_eq!(new.key_id, latest, "versionless wrap uses the new version");
 
     for slot in [&old, &new] {
-        let back = provider
-            .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-            .await
-            .unwrap();
-        assert_eq!(back.expose(), vmk.expose());
+        assert_unwraps(&provider, slot, &vmk).await;
     }
 }
 
@@ -274,8 +277,7 @@ async fn expired_key_still_unwraps_but_refuses_wrap() {
         .await
         .unwrap();
 
-    let back = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
+    let back = unwrap_slot(&provider, &slot)
         .await
         .expect("expiry is not revocation: unwrap still works");
     assert_eq!(back.expose(), vmk.expose());
@@ -294,7 +296,7 @@ async fn expired_key_still_unwraps_but_refuses_wrap() {
 }
 
 /// Sets up a key, a provider and one good slot.
-async fn ready(kv: &Kv) -> (KeyVaultProvider, kvcrypt_keyvault::WrappedKey, String) {
+async fn ready(kv: &Kv) -> (KeyVaultProvider, WrappedKey, String) {
     kv.emu.create_key("k", "RSA", Some(2048)).unwrap();
     let p = kv.principal("host1", CRYPTO_USER);
     let provider = kv.provider(&p);
@@ -355,145 +357,104 @@ fn unwrap_cases() -> Vec<(&'static str, UnwrapCase)> {
     use Change::*;
     use ErrorClass::{Denied, Transient};
     const FOREIGN: &str = "not a Key Vault error answer, treated as transient";
-    let foreign = |kind: FaultKind, status: u16, says: &'static [&'static str]| UnwrapCase {
+    const HTML: &[&str] = &[FOREIGN, "content-type text/html", "<html> <head><title>"];
+    const EMPTY: &[&str] = &[FOREIGN, "empty body"];
+    const JSON: &[&str] = &[FOREIGN, "Access denied by the gateway policy"];
+    const NO_CHALLENGE: &[&str] = &[FOREIGN, "without a Bearer challenge that persisted"];
+    // Key Vault's own denial with its code.
+    let denied = |change, code| UnwrapCase {
+        code: Some(code),
+        ..case(change, Denied)
+    };
+    // A fault in front of the vault; `status`, when given, is reported.
+    let transient = |kind, status| UnwrapCase {
+        status,
+        ..case(Fault(kind), Transient)
+    };
+    // An answer that is not Key Vault's: its status, no code, and what the message says.
+    let foreign = |kind, status, says| UnwrapCase {
         status: Some(status),
         no_code: true,
         says,
         undo: true,
         ..case(Fault(kind), Transient)
     };
+    let status = |status| FaultKind::Status { status };
     vec![
         (
             "revoked RBAC permission: denied, restored access works",
             UnwrapCase {
-                code: Some("ForbiddenByRbac"),
                 status: Some(403),
                 says: &["Key Vault Crypto Service Encryption User"],
                 undo: true,
-                ..case(Revoke, Denied)
+                ..denied(Revoke, "ForbiddenByRbac")
             },
         ),
+        ("access-policy vault", denied(AccessPolicy, "AccessDenied")),
+        ("disabled key", denied(Disable, "KeyDisabled")),
         (
-            "access-policy vault: AccessDenied",
+            "deleted key: 404",
             UnwrapCase {
-                code: Some("AccessDenied"),
-                ..case(AccessPolicy, Denied)
-            },
-        ),
-        (
-            "disabled key: KeyDisabled",
-            UnwrapCase {
-                code: Some("KeyDisabled"),
-                ..case(Disable, Denied)
-            },
-        ),
-        (
-            "deleted key: KeyNotFound 404",
-            UnwrapCase {
-                code: Some("KeyNotFound"),
                 status: Some(404),
-                ..case(Delete, Denied)
+                ..denied(Delete, "KeyNotFound")
             },
         ),
+        ("firewall", denied(Firewall, "ForbiddenByFirewall")),
         (
-            "firewall: ForbiddenByFirewall",
-            UnwrapCase {
-                code: Some("ForbiddenByFirewall"),
-                ..case(Firewall, Denied)
-            },
+            "HTTP 500, retried, persists",
+            transient(status(500), Some(500)),
         ),
         (
-            "HTTP 500 (retried, persists): transient",
-            UnwrapCase {
-                status: Some(500),
-                ..case(Fault(FaultKind::Status { status: 500 }), Transient)
-            },
+            "HTTP 503, retried, persists",
+            transient(status(503), Some(503)),
+        ),
+        ("connection reset", transient(FaultKind::Reset, None)),
+        (
+            "hung server, within the deadline",
+            transient(FaultKind::Hang, None),
         ),
         (
-            "HTTP 503 (retried, persists): transient",
-            UnwrapCase {
-                status: Some(503),
-                ..case(Fault(FaultKind::Status { status: 503 }), Transient)
-            },
-        ),
-        (
-            "connection reset: transient",
-            case(Fault(FaultKind::Reset), Transient),
-        ),
-        (
-            "hung server: transient within the deadline",
-            case(Fault(FaultKind::Hang), Transient),
-        ),
-        (
-            "throttled with Retry-After: transient",
-            case(
-                Fault(FaultKind::Throttle {
+            "throttled with Retry-After",
+            transient(
+                FaultKind::Throttle {
                     retry_after: Some(1),
-                }),
-                Transient,
+                },
+                None,
             ),
         ),
         (
-            "throttled without Retry-After: transient",
-            case(Fault(FaultKind::Throttle { retry_after: None }), Transient),
+            "throttled without Retry-After",
+            transient(FaultKind::Throttle { retry_after: None }, None),
         ),
         (
             "proxy HTML 403",
-            foreign(
-                FaultKind::Html { status: 403 },
-                403,
-                &[FOREIGN, "content-type text/html", "<html> <head><title>"],
-            ),
+            foreign(FaultKind::Html { status: 403 }, 403, HTML),
         ),
         (
             "proxy HTML 404",
-            foreign(
-                FaultKind::Html { status: 404 },
-                404,
-                &[FOREIGN, "content-type text/html", "<html> <head><title>"],
-            ),
+            foreign(FaultKind::Html { status: 404 }, 404, HTML),
         ),
         (
             "empty 403",
-            foreign(
-                FaultKind::Empty { status: 403 },
-                403,
-                &[FOREIGN, "empty body"],
-            ),
+            foreign(FaultKind::Empty { status: 403 }, 403, EMPTY),
         ),
         (
             "empty 404",
-            foreign(
-                FaultKind::Empty { status: 404 },
-                404,
-                &[FOREIGN, "empty body"],
-            ),
+            foreign(FaultKind::Empty { status: 404 }, 404, EMPTY),
         ),
         (
             "foreign JSON 403",
-            foreign(
-                FaultKind::ForeignJson { status: 403 },
-                403,
-                &[FOREIGN, "Access denied by the gateway policy"],
-            ),
+            foreign(FaultKind::ForeignJson { status: 403 }, 403, JSON),
         ),
         (
             "foreign JSON 404",
-            foreign(
-                FaultKind::ForeignJson { status: 404 },
-                404,
-                &[FOREIGN, "Access denied by the gateway policy"],
-            ),
+            foreign(FaultKind::ForeignJson { status: 404 }, 404, JSON),
         ),
         (
             "401 without the vault's challenge",
             UnwrapCase {
                 never_says: &["freshly obtained"],
-                ..foreign(
-                    FaultKind::UnauthorizedNoChallenge,
-                    401,
-                    &[FOREIGN, "without a Bearer challenge that persisted"],
-                )
+                ..foreign(FaultKind::UnauthorizedNoChallenge, 401, NO_CHALLENGE)
             },
         ),
     ]
@@ -567,8 +528,7 @@ async fn unwrap_errors_are_classified() {
                 Change::Revoke => kv.emu.grant(&who, &[Op::Unwrap], None).unwrap(),
                 _ => kv.emu.clear_faults(),
             }
-            provider
-                .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
+            unwrap_slot(&provider, &slot)
                 .await
                 .unwrap_or_else(|e| panic!("{name}: access restored, yet: {e}"));
         }
@@ -584,10 +544,7 @@ async fn deleted_principal_is_denied() {
     kv.emu.delete_principal(&who).unwrap();
     // A fresh start (boot): Entra ID no longer knows the application.
     let fresh = KeyVaultProvider::new(&cfg).unwrap();
-    let err = fresh
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap_err();
+    let err = unwrap_slot(&fresh, &slot).await.unwrap_err();
     assert_err(
         "deleted_principal_is_denied",
         &err,
@@ -599,10 +556,7 @@ async fn deleted_principal_is_denied() {
     assert!(err.failure().unwrap().from_identity);
     assert!(err.to_string().contains("AADSTS700016"), "{err}");
     // A running agent with a cached token: the vault refuses it one way or another.
-    let err = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap_err();
+    let err = unwrap_slot(&provider, &slot).await.unwrap_err();
     assert_eq!(err.class(), ErrorClass::Denied, "{err}");
 }
 
@@ -636,8 +590,7 @@ async fn a_single_server_error_is_retried() {
     // One failure is absorbed by the retry policy.
     kv.emu
         .inject_fault(Fault::new(FaultKind::Status { status: 503 }).times(1));
-    provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
+    unwrap_slot(&provider, &slot)
         .await
         .expect("a single 503 is retried");
 }
@@ -845,10 +798,7 @@ async fn a_fresh_client_meeting_a_challenge_less_401_is_transient() {
     kv.emu.clear_requests();
     kv.emu
         .inject_fault(Fault::new(FaultKind::UnauthorizedNoChallenge));
-    let err = fresh
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap_err();
+    let err = unwrap_slot(&fresh, &slot).await.unwrap_err();
     assert_err(
         "a_fresh_client_meeting_a_challenge_less_401_is_transient",
         &err,
@@ -879,10 +829,7 @@ async fn keyed_fault_hits_only_that_key() {
         .unwrap();
     kv.emu
         .inject_fault(Fault::new(FaultKind::Html { status: 403 }).for_key("K"));
-    let err = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap_err();
+    let err = unwrap_slot(&provider, &slot).await.unwrap_err();
     assert_err(
         "keyed_fault_hits_only_that_key",
         &err,
@@ -891,8 +838,7 @@ async fn keyed_fault_hits_only_that_key() {
         VAULT,
         "k",
     );
-    provider
-        .unwrap(&other.key_id, &other.algorithm, &other.wrapped)
+    unwrap_slot(&provider, &other)
         .await
         .expect("another key is not affected");
 }
@@ -982,10 +928,7 @@ async fn real_key_vault_denials_stay_denied_next_to_foreign_faults() {
     let kv = Kv::start();
     let (provider, slot, who) = ready(&kv).await;
     kv.emu.revoke(&who, &[Op::Unwrap], None).unwrap();
-    let err = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap_err();
+    let err = unwrap_slot(&provider, &slot).await.unwrap_err();
     assert_err(
         "real_key_vault_denials_stay_denied_next_to_foreign_faults",
         &err,
@@ -996,10 +939,7 @@ async fn real_key_vault_denials_stay_denied_next_to_foreign_faults() {
     );
     kv.emu.grant(&who, &[Op::Unwrap], None).unwrap();
     kv.emu.set_key_enabled("k", None, false).unwrap();
-    let err = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap_err();
+    let err = unwrap_slot(&provider, &slot).await.unwrap_err();
     assert_err(
         "real_key_vault_denials_stay_denied_next_to_foreign_faults",
         &err,
@@ -1010,10 +950,7 @@ async fn real_key_vault_denials_stay_denied_next_to_foreign_faults() {
     );
     kv.emu.set_key_enabled("k", None, true).unwrap();
     kv.admin_client(VAULT).delete_key("k", None).await.unwrap();
-    let err = provider
-        .unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped)
-        .await
-        .unwrap_err();
+    let err = unwrap_slot(&provider, &slot).await.unwrap_err();
     assert_err(
         "real_key_vault_denials_stay_denied_next_to_foreign_faults",
         &err,

@@ -52,6 +52,40 @@ fn config(kv: &Kv, p: &kvcrypt_kv_emulator::PrincipalInfo, keys: &str, trap_port
     )
 }
 
+/// An emulator with the RSA keys `keys`, a principal allowed to use them, a trap, and a config
+/// pinning `disk-kek`.
+struct Setup {
+    kv: Kv,
+    p: kvcrypt_kv_emulator::PrincipalInfo,
+    trap: Trap,
+    cfg: PathBuf,
+    /// The version of the first key.
+    first_version: String,
+}
+
+fn setup(keys: &[&str]) -> Setup {
+    let kv = Kv::start();
+    let versions: Vec<String> = keys
+        .iter()
+        .map(|k| kv.emu.create_key(k, "RSA", Some(2048)).unwrap())
+        .collect();
+    let p = kv.principal("host", &[Op::Get, Op::Wrap, Op::Unwrap]);
+    let trap = Trap::new();
+    let cfg = config(
+        &kv,
+        &p,
+        &format!("keys = [\"{}\"]", pin("disk-kek")),
+        trap.port(),
+    );
+    Setup {
+        kv,
+        p,
+        trap,
+        cfg,
+        first_version: versions[0].clone(),
+    }
+}
+
 /// A blank 16 MiB image in the emulator's directory.
 fn image(kv: &Kv, name: &str) -> PathBuf {
     sized_file(kv.dir.path(), name, 16 * MIB)
@@ -72,16 +106,7 @@ fn master_key(cfg: &Path, dev: &Path) -> String {
 
 #[test]
 fn a_header_rewritten_to_another_host_is_refused_before_any_request() {
-    let kv = Kv::start();
-    kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
-    let p = kv.principal("host", &[Op::Get, Op::Wrap, Op::Unwrap]);
-    let trap = Trap::new();
-    let cfg = config(
-        &kv,
-        &p,
-        &format!("keys = [\"{}\"]", pin("disk-kek")),
-        trap.port(),
-    );
+    let Setup { kv, trap, cfg, .. } = setup(&["disk-kek"]);
     let dev = image(&kv, "disk.img");
     let devs = dev.to_str().unwrap();
     run(&cfg, &["format", devs, "--key-id", &pin("disk-kek")]).ok();
@@ -138,17 +163,9 @@ fn a_header_rewritten_to_another_host_is_refused_before_any_request() {
 #[test]
 fn a_header_naming_another_key_of_the_same_vault_is_refused() {
     // The attacker's volume: a key of the same vault they can use, a master key they know.
-    let kv = Kv::start();
-    kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
-    kv.emu.create_key("evil-kek", "RSA", Some(2048)).unwrap();
-    let p = kv.principal("host", &[Op::Get, Op::Wrap, Op::Unwrap]);
-    let trap = Trap::new();
-    let cfg = config(
-        &kv,
-        &p,
-        &format!("keys = [\"{}\"]", pin("disk-kek")),
-        trap.port(),
-    );
+    let Setup {
+        kv, p, trap, cfg, ..
+    } = setup(&["disk-kek", "evil-kek"]);
     let dev = image(&kv, "planted.img");
     let devs = dev.to_str().unwrap();
     let made = run(
@@ -204,16 +221,13 @@ fn a_header_naming_another_key_of_the_same_vault_is_refused() {
 
 #[test]
 fn a_pinned_versionless_key_still_unlocks_after_rotation() {
-    let kv = Kv::start();
-    let v1 = kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
-    let p = kv.principal("host", &[Op::Get, Op::Wrap, Op::Unwrap]);
-    let trap = Trap::new();
-    let cfg = config(
-        &kv,
-        &p,
-        &format!("keys = [\"{}\"]", pin("disk-kek")),
-        trap.port(),
-    );
+    let Setup {
+        kv,
+        trap,
+        cfg,
+        first_version: v1,
+        ..
+    } = setup(&["disk-kek"]);
     let dev = image(&kv, "rot.img");
     let devs = dev.to_str().unwrap();
     run(&cfg, &["format", devs, "--key-id", &pin("disk-kek")]).ok();
@@ -236,17 +250,13 @@ fn a_pinned_versionless_key_still_unlocks_after_rotation() {
 
 #[test]
 fn format_and_rewrap_write_only_pinned_keys() {
-    let kv = Kv::start();
-    kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
-    kv.emu.create_key("other-kek", "RSA", Some(2048)).unwrap();
-    let p = kv.principal("host", &[Op::Get, Op::Wrap, Op::Unwrap]);
-    let trap = Trap::new();
-    let pinned = config(
-        &kv,
-        &p,
-        &format!("keys = [\"{}\"]", pin("disk-kek")),
-        trap.port(),
-    );
+    let Setup {
+        kv,
+        p,
+        trap,
+        cfg: pinned,
+        ..
+    } = setup(&["disk-kek", "other-kek"]);
     let unpinned = config(&kv, &p, "", trap.port());
     let dev = image(&kv, "fmt.img");
     let devs = dev.to_str().unwrap();

@@ -307,12 +307,7 @@ async fn challenge_and_bad_tokens() {
     assert_eq!(v["error"]["code"], "Unauthorized");
     // A vault token presented to a Managed HSM → invalid audience.
     let (_p, t) = admin_principal(&c, &emu).await;
-    let hsm = Api {
-        c: &c,
-        emu: &emu,
-        token: &t,
-        host: HSM,
-    };
+    let hsm = Api::new(&c, &emu, &t, HSM);
     let (s, _, v) = hsm.call(Method::GET, "/keys", None).await;
     assert_eq!(s, 401);
     assert!(
@@ -325,15 +320,8 @@ async fn challenge_and_bad_tokens() {
 
 #[tokio::test]
 async fn key_lifecycle() {
-    let emu = start();
-    let c = client(&emu);
-    let (_p, t) = admin_principal(&c, &emu).await;
-    let vault = Api {
-        c: &c,
-        emu: &emu,
-        token: &t,
-        host: VAULT,
-    };
+    let (emu, c, t) = admin_session().await;
+    let vault = Api::new(&c, &emu, &t, VAULT);
     let create = url(&emu, VAULT, "/keys/kek/create");
     let (s, _, v) = call(
         &c,
@@ -466,15 +454,8 @@ async fn key_lifecycle() {
 
 #[tokio::test]
 async fn imported_rsa_key_wraps_and_unwraps_with_real_oaep() {
-    let emu = start();
-    let c = client(&emu);
-    let (_p, t) = admin_principal(&c, &emu).await;
-    let vault = Api {
-        c: &c,
-        emu: &emu,
-        token: &t,
-        host: VAULT,
-    };
+    let (emu, c, t) = admin_session().await;
+    let vault = Api::new(&c, &emu, &t, VAULT);
     let k = customer_key();
     let (s, _, v) = vault
         .call(Method::PUT, "/keys/cmk", Some(json!({"key": rsa_jwk(k)})))
@@ -574,12 +555,7 @@ async fn aes_key_wrap_on_managed_hsm_matches_rfc3394() {
     let p = emu.create_secret_principal("hsm-user").unwrap();
     emu.grant(&p.client_id, &Op::ALL, None).unwrap();
     let t = token(&c, &emu, &p, "https://managedhsm.azure.net").await;
-    let hsm = Api {
-        c: &c,
-        emu: &emu,
-        token: &t,
-        host: HSM,
-    };
+    let hsm = Api::new(&c, &emu, &t, HSM);
     // RFC 3394 §4.6 vector: 256-bit KEK 00..1F, key data 00112233..0F.
     let kek: Vec<u8> = (0u8..32).collect();
     let data: Vec<u8> = (0..16u8).map(|i| i * 0x11).chain(0..16u8).collect();
@@ -643,12 +619,7 @@ async fn authorization_errors_follow_mode_permissions_and_firewall() {
     let p = emu.create_secret_principal("reader").unwrap();
     emu.grant(&p.client_id, &[Op::Get], Some("kek")).unwrap();
     let t = token(&c, &emu, &p, "https://vault.azure.net").await;
-    let vault = Api {
-        c: &c,
-        emu: &emu,
-        token: &t,
-        host: VAULT,
-    };
+    let vault = Api::new(&c, &emu, &t, VAULT);
     let unwrap_url = url(&emu, VAULT, "/keys/kek//unwrapkey");
     let wrapped = [0u8; 40];
 
@@ -806,9 +777,7 @@ fn fault_cases() -> Vec<(&'static str, FaultCase)> {
 #[tokio::test]
 async fn fault_injection() {
     table::rows_async(fault_cases(), |name, f| async move {
-        let emu = start();
-        let c = client(&emu);
-        let (_p, t) = admin_principal(&c, &emu).await;
+        let (emu, c, t) = admin_session().await;
         let list = url(&emu, VAULT, "/keys");
         emu.inject_fault(Fault::new(f.kind).times(f.times));
         for n in 0..f.times {
@@ -860,9 +829,7 @@ async fn fault_injection() {
 
 #[tokio::test]
 async fn token_endpoint_faults_only_when_targeted() {
-    let emu = start();
-    let c = client(&emu);
-    let (_p, t) = admin_principal(&c, &emu).await;
+    let (emu, c, t) = admin_session().await;
     let list = url(&emu, VAULT, "/keys");
 
     // Token endpoint faults only when targeted.
@@ -999,9 +966,7 @@ async fn faults_that_are_not_the_vaults_answers() {
 
 #[tokio::test]
 async fn keyed_and_admin_injected_faults() {
-    let emu = start();
-    let c = client(&emu);
-    let (_p, t) = admin_principal(&c, &emu).await;
+    let (emu, c, t) = admin_session().await;
     emu.create_key("k1", "oct", Some(256)).unwrap();
     emu.create_key("k2", "oct", Some(256)).unwrap();
     let k1 = url(&emu, VAULT, "/keys/k1");
@@ -1112,12 +1077,7 @@ async fn admin_http_api() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let t = token(&c, &emu, &p, "https://vault.azure.net").await;
-    let vault = Api {
-        c: &c,
-        emu: &emu,
-        token: &t,
-        host: VAULT,
-    };
+    let vault = Api::new(&c, &emu, &t, VAULT);
     let (s, _, v) = vault.call(Method::GET, "/keys", None).await;
     assert_eq!(s, 200);
     assert_eq!(
@@ -1169,12 +1129,7 @@ async fn state_survives_restart() {
     let emu = Emulator::start(cfg()).unwrap();
     let c = client(&emu);
     let (p, t) = admin_principal(&c, &emu).await;
-    let vault = Api {
-        c: &c,
-        emu: &emu,
-        token: &t,
-        host: VAULT,
-    };
+    let vault = Api::new(&c, &emu, &t, VAULT);
     let (s, _, v) = vault
         .call(
             Method::POST,
@@ -1205,12 +1160,7 @@ async fn state_survives_restart() {
     assert_eq!(emu.admin_token(), admin_token);
     // A client built from the *old* CA PEM still verifies the re-issued server cert.
     let c = client(&emu);
-    let vault = Api {
-        c: &c,
-        emu: &emu,
-        token: &t,
-        host: VAULT,
-    };
+    let vault = Api::new(&c, &emu, &t, VAULT);
     let (s, v) = vault
         .wrap(
             &format!("/keys/kek/{version}/unwrapkey"),

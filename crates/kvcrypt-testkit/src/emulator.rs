@@ -243,6 +243,15 @@ pub mod rest {
             .to_string()
     }
 
+    /// A fresh emulator, a client for it and the vault token of a principal with every
+    /// permission: the start of most REST tests.
+    pub async fn admin_session() -> (EmulatorHandle, reqwest::Client, String) {
+        let emu = kvcrypt_kv_emulator::Emulator::start(Default::default()).expect("start emulator");
+        let c = client(&emu);
+        let (_p, t) = admin_principal(&c, &emu).await;
+        (emu, c, t)
+    }
+
     /// A principal with every permission vault-wide and a vault token.
     pub async fn admin_principal(
         c: &reqwest::Client,
@@ -317,7 +326,21 @@ pub mod rest {
         pub host: &'a str,
     }
 
-    impl Api<'_> {
+    impl<'a> Api<'a> {
+        pub fn new(
+            c: &'a reqwest::Client,
+            emu: &'a EmulatorHandle,
+            token: &'a str,
+            host: &'a str,
+        ) -> Api<'a> {
+            Api {
+                c,
+                emu,
+                token,
+                host,
+            }
+        }
+
         /// `method path` with an optional JSON body.
         pub async fn call(
             &self,
