@@ -246,21 +246,14 @@ async fn client_certificate_pkcs12_with_password() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "cert.pem",
-        "-subj",
-        "/CN=kvcrypt-test",
-        "-days",
-        "2",
-    ]);
+    // A fresh RSA key and a self-signed certificate for it, as the docs show.
+    let self_signed = |key: &str, cert: &str, subject: &str| {
+        run(&[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-subj",
+            subject, "-days", "2",
+        ])
+    };
+    self_signed("key.pem", "cert.pem", "/CN=kvcrypt-test");
     run(&[
         "pkcs12",
         "-export",
@@ -298,21 +291,7 @@ async fn client_certificate_pkcs12_with_password() {
     round_trip(&cfg).await.expect("certificate round trip");
 
     // A certificate the app registration does not know: Entra ID refuses the assertion.
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "other.pem",
-        "-out",
-        "other-cert.pem",
-        "-subj",
-        "/CN=other",
-        "-days",
-        "2",
-    ]);
+    self_signed("other.pem", "other-cert.pem", "/CN=other");
     run(&[
         "pkcs12",
         "-export",
