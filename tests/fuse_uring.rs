@@ -28,37 +28,14 @@ fn uring_block_device_round_trip_and_ciphertext_on_disk() {
     scenarios::device_round_trip("t-uring-roundtrip", Some(FuseMode::IoUring));
 }
 
-#[test]
-fn uring_ext4_files_survive_close_and_reopen() {
-    URING.run("t-uring-ext4", scenarios::ext4_close_reopen);
-}
-
-#[test]
-fn uring_fio_verify_random_io_with_four_jobs() {
-    URING.run("t-uring-fio", scenarios::fio_verify);
-}
-
-#[test]
-fn uring_suspend_under_fio_load_parks_then_completes() {
-    URING.run("t-uring-susload", scenarios::suspend_during_fio_verify);
-}
-
-#[test]
-fn uring_sigterm_while_suspended_fails_parked_io_and_exits() {
-    URING.run("t-uring-term", scenarios::sigterm_while_suspended_exits);
-}
-
-#[test]
-fn uring_fsynced_data_survives_sigkill_of_the_worker() {
-    URING.run("t-uring-kill", scenarios::fsync_survives_sigkill);
-}
-
-#[test]
-fn uring_writes_wait_while_suspended_and_complete_after_resume() {
-    URING.run(
-        "t-uring-suspend",
-        scenarios::suspend_parks_and_resume_completes,
-    );
+kvcrypt_testkit::worker_scenarios! {
+    URING;
+    uring_ext4_files_survive_close_and_reopen: "t-uring-ext4" => ext4_close_reopen,
+    uring_fio_verify_random_io_with_four_jobs: "t-uring-fio" => fio_verify,
+    uring_suspend_under_fio_load_parks_then_completes: "t-uring-susload" => suspend_during_fio_verify,
+    uring_sigterm_while_suspended_fails_parked_io_and_exits: "t-uring-term" => sigterm_while_suspended_exits,
+    uring_fsynced_data_survives_sigkill_of_the_worker: "t-uring-kill" => fsync_survives_sigkill,
+    uring_writes_wait_while_suspended_and_complete_after_resume: "t-uring-suspend" => suspend_parks_and_resume_completes,
 }
 
 #[test]

@@ -14,37 +14,14 @@ const WORKER: Worker = Worker {
     mode: None,
 };
 
-#[test]
-fn ext4_files_survive_close_and_reopen_and_backing_has_no_plaintext() {
-    WORKER.run("t-fuse-ext4", scenarios::ext4_close_reopen);
-}
-
-#[test]
-fn fio_verify_random_io_with_four_jobs() {
-    WORKER.run("t-fuse-fio", scenarios::fio_verify);
-}
-
-#[test]
-fn suspend_under_fio_load_parks_then_completes() {
-    WORKER.run("t-fuse-susload", scenarios::suspend_during_fio_verify);
-}
-
-#[test]
-fn sigterm_while_suspended_fails_parked_io_and_exits() {
-    WORKER.run("t-fuse-term", scenarios::sigterm_while_suspended_exits);
-}
-
-#[test]
-fn fsynced_data_survives_sigkill_of_the_worker() {
-    WORKER.run("t-fuse-kill", scenarios::fsync_survives_sigkill);
-}
-
-#[test]
-fn writes_wait_while_suspended_and_complete_after_resume() {
-    WORKER.run(
-        "t-fuse-suspend",
-        scenarios::suspend_parks_and_resume_completes,
-    );
+kvcrypt_testkit::worker_scenarios! {
+    WORKER;
+    ext4_files_survive_close_and_reopen_and_backing_has_no_plaintext: "t-fuse-ext4" => ext4_close_reopen,
+    fio_verify_random_io_with_four_jobs: "t-fuse-fio" => fio_verify,
+    suspend_under_fio_load_parks_then_completes: "t-fuse-susload" => suspend_during_fio_verify,
+    sigterm_while_suspended_fails_parked_io_and_exits: "t-fuse-term" => sigterm_while_suspended_exits,
+    fsynced_data_survives_sigkill_of_the_worker: "t-fuse-kill" => fsync_survives_sigkill,
+    writes_wait_while_suspended_and_complete_after_resume: "t-fuse-suspend" => suspend_parks_and_resume_completes,
 }
 
 #[test]

@@ -159,3 +159,18 @@ pub mod prelude {
     pub use crate::shell::run;
     pub use crate::volume::{DATA_OFFSET, backing_file, make_volume, open_direct};
 }
+
+/// One `#[test]` per worker scenario, each run through [`Worker::run`] with its own worker
+/// name: `worker_scenarios! { WORKER; test_name: "worker-name" => scenario_fn, ... }`. The tests
+/// stay separate (each passes, fails or skips on its own) without writing each body out.
+#[macro_export]
+macro_rules! worker_scenarios {
+    ($worker:expr; $($test:ident: $name:literal => $scenario:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                $worker.run($name, $crate::fuse::scenarios::$scenario);
+            }
+        )*
+    };
+}
