@@ -852,6 +852,33 @@ async fn token_endpoint_faults_only_when_targeted() {
     assert_eq!(r.status(), 400);
 }
 
+/// POST `body` to the admin API's `path` with the admin token.
+async fn admin_post(
+    c: &reqwest::Client,
+    emu: &kvcrypt_kv_emulator::EmulatorHandle,
+    path: &str,
+    body: Value,
+) -> reqwest::Response {
+    let url = format!("{}/{path}", emu.admin_url());
+    let r = c
+        .post(url)
+        .bearer_auth(emu.admin_token())
+        .json(&body)
+        .send();
+    r.await.expect("admin request")
+}
+
+/// GET the admin API's `path` with the admin token.
+async fn admin_get(
+    c: &reqwest::Client,
+    emu: &kvcrypt_kv_emulator::EmulatorHandle,
+    path: &str,
+) -> reqwest::Response {
+    let url = format!("{}/{path}", emu.admin_url());
+    let r = c.get(url).bearer_auth(emu.admin_token()).send();
+    r.await.expect("admin request")
+}
+
 /// Raw answer of a GET: status, headers, body bytes.
 async fn raw_get(
     c: &reqwest::Client,
@@ -997,37 +1024,30 @@ async fn keyed_and_admin_injected_faults() {
     assert_eq!(counters.by_fault.get("html-404"), Some(&2));
 
     // The admin API takes them as JSON, and refuses a status that is not an error.
-    let admin = emu.admin_url();
-    let r = c
-        .post(format!("{admin}/faults"))
-        .bearer_auth(emu.admin_token())
-        .json(&json!({"kind": "empty", "status": 403, "key": "k2", "count": 1}))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_post(
+        &c,
+        &emu,
+        "faults",
+        json!({"kind": "empty", "status": 403, "key": "k2", "count": 1}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let (s, _, body) = raw_get(&c, &k2, &t).await;
     assert_eq!((s, body.len()), (403, 0));
-    let r = c
-        .post(format!("{admin}/faults"))
-        .bearer_auth(emu.admin_token())
-        .json(&json!({"kind": "html", "status": 200}))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_post(&c, &emu, "faults", json!({"kind": "html", "status": 200})).await;
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert!(
         v["error"].as_str().unwrap().contains("not an error status"),
         "{v}"
     );
-    let r = c
-        .post(format!("{admin}/faults"))
-        .bearer_auth(emu.admin_token())
-        .json(&json!({"kind": "unauthorized_no_challenge", "target": "token", "count": 1}))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_post(
+        &c,
+        &emu,
+        "faults",
+        json!({"kind": "unauthorized_no_challenge", "target": "token", "count": 1}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let r = c
         .post(emu.token_url())
@@ -1051,30 +1071,24 @@ async fn admin_http_api() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401, "admin needs its token");
-    let r = c
-        .post(format!("{admin}/principals"))
-        .bearer_auth(emu.admin_token())
-        .json(&json!({"kind": "secret", "name": "ops"}))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_post(
+        &c,
+        &emu,
+        "principals",
+        json!({"kind": "secret", "name": "ops"}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let p: kvcrypt_kv_emulator::PrincipalInfo = r.json().await.unwrap();
-    let r = c
-        .post(format!("{admin}/keys/k1"))
-        .bearer_auth(emu.admin_token())
-        .json(&json!({"kty": "oct", "key_size": 256}))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_post(&c, &emu, "keys/k1", json!({"kty": "oct", "key_size": 256})).await;
     assert_eq!(r.status(), 200);
-    let r = c
-        .post(format!("{admin}/grant"))
-        .bearer_auth(emu.admin_token())
-        .json(&json!({"principal": p.client_id, "ops": "get,list"}))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_post(
+        &c,
+        &emu,
+        "grant",
+        json!({"principal": p.client_id, "ops": "get,list"}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let t = token(&c, &emu, &p, "https://vault.azure.net").await;
     let vault = Api::new(&c, &emu, &t, VAULT);
@@ -1084,33 +1098,23 @@ async fn admin_http_api() {
         v["value"][0]["kid"],
         format!("https://{VAULT}:{}/keys/k1", emu.port())
     );
-    let r = c
-        .post(format!("{admin}/faults"))
-        .bearer_auth(emu.admin_token())
-        .json(&json!({"kind": "status", "status": 502, "count": 1}))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_post(
+        &c,
+        &emu,
+        "faults",
+        json!({"kind": "status", "status": 502, "count": 1}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(vault.call(Method::GET, "/keys", None).await.0, 502);
-    let r = c
-        .get(format!("{admin}/requests"))
-        .bearer_auth(emu.admin_token())
-        .send()
-        .await
-        .unwrap();
+    let r = admin_get(&c, &emu, "requests").await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["counters"]["by_status"]["502"], 1);
     // The faulted request never reached routing, so only the first list counts as an op.
     assert_eq!(v["counters"]["by_op"]["list"], 1);
     assert_eq!(v["counters"]["by_op"]["token"], 1);
     assert_eq!(v["counters"]["total"], 3);
-    let r = c
-        .get(format!("{admin}/state"))
-        .bearer_auth(emu.admin_token())
-        .send()
-        .await
-        .unwrap();
+    let r = admin_get(&c, &emu, "state").await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["keys"][0]["name"], "k1");
     assert!(
