@@ -192,82 +192,142 @@ async fn identity_errors() {
     .await;
 }
 
+/// Which managed identity endpoint a [`MsiCase`] asks, and whether it sends the header that
+/// proves it runs on the host (`X-IDENTITY-HEADER` on App Service, `Metadata: true` on IMDS).
+#[derive(Clone, Copy)]
+enum MsiEndpoint {
+    AppService { proof: bool },
+    Imds { proof: bool },
+}
+
+/// Which identity the request names (`client_id`), and which one the token is then for.
+#[derive(Clone, Copy, PartialEq)]
+enum Identity {
+    /// None named: the system-assigned identity.
+    System,
+    User,
+    Unknown,
+}
+
+#[derive(Clone, Copy)]
+struct MsiCase {
+    endpoint: MsiEndpoint,
+    asks: Identity,
+    status: u16,
+    description: Option<&'static str>,
+}
+
+fn msi_cases() -> Vec<(&'static str, MsiCase)> {
+    use Identity::*;
+    use MsiEndpoint::*;
+    let row = |endpoint, asks, status, description| MsiCase {
+        endpoint,
+        asks,
+        status,
+        description,
+    };
+    vec![
+        (
+            "App Service needs X-IDENTITY-HEADER",
+            row(AppService { proof: false }, System, 401, None),
+        ),
+        (
+            "App Service, system-assigned",
+            row(AppService { proof: true }, System, 200, None),
+        ),
+        (
+            "App Service, a user-assigned identity by client_id",
+            row(AppService { proof: true }, User, 200, None),
+        ),
+        (
+            "IMDS needs the Metadata header",
+            row(Imds { proof: false }, System, 400, None),
+        ),
+        (
+            "IMDS, unknown identity",
+            row(
+                Imds { proof: true },
+                Unknown,
+                400,
+                Some("Identity not found"),
+            ),
+        ),
+        (
+            "IMDS, system-assigned; its token works once granted",
+            row(Imds { proof: true }, System, 200, None),
+        ),
+    ]
+}
+
 #[tokio::test]
 async fn managed_identity_endpoints() {
-    let emu = start();
-    let c = client(&emu);
-    let mi = emu.create_msi_principal("vm", true).unwrap();
-    let user = emu
-        .create_principal(NewPrincipal {
-            kind: PrincipalKind::Msi,
-            name: Some("user-assigned".into()),
-            ..Default::default()
-        })
-        .unwrap();
-    let q = "api-version=2019-08-01&resource=https://vault.azure.net";
-    // App Service: needs X-IDENTITY-HEADER.
-    let r = c
-        .get(format!("{}?{q}", emu.msi_endpoint()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    let r = c
-        .get(format!("{}?{q}", emu.msi_endpoint()))
-        .header("X-IDENTITY-HEADER", emu.identity_header())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["client_id"], mi.client_id);
-    assert_eq!(v["resource"], "https://vault.azure.net");
-    assert_eq!(v["token_type"], "Bearer");
-    // expires_on is a *string* of Unix seconds on App Service.
-    assert!(v["expires_on"].as_str().unwrap().parse::<i64>().is_ok());
-    // A user-assigned identity by client_id.
-    let r = c
-        .get(format!(
-            "{}?{q}&client_id={}",
-            emu.msi_endpoint(),
-            user.client_id
-        ))
-        .header("X-IDENTITY-HEADER", emu.identity_header())
-        .send()
-        .await
-        .unwrap();
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["client_id"], user.client_id);
-    // IMDS: Metadata header required; unknown identity → 400.
-    let r = c
-        .get(format!("{}?{q}", emu.imds_endpoint()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let r = c
-        .get(format!("{}?{q}&client_id=nope", emu.imds_endpoint()))
-        .header("Metadata", "true")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error_description"], "Identity not found");
-    let r = c
-        .get(format!("{}?{q}", emu.imds_endpoint()))
-        .header("Metadata", "true")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["client_id"], mi.client_id);
-    // An MSI token works against the vault once granted.
-    let tok = v["access_token"].as_str().unwrap().to_string();
-    emu.grant(&mi.client_id, &[Op::List], None).unwrap();
-    let (s, _, _) = call(&c, Method::GET, &url(&emu, VAULT, "/keys"), &tok, None).await;
-    assert_eq!(s, 200);
+    table::rows_async(msi_cases(), |name, m| async move {
+        let emu = start();
+        let c = client(&emu);
+        let mi = emu.create_msi_principal("vm", true).unwrap();
+        let user = emu
+            .create_principal(NewPrincipal {
+                kind: PrincipalKind::Msi,
+                name: Some("user-assigned".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        let q = "api-version=2019-08-01&resource=https://vault.azure.net";
+        let (base, header, value) = match m.endpoint {
+            MsiEndpoint::AppService { proof } => (
+                emu.msi_endpoint(),
+                proof.then_some("X-IDENTITY-HEADER"),
+                emu.identity_header().to_string(),
+            ),
+            MsiEndpoint::Imds { proof } => (
+                emu.imds_endpoint(),
+                proof.then_some("Metadata"),
+                "true".into(),
+            ),
+        };
+        let query = match m.asks {
+            Identity::System => q.to_string(),
+            Identity::User => format!("{q}&client_id={}", user.client_id),
+            Identity::Unknown => format!("{q}&client_id=nope"),
+        };
+        let mut rb = c.get(format!("{base}?{query}"));
+        if let Some(h) = header {
+            rb = rb.header(h, value);
+        }
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), m.status, "{name}");
+        if m.status == 401 {
+            return;
+        }
+        // Not every refusal has a JSON body; only the rows that check one need it.
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        if let Some(d) = m.description {
+            assert_eq!(v["error_description"], d, "{name}");
+        }
+        if m.status != 200 {
+            return;
+        }
+        let want = if m.asks == Identity::User { &user } else { &mi };
+        assert_eq!(v["client_id"], want.client_id, "{name}");
+        match m.endpoint {
+            MsiEndpoint::AppService { .. } if m.asks == Identity::System => {
+                assert_eq!(v["resource"], "https://vault.azure.net", "{name}");
+                assert_eq!(v["token_type"], "Bearer", "{name}");
+                // expires_on is a *string* of Unix seconds on App Service.
+                let on = v["expires_on"].as_str().unwrap_or_default();
+                assert!(on.parse::<i64>().is_ok(), "{name}: {v}");
+            }
+            MsiEndpoint::Imds { .. } => {
+                // An MSI token works against the vault once granted.
+                let tok = v["access_token"].as_str().unwrap().to_string();
+                emu.grant(&mi.client_id, &[Op::List], None).unwrap();
+                let (s, _, _) = call(&c, Method::GET, &url(&emu, VAULT, "/keys"), &tok, None).await;
+                assert_eq!(s, 200, "{name}");
+            }
+            _ => {}
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
