@@ -382,15 +382,13 @@ async fn challenge_and_bad_tokens() {
 async fn key_lifecycle() {
     let (emu, c, t) = admin_session().await;
     let vault = Api::new(&c, &emu, &t, VAULT);
-    let create = url(&emu, VAULT, "/keys/kek/create");
-    let (s, _, v) = call(
-        &c,
-        Method::POST,
-        &create,
-        &t,
-        Some(json!({"kty": "RSA", "key_size": 2048})),
-    )
-    .await;
+    let (s, _, v) = vault
+        .call(
+            Method::POST,
+            "/keys/kek/create",
+            Some(json!({"kty": "RSA", "key_size": 2048})),
+        )
+        .await;
     assert_eq!(s, 200, "{v}");
     let kid1 = v["key"]["kid"].as_str().unwrap().to_string();
     let prefix = format!("https://{VAULT}:{}/keys/kek/", emu.port());
@@ -462,7 +460,13 @@ async fn key_lifecycle() {
     assert!(v["scheduledPurgeDate"].as_i64().unwrap() > v["deletedDate"].as_i64().unwrap());
     let (s, _, v) = vault.call(Method::GET, "/keys/kek", None).await;
     assert_eq!((s, v["error"]["code"].as_str()), (404, Some("KeyNotFound")));
-    let (s, _, _) = call(&c, Method::POST, &create, &t, Some(json!({"kty": "RSA"}))).await;
+    let (s, _, _) = vault
+        .call(
+            Method::POST,
+            "/keys/kek/create",
+            Some(json!({"kty": "RSA"})),
+        )
+        .await;
     assert_eq!(s, 409);
     let (s, _, v) = vault.call(Method::GET, "/deletedkeys/kek", None).await;
     assert_eq!(s, 200);
@@ -480,14 +484,13 @@ async fn key_lifecycle() {
     assert_eq!(s, 404);
 
     // Bad input → 400 BadParameter.
-    let (s, _, v) = call(
-        &c,
-        Method::POST,
-        &create,
-        &t,
-        Some(json!({"kty": "RSA", "key_size": 1024})),
-    )
-    .await;
+    let (s, _, v) = vault
+        .call(
+            Method::POST,
+            "/keys/kek/create",
+            Some(json!({"kty": "RSA", "key_size": 1024})),
+        )
+        .await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (400, Some("BadParameter"))
