@@ -8,7 +8,9 @@
 //! the restore; 20 access checks. Then the same for `kvcrypt open --foreground` without an
 //! agent. Looked for: the raw key, hex (both cases), base64 and base64url (with and without
 //! padding) and every 32-byte window of the raw key (tests/memscan/scan.rs). The table of
-//! copies found is printed in every run; any copy fails the test.
+//! copies found is printed in every run; any copy fails the test. With `KVCRYPT_MEMSCAN_DEBUG=1`
+//! each copy's address is printed too, with the range of each process's `[stack]` (how deep in
+//! the stack a copy lies tells which code left it).
 //!
 //! So that a broken scanner cannot pass, it first scans a helper process (this test binary,
 //! started again) holding a random key in ordinary heap in every form, and must find each.

@@ -209,6 +209,12 @@ pub fn scan_process(pid: u32, needles: &Needles) -> Result<Report, String> {
     let mut anchors: HashSet<u64> = HashSet::new();
     let mut buf = vec![0u8; CHUNK];
     for m in &maps {
+        if std::env::var_os("KVCRYPT_MEMSCAN_DEBUG").is_some() && m.name == "[stack]" {
+            eprintln!(
+                "memscan debug: pid {pid} [stack] {:#x}-{:#x}",
+                m.start, m.end
+            );
+        }
         scan_mapping(&mem, m, needles, &mut buf, &mut r, &mut anchors).map_err(|e| {
             format!(
                 "reading {} of pid {pid} ({:x}-{:x}): {e}",
@@ -292,6 +298,14 @@ fn search(
                 if !anchors.insert(copy_start) {
                     continue;
                 }
+            }
+            if std::env::var_os("KVCRYPT_MEMSCAN_DEBUG").is_some() {
+                eprintln!(
+                    "memscan debug: {:?} at {:#x} in {place} (key offset {})",
+                    n.kind,
+                    base + i as u64,
+                    n.key_offset
+                );
             }
             *r.hits.entry(n.kind).or_default() += 1;
             *r.places.entry((n.kind, place_name(place))).or_default() += 1;

@@ -116,6 +116,19 @@ impl XtsCipher {
         key: &VolumeKey,
         implementation: Implementation,
     ) -> Result<XtsCipher, CryptoError> {
+        let c = Self::expand(key, implementation);
+        // The expansion's temporaries (the key halves in vector registers, spilled to its
+        // frames) are below this frame now: overwrite them. Scrubbing inside the expansion
+        // missed what the compiler had inlined into the calling frame — the memory scan found
+        // the data key's 32 bytes in a worker's stack after a resume.
+        scrub_stack();
+        c
+    }
+
+    /// Kept out of line so that all its stack lies below the caller's, where
+    /// [`scrub_stack`] reaches.
+    #[inline(never)]
+    fn expand(key: &VolumeKey, implementation: Implementation) -> Result<XtsCipher, CryptoError> {
         match implementation {
             Implementation::Portable => Ok(Self::portable(key)),
             #[cfg(target_arch = "x86_64")]
