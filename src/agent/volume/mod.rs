@@ -123,6 +123,38 @@ enum Reply {
     Close(oneshot::Sender<Result<String, CloseRefused>>),
 }
 
+impl Reply {
+    fn text(self) -> Result<oneshot::Sender<Result<String, String>>, Reply> {
+        match self {
+            Reply::Text(tx) => Ok(tx),
+            other => Err(other),
+        }
+    }
+    fn close(self) -> Result<oneshot::Sender<Result<String, CloseRefused>>, Reply> {
+        match self {
+            Reply::Close(tx) => Ok(tx),
+            other => Err(other),
+        }
+    }
+}
+
+/// Sends `r` on the pending reply channel if it is the kind `pick` takes; a channel of the
+/// other kind stays pending (the command that opened it gets its own answer).
+fn answer<T>(
+    reply: &mut Option<Reply>,
+    pick: fn(Reply) -> Result<oneshot::Sender<T>, Reply>,
+    r: T,
+) {
+    match reply.take().map(pick) {
+        Some(Ok(tx)) => {
+            // The caller may have given up waiting; nothing to do then.
+            let _ = tx.send(r);
+        }
+        Some(Err(other)) => *reply = Some(other),
+        None => {}
+    }
+}
+
 /// The task: the core plus what it must not hold (platform, header, freeze handles, worker
 /// watch, the key in flight).
 struct Shell<P: Platform> {
@@ -258,21 +290,11 @@ impl<P: Platform> Shell<P> {
                 return None;
             }
             Effect::Reply(r) => {
-                match self.reply.take() {
-                    Some(Reply::Text(tx)) => {
-                        let _ = tx.send(r);
-                    }
-                    other => self.reply = other,
-                }
+                answer(&mut self.reply, Reply::text, r);
                 return None;
             }
             Effect::ReplyClose(r) => {
-                match self.reply.take() {
-                    Some(Reply::Close(tx)) => {
-                        let _ = tx.send(r);
-                    }
-                    other => self.reply = other,
-                }
+                answer(&mut self.reply, Reply::close, r);
                 return None;
             }
             Effect::End => return None,

@@ -8,7 +8,7 @@ impl Core {
             Event::Start { manual } => self.start(manual, clock, fx),
             Event::Reconfigure(d) => self.reconfigure(*d, clock, fx),
             Event::Tick => self.tick(clock, fx),
-            Event::WorkerExited(why) => self.worker_died(why, clock, fx),
+            Event::WorkerExited(why) => self.worker_died(why, fx),
             Event::Lock => self.lock_command(clock, fx),
             Event::Unlock => self.unlock_command(clock, fx),
             Event::Wake => self.wake(clock),
@@ -101,11 +101,11 @@ impl Core {
         match &self.phase {
             Phase::Restarting { .. } => {
                 self.pending = Some(Pending::LockDead);
-                self.dead_to_locked("locked by kvcrypt lock".into(), true, clock, fx);
+                self.dead_to_locked("locked by kvcrypt lock".into(), true, fx);
             }
             Phase::Serving { .. } => {
                 self.pending = Some(Pending::Lock);
-                self.lock("locked by kvcrypt lock".into(), true, clock, fx);
+                self.lock("locked by kvcrypt lock".into(), true, fx);
             }
             Phase::Suspended { .. } => {
                 self.manual = true;

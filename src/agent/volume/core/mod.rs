@@ -348,9 +348,20 @@ impl Core {
         };
     }
 
-    /// `offline_lock_after` passed since the last successful check.
-    pub(super) fn offline_too_long(&self, now: Instant) -> bool {
-        matches!((self.s.offline_lock_after, self.health.last_ok),
-            (Some(limit), Some(ok)) if now.saturating_duration_since(ok) >= limit)
+    /// How long since the last successful check, once that is `offline_lock_after` or more
+    /// (`None` while within the limit, or with no limit set).
+    pub(super) fn offline_for(&self, now: Instant) -> Option<Duration> {
+        let (limit, ok) = (self.s.offline_lock_after?, self.health.last_ok?);
+        let offline = now.saturating_duration_since(ok);
+        (offline >= limit).then_some(offline)
     }
+}
+
+/// The reason a volume is locked by `offline_lock_after`, with the time offline in whole
+/// seconds.
+pub(super) fn offline_reason(offline: Duration) -> String {
+    format!(
+        "no successful access check for {} (offline_lock_after)",
+        humantime::format_duration(Duration::from_secs(offline.as_secs()))
+    )
 }

@@ -63,7 +63,7 @@ impl Core {
                 }
                 // The worker died (killed, crashed) without its exit being noticed (e.g. it
                 // could not be watched): its key died with it.
-                Err(e) => self.worker_died(format!("worker not answering: {e}"), clock, fx),
+                Err(e) => self.worker_died(format!("worker not answering: {e}"), fx),
             },
             (
                 Op::LockSuspend {

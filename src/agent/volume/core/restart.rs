@@ -9,11 +9,10 @@ impl Core {
     /// held, to be recovered in place by a new worker. FUSE loses its connection: the loop
     /// device fails I/O, so it is detached and the volume opened again. The first death after
     /// a stable run restarts at once; deaths in a row back off.
-    pub(super) fn worker_died(&mut self, detail: String, clock: Clock, fx: &mut Vec<Effect>) {
+    pub(super) fn worker_died(&mut self, detail: String, fx: &mut Vec<Effect>) {
         fx.push(Effect::Unwatch);
         self.worker = None;
         let Phase::Serving { served, since } = &self.phase else {
-            let _ = clock;
             return;
         };
         let (served, since) = (served.clone(), Some(*since));
@@ -217,15 +216,8 @@ impl Core {
     /// is started. A ublk device still QUIESCED is exactly a suspended ublk volume (I/O held, no
     /// key anywhere): it becomes `suspended` (resume recovers it, hold expiry deletes it).
     /// Otherwise (FUSE: the device is gone with the worker) the volume is `locked`.
-    pub(super) fn dead_to_locked(
-        &mut self,
-        reason: String,
-        manual: bool,
-        clock: Clock,
-        fx: &mut Vec<Effect>,
-    ) {
+    pub(super) fn dead_to_locked(&mut self, reason: String, manual: bool, fx: &mut Vec<Effect>) {
         let Phase::Restarting { dead, .. } = &self.phase else {
-            let _ = clock;
             return;
         };
         let dead = dead.clone();

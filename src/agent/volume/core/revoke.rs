@@ -27,19 +27,12 @@ impl Core {
                         "volume {}: access check failed ({}): {}", self.s.name, e.class, e.message);
                 }
                 if e.class == AccessClass::Denied {
-                    self.lock(format!("access denied: {}", e.message), false, clock, fx);
+                    self.lock(format!("access denied: {}", e.message), false, fx);
                     return;
                 }
-                if let (Some(limit), Some(ok)) = (self.s.offline_lock_after, self.health.last_ok) {
-                    let offline = clock.now.saturating_duration_since(ok);
-                    if offline >= limit {
-                        let r = format!(
-                            "no successful access check for {} (offline_lock_after)",
-                            humantime::format_duration(Duration::from_secs(offline.as_secs()))
-                        );
-                        self.lock(r, false, clock, fx);
-                        return;
-                    }
+                if let Some(offline) = self.offline_for(clock.now) {
+                    self.lock(offline_reason(offline), false, fx);
+                    return;
                 }
                 self.publish(fx);
             }
@@ -48,18 +41,11 @@ impl Core {
     }
 
     /// serving → suspended (→ removed with policy `remove`): freeze, wipe, hold I/O.
-    pub(super) fn lock(
-        &mut self,
-        reason: String,
-        manual: bool,
-        clock: Clock,
-        fx: &mut Vec<Effect>,
-    ) {
+    pub(super) fn lock(&mut self, reason: String, manual: bool, fx: &mut Vec<Effect>) {
         self.manual = manual;
         let Phase::Serving { served, .. } = &self.phase else {
             self.phase = Phase::Locked;
             self.set_state(Some(reason), fx);
-            let _ = clock;
             return;
         };
         let served = served.clone();
@@ -151,32 +137,24 @@ impl Core {
     }
 
     /// suspended → serving: the held key to a worker, then thaw.
-    pub(super) fn resume(&mut self, why: String, clock: Clock, fx: &mut Vec<Effect>) {
+    pub(super) fn resume(&mut self, why: String, fx: &mut Vec<Effect>) {
         let Phase::Suspended { served, killed, .. } = &self.phase else {
             fx.push(Effect::DropKey);
             self.outcome = Some(Err("not suspended".into()));
-            let _ = clock;
             return;
         };
         let served = served.clone();
-        let how = match served.ublk_dev_id {
+        let spawn = |recover| Effect::Spawn {
+            dev: served.backing.clone(),
+            recover,
+        };
+        let (how, effect) = match served.ublk_dev_id {
             // ublk: suspend ended the worker and left the device QUIESCED with its I/O held
             // (there is no in-process resume); a new worker recovers the same device.
-            Some(id) => ResumeHow::Ublk(id),
+            Some(id) => (ResumeHow::Ublk(id), spawn(Some(id))),
             // Killed after a failed suspend: a new worker takes over the held device.
-            None if *killed => ResumeHow::AfterKill,
-            None => ResumeHow::InProcess,
-        };
-        let effect = match how {
-            ResumeHow::Ublk(id) => Effect::Spawn {
-                dev: served.backing.clone(),
-                recover: Some(id),
-            },
-            ResumeHow::AfterKill => Effect::Spawn {
-                dev: served.backing.clone(),
-                recover: None,
-            },
-            ResumeHow::InProcess => Effect::ResumeWorker,
+            None if *killed => (ResumeHow::AfterKill, spawn(None)),
+            None => (ResumeHow::InProcess, Effect::ResumeWorker),
         };
         self.op = Some(Op::Resume { why, served, how });
         fx.push(effect);

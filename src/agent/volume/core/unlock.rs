@@ -44,7 +44,7 @@ impl Core {
             };
             self.record_ok(clock);
             if let Some(why) = manual {
-                self.dead_to_locked(why, true, clock, fx);
+                self.dead_to_locked(why, true, fx);
                 return;
             }
             self.crash_streak = 1;
@@ -252,7 +252,7 @@ impl Core {
             },
             AfterAccess::CheckServing => self.checked_serving(r, clock, fx),
             AfterAccess::CheckSuspended { since } => match r {
-                Ok(()) => self.resume("access restored".into(), clock, fx),
+                Ok(()) => self.resume("access restored".into(), fx),
                 Err(e) => {
                     self.record_error(&e, clock);
                     self.publish(fx);
@@ -261,7 +261,7 @@ impl Core {
                 }
             },
             AfterAccess::UnlockSuspended => match r {
-                Ok(()) => self.resume("unlocked by kvcrypt unlock".into(), clock, fx),
+                Ok(()) => self.resume("unlocked by kvcrypt unlock".into(), fx),
                 Err(e) => {
                     self.record_error(&e, clock);
                     self.next = clock.now + self.interval();
@@ -294,18 +294,16 @@ impl Core {
                 },
                 Err(e) => {
                     self.record_error(&e, clock);
-                    let offline = self.offline_too_long(clock.now);
-                    if e.class == AccessClass::Denied || offline {
-                        let why = if offline {
-                            "no successful access check within offline_lock_after".to_owned()
-                        } else {
-                            format!("access denied: {}", e.message)
+                    let offline = self.offline_for(clock.now);
+                    if e.class == AccessClass::Denied || offline.is_some() {
+                        let why = match offline {
+                            Some(offline) => offline_reason(offline),
+                            None => format!("access denied: {}", e.message),
                         };
                         tracing::warn!(volume = %self.s.name, reason = %why, "volume {}: not restarting the dead worker: {why}", self.s.name);
                         self.dead_to_locked(
                             format!("{why} (while its worker was down)"),
                             false,
-                            clock,
                             fx,
                         );
                         return;
