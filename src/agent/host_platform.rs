@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvcrypt_crypto::kdf::ACCESS_SECRET_LEN;
 use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_format::LoadedHeader;
-use kvcrypt_keyvault::{KeyError, KeyVaultProvider};
+use kvcrypt_keyvault::{KeyError, KeyProvider, KeyVaultProvider};
 
+use super::access;
 use super::config::{Selector, VaultConfig, VolumeSettings};
 use super::control::run_dir;
 use super::discover::{self, Identity};
@@ -35,7 +35,7 @@ const KILL_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct HostPlatform {
     /// The current key provider; a reload replaces it (calls in flight keep the old one).
-    provider: tokio::sync::watch::Sender<Arc<KeyVaultProvider>>,
+    provider: tokio::sync::watch::Sender<Arc<dyn KeyProvider>>,
     exe: PathBuf,
     fuse: FuseHolder,
     /// Claims on the backing store of volumes whose worker the agent killed (a failed or hung
@@ -106,7 +106,9 @@ impl HostPlatform {
             );
         }
         Ok(Self {
-            provider: tokio::sync::watch::Sender::new(Arc::new(KeyVaultProvider::new(vault)?)),
+            provider: tokio::sync::watch::Sender::new(
+                Arc::new(KeyVaultProvider::new(vault)?) as Arc<dyn KeyProvider>
+            ),
             exe,
             fuse: FuseHolder {
                 held: Arc::default(),
@@ -226,10 +228,6 @@ impl FuseHolder {
     }
 }
 
-pub fn access_error(e: &KeyError) -> AccessError {
-    AccessError::new(e.class().into(), e.to_string())
-}
-
 pub fn probe_identity(p: &Path) -> Option<Identity> {
     kvcrypt_format::probe(p).map(|i| Identity {
         uuid: i.uuid,
@@ -297,46 +295,24 @@ impl Platform for HostPlatform {
     }
 
     fn verify_key(&self, h: &LoadedHeader, key: &VolumeKey) -> Result<(), AccessError> {
-        h.verify_key(key)
-            .map_err(|e| AccessError::new(AccessClass::Misconfigured, e.to_string()))
+        access::verify_key(h, key)
     }
 
     async fn unwrap_key(&self, slot: &SlotRef) -> Result<VolumeKey, AccessError> {
         let p = self.provider.borrow().clone();
         let slot = slot.clone();
         // Spawned so a slow vault call is isolated from the volume task's own select loop.
-        let r =
-            tokio::spawn(
-                async move { p.unwrap(&slot.key_id, &slot.algorithm, &slot.wrapped).await },
-            )
+        tokio::spawn(async move { access::unwrap_slot(p.as_ref(), &slot).await })
             .await
-            .map_err(|e| AccessError::new(AccessClass::Transient, format!("internal: {e}")))?;
-        r.map_err(|e| access_error(&e))
+            .map_err(|e| AccessError::new(AccessClass::Transient, format!("internal: {e}")))?
     }
 
     async fn check_slot(&self, h: &LoadedHeader, slot: &SlotRef) -> Result<(), AccessError> {
-        let Some(check) = slot.check.clone() else {
-            let key = self.unwrap_key(slot).await?;
-            return self.verify_key(h, &key);
-        };
         let p = self.provider.borrow().clone();
-        let (kid, alg) = (slot.key_id.clone(), slot.algorithm.clone());
-        let secret = tokio::spawn(async move {
-            p.unwrap_secret::<ACCESS_SECRET_LEN>(&kid, &alg, &check)
-                .await
-        })
-        .await
-        .map_err(|e| AccessError::new(AccessClass::Transient, format!("internal: {e}")))?
-        .map_err(|e| access_error(&e))?;
-        // A secret that unwraps but fails the check is not this volume's (as with a VMK that
-        // fails the key check): treated like a denial, never as access.
-        h.verify_access_secret(secret.expose()).map_err(|e| {
-            let class = match e {
-                kvcrypt_format::HeaderError::WrongKey => AccessClass::Denied,
-                _ => AccessClass::Misconfigured,
-            };
-            AccessError::new(class, format!("access check with {}: {e}", slot.key_id))
-        })
+        let (header, slot) = (h.header.clone(), slot.clone());
+        tokio::spawn(async move { access::check_slot(p.as_ref(), &header, &slot).await })
+            .await
+            .map_err(|e| AccessError::new(AccessClass::Transient, format!("internal: {e}")))?
     }
 
     async fn spawn(

@@ -6,6 +6,7 @@
 //! (FIFREEZE/FITHAW), `hook`, `discover` (finding devices), `daemon` (wiring), `reload` (SIGHUP: re-read the configuration), `opened` (volumes handed over by `kvcrypt open`), `host_platform` (the
 //! production [`ports::Platform`]).
 
+pub mod access;
 pub mod backoff;
 pub mod config;
 pub mod control;

@@ -10,7 +10,6 @@ use crate::worker::{self, RunOptions, WorkerClient, WorkerError, WorkerSpec};
 use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_exit::{Context, Exit, Failure};
 use kvcrypt_format::LoadedHeader;
-use kvcrypt_keyvault::{BlockingProvider, VaultConfig};
 
 /// `kvcrypt open DEVICE NAME`: unwrap the volume key through Key Vault, check it, serve the
 /// device (detached worker, or in the foreground) and print the block device path.
@@ -155,69 +154,12 @@ fn unwrap_volume_key(
     if loaded.slots.is_empty() {
         return Err(CliError::Config(format!("{} has no key slots", device.display())).into());
     }
-    let cfg = load_vault_config(config)?;
+    let cfg = super::volume::load_vault_config(config)?;
     let pins = super::pinning::cli_pins(&cfg, config, allow_unpinned);
-    let ids: Vec<&str> = loaded.slots.iter().map(|s| s.key_id.as_str()).collect();
-    let chosen = pins
-        .select(&ids)
+    let provider = super::volume::vault_provider(&cfg)?;
+    let (key, _slot) = super::volume::unlock_volume(&loaded.header, &provider, &pins)
         .with_context(|| format!("opening {}", device.display()))?;
-    let provider = BlockingProvider::new(&cfg)?;
-    let mut last: Option<Failure> = None;
-    for (slot, key_id) in loaded.slots.iter().zip(chosen) {
-        let Some(key_id) = key_id else {
-            continue;
-        };
-        if pins.pin_for(&slot.key_id).is_none() {
-            eprintln!(
-                "kvcrypt: warning: key slot {} names {}, which the configuration does not pin; \
-                 trying it anyway ({})",
-                slot.id,
-                slot.key_id,
-                super::pinning::ALLOW_FLAG
-            );
-        }
-        match provider.unwrap(&key_id, &slot.algorithm, &slot.wrapped) {
-            Ok(key) => match loaded.verify_key(&key) {
-                Ok(()) => return Ok(key),
-                Err(e) => {
-                    last = Some(
-                        Failure::from(e).context(format!("key slot {} ({})", slot.id, slot.key_id)),
-                    )
-                }
-            },
-            Err(e) => {
-                last = Some(Failure::from(e).context(format!(
-                    "unwrapping key slot {} with {}",
-                    slot.id, slot.key_id
-                )))
-            }
-        }
-    }
-    // Not reached in practice: `select` refuses a header without a pinned slot.
-    Err(last.unwrap_or_else(|| Failure::new(Exit::Failure, "no usable key slot")))
-}
-
-/// The `[vault]` table of the config file.
-fn load_vault_config(config: &Path) -> Result<VaultConfig, CliError> {
-    let text = std::fs::read_to_string(config).map_err(|e| {
-        CliError::Config(format!(
-            "cannot read the configuration file {}: {e} (pass --config)",
-            config.display()
-        ))
-    })?;
-    let table: toml::Table = toml::from_str(&text)
-        .map_err(|e| CliError::Config(format!("{} is not valid TOML: {e}", config.display())))?;
-    let vault = table
-        .get("vault")
-        .cloned()
-        .ok_or_else(|| CliError::Config(format!("{} has no [vault] table", config.display())))?;
-    let cfg: VaultConfig = vault.try_into().map_err(|e| {
-        CliError::Config(format!(
-            "invalid [vault] table in {}: {e}",
-            config.display()
-        ))
-    })?;
-    Ok(cfg)
+    Ok(key)
 }
 
 /// `kvcrypt close NAME`: flush and remove the device; the worker exits.

@@ -1,7 +1,7 @@
 //! Commands on a volume itself, run without the agent (they call Key Vault directly where they
 //! need a key): format, header, probe, rewrap, benchmark.
 //!
-//! Submodules: `format` (format logic), `slots` (key-slot logic behind the `KeyWrapper` trait),
+//! Submodules: `format` (format logic), `slots` (key-slot logic over any key provider),
 //! `signatures` (existing-content detection), `udev` (probe output encoding), `dump` (header
 //! dump rendering).
 
@@ -19,20 +19,31 @@ use super::{
 };
 use kvcrypt_exit::{Context, Exit, Failure};
 use kvcrypt_format as header;
-use slots::KeyWrapper;
+use kvcrypt_keyvault::BlockingProvider;
 
-/// THE wiring point to the Key Vault provider: builds the `KeyWrapper` used by `format`,
-/// `rewrap` and `header dump --dump-master-key` from the `[vault]` table of the config file.
-/// (Their pins, `[vault] keys`, are checked before it is used: see `pinning`.)
-fn vault_wrapper(
+/// THE wiring point to the key provider of the commands run without the agent: Key Vault as
+/// the `[vault]` table of the config file says, for `format`, `rewrap`, `header dump
+/// --dump-master-key` and `open --foreground`. (Their pins, `[vault] keys`, are checked before
+/// it is used: see `pinning`.)
+pub(super) fn vault_provider(
     cfg: &kvcrypt_keyvault::VaultConfig,
-) -> Result<Box<dyn KeyWrapper>, kvcrypt_keyvault::KeyError> {
-    Ok(Box::new(kvcrypt_keyvault::BlockingProvider::new(cfg)?))
+) -> Result<BlockingProvider, kvcrypt_keyvault::KeyError> {
+    BlockingProvider::new(cfg)
+}
+
+/// Unwraps the volume key with the first pinned slot of `h` that works and passes the key
+/// check (for `open --foreground`); see [`slots::unlock`].
+pub(super) fn unlock_volume(
+    h: &header::VolumeHeader,
+    w: &BlockingProvider,
+    pins: &kvcrypt_keyvault::Pins,
+) -> Result<(kvcrypt_crypto::secmem::VolumeKey, u32), Failure> {
+    slots::unlock(h, w, pins)
 }
 
 /// Reads only the `[vault]` table of the config file (the offline commands need nothing else,
 /// and must not fail on agent settings they do not use).
-fn load_vault_config(config: &Path) -> Result<kvcrypt_keyvault::VaultConfig, Failure> {
+pub(super) fn load_vault_config(config: &Path) -> Result<kvcrypt_keyvault::VaultConfig, Failure> {
     let text = std::fs::read_to_string(config).map_err(|e| {
         CliError::Config(format!(
             "cannot read config file {} ({e}); its [vault] table says how to reach Key Vault \
@@ -52,55 +63,6 @@ fn load_vault_config(config: &Path) -> Result<kvcrypt_keyvault::VaultConfig, Fai
         .map_err(|e| CliError::Config(format!("config file {}: [vault]: {e}", config.display())))?;
     kvcrypt_keyvault::VaultConfig::from_toml(&vault_text)
         .with_context(|| format!("config file {}", config.display()))
-}
-
-/// The real provider: Azure Key Vault / Managed HSM (errors stay `keys::KeyError`, so the
-/// CLI's exit code tells denied from unreachable).
-impl KeyWrapper for kvcrypt_keyvault::BlockingProvider {
-    fn wrap(
-        &self,
-        key_id: &str,
-        algorithm: Option<&str>,
-        vmk: &kvcrypt_crypto::secmem::VolumeKey,
-    ) -> Result<kvcrypt_keyvault::WrappedKey, Failure> {
-        Ok(kvcrypt_keyvault::BlockingProvider::wrap(
-            self, key_id, algorithm, vmk,
-        )?)
-    }
-    fn unwrap(
-        &self,
-        key_id: &str,
-        algorithm: &str,
-        wrapped: &[u8],
-    ) -> Result<kvcrypt_crypto::secmem::VolumeKey, Failure> {
-        Ok(kvcrypt_keyvault::BlockingProvider::unwrap(
-            self, key_id, algorithm, wrapped,
-        )?)
-    }
-    fn latest_version(&self, key_id: &str) -> Result<String, Failure> {
-        Ok(kvcrypt_keyvault::BlockingProvider::latest_version(
-            self, key_id,
-        )?)
-    }
-    fn wrap_check(
-        &self,
-        key_id: &str,
-        algorithm: &str,
-        secret: &kvcrypt_crypto::secmem::SecretBytes<{ kvcrypt_crypto::kdf::ACCESS_SECRET_LEN }>,
-    ) -> Result<Vec<u8>, Failure> {
-        Ok(self.wrap_secret(key_id, Some(algorithm), secret)?.wrapped)
-    }
-    fn unwrap_check(
-        &self,
-        key_id: &str,
-        algorithm: &str,
-        wrapped: &[u8],
-    ) -> Result<
-        kvcrypt_crypto::secmem::SecretBytes<{ kvcrypt_crypto::kdf::ACCESS_SECRET_LEN }>,
-        Failure,
-    > {
-        Ok(self.unwrap_secret(key_id, algorithm, wrapped)?)
-    }
 }
 
 pub fn format(config: &Path, a: FormatArgs) -> Result<(), Failure> {
@@ -127,8 +89,8 @@ pub fn format(config: &Path, a: FormatArgs) -> Result<(), Failure> {
         wipe: a.wipe,
         progress: true,
     };
-    let w = vault_wrapper(&cfg)?;
-    let h = format::format_device(&a.device, &plan, w.as_ref())?;
+    let w = vault_provider(&cfg)?;
+    let h = format::format_device(&a.device, &plan, &w)?;
     println!(
         "Formatted {} as kvcrypt volume {} ({} bytes of data in {}-byte sectors); key slot 0: {} ({})",
         a.device.display(),
@@ -230,8 +192,8 @@ fn header_dump(config: &Path, a: HeaderDumpArgs) -> Result<(), Failure> {
         }
         let cfg = load_vault_config(config)?;
         let pins = super::pinning::cli_pins(&cfg, config, a.allow_unpinned_key);
-        let w = vault_wrapper(&cfg)?;
-        let (vmk, slot) = slots::unlock(&l, w.as_ref(), &pins)?;
+        let w = vault_provider(&cfg)?;
+        let (vmk, slot) = slots::unlock(&l, &w, &pins)?;
         Some((vmk, slot))
     } else {
         None
@@ -328,8 +290,8 @@ pub fn rewrap(config: &Path, a: RewrapArgs) -> Result<(), Failure> {
     };
     let cfg = load_vault_config(config)?;
     let pins = super::pinning::cli_pins(&cfg, config, a.allow_unpinned_key);
-    let w = vault_wrapper(&cfg)?;
-    let out = slots::rewrap(&mut l.header, w.as_ref(), &plan, &pins)?;
+    let w = vault_provider(&cfg)?;
+    let out = slots::rewrap(&mut l.header, &w, &plan, &pins)?;
     for (id, why) in &out.checks_failed {
         eprintln!(
             "warning: key slot {id} got no access check ({why}); the agent's access checks \

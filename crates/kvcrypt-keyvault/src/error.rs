@@ -81,6 +81,27 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// A service's refusal or failure as another [`crate::KeyProvider`] reports it (no HTTP
+    /// details): `vault` and `key` name what was asked, `message` says what to check.
+    pub fn answer(
+        vault: impl Into<String>,
+        key: impl Into<String>,
+        operation: Operation,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            vault: vault.into(),
+            key: key.into(),
+            operation,
+            status: None,
+            code: None,
+            from_identity: false,
+            message: message.into(),
+        }
+    }
+}
+
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)

@@ -1,7 +1,9 @@
 //! Key providers: Azure Key Vault / Managed HSM `wrapKey` / `unwrapKey` through the official SDK
 //! (`azure_security_keyvault_keys`, `azure_identity`, `azure_core` 1.x).
 //!
-//! - [`KeyVaultProvider`] (async) and [`BlockingProvider`] (for the synchronous CLI).
+//! - [`KeyProvider`]: the one trait every wrap and unwrap goes through (`provider.rs`);
+//!   [`KeyVaultProvider`] implements it, [`BlockingProvider`] serves any provider to the
+//!   synchronous CLI.
 //! - [`VaultConfig`]: the `[vault]` table of the config file (`docs/CONFIG-vault.md`).
 //! - [`KeyError`]: failures classified Denied / Transient / Misconfigured (`error.rs`).
 //!
@@ -19,6 +21,7 @@ mod error;
 mod http;
 mod keyid;
 mod pin;
+mod provider;
 
 pub use config::{
     AzureCliConfig, ClientCertificateConfig, ClientSecretConfig, CredentialConfig,
@@ -27,6 +30,7 @@ pub use config::{
 pub use error::{ErrorClass, Failure, KeyError, Operation};
 pub use keyid::KeyId;
 pub use pin::{KeyPin, PinError, Pins};
+pub use provider::{AccessSecret, BlockingProvider, KeyProvider};
 
 use azure_core::credentials::TokenCredential;
 use azure_core::http::ClientMethodOptions;
@@ -519,75 +523,6 @@ fn decode_unwrap_result<const N: usize>(
         )));
     }
     SecretBytes::<N>::from_slice(&plain).ok_or_else(|| bad_answer(target, "secret length"))
-}
-
-/// A synchronous facade for the CLI: owns a current-thread tokio runtime. Do not use it from
-/// inside an async runtime (it blocks the calling thread).
-pub struct BlockingProvider {
-    runtime: tokio::runtime::Runtime,
-    provider: KeyVaultProvider,
-}
-
-impl BlockingProvider {
-    pub fn new(cfg: &VaultConfig) -> Result<Self, KeyError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| KeyError::Config(format!("cannot start the I/O runtime: {e}")))?;
-        Ok(Self {
-            runtime,
-            provider: KeyVaultProvider::new(cfg)?,
-        })
-    }
-
-    pub fn wrap(
-        &self,
-        key_id: &str,
-        algorithm: Option<&str>,
-        vmk: &VolumeKey,
-    ) -> Result<WrappedKey, KeyError> {
-        self.runtime
-            .block_on(self.provider.wrap(key_id, algorithm, vmk))
-    }
-
-    pub fn unwrap(
-        &self,
-        key_id: &str,
-        algorithm: &str,
-        wrapped: &[u8],
-    ) -> Result<VolumeKey, KeyError> {
-        self.runtime
-            .block_on(self.provider.unwrap(key_id, algorithm, wrapped))
-    }
-
-    pub fn latest_version(&self, key_id: &str) -> Result<String, KeyError> {
-        self.runtime.block_on(self.provider.latest_version(key_id))
-    }
-
-    pub fn wrap_secret<const N: usize>(
-        &self,
-        key_id: &str,
-        algorithm: Option<&str>,
-        secret: &SecretBytes<N>,
-    ) -> Result<WrappedKey, KeyError> {
-        self.runtime
-            .block_on(self.provider.wrap_secret(key_id, algorithm, secret))
-    }
-
-    pub fn unwrap_secret<const N: usize>(
-        &self,
-        key_id: &str,
-        algorithm: &str,
-        wrapped: &[u8],
-    ) -> Result<SecretBytes<N>, KeyError> {
-        self.runtime
-            .block_on(self.provider.unwrap_secret(key_id, algorithm, wrapped))
-    }
-
-    /// The async provider inside.
-    pub fn provider(&self) -> &KeyVaultProvider {
-        &self.provider
-    }
 }
 
 #[cfg(test)]

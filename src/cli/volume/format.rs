@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use rand::RngCore;
 
 use super::signatures;
-use super::slots::{KeyWrapper, make_slot};
+use super::slots::make_slot;
 use crate::cli::CliError;
 use kvcrypt_crypto::XtsCipher;
 use kvcrypt_crypto::secmem::{VMK_LEN, VolumeKey};
@@ -99,7 +99,7 @@ fn check_existing(f: &File, path: &Path, force: bool) -> Result<Vec<&'static str
 pub fn format_device(
     path: &Path,
     plan: &FormatPlan,
-    w: &dyn KeyWrapper,
+    w: &kvcrypt_keyvault::BlockingProvider,
 ) -> Result<VolumeHeader, Failure> {
     if plan.label.len() > layout::LABEL_MAX || plan.label.contains('\0') {
         return Err(CliError::Usage(format!(
@@ -197,7 +197,7 @@ fn wipe_data_area(
 
 #[cfg(test)]
 mod tests {
-    use super::super::slots::testing::XorWrapper;
+    use super::super::slots::testing::xor_provider;
     use super::super::slots::unlock;
     use super::*;
     use std::fs::OpenOptions;
@@ -230,7 +230,7 @@ mod tests {
         let keyfile = dir.path().join("vmk.bin");
         let key: Vec<u8> = (0..64u8).collect();
         std::fs::write(&keyfile, &key).unwrap();
-        let w = XorWrapper::new(&[K]);
+        let w = xor_provider(&[K]);
         let mut pl = plan();
         pl.master_key_file = Some(keyfile);
         pl.wipe = true;
@@ -262,7 +262,7 @@ mod tests {
     fn refuses_existing_content_unless_forced() {
         let dir = tempfile::tempdir().unwrap();
         let p = file(dir.path(), 4 << 20);
-        let w = XorWrapper::new(&[K]);
+        let w = xor_provider(&[K]);
         // ext4 magic at 1080.
         OpenOptions::new()
             .write(true)
@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn refuses_small_devices_bad_key_files_and_vault_failures_without_writing() {
         let dir = tempfile::tempdir().unwrap();
-        let w = XorWrapper::new(&[K]);
+        let w = xor_provider(&[K]);
         let p = file(dir.path(), (1 << 20) + 4095);
         let e = format_device(&p, &plan(), &w).unwrap_err();
         assert!(matches!(
@@ -311,7 +311,7 @@ mod tests {
         std::fs::write(&kf, [1u8; 64]).unwrap();
         assert!(format_device(&p, &pl, &w).is_err(), "equal halves refused");
 
-        let denied = XorWrapper::new(&[]);
+        let denied = xor_provider(&[]);
         assert!(format_device(&p, &plan(), &denied).is_err());
         let mut head = vec![0u8; 8];
         File::open(&p).unwrap().read_exact_at(&mut head, 0).unwrap();

@@ -1,59 +1,29 @@
-//! Key-slot logic of `format`, `rewrap` and `header dump --dump-master-key`, behind the small
-//! [`KeyWrapper`] trait so it is testable without a vault (the real implementation is the
-//! Key Vault provider; see `vault_wrapper` in `offline.rs`).
+//! Key-slot logic of `format`, `rewrap`, `header dump --dump-master-key` and `open
+//! --foreground`, over any [`kvcrypt_keyvault::KeyProvider`] (served synchronously by a
+//! [`BlockingProvider`]): the real one is Key Vault (`vault_provider` in `volume.rs`), the
+//! unit tests use a local stand-in.
 
-use kvcrypt_crypto::kdf::{self, ACCESS_SECRET_LEN};
-use kvcrypt_crypto::secmem::{SecretBytes, VolumeKey};
+use kvcrypt_crypto::kdf;
+use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_exit::{Context, Exit, Failure};
 use kvcrypt_format::{HeaderError, KeySlot, VolumeHeader};
-use kvcrypt_keyvault::{PinError, Pins, WrappedKey};
-
-/// What the commands run without the agent need from a key provider (the wrapped key is the
-/// provider's own [`WrappedKey`]). Its errors carry their exit code (the
-/// real provider's are `KeyError`s: denied and unreachable exit differently).
-pub trait KeyWrapper {
-    /// Wraps `vmk` with `key_id` (versioned or versionless; versionless means the latest).
-    fn wrap(
-        &self,
-        key_id: &str,
-        algorithm: Option<&str>,
-        vmk: &VolumeKey,
-    ) -> Result<WrappedKey, Failure>;
-    /// Unwraps a slot's bytes with its versioned key id.
-    fn unwrap(&self, key_id: &str, algorithm: &str, wrapped: &[u8]) -> Result<VolumeKey, Failure>;
-    /// Versioned id of the latest version of `key_id`.
-    fn latest_version(&self, key_id: &str) -> Result<String, Failure>;
-    /// Wraps a format v2 access-check secret with the versioned `key_id` and `algorithm` of a
-    /// slot (the slot's `check`).
-    fn wrap_check(
-        &self,
-        key_id: &str,
-        algorithm: &str,
-        secret: &SecretBytes<ACCESS_SECRET_LEN>,
-    ) -> Result<Vec<u8>, Failure>;
-    /// Unwraps a slot's `check`.
-    fn unwrap_check(
-        &self,
-        key_id: &str,
-        algorithm: &str,
-        wrapped: &[u8],
-    ) -> Result<SecretBytes<ACCESS_SECRET_LEN>, Failure>;
-}
+use kvcrypt_keyvault::{BlockingProvider, PinError, Pins};
 
 /// Wraps the volume's access-check secret for the slot `key_id`/`algorithm` and proves it
 /// unwraps again (a check that fails would make the agent see a healthy volume as revoked).
 pub fn make_check(
-    w: &dyn KeyWrapper,
+    w: &BlockingProvider,
     key_id: &str,
     algorithm: &str,
     vmk: &VolumeKey,
 ) -> Result<Vec<u8>, Failure> {
     let secret = kdf::access_secret(vmk);
     let check = w
-        .wrap_check(key_id, algorithm, &secret)
-        .with_context(|| format!("wrapping the access-check secret with {key_id}"))?;
+        .wrap_access_secret(key_id, algorithm, &secret)
+        .with_context(|| format!("wrapping the access-check secret with {key_id}"))?
+        .wrapped;
     let back = w
-        .unwrap_check(key_id, algorithm, &check)
+        .unwrap_access_secret(key_id, algorithm, &check)
         .with_context(|| format!("unwrapping the new access check with {key_id} to verify it"))?;
     if back.expose() != secret.expose() {
         // The vault answered, but inconsistently: none of the specific classes fits.
@@ -84,7 +54,7 @@ pub fn versionless(key_id: &str) -> String {
 /// by unwrapping it again — a slot that cannot be unwrapped would only be discovered when the
 /// volume is needed.
 pub fn make_slot(
-    w: &dyn KeyWrapper,
+    w: &BlockingProvider,
     key_id: &str,
     algorithm: Option<&str>,
     vmk: &VolumeKey,
@@ -147,7 +117,7 @@ pub fn pinned_ids(h: &VolumeHeader, pins: &Pins) -> Result<Vec<Option<String>>, 
 /// all slots' reasons.
 pub fn unlock(
     h: &VolumeHeader,
-    w: &dyn KeyWrapper,
+    w: &BlockingProvider,
     pins: &Pins,
 ) -> Result<(VolumeKey, u32), Failure> {
     let chosen = pinned_ids(h, pins)?;
@@ -157,7 +127,7 @@ pub fn unlock(
 /// [`unlock`] with the key ids [`pinned_ids`] chose.
 fn unlock_with(
     h: &VolumeHeader,
-    w: &dyn KeyWrapper,
+    w: &BlockingProvider,
     chosen: Vec<Option<String>>,
 ) -> Result<(VolumeKey, u32), Failure> {
     let mut reasons = Vec::new();
@@ -185,7 +155,7 @@ fn unlock_with(
             },
             Err(e) => {
                 reasons.push(format!("slot {} ({}): {e:#}", s.id, s.key_id));
-                last = Some(e);
+                last = Some(e.into());
             }
         }
     }
@@ -224,7 +194,7 @@ pub struct RewrapOutcome {
 /// Adds/removes slots in `h` and re-seals it. The caller writes it (only if something changed).
 pub fn rewrap(
     h: &mut VolumeHeader,
-    w: &dyn KeyWrapper,
+    w: &BlockingProvider,
     plan: &RewrapPlan,
     pins: &Pins,
 ) -> Result<RewrapOutcome, Failure> {
@@ -351,12 +321,40 @@ pub mod testing {
     //! A local stand-in for the vault, for unit tests ONLY: "wraps" by XOR with a pad derived
     //! from the versioned key id. It proves nothing about Key Vault; it exercises slot logic.
     use super::*;
+    use kvcrypt_keyvault::{
+        AccessSecret, Failure as Answer, KeyError, KeyProvider, Operation, WrappedKey,
+    };
     use sha2::{Digest, Sha512};
     use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use zeroize::Zeroizing;
 
     pub struct XorWrapper {
         /// versionless key id → latest version id; keys not listed are "denied".
-        pub latest: HashMap<String, String>,
+        latest: Mutex<HashMap<String, String>>,
+    }
+
+    /// The stand-in for `keys`, served as the CLI serves Key Vault.
+    pub fn xor_provider(keys: &[&str]) -> BlockingProvider {
+        BlockingProvider::over(Arc::new(XorWrapper::new(keys))).expect("runtime")
+    }
+
+    fn denied(key_id: &str, op: Operation) -> KeyError {
+        KeyError::Denied(Answer::answer(
+            "test",
+            key_id,
+            op,
+            format!("denied: {key_id}"),
+        ))
+    }
+
+    fn bad_length(key_id: &str) -> KeyError {
+        KeyError::Misconfigured(Answer::answer(
+            "test",
+            key_id,
+            Operation::UnwrapKey,
+            "bad length",
+        ))
     }
 
     impl XorWrapper {
@@ -365,88 +363,99 @@ pub mod testing {
                 .iter()
                 .map(|k| (versionless(k), k.to_string()))
                 .collect();
-            XorWrapper { latest }
+            XorWrapper {
+                latest: Mutex::new(latest),
+            }
+        }
+        /// A new latest version of `key_id`'s key, as after a rotation in the vault.
+        pub fn rotate(&self, key_id: &str, new_version: &str) {
+            self.latest
+                .lock()
+                .unwrap()
+                .insert(versionless(key_id), new_version.to_string());
         }
         fn pad(key_id: &str) -> [u8; 64] {
             Sha512::digest(key_id.as_bytes()).into()
         }
-        fn resolve(&self, key_id: &str) -> Result<String, Failure> {
+        fn resolve(&self, key_id: &str, op: Operation) -> Result<String, KeyError> {
             let base = versionless(key_id);
-            let latest = self
-                .latest
-                .get(&base)
-                .ok_or_else(|| Failure::new(Exit::AccessDenied, format!("denied: {key_id}")))?;
+            let latest = self.latest.lock().unwrap().get(&base).cloned();
+            let latest = latest.ok_or_else(|| denied(key_id, op))?;
             Ok(if base == key_id.trim_end_matches('/') {
-                latest.clone()
+                latest
             } else {
                 key_id.to_string()
             })
         }
+        fn xor(key_id: &str, bytes: &[u8]) -> Zeroizing<Vec<u8>> {
+            let pad = Self::pad(key_id);
+            Zeroizing::new(bytes.iter().zip(pad.iter()).map(|(a, b)| a ^ b).collect())
+        }
     }
 
-    impl KeyWrapper for XorWrapper {
-        fn wrap(
+    #[async_trait::async_trait]
+    impl KeyProvider for XorWrapper {
+        async fn wrap(
             &self,
             key_id: &str,
             algorithm: Option<&str>,
             vmk: &VolumeKey,
-        ) -> Result<WrappedKey, Failure> {
-            let kid = self.resolve(key_id)?;
-            let pad = Self::pad(&kid);
-            let wrapped = vmk
-                .expose()
-                .iter()
-                .zip(pad.iter())
-                .map(|(a, b)| a ^ b)
-                .collect();
+        ) -> Result<WrappedKey, KeyError> {
+            let kid = self.resolve(key_id, Operation::WrapKey)?;
+            let wrapped = Self::xor(&kid, vmk.expose()).to_vec();
             Ok(WrappedKey {
                 key_id: kid,
                 algorithm: algorithm.unwrap_or("RSA-OAEP-256").into(),
                 wrapped,
             })
         }
-        fn unwrap(&self, key_id: &str, _alg: &str, wrapped: &[u8]) -> Result<VolumeKey, Failure> {
-            let kid = self.resolve(key_id)?;
-            let pad = Self::pad(&kid);
-            let plain: Vec<u8> = wrapped.iter().zip(pad.iter()).map(|(a, b)| a ^ b).collect();
-            VolumeKey::from_slice(&plain).ok_or_else(|| Failure::new(Exit::Failure, "bad length"))
-        }
-        fn latest_version(&self, key_id: &str) -> Result<String, Failure> {
-            self.latest
-                .get(&versionless(key_id))
-                .cloned()
-                .ok_or_else(|| Failure::new(Exit::AccessDenied, format!("denied: {key_id}")))
-        }
-        fn wrap_check(
-            &self,
-            key_id: &str,
-            _alg: &str,
-            secret: &SecretBytes<ACCESS_SECRET_LEN>,
-        ) -> Result<Vec<u8>, Failure> {
-            let pad = Self::pad(&self.resolve(key_id)?);
-            Ok(secret
-                .expose()
-                .iter()
-                .zip(pad.iter())
-                .map(|(a, b)| a ^ b)
-                .collect())
-        }
-        fn unwrap_check(
+        async fn unwrap(
             &self,
             key_id: &str,
             _alg: &str,
             wrapped: &[u8],
-        ) -> Result<SecretBytes<ACCESS_SECRET_LEN>, Failure> {
-            let pad = Self::pad(&self.resolve(key_id)?);
-            let plain: Vec<u8> = wrapped.iter().zip(pad.iter()).map(|(a, b)| a ^ b).collect();
-            SecretBytes::from_slice(&plain).ok_or_else(|| Failure::new(Exit::Failure, "bad length"))
+        ) -> Result<VolumeKey, KeyError> {
+            let kid = self.resolve(key_id, Operation::UnwrapKey)?;
+            VolumeKey::from_slice(&Self::xor(&kid, wrapped)).ok_or_else(|| bad_length(key_id))
+        }
+        async fn wrap_access_secret(
+            &self,
+            key_id: &str,
+            algorithm: &str,
+            secret: &AccessSecret,
+        ) -> Result<WrappedKey, KeyError> {
+            let kid = self.resolve(key_id, Operation::WrapKey)?;
+            let wrapped = Self::xor(&kid, secret.expose()).to_vec();
+            Ok(WrappedKey {
+                key_id: kid,
+                algorithm: algorithm.into(),
+                wrapped,
+            })
+        }
+        async fn unwrap_access_secret(
+            &self,
+            key_id: &str,
+            _alg: &str,
+            wrapped: &[u8],
+        ) -> Result<AccessSecret, KeyError> {
+            let kid = self.resolve(key_id, Operation::UnwrapKey)?;
+            AccessSecret::from_slice(&Self::xor(&kid, wrapped)).ok_or_else(|| bad_length(key_id))
+        }
+        async fn latest_version(&self, key_id: &str) -> Result<String, KeyError> {
+            let latest = self
+                .latest
+                .lock()
+                .unwrap()
+                .get(&versionless(key_id))
+                .cloned();
+            latest.ok_or_else(|| denied(key_id, Operation::GetKey))
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::testing::XorWrapper;
+    use super::testing::xor_provider;
     use super::*;
 
     const K1: &str = "https://a.vault.azure.net/keys/vol/v1";
@@ -468,7 +477,7 @@ mod tests {
         VolumeKey::from_slice(&[b; 64]).unwrap()
     }
 
-    fn volume(w: &XorWrapper) -> (VolumeHeader, VolumeKey) {
+    fn volume(w: &BlockingProvider) -> (VolumeHeader, VolumeKey) {
         let k = vmk(7);
         let mut h = VolumeHeader::new_for_device(16 << 20, 4096, "t", &k).unwrap();
         h.add_slot(make_slot(w, K1, None, &k).unwrap());
@@ -491,7 +500,7 @@ mod tests {
 
     #[test]
     fn unlock_finds_the_working_slot() {
-        let w = XorWrapper::new(&[K1, OTHER]);
+        let w = xor_provider(&[K1, OTHER]);
         let (mut h, k) = volume(&w);
         let (got, id) = unlock(&h, &w, &pins()).unwrap();
         assert_eq!((got.expose(), id), (k.expose(), 0));
@@ -519,7 +528,7 @@ mod tests {
 
     #[test]
     fn unlock_stops_on_tampering_and_reports_denied_slots() {
-        let w = XorWrapper::new(&[K1]);
+        let w = xor_provider(&[K1]);
         let (mut h, _) = volume(&w);
         h.label = "changed".into();
         let e = unlock(&h, &w, &pins()).unwrap_err();
@@ -528,14 +537,15 @@ mod tests {
             Some(HeaderError::Tampered)
         ));
         let (h, _) = volume(&w);
-        let denied = XorWrapper::new(&[OTHER]);
+        let denied = xor_provider(&[OTHER]);
         let e = unlock(&h, &denied, &pins()).unwrap_err();
         assert!(format!("{e:#}").contains("denied"), "{e:#}");
     }
 
     #[test]
     fn rewrap_to_latest_version_then_remove_old_slot() {
-        let mut w = XorWrapper::new(&[K1]);
+        let vault = std::sync::Arc::new(super::testing::XorWrapper::new(&[K1]));
+        let w = BlockingProvider::over(vault.clone()).unwrap();
         let (mut h, k) = volume(&w);
         // Same key, no new version yet: nothing added.
         let plan = RewrapPlan {
@@ -546,7 +556,7 @@ mod tests {
         assert_eq!(out.already_present, Some(0));
         assert_eq!(out.added, None);
         // The key is rotated to v2: a new slot for v2, and slot 0 removed.
-        w.latest.insert(versionless(K1), K2.to_string());
+        vault.rotate(K1, K2);
         let plan = RewrapPlan {
             add: true,
             remove: vec![0],
@@ -564,7 +574,7 @@ mod tests {
 
     #[test]
     fn rewrap_adds_a_second_vault_and_refuses_bad_removals() {
-        let w = XorWrapper::new(&[K1, OTHER]);
+        let w = xor_provider(&[K1, OTHER]);
         let (mut h, k) = volume(&w);
         let plan = RewrapPlan {
             add: true,
@@ -598,12 +608,14 @@ mod tests {
 
     #[test]
     fn slots_get_access_checks_and_rewrap_adds_missing_ones() {
-        let w = XorWrapper::new(&[K1]);
+        let w = xor_provider(&[K1]);
         let (mut h, k) = volume(&w);
         let secret = kdf::access_secret(&k);
         let check = h.slots[0].check.clone().expect("new slots have a check");
         assert_eq!(
-            w.unwrap_check(K1, "RSA-OAEP-256", &check).unwrap().expose(),
+            w.unwrap_access_secret(K1, "RSA-OAEP-256", &check)
+                .unwrap()
+                .expose(),
             secret.expose()
         );
         // A slot from before format v2 (no check): rewrap adds it even with nothing else to do.
@@ -628,39 +640,52 @@ mod tests {
 
     #[test]
     fn make_slot_rejects_a_wrap_that_does_not_round_trip() {
+        use kvcrypt_keyvault::{AccessSecret, KeyError, KeyProvider, WrappedKey};
+        /// Answers every call, but its wraps do not unwrap to what was wrapped.
         struct Broken;
-        impl KeyWrapper for Broken {
-            fn wrap(&self, k: &str, _: Option<&str>, _: &VolumeKey) -> Result<WrappedKey, Failure> {
+        #[async_trait::async_trait]
+        impl KeyProvider for Broken {
+            async fn wrap(
+                &self,
+                k: &str,
+                _: Option<&str>,
+                _: &VolumeKey,
+            ) -> Result<WrappedKey, KeyError> {
                 Ok(WrappedKey {
                     key_id: k.into(),
                     algorithm: "A256KW".into(),
                     wrapped: vec![1; 72],
                 })
             }
-            fn unwrap(&self, _: &str, _: &str, _: &[u8]) -> Result<VolumeKey, Failure> {
+            async fn unwrap(&self, _: &str, _: &str, _: &[u8]) -> Result<VolumeKey, KeyError> {
                 Ok(VolumeKey::zeroed())
             }
-            fn latest_version(&self, k: &str) -> Result<String, Failure> {
-                Ok(k.into())
-            }
-            fn wrap_check(
+            async fn wrap_access_secret(
                 &self,
+                k: &str,
                 _: &str,
-                _: &str,
-                _: &SecretBytes<ACCESS_SECRET_LEN>,
-            ) -> Result<Vec<u8>, Failure> {
-                Ok(vec![1; 40])
+                _: &AccessSecret,
+            ) -> Result<WrappedKey, KeyError> {
+                Ok(WrappedKey {
+                    key_id: k.into(),
+                    algorithm: "A256KW".into(),
+                    wrapped: vec![1; 40],
+                })
             }
-            fn unwrap_check(
+            async fn unwrap_access_secret(
                 &self,
                 _: &str,
                 _: &str,
                 _: &[u8],
-            ) -> Result<SecretBytes<ACCESS_SECRET_LEN>, Failure> {
-                Ok(SecretBytes::zeroed())
+            ) -> Result<AccessSecret, KeyError> {
+                Ok(AccessSecret::zeroed())
+            }
+            async fn latest_version(&self, k: &str) -> Result<String, KeyError> {
+                Ok(k.into())
             }
         }
-        assert!(make_slot(&Broken, K1, None, &vmk(3)).is_err());
-        assert!(make_check(&Broken, K1, "A256KW", &vmk(3)).is_err());
+        let broken = BlockingProvider::over(std::sync::Arc::new(Broken)).unwrap();
+        assert!(make_slot(&broken, K1, None, &vmk(3)).is_err());
+        assert!(make_check(&broken, K1, "A256KW", &vmk(3)).is_err());
     }
 }
