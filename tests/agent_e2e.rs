@@ -1446,10 +1446,10 @@ fn agent_repairs_a_damaged_header_copy_at_unlock() {
         512 * 1024 + 4096 + 20,
     )
     .unwrap();
-    let before = kvcrypt_format::read(&lab.image).unwrap();
+    let before = kvcrypt_header_io::read(&lab.image).unwrap();
     assert_eq!(before.damaged.len(), 1, "{:?}", before.damaged);
     let mut r = Running::agent_for(lab, dir);
-    let after = kvcrypt_format::read(&r.lab.image).unwrap();
+    let after = kvcrypt_header_io::read(&r.lab.image).unwrap();
     assert!(after.damaged.is_empty(), "{:?}", after.damaged);
     assert!(after.sequence > before.sequence);
     assert_eq!(after.uuid, before.uuid);

@@ -10,7 +10,7 @@ use kvcrypt_testkit::volume::*;
 fn write_read_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "data");
-    let l = kvcrypt_format::read(&p).unwrap();
+    let l = kvcrypt_header_io::read(&p).unwrap();
     assert_eq!(l.header, h);
     assert_eq!(l.sequence, 1);
     assert_eq!(l.used, HeaderCopy::Primary);
@@ -43,13 +43,13 @@ fn device_smaller_than_header_plus_one_sector() {
     // Writing a header whose data area does not fit the device is refused, nothing written.
     let mut h = VolumeHeader::new_for_device(8 * MIB, 4096, "", &vmk).unwrap();
     let small = sized_file(dir.path(), "small.img", 2 * MIB);
-    let e = kvcrypt_format::write(&small, &mut h).unwrap_err();
+    let e = kvcrypt_header_io::write(&small, &mut h).unwrap_err();
     assert!(matches!(e, HeaderError::DeviceTooSmall { .. }), "{e}");
     assert!(read_at(&small, 0, 8).iter().all(|&b| b == 0));
     // A device that shrank after formatting: clear error on read.
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "");
     set_len(&p, 4 * MIB);
-    let e = kvcrypt_format::read(&p).unwrap_err();
+    let e = kvcrypt_header_io::read(&p).unwrap_err();
     assert!(
         matches!(e, HeaderError::DeviceTooSmall { size, .. } if size == 4 * MIB),
         "{e}"
@@ -67,16 +67,16 @@ fn not_a_kvcrypt_device() {
         .collect();
     write_at(&noise, 0, &bytes);
     for p in [&zeros, &empty, &noise] {
-        let e = kvcrypt_format::read(p).unwrap_err();
+        let e = kvcrypt_header_io::read(p).unwrap_err();
         assert!(
             matches!(e, HeaderError::NotKvcrypt { .. }),
             "{}: {e}",
             p.display()
         );
         assert_eq!(e.exit_class(), Exit::NotKvcrypt);
-        assert!(kvcrypt_format::probe(p).is_none());
+        assert!(kvcrypt_header_io::probe(p).is_none());
     }
-    let e = kvcrypt_format::read(dir.path().join("missing")).unwrap_err();
+    let e = kvcrypt_header_io::read(dir.path().join("missing")).unwrap_err();
     assert!(matches!(e, HeaderError::Io { .. }));
     assert_eq!(e.exit_class(), Exit::NotFound);
 }
@@ -88,7 +88,7 @@ fn primary_corrupt_opens_from_secondary_and_write_repairs_it() {
     let good = read_at(&p, PRIMARY, 8192);
     flip(&p, PRIMARY + 40); // first label byte
     flip(&p, PRIMARY + 4100); // metadata byte
-    let l = kvcrypt_format::read(&p).unwrap();
+    let l = kvcrypt_header_io::read(&p).unwrap();
     assert_eq!(l.used, HeaderCopy::Secondary);
     assert_eq!(l.header, h);
     assert_eq!(l.damaged.len(), 1);
@@ -100,7 +100,7 @@ fn primary_corrupt_opens_from_secondary_and_write_repairs_it() {
     );
 
     let mut h2 = l.header.clone();
-    kvcrypt_format::write(&p, &mut h2).unwrap();
+    kvcrypt_header_io::write(&p, &mut h2).unwrap();
     assert_eq!(h2.sequence, 2);
     // The primary's bytes on disk are repaired: equal to the original except the sequence
     // number and checksum, which a new write changes.
@@ -115,7 +115,7 @@ fn primary_corrupt_opens_from_secondary_and_write_repairs_it() {
         v[224..256].fill(0);
     }
     assert_eq!(a, b);
-    let l = kvcrypt_format::read(&p).unwrap();
+    let l = kvcrypt_header_io::read(&p).unwrap();
     assert!(l.damaged.is_empty(), "{:?}", l.damaged);
     assert_eq!(l.used, HeaderCopy::Primary);
 }
@@ -125,17 +125,17 @@ fn secondary_corrupt_is_reported_and_repaired() {
     let dir = tempfile::tempdir().unwrap();
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "data");
     write_at(&p, SECONDARY, &[0xff; 4096]);
-    let l = kvcrypt_format::read(&p).unwrap();
+    let l = kvcrypt_header_io::read(&p).unwrap();
     assert_eq!(l.used, HeaderCopy::Primary);
     assert_eq!(
         l.damaged.iter().map(|d| d.copy).collect::<Vec<_>>(),
         vec![HeaderCopy::Secondary]
     );
     let mut h = l.header.clone();
-    kvcrypt_format::write(&p, &mut h).unwrap();
+    kvcrypt_header_io::write(&p, &mut h).unwrap();
     assert_eq!(&read_at(&p, SECONDARY, 8)[..], b"KVCRYPT\xba");
     assert_eq!(&read_at(&p, SECONDARY + 16, 8)[..], &2u64.to_le_bytes());
-    assert!(kvcrypt_format::read(&p).unwrap().damaged.is_empty());
+    assert!(kvcrypt_header_io::read(&p).unwrap().damaged.is_empty());
 }
 
 #[test]
@@ -144,13 +144,13 @@ fn stale_copy_loses_to_higher_sequence() {
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "old");
     let old_primary = read_at(&p, PRIMARY, 512 * 1024);
     let vmk = key(1);
-    let mut h = kvcrypt_format::read(&p).unwrap().header;
+    let mut h = kvcrypt_header_io::read(&p).unwrap().header;
     h.label = "new".into();
     h.seal(&vmk);
-    kvcrypt_format::write(&p, &mut h).unwrap();
+    kvcrypt_header_io::write(&p, &mut h).unwrap();
     // Simulate a crash that left the primary at the old contents.
     write_at(&p, PRIMARY, &old_primary);
-    let l = kvcrypt_format::read(&p).unwrap();
+    let l = kvcrypt_header_io::read(&p).unwrap();
     assert_eq!(l.used, HeaderCopy::Secondary);
     assert_eq!(l.label, "new");
     assert_eq!(l.sequence, 2);
@@ -163,13 +163,13 @@ fn both_copies_corrupt_suggests_header_restore() {
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "data");
     flip(&p, PRIMARY + 130);
     flip(&p, SECONDARY + 4200);
-    let e = kvcrypt_format::read(&p).unwrap_err();
+    let e = kvcrypt_header_io::read(&p).unwrap_err();
     assert!(matches!(e, HeaderError::BothCopiesCorrupt { .. }), "{e}");
     assert_eq!(e.exit_class(), Exit::HeaderInvalid);
     let msg = e.to_string();
     assert!(msg.contains("kvcrypt header restore"), "{msg}");
     assert!(msg.contains(&p.display().to_string()), "{msg}");
-    assert!(kvcrypt_format::probe(&p).is_none());
+    assert!(kvcrypt_header_io::probe(&p).is_none());
 }
 
 #[test]
@@ -180,7 +180,7 @@ fn truncated_metadata() {
     assert!(md_len > 100);
     // An image cut off inside the primary's metadata (so the secondary is gone too).
     set_len(&p, 4096 + md_len / 2);
-    let e = kvcrypt_format::read(&p).unwrap_err();
+    let e = kvcrypt_header_io::read(&p).unwrap_err();
     assert!(matches!(e, HeaderError::TruncatedMetadata { .. }), "{e}");
     assert_eq!(e.exit_class(), Exit::HeaderInvalid);
 
@@ -190,7 +190,7 @@ fn truncated_metadata() {
         write_at(&p, copy + 168, &(md_len / 2).to_le_bytes());
         fix_checksum(&p, copy);
     }
-    let e = kvcrypt_format::read(&p).unwrap_err();
+    let e = kvcrypt_header_io::read(&p).unwrap_err();
     assert!(
         matches!(e, HeaderError::BothCopiesCorrupt { ref primary, .. } if primary.contains("JSON")),
         "{e}"
@@ -203,11 +203,11 @@ fn unknown_version_is_refused() {
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "data");
     write_at(&p, PRIMARY + 8, &3u16.to_le_bytes());
     // One copy of an unknown version: the other (v2) copy is used, the first reported.
-    let l = kvcrypt_format::read(&p).unwrap();
+    let l = kvcrypt_header_io::read(&p).unwrap();
     assert_eq!(l.used, HeaderCopy::Secondary);
     assert!(l.damaged[0].reason.contains("unsupported version 3"));
     write_at(&p, SECONDARY + 8, &3u16.to_le_bytes());
-    let e = kvcrypt_format::read(&p).unwrap_err();
+    let e = kvcrypt_header_io::read(&p).unwrap_err();
     assert!(
         matches!(
             e,
@@ -227,7 +227,7 @@ fn unknown_version_is_refused() {
 fn wrong_key_fails_the_key_check() {
     let dir = tempfile::tempdir().unwrap();
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "data");
-    let l = kvcrypt_format::read(&p).unwrap();
+    let l = kvcrypt_header_io::read(&p).unwrap();
     let e = l.verify_key(&key(2)).unwrap_err();
     assert!(matches!(e, HeaderError::WrongKey));
     assert_eq!(e.exit_class(), Exit::WrongKey);
@@ -243,7 +243,7 @@ fn tampered_label_is_detected_by_the_mac() {
         fix_checksum(&p, copy);
     }
     // Without the key the change is invisible (checksums are right) ...
-    let l = kvcrypt_format::read(&p).unwrap();
+    let l = kvcrypt_header_io::read(&p).unwrap();
     assert_eq!(l.label, "evil");
     assert!(l.damaged.is_empty());
     // ... with the key it is caught.
@@ -265,7 +265,7 @@ fn tampered_key_slot_is_detected_by_the_mac() {
         write_at(&p, copy + 168, &(evil.len() as u64).to_le_bytes());
         fix_checksum(&p, copy);
     }
-    let l = kvcrypt_format::read(&p).unwrap();
+    let l = kvcrypt_header_io::read(&p).unwrap();
     assert!(l.slots[0].key_id.contains("attacker"));
     assert!(matches!(l.verify_key(&key(1)), Err(HeaderError::Tampered)));
 }
@@ -275,18 +275,18 @@ fn backup_restore_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "data");
     let bak = dir.path().join("v.hdr");
-    kvcrypt_format::backup(&p, &bak).unwrap();
+    kvcrypt_header_io::backup(&p, &bak).unwrap();
     assert_eq!(std::fs::metadata(&bak).unwrap().len(), MIB);
     // A second backup to the same file is refused rather than overwriting it.
-    assert!(kvcrypt_format::backup(&p, &bak).is_err());
+    assert!(kvcrypt_header_io::backup(&p, &bak).is_err());
     // Destroy both copies, then restore.
     write_at(&p, PRIMARY, &vec![0u8; MIB as usize]);
     assert!(matches!(
-        kvcrypt_format::read(&p),
+        kvcrypt_header_io::read(&p),
         Err(HeaderError::NotKvcrypt { .. })
     ));
-    let restored = kvcrypt_format::restore(&p, &bak).unwrap();
-    let l = kvcrypt_format::read(&p).unwrap();
+    let restored = kvcrypt_header_io::restore(&p, &bak).unwrap();
+    let l = kvcrypt_header_io::read(&p).unwrap();
     assert!(l.damaged.is_empty());
     assert_eq!(l.uuid, h.uuid);
     assert_eq!(l.slots, h.slots);
@@ -296,7 +296,7 @@ fn backup_restore_round_trip() {
     // A non-header file is not accepted as a backup.
     let junk = sized_file(dir.path(), "junk", MIB);
     assert!(matches!(
-        kvcrypt_format::restore(&p, &junk),
+        kvcrypt_header_io::restore(&p, &junk),
         Err(HeaderError::NotKvcrypt { .. })
     ));
 }
@@ -305,7 +305,7 @@ fn backup_restore_round_trip() {
 fn probe_reports_identity() {
     let dir = tempfile::tempdir().unwrap();
     let (p, h) = formatted(dir.path(), "v.img", 8 * MIB, "my vol");
-    let info = kvcrypt_format::probe(&p).unwrap();
+    let info = kvcrypt_header_io::probe(&p).unwrap();
     assert_eq!(info.uuid, h.uuid);
     assert_eq!(info.label, "my vol");
     assert_eq!(info.version, 2);

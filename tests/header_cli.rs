@@ -108,10 +108,10 @@ fn backup_and_restore_through_the_cli() {
     // No terminal and no --yes: refused, nothing written.
     let out = kvcrypt(&["header", "restore", s(&p), s(&bak)]);
     out.code(2);
-    assert!(header::probe(&p).is_none());
+    assert!(kvcrypt_header_io::probe(&p).is_none());
     let out = kvcrypt(&["header", "restore", "--yes", s(&p), s(&bak)]);
     out.code(0);
-    let l = header::read(&p).unwrap();
+    let l = kvcrypt_header_io::read(&p).unwrap();
     assert_eq!(l.uuid, h.uuid);
     l.verify_key(&key(1)).unwrap();
 }
@@ -148,7 +148,7 @@ fn a_truncated_device_still_has_its_header_saved_and_dumped_and_backups_are_priv
     );
     let mode = std::fs::metadata(&bak).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "backup mode {mode:o}");
-    assert_eq!(header::read_backup(&bak).unwrap().uuid, h.uuid);
+    assert_eq!(kvcrypt_header_io::read_backup(&bak).unwrap().uuid, h.uuid);
     let out = kvcrypt(&["header", "dump", "--json", s(&p)]);
     let err = &out.stderr;
     out.code(0);
@@ -156,7 +156,7 @@ fn a_truncated_device_still_has_its_header_saved_and_dumped_and_backups_are_priv
     assert!(err.contains("is truncated"), "{err}");
     // Serving still refuses it: the data area is not all there.
     assert!(matches!(
-        header::read(&p),
+        kvcrypt_header_io::read(&p),
         Err(header::HeaderError::DeviceTooSmall { .. })
     ));
 }

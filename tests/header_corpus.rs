@@ -1,5 +1,5 @@
 //! The hostile header corpus in tests/data/headers/ (see the README there): every image goes
-//! through the real read path (`kvcrypt_format::read`, `read_header_only`, `probe`) and must give
+//! through the real read path (`kvcrypt_header_io::read`, `read_header_only`, `probe`) and must give
 //! exactly the outcome its row below names: the `HeaderError` variant (with the reason that
 //! shows which check refused it) and the exit class, or, for the images the format accepts, the
 //! copy used, the copies reported damaged and what the next layer (key check, MAC, key id
@@ -831,7 +831,7 @@ fn cases() -> Vec<Case> {
                 then: Then::Rewrites,
             },
         ),
-        // --- the two-copy rules (device.rs parse_image) -------------------------------------
+        // --- the two-copy rules (copies.rs parse_image) -------------------------------------
         c(
             "primary-corrupt-secondary-valid.img",
             || {
@@ -1009,10 +1009,10 @@ fn run(case: &Case, bytes: &[u8], tmp: &Path) -> Result<Option<HeaderError>, Str
     // The fuzz target's property (accepted headers re-encode to themselves) on the raw image.
     kvcrypt_format::fuzzing::check_input(bytes).map_err(|e| format!("fuzz property: {e}"))?;
 
-    let read = kvcrypt_format::read(&p);
+    let read = kvcrypt_header_io::read(&p);
     // probe and read_header_only skip only the device-size check.
-    let header_only = kvcrypt_format::read_header_only(&p);
-    let probe = kvcrypt_format::probe(&p);
+    let header_only = kvcrypt_header_io::read_header_only(&p);
+    let probe = kvcrypt_header_io::probe(&p);
     match (&header_only, &probe) {
         (Ok(l), Some(i)) if i.uuid == l.uuid && i.sequence == l.sequence => {}
         (Err(_), None) => {}
@@ -1089,15 +1089,15 @@ fn then_authentic(then: &Then, l: &kvcrypt_format::LoadedHeader, p: &Path) -> Re
         }
         Then::WriteFails(pat) => {
             let mut h = l.header.clone();
-            match kvcrypt_format::write(p, &mut h) {
+            match kvcrypt_header_io::write(p, &mut h) {
                 Err(e) => check_pat("write", pat, &e),
                 Ok(()) => Err(format!("write: expected `{}`, succeeded", pat.text)),
             }
         }
         Then::Rewrites => {
             let mut h = l.header.clone();
-            kvcrypt_format::write(p, &mut h).map_err(|e| format!("write: {e}"))?;
-            let back = kvcrypt_format::read(p).map_err(|e| format!("re-read: {e}"))?;
+            kvcrypt_header_io::write(p, &mut h).map_err(|e| format!("write: {e}"))?;
+            let back = kvcrypt_header_io::read(p).map_err(|e| format!("re-read: {e}"))?;
             let mut want = l.header.clone();
             want.sequence = h.sequence;
             if back.header != want || !back.damaged.is_empty() {

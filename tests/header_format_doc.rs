@@ -51,7 +51,7 @@ fn document_reproduces_checksum_key_check_and_mac() {
     s2.check = Some(vec![0xa5; 40]);
     h.add_slot(s2);
     h.seal(&vmk);
-    kvcrypt_format::write(&p, &mut h).unwrap();
+    kvcrypt_header_io::write(&p, &mut h).unwrap();
 
     for (copy, index) in [(PRIMARY, 0u16), (SECONDARY, 1u16)] {
         let block = read_at(&p, copy, 4096);

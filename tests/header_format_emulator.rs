@@ -3,7 +3,6 @@
 
 use kvcrypt_crypto::XtsCipher;
 use kvcrypt_crypto::secmem::VolumeKey;
-use kvcrypt_format as header;
 use kvcrypt_kv_emulator::Op;
 use kvcrypt_testkit::MIB;
 use kvcrypt_testkit::cli::{Cli, Run};
@@ -42,7 +41,7 @@ fn format_dump_rewrap_against_the_emulator() {
         "format", devs, "--key-id", &key_id, "--label", "e2e", "--wipe",
     ]);
     let text = out.ok();
-    let l = header::read(&dev).unwrap();
+    let l = kvcrypt_header_io::read(&dev).unwrap();
     assert!(text.contains(&l.uuid.to_string()), "{text}");
     assert_eq!(l.slots.len(), 1);
     assert!(
@@ -88,13 +87,13 @@ fn format_dump_rewrap_against_the_emulator() {
     // A second format is refused without --yes (exit 10), and the volume is unchanged.
     let again = cli.run(&["format", devs, "--key-id", &key_id]);
     again.code(10);
-    assert_eq!(header::read(&dev).unwrap().uuid, l.uuid);
+    assert_eq!(kvcrypt_header_io::read(&dev).unwrap().uuid, l.uuid);
 
     // Rotate the key, rewrap to the latest version and drop the old slot.
     let v2 = kv.emu.create_key("disk-kek", "RSA", Some(2048)).unwrap();
     assert_ne!(v1, v2);
     cli.run(&["rewrap", devs, "--remove-slot", "0"]).ok();
-    let l2 = header::read(&dev).unwrap();
+    let l2 = kvcrypt_header_io::read(&dev).unwrap();
     assert_eq!(l2.slots.len(), 1);
     assert_eq!(l2.slots[0].id, 1);
     assert!(

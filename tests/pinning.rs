@@ -115,7 +115,9 @@ fn a_header_rewritten_to_another_host_is_refused_before_any_request() {
         &format!("https://{VAULT}/keys/"),
         &format!("https://{ATTACKER}/keys/"),
     );
-    let forged = header::read(&dev).unwrap().slots[0].key_id.clone();
+    let forged = kvcrypt_header_io::read(&dev).unwrap().slots[0]
+        .key_id
+        .clone();
     assert!(
         forged.starts_with(&format!("https://{ATTACKER}/")),
         "{forged}"
@@ -237,7 +239,7 @@ fn a_pinned_versionless_key_still_unlocks_after_rotation() {
     // The rewrap adds a slot for the latest version (pinned through the versionless id) and
     // drops the old one; the new version unlocks.
     run(&cfg, &["rewrap", devs, "--remove-slot", "0"]).ok();
-    let l = header::read(&dev).unwrap();
+    let l = kvcrypt_header_io::read(&dev).unwrap();
     assert_eq!(l.slots.len(), 1);
     assert!(
         v2.ends_with(l.slots[0].key_id.rsplit('/').next().unwrap()),
@@ -280,7 +282,7 @@ fn format_and_rewrap_write_only_pinned_keys() {
     assert_eq!(kv.total_requests(), before, "refused before any request");
     assert!(
         matches!(
-            header::read(&dev),
+            kvcrypt_header_io::read(&dev),
             Err(header::HeaderError::NotKvcrypt { .. })
         ),
         "nothing written"
@@ -289,7 +291,11 @@ fn format_and_rewrap_write_only_pinned_keys() {
     run(&pinned, &["format", devs, "--key-id", &pin("disk-kek")]).ok();
     let out = run(&pinned, &["rewrap", devs, "--key-id", &pin("other-kek")]);
     out.code(15);
-    assert_eq!(header::read(&dev).unwrap().slots.len(), 1, "no slot added");
+    assert_eq!(
+        kvcrypt_header_io::read(&dev).unwrap().slots.len(),
+        1,
+        "no slot added"
+    );
     // Told otherwise: the slot is added, with a warning.
     let out = run(
         &pinned,
@@ -303,7 +309,7 @@ fn format_and_rewrap_write_only_pinned_keys() {
     );
     out.ok();
     assert!(out.stderr.contains("does not pin"), "{}", out.stderr);
-    assert_eq!(header::read(&dev).unwrap().slots.len(), 2);
+    assert_eq!(kvcrypt_header_io::read(&dev).unwrap().slots.len(), 2);
 }
 
 #[test]

@@ -229,7 +229,7 @@ impl FuseHolder {
 }
 
 pub fn probe_identity(p: &Path) -> Option<Identity> {
-    kvcrypt_format::probe(p).map(|i| Identity {
+    kvcrypt_header_io::probe(p).map(|i| Identity {
         uuid: i.uuid,
         label: i.label,
     })
@@ -276,7 +276,7 @@ impl Platform for HostPlatform {
 
     async fn read_header(&self, dev: &Path) -> Result<LoadedHeader, AccessError> {
         let d = dev.to_owned();
-        blocking(move || kvcrypt_format::read(&d))
+        blocking(move || kvcrypt_header_io::read(&d))
             .await
             .map_err(|e| AccessError::new(AccessClass::Transient, e.message))?
             .map_err(|e| AccessError::new(AccessClass::Misconfigured, e.to_string()))
@@ -504,7 +504,7 @@ impl Platform for HostPlatform {
             .join("; ");
         let d = dev.to_owned();
         let mut hdr = h.header.clone();
-        blocking(move || kvcrypt_format::write(&d, &mut hdr))
+        blocking(move || kvcrypt_header_io::write(&d, &mut hdr))
             .await?
             .map_err(|e| {
                 PlatformError::new(

@@ -461,7 +461,7 @@ mod tests {
         std::fs::write(&zeros, vec![0u8; 2 << 20]).unwrap();
 
         fn read(p: &std::path::Path) -> Result<(), Failure> {
-            kvcrypt_format::read(p)?;
+            kvcrypt_header_io::read(p)?;
             Ok(())
         }
         let e = read(&zeros)

@@ -38,7 +38,7 @@ pub fn open(config: &Path, a: OpenArgs) -> Result<(), Failure> {
         }
         return open_in_agent(&a);
     }
-    let loaded = kvcrypt_format::read(&a.device)?;
+    let loaded = kvcrypt_header_io::read(&a.device)?;
     let key = unwrap_volume_key(config, &a.device, &loaded, a.allow_unpinned_key)?;
     // ublk: a worker that died (SIGKILL, crash) left its device QUIESCED with every request
     // held; re-attach that device (same /dev/ublkbN) instead of adding a new one.

@@ -107,7 +107,7 @@ pub fn header(config: &Path, h: HeaderCmd) -> Result<(), Failure> {
     match h {
         HeaderCmd::Dump(a) => header_dump(config, a),
         HeaderCmd::Backup { device, file } => {
-            let l = header::backup(&device, &file)?;
+            let l = kvcrypt_header_io::backup(&device, &file)?;
             warn_damaged(&device, &l);
             warn_truncated(&device, &l);
             println!(
@@ -172,7 +172,7 @@ fn confirm(question: &str, flag: &str) -> Result<(), Failure> {
 }
 
 fn header_dump(config: &Path, a: HeaderDumpArgs) -> Result<(), Failure> {
-    let l = header::read_header_only(&a.device)?;
+    let l = kvcrypt_header_io::read_header_only(&a.device)?;
     let master_key = if a.dump_master_key {
         if !kvcrypt_host::process::running_as_root() {
             return Err(CliError::Permission(
@@ -210,11 +210,11 @@ fn header_dump(config: &Path, a: HeaderDumpArgs) -> Result<(), Failure> {
 }
 
 fn header_restore(device: &Path, file: &Path, yes: bool) -> Result<(), Failure> {
-    let backup = header::read_backup(file)?;
+    let backup = kvcrypt_header_io::read_backup(file)?;
     // Claimed before asking: a served or mounted device is refused whatever the answer would
     // be, and nothing starts serving it while the operator reads the question.
     let dev = kvcrypt_host::inuse::open_for_overwrite(device)?;
-    let current = match header::read(device) {
+    let current = match kvcrypt_header_io::read(device) {
         Ok(l) if l.uuid == backup.uuid => format!("the header of the same volume {}", l.uuid),
         Ok(l) => format!("a DIFFERENT kvcrypt volume {}", l.uuid),
         Err(e) => format!("no usable header ({e})"),
@@ -231,7 +231,7 @@ fn header_restore(device: &Path, file: &Path, yes: bool) -> Result<(), Failure> 
             "--yes",
         )?;
     }
-    let h = header::restore_to(&dev, device, file)?;
+    let h = kvcrypt_header_io::restore_to(&dev, device, file)?;
     println!(
         "Restored the header of volume {} onto {} (sequence {})",
         h.uuid,
@@ -256,7 +256,7 @@ fn probe_path(p: &Path) -> PathBuf {
 /// anything else exits with `Exit::NotKvcrypt` without a word — hence the direct `exit`
 /// instead of an error that `main` would print.
 pub fn probe(a: ProbeArgs) -> Result<(), Failure> {
-    let Some(info) = header::probe(probe_path(&a.device)) else {
+    let Some(info) = kvcrypt_header_io::probe(probe_path(&a.device)) else {
         std::process::exit(i32::from(Exit::NotKvcrypt.code()));
     };
     let mut out = std::io::stdout().lock();
@@ -280,7 +280,7 @@ pub fn probe(a: ProbeArgs) -> Result<(), Failure> {
 }
 
 pub fn rewrap(config: &Path, a: RewrapArgs) -> Result<(), Failure> {
-    let mut l = header::read(&a.device)?;
+    let mut l = kvcrypt_header_io::read(&a.device)?;
     warn_damaged(&a.device, &l);
     let plan = slots::RewrapPlan {
         key_id: a.key_id,
@@ -305,7 +305,7 @@ pub fn rewrap(config: &Path, a: RewrapArgs) -> Result<(), Failure> {
         );
         return Ok(());
     }
-    header::write(&a.device, &mut l.header)?;
+    kvcrypt_header_io::write(&a.device, &mut l.header)?;
     if let Some(id) = out.added
         && let Some(s) = l.slots.iter().find(|s| s.id == id)
     {

@@ -67,7 +67,7 @@ pub fn run_worker(opts: &RunOptions, key: VolumeKey, on_ready: OnReady<'_>) -> R
     // Signals are taken synchronously by a dedicated thread; block them before any thread
     // starts so every thread inherits the mask.
     sys::block_termination_signals().context("blocking termination signals")?;
-    let loaded = kvcrypt_format::read(&opts.device)?;
+    let loaded = kvcrypt_header_io::read(&opts.device)?;
     loaded
         .verify_key(&key)
         .with_context(|| format!("checking the key of {}", opts.device.display()))?;

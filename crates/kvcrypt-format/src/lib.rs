@@ -3,16 +3,21 @@
 //! Two copies of the header live in the first MiB of the device (primary at 0, secondary at
 //! 512 KiB). Each is a 4096-byte binary block followed by a JSON metadata area with the key
 //! slots, the key-check digest and the header MAC. The valid copy with the higher sequence
-//! number wins; a damaged copy is reported and rewritten by the next [`write`].
+//! number wins; a damaged copy is reported and rewritten by the next write.
 //!
-//! Submodules: `layout` (bytes), `metadata` (JSON), `auth` (key check, MAC), `device` (file I/O
-//! and the two-copy rules).
+//! This crate does no I/O: it works on bytes (the header area as read from a device or a
+//! backup file) and on values, so the fuzz target depends on it alone. Reading and writing a
+//! device or image file, in the order [`plan_write`] gives, is `kvcrypt-header-io`'s job
+//! (`kvcrypt_header_io::read`, `write`, `backup`, `restore`, ...).
+//!
+//! Submodules: `layout` (bytes), `metadata` (JSON), `auth` (key check, MAC), `copies` (the
+//! two-copy rules: [`parse_image`], [`plan_write`]).
 
 // This crate needs no `unsafe`; the compiler keeps it that way.
 #![forbid(unsafe_code)]
 
 mod auth;
-mod device;
+mod copies;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod layout;
@@ -24,10 +29,7 @@ use kvcrypt_crypto::kdf;
 use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_exit::{Exit, ExitClass};
 
-pub use device::{
-    ProbeInfo, backup, device_size, parse_image, probe, read, read_backup, read_header_only,
-    restore, restore_to, write, write_to,
-};
+pub use copies::{CopyWrite, ProbeInfo, WritePlan, check_device_size, parse_image, plan_write};
 
 /// The provider name of Azure Key Vault / Managed HSM key slots.
 pub const PROVIDER_AZURE: &str = "azure-keyvault";
@@ -84,7 +86,7 @@ pub struct VolumeHeader {
     pub data_offset: u64,
     /// Byte length of the data area (multiple of `sector_size`).
     pub data_length: u64,
-    /// Incremented by every [`write`].
+    /// Incremented by every header write (`kvcrypt_header_io::write`, see [`plan_write`]).
     pub sequence: u64,
     pub slots: Vec<KeySlot>,
     key_check: [u8; 32],
@@ -130,14 +132,14 @@ pub struct DamagedCopy {
     pub reason: String,
 }
 
-/// Result of [`read`]: the winning header plus what was found about the copies.
+/// Result of `kvcrypt_header_io::read`: the winning header plus what was found about the copies.
 #[derive(Debug, Clone)]
 pub struct LoadedHeader {
     pub header: VolumeHeader,
     /// The copy the header was taken from.
     pub used: HeaderCopy,
     /// Copies that are damaged (or stale, i.e. valid with a lower sequence number). Repaired by
-    /// the next [`write`].
+    /// the next write.
     pub damaged: Vec<DamagedCopy>,
     /// Size of the device in bytes.
     pub device_size: u64,
@@ -145,7 +147,7 @@ pub struct LoadedHeader {
 
 impl LoadedHeader {
     /// Bytes missing at the end of the device (the data area runs past it), or `None` if the
-    /// device is large enough. Only [`read_header_only`] returns such headers.
+    /// device is large enough. Only `kvcrypt_header_io::read_header_only` returns such headers.
     pub fn missing_bytes(&self) -> Option<u64> {
         let needed = self
             .header
@@ -246,7 +248,7 @@ impl ExitClass for HeaderError {
 }
 
 /// Encodes `h` as a complete header-area image (both copies, 1 MiB) with `sequence`, exactly
-/// as [`write`] puts it on disk. For tests, fuzzing and tools that build images offline.
+/// as a header write puts it on disk. For tests, fuzzing and tools that build images offline.
 pub fn encode_image(h: &VolumeHeader, sequence: u64) -> Result<Vec<u8>, HeaderError> {
     let mut image = Vec::with_capacity(layout::HEADER_AREA_SIZE as usize);
     for c in HeaderCopy::BOTH {
@@ -267,7 +269,7 @@ pub fn now_rfc3339() -> String {
 impl VolumeHeader {
     /// A fresh header for a device of `device_size` bytes: random UUID, data area from 1 MiB to
     /// the last whole sector, no key slots yet, sealed with `vmk` (key check + MAC). Add slots
-    /// with [`VolumeHeader::add_slot`] and call [`VolumeHeader::seal`] again before [`write`].
+    /// with [`VolumeHeader::add_slot`] and call [`VolumeHeader::seal`] again before writing it.
     pub fn new_for_device(
         device_size: u64,
         sector_size: u32,

@@ -33,7 +33,7 @@ pub fn formatted(dir: &Path, name: &str, size: u64, label: &str) -> (PathBuf, Vo
     let mut h = VolumeHeader::new_for_device(size, 4096, label, &vmk).unwrap();
     h.add_slot(slot(1));
     h.seal(&vmk);
-    kvcrypt_format::write(&p, &mut h).unwrap();
+    kvcrypt_header_io::write(&p, &mut h).unwrap();
     (p, h)
 }
 
@@ -42,7 +42,7 @@ pub fn formatted(dir: &Path, name: &str, size: u64, label: &str) -> (PathBuf, Vo
 pub fn make_volume(dir: &Path, size: u64, key: &VolumeKey) -> PathBuf {
     let path = sized_file(dir, "volume.img", size);
     let mut h = VolumeHeader::new_for_device(size, 4096, "test", key).expect("new header");
-    kvcrypt_format::write(&path, &mut h).expect("write header");
+    kvcrypt_header_io::write(&path, &mut h).expect("write header");
     path
 }
 

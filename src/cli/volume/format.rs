@@ -111,7 +111,7 @@ pub fn format_device(
     // Block devices O_EXCL and the exclusive claim: a mounted device or a served volume is
     // refused (no flag overrides that), and the claim is held until the header is written.
     let f = kvcrypt_host::inuse::open_for_overwrite(path)?;
-    let size = kvcrypt_format::device_size(&f, path)?;
+    let size = kvcrypt_header_io::device_size(&f, path)?;
     let needed = layout::HEADER_AREA_SIZE + u64::from(plan.sector_size);
     if size < needed {
         return Err(HeaderError::DeviceTooSmall {
@@ -144,7 +144,7 @@ pub fn format_device(
     if plan.wipe {
         wipe_data_area(&f, path, &h, &vmk, plan.progress)?;
     }
-    kvcrypt_format::write_to(&f, path, &mut h)?;
+    kvcrypt_header_io::write_to(&f, path, &mut h)?;
     Ok(h)
 }
 
@@ -237,7 +237,7 @@ mod tests {
         pl.sector_size = 512;
         let h = format_device(&p, &pl, &w).unwrap();
         assert_eq!(h.slots[0].key_id, K, "slot stores the versioned id");
-        let loaded = kvcrypt_format::read(&p).unwrap();
+        let loaded = kvcrypt_header_io::read(&p).unwrap();
         assert_eq!(loaded.header, h);
         let pins = kvcrypt_keyvault::Pins::new(
             vec![kvcrypt_keyvault::KeyPin::parse("https://a.vault.azure.net/keys/vol").unwrap()],
@@ -283,7 +283,7 @@ mod tests {
         let e = format_device(&p, &plan(), &w).unwrap_err();
         assert!(format!("{e}").contains("kvcrypt header"), "{e}");
         assert_eq!(
-            kvcrypt_format::read(&p).unwrap().uuid,
+            kvcrypt_header_io::read(&p).unwrap().uuid,
             first.uuid,
             "refused format wrote nothing"
         );
