@@ -241,17 +241,13 @@ fn production_crates_do_not_depend_on_the_emulator_or_the_lab() {
     }
 }
 
-/// The volume state machine's core does no I/O and never touches key material: everything with
-/// a side effect, and the unwrapped key, stay in the shell that carries out its effects
-/// (`agent/volume/mod.rs`). Checked on the sources of `agent/volume/core/`, because "pure" is a property of what the file
-/// may name.
-#[test]
-fn the_agent_core_does_no_io_and_holds_no_key() {
-    let dir = root().join("src/agent/volume/core");
+/// The code of every `.rs` file under `dir`, comment lines left out (a doc comment may name what
+/// the code must not use). Panics if there are fewer than two files (a wrong path).
+fn source_code(dir: &Path) -> String {
     let mut files = Vec::new();
-    rs_files(&dir, &mut files);
+    rs_files(dir, &mut files);
     assert!(files.len() > 1, "no sources under {}", dir.display());
-    let code: String = files
+    files
         .iter()
         .flat_map(|f| {
             fs::read_to_string(f)
@@ -262,12 +258,26 @@ fn the_agent_core_does_no_io_and_holds_no_key() {
                 .collect::<Vec<_>>()
         })
         .collect::<Vec<_>>()
-        .join("\n");
+        .join("\n")
+}
+
+/// The whole identifiers (and words of string literals) in `code`.
+fn identifiers(code: &str) -> BTreeSet<&str> {
+    code.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .collect()
+}
+
+/// The volume state machine's core does no I/O and never touches key material: everything with
+/// a side effect, and the unwrapped key, stay in the shell that carries out its effects
+/// (`agent/volume/mod.rs`). Checked on the sources of `agent/volume/core/`, because "pure" is a property of what the file
+/// may name.
+#[test]
+fn the_agent_core_does_no_io_and_holds_no_key() {
+    let dir = root().join("src/agent/volume/core");
+    let code = source_code(&dir);
     let path = dir;
     // Whole identifiers (`PlatformError`, a plain value type, is allowed; `Platform` is not).
-    let words: BTreeSet<&str> = code
-        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .collect();
+    let words = identifiers(&code);
     let forbidden_words = [
         ("async", "async code"),
         ("Platform", "the platform trait"),
@@ -293,5 +303,111 @@ fn the_agent_core_does_no_io_and_holds_no_key() {
         "{} must stay pure, but it uses {}",
         path.display(),
         found.join(", ")
+    );
+}
+
+/// The on-disk format crate does no I/O: it is the fuzz target's only dependency and works on
+/// bytes and values (`parse_image` on the header area, `plan_write` returning the writes to
+/// make). Opening, reading, writing and syncing the device or a backup file is
+/// `kvcrypt-header-io`'s. Checked on the sources of `crates/kvcrypt-format/src/` (whole
+/// identifiers, so `std::io::{Read, Write}` is caught as well as `std::io::Read`; `Write` is also
+/// `fmt::Write`'s name, but `format!` needs no import) and on its `[dependencies]`, which may
+/// only name crates that do no file, process or network I/O for it.
+#[test]
+fn the_format_crate_does_no_io() {
+    let dir = root().join("crates/kvcrypt-format");
+    let code = source_code(&dir.join("src"));
+    let words = identifiers(&code);
+    let forbidden_words = [
+        ("fs", "the file system"),
+        ("File", "a file"),
+        ("OpenOptions", "opening a file"),
+        ("OpenOptionsExt", "opening a file"),
+        ("FileExt", "positioned file I/O"),
+        ("Read", "an I/O trait"),
+        ("Write", "an I/O trait"),
+        ("Seek", "an I/O trait"),
+        ("SeekFrom", "seeking"),
+        ("BufReader", "buffered I/O"),
+        ("BufWriter", "buffered I/O"),
+        ("Command", "processes"),
+        ("TcpStream", "the network"),
+        ("UnixStream", "a socket"),
+        ("unsafe", "unsafe code"),
+    ];
+    let forbidden_paths = [
+        ("std::fs", "the file system"),
+        ("std::io::Read", "an I/O trait"),
+        ("std::io::Write", "an I/O trait"),
+        ("std::io::Seek", "an I/O trait"),
+        ("std::io::stdin", "standard input"),
+        ("std::io::stdout", "standard output"),
+        ("std::os", "OS-specific file and descriptor APIs"),
+        ("std::process", "processes"),
+        ("std::net", "the network"),
+    ];
+    let found: Vec<String> = forbidden_words
+        .iter()
+        .filter(|(w, _)| words.contains(w))
+        .chain(forbidden_paths.iter().filter(|(p, _)| code.contains(p)))
+        .map(|(needle, what)| format!("`{needle}` ({what})"))
+        .collect();
+    assert!(
+        found.is_empty(),
+        "kvcrypt-format must do no I/O (that is kvcrypt-header-io's), but its sources use {}",
+        found.join(", ")
+    );
+
+    let allowed = [
+        "kvcrypt-exit",
+        "kvcrypt-crypto",
+        "thiserror",
+        "serde",
+        "serde_json",
+        "uuid",
+        "base64",
+        "sha2",
+        "time",
+    ];
+    let toml: toml::Table = fs::read_to_string(dir.join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut tables: Vec<(String, &toml::Table)> = Vec::new();
+    for section in ["dependencies", "build-dependencies"] {
+        if let Some(t) = toml.get(section).and_then(|d| d.as_table()) {
+            tables.push((section.to_string(), t));
+        }
+    }
+    // `[target.'cfg(..)'.dependencies]` count too.
+    for (cfg, t) in toml
+        .get("target")
+        .and_then(|t| t.as_table())
+        .into_iter()
+        .flatten()
+    {
+        for section in ["dependencies", "build-dependencies"] {
+            if let Some(d) = t.get(section).and_then(|d| d.as_table()) {
+                tables.push((format!("target.{cfg}.{section}"), d));
+            }
+        }
+    }
+    let extra: Vec<String> = tables
+        .iter()
+        .flat_map(|(section, t)| {
+            t.keys()
+                .filter(|k| !allowed.contains(&k.as_str()))
+                .map(move |k| format!("{k} (in [{section}])"))
+        })
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "kvcrypt-format may depend only on {}; it also names {}",
+        allowed.join(", "),
+        extra.join(", ")
+    );
+    assert!(
+        !dir.join("build.rs").exists(),
+        "kvcrypt-format must have no build script"
     );
 }

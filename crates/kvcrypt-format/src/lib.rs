@@ -8,7 +8,8 @@
 //! This crate does no I/O: it works on bytes (the header area as read from a device or a
 //! backup file) and on values, so the fuzz target depends on it alone. Reading and writing a
 //! device or image file, in the order [`plan_write`] gives, is `kvcrypt-header-io`'s job
-//! (`kvcrypt_header_io::read`, `write`, `backup`, `restore`, ...).
+//! (`kvcrypt_header_io::read`, `write`, `backup`, `restore`, ...); `tests/architecture.rs`
+//! keeps this crate free of file, process and network access.
 //!
 //! Submodules: `layout` (bytes), `metadata` (JSON), `auth` (key check, MAC), `copies` (the
 //! two-copy rules: [`parse_image`], [`plan_write`]).
