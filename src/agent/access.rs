@@ -60,143 +60,116 @@ pub fn verify_key(h: &VolumeHeader, key: &VolumeKey) -> Result<(), AccessError> 
 mod tests {
     use super::*;
     use kvcrypt_crypto::kdf;
-    use kvcrypt_keyvault::{AccessSecret, Failure, Operation, WrappedKey};
+    use kvcrypt_keyvault::ErrorClass;
+    use kvcrypt_testkit::provider::XorVault;
 
-    /// Answers unwraps with fixed outcomes: `Ok` gives `key` (or its access secret), else the
-    /// error class asked for.
-    struct Answers {
-        key: VolumeKey,
-        answer: Option<fn(Failure) -> KeyError>,
-        /// The access secret is returned damaged (as from a different volume).
-        foreign_secret: bool,
+    const KID: &str = "https://v.vault.azure.net/keys/k/1";
+    const ALG: &str = "RSA-OAEP-256";
+
+    fn key(b: u8) -> VolumeKey {
+        VolumeKey::from_slice(&[b; 64]).unwrap()
     }
 
-    #[async_trait::async_trait]
-    impl KeyProvider for Answers {
-        async fn wrap(
-            &self,
-            _: &str,
-            _: Option<&str>,
-            _: &VolumeKey,
-        ) -> Result<WrappedKey, KeyError> {
-            unreachable!("the agent never wraps")
-        }
-        async fn unwrap(&self, kid: &str, _: &str, _: &[u8]) -> Result<VolumeKey, KeyError> {
-            match self.answer {
-                None => Ok(VolumeKey::from_slice(self.key.expose()).unwrap()),
-                Some(class) => Err(class(Failure::answer("v", kid, Operation::UnwrapKey, "no"))),
-            }
-        }
-        async fn wrap_access_secret(
-            &self,
-            _: &str,
-            _: &str,
-            _: &AccessSecret,
-        ) -> Result<WrappedKey, KeyError> {
-            unreachable!("the agent never wraps")
-        }
-        async fn unwrap_access_secret(
-            &self,
-            kid: &str,
-            _: &str,
-            _: &[u8],
-        ) -> Result<AccessSecret, KeyError> {
-            if let Some(class) = self.answer {
-                return Err(class(Failure::answer("v", kid, Operation::UnwrapKey, "no")));
-            }
-            let secret = kdf::access_secret(&self.key);
-            let mut bytes = *secret.expose();
-            if self.foreign_secret {
-                bytes[0] ^= 1;
-            }
-            Ok(AccessSecret::from_slice(&bytes).unwrap())
-        }
-        async fn latest_version(&self, kid: &str) -> Result<String, KeyError> {
-            Ok(kid.into())
-        }
-    }
-
-    fn header(key: &VolumeKey) -> VolumeHeader {
-        let mut h = VolumeHeader::new_for_device(16 << 20, 4096, "t", key).unwrap();
-        h.seal(key);
-        h
-    }
-
-    fn slot(v2: bool) -> SlotRef {
+    /// A slot as `kvcrypt format` makes it: `vmk` wrapped by the vault and, for v2, the
+    /// access secret of `secret_of` (the volume's own key, unless the test says otherwise).
+    async fn slot(vault: &XorVault, vmk: &VolumeKey, v2: bool, secret_of: &VolumeKey) -> SlotRef {
+        let wrapped = vault.wrap(KID, Some(ALG), vmk).await.unwrap().wrapped;
+        let check = if v2 {
+            let secret = kdf::access_secret(secret_of);
+            Some(
+                vault
+                    .wrap_access_secret(KID, ALG, &secret)
+                    .await
+                    .unwrap()
+                    .wrapped,
+            )
+        } else {
+            None
+        };
         SlotRef {
-            key_id: "https://v.vault.azure.net/keys/k/1".into(),
-            algorithm: "RSA-OAEP-256".into(),
-            wrapped: vec![1; 256],
-            check: v2.then(|| vec![2; 256]),
+            key_id: KID.into(),
+            algorithm: ALG.into(),
+            wrapped,
+            check,
         }
-    }
-
-    fn class(r: Result<(), AccessError>) -> Option<AccessClass> {
-        r.err().map(|e| e.class)
     }
 
     #[tokio::test]
     async fn check_outcomes_are_classified_as_the_state_machine_acts_on_them() {
-        let key = VolumeKey::from_slice(&[7; 64]).unwrap();
-        let other = VolumeKey::from_slice(&[8; 64]).unwrap();
-        let h = header(&key);
-        let ok = |key: &VolumeKey| Answers {
-            key: VolumeKey::from_slice(key.expose()).unwrap(),
-            answer: None,
-            foreign_secret: false,
-        };
-        let fails = |answer: fn(Failure) -> KeyError| Answers {
-            answer: Some(answer),
-            ..ok(&key)
-        };
-        let foreign = Answers {
-            foreign_secret: true,
-            ..ok(&key)
-        };
-        // (row, provider, v2 slot, expected class; None = access)
-        let rows: Vec<(&str, Answers, bool, Option<AccessClass>)> = vec![
-            ("v2: the access secret checks", ok(&key), true, None),
-            ("v1: the volume key checks", ok(&key), false, None),
+        let (own, other) = (key(7), key(8));
+        let mut h = VolumeHeader::new_for_device(16 << 20, 4096, "t", &own).unwrap();
+        h.seal(&own);
+        // (row, v2 slot, key wrapped in the slot, key whose access secret the slot holds,
+        // the vault's refusal, expected class; None = access)
+        type Row<'a> = (
+            &'a str,
+            bool,
+            &'a VolumeKey,
+            &'a VolumeKey,
+            Option<ErrorClass>,
+            Option<AccessClass>,
+        );
+        let rows: [Row; 8] = [
+            ("v2: the access secret checks", true, &own, &own, None, None),
+            ("v1: the volume key checks", false, &own, &own, None, None),
             (
-                "v2: a secret of another volume is a denial",
-                foreign,
+                "v2: the access secret of another volume is a denial",
                 true,
+                &own,
+                &other,
+                None,
                 Some(AccessClass::Denied),
             ),
             (
                 "v1: a key that fails the key check is misconfigured",
-                ok(&other),
                 false,
+                &other,
+                &other,
+                None,
                 Some(AccessClass::Misconfigured),
             ),
             (
                 "the vault's refusal is a denial",
-                fails(KeyError::Denied),
                 true,
+                &own,
+                &own,
+                Some(ErrorClass::Denied),
+                Some(AccessClass::Denied),
+            ),
+            (
+                "a refusal of v1's unwrap is a denial too",
+                false,
+                &own,
+                &own,
+                Some(ErrorClass::Denied),
                 Some(AccessClass::Denied),
             ),
             (
                 "an outage is transient, not a revocation",
-                fails(KeyError::Transient),
                 true,
+                &own,
+                &own,
+                Some(ErrorClass::Transient),
                 Some(AccessClass::Transient),
             ),
             (
-                "a refusal of v1's unwrap is a denial too",
-                fails(KeyError::Denied),
-                false,
-                Some(AccessClass::Denied),
-            ),
-            (
                 "a malformed request is misconfigured",
-                fails(KeyError::Misconfigured),
                 true,
+                &own,
+                &own,
+                Some(ErrorClass::Misconfigured),
                 Some(AccessClass::Misconfigured),
             ),
         ];
         let mut failed = Vec::new();
-        for (name, p, v2, want) in rows {
-            let got = class(check_slot(&p, &h, &slot(v2)).await);
+        for (name, v2, wrapped, secret_of, refusal, want) in rows {
+            let vault = XorVault::new(&[KID]);
+            let s = slot(&vault, wrapped, v2, secret_of).await;
+            vault.refuse(refusal);
+            let got = check_slot(vault.as_ref(), &h, &s)
+                .await
+                .err()
+                .map(|e| e.class);
             if got != want {
                 failed.push(format!("{name}: got {got:?}, want {want:?}"));
             }
@@ -205,21 +178,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unwrapped_slot_is_the_providers_key_and_a_refusal_keeps_its_class() {
-        let key = VolumeKey::from_slice(&[7; 64]).unwrap();
-        let p = Answers {
-            key: VolumeKey::from_slice(key.expose()).unwrap(),
-            answer: None,
-            foreign_secret: false,
-        };
-        let got = unwrap_slot(&p, &slot(true)).await.unwrap();
-        assert_eq!(got.expose(), key.expose());
-        let refused = Answers {
-            answer: Some(KeyError::Denied),
-            ..p
-        };
-        let e = unwrap_slot(&refused, &slot(true)).await.err().unwrap();
+    async fn an_unwrapped_slot_is_the_vaults_key_and_a_refusal_keeps_its_class() {
+        let vault = XorVault::new(&[KID]);
+        let s = slot(&vault, &key(7), true, &key(7)).await;
+        let got = unwrap_slot(vault.as_ref(), &s).await.unwrap();
+        assert_eq!(got.expose(), key(7).expose());
+        vault.refuse(Some(ErrorClass::Denied));
+        let e = unwrap_slot(vault.as_ref(), &s).await.err().unwrap();
         assert_eq!(e.class, AccessClass::Denied);
-        assert!(e.message.contains("no"), "{}", e.message);
+        assert!(e.message.contains("refused"), "{}", e.message);
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! * [`data`]: hex, base64url, deterministic byte patterns, checksums;
 //! * [`keys`]: fixed and random volume keys, key-slot fixtures;
+//! * [`provider`]: a stand-in key provider for unit tests of the code above the provider;
 //! * [`env`]: root / CI / kernel-facility checks that decide whether a test can run here;
 //! * [`volume`]: temporary image files, formatted volumes, byte-level header editing;
 //! * [`emulator`]: the in-process Key Vault emulator with its TLS CA and principals, provider
@@ -27,6 +28,7 @@ pub mod emulator;
 pub mod env;
 pub mod fuse;
 pub mod keys;
+pub mod provider;
 pub mod shell;
 pub mod table;
 pub mod volume;

@@ -197,9 +197,9 @@ fn wipe_data_area(
 
 #[cfg(test)]
 mod tests {
-    use super::super::slots::testing::xor_provider;
     use super::super::slots::unlock;
     use super::*;
+    use kvcrypt_testkit::provider::XorVault;
     use std::fs::OpenOptions;
 
     const K: &str = "https://a.vault.azure.net/keys/vol/v1";
@@ -230,7 +230,7 @@ mod tests {
         let keyfile = dir.path().join("vmk.bin");
         let key: Vec<u8> = (0..64u8).collect();
         std::fs::write(&keyfile, &key).unwrap();
-        let w = xor_provider(&[K]);
+        let w = XorVault::new(&[K]).blocking();
         let mut pl = plan();
         pl.master_key_file = Some(keyfile);
         pl.wipe = true;
@@ -262,7 +262,7 @@ mod tests {
     fn refuses_existing_content_unless_forced() {
         let dir = tempfile::tempdir().unwrap();
         let p = file(dir.path(), 4 << 20);
-        let w = xor_provider(&[K]);
+        let w = XorVault::new(&[K]).blocking();
         // ext4 magic at 1080.
         OpenOptions::new()
             .write(true)
@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn refuses_small_devices_bad_key_files_and_vault_failures_without_writing() {
         let dir = tempfile::tempdir().unwrap();
-        let w = xor_provider(&[K]);
+        let w = XorVault::new(&[K]).blocking();
         let p = file(dir.path(), (1 << 20) + 4095);
         let e = format_device(&p, &plan(), &w).unwrap_err();
         assert!(matches!(
@@ -311,7 +311,7 @@ mod tests {
         std::fs::write(&kf, [1u8; 64]).unwrap();
         assert!(format_device(&p, &pl, &w).is_err(), "equal halves refused");
 
-        let denied = xor_provider(&[]);
+        let denied = XorVault::new(&[]).blocking();
         assert!(format_device(&p, &plan(), &denied).is_err());
         let mut head = vec![0u8; 8];
         File::open(&p).unwrap().read_exact_at(&mut head, 0).unwrap();

@@ -317,146 +317,9 @@ pub fn rewrap(
 }
 
 #[cfg(test)]
-pub mod testing {
-    //! A local stand-in for the vault, for unit tests ONLY: "wraps" by XOR with a pad derived
-    //! from the versioned key id. It proves nothing about Key Vault; it exercises slot logic.
-    use super::*;
-    use kvcrypt_keyvault::{
-        AccessSecret, Failure as Answer, KeyError, KeyProvider, Operation, WrappedKey,
-    };
-    use sha2::{Digest, Sha512};
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex};
-    use zeroize::Zeroizing;
-
-    pub struct XorWrapper {
-        /// versionless key id → latest version id; keys not listed are "denied".
-        latest: Mutex<HashMap<String, String>>,
-    }
-
-    /// The stand-in for `keys`, served as the CLI serves Key Vault.
-    pub fn xor_provider(keys: &[&str]) -> BlockingProvider {
-        BlockingProvider::over(Arc::new(XorWrapper::new(keys))).expect("runtime")
-    }
-
-    fn denied(key_id: &str, op: Operation) -> KeyError {
-        KeyError::Denied(Answer::answer(
-            "test",
-            key_id,
-            op,
-            format!("denied: {key_id}"),
-        ))
-    }
-
-    fn bad_length(key_id: &str) -> KeyError {
-        KeyError::Misconfigured(Answer::answer(
-            "test",
-            key_id,
-            Operation::UnwrapKey,
-            "bad length",
-        ))
-    }
-
-    impl XorWrapper {
-        pub fn new(keys: &[&str]) -> Self {
-            let latest = keys
-                .iter()
-                .map(|k| (versionless(k), k.to_string()))
-                .collect();
-            XorWrapper {
-                latest: Mutex::new(latest),
-            }
-        }
-        /// A new latest version of `key_id`'s key, as after a rotation in the vault.
-        pub fn rotate(&self, key_id: &str, new_version: &str) {
-            self.latest
-                .lock()
-                .unwrap()
-                .insert(versionless(key_id), new_version.to_string());
-        }
-        fn pad(key_id: &str) -> [u8; 64] {
-            Sha512::digest(key_id.as_bytes()).into()
-        }
-        fn resolve(&self, key_id: &str, op: Operation) -> Result<String, KeyError> {
-            let base = versionless(key_id);
-            let latest = self.latest.lock().unwrap().get(&base).cloned();
-            let latest = latest.ok_or_else(|| denied(key_id, op))?;
-            Ok(if base == key_id.trim_end_matches('/') {
-                latest
-            } else {
-                key_id.to_string()
-            })
-        }
-        fn xor(key_id: &str, bytes: &[u8]) -> Zeroizing<Vec<u8>> {
-            let pad = Self::pad(key_id);
-            Zeroizing::new(bytes.iter().zip(pad.iter()).map(|(a, b)| a ^ b).collect())
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl KeyProvider for XorWrapper {
-        async fn wrap(
-            &self,
-            key_id: &str,
-            algorithm: Option<&str>,
-            vmk: &VolumeKey,
-        ) -> Result<WrappedKey, KeyError> {
-            let kid = self.resolve(key_id, Operation::WrapKey)?;
-            let wrapped = Self::xor(&kid, vmk.expose()).to_vec();
-            Ok(WrappedKey {
-                key_id: kid,
-                algorithm: algorithm.unwrap_or("RSA-OAEP-256").into(),
-                wrapped,
-            })
-        }
-        async fn unwrap(
-            &self,
-            key_id: &str,
-            _alg: &str,
-            wrapped: &[u8],
-        ) -> Result<VolumeKey, KeyError> {
-            let kid = self.resolve(key_id, Operation::UnwrapKey)?;
-            VolumeKey::from_slice(&Self::xor(&kid, wrapped)).ok_or_else(|| bad_length(key_id))
-        }
-        async fn wrap_access_secret(
-            &self,
-            key_id: &str,
-            algorithm: &str,
-            secret: &AccessSecret,
-        ) -> Result<WrappedKey, KeyError> {
-            let kid = self.resolve(key_id, Operation::WrapKey)?;
-            let wrapped = Self::xor(&kid, secret.expose()).to_vec();
-            Ok(WrappedKey {
-                key_id: kid,
-                algorithm: algorithm.into(),
-                wrapped,
-            })
-        }
-        async fn unwrap_access_secret(
-            &self,
-            key_id: &str,
-            _alg: &str,
-            wrapped: &[u8],
-        ) -> Result<AccessSecret, KeyError> {
-            let kid = self.resolve(key_id, Operation::UnwrapKey)?;
-            AccessSecret::from_slice(&Self::xor(&kid, wrapped)).ok_or_else(|| bad_length(key_id))
-        }
-        async fn latest_version(&self, key_id: &str) -> Result<String, KeyError> {
-            let latest = self
-                .latest
-                .lock()
-                .unwrap()
-                .get(&versionless(key_id))
-                .cloned();
-            latest.ok_or_else(|| denied(key_id, Operation::GetKey))
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::testing::xor_provider;
     use super::*;
+    use kvcrypt_testkit::provider::XorVault;
 
     const K1: &str = "https://a.vault.azure.net/keys/vol/v1";
     const K2: &str = "https://a.vault.azure.net/keys/vol/v2";
@@ -500,7 +363,7 @@ mod tests {
 
     #[test]
     fn unlock_finds_the_working_slot() {
-        let w = xor_provider(&[K1, OTHER]);
+        let w = XorVault::new(&[K1, OTHER]).blocking();
         let (mut h, k) = volume(&w);
         let (got, id) = unlock(&h, &w, &pins()).unwrap();
         assert_eq!((got.expose(), id), (k.expose(), 0));
@@ -528,7 +391,7 @@ mod tests {
 
     #[test]
     fn unlock_stops_on_tampering_and_reports_denied_slots() {
-        let w = xor_provider(&[K1]);
+        let w = XorVault::new(&[K1]).blocking();
         let (mut h, _) = volume(&w);
         h.label = "changed".into();
         let e = unlock(&h, &w, &pins()).unwrap_err();
@@ -537,15 +400,15 @@ mod tests {
             Some(HeaderError::Tampered)
         ));
         let (h, _) = volume(&w);
-        let denied = xor_provider(&[OTHER]);
+        let denied = XorVault::new(&[OTHER]).blocking();
         let e = unlock(&h, &denied, &pins()).unwrap_err();
         assert!(format!("{e:#}").contains("denied"), "{e:#}");
     }
 
     #[test]
     fn rewrap_to_latest_version_then_remove_old_slot() {
-        let vault = std::sync::Arc::new(super::testing::XorWrapper::new(&[K1]));
-        let w = BlockingProvider::over(vault.clone()).unwrap();
+        let vault = XorVault::new(&[K1]);
+        let w = vault.blocking();
         let (mut h, k) = volume(&w);
         // Same key, no new version yet: nothing added.
         let plan = RewrapPlan {
@@ -574,7 +437,7 @@ mod tests {
 
     #[test]
     fn rewrap_adds_a_second_vault_and_refuses_bad_removals() {
-        let w = xor_provider(&[K1, OTHER]);
+        let w = XorVault::new(&[K1, OTHER]).blocking();
         let (mut h, k) = volume(&w);
         let plan = RewrapPlan {
             add: true,
@@ -608,7 +471,7 @@ mod tests {
 
     #[test]
     fn slots_get_access_checks_and_rewrap_adds_missing_ones() {
-        let w = xor_provider(&[K1]);
+        let w = XorVault::new(&[K1]).blocking();
         let (mut h, k) = volume(&w);
         let secret = kdf::access_secret(&k);
         let check = h.slots[0].check.clone().expect("new slots have a check");
@@ -640,51 +503,9 @@ mod tests {
 
     #[test]
     fn make_slot_rejects_a_wrap_that_does_not_round_trip() {
-        use kvcrypt_keyvault::{AccessSecret, KeyError, KeyProvider, WrappedKey};
-        /// Answers every call, but its wraps do not unwrap to what was wrapped.
-        struct Broken;
-        #[async_trait::async_trait]
-        impl KeyProvider for Broken {
-            async fn wrap(
-                &self,
-                k: &str,
-                _: Option<&str>,
-                _: &VolumeKey,
-            ) -> Result<WrappedKey, KeyError> {
-                Ok(WrappedKey {
-                    key_id: k.into(),
-                    algorithm: "A256KW".into(),
-                    wrapped: vec![1; 72],
-                })
-            }
-            async fn unwrap(&self, _: &str, _: &str, _: &[u8]) -> Result<VolumeKey, KeyError> {
-                Ok(VolumeKey::zeroed())
-            }
-            async fn wrap_access_secret(
-                &self,
-                k: &str,
-                _: &str,
-                _: &AccessSecret,
-            ) -> Result<WrappedKey, KeyError> {
-                Ok(WrappedKey {
-                    key_id: k.into(),
-                    algorithm: "A256KW".into(),
-                    wrapped: vec![1; 40],
-                })
-            }
-            async fn unwrap_access_secret(
-                &self,
-                _: &str,
-                _: &str,
-                _: &[u8],
-            ) -> Result<AccessSecret, KeyError> {
-                Ok(AccessSecret::zeroed())
-            }
-            async fn latest_version(&self, k: &str) -> Result<String, KeyError> {
-                Ok(k.into())
-            }
-        }
-        let broken = BlockingProvider::over(std::sync::Arc::new(Broken)).unwrap();
+        let vault = XorVault::new(&[K1]);
+        vault.garble();
+        let broken = vault.blocking();
         assert!(make_slot(&broken, K1, None, &vmk(3)).is_err());
         assert!(make_check(&broken, K1, "A256KW", &vmk(3)).is_err());
     }
