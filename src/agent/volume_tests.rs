@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvcrypt_crypto::secmem::VolumeKey;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::config::{RetryConfig, RevokePolicy, Selector, VolumeSettings};
 use super::ports::{
@@ -14,16 +16,20 @@ use super::ports::{
 use super::status::VolumeState;
 use super::volume::{CloseRefused, Command, VolumeHandle, spawn_volume};
 
-/// What the fake vault answers for unwrapKey.
+// --- the fake platform ---
+
+/// What the fake vault answers, for unwrapKey and the access check alike.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Vault {
     Ok,
     Denied,
     Transient,
     Hang,
+    /// Unwraps a key that fails the header's key check; the access check is denied.
     WrongKey,
 }
 
+/// Everything the fake platform is; the events it records are what the checks look at.
 #[derive(Default)]
 struct World {
     vault: Option<Vault>,
@@ -36,11 +42,11 @@ struct World {
     ublk: bool,
     quiesced: Option<u32>,
     /// Exit watches on the current worker (what a pidfd is to the real agent).
-    watchers: Vec<tokio::sync::oneshot::Sender<String>>,
+    watchers: Vec<oneshot::Sender<String>>,
     /// The next this many workers die right after they report ready.
     doomed: u32,
     /// When each worker (new or recovering) was started, on tokio's clock.
-    starts: Vec<tokio::time::Instant>,
+    starts: Vec<Instant>,
     /// The next this many new workers fail to start (after the "spawn" event).
     spawn_fails: u32,
     /// The served device is mounted: a close without force is refused.
@@ -76,6 +82,7 @@ const SLOT_NEW: &str = "https://v.vault.azure.net/keys/k/2";
 const PINNED: &str = "https://v.vault.azure.net/keys/k";
 
 const UBLK_ID: u32 = 3;
+const GOOD: u8 = 0x42;
 
 #[derive(Debug, Clone)]
 struct WorkerSim {
@@ -83,8 +90,6 @@ struct WorkerSim {
 }
 
 struct Fake(Mutex<World>);
-
-const GOOD: u8 = 0x42;
 
 impl Fake {
     fn new() -> Arc<Fake> {
@@ -94,21 +99,27 @@ impl Fake {
             ..Default::default()
         })))
     }
+    fn w(&self) -> std::sync::MutexGuard<'_, World> {
+        self.0.lock().unwrap()
+    }
     fn set_vault(&self, v: Vault) {
-        self.0.lock().unwrap().vault = Some(v);
+        self.w().vault = Some(v);
     }
     fn ev(&self, e: impl Into<String>) {
-        self.0.lock().unwrap().events.push(e.into());
+        self.w().events.push(e.into());
     }
     fn events(&self) -> Vec<String> {
-        self.0.lock().unwrap().events.clone()
+        self.w().events.clone()
     }
     fn worker_key(&self) -> Option<Option<[u8; 64]>> {
-        self.0.lock().unwrap().worker.as_ref().map(|w| w.key)
+        self.w().worker.as_ref().map(|w| w.key)
+    }
+    fn count(&self, ev: &str) -> usize {
+        self.events().iter().filter(|e| *e == ev).count()
     }
     /// SIGKILL the worker: its key dies with it; a ublk device goes QUIESCED, I/O held.
     fn crash(&self) {
-        let mut w = self.0.lock().unwrap();
+        let mut w = self.w();
         assert!(w.worker.take().is_some(), "no worker to kill");
         if w.ublk {
             w.quiesced = Some(UBLK_ID);
@@ -116,8 +127,23 @@ impl Fake {
         w.events.push("crash".into());
         end_worker(&mut w, "killed by signal 9");
     }
-    fn count(&self, ev: &str) -> usize {
-        self.events().iter().filter(|e| *e == ev).count()
+    /// A request to the vault about `slot` (event `what:answer`): `Ok` with `Vault::Ok` or
+    /// `Vault::WrongKey`, the caller's to interpret.
+    async fn ask(&self, what: &str, slot: &SlotRef) -> Result<Vault, AccessError> {
+        let (v, disabled) = {
+            let mut w = self.w();
+            w.asked.push(slot.key_id.clone());
+            (w.vault, w.disabled.contains(&slot.key_id))
+        };
+        self.ev(format!("{what}:{v:?}"));
+        let class = |c, m| Err(AccessError::new(c, m));
+        match v {
+            _ if disabled => class(AccessClass::Denied, "KeyDisabled"),
+            Some(v @ (Vault::Ok | Vault::WrongKey)) => Ok(v),
+            Some(Vault::Denied) => class(AccessClass::Denied, "ForbiddenByRbac"),
+            Some(Vault::Transient) | None => class(AccessClass::Transient, "503"),
+            Some(Vault::Hang) => std::future::pending().await,
+        }
     }
 }
 
@@ -129,20 +155,18 @@ fn end_worker(w: &mut World, how: &str) {
     }
 }
 
+fn no_worker() -> PlatformError {
+    PlatformError::new(PlatformFailure::WorkerControl, "no worker")
+}
+
 impl Platform for Fake {
     type Header = ();
     type Frozen = String;
 
     async fn locate(&self, sel: &Selector) -> Option<PathBuf> {
         // One fake device, /dev/fake (the reload tests add volumes that never appear).
-        if *sel != Selector::Path("/dev/fake".into()) {
-            return None;
-        }
-        self.0
-            .lock()
-            .unwrap()
-            .present
-            .then(|| PathBuf::from("/dev/fake"))
+        let fake = *sel == Selector::Path("/dev/fake".into());
+        (fake && self.w().present).then(|| PathBuf::from("/dev/fake"))
     }
     async fn read_header(&self, _dev: &Path) -> Result<(), AccessError> {
         Ok(())
@@ -154,37 +178,20 @@ impl Platform for Fake {
             wrapped: vec![1, 2, 3],
             check: Some(vec![4, 5, 6]),
         };
-        let w = self.0.lock().unwrap();
-        if let Some(ids) = &w.header_ids {
-            ids.iter().map(|k| slot(k)).collect()
-        } else if w.rotated {
-            vec![slot(SLOT_OLD), slot(SLOT_NEW)]
-        } else {
-            vec![slot(SLOT_OLD)]
+        let w = self.w();
+        match (&w.header_ids, w.rotated) {
+            (Some(ids), _) => ids.iter().map(|k| slot(k)).collect(),
+            (None, true) => vec![slot(SLOT_OLD), slot(SLOT_NEW)],
+            (None, false) => vec![slot(SLOT_OLD)],
         }
     }
     async fn check_slot(&self, _h: &(), slot: &SlotRef) -> Result<(), AccessError> {
-        let (v, disabled) = {
-            let mut w = self.0.lock().unwrap();
-            w.asked.push(slot.key_id.clone());
-            (w.vault, w.disabled.contains(&slot.key_id))
-        };
-        self.ev(format!("check:{v:?}"));
-        if disabled {
-            return Err(AccessError::new(AccessClass::Denied, "KeyDisabled"));
-        }
-        match v {
-            Some(Vault::Ok) => Ok(()),
-            Some(Vault::WrongKey) => Err(AccessError::new(
+        match self.ask("check", slot).await? {
+            Vault::WrongKey => Err(AccessError::new(
                 AccessClass::Denied,
                 "access check mismatch",
             )),
-            Some(Vault::Denied) => Err(AccessError::new(AccessClass::Denied, "ForbiddenByRbac")),
-            Some(Vault::Transient) | None => Err(AccessError::new(AccessClass::Transient, "503")),
-            Some(Vault::Hang) => {
-                std::future::pending::<()>().await;
-                unreachable!()
-            }
+            _ => Ok(()),
         }
     }
     fn verify_key(&self, _h: &(), key: &VolumeKey) -> Result<(), AccessError> {
@@ -198,25 +205,11 @@ impl Platform for Fake {
         }
     }
     async fn unwrap_key(&self, slot: &SlotRef) -> Result<VolumeKey, AccessError> {
-        let (v, disabled) = {
-            let mut w = self.0.lock().unwrap();
-            w.asked.push(slot.key_id.clone());
-            (w.vault, w.disabled.contains(&slot.key_id))
+        let byte = match self.ask("unwrap", slot).await? {
+            Vault::WrongKey => 7,
+            _ => GOOD,
         };
-        self.ev(format!("unwrap:{v:?}"));
-        if disabled {
-            return Err(AccessError::new(AccessClass::Denied, "KeyDisabled"));
-        }
-        match v {
-            Some(Vault::Ok) => Ok(VolumeKey::from_slice(&[GOOD; 64]).unwrap()),
-            Some(Vault::WrongKey) => Ok(VolumeKey::from_slice(&[7; 64]).unwrap()),
-            Some(Vault::Denied) => Err(AccessError::new(AccessClass::Denied, "ForbiddenByRbac")),
-            Some(Vault::Transient) | None => Err(AccessError::new(AccessClass::Transient, "503")),
-            Some(Vault::Hang) => {
-                std::future::pending::<()>().await;
-                unreachable!()
-            }
-        }
+        Ok(VolumeKey::from_slice(&[byte; 64]).unwrap())
     }
     async fn spawn(
         &self,
@@ -225,31 +218,26 @@ impl Platform for Fake {
         key: &VolumeKey,
         recover_dev_id: Option<u32>,
     ) -> Result<Served, PlatformError> {
-        let mut w = self.0.lock().unwrap();
+        let mut w = self.w();
         let takeover = !w.ublk && w.fuse_held && recover_dev_id.is_none();
+        let failed = |m: String| Err(PlatformError::new(PlatformFailure::WorkerStart, m));
         match recover_dev_id {
             None if takeover => w.events.push("takeover".into()),
             None => {
                 w.events.push("spawn".into());
                 if w.spawn_fails > 0 {
                     w.spawn_fails -= 1;
-                    return Err(PlatformError::new(
-                        PlatformFailure::WorkerStart,
-                        "the worker failed before it was ready",
-                    ));
+                    return failed("the worker failed before it was ready".into());
                 }
             }
             Some(id) => {
                 w.events.push(format!("recover:{id}"));
                 if w.quiesced.take() != Some(id) {
-                    return Err(PlatformError::new(
-                        PlatformFailure::WorkerStart,
-                        format!("ublk device {id} is not QUIESCED"),
-                    ));
+                    return failed(format!("ublk device {id} is not QUIESCED"));
                 }
             }
         }
-        w.starts.push(tokio::time::Instant::now());
+        w.starts.push(Instant::now());
         w.worker = Some(WorkerSim {
             key: Some(*key.expose()),
         });
@@ -263,75 +251,64 @@ impl Platform for Fake {
                 w.quiesced = Some(UBLK_ID);
             }
         }
+        let block_device = if ublk {
+            format!("/dev/ublkb{UBLK_ID}")
+        } else {
+            "/dev/loop9".into()
+        };
         Ok(Served {
-            backing: dev.to_owned(),
-            block_device: if ublk {
-                format!("/dev/ublkb{UBLK_ID}").into()
-            } else {
-                "/dev/loop9".into()
-            },
-            suspended: false,
             ublk_dev_id: ublk.then_some(UBLK_ID),
-            worker_dead: false,
             in_place: takeover,
+            ..Served::new(dev.to_owned(), block_device.into())
         })
     }
     async fn adopt(&self, name: &str) -> Option<Served> {
-        if name != "data" {
-            return None;
-        }
-        let world = self.0.lock().unwrap();
-        if let (None, true, Some(id)) = (&world.worker, world.ublk, world.quiesced) {
+        let w = self.w();
+        let fuse = Served::new("/dev/fake".into(), "/dev/loop9".into());
+        match (&w.worker, w.ublk, w.quiesced) {
+            _ if name != "data" => None,
             // What a previous agent's ublk suspend left: no worker, a QUIESCED device.
-            return Some(Served {
-                backing: "/dev/fake".into(),
-                block_device: format!("/dev/ublkb{id}").into(),
+            (None, true, Some(id)) => Some(Served {
                 suspended: true,
                 ublk_dev_id: Some(id),
-                worker_dead: false,
-                in_place: false,
-            });
-        }
-        if world.worker.is_none() && !world.ublk && world.fuse_held {
+                ..Served::new("/dev/fake".into(), format!("/dev/ublkb{id}").into())
+            }),
             // What a previous agent's held FUSE connection left when agent and worker died
             // together (the descriptors came back from systemd's store).
-            return Some(Served {
+            (None, false, _) if w.fuse_held => Some(Served {
                 worker_dead: true,
-                ..Served::new("/dev/fake".into(), "/dev/loop9".into())
-            });
+                ..fuse
+            }),
+            (worker, ..) => worker.as_ref().map(|worker| Served {
+                suspended: worker.key.is_none(),
+                ..fuse
+            }),
         }
-        let w = world.worker.clone();
-        w.map(|w| Served {
-            suspended: w.key.is_none(),
-            ..Served::new("/dev/fake".into(), "/dev/loop9".into())
-        })
     }
     fn fuse_held(&self, _name: &str) -> bool {
-        let w = self.0.lock().unwrap();
+        let w = self.w();
         !w.ublk && w.fuse_held
     }
     async fn release_fuse(&self, _name: &str, served: &Served) -> String {
-        let mut w = self.0.lock().unwrap();
+        let mut w = self.w();
         w.fuse_held = false;
         w.events
             .push(format!("release:{}", served.block_device.display()));
         "released".into()
     }
     async fn worker_status(&self, _name: &str) -> Result<serde_json::Value, PlatformError> {
-        match &self.0.lock().unwrap().worker {
-            Some(_) => Ok(serde_json::json!({"reads": 1})),
-            None => Err(PlatformError::new(
-                PlatformFailure::WorkerControl,
-                "no worker",
-            )),
-        }
+        let w = self.w();
+        w.worker
+            .as_ref()
+            .map(|_| serde_json::json!({"reads": 1}))
+            .ok_or_else(no_worker)
     }
     fn watch_worker(&self, _name: &str) -> WorkerExit {
-        let mut w = self.0.lock().unwrap();
+        let mut w = self.w();
         if w.worker.is_none() {
             return Box::pin(async { "no worker process".to_owned() });
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, rx) = oneshot::channel();
         w.watchers.push(tx);
         Box::pin(async move {
             match rx.await {
@@ -341,14 +318,14 @@ impl Platform for Fake {
         })
     }
     async fn ublk_recoverable(&self, id: u32) -> bool {
-        self.0.lock().unwrap().quiesced == Some(id)
+        self.w().quiesced == Some(id)
     }
     async fn clean_dead_worker(&self, _name: &str, served: &Served) -> String {
         self.ev(format!("clean:{}", served.block_device.display()));
         "cleaned".into()
     }
     async fn repair_header(&self, _dev: &Path, _h: &()) -> Result<Option<String>, PlatformError> {
-        let mut w = self.0.lock().unwrap();
+        let mut w = self.w();
         if !std::mem::take(&mut w.header_damaged) {
             return Ok(None);
         }
@@ -357,7 +334,7 @@ impl Platform for Fake {
     }
     async fn kill_worker(&self, _name: &str) -> Result<String, PlatformError> {
         self.ev("kill");
-        let mut w = self.0.lock().unwrap();
+        let mut w = self.w();
         if w.worker.take().is_none() {
             return Ok("no worker".into());
         }
@@ -369,18 +346,16 @@ impl Platform for Fake {
     }
     async fn suspend(&self, _name: &str) -> Result<(), PlatformError> {
         self.ev("suspend");
-        let fault = self.0.lock().unwrap().suspend_fault;
+        let fault = self.w().suspend_fault;
         match fault {
             Some(true) => std::future::pending::<()>().await,
             Some(false) => {
-                return Err(PlatformError::new(
-                    PlatformFailure::WorkerControl,
-                    "worker refused: internal error",
-                ));
+                let e = "worker refused: internal error";
+                return Err(PlatformError::new(PlatformFailure::WorkerControl, e));
             }
             None => {}
         }
-        let mut w = self.0.lock().unwrap();
+        let mut w = self.w();
         if w.ublk && w.worker.is_some() {
             // The worker process exits; the device stays, QUIESCED.
             w.worker = None;
@@ -388,40 +363,28 @@ impl Platform for Fake {
             end_worker(&mut w, "exited after suspend");
             return Ok(());
         }
-        match w.worker.as_mut() {
-            Some(w) => {
-                w.key = None;
-                Ok(())
-            }
-            None => Err(PlatformError::new(
-                PlatformFailure::WorkerControl,
-                "no worker",
-            )),
-        }
+        let worker = w.worker.as_mut().ok_or_else(no_worker)?;
+        worker.key = None;
+        Ok(())
     }
     async fn resume(&self, _name: &str, key: &VolumeKey) -> Result<(), PlatformError> {
         self.ev("resume");
-        match self.0.lock().unwrap().worker.as_mut() {
-            Some(w) => {
-                w.key = Some(*key.expose());
-                Ok(())
-            }
-            None => Err(PlatformError::new(
-                PlatformFailure::WorkerControl,
-                "no worker",
-            )),
-        }
+        let mut w = self.w();
+        let worker = w.worker.as_mut().ok_or_else(no_worker)?;
+        worker.key = Some(*key.expose());
+        Ok(())
     }
     async fn close(&self, _name: &str, force: bool) -> Result<(), CloseFailed> {
         self.ev("close");
-        let mut w = self.0.lock().unwrap();
+        let mut w = self.w();
         if w.ublk && w.worker.is_none() {
             return Err("no worker".into());
         }
         if w.mounted && !force {
+            let message = "/dev/loop9 is in use (mounted or held open)".into();
             return Err(CloseFailed {
                 busy: true,
-                message: "/dev/loop9 is in use (mounted or held open)".into(),
+                message,
             });
         }
         w.worker = None;
@@ -429,7 +392,7 @@ impl Platform for Fake {
         Ok(())
     }
     async fn delete_ublk_device(&self, _name: &str, id: u32) -> Result<(), PlatformError> {
-        let mut w = self.0.lock().unwrap();
+        let mut w = self.w();
         w.events.push(format!("delete:{id}"));
         match w.quiesced.take() {
             Some(q) if q == id => Ok(()),
@@ -441,11 +404,11 @@ impl Platform for Fake {
     }
     async fn freeze(&self, bd: &Path) -> String {
         self.ev("freeze");
-        self.0.lock().unwrap().frozen = true;
+        self.w().frozen = true;
         bd.display().to_string()
     }
     async fn thaw(&self, _bd: &Path, _f: Option<String>) {
-        let mut w = self.0.lock().unwrap();
+        let mut w = self.w();
         // Thaw before the key is back would block on the superblock write.
         if w.worker.as_ref().is_some_and(|w| w.key.is_none()) {
             w.events.push("thaw-while-suspended".into());
@@ -454,13 +417,13 @@ impl Platform for Fake {
         w.events.push("thaw".into());
     }
     fn remember_manual(&self, _name: &str, reason: Option<&str>) {
-        self.0.lock().unwrap().manual = reason.map(str::to_owned);
+        self.w().manual = reason.map(str::to_owned);
     }
     fn manual_lock(&self, _name: &str) -> Option<String> {
-        self.0.lock().unwrap().manual.clone()
+        self.w().manual.clone()
     }
     async fn system_stopping(&self) -> bool {
-        self.0.lock().unwrap().system_stopping
+        self.w().system_stopping
     }
     async fn run_hook(
         &self,
