@@ -16,6 +16,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, sleep, timeout};
 
 use super::config::{RetryConfig, RevokePolicy, Selector, VolumeSettings};
+use super::opened::OpenSpec;
 use super::ports::{
     AccessClass, AccessError, CloseFailed, Platform, PlatformError, PlatformFailure, Served,
     SlotRef, WorkerExit,
@@ -126,9 +127,6 @@ impl Fake {
     }
     fn worker_key(&self) -> Option<Option<[u8; 64]>> {
         self.w().worker.as_ref().map(|w| w.key)
-    }
-    fn count(&self, ev: &str) -> usize {
-        self.events().iter().filter(|e| *e == ev).count()
     }
     /// SIGKILL the worker: its key dies with it; a ublk device goes QUIESCED, I/O held.
     fn crash(&self) {
@@ -549,6 +547,13 @@ enum Step {
     Spawn,
     /// `spawn_managed`: `Desire` then edits what the configuration wants of the volume.
     Managed,
+    /// A `VolumeSet` of the row's settings; the steps are about its volume `data`.
+    StartSet,
+    /// A `VolumeSet` of this configuration (written to `kvcrypt.toml`); about `data`.
+    StartConfig(&'static str),
+    /// `VolumeSet::start_with` this configuration and the runtime volume `rt` on /dev/fake (as
+    /// `kvcrypt open` hands it to the agent); about `rt`.
+    StartOpened(&'static str),
     /// What the vault answers from now on.
     Vault(Vault),
     /// Any other change of the world (device present, mounted, faults …).
@@ -563,6 +568,8 @@ enum Step {
     WaitEvents(&'static str, usize, u64),
     /// … or since the last `Mark`.
     WaitMore(&'static str, usize, u64),
+    /// Until the volume task has ended (its command channel is closed).
+    WaitEnd(u64),
     Sleep(u64),
     /// Remembers the time, the events, the vault requests and the worker starts so far (a row
     /// begins marked).
@@ -575,6 +582,15 @@ enum Step {
     Shutdown,
     /// Edits the managed volume's `Desired` (a reload as the daemon sends it).
     Desire(fn(&mut Desired)),
+    /// Writes `kvcrypt.toml` in the row's directory.
+    WriteConfig(&'static str),
+    /// `VolumeSet::reload` of this file of the row's directory.
+    Reload(&'static str, Reply),
+    /// `VolumeSet::apply` of the row's settings so edited: the plan must replace the volume.
+    Replace(fn(&mut VolumeSettings)),
+    Prune,
+    /// The steps are now about the `VolumeSet`'s volume of this name.
+    Select(&'static str),
     Expect(&'static [Check]),
     /// Steps shared by rows (a failure inside names both indexes, `3.1`).
     Do(&'static [Step]),
@@ -602,6 +618,12 @@ enum Check {
     KeyId(&'static str),
     Restarts(u32),
     Manual(bool),
+    RemovedFromConfig(bool),
+    Opened(bool),
+    Interval(&'static str),
+    Hold(&'static str),
+    Revoke(RevokePolicy),
+    TaskEnded(bool),
     // The fake's world. `Recorded`: the agent's record of an operator's lock (for the next
     // agent). `Asked`: the key ids the vault was asked about, in order; `AskedOnly`: all are
     // this one; `NewAsks`: any since the mark.
@@ -636,24 +658,36 @@ enum Check {
     New(&'static Check),
     /// A log message (INFO and above) contains all these.
     Logged(&'static [&'static str]),
+    // The `VolumeSet`. `SameTask(name, b)`: its volume `name` is (or not) the one selected.
+    Handles(usize),
+    Registry(&'static [&'static str]),
+    SameTask(&'static str, bool),
 }
 
-/// The answer a command must get. `Busy`: a close refused as busy.
+/// The answer a command or a reload must get. `ErrSays`: an error containing all these
+/// (`$path`: the path of the file reloaded); `Busy`: a close refused as busy.
 #[derive(Debug)]
 enum Reply {
     Is(&'static str),
     Starts(&'static str),
+    Says(&'static [&'static str]),
     Fine,
     Refused,
+    ErrSays(&'static [&'static str]),
     Busy(&'static str),
     NotOpen,
 }
 
-fn reply(want: &Reply, got: Result<String, CloseRefused>) -> Result<(), String> {
+fn reply(want: &Reply, got: Result<String, CloseRefused>, path: &str) -> Result<(), String> {
+    let all = |parts: &[&str], m: &str| {
+        (parts.iter()).all(|p| m.contains(if *p == "$path" { path } else { *p }))
+    };
     let ok = match (want, &got) {
         (Is(s), Ok(m)) => m == s,
         (Starts(s), Ok(m)) => m.starts_with(s),
+        (Says(parts), Ok(m)) => all(parts, m),
         (Fine, Ok(_)) | (Refused, Err(_)) | (NotOpen, Err(CloseRefused::NotOpen(_))) => true,
+        (ErrSays(parts), Err(CloseRefused::Failed(m))) => all(parts, m),
         (Busy(s), Err(CloseRefused::Busy(m))) => m.contains(s),
         _ => false,
     };
@@ -712,6 +746,8 @@ struct Ctx {
     /// The volume the steps and checks are about.
     h: Option<VolumeHandle>,
     desired: Option<watch::Sender<Desired>>,
+    set: Option<VolumeSet<Fake>>,
+    dir: tempfile::TempDir,
     mark: Since,
     log: Messages,
     /// The step being run, for the failure message.
@@ -728,9 +764,31 @@ impl Ctx {
     fn h(&self) -> Result<&VolumeHandle, String> {
         self.h.as_ref().ok_or_else(|| "no volume started".into())
     }
+    fn set(&mut self) -> Result<&mut VolumeSet<Fake>, String> {
+        self.set
+            .as_mut()
+            .ok_or_else(|| "no VolumeSet started".into())
+    }
     fn mark(&mut self) {
         let mark = Since::now(&self.world());
         self.mark = mark;
+    }
+    fn select(&mut self, name: &str) -> Result<(), String> {
+        let h = self.set()?.handles().get(name).cloned();
+        self.h = Some(h.ok_or_else(|| format!("no volume {name} in the set"))?);
+        Ok(())
+    }
+    fn start_set(&mut self, set: VolumeSet<Fake>, name: &str) -> Result<(), String> {
+        self.set = Some(set);
+        self.select(name)
+    }
+    fn write_config(&self, text: &str) -> Result<PathBuf, String> {
+        let path = self.dir.path().join("kvcrypt.toml");
+        std::fs::write(&path, text).map_err(|e| e.to_string())?;
+        Ok(path)
+    }
+    fn load(&self, text: &str) -> Result<super::config::Config, String> {
+        super::config::Config::load(&self.write_config(text)?).map_err(|e| e.to_string())
     }
     async fn send<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, String> {
         let (tx, rx) = oneshot::channel();
@@ -776,6 +834,27 @@ impl Ctx {
                 let (h, desired) = spawn_managed(self.settings.clone(), self.f.clone());
                 (self.h, self.desired) = (Some(h), Some(desired));
             }
+            StartSet => {
+                let set = VolumeSet::start(self.f.clone(), std::slice::from_ref(&self.settings));
+                self.start_set(set, "data")?;
+            }
+            StartConfig(text) => {
+                let volumes = self.load(text)?.volume_settings();
+                self.start_set(VolumeSet::start(self.f.clone(), &volumes), "data")?;
+            }
+            StartOpened(text) => {
+                let rt = OpenSpec {
+                    name: "rt".into(),
+                    device: "/dev/fake".into(),
+                    transport: kvcrypt_datapath::transport::TransportKind::Fuse,
+                    queues: None,
+                    queue_depth: 128,
+                    allow_discards: false,
+                    read_only: false,
+                };
+                let set = VolumeSet::start_with(self.f.clone(), self.load(text)?, &[], vec![rt]);
+                self.start_set(set, "rt")?;
+            }
             Vault(v) => self.f.set_vault(v),
             Edit(edit) => edit(&mut self.world()),
             Crash => {
@@ -795,11 +874,20 @@ impl Ctx {
             }
             WaitEvents(pat, n, within) => self.wait_events(pat, n, 0, within).await?,
             WaitMore(pat, n, within) => self.wait_events(pat, n, self.mark.events, within).await?,
+            WaitEnd(within) => {
+                let t0 = Instant::now();
+                while !self.h()?.tx.is_closed() {
+                    ensure(t0.elapsed() < ms(within), || {
+                        format!("still running after {within} ms")
+                    })?;
+                    sleep(ms(50)).await;
+                }
+            }
             Sleep(n) => sleep(ms(n)).await,
             Mark => self.mark(),
-            Lock(ref want) => reply(want, locked(self.send(Command::Lock).await?))?,
-            Unlock(ref want) => reply(want, locked(self.send(Command::Unlock).await?))?,
-            Close(ref want) => reply(want, self.send(Command::Close).await?)?,
+            Lock(ref want) => reply(want, locked(self.send(Command::Lock).await?), "")?,
+            Unlock(ref want) => reply(want, locked(self.send(Command::Unlock).await?), "")?,
+            Close(ref want) => reply(want, self.send(Command::Close).await?, "")?,
             Wake => {
                 let sent = self.h()?.tx.send(Command::Wake).await;
                 sent.map_err(|_| "the volume task has ended")?;
@@ -810,6 +898,24 @@ impl Ctx {
                 .as_ref()
                 .ok_or("not Managed")?
                 .send_modify(edit),
+            WriteConfig(text) => {
+                self.write_config(text)?;
+            }
+            Reload(file, ref want) => {
+                let path = self.dir.path().join(file);
+                let got = self.set()?.reload(&path).map_err(|e| e.to_string());
+                reply(want, locked(got), &path.display().to_string())?;
+            }
+            Replace(edit) => {
+                let mut moved = self.settings.clone();
+                edit(&mut moved);
+                let plan = self.set()?.apply(std::slice::from_ref(&moved));
+                ensure(plan.replace == [moved], || {
+                    format!("replaced {:?}", plan.replace)
+                })?;
+            }
+            Prune => self.set()?.prune(),
+            Select(name) => self.select(name)?,
             Expect(checks) => {
                 let (st, ev) = (self.h()?.status.borrow().clone(), self.f.events());
                 for (i, c) in checks.iter().enumerate() {
@@ -824,8 +930,10 @@ impl Ctx {
 
     /// `Ok` if `c` holds for status `st` and events `ev`.
     fn check(&self, c: &Check, st: &VolumeStatus, ev: &[String]) -> Result<(), String> {
+        let policy = st.policy.as_ref();
         let first = |p: &str| ev.iter().position(|e| hit(p, e));
         let last = |p: &str| ev.iter().rposition(|e| hit(p, e));
+        let set = || self.set.as_ref().ok_or("no VolumeSet");
         let ok = match *c {
             State(s) => st.state == s,
             Reason(t) => st.reason.as_deref().is_some_and(|r| r.contains(t)),
@@ -839,6 +947,12 @@ impl Ctx {
             KeyId(k) => st.key_id.as_deref() == Some(k),
             Restarts(n) => st.restarts == n,
             Manual(b) => st.manual == b,
+            RemovedFromConfig(b) => st.removed_from_config == b,
+            Opened(b) => st.opened == b,
+            Interval(t) => policy.is_some_and(|p| p.check_interval == t),
+            Hold(t) => policy.is_some_and(|p| p.hold == t),
+            Revoke(r) => policy.is_some_and(|p| p.revoke_policy == r),
+            TaskEnded(b) => self.h()?.tx.is_closed() == b,
             Worker(w) => {
                 self.f.worker_key()
                     == match w {
@@ -894,6 +1008,16 @@ impl Ctx {
             Logged(parts) => {
                 let all = self.log.0.lock().unwrap().clone();
                 return ensure(self.log.find(parts).is_some(), || format!("logged {all:?}"));
+            }
+            Handles(n) => set()?.handles().len() == n,
+            Registry(names) => set()?.registry().borrow().keys().eq(names.iter().copied()),
+            SameTask(name, b) => {
+                let other = set()?
+                    .handles()
+                    .get(name)
+                    .cloned()
+                    .ok_or("no such volume")?;
+                other.tx.same_channel(&self.h()?.tx) == b
             }
         };
         ensure(ok, || "does not hold".into())
@@ -965,12 +1089,15 @@ fn run_row(row: &'static Row) -> Result<(), String> {
     let mut settings = settings();
     (row.setup)(&mut f.0.lock().unwrap(), &mut settings);
     let mark = Since::now(&f.w());
-    let (h, desired, at) = (None, None, "setup".into());
+    let dir = tempfile::tempdir().unwrap();
+    let (h, desired, set, at) = (None, None, None, "setup".into());
     let mut c = Ctx {
         f,
         settings,
         h,
         desired,
+        set,
+        dir,
         mark,
         log,
         at,
@@ -1362,6 +1489,114 @@ fn worker_death_and_recovery() {
     run_table(DEATH);
 }
 
+macro_rules! vault_toml {
+    () => {
+        "[vault]\nkeys = [\"https://v.vault.azure.net/keys/k\"]\n\
+         [vault.credential]\nkind = \"managed-identity\"\n"
+    };
+}
+
+macro_rules! agent_toml {
+    () => {
+        "[agent]\ncheck_interval = \"1s\"\ncheck_jitter = 0.0\n"
+    };
+}
+
+macro_rules! data_toml {
+    () => {
+        "[[volume]]\nname = \"data\"\npath = \"/dev/fake\"\n"
+    };
+}
+
+const GOOD_TOML: &str = concat!(vault_toml!(), agent_toml!(), data_toml!());
+
+/// After a refused reload: nothing changed.
+const UNCHANGED: &[Check] = &[Handles(1), State(Serving), Interval("1s")];
+
+#[rustfmt::skip]
+static RELOAD: &[Row] = &[
+    // Reload: check every second instead of every minute, and remove on revocation; with
+    // `remove` the device goes at once (no hold); the worker was never restarted.
+    row("reload_policy_applies_from_the_next_check_without_a_new_worker",
+        |_, s| s.check_interval = Duration::from_secs(60), &[
+        Managed, Wait(Serving, 2000), Mark,
+        Desire(|d| {
+            d.settings.check_interval = Duration::from_secs(1);
+            d.settings.revoke_policy = RevokePolicy::Remove;
+            d.configured = true;
+        }),
+        WaitMore("check:Some(Ok)", 1, 3000),
+        Expect(&[Interval("1s"), Revoke(RevokePolicy::Remove), RemovedFromConfig(false)]),
+        DENY, Wait(Removed, 3000), Expect(&[Count("spawn", 1), Count("close", 1)]),
+    ]),
+    // A reload must not close a served device, and revocation still applies to it; when its
+    // worker ends (kvcrypt close / crash) it is not opened again: the task ends.
+    row("removed_volume_keeps_serving_and_checking_until_its_worker_ends", fuse, &[
+        Managed, Wait(Serving, 2000), Desire(|d| d.configured = false), Sleep(10),
+        Expect(&[RemovedFromConfig(true), State(Serving), Count("close", 0)]),
+        DENY, Wait(Suspended, 3000), Expect(&[Worker(Wiped)]), GRANT, Wait(Serving, 3000),
+        Crash, WaitEnd(5000), Expect(&[Count("spawn", 1), State(Locked)]),
+    ]),
+    // The device appearing later does not bring it back.
+    row("removed_volume_that_is_not_served_is_forgotten_at_once", absent, &[
+        Managed, Wait(Locked, 2000), Desire(|d| d.configured = false), WaitEnd(2000),
+        Edit(|w| w.present = true), Sleep(30_000), Expect(&[Count("spawn", 0)]),
+    ]),
+    // A bad value, a parse error, a missing [vault] or file: refused, named, nothing changes.
+    // Valid: a second volume (absent device), a new policy for the first (the serving worker
+    // not restarted), the registry follows; removing `more` (not served) forgets it.
+    row("invalid_reload_keeps_the_old_configuration_and_a_valid_one_applies", fuse, &[
+        StartConfig(GOOD_TOML), Wait(Serving, 2000),
+        WriteConfig(concat!(vault_toml!(), "[agent]\ncheck_interval = \"1 parsec\"\ncheck_jitter = 0.0\n",
+            data_toml!())),
+        Reload("kvcrypt.toml", ErrSays(&["$path", "check_interval"])), Expect(UNCHANGED),
+        WriteConfig(concat!(vault_toml!(), agent_toml!(), data_toml!(), "[[volume]]\nname = \"x\"\n")),
+        Reload("kvcrypt.toml", ErrSays(&["$path", "uuid/label/path"])), Expect(UNCHANGED),
+        WriteConfig(concat!(agent_toml!(), data_toml!())),
+        Reload("kvcrypt.toml", ErrSays(&["$path", "[vault]"])), Expect(UNCHANGED),
+        WriteConfig("[[volume]\n"),
+        Reload("kvcrypt.toml", ErrSays(&["$path", "kvcrypt.toml"])), Expect(UNCHANGED),
+        Reload("missing.toml", ErrSays(&["missing.toml"])),
+        WriteConfig(concat!(vault_toml!(), "[agent]\ncheck_interval = \"5s\"\nhold = \"1m\"\n", data_toml!(),
+            "[[volume]]\nname = \"more\"\nlabel = \"more\"\n")),
+        Reload("kvcrypt.toml", Says(&["added more", "updated data"])), Expect(&[Registry(&["data", "more"])]),
+        Sleep(10), Expect(&[Interval("5s"), Hold("1m"), Count("spawn", 1)]),
+        WriteConfig(GOOD_TOML), Reload("kvcrypt.toml", Says(&["removed more"])),
+        Select("more"), WaitEnd(2000), Prune, Expect(&[Registry(&["data"])]),
+        Select("data"), Expect(&[State(Serving)]),
+    ]),
+    // The old device is still served (and shown as removed) and the new entry waits for it;
+    // closed (its worker ends), it is forgotten and the new device's volume starts: the label
+    // is not present in the fake, so locked, waiting for its device, configured.
+    row("changed_device_keeps_the_old_one_until_closed_then_attaches_the_new_one", fuse, &[
+        StartSet, Wait(Serving, 2000), Replace(|s| s.selector = Selector::Label("elsewhere".into())),
+        Sleep(10), Expect(&[RemovedFromConfig(true), State(Serving)]),
+        Prune, Expect(&[SameTask("data", true)]),
+        Crash, WaitEnd(5000), Prune, Expect(&[SameTask("data", false)]),
+        Select("data"), WaitFor(&[State(Locked), Reason("")], 2000),
+        Expect(&[RemovedFromConfig(false), Reason("elsewhere"), Count("spawn", 1)]),
+    ]),
+    // A runtime volume (`kvcrypt open` handed to the agent) is served and checked like a
+    // configured one (a denial suspends it), survives a reload that does not name it, blocks a
+    // configured volume of the same name until it is closed, and `close` ends it for good (no
+    // manual lock kept); the configured volume of that name then takes its place.
+    row("runtime_volume_survives_reload_and_close_forgets_it", fuse, &[
+        StartOpened(concat!(vault_toml!(), agent_toml!())), Wait(Serving, 2000),
+        Expect(&[Opened(true), RemovedFromConfig(false)]),
+        DENY, Wait(Suspended, 5000), GRANT, Wait(Serving, 5000),
+        WriteConfig(concat!(vault_toml!(), agent_toml!(), "[[volume]]\nname = \"rt\"\nlabel = \"other\"\n")),
+        Reload("kvcrypt.toml", Fine), Sleep(10),
+        Expect(&[State(Serving), Opened(true), RemovedFromConfig(false), TaskEnded(false)]),
+        Close(Starts("closed")), Sleep(10), Expect(&[TaskEnded(true), Manual(false), Count("crash", 0)]),
+        Prune, Select("rt"), Sleep(10), Expect(&[Opened(false)]),
+    ]),
+];
+
+#[test]
+fn reload() {
+    run_table(RELOAD);
+}
+
 /// The agent alone stops (`systemctl restart`) while a volume is suspended: nothing is closed,
 /// deleted or thawed (thawing would write into the held device and hang the stop); the next
 /// agent adopts it as suspended.
@@ -1467,293 +1702,4 @@ static PINS: &[Row] = &[
 #[test]
 fn pins_and_rotation() {
     run_table(PINS);
-}
-
-// --- still plain tests: reload (SIGHUP), settings over the watch channel, removal, VolumeSet ---
-
-async fn wait_state(h: &VolumeHandle, want: VolumeState, within: Duration) {
-    let mut rx = h.status.clone();
-    tokio::time::timeout(within, rx.wait_for(|s| s.state == want))
-        .await
-        .unwrap_or_else(|_| panic!("state {want} not reached; now {:?}", h.status.borrow()))
-        .unwrap();
-}
-
-/// Waits (on the paused clock) until the fake has seen `n` events `ev`.
-async fn wait_events(f: &Fake, ev: &str, n: usize, within: Duration) {
-    let t0 = tokio::time::Instant::now();
-    while f.count(ev) < n {
-        assert!(
-            t0.elapsed() < within,
-            "{n}× {ev} not seen within {within:?}: {:?}",
-            f.events()
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-// --- reload (SIGHUP): settings over the watch channel, removal, VolumeSet ---
-
-/// Waits (paused clock) until the task has ended: its command channel is closed.
-async fn wait_task_end(h: &VolumeHandle, within: Duration) {
-    let t0 = tokio::time::Instant::now();
-    while !h.tx.is_closed() {
-        assert!(
-            t0.elapsed() < within,
-            "task still running: {:?}",
-            h.status.borrow()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn reload_policy_applies_from_the_next_check_without_a_new_worker() {
-    let f = Fake::new();
-    let mut s = settings();
-    s.check_interval = Duration::from_secs(60);
-    let (h, desired) = spawn_managed(s.clone(), f.clone());
-    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
-    let checks = f.count("check:Some(Ok)");
-    // Reload: check every second instead of every minute, and remove on revocation.
-    s.check_interval = Duration::from_secs(1);
-    s.revoke_policy = RevokePolicy::Remove;
-    desired.send_replace(Desired {
-        settings: s,
-        configured: true,
-    });
-    wait_events(&f, "check:Some(Ok)", checks + 1, Duration::from_secs(3)).await;
-    let st = h.status.borrow().clone();
-    let p = st.policy.expect("policy shown");
-    assert_eq!(p.check_interval, "1s");
-    assert_eq!(p.revoke_policy, RevokePolicy::Remove);
-    assert!(!st.removed_from_config);
-    f.set_vault(Vault::Denied);
-    // With `remove` the device goes at once (no hold); the worker was never restarted.
-    wait_state(&h, VolumeState::Removed, Duration::from_secs(3)).await;
-    assert_eq!(f.count("spawn"), 1, "{:?}", f.events());
-    assert_eq!(f.count("close"), 1, "{:?}", f.events());
-}
-
-#[tokio::test(start_paused = true)]
-async fn removed_volume_keeps_serving_and_checking_until_its_worker_ends() {
-    let f = Fake::new();
-    let (h, desired) = spawn_managed(settings(), f.clone());
-    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
-    desired.send_modify(|d| d.configured = false);
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    let st = h.status.borrow().clone();
-    assert!(st.removed_from_config, "{st:?}");
-    assert_eq!(st.state, VolumeState::Serving);
-    assert_eq!(
-        f.count("close"),
-        0,
-        "a reload must not close a served device"
-    );
-    // Revocation still applies to it.
-    f.set_vault(Vault::Denied);
-    wait_state(&h, VolumeState::Suspended, Duration::from_secs(3)).await;
-    assert_eq!(f.worker_key(), Some(None), "key wiped");
-    f.set_vault(Vault::Ok);
-    wait_state(&h, VolumeState::Serving, Duration::from_secs(3)).await;
-    // Its worker ends (kvcrypt close / crash): not opened again, the task ends.
-    f.crash();
-    wait_task_end(&h, Duration::from_secs(5)).await;
-    assert_eq!(f.count("spawn"), 1, "{:?}", f.events());
-    assert_eq!(h.status.borrow().state, VolumeState::Locked);
-}
-
-#[tokio::test(start_paused = true)]
-async fn removed_volume_that_is_not_served_is_forgotten_at_once() {
-    let f = Fake::new();
-    f.0.lock().unwrap().present = false;
-    let (h, desired) = spawn_managed(settings(), f.clone());
-    wait_state(&h, VolumeState::Locked, Duration::from_secs(2)).await;
-    desired.send_modify(|d| d.configured = false);
-    wait_task_end(&h, Duration::from_secs(2)).await;
-    // The device appearing later does not bring it back.
-    f.0.lock().unwrap().present = true;
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    assert_eq!(f.count("spawn"), 0);
-}
-
-const VAULT: &str = "[vault]\nkeys = [\"https://v.vault.azure.net/keys/k\"]\n[vault.credential]\nkind = \"managed-identity\"\n";
-
-#[tokio::test(start_paused = true)]
-async fn invalid_reload_keeps_the_old_configuration_and_a_valid_one_applies() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kvcrypt.toml");
-    let good = format!(
-        "{VAULT}[agent]\ncheck_interval = \"1s\"\ncheck_jitter = 0.0\n[[volume]]\nname = \"data\"\npath = \"/dev/fake\"\n"
-    );
-    std::fs::write(&path, &good).unwrap();
-    let cfg = super::config::Config::load(&path).unwrap();
-    let f = Fake::new();
-    let mut set = VolumeSet::start(f.clone(), &cfg.volume_settings());
-    let h = set.handles()["data"].clone();
-    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
-
-    // A bad value, a parse error, a missing [vault]: refused, named, nothing changes.
-    for (bad, what) in [
-        (good.replace("\"1s\"", "\"1 parsec\""), "check_interval"),
-        (
-            format!("{good}[[volume]]\nname = \"x\"\n"),
-            "uuid/label/path",
-        ),
-        (good.replace(VAULT, ""), "[vault]"),
-        ("[[volume]\n".to_owned(), "kvcrypt.toml"),
-    ] {
-        std::fs::write(&path, &bad).unwrap();
-        let e = set.reload(&path).unwrap_err().to_string();
-        assert!(e.contains(&path.display().to_string()), "{e}");
-        assert!(e.contains(what), "{e}");
-        assert_eq!(set.handles().len(), 1);
-        let st = h.status.borrow().clone();
-        assert_eq!(st.state, VolumeState::Serving);
-        assert_eq!(st.policy.unwrap().check_interval, "1s");
-    }
-    let e = set
-        .reload(&dir.path().join("missing.toml"))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("missing.toml"), "{e}");
-
-    // Valid: a second volume (absent device), new policy for the first, registry follows.
-    let reg = set.registry();
-    std::fs::write(
-        &path,
-        format!("{VAULT}[agent]\ncheck_interval = \"5s\"\nhold = \"1m\"\n[[volume]]\nname = \"data\"\npath = \"/dev/fake\"\n[[volume]]\nname = \"more\"\nlabel = \"more\"\n"),
-    )
-    .unwrap();
-    let msg = set.reload(&path).unwrap();
-    assert!(
-        msg.contains("added more") && msg.contains("updated data"),
-        "{msg}"
-    );
-    assert_eq!(
-        reg.borrow().keys().cloned().collect::<Vec<_>>(),
-        vec!["data".to_owned(), "more".to_owned()]
-    );
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    let p = h.status.borrow().policy.clone().unwrap();
-    assert_eq!((p.check_interval.as_str(), p.hold.as_str()), ("5s", "1m"));
-    assert_eq!(f.count("spawn"), 1, "the serving worker is not restarted");
-
-    // Removing `more` (not served) forgets it; `data` stays.
-    std::fs::write(&path, &good).unwrap();
-    let msg = set.reload(&path).unwrap();
-    assert!(msg.contains("removed more"), "{msg}");
-    let more = set.handles()["more"].clone();
-    wait_task_end(&more, Duration::from_secs(2)).await;
-    set.prune();
-    assert_eq!(
-        reg.borrow().keys().cloned().collect::<Vec<_>>(),
-        vec!["data".to_owned()]
-    );
-    assert_eq!(h.status.borrow().state, VolumeState::Serving);
-}
-
-#[tokio::test(start_paused = true)]
-async fn changed_device_keeps_the_old_one_until_closed_then_attaches_the_new_one() {
-    let f = Fake::new();
-    let mut set = VolumeSet::start(f.clone(), &[settings()]);
-    let old = set.handles()["data"].clone();
-    wait_state(&old, VolumeState::Serving, Duration::from_secs(2)).await;
-    let mut moved = settings();
-    moved.selector = Selector::Label("elsewhere".into());
-    let plan = set.apply(std::slice::from_ref(&moved));
-    assert_eq!(plan.replace, vec![moved.clone()]);
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    // The old device is still served (and shown as removed); the new entry waits for it.
-    let st = old.status.borrow().clone();
-    assert!(
-        st.removed_from_config && st.state == VolumeState::Serving,
-        "{st:?}"
-    );
-    set.prune();
-    assert!(set.handles()["data"].tx.same_channel(&old.tx));
-    // Closed (its worker ends): forgotten, and the new device's volume starts.
-    f.crash();
-    wait_task_end(&old, Duration::from_secs(5)).await;
-    set.prune();
-    let new = set.handles()["data"].clone();
-    assert!(!new.tx.same_channel(&old.tx));
-    // The label is not present in the fake: locked, waiting for its device, configured.
-    let mut rx = new.status.clone();
-    let st = tokio::time::timeout(
-        Duration::from_secs(2),
-        rx.wait_for(|s| s.state == VolumeState::Locked && s.reason.is_some()),
-    )
-    .await
-    .unwrap()
-    .unwrap()
-    .clone();
-    assert!(!st.removed_from_config, "{st:?}");
-    assert!(st.reason.unwrap().contains("elsewhere"));
-    assert_eq!(f.count("spawn"), 1, "{:?}", f.events());
-}
-
-async fn close_req(h: &VolumeHandle) -> Result<String, CloseRefused> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    h.tx.send(Command::Close(tx)).await.unwrap();
-    rx.await.unwrap()
-}
-
-/// A runtime volume (`kvcrypt open` handed to the agent) is served and checked like a
-/// configured one, survives a reload that does not name it, blocks a configured volume of
-/// the same name until it is closed, and `close` ends it for good (no manual lock kept).
-#[tokio::test(start_paused = true)]
-async fn runtime_volume_survives_reload_and_close_forgets_it() {
-    use super::opened::OpenSpec;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kvcrypt.toml");
-    let head = format!("{VAULT}[agent]\ncheck_interval = \"1s\"\ncheck_jitter = 0.0\n");
-    std::fs::write(&path, &head).unwrap();
-    let cfg = super::config::Config::load(&path).unwrap();
-    let f = Fake::new();
-    let spec = OpenSpec {
-        name: "rt".into(),
-        device: "/dev/fake".into(),
-        transport: kvcrypt_datapath::transport::TransportKind::Fuse,
-        queues: None,
-        queue_depth: 128,
-        allow_discards: false,
-        read_only: false,
-    };
-    let mut set = VolumeSet::start_with(f.clone(), cfg, &[], vec![spec]);
-    let h = set.handles()["rt"].clone();
-    wait_state(&h, VolumeState::Serving, Duration::from_secs(2)).await;
-    assert!(h.status.borrow().opened);
-    assert!(!h.status.borrow().removed_from_config);
-
-    // Checked like a configured volume: a denial suspends it.
-    f.set_vault(Vault::Denied);
-    wait_state(&h, VolumeState::Suspended, Duration::from_secs(5)).await;
-    f.set_vault(Vault::Ok);
-    wait_state(&h, VolumeState::Serving, Duration::from_secs(5)).await;
-
-    // A reload that does not name it keeps it; one that configures its name waits for it.
-    std::fs::write(
-        &path,
-        format!("{head}[[volume]]\nname = \"rt\"\nlabel = \"other\"\n"),
-    )
-    .unwrap();
-    set.reload(&path).unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    let st = h.status.borrow().clone();
-    assert_eq!(st.state, VolumeState::Serving, "{st:?}");
-    assert!(st.opened && !st.removed_from_config, "{st:?}");
-    assert!(!h.tx.is_closed());
-
-    // Close: closed, not kept as a manual lock, and the task ends; the configured volume of
-    // that name takes its place.
-    assert!(close_req(&h).await.unwrap().starts_with("closed"));
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    assert!(h.tx.is_closed(), "task ended");
-    assert!(!h.status.borrow().manual);
-    assert_eq!(f.count("crash"), 0);
-    set.prune();
-    let now = set.handles()["rt"].clone();
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    assert!(!now.status.borrow().opened);
 }
