@@ -113,8 +113,11 @@ impl Fake {
             ..Default::default()
         })))
     }
+    /// The world (also after a panic while it was locked: the failure message shows it).
     fn w(&self) -> std::sync::MutexGuard<'_, World> {
-        self.0.lock().unwrap()
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
     fn set_vault(&self, v: Vault) {
         self.w().vault = Some(v);
@@ -755,22 +758,14 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn world(&self) -> std::sync::MutexGuard<'_, World> {
-        self.f
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
     fn h(&self) -> Result<&VolumeHandle, String> {
         self.h.as_ref().ok_or_else(|| "no volume started".into())
     }
     fn set(&mut self) -> Result<&mut VolumeSet<Fake>, String> {
-        self.set
-            .as_mut()
-            .ok_or_else(|| "no VolumeSet started".into())
+        self.set.as_mut().ok_or_else(|| "no VolumeSet".into())
     }
     fn mark(&mut self) {
-        let mark = Since::now(&self.world());
+        let mark = Since::now(&self.f.w());
         self.mark = mark;
     }
     fn select(&mut self, name: &str) -> Result<(), String> {
@@ -797,19 +792,19 @@ impl Ctx {
         rx.await
             .map_err(|_| "the volume task did not answer".into())
     }
-    async fn wait_events(
+    /// Until `done`, looked at every `every` ms.
+    async fn poll(
         &self,
-        pat: &str,
-        n: usize,
-        from: usize,
+        every: u64,
         within: u64,
+        done: impl Fn(&Self) -> Result<bool, String>,
     ) -> Result<(), String> {
         let t0 = Instant::now();
-        while count(&self.f.events()[from..], pat) < n {
+        while !done(self)? {
             ensure(t0.elapsed() < ms(within), || {
-                format!("{n}× {pat} not seen in {within} ms")
+                format!("not within {within} ms")
             })?;
-            sleep(ms(1)).await;
+            sleep(ms(every)).await;
         }
         Ok(())
     }
@@ -856,9 +851,9 @@ impl Ctx {
                 self.start_set(set, "rt")?;
             }
             Vault(v) => self.f.set_vault(v),
-            Edit(edit) => edit(&mut self.world()),
+            Edit(edit) => edit(&mut self.f.w()),
             Crash => {
-                ensure(self.world().worker.is_some(), || "no worker to kill".into())?;
+                ensure(self.f.w().worker.is_some(), || "no worker to kill".into())?;
                 self.f.crash();
             }
             Wait(state, within) => self
@@ -872,17 +867,15 @@ impl Ctx {
                 };
                 self.wait_status(within, holds).await?;
             }
-            WaitEvents(pat, n, within) => self.wait_events(pat, n, 0, within).await?,
-            WaitMore(pat, n, within) => self.wait_events(pat, n, self.mark.events, within).await?,
-            WaitEnd(within) => {
-                let t0 = Instant::now();
-                while !self.h()?.tx.is_closed() {
-                    ensure(t0.elapsed() < ms(within), || {
-                        format!("still running after {within} ms")
-                    })?;
-                    sleep(ms(50)).await;
-                }
+            WaitEvents(pat, n, within) => {
+                self.poll(1, within, |c| Ok(count(&c.f.events(), pat) >= n))
+                    .await?;
             }
+            WaitMore(pat, n, within) => {
+                let new = |c: &Self| Ok(count(&c.f.events()[c.mark.events..], pat) >= n);
+                self.poll(1, within, new).await?;
+            }
+            WaitEnd(within) => self.poll(50, within, |c| Ok(c.h()?.tx.is_closed())).await?,
             Sleep(n) => sleep(ms(n)).await,
             Mark => self.mark(),
             Lock(ref want) => reply(want, locked(self.send(Command::Lock).await?), "")?,
@@ -961,24 +954,24 @@ impl Ctx {
                         Gone => None,
                     }
             }
-            Frozen(b) => self.world().frozen == b,
-            Quiesced(q) => self.world().quiesced == q,
-            Recorded(b) => self.world().manual.is_some() == b,
+            Frozen(b) => self.f.w().frozen == b,
+            Quiesced(q) => self.f.w().quiesced == q,
+            Recorded(b) => self.f.w().manual.is_some() == b,
             FuseHeld(b) => self.f.fuse_held("data") == b,
-            Asked(ids) => self.world().asked == ids,
-            AskedOnly(id) => self.world().asked.iter().all(|k| k == id),
-            NewAsks(b) => (self.world().asked.len() > self.mark.asked) == b,
-            StartCount(n) => self.world().starts.len() == n,
+            Asked(ids) => self.f.w().asked == ids,
+            AskedOnly(id) => self.f.w().asked.iter().all(|k| k == id),
+            NewAsks(b) => (self.f.w().asked.len() > self.mark.asked) == b,
+            StartCount(n) => self.f.w().starts.len() == n,
             Gaps(want) => {
                 let mut prev = self.mark.at;
-                let got: Vec<u64> = self.world().starts[self.mark.starts..]
+                let got: Vec<u64> = self.f.w().starts[self.mark.starts..]
                     .iter()
                     .map(|t| (*t - std::mem::replace(&mut prev, *t)).as_millis() as u64)
                     .collect();
                 return ensure(got == want, || format!("gaps {got:?} ms"));
             }
             StartWithin(i, within) => {
-                let starts = self.world().starts.clone();
+                let starts = self.f.w().starts.clone();
                 let t = i.map_or(starts.last(), |i| starts.get(i));
                 t.is_some_and(|t| t.saturating_duration_since(self.mark.at) < ms(within))
             }
@@ -1012,12 +1005,14 @@ impl Ctx {
             Handles(n) => set()?.handles().len() == n,
             Registry(names) => set()?.registry().borrow().keys().eq(names.iter().copied()),
             SameTask(name, b) => {
-                let other = set()?
+                let h = &self.h()?.tx;
+                set()?
                     .handles()
                     .get(name)
-                    .cloned()
-                    .ok_or("no such volume")?;
-                other.tx.same_channel(&self.h()?.tx) == b
+                    .ok_or("no such volume")?
+                    .tx
+                    .same_channel(h)
+                    == b
             }
         };
         ensure(ok, || "does not hold".into())
@@ -1025,7 +1020,7 @@ impl Ctx {
 
     /// The world, for a failure message.
     fn dump(&self) -> String {
-        let w = self.world();
+        let w = self.f.w();
         let t0 = w.starts.first().copied();
         let starts: Vec<u128> = w
             .starts
