@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvcrypt_crypto::secmem::VolumeKey;
+use kvcrypt_keyvault::{KeyPin, Pins};
 use kvcrypt_testkit::table;
 use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, sleep, timeout};
@@ -461,10 +462,7 @@ pub(super) fn settings() -> VolumeSettings {
         queue_depth: 128,
         allow_discards: false,
         read_only: false,
-        pins: kvcrypt_keyvault::Pins::new(
-            vec![kvcrypt_keyvault::KeyPin::parse(PINNED).unwrap()],
-            "keys of [vault]",
-        ),
+        pins: Pins::new(vec![KeyPin::parse(PINNED).unwrap()], "keys of [vault]"),
         check_interval: Duration::from_secs(1),
         check_jitter: 0.0,
         check_timeout: Duration::from_secs(5),
@@ -1149,11 +1147,9 @@ fn adopted(w: &mut World, _: &mut VolumeSettings) {
     });
 }
 
-fn pinned_to(keys: &[&str]) -> kvcrypt_keyvault::Pins {
-    let pins = keys
-        .iter()
-        .map(|k| kvcrypt_keyvault::KeyPin::parse(k).unwrap());
-    kvcrypt_keyvault::Pins::new(pins.collect(), "keys of [vault]")
+fn pinned_to(keys: &[&str]) -> Pins {
+    let pins = keys.iter().map(|k| KeyPin::parse(k).unwrap());
+    Pins::new(pins.collect(), "keys of [vault]")
 }
 
 // --- the tables (laid out by hand: one line a phase of the story) ---
@@ -1170,7 +1166,8 @@ const REVOKED: &[Step] = &[Spawn, Wait(Serving, 2000), DENY, Wait(Suspended, 200
 #[rustfmt::skip]
 const SUSPEND_FAULT: &[Step] = &[
     Spawn, Wait(Serving, 2000), Lock(Is("locked")),
-    Expect(&[Worker(Gone), Count("kill", 1), State(Suspended), Reason("suspend failed"), Reason("killed")]),
+    Expect(&[Worker(Gone), Count("kill", 1), State(Suspended)]),
+    Expect(&[Reason("suspend failed"), Reason("killed")]),
     Edit(|w| w.suspend_fault = None), Unlock(Is("resumed")),
     Expect(&[Worker(Keyed), Count("spawn", 2), State(Serving)]),
 ];
@@ -1184,10 +1181,12 @@ static REVOCATION: &[Row] = &[
         Expect(&[Worker(Wiped), Frozen(true), LastError(AccessClass::Denied)]),
         GRANT, Wait(Serving, 2000),
         Expect(&[Worker(Keyed), Frozen(false), NotSeen("thaw-while-suspended"),
-            Order(&["freeze", "suspend", "resume", "thaw"]), Count("spawn", 1)]), // resumed in place
+            Order(&["freeze", "suspend", "resume", "thaw"]),
+            Count("spawn", 1)]), // resumed in place
     ]),
     row("wrong_key_from_vault_locks", fuse, &[
-        Spawn, Wait(Serving, 2000), Vault(Vault::WrongKey), Wait(Suspended, 3000), Expect(&[Worker(Wiped)]),
+        Spawn, Wait(Serving, 2000),
+        Vault(Vault::WrongKey), Wait(Suspended, 3000), Expect(&[Worker(Wiped)]),
     ]),
     // Issue: every periodic check unwrapped the VMK, so each left the key in the agent's HTTP
     // buffers. A serving volume is checked with the access-check secret only; the VMK is
@@ -1199,14 +1198,19 @@ static REVOCATION: &[Row] = &[
         Expect(&[Count("unwrap:Some(Ok)", 2), Worker(Keyed)]),
     ]),
     row("state_change_message_names_volume_states_and_reason", fuse, &[
-        Spawn, Wait(Serving, 2000), Expect(&[Logged(&["volume data: unlocking -> serving (unlocked)"])]),
+        Spawn, Wait(Serving, 2000),
+        Expect(&[Logged(&["volume data: unlocking -> serving (unlocked)"])]),
         DENY, Wait(Suspended, 2000),
-        Expect(&[Logged(&["volume data", "serving -> suspended", "access denied: ForbiddenByRbac"])]),
+        Expect(&[Logged(&[
+            "volume data", "serving -> suspended", "access denied: ForbiddenByRbac",
+        ])]),
     ]),
     // Issue: a failed suspend was only logged; the state said suspended while a wedged worker
     // kept its key for the whole `hold`.
-    row("a_failed_or_hung_suspend_kills_the_worker: failed", |w, _| w.suspend_fault = Some(false), SUSPEND_FAULT),
-    row("a_failed_or_hung_suspend_kills_the_worker: hung", |w, _| w.suspend_fault = Some(true), SUSPEND_FAULT),
+    row("a_failed_or_hung_suspend_kills_the_worker: failed",
+        |w, _| w.suspend_fault = Some(false), SUSPEND_FAULT),
+    row("a_failed_or_hung_suspend_kills_the_worker: hung",
+        |w, _| w.suspend_fault = Some(true), SUSPEND_FAULT),
 ];
 
 #[test]
@@ -1217,11 +1221,14 @@ fn revocation_and_restore() {
 /// Hold expiry: the hook runs on the served device before it is removed (the row checks by
 /// what) …
 #[rustfmt::skip]
-const HOLD_EXPIRES: &[Step] = &[Spawn, Wait(Serving, 2000), DENY, Wait(Suspended, 2000), Wait(Removed, 12_000)];
+const HOLD_EXPIRES: &[Step] = &[
+    Spawn, Wait(Serving, 2000), DENY, Wait(Suspended, 2000), Wait(Removed, 12_000),
+];
 /// … and restored access attaches a new device.
 #[rustfmt::skip]
 const HOLD_RESTORED: &[Step] = &[
-    Expect(&[Worker(Gone), Quiesced(None)]), GRANT, Wait(Serving, 3000), Expect(&[Count("spawn", 2)]),
+    Expect(&[Worker(Gone), Quiesced(None)]),
+    GRANT, Wait(Serving, 3000), Expect(&[Count("spawn", 2)]),
 ];
 
 #[rustfmt::skip]
@@ -1249,7 +1256,8 @@ static OFFLINE: &[Row] = &[
         Spawn, Wait(Serving, 2000), DOWN, Sleep(60_000), Vault(Vault::Hang), Sleep(60_000),
         Expect(&[State(Serving), LastError(AccessClass::Transient), NotSeen("suspend")]),
     ]),
-    row("offline_lock_after_locks_on_time", |_, s| s.offline_lock_after = Some(Duration::from_secs(5)), &[
+    row("offline_lock_after_locks_on_time",
+        |_, s| s.offline_lock_after = Some(Duration::from_secs(5)), &[
         Spawn, Wait(Serving, 2000), DOWN, Mark, Wait(Suspended, 10_000),
         Expect(&[Took(4000, 7000), Reason("offline_lock_after")]),
         GRANT, Wait(Serving, 3000),
@@ -1321,7 +1329,10 @@ static DEVICE: &[Row] = &[
     // wake from udev when the disk is back serves it at once.
     row("backing_disk_removed_waits_for_the_device_and_serves_it_when_back", fuse, &[
         Spawn, Wait(Serving, 2000),
-        Edit(|w| { w.present = false; w.worker = None; end_worker(w, "exited: backing device removed"); }),
+        Edit(|w| {
+            (w.present, w.worker) = (false, None);
+            end_worker(w, "exited: backing device removed");
+        }),
         Wait(Locked, 2000), Expect(&[Reason("device not present"), BlockDevice(None)]),
         Sleep(20_000), Expect(&[Count("spawn", 1)]),
         Mark, Edit(|w| w.present = true), Wake, Wait(Serving, 100),
@@ -1399,7 +1410,8 @@ static UBLK: &[Row] = &[
     row("ublk_device_suspended_under_a_previous_agent_is_adopted_and_recovered",
         |w, _| { w.ublk = true; w.quiesced = Some(UBLK_ID); }, &[
         Spawn, Wait(Serving, 2000),
-        Expect(&[Seen("recover:3"), NotSeen("spawn"), Worker(Keyed), BlockDevice(Some("/dev/ublkb3"))]),
+        Expect(&[Seen("recover:3"), NotSeen("spawn"), Worker(Keyed)]),
+        Expect(&[BlockDevice(Some("/dev/ublkb3"))]),
     ]),
 ];
 
@@ -1413,21 +1425,25 @@ static DEATH: &[Row] = &[
     // Noticed through the exit watch, not at the next check (1 s later); the key is unwrapped
     // again, no second device. A later ublk suspend ends the worker on purpose: not a crash.
     row("ublk_worker_death_recovers_the_same_device_at_once", ublk, &[
-        Spawn, Wait(Serving, 2000), Mark, Crash, WaitEvents("recover:3", 1, 5000), Wait(Serving, 1000),
-        Expect(&[StartWithin(Some(1), 100), Worker(Keyed), Quiesced(None), BlockDevice(Some("/dev/ublkb3")),
-            Restarts(1), Reason("recovered"), New(&Events(&["crash", "unwrap:Some(Ok)", "recover:3"])),
-            Count("spawn", 1)]),
-        Lock(Is("locked")), Sleep(3000), Expect(&[State(Suspended), Count("recover:3", 1), Restarts(1)]),
+        Spawn, Wait(Serving, 2000),
+        Mark, Crash, WaitEvents("recover:3", 1, 5000), Wait(Serving, 1000),
+        Expect(&[StartWithin(Some(1), 100), Worker(Keyed), Quiesced(None),
+            BlockDevice(Some("/dev/ublkb3")), Restarts(1), Reason("recovered"),
+            New(&Events(&["crash", "unwrap:Some(Ok)", "recover:3"])), Count("spawn", 1)]),
+        Lock(Is("locked")), Sleep(3000),
+        Expect(&[State(Suspended), Count("recover:3", 1), Restarts(1)]),
     ]),
     // The old loop device is detached first.
     row("fuse_worker_death_detaches_the_old_device_and_opens_again", fuse, &[
         Spawn, Wait(Serving, 2000), Crash, WaitEvents("spawn", 2, 5000), Wait(Serving, 1000),
-        Expect(&[BeforeLast("clean:/dev/loop9", "spawn"), Worker(Keyed), Restarts(1), Reason("re-opened")]),
+        Expect(&[BeforeLast("clean:/dev/loop9", "spawn"), Worker(Keyed)]),
+        Expect(&[Restarts(1), Reason("re-opened")]),
     ]),
     // No new device, and the held connection is not let go.
     row("fuse_worker_death_with_its_connection_held_is_recovered_in_place", held_fuse, &[
         Spawn, Wait(Serving, 2000), Crash, WaitEvents("takeover", 1, 5000), Wait(Serving, 1000),
-        Expect(&[Count("spawn", 1), NotSeen("release:*"), Restarts(1), BlockDevice(Some("/dev/loop9")),
+        Expect(&[Count("spawn", 1), NotSeen("release:*"), Restarts(1),
+            BlockDevice(Some("/dev/loop9")),
             Reason("recovered /dev/loop9 in place"), Worker(Keyed)]),
     ]),
     // Nobody will take it over: its held I/O must fail, not hang.
@@ -1447,8 +1463,10 @@ static DEATH: &[Row] = &[
     row("repeated_worker_deaths_back_off_then_a_stable_run_resets", ublk, &[
         Spawn, Wait(Serving, 2000), Edit(|w| w.doomed = 5), Mark, Crash,
         WaitEvents("recover:3", 6, 20_000), Wait(Serving, 1000),
-        Expect(&[StartCount(7), Gaps(&[0, 500, 1000, 2000, 4000, 4000]), Count("spawn", 1), Restarts(6)]),
-        Sleep(61_000), Mark, Crash, WaitEvents("recover:3", 7, 5000), Expect(&[StartWithin(None, 100)]),
+        Expect(&[StartCount(7), Gaps(&[0, 500, 1000, 2000, 4000, 4000])]),
+        Expect(&[Count("spawn", 1), Restarts(6)]),
+        Sleep(61_000),
+        Mark, Crash, WaitEvents("recover:3", 7, 5000), Expect(&[StartWithin(None, 100)]),
         Wait(Serving, 1000),
     ]),
     // Deleted before the agent got to it (e.g. `ublk del` by an operator).
@@ -1460,14 +1478,18 @@ static DEATH: &[Row] = &[
     // No worker resurrected, I/O still held; access back within hold recovers the same device.
     row("ublk_revoked_while_worker_dead_suspends_without_a_new_worker", ublk, &[
         Spawn, Wait(Serving, 2000), DENY, Crash, Wait(Suspended, 2000), Sleep(3000),
-        Expect(&[State(Suspended), Worker(Gone), Quiesced(Some(UBLK_ID)), Count("recover:3|spawn", 1),
+        Expect(&[State(Suspended), Worker(Gone), Quiesced(Some(UBLK_ID)),
+            Count("recover:3|spawn", 1),
             BlockDevice(Some("/dev/ublkb3"))]),
-        GRANT, Wait(Serving, 3000), Expect(&[Count("recover:3", 1), Count("spawn", 1), Worker(Keyed)]),
+        GRANT, Wait(Serving, 3000),
+        Expect(&[Count("recover:3", 1), Count("spawn", 1), Worker(Keyed)]),
     ]),
     // Locked like any volume whose key is denied: retried, never served.
     row("fuse_revoked_while_worker_dead_stays_locked", fuse, &[
-        Spawn, Wait(Serving, 2000), DENY, Crash, Wait(Locked, 2000), Expect(&[Reason("access denied")]),
-        Sleep(5000), Expect(&[State(Locked), Worker(Gone), Count("spawn", 1), Seen("clean:/dev/loop9")]),
+        Spawn, Wait(Serving, 2000),
+        DENY, Crash, Wait(Locked, 2000), Expect(&[Reason("access denied")]),
+        Sleep(5000),
+        Expect(&[State(Locked), Worker(Gone), Count("spawn", 1), Seen("clean:/dev/loop9")]),
         GRANT, Wait(Serving, 5000), Expect(&[Count("spawn", 2)]),
     ]),
     // Events other than state changes name the volume and what happened in their text too.
@@ -1503,7 +1525,13 @@ macro_rules! data_toml {
     };
 }
 
-const GOOD_TOML: &str = concat!(vault_toml!(), agent_toml!(), data_toml!());
+macro_rules! good_toml {
+    () => {
+        concat!(vault_toml!(), agent_toml!(), data_toml!())
+    };
+}
+
+const GOOD_TOML: &str = good_toml!();
 
 /// After a refused reload: nothing changed.
 const UNCHANGED: &[Check] = &[Handles(1), State(Serving), Interval("1s")];
@@ -1542,19 +1570,20 @@ static RELOAD: &[Row] = &[
     // not restarted), the registry follows; removing `more` (not served) forgets it.
     row("invalid_reload_keeps_the_old_configuration_and_a_valid_one_applies", fuse, &[
         StartConfig(GOOD_TOML), Wait(Serving, 2000),
-        WriteConfig(concat!(vault_toml!(), "[agent]\ncheck_interval = \"1 parsec\"\ncheck_jitter = 0.0\n",
-            data_toml!())),
+        WriteConfig(concat!(vault_toml!(),
+            "[agent]\ncheck_interval = \"1 parsec\"\ncheck_jitter = 0.0\n", data_toml!())),
         Reload("kvcrypt.toml", ErrSays(&["$path", "check_interval"])), Expect(UNCHANGED),
-        WriteConfig(concat!(vault_toml!(), agent_toml!(), data_toml!(), "[[volume]]\nname = \"x\"\n")),
+        WriteConfig(concat!(good_toml!(), "[[volume]]\nname = \"x\"\n")),
         Reload("kvcrypt.toml", ErrSays(&["$path", "uuid/label/path"])), Expect(UNCHANGED),
         WriteConfig(concat!(agent_toml!(), data_toml!())),
         Reload("kvcrypt.toml", ErrSays(&["$path", "[vault]"])), Expect(UNCHANGED),
         WriteConfig("[[volume]\n"),
         Reload("kvcrypt.toml", ErrSays(&["$path", "kvcrypt.toml"])), Expect(UNCHANGED),
         Reload("missing.toml", ErrSays(&["missing.toml"])),
-        WriteConfig(concat!(vault_toml!(), "[agent]\ncheck_interval = \"5s\"\nhold = \"1m\"\n", data_toml!(),
-            "[[volume]]\nname = \"more\"\nlabel = \"more\"\n")),
-        Reload("kvcrypt.toml", Says(&["added more", "updated data"])), Expect(&[Registry(&["data", "more"])]),
+        WriteConfig(concat!(vault_toml!(), "[agent]\ncheck_interval = \"5s\"\nhold = \"1m\"\n",
+            data_toml!(), "[[volume]]\nname = \"more\"\nlabel = \"more\"\n")),
+        Reload("kvcrypt.toml", Says(&["added more", "updated data"])),
+        Expect(&[Registry(&["data", "more"])]),
         Sleep(10), Expect(&[Interval("5s"), Hold("1m"), Count("spawn", 1)]),
         WriteConfig(GOOD_TOML), Reload("kvcrypt.toml", Says(&["removed more"])),
         Select("more"), WaitEnd(2000), Prune, Expect(&[Registry(&["data"])]),
@@ -1564,7 +1593,8 @@ static RELOAD: &[Row] = &[
     // closed (its worker ends), it is forgotten and the new device's volume starts: the label
     // is not present in the fake, so locked, waiting for its device, configured.
     row("changed_device_keeps_the_old_one_until_closed_then_attaches_the_new_one", fuse, &[
-        StartSet, Wait(Serving, 2000), Replace(|s| s.selector = Selector::Label("elsewhere".into())),
+        StartSet, Wait(Serving, 2000),
+        Replace(|s| s.selector = Selector::Label("elsewhere".into())),
         Sleep(10), Expect(&[RemovedFromConfig(true), State(Serving)]),
         Prune, Expect(&[SameTask("data", true)]),
         Crash, WaitEnd(5000), Prune, Expect(&[SameTask("data", false)]),
@@ -1579,10 +1609,12 @@ static RELOAD: &[Row] = &[
         StartOpened(concat!(vault_toml!(), agent_toml!())), Wait(Serving, 2000),
         Expect(&[Opened(true), RemovedFromConfig(false)]),
         DENY, Wait(Suspended, 5000), GRANT, Wait(Serving, 5000),
-        WriteConfig(concat!(vault_toml!(), agent_toml!(), "[[volume]]\nname = \"rt\"\nlabel = \"other\"\n")),
+        WriteConfig(concat!(vault_toml!(), agent_toml!(),
+            "[[volume]]\nname = \"rt\"\nlabel = \"other\"\n")),
         Reload("kvcrypt.toml", Fine), Sleep(10),
         Expect(&[State(Serving), Opened(true), RemovedFromConfig(false), TaskEnded(false)]),
-        Close(Starts("closed")), Sleep(10), Expect(&[TaskEnded(true), Manual(false), Count("crash", 0)]),
+        Close(Starts("closed")), Sleep(10),
+        Expect(&[TaskEnded(true), Manual(false), Count("crash", 0)]),
         Prune, Select("rt"), Sleep(10), Expect(&[Opened(false)]),
     ]),
 ];
@@ -1614,7 +1646,8 @@ const SYSTEM_STOP: &[Step] = &[
 /// next agent adopts it suspended and leaves it so, whatever the vault says.
 #[rustfmt::skip]
 const LOCK_RESTART: &[Step] = &[
-    Spawn, Wait(Serving, 2000), Lock(Fine), Wait(Suspended, 2000), Expect(&[Recorded(true)]), Shutdown,
+    Spawn, Wait(Serving, 2000), Lock(Fine), Wait(Suspended, 2000), Expect(&[Recorded(true)]),
+    Shutdown,
     Spawn, Wait(Suspended, 2000), Sleep(30_000), Expect(&[State(Suspended), Manual(true)]),
     Unlock(Fine), Wait(Serving, 2000), Expect(&[Recorded(false)]), Shutdown,
 ];
@@ -1637,7 +1670,8 @@ static SHUTDOWN: &[Row] = &[
     // The same for `kvcrypt close`: a restarted agent does not open it again by itself.
     row("a_closed_volume_stays_closed_across_an_agent_restart", fuse, &[
         Spawn, Wait(Serving, 2000), Close(Fine), Shutdown,
-        Spawn, Sleep(30_000), Expect(&[Count("spawn", 1), Manual(true)]), Unlock(Fine), Wait(Serving, 2000),
+        Spawn, Sleep(30_000), Expect(&[Count("spawn", 1), Manual(true)]),
+        Unlock(Fine), Wait(Serving, 2000),
     ]),
 ];
 
@@ -1652,7 +1686,8 @@ static PINS: &[Row] = &[
     // the same refusal, which names the header's ids and the pins; nothing is ever asked of
     // any vault.
     row("a_header_naming_an_unpinned_key_is_never_tried", |w, _| w.header_ids = Some(vec![
-        "https://attacker.vault.azure.net/keys/k/1".into(), "https://v.vault.azure.net/keys/other/1".into(),
+        "https://attacker.vault.azure.net/keys/k/1".into(),
+        "https://v.vault.azure.net/keys/other/1".into(),
     ]), &[
         Spawn, WaitFor(&[AnyError], 3000), Sleep(10_000),
         Expect(&[State(Locked), LastError(AccessClass::NotPinned),
@@ -1661,13 +1696,14 @@ static PINS: &[Row] = &[
     ]),
     // Access checks too use only the pinned slot, with the pin's host.
     row("only_pinned_slots_are_tried_with_the_pins_host", |w, _| w.header_ids = Some(vec![
-        "https://attacker.vault.azure.net/keys/k/1".into(), "https://V.Vault.Azure.Net/keys/K/2".into(),
+        "https://attacker.vault.azure.net/keys/k/1".into(),
+        "https://V.Vault.Azure.Net/keys/K/2".into(),
     ]), &[
         Spawn, Wait(Serving, 2000), Expect(&[Asked(&["https://v.vault.azure.net/keys/k/2"])]),
         Sleep(3000), Expect(&[AskedOnly("https://v.vault.azure.net/keys/k/2")]),
     ]),
     row("nothing_pinned_refuses_and_says_how_to_pin",
-        |_, s| s.pins = kvcrypt_keyvault::Pins::new(vec![], "keys of [[volume]] \"data\" and of [vault]"), &[
+        |_, s| s.pins = Pins::new(vec![], "keys of [[volume]] \"data\" and of [vault]"), &[
         Spawn, WaitFor(&[AnyError], 3000),
         Expect(&[State(Locked), Reason("no key is pinned"), Reason("keys = ["), Asked(&[])]),
     ]),
@@ -1675,7 +1711,8 @@ static PINS: &[Row] = &[
     // key; pinned again, the checks resume.
     row("a_pin_removed_while_serving_is_a_configuration_error_not_a_revocation", fuse, &[
         Managed, Wait(Serving, 2000), Mark,
-        Desire(|d| d.settings.pins = pinned_to(&["https://v.vault.azure.net/keys/new"])), Sleep(20_000),
+        Desire(|d| d.settings.pins = pinned_to(&["https://v.vault.azure.net/keys/new"])),
+        Sleep(20_000),
         Expect(&[State(Serving), LastError(AccessClass::NotPinned), Worker(Keyed), Frozen(false),
             Count("suspend", 0), NewAsks(false)]),
         Desire(|d| d.settings.pins = pinned_to(&[PINNED])), Sleep(3000),
