@@ -13,8 +13,8 @@ use std::time::Duration;
 use kvcrypt::agent::config::{Config, Selector, VolumeSettings};
 use kvcrypt::agent::daemon::{self, Options};
 use kvcrypt::agent::ports::{
-    AccessClass, AccessError, CloseFailed, Platform, PlatformError, PlatformFailure, Served,
-    SlotRef, WorkerExit,
+    AccessClass, AccessError, CloseFailed, HostPort, KeyPort, PlatformError, PlatformFailure,
+    Served, SlotRef, WorkerExit, WorkerPort,
 };
 use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_testkit::env::is_root;
@@ -28,15 +28,13 @@ struct World {
 
 struct Scripted(Mutex<World>);
 
-impl Platform for Scripted {
+impl KeyPort for Scripted {
     type Header = ();
-    type Frozen = ();
-    async fn locate(&self, _s: &Selector) -> Option<PathBuf> {
-        Some("/dev/fake0".into())
-    }
+
     async fn read_header(&self, _d: &Path) -> Result<(), AccessError> {
         Ok(())
     }
+
     fn slots(&self, _h: &()) -> Vec<SlotRef> {
         vec![SlotRef {
             key_id: "https://t.vault.azure.net/keys/k/v1".into(),
@@ -45,9 +43,11 @@ impl Platform for Scripted {
             check: Some(vec![8]),
         }]
     }
+
     fn verify_key(&self, _h: &(), _k: &VolumeKey) -> Result<(), AccessError> {
         Ok(())
     }
+
     async fn unwrap_key(&self, _s: &SlotRef) -> Result<VolumeKey, AccessError> {
         if self.0.lock().unwrap().denied {
             Err(AccessError::new(AccessClass::Denied, "403 ForbiddenByRbac"))
@@ -55,6 +55,7 @@ impl Platform for Scripted {
             Ok(VolumeKey::from_slice(&[0x11; 64]).unwrap())
         }
     }
+
     async fn check_slot(&self, _h: &(), _s: &SlotRef) -> Result<(), AccessError> {
         if self.0.lock().unwrap().denied {
             Err(AccessError::new(AccessClass::Denied, "403 ForbiddenByRbac"))
@@ -62,13 +63,18 @@ impl Platform for Scripted {
             Ok(())
         }
     }
+
     async fn repair_header(&self, _d: &Path, _h: &()) -> Result<Option<String>, PlatformError> {
         Ok(None)
     }
+}
+
+impl WorkerPort for Scripted {
     async fn kill_worker(&self, _n: &str) -> Result<String, PlatformError> {
         self.0.lock().unwrap().worker_key = None;
         Ok("killed".into())
     }
+
     async fn spawn(
         &self,
         _s: &VolumeSettings,
@@ -79,44 +85,64 @@ impl Platform for Scripted {
         self.0.lock().unwrap().worker_key = Some(Some(k.expose()[0]));
         Ok(Served::new(d.to_owned(), "/dev/loop99".into()))
     }
+
     async fn adopt(&self, _n: &str) -> Option<Served> {
         None
     }
+
     async fn worker_status(&self, _n: &str) -> Result<serde_json::Value, PlatformError> {
         match self.0.lock().unwrap().worker_key {
             Some(_) => Ok(serde_json::json!({"reads": 3, "writes": 4})),
             None => Err(PlatformError::new(PlatformFailure::WorkerControl, "gone")),
         }
     }
+
     fn watch_worker(&self, _n: &str) -> WorkerExit {
         // This worker never dies on its own.
         Box::pin(std::future::pending())
     }
+
     async fn ublk_recoverable(&self, _id: u32) -> bool {
         false
     }
+
     async fn clean_dead_worker(&self, _n: &str, _s: &Served) -> String {
         String::new()
     }
+
     async fn suspend(&self, _n: &str) -> Result<(), PlatformError> {
         self.0.lock().unwrap().worker_key = Some(None);
         Ok(())
     }
+
     async fn resume(&self, _n: &str, k: &VolumeKey) -> Result<(), PlatformError> {
         self.0.lock().unwrap().worker_key = Some(Some(k.expose()[0]));
         Ok(())
     }
+
     async fn close(&self, _n: &str, _f: bool) -> Result<(), CloseFailed> {
         let mut w = self.0.lock().unwrap();
         w.worker_key = None;
         w.closed += 1;
         Ok(())
     }
+
     async fn delete_ublk_device(&self, _n: &str, _id: u32) -> Result<(), PlatformError> {
         Err(PlatformError::new(PlatformFailure::Device, "no ublk here"))
     }
+}
+
+impl HostPort for Scripted {
+    type Frozen = ();
+
+    async fn locate(&self, _s: &Selector) -> Option<PathBuf> {
+        Some("/dev/fake0".into())
+    }
+
     async fn freeze(&self, _b: &Path) {}
+
     async fn thaw(&self, _b: &Path, _f: Option<()>) {}
+
     async fn run_hook(
         &self,
         _s: &VolumeSettings,

@@ -18,8 +18,8 @@ use super::discover::{self, Identity};
 use super::fdstore::{self, FdStore};
 use super::freeze::{self, FrozenSet};
 use super::ports::{
-    AccessClass, AccessError, CloseFailed, Platform, PlatformError, PlatformFailure, Served,
-    SlotRef, WorkerExit,
+    AccessClass, AccessError, CloseFailed, HostPort, KeyPort, PlatformError, PlatformFailure,
+    Served, SlotRef, WorkerExit, WorkerPort,
 };
 use super::reap::{self, PidWatch};
 use crate::worker::{self, FuseTakeover, WorkerClient, WorkerSpec};
@@ -252,26 +252,14 @@ fn key_copy(key: &VolumeKey) -> Result<VolumeKey, PlatformError> {
         .ok_or_else(|| PlatformError::new(PlatformFailure::Internal, "key length"))
 }
 
-impl Platform for HostPlatform {
+impl KeyPort for HostPlatform {
     type Header = LoadedHeader;
-    type Frozen = FrozenSet;
 
     fn reload_vault(&self, vault: &VaultConfig) -> Result<(), PlatformError> {
         let new = KeyVaultProvider::new(vault)
             .map_err(|e| PlatformError::new(PlatformFailure::VaultConfig, e.to_string()))?;
         self.provider.send_replace(Arc::new(new));
         Ok(())
-    }
-
-    async fn locate(&self, sel: &Selector) -> Option<PathBuf> {
-        let sel = sel.clone();
-        let rd = run_dir();
-        let fut = blocking(move || discover::locate(&sel, &rd, &probe_identity));
-        // A dead disk can block a probe for minutes: give up on this round, retry later.
-        match tokio::time::timeout(Duration::from_secs(30), fut).await {
-            Ok(Ok(p)) => p,
-            _ => None,
-        }
     }
 
     async fn read_header(&self, dev: &Path) -> Result<LoadedHeader, AccessError> {
@@ -315,6 +303,35 @@ impl Platform for HostPlatform {
             .map_err(|e| AccessError::new(AccessClass::Transient, format!("internal: {e}")))?
     }
 
+    async fn repair_header(
+        &self,
+        dev: &Path,
+        h: &LoadedHeader,
+    ) -> Result<Option<String>, PlatformError> {
+        if h.damaged.is_empty() {
+            return Ok(None);
+        }
+        let what = h
+            .damaged
+            .iter()
+            .map(|d| format!("{}: {}", d.copy, d.reason))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let d = dev.to_owned();
+        let mut hdr = h.header.clone();
+        blocking(move || kvcrypt_header_io::write(&d, &mut hdr))
+            .await?
+            .map_err(|e| {
+                PlatformError::new(
+                    PlatformFailure::HeaderWrite,
+                    format!("{what}; rewriting it failed: {e}"),
+                )
+            })?;
+        Ok(Some(what))
+    }
+}
+
+impl WorkerPort for HostPlatform {
     async fn spawn(
         &self,
         s: &VolumeSettings,
@@ -488,33 +505,6 @@ impl Platform for HostPlatform {
         }
     }
 
-    async fn repair_header(
-        &self,
-        dev: &Path,
-        h: &LoadedHeader,
-    ) -> Result<Option<String>, PlatformError> {
-        if h.damaged.is_empty() {
-            return Ok(None);
-        }
-        let what = h
-            .damaged
-            .iter()
-            .map(|d| format!("{}: {}", d.copy, d.reason))
-            .collect::<Vec<_>>()
-            .join("; ");
-        let d = dev.to_owned();
-        let mut hdr = h.header.clone();
-        blocking(move || kvcrypt_header_io::write(&d, &mut hdr))
-            .await?
-            .map_err(|e| {
-                PlatformError::new(
-                    PlatformFailure::HeaderWrite,
-                    format!("{what}; rewriting it failed: {e}"),
-                )
-            })?;
-        Ok(Some(what))
-    }
-
     async fn kill_worker(&self, name: &str) -> Result<String, PlatformError> {
         let Some(st) = worker::read_state(name) else {
             return Ok("no worker state file: no worker to kill".into());
@@ -632,6 +622,21 @@ impl Platform for HostPlatform {
         })
         .await?
         .map_err(|e| PlatformError::new(PlatformFailure::Device, e.to_string()))
+    }
+}
+
+impl HostPort for HostPlatform {
+    type Frozen = FrozenSet;
+
+    async fn locate(&self, sel: &Selector) -> Option<PathBuf> {
+        let sel = sel.clone();
+        let rd = run_dir();
+        let fut = blocking(move || discover::locate(&sel, &rd, &probe_identity));
+        // A dead disk can block a probe for minutes: give up on this round, retry later.
+        match tokio::time::timeout(Duration::from_secs(30), fut).await {
+            Ok(Ok(p)) => p,
+            _ => None,
+        }
     }
 
     async fn freeze(&self, block_device: &Path) -> FrozenSet {

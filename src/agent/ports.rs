@@ -159,30 +159,38 @@ impl Served {
 /// iterations of its select loop.
 pub type WorkerExit = Pin<Box<dyn Future<Output = String> + Send + 'static>>;
 
-/// Everything with side effects. Blocking work must be moved off the runtime by the
-/// implementation (the state machine awaits these on tokio).
-pub trait Platform: Send + Sync + 'static {
+/// Everything with side effects, as three ports by concern: [`KeyPort`], [`WorkerPort`],
+/// [`HostPort`]. The volume shell takes any `P: Platform`; whatever implements all three is
+/// one. Blocking work must be moved off the runtime by the implementation (the shell awaits
+/// these on tokio).
+pub trait Platform: KeyPort + WorkerPort + HostPort {}
+
+impl<T: KeyPort + WorkerPort + HostPort> Platform for T {}
+
+/// The volume's header and its keys: reading and repairing the header, and what the agent asks
+/// of the key provider (through `kvcrypt_keyvault::KeyProvider` on the host, see `access.rs`).
+pub trait KeyPort: Send + Sync + 'static {
     /// A parsed, self-verified header.
     type Header: Send + Sync + 'static;
-    /// Handles of frozen filesystems (kept open so a lazily unmounted one can still be thawed).
-    type Frozen: Send + 'static;
 
-    /// Finds the device a selector names, if present now.
-    fn locate(&self, sel: &Selector) -> impl Future<Output = Option<PathBuf>> + Send;
     /// Reads the header of `dev`.
     fn read_header(
         &self,
         dev: &Path,
     ) -> impl Future<Output = Result<Self::Header, AccessError>> + Send;
+
     /// Key slots of a header, in the order to try them.
     fn slots(&self, h: &Self::Header) -> Vec<SlotRef>;
+
     /// Checks an unwrapped key against the header's key-check digest.
     fn verify_key(&self, h: &Self::Header, key: &VolumeKey) -> Result<(), AccessError>;
+
     /// unwrapKey (the call revocation takes away).
     fn unwrap_key(
         &self,
         slot: &SlotRef,
     ) -> impl Future<Output = Result<VolumeKey, AccessError>> + Send;
+
     /// Proves access with `slot` without the volume key: unwrapKey of the slot's access-check
     /// secret, verified against the header (the same key and permission as the VMK, so
     /// revocation takes it away just the same). A slot without one (a volume formatted before
@@ -202,6 +210,17 @@ pub trait Platform: Send + Sync + 'static {
         h: &Self::Header,
     ) -> impl Future<Output = Result<Option<String>, PlatformError>> + Send;
 
+    /// Reload: builds a new key provider from `vault` (validation, credential files) and,
+    /// only if that succeeds, uses it for every later Key Vault call. On error nothing
+    /// changes. Platforms without a vault client accept anything.
+    fn reload_vault(&self, vault: &VaultConfig) -> Result<(), PlatformError> {
+        let _ = vault;
+        Ok(())
+    }
+}
+
+/// The worker processes and the kernel devices they serve.
+pub trait WorkerPort: Send + Sync + 'static {
     /// Ends the worker of `name` with SIGKILL sent through a pidfd and waits until the pidfd
     /// reports its exit, so its key pages are gone: the last resort when a suspend fails or
     /// times out (a wedged worker must not keep the key). `Ok` describes what was done.
@@ -220,26 +239,32 @@ pub trait Platform: Send + Sync + 'static {
         key: &VolumeKey,
         recover_dev_id: Option<u32>,
     ) -> impl Future<Output = Result<Served, PlatformError>> + Send;
+
     /// Finds a worker left running by a previous agent (or, for ublk, a device left QUIESCED
     /// by a worker that exited on suspend: reported as suspended, with its device id).
     fn adopt(&self, name: &str) -> impl Future<Output = Option<Served>> + Send;
+
     /// Worker status (I/O counters etc.); an error means the worker is gone.
     fn worker_status(
         &self,
         name: &str,
     ) -> impl Future<Output = Result<serde_json::Value, PlatformError>> + Send;
+
     /// Watches the worker now serving `name`: the future resolves as soon as that process
     /// ends (crash, SIGKILL, or its own exit). It never resolves if the worker cannot be
     /// watched; the periodic status check still notices a dead worker then.
     fn watch_worker(&self, name: &str) -> WorkerExit;
+
     /// Whether ublk device `dev_id`, whose worker died, can still be recovered (QUIESCED, or
     /// LIVE with a dead server the kernel has not noticed yet). False once it was removed.
     fn ublk_recoverable(&self, dev_id: u32) -> impl Future<Output = bool> + Send;
+
     /// Clears what a dead worker of `name` left behind that would stand in the way of a new
     /// one: its stale state file and socket and, for FUSE, the loop device still bound to the
     /// dead FUSE file (whose I/O now fails). Returns a note for the log.
     fn clean_dead_worker(&self, name: &str, served: &Served)
     -> impl Future<Output = String> + Send;
+
     /// Whether the platform holds the FUSE connection of `name`'s worker (duplicates of its
     /// /dev/fuse descriptors), so that the worker's death fails no I/O and a new worker can
     /// take the same device over in place.
@@ -247,6 +272,7 @@ pub trait Platform: Send + Sync + 'static {
         let _ = name;
         false
     }
+
     /// Lets go of a dead FUSE worker's held connection because no worker will take it over
     /// (revocation, lock, removal, a vanished disk): its held I/O fails and the loop device is
     /// detached, as when nothing was held. Returns a note for the log.
@@ -254,8 +280,10 @@ pub trait Platform: Send + Sync + 'static {
         let _ = (name, served);
         std::future::ready(String::new())
     }
+
     /// Wipes the worker's key; new I/O waits.
     fn suspend(&self, name: &str) -> impl Future<Output = Result<(), PlatformError>> + Send;
+
     /// Gives a suspended FUSE worker its key back; held I/O proceeds. (ublk workers are
     /// gone after suspend: the state machine resumes them with `spawn(.., Some(id))`.)
     fn resume(
@@ -263,6 +291,7 @@ pub trait Platform: Send + Sync + 'static {
         name: &str,
         key: &VolumeKey,
     ) -> impl Future<Output = Result<(), PlatformError>> + Send;
+
     /// Flushes, removes the device, ends the worker. Without `force` a device in use (or a
     /// suspended one) stays; with `force` it is removed anyway (revocation: the data must go).
     fn close(
@@ -270,6 +299,7 @@ pub trait Platform: Send + Sync + 'static {
         name: &str,
         force: bool,
     ) -> impl Future<Output = Result<(), CloseFailed>> + Send;
+
     /// Stops and deletes ublk device `dev_id` of volume `name` with no worker serving it (a
     /// suspended ublk volume's device sits QUIESCED after its worker exited; removal must
     /// still remove it).
@@ -278,9 +308,20 @@ pub trait Platform: Send + Sync + 'static {
         name: &str,
         dev_id: u32,
     ) -> impl Future<Output = Result<(), PlatformError>> + Send;
+}
+
+/// The rest of the host: finding disks, the filesystems on a served device, the hook, what an
+/// agent restart must remember, and whether the whole system is stopping.
+pub trait HostPort: Send + Sync + 'static {
+    /// Handles of frozen filesystems (kept open so a lazily unmounted one can still be thawed).
+    type Frozen: Send + 'static;
+
+    /// Finds the device a selector names, if present now.
+    fn locate(&self, sel: &Selector) -> impl Future<Output = Option<PathBuf>> + Send;
 
     /// FIFREEZE every filesystem mounted on `block_device`.
     fn freeze(&self, block_device: &Path) -> impl Future<Output = Self::Frozen> + Send;
+
     /// FITHAW what `freeze` froze (or, with `None`, every filesystem on the device: after an
     /// agent restart the handles are gone).
     fn thaw(
@@ -288,19 +329,13 @@ pub trait Platform: Send + Sync + 'static {
         block_device: &Path,
         frozen: Option<Self::Frozen>,
     ) -> impl Future<Output = ()> + Send;
-    /// Reload: builds a new key provider from `vault` (validation, credential files) and,
-    /// only if that succeeds, uses it for every later Key Vault call. On error nothing
-    /// changes. Platforms without a vault client accept anything.
-    fn reload_vault(&self, vault: &VaultConfig) -> Result<(), PlatformError> {
-        let _ = vault;
-        Ok(())
-    }
 
     /// Records (`Some(reason)`) or clears (`None`) that the operator locked or closed volume
     /// `name`, so that a restarted agent keeps it that way until `kvcrypt unlock`.
     fn remember_manual(&self, name: &str, reason: Option<&str>) {
         let _ = (name, reason);
     }
+
     /// What [`remember_manual`](Self::remember_manual) recorded for `name`, if anything.
     fn manual_lock(&self, name: &str) -> Option<String> {
         let _ = name;

@@ -19,8 +19,8 @@ use tokio::time::{Instant, sleep, timeout};
 use super::config::{RetryConfig, RevokePolicy, Selector, VolumeSettings};
 use super::opened::OpenSpec;
 use super::ports::{
-    AccessClass, AccessError, CloseFailed, Platform, PlatformError, PlatformFailure, Served,
-    SlotRef, WorkerExit,
+    AccessClass, AccessError, CloseFailed, HostPort, KeyPort, PlatformError, PlatformFailure,
+    Served, SlotRef, WorkerExit, WorkerPort,
 };
 use super::reload::VolumeSet;
 use super::status::{VolumeState, VolumeStatus};
@@ -174,18 +174,13 @@ fn no_worker() -> PlatformError {
     PlatformError::new(PlatformFailure::WorkerControl, "no worker")
 }
 
-impl Platform for Fake {
+impl KeyPort for Fake {
     type Header = ();
-    type Frozen = String;
 
-    async fn locate(&self, sel: &Selector) -> Option<PathBuf> {
-        // One fake device, /dev/fake (the reload tests add volumes that never appear).
-        let fake = *sel == Selector::Path("/dev/fake".into());
-        (fake && self.w().present).then(|| PathBuf::from("/dev/fake"))
-    }
     async fn read_header(&self, _dev: &Path) -> Result<(), AccessError> {
         Ok(())
     }
+
     fn slots(&self, _h: &()) -> Vec<SlotRef> {
         let slot = |k: &str| SlotRef {
             key_id: k.into(),
@@ -200,6 +195,7 @@ impl Platform for Fake {
             (None, false) => vec![slot(SLOT_OLD)],
         }
     }
+
     async fn check_slot(&self, _h: &(), slot: &SlotRef) -> Result<(), AccessError> {
         match self.ask("check", slot).await? {
             Vault::WrongKey => Err(AccessError::new(
@@ -209,6 +205,7 @@ impl Platform for Fake {
             _ => Ok(()),
         }
     }
+
     fn verify_key(&self, _h: &(), key: &VolumeKey) -> Result<(), AccessError> {
         if key.expose().iter().all(|b| *b == GOOD) {
             Ok(())
@@ -219,6 +216,7 @@ impl Platform for Fake {
             ))
         }
     }
+
     async fn unwrap_key(&self, slot: &SlotRef) -> Result<VolumeKey, AccessError> {
         let byte = match self.ask("unwrap", slot).await? {
             Vault::WrongKey => 7,
@@ -226,6 +224,18 @@ impl Platform for Fake {
         };
         Ok(VolumeKey::from_slice(&[byte; 64]).unwrap())
     }
+
+    async fn repair_header(&self, _dev: &Path, _h: &()) -> Result<Option<String>, PlatformError> {
+        let mut w = self.w();
+        if !std::mem::take(&mut w.header_damaged) {
+            return Ok(None);
+        }
+        w.events.push("repair".into());
+        Ok(Some("secondary header: checksum mismatch".into()))
+    }
+}
+
+impl WorkerPort for Fake {
     async fn spawn(
         &self,
         _s: &VolumeSettings,
@@ -277,6 +287,7 @@ impl Platform for Fake {
             ..Served::new(dev.to_owned(), block_device.into())
         })
     }
+
     async fn adopt(&self, name: &str) -> Option<Served> {
         let w = self.w();
         let fuse = Served::new("/dev/fake".into(), "/dev/loop9".into());
@@ -300,10 +311,12 @@ impl Platform for Fake {
             }),
         }
     }
+
     fn fuse_held(&self, _name: &str) -> bool {
         let w = self.w();
         !w.ublk && w.fuse_held
     }
+
     async fn release_fuse(&self, _name: &str, served: &Served) -> String {
         let mut w = self.w();
         w.fuse_held = false;
@@ -311,6 +324,7 @@ impl Platform for Fake {
             .push(format!("release:{}", served.block_device.display()));
         "released".into()
     }
+
     async fn worker_status(&self, _name: &str) -> Result<serde_json::Value, PlatformError> {
         let w = self.w();
         w.worker
@@ -318,6 +332,7 @@ impl Platform for Fake {
             .map(|_| serde_json::json!({"reads": 1}))
             .ok_or_else(no_worker)
     }
+
     fn watch_worker(&self, _name: &str) -> WorkerExit {
         let mut w = self.w();
         if w.worker.is_none() {
@@ -332,21 +347,16 @@ impl Platform for Fake {
             }
         })
     }
+
     async fn ublk_recoverable(&self, id: u32) -> bool {
         self.w().quiesced == Some(id)
     }
+
     async fn clean_dead_worker(&self, _name: &str, served: &Served) -> String {
         self.ev(format!("clean:{}", served.block_device.display()));
         "cleaned".into()
     }
-    async fn repair_header(&self, _dev: &Path, _h: &()) -> Result<Option<String>, PlatformError> {
-        let mut w = self.w();
-        if !std::mem::take(&mut w.header_damaged) {
-            return Ok(None);
-        }
-        w.events.push("repair".into());
-        Ok(Some("secondary header: checksum mismatch".into()))
-    }
+
     async fn kill_worker(&self, _name: &str) -> Result<String, PlatformError> {
         self.ev("kill");
         let mut w = self.w();
@@ -359,6 +369,7 @@ impl Platform for Fake {
         end_worker(&mut w, "killed by signal 9");
         Ok("worker killed (SIGKILL)".into())
     }
+
     async fn suspend(&self, _name: &str) -> Result<(), PlatformError> {
         self.ev("suspend");
         let fault = self.w().suspend_fault;
@@ -382,6 +393,7 @@ impl Platform for Fake {
         worker.key = None;
         Ok(())
     }
+
     async fn resume(&self, _name: &str, key: &VolumeKey) -> Result<(), PlatformError> {
         self.ev("resume");
         let mut w = self.w();
@@ -389,6 +401,7 @@ impl Platform for Fake {
         worker.key = Some(*key.expose());
         Ok(())
     }
+
     async fn close(&self, _name: &str, force: bool) -> Result<(), CloseFailed> {
         self.ev("close");
         let mut w = self.w();
@@ -406,6 +419,7 @@ impl Platform for Fake {
         end_worker(&mut w, "exited after close");
         Ok(())
     }
+
     async fn delete_ublk_device(&self, _name: &str, id: u32) -> Result<(), PlatformError> {
         let mut w = self.w();
         w.events.push(format!("delete:{id}"));
@@ -417,11 +431,23 @@ impl Platform for Fake {
             )),
         }
     }
+}
+
+impl HostPort for Fake {
+    type Frozen = String;
+
+    async fn locate(&self, sel: &Selector) -> Option<PathBuf> {
+        // One fake device, /dev/fake (the reload tests add volumes that never appear).
+        let fake = *sel == Selector::Path("/dev/fake".into());
+        (fake && self.w().present).then(|| PathBuf::from("/dev/fake"))
+    }
+
     async fn freeze(&self, bd: &Path) -> String {
         self.ev("freeze");
         self.w().frozen = true;
         bd.display().to_string()
     }
+
     async fn thaw(&self, _bd: &Path, _f: Option<String>) {
         let mut w = self.w();
         // Thaw before the key is back would block on the superblock write.
@@ -431,15 +457,19 @@ impl Platform for Fake {
         w.frozen = false;
         w.events.push("thaw".into());
     }
+
     fn remember_manual(&self, _name: &str, reason: Option<&str>) {
         self.w().manual = reason.map(str::to_owned);
     }
+
     fn manual_lock(&self, _name: &str) -> Option<String> {
         self.w().manual.clone()
     }
+
     async fn system_stopping(&self) -> bool {
         self.w().system_stopping
     }
+
     async fn run_hook(
         &self,
         _s: &VolumeSettings,

@@ -11,8 +11,8 @@
 //! to a worker (spawn or resume), in a zeroizing [`VolumeKey`] that is dropped at the end of
 //! every drive at the latest.
 //!
-//! A serving worker that dies (crash, SIGKILL) is noticed through [`Platform::watch_worker`]
-//! and replaced from `unlocking`: `serving → unlocking → serving` on the same ublk device or,
+//! A serving worker that dies (crash, SIGKILL) is noticed through
+//! [`WorkerPort::watch_worker`](super::ports::WorkerPort::watch_worker) and replaced from `unlocking`: `serving → unlocking → serving` on the same ublk device or,
 //! when the platform holds the worker's FUSE connection, the same loop device (both recovered
 //! in place), else a new FUSE loop device, with backoff when it keeps dying; a
 //! revocation or `kvcrypt lock` meanwhile ends in `suspended` / `locked` without a new worker.
