@@ -16,7 +16,7 @@
 //! the current one; NAME: the volume, which cannot contain the ':' that separates names).
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::notify::Notifier;
@@ -63,15 +63,9 @@ pub fn take_listen_fds() -> Vec<(String, OwnedFd)> {
 }
 
 fn take(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_GETFD only queries the descriptor number.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
     // SAFETY: the service manager passed this descriptor to this process (LISTEN_PID is ours)
     // and it is taken over exactly once (TAKEN), so nothing else owns or closes it.
-    let f = unsafe { OwnedFd::from_raw_fd(fd) };
-    rustix::io::fcntl_setfd(&f, rustix::io::FdFlags::CLOEXEC)?;
-    Ok(f)
+    unsafe { kvcrypt_host::inherited::take(fd) }
 }
 
 /// `$NOTIFY_SOCKET`, for the fd store messages (not started by systemd: every call is a no-op,

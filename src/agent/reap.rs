@@ -2,11 +2,11 @@
 //! agent did not start too, e.g. adopted ones) and detaching the loop device a dead FUSE worker
 //! left bound to its dead FUSE file.
 //!
-//! Hand-written rather than from a crate: `pidfd_open` is one syscall that `libc` already
-//! declares; tokio's `AsyncFd` does the waiting. The loop ioctls live in `transport::loopdev`.
+//! `pidfd_open` and `pidfd_send_signal` through rustix; tokio's `AsyncFd` does the waiting. The
+//! loop ioctls live in `transport::loopdev`.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 /// An open pidfd: becomes readable when the process has exited.
@@ -19,17 +19,11 @@ pub struct PidWatch {
 impl PidWatch {
     /// Opens a pidfd for `pid`. `ESRCH` means the process is already gone.
     pub fn open(pid: u32) -> io::Result<PidWatch> {
-        let p =
-            libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no
-        // pointers are involved.
-        let r = unsafe { libc::syscall(libc::SYS_pidfd_open, p, 0) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let raw = i32::try_from(r).map_err(|_| io::Error::other("pidfd out of range"))?;
-        // SAFETY: `raw` is a descriptor the kernel just gave us, owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let p = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+        let fd = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())?;
         Ok(PidWatch { fd, pid })
     }
 
@@ -39,22 +33,10 @@ impl PidWatch {
 
     /// Sends SIGKILL to exactly this process (a pidfd cannot hit a recycled pid).
     pub fn kill(&self) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: pidfd_send_signal takes our open pidfd, a signal number, a null siginfo
-        // (allowed: the kernel fills in a default) and flags 0; no memory is passed.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.fd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        Ok(rustix::process::pidfd_send_signal(
+            &self.fd,
+            rustix::process::Signal::KILL,
+        )?)
     }
 
     /// Waits until the process has exited (all its threads). Needs a tokio runtime.

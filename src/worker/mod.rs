@@ -418,7 +418,7 @@ pub fn spawn_worker(spec: &WorkerSpec, key: &VolumeKey) -> Result<WorkerInfo, Wo
     let mut line = Vec::new();
     let outcome = loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match sys::poll_readable(ready.as_raw_fd(), left) {
+        match sys::poll_readable(&ready, left) {
             Ok(false) => break Err(None),
             Err(e) => break Err(Some(e.to_string())),
             Ok(true) => {}

@@ -1,38 +1,24 @@
-//! The few raw system calls of the worker model (pipes, fd plumbing for the child, signals,
-//! peer credentials). All `unsafe` of `crate::worker` lives here.
+//! The system calls of the worker model: pipes, fd plumbing for the child, signals, peer
+//! credentials. Through rustix where it has them; the `unsafe` left (descriptors between fork
+//! and exec, inherited descriptor numbers, signal masks, which rustix does not offer) is all
+//! of `crate::worker`'s.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 /// A close-on-exec pipe whose ends are moved to descriptors >= 10, so they can never collide
 /// with the fixed numbers (3, 4) they are dup2'ed to in the child.
 pub fn pipe_high() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just created and are owned by nobody else.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    Ok((dup_high(&r)?, dup_high(&w)?))
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    Ok((dup_at_least(&r, 10)?, dup_at_least(&w, 10)?))
 }
 
-fn dup_high(fd: &OwnedFd) -> io::Result<OwnedFd> {
-    dup_at_least(fd, 10)
-}
-
-/// A close-on-exec duplicate of `fd` numbered `min` or higher.
+/// A close-on-exec duplicate of `fd` numbered `min` (at least 10) or higher.
 pub fn dup_at_least(fd: &OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC duplicates a valid descriptor to the lowest free one >= min.
-    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min.max(10)) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: n is a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+    Ok(rustix::io::fcntl_dupfd_cloexec(fd, min.max(10))?)
 }
 
 /// In the child between fork and exec: new session (detached from the terminal and the
@@ -56,61 +42,33 @@ pub unsafe fn child_setup(map: &[(RawFd, RawFd)]) -> io::Result<()> {
 }
 
 /// Waits up to `timeout` for `fd` to become readable (or hang up). Ok(false) on timeout.
-pub fn poll_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+pub fn poll_readable(fd: impl AsFd, timeout: Duration) -> io::Result<bool> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let timeout = Timespec::try_from(timeout).unwrap_or(Timespec {
+        tv_sec: i64::MAX,
+        tv_nsec: 0,
+    });
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
     loop {
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, ms) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(e);
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(n) => return Ok(n > 0),
         }
-        return Ok(r > 0);
     }
 }
 
 /// Takes ownership of an inherited descriptor number (key fd / ready fd of the worker).
 /// Fails if the number is not an open descriptor.
 pub fn take_fd(fd: RawFd) -> io::Result<File> {
-    // SAFETY: F_GETFD only queries the descriptor.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the descriptor is open and was handed to this process for its exclusive use
-    // (by spawn_worker or the caller of `kvcrypt worker`); we take it over once.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    // SAFETY: the descriptor was handed to this process for its exclusive use (by
+    // spawn_worker or the caller of `kvcrypt worker`); each number is taken over once.
+    Ok(File::from(unsafe { kvcrypt_host::inherited::take(fd) }?))
 }
 
 /// Uid of the process at the other end of a Unix socket.
 pub fn peer_uid(s: &UnixStream) -> io::Result<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: u32::MAX,
-        gid: u32::MAX,
-    };
-    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes one ucred of `len` bytes.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred.uid)
+    Ok(rustix::net::sockopt::socket_peercred(s)?.uid.as_raw())
 }
 
 pub use kvcrypt_host::process::{euid, pid_alive, signal};
