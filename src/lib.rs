@@ -11,3 +11,5 @@ pub mod worker;
 pub mod agent;
 
 pub mod cli;
+
+pub mod keyslots;

@@ -14,7 +14,7 @@ use kvcrypt::agent::config::{Config, Selector, VolumeSettings};
 use kvcrypt::agent::daemon::{self, Options};
 use kvcrypt::agent::ports::{
     AccessClass, AccessError, CloseFailed, HostPort, KeyPort, PlatformError, PlatformFailure,
-    Served, SlotRef, WorkerExit, WorkerPort,
+    Rotation, RotationReport, Served, SlotRef, WorkerExit, WorkerPort,
 };
 use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_testkit::env::is_root;
@@ -66,6 +66,18 @@ impl KeyPort for Scripted {
 
     async fn repair_header(&self, _d: &Path, _h: &()) -> Result<Option<String>, PlatformError> {
         Ok(None)
+    }
+
+    async fn follow_rotation(
+        &self,
+        _d: &Path,
+        _h: &(),
+        _s: &VolumeSettings,
+    ) -> Result<Rotation<()>, PlatformError> {
+        Ok(Rotation {
+            header: None,
+            report: RotationReport::default(),
+        })
     }
 }
 

@@ -133,6 +133,22 @@ pub struct AgentConfig {
     pub hook: Option<HookCommand>,
     #[serde(default = "d_hook_timeout", deserialize_with = "de_duration")]
     pub hook_timeout: Duration,
+    /// Follow Key Vault key rotation: when a pinned key gets a new version, the volume gains a
+    /// verified slot for it (and loses the older versions' slots after `rotation_grace`).
+    #[serde(default = "d_true")]
+    pub follow_rotation: bool,
+    /// How often a serving volume looks up its keys' current versions (jittered like
+    /// `check_interval`); the first lookup is at the first access check after unlock.
+    #[serde(default = "d_rotation_check", deserialize_with = "de_duration")]
+    pub rotation_check: Duration,
+    /// How long the slots of older key versions are kept after a slot of the current version
+    /// was added (the customer may roll a rotation back by re-enabling the old version).
+    #[serde(default = "d_rotation_grace", deserialize_with = "de_duration")]
+    pub rotation_grace: Duration,
+    /// A pinned key whose current version expires within this is warned about (journal,
+    /// `kvcrypt status`).
+    #[serde(default = "d_expiry_warning", deserialize_with = "de_duration")]
+    pub expiry_warning: Duration,
 }
 
 impl Default for AgentConfig {
@@ -147,6 +163,10 @@ impl Default for AgentConfig {
             unlock_retry: RetryConfig::default(),
             hook: None,
             hook_timeout: d_hook_timeout(),
+            follow_rotation: true,
+            rotation_check: d_rotation_check(),
+            rotation_grace: d_rotation_grace(),
+            expiry_warning: d_expiry_warning(),
         }
     }
 }
@@ -191,6 +211,12 @@ pub struct VolumeConfig {
     pub hook: Option<HookCommand>,
     #[serde(default, deserialize_with = "de_some_duration")]
     pub hook_timeout: Option<Duration>,
+    #[serde(default)]
+    pub follow_rotation: Option<bool>,
+    #[serde(default, deserialize_with = "de_some_duration")]
+    pub rotation_check: Option<Duration>,
+    #[serde(default, deserialize_with = "de_some_duration")]
+    pub rotation_grace: Option<Duration>,
 }
 
 /// How a volume's device is found.
@@ -232,6 +258,10 @@ pub struct VolumeSettings {
     pub unlock_retry: RetryConfig,
     pub hook: Option<HookCommand>,
     pub hook_timeout: Duration,
+    pub follow_rotation: bool,
+    pub rotation_check: Duration,
+    pub rotation_grace: Duration,
+    pub expiry_warning: Duration,
 }
 
 impl Config {
@@ -263,6 +293,9 @@ impl Config {
         let a = &self.agent;
         if a.check_interval < Duration::from_millis(100) {
             return Err(bad("agent.check_interval".into(), "must be at least 100ms"));
+        }
+        if a.rotation_check < Duration::from_secs(1) {
+            return Err(bad("agent.rotation_check".into(), "must be at least 1s"));
         }
         if a.check_timeout.is_zero() {
             return Err(bad("agent.check_timeout".into(), "must be greater than 0"));
@@ -338,6 +371,9 @@ impl Config {
             if let Some(h) = &v.hook {
                 check_hook(h).map_err(|m| bad(at("hook"), m))?;
             }
+            if v.rotation_check.is_some_and(|r| r < Duration::from_secs(1)) {
+                return Err(bad(at("rotation_check"), "must be at least 1s"));
+            }
         }
         Ok(())
     }
@@ -374,6 +410,10 @@ impl Config {
             unlock_retry: a.unlock_retry.clone(),
             hook: v.hook.clone().or_else(|| a.hook.clone()),
             hook_timeout: v.hook_timeout.unwrap_or(a.hook_timeout),
+            follow_rotation: v.follow_rotation.unwrap_or(a.follow_rotation),
+            rotation_check: v.rotation_check.unwrap_or(a.rotation_check),
+            rotation_grace: v.rotation_grace.unwrap_or(a.rotation_grace),
+            expiry_warning: a.expiry_warning,
         }
     }
 }
@@ -456,6 +496,18 @@ fn d_retry_max() -> Duration {
 }
 fn d_retry_multiplier() -> f64 {
     2.0
+}
+fn d_true() -> bool {
+    true
+}
+fn d_rotation_check() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_rotation_grace() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
+fn d_expiry_warning() -> Duration {
+    Duration::from_secs(30 * 86_400)
 }
 fn d_hook_timeout() -> Duration {
     Duration::from_secs(30)

@@ -19,9 +19,11 @@ use super::fdstore::{self, FdStore};
 use super::freeze::{self, FrozenSet};
 use super::ports::{
     AccessClass, AccessError, CloseFailed, HostPort, KeyPort, PlatformError, PlatformFailure,
-    Served, SlotRef, WorkerExit, WorkerPort,
+    Rotation, Served, SlotRef, WorkerExit, WorkerPort,
 };
 use super::reap::{self, PidWatch};
+use super::rotation;
+use super::status::unix_now;
 use crate::worker::{self, FuseTakeover, WorkerClient, WorkerSpec};
 use kvcrypt_datapath::transport::fuse::FuseInit;
 
@@ -301,6 +303,48 @@ impl KeyPort for HostPlatform {
         tokio::spawn(async move { access::check_slot(p.as_ref(), &header, &slot).await })
             .await
             .map_err(|e| AccessError::new(AccessClass::Transient, format!("internal: {e}")))?
+    }
+
+    async fn follow_rotation(
+        &self,
+        dev: &Path,
+        h: &LoadedHeader,
+        s: &VolumeSettings,
+    ) -> Result<Rotation<LoadedHeader>, PlatformError> {
+        let p = self.provider.borrow().clone();
+        let (header, pins, grace) = (h.header.clone(), s.pins.clone(), s.rotation_grace);
+        let now = unix_now() as i64;
+        // Spawned like the access checks: slow vault calls stay off the volume task's loop.
+        let followed =
+            tokio::spawn(
+                async move { rotation::follow(p.as_ref(), &header, &pins, grace, now).await },
+            )
+            .await
+            .map_err(|e| PlatformError::new(PlatformFailure::Internal, format!("internal: {e}")))?;
+        let Some(mut new) = followed.header else {
+            return Ok(Rotation {
+                header: None,
+                report: followed.report,
+            });
+        };
+        let d = dev.to_owned();
+        // Both copies, the one not currently valid first, each synced before the next
+        // (`kvcrypt_header_io::write`); then read back what a later unlock will read.
+        let written = blocking(move || {
+            kvcrypt_header_io::write(&d, &mut new)?;
+            kvcrypt_header_io::read(&d)
+        })
+        .await?
+        .map_err(|e| {
+            PlatformError::new(
+                PlatformFailure::HeaderWrite,
+                format!("writing the rotated header to {}: {e}", dev.display()),
+            )
+        })?;
+        Ok(Rotation {
+            header: Some(written),
+            report: followed.report,
+        })
     }
 
     async fn repair_header(

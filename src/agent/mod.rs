@@ -22,6 +22,7 @@ pub mod opened;
 pub mod ports;
 pub mod reap;
 pub mod reload;
+pub mod rotation;
 pub mod status;
 pub mod volume;
 #[cfg(test)]

@@ -54,6 +54,10 @@ impl OpenSpec {
             unlock_retry: a.unlock_retry.clone(),
             hook: a.hook.clone(),
             hook_timeout: a.hook_timeout,
+            follow_rotation: a.follow_rotation,
+            rotation_check: a.rotation_check,
+            rotation_grace: a.rotation_grace,
+            expiry_warning: a.expiry_warning,
             pins: cfg.vault_pins(&self.name),
         }
     }

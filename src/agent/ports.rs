@@ -120,6 +120,53 @@ pub struct SlotRef {
     pub check: Option<Vec<u8>>,
 }
 
+/// A pinned key's current version, as rotation following last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyView {
+    /// The versionless key (`https://VAULT/keys/NAME`).
+    pub key: String,
+    /// The versioned id of its current version.
+    pub current: String,
+    pub enabled: bool,
+    /// `exp` of the current version (Unix seconds).
+    #[serde(default)]
+    pub expires: Option<i64>,
+}
+
+impl KeyView {
+    pub fn of(key: &str, info: &kvcrypt_keyvault::KeyVersionInfo) -> Self {
+        Self {
+            key: key.to_owned(),
+            current: info.key_id.clone(),
+            enabled: info.enabled,
+            expires: info.expires,
+        }
+    }
+}
+
+/// What one round of rotation following found and did (never key material).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RotationReport {
+    /// The new header's slots, when a new header was written (filled in by the shell).
+    pub slots: Option<Vec<SlotRef>>,
+    /// Slots added: (slot id, versioned key id), each verified by unwrapping it again.
+    pub added: Vec<(u32, String)>,
+    /// Slots of older key versions removed after `rotation_grace`.
+    pub pruned: Vec<(u32, String)>,
+    /// Every pinned key's current version.
+    pub keys: Vec<KeyView>,
+    /// Versioned key ids whose slot unwrapped and passed the key check in this round.
+    pub verified: Vec<String>,
+    /// What did not work (lookups, wraps, verifications); the volume keeps serving.
+    pub problems: Vec<String>,
+}
+
+/// A round of rotation following: the new header (already written to both copies), if any.
+pub struct Rotation<H> {
+    pub header: Option<H>,
+    pub report: RotationReport,
+}
+
 /// A device being served by a worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Served {
@@ -209,6 +256,18 @@ pub trait KeyPort: Send + Sync + 'static {
         dev: &Path,
         h: &Self::Header,
     ) -> impl Future<Output = Result<Option<String>, PlatformError>> + Send;
+
+    /// Rotation following: looks up each pinned key's current version; when one has no slot,
+    /// adds a verified slot for it, and once such a slot is `rotation_grace` old removes the
+    /// older versions' slots; a changed header is sealed and written to both copies of `dev`
+    /// (crash-safe order) and read back. Failures of lookups or wraps are reported, not
+    /// errors: only a header that could not be written is.
+    fn follow_rotation(
+        &self,
+        dev: &Path,
+        h: &Self::Header,
+        settings: &VolumeSettings,
+    ) -> impl Future<Output = Result<Rotation<Self::Header>, PlatformError>> + Send;
 
     /// Reload: builds a new key provider from `vault` (validation, credential files) and,
     /// only if that succeeds, uses it for every later Key Vault call. On error nothing

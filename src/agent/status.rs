@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::config::{RevokePolicy, VolumeSettings};
-use super::ports::AccessClass;
+use super::ports::{AccessClass, KeyView};
 
 /// `locked → unlocking → serving → suspended → serving` / `→ removed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +89,35 @@ pub struct VolumeStatus {
     /// The policy in effect (after the last reload).
     #[serde(default)]
     pub policy: Option<PolicyView>,
+    /// The header's pinned key slots, in the order they are tried.
+    #[serde(default)]
+    pub slots: Vec<SlotStatus>,
+    /// Every pinned key's current version, as rotation following last saw it.
+    #[serde(default)]
+    pub keys: Vec<KeyView>,
+    /// Unix time of the next round of rotation following (serving volumes that follow it).
+    #[serde(default)]
+    pub rotation_next: Option<f64>,
+}
+
+/// One key slot as `kvcrypt status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotStatus {
+    /// Versioned key id (the pin's host).
+    pub key_id: String,
+    pub algorithm: String,
+    /// Unix time this slot last unwrapped or passed an access check in this agent.
+    #[serde(default)]
+    pub verified_at: Option<f64>,
+    /// The slot the access checks use.
+    #[serde(default)]
+    pub in_use: bool,
+    /// Its version is its key's current version.
+    #[serde(default)]
+    pub current: bool,
+    /// `exp` of its key version, when it is the current one (Unix seconds).
+    #[serde(default)]
+    pub expires: Option<i64>,
 }
 
 /// The effective policy of a volume, as `kvcrypt status` shows it.
@@ -136,6 +165,9 @@ impl VolumeStatus {
             removed_from_config: false,
             opened: false,
             policy: None,
+            slots: Vec::new(),
+            keys: Vec::new(),
+            rotation_next: None,
         }
     }
 }

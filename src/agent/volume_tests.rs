@@ -19,11 +19,11 @@ use tokio::time::{Instant, sleep, timeout};
 use super::config::{RetryConfig, RevokePolicy, Selector, VolumeSettings};
 use super::opened::OpenSpec;
 use super::ports::{
-    AccessClass, AccessError, CloseFailed, HostPort, KeyPort, PlatformError, PlatformFailure,
-    Served, SlotRef, WorkerExit, WorkerPort,
+    AccessClass, AccessError, CloseFailed, HostPort, KeyPort, KeyView, PlatformError,
+    PlatformFailure, Rotation, RotationReport, Served, SlotRef, WorkerExit, WorkerPort,
 };
 use super::reload::VolumeSet;
-use super::status::{VolumeState, VolumeStatus};
+use super::status::{VolumeState, VolumeStatus, unix_now};
 use super::volume::{CloseRefused, Command, Desired, VolumeHandle, spawn_managed, spawn_volume};
 use Check::*;
 use Reply::*;
@@ -89,6 +89,13 @@ struct World {
     header_ids: Option<Vec<String>>,
     /// Key ids the fake vault was asked about (unwrapKey or access check), in order.
     asked: Vec<String>,
+    /// The pinned key's current version is SLOT_NEW: rotation following adds its slot (then
+    /// `rotated`).
+    new_version: bool,
+    /// Rotation following fails (the header cannot be written).
+    rotation_fails: bool,
+    /// `exp` of the current key version (Unix seconds), as rotation following reports it.
+    expires: Option<i64>,
 }
 
 const SLOT_OLD: &str = "https://v.vault.azure.net/keys/k/1";
@@ -150,7 +157,11 @@ impl Fake {
             w.asked.push(slot.key_id.clone());
             (w.vault, w.disabled.contains(&slot.key_id))
         };
-        self.ev(format!("{what}:{v:?}"));
+        if disabled {
+            self.ev(format!("{what}:Disabled"));
+        } else {
+            self.ev(format!("{what}:{v:?}"));
+        }
         let class = |c, m| Err(AccessError::new(c, m));
         match v {
             _ if disabled => class(AccessClass::Denied, "KeyDisabled"),
@@ -223,6 +234,47 @@ impl KeyPort for Fake {
             _ => GOOD,
         };
         Ok(VolumeKey::from_slice(&[byte; 64]).unwrap())
+    }
+
+    async fn follow_rotation(
+        &self,
+        _dev: &Path,
+        _h: &(),
+        _s: &VolumeSettings,
+    ) -> Result<Rotation<()>, PlatformError> {
+        let mut w = self.w();
+        if w.rotation_fails {
+            w.events.push("rotate:failed".into());
+            return Err(PlatformError::new(
+                PlatformFailure::HeaderWrite,
+                "disk full",
+            ));
+        }
+        let current = if w.new_version { SLOT_NEW } else { SLOT_OLD };
+        let mut report = RotationReport {
+            keys: vec![KeyView {
+                key: PINNED.into(),
+                current: current.into(),
+                enabled: true,
+                expires: w.expires,
+            }],
+            ..Default::default()
+        };
+        if w.new_version && !w.rotated {
+            w.rotated = true;
+            w.events.push("rotate:added".into());
+            report.added = vec![(1, SLOT_NEW.into())];
+            report.verified = vec![SLOT_NEW.into()];
+            return Ok(Rotation {
+                header: Some(()),
+                report,
+            });
+        }
+        w.events.push("rotate:none".into());
+        Ok(Rotation {
+            header: None,
+            report,
+        })
     }
 
     async fn repair_header(&self, _dev: &Path, _h: &()) -> Result<Option<String>, PlatformError> {
@@ -483,6 +535,13 @@ impl HostPort for Fake {
 
 /// Settings of the volume `data` on `/dev/fake`, pinned to `PINNED`, no jitter (shared with the
 /// core's table tests).
+/// The rotation rows: rotation following on, a round every 10 s.
+fn following(w: &mut World, s: &mut VolumeSettings) {
+    fuse(w, s);
+    s.follow_rotation = true;
+    s.rotation_check = Duration::from_secs(10);
+}
+
 pub(super) fn settings() -> VolumeSettings {
     VolumeSettings {
         name: "data".into(),
@@ -507,6 +566,11 @@ pub(super) fn settings() -> VolumeSettings {
         },
         hook: None,
         hook_timeout: Duration::from_secs(5),
+        // Off except in the rotation rows, which turn it on.
+        follow_rotation: false,
+        rotation_check: Duration::from_secs(3600),
+        rotation_grace: Duration::from_secs(30 * 86_400),
+        expiry_warning: Duration::from_secs(30 * 86_400),
     }
 }
 
@@ -655,6 +719,12 @@ enum Check {
     Hold(&'static str),
     Revoke(RevokePolicy),
     TaskEnded(bool),
+    /// The status's slots (key ids, in order) and which of them were verified.
+    Slots(&'static [&'static str]),
+    VerifiedSlots(&'static [&'static str]),
+    /// The status names this expiry for the pinned key, and the next rotation round.
+    KeyExpires(bool),
+    RotationNext(bool),
     // The fake's world. `Recorded`: the agent's record of an operator's lock (for the next
     // agent). `Asked`: the key ids the vault was asked about, in order; `AskedOnly`: all are
     // this one; `NewAsks`: any since the mark.
@@ -974,6 +1044,17 @@ impl Ctx {
             Hold(t) => policy.is_some_and(|p| p.hold == t),
             Revoke(r) => policy.is_some_and(|p| p.revoke_policy == r),
             TaskEnded(b) => self.h()?.tx.is_closed() == b,
+            Slots(ids) => st
+                .slots
+                .iter()
+                .map(|s| s.key_id.as_str())
+                .eq(ids.iter().copied()),
+            VerifiedSlots(ids) => (st.slots.iter())
+                .filter(|s| s.verified_at.is_some())
+                .map(|s| s.key_id.as_str())
+                .eq(ids.iter().copied()),
+            KeyExpires(b) => st.keys.iter().any(|k| k.expires.is_some()) == b,
+            RotationNext(b) => st.rotation_next.is_some() == b,
             Worker(w) => {
                 self.f.worker_key()
                     == match w {
@@ -1764,4 +1845,52 @@ static PINS: &[Row] = &[
 #[test]
 fn pins_and_rotation() {
     run_table(PINS);
+}
+
+#[rustfmt::skip]
+const ROTATION: &[Row] = &[
+    // At the first check after unlock the new version gets its slot; from then on the checks
+    // use it, and a round comes every rotation_check (10 s), not every check (1 s).
+    row("follows_a_new_key_version_at_the_first_check_then_every_rotation_check", following, &[
+        Edit(|w| w.new_version = true),
+        Spawn, Wait(Serving, 2000), WaitEvents("rotate:*", 1, 3000),
+        Expect(&[Seen("rotate:added"), Slots(&[SLOT_OLD, SLOT_NEW]), VerifiedSlots(&[SLOT_OLD, SLOT_NEW]),
+            RotationNext(true),
+            Logged(&["volume data: key rotated: added key slot 1 for", SLOT_NEW, "both header copies"])]),
+        Mark, WaitMore("check:Some(Ok)", 3, 5000), Expect(&[KeyId(SLOT_NEW), New(&Count("rotate:*", 0))]),
+        WaitMore("rotate:none", 1, 12_000), Expect(&[Count("rotate:*", 2), State(Serving)]),
+    ]),
+    // The customer disables the old version after the rotation: the checks already use the
+    // new slot, nothing is denied, nothing suspended.
+    row("the_old_version_disabled_after_a_rotation_does_not_disturb_serving", following, &[
+        Edit(|w| w.new_version = true),
+        Spawn, Wait(Serving, 2000), WaitEvents("rotate:added", 1, 3000),
+        Edit(|w| w.disabled.push(SLOT_OLD.into())), Mark, Sleep(15_000),
+        Expect(&[State(Serving), Worker(Keyed), Count("suspend", 0), New(&NotSeen("check:Disabled")),
+            New(&Seen("rotate:none"))]),
+    ]),
+    // Not a revocation: a round that fails is logged and the volume keeps serving.
+    row("a_failed_rotation_round_is_logged_and_keeps_serving", following, &[
+        Edit(|w| w.rotation_fails = true),
+        Spawn, Wait(Serving, 2000), WaitEvents("rotate:failed", 1, 3000), Sleep(3000),
+        Expect(&[State(Serving), Worker(Keyed), Count("suspend", 0), Slots(&[SLOT_OLD]),
+            Logged(&["volume data: following key rotation failed: disk full", "keeps serving"])]),
+    ]),
+    // An expiry inside expiry_warning (30 days) is published and warned about.
+    row("a_key_expiring_soon_is_shown_and_warned_about", following, &[
+        Edit(|w| w.expires = Some(unix_now() as i64 + 86_400 * 3)),
+        Spawn, Wait(Serving, 2000), WaitEvents("rotate:none", 1, 3000),
+        Expect(&[KeyExpires(true), Logged(&["volume data: key", SLOT_OLD, "expires at", "rotate it in Key Vault"])]),
+    ]),
+    // Off: no round, ever.
+    row("rotation_following_off_makes_no_round", fuse, &[
+        Edit(|w| w.new_version = true),
+        Spawn, Wait(Serving, 2000), Sleep(15_000),
+        Expect(&[Count("rotate:*", 0), Slots(&[SLOT_OLD]), RotationNext(false)]),
+    ]),
+];
+
+#[test]
+fn rotation_following() {
+    run_table(ROTATION);
 }

@@ -47,6 +47,36 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use zeroize::{Zeroize, Zeroizing};
 
+/// A key version as `GET /keys/{name}[/{version}]` describes it (times in Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVersionInfo {
+    /// The versioned key id.
+    pub key_id: String,
+    /// `attributes.enabled` (Key Vault omits it only when true).
+    pub enabled: bool,
+    /// `attributes.exp`: after this the version no longer wraps or unwraps.
+    pub expires: Option<i64>,
+    /// `attributes.nbf`: before this it cannot be used.
+    pub not_before: Option<i64>,
+    /// `attributes.created`.
+    pub created: Option<i64>,
+}
+
+impl KeyVersionInfo {
+    /// Whether this version can wrap at `now` (enabled, inside nbf..exp).
+    pub fn usable_at(&self, now: i64) -> bool {
+        self.enabled
+            && self.not_before.is_none_or(|nbf| nbf <= now)
+            && self.expires.is_none_or(|exp| now < exp)
+    }
+}
+
+/// What `get_key` read.
+struct GotKey {
+    info: KeyVersionInfo,
+    kty: Option<KeyType>,
+}
+
 /// `KeySlot::provider` value for slots made by this provider.
 pub const PROVIDER_NAME: &str = "azure-keyvault";
 
@@ -294,12 +324,21 @@ impl KeyVaultProvider {
 
     /// The versioned id of the key's current (latest) version.
     pub async fn latest_version(&self, key_id: &str) -> Result<String, KeyError> {
+        Ok(self.current_version(key_id).await?.key_id)
+    }
+
+    /// The key's current (latest) version as Key Vault describes it: its versioned id and
+    /// whether, and until when, it may be used.
+    pub async fn current_version(&self, key_id: &str) -> Result<KeyVersionInfo, KeyError> {
         let id = KeyId::parse(key_id)?;
+        let id = KeyId {
+            version: None,
+            ..id
+        };
         let target = self.target(&id, Operation::GetKey);
         self.with_deadline(&target, async {
             let client = self.client(&id)?;
-            let (kid, _) = self.get_key(&client, &id, None, &target).await?;
-            Ok(kid)
+            Ok(self.get_key(&client, &id, None, &target).await?.info)
         })
         .await
     }
@@ -358,14 +397,14 @@ impl KeyVaultProvider {
         Ok(client)
     }
 
-    /// GET the key (a given version, or the latest) → (versioned kid, key type).
+    /// GET the key (a given version, or the latest) → its versioned id, attributes and type.
     async fn get_key(
         &self,
         client: &KeyClient,
         id: &KeyId,
         version: Option<String>,
         target: &Target,
-    ) -> Result<(String, Option<KeyType>), KeyError> {
+    ) -> Result<GotKey, KeyError> {
         let slot = FailureSlot::default();
         let response = client
             .get_key(
@@ -386,7 +425,19 @@ impl KeyVaultProvider {
             .key
             .ok_or_else(|| bad_answer(target, "the key has no JWK"))?;
         let kid = self.versioned_kid(id, jwk.kid.as_deref(), target)?;
-        Ok((kid, jwk.kty))
+        let attributes = key.attributes.unwrap_or_default();
+        let unix = |t: Option<azure_core::time::OffsetDateTime>| t.map(|t| t.unix_timestamp());
+        Ok(GotKey {
+            info: KeyVersionInfo {
+                key_id: kid,
+                // Key Vault leaves `enabled` out only where it is true.
+                enabled: attributes.enabled.unwrap_or(true),
+                expires: unix(attributes.expires),
+                not_before: unix(attributes.not_before),
+                created: unix(attributes.created),
+            },
+            kty: jwk.kty,
+        })
     }
 
     async fn default_algorithm(
@@ -395,9 +446,10 @@ impl KeyVaultProvider {
         id: &KeyId,
     ) -> Result<WrapAlgorithm, KeyError> {
         let target = self.target(id, Operation::GetKey);
-        let (_, kty) = self
+        let kty = self
             .get_key(client, id, id.version.clone(), &target)
-            .await?;
+            .await?
+            .kty;
         match kty {
             Some(KeyType::Rsa) | Some(KeyType::RsaHsm) => Ok(WrapAlgorithm::RsaOaep256),
             Some(KeyType::Oct) | Some(KeyType::OctHsm) if id.is_managed_hsm() => {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use kvcrypt_crypto::kdf::ACCESS_SECRET_LEN;
 use kvcrypt_crypto::secmem::{SecretBytes, VolumeKey};
 
-use crate::{KeyError, KeyVaultProvider, VaultConfig, WrappedKey};
+use crate::{KeyError, KeyVaultProvider, KeyVersionInfo, VaultConfig, WrappedKey};
 
 /// A format v2 access-check secret (see `kvcrypt_crypto::kdf`).
 pub type AccessSecret = SecretBytes<ACCESS_SECRET_LEN>;
@@ -62,8 +62,14 @@ pub trait KeyProvider: Send + Sync {
         wrapped: &[u8],
     ) -> Result<AccessSecret, KeyError>;
 
+    /// The current (latest) version of `key_id`'s key (any version given is ignored), with
+    /// whether and until when it can be used: what rotation following looks at.
+    async fn current_version(&self, key_id: &str) -> Result<KeyVersionInfo, KeyError>;
+
     /// The versioned id of the latest version of `key_id`.
-    async fn latest_version(&self, key_id: &str) -> Result<String, KeyError>;
+    async fn latest_version(&self, key_id: &str) -> Result<String, KeyError> {
+        Ok(self.current_version(key_id).await?.key_id)
+    }
 }
 
 /// Azure Key Vault / Managed HSM: the inherent methods, which also serve secrets of any length.
@@ -105,8 +111,8 @@ impl KeyProvider for KeyVaultProvider {
         self.unwrap_secret(key_id, algorithm, wrapped).await
     }
 
-    async fn latest_version(&self, key_id: &str) -> Result<String, KeyError> {
-        KeyVaultProvider::latest_version(self, key_id).await
+    async fn current_version(&self, key_id: &str) -> Result<KeyVersionInfo, KeyError> {
+        KeyVaultProvider::current_version(self, key_id).await
     }
 }
 
@@ -176,6 +182,22 @@ impl BlockingProvider {
             self.provider
                 .unwrap_access_secret(key_id, algorithm, wrapped),
         )
+    }
+
+    /// Runs any future on this provider's runtime: for callers that compose the async
+    /// functions of other modules over [`provider`](Self::provider).
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+
+    /// The provider served.
+    pub fn provider(&self) -> &dyn KeyProvider {
+        self.provider.as_ref()
+    }
+
+    /// See [`KeyProvider::current_version`].
+    pub fn current_version(&self, key_id: &str) -> Result<KeyVersionInfo, KeyError> {
+        self.runtime.block_on(self.provider.current_version(key_id))
     }
 
     /// See [`KeyProvider::latest_version`].

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_keyvault::{
-    AccessSecret, BlockingProvider, ErrorClass, Failure, KeyError, KeyProvider, Operation,
-    WrappedKey,
+    AccessSecret, BlockingProvider, ErrorClass, Failure, KeyError, KeyProvider, KeyVersionInfo,
+    Operation, WrappedKey,
 };
 use sha2::{Digest, Sha512};
 use zeroize::Zeroizing;
@@ -21,6 +21,10 @@ pub struct XorVault {
     latest: Mutex<HashMap<String, String>>,
     refuse: Mutex<Option<ErrorClass>>,
     garble: Mutex<bool>,
+    /// Versioned ids disabled: every operation with them is denied (as Key Vault does).
+    disabled: Mutex<std::collections::HashSet<String>>,
+    /// Versioned id → `exp` (Unix seconds) that `current_version` reports.
+    expires: Mutex<HashMap<String, i64>>,
 }
 
 /// `https://VAULT/keys/NAME/VERSION` → `https://VAULT/keys/NAME` (unchanged if versionless).
@@ -48,6 +52,16 @@ impl XorVault {
             .lock()
             .unwrap()
             .insert(versionless(key_id), new_version.to_owned());
+    }
+
+    /// Disables the versioned key `key_id`: wraps and unwraps with it are denied.
+    pub fn disable(&self, key_id: &str) {
+        self.disabled.lock().unwrap().insert(key_id.to_owned());
+    }
+
+    /// `current_version` reports `exp = at` for the versioned key `key_id`.
+    pub fn expire_at(&self, key_id: &str, at: i64) {
+        self.expires.lock().unwrap().insert(key_id.to_owned(), at);
     }
 
     /// From now on every call fails with `class` (`None`: answers again).
@@ -91,11 +105,20 @@ impl XorVault {
                 format!("denied: {key_id}"),
             ))
         })?;
-        Ok(if base == key_id.trim_end_matches('/') {
+        let kid = if base == key_id.trim_end_matches('/') {
             latest
         } else {
             key_id.to_owned()
-        })
+        };
+        if op != Operation::GetKey && self.disabled.lock().unwrap().contains(&kid) {
+            return Err(KeyError::Denied(Failure::answer(
+                "fake-vault",
+                key_id,
+                op,
+                format!("{kid} is disabled"),
+            )));
+        }
+        Ok(kid)
     }
 
     fn xor(key_id: &str, bytes: &[u8]) -> Zeroizing<Vec<u8>> {
@@ -167,8 +190,15 @@ impl KeyProvider for XorVault {
         AccessSecret::from_slice(&Self::xor(&kid, wrapped)).ok_or_else(|| bad_length(key_id))
     }
 
-    async fn latest_version(&self, key_id: &str) -> Result<String, KeyError> {
-        self.resolve(&versionless(key_id), Operation::GetKey)
+    async fn current_version(&self, key_id: &str) -> Result<KeyVersionInfo, KeyError> {
+        let kid = self.resolve(&versionless(key_id), Operation::GetKey)?;
+        Ok(KeyVersionInfo {
+            enabled: !self.disabled.lock().unwrap().contains(&kid),
+            expires: self.expires.lock().unwrap().get(&kid).copied(),
+            not_before: None,
+            created: None,
+            key_id: kid,
+        })
     }
 }
 

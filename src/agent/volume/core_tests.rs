@@ -123,6 +123,7 @@ fn tag(fx: &Effect) -> String {
         Effect::Probe { .. } => "probe".into(),
         Effect::CleanDeadWorker(_) => "clean".into(),
         Effect::ReleaseFuse(_) => "release".into(),
+        Effect::FollowRotation(_) => "rotate".into(),
         Effect::SystemStopping => "system-stopping".into(),
     }
 }

@@ -34,7 +34,8 @@ use self::core::{Clock, Core, DeadProbe, Effect, Event, SUSPEND_TIMEOUT, Want};
 pub use self::core::{CloseRefused, Desired};
 use super::config::VolumeSettings;
 use super::ports::{
-    AccessClass, AccessError, Platform, PlatformError, PlatformFailure, Served, SlotRef, WorkerExit,
+    AccessClass, AccessError, Platform, PlatformError, PlatformFailure, RotationReport, Served,
+    SlotRef, WorkerExit,
 };
 use super::status::{VolumeStatus, unix_now};
 
@@ -383,6 +384,7 @@ impl<P: Platform> Shell<P> {
             }
             Effect::ReleaseFuse(served) => Event::Cleaned(p.release_fuse(&name, &served).await),
             Effect::SystemStopping => Event::SystemStopping(p.system_stopping().await),
+            Effect::FollowRotation(dev) => Event::Rotated(self.follow_rotation(&dev).await),
         })
     }
 
@@ -437,6 +439,24 @@ impl<P: Platform> Shell<P> {
             }
         }
         Err(errors)
+    }
+
+    /// A round of rotation following; a header it wrote replaces the one held, and its slots
+    /// go to the core.
+    async fn follow_rotation(&mut self, dev: &Path) -> Result<RotationReport, PlatformError> {
+        let Some(h) = self.header.as_ref() else {
+            return Err(PlatformError::new(
+                PlatformFailure::Internal,
+                "no header held for rotation following",
+            ));
+        };
+        let r = self.p.follow_rotation(dev, h, self.core.settings()).await?;
+        let mut report = r.report;
+        if let Some(h) = r.header {
+            report.slots = Some(self.p.slots(&h));
+            self.header = Some(h);
+        }
+        Ok(report)
     }
 
     /// A damaged or stale header copy is rewritten once the header has proved authentic (key

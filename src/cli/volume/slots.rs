@@ -3,39 +3,21 @@
 //! [`BlockingProvider`]): the real one is Key Vault (`vault_provider` in `volume.rs`), the
 //! unit tests use a local stand-in.
 
-use kvcrypt_crypto::kdf;
+use crate::keyslots;
 use kvcrypt_crypto::secmem::VolumeKey;
-use kvcrypt_exit::{Context, Exit, Failure};
+use kvcrypt_exit::{Context, Failure};
 use kvcrypt_format::{HeaderError, KeySlot, VolumeHeader};
 use kvcrypt_keyvault::{BlockingProvider, PinError, Pins};
 
 /// Wraps the volume's access-check secret for the slot `key_id`/`algorithm` and proves it
-/// unwraps again (a check that fails would make the agent see a healthy volume as revoked).
+/// unwraps again ([`crate::keyslots::make_check`], synchronously).
 pub fn make_check(
     w: &BlockingProvider,
     key_id: &str,
     algorithm: &str,
     vmk: &VolumeKey,
 ) -> Result<Vec<u8>, Failure> {
-    let secret = kdf::access_secret(vmk);
-    let check = w
-        .wrap_access_secret(key_id, algorithm, &secret)
-        .with_context(|| format!("wrapping the access-check secret with {key_id}"))?
-        .wrapped;
-    let back = w
-        .unwrap_access_secret(key_id, algorithm, &check)
-        .with_context(|| format!("unwrapping the new access check with {key_id} to verify it"))?;
-    if back.expose() != secret.expose() {
-        // The vault answered, but inconsistently: none of the specific classes fits.
-        return Err(Failure::new(
-            Exit::Failure,
-            format!(
-                "key {key_id} returned a wrapped access check that does not unwrap to what was \
-                 wrapped; refusing to store it"
-            ),
-        ));
-    }
-    Ok(check)
+    Ok(w.block_on(keyslots::make_check(w.provider(), key_id, algorithm, vmk))?)
 }
 
 /// `https://VAULT/keys/NAME/VERSION` → `https://VAULT/keys/NAME` (unchanged if versionless).
@@ -50,47 +32,15 @@ pub fn versionless(key_id: &str) -> String {
     }
 }
 
-/// Wraps `vmk` into a new slot (id assigned when added to a header) and proves the slot works
-/// by unwrapping it again — a slot that cannot be unwrapped would only be discovered when the
-/// volume is needed.
+/// Wraps `vmk` into a new slot proved to unwrap again ([`crate::keyslots::make_slot`],
+/// synchronously).
 pub fn make_slot(
     w: &BlockingProvider,
     key_id: &str,
     algorithm: Option<&str>,
     vmk: &VolumeKey,
 ) -> Result<KeySlot, Failure> {
-    let wr = w
-        .wrap(key_id, algorithm, vmk)
-        .with_context(|| format!("wrapping the volume key with {key_id}"))?;
-    let back = w
-        .unwrap(&wr.key_id, &wr.algorithm, &wr.wrapped)
-        .with_context(|| {
-            format!(
-                "unwrapping the new key slot with {} to verify it",
-                wr.key_id
-            )
-        })?;
-    if back.expose() != vmk.expose() {
-        // As in `make_check`: an inconsistent vault answer has no specific class.
-        return Err(Failure::new(
-            Exit::Failure,
-            format!(
-                "key {} returned a wrapped key that does not unwrap to the volume key; refusing \
-                 to store it",
-                wr.key_id
-            ),
-        ));
-    }
-    let check = make_check(w, &wr.key_id, &wr.algorithm, vmk)?;
-    Ok(KeySlot {
-        id: 0,
-        provider: kvcrypt_format::PROVIDER_AZURE.into(),
-        key_id: wr.key_id,
-        algorithm: wr.algorithm,
-        wrapped: wr.wrapped,
-        created_at: kvcrypt_format::now_rfc3339(),
-        check: Some(check),
-    })
+    Ok(w.block_on(keyslots::make_slot(w.provider(), key_id, algorithm, vmk))?)
 }
 
 /// For each slot of `h`, the key id to unwrap it with (`None`: not pinned, never tried).
@@ -319,6 +269,7 @@ pub fn rewrap(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvcrypt_crypto::kdf;
     use kvcrypt_testkit::provider::XorVault;
 
     const K1: &str = "https://a.vault.azure.net/keys/vol/v1";

@@ -97,6 +97,9 @@ pub enum Event {
     UblkDeleted(Result<(), PlatformError>),
     HookRan(Result<(), PlatformError>),
     Probed(DeadProbe),
+    /// What a round of rotation following found and did (the shell already holds the new
+    /// header, if one was written).
+    Rotated(Result<RotationReport, PlatformError>),
     /// A cleanup's note for the log.
     Cleaned(String),
     SystemStopping(bool),
@@ -176,6 +179,8 @@ pub enum Effect {
     CleanDeadWorker(Served),
     ReleaseFuse(Served),
     SystemStopping,
+    /// Follow key rotation on the header of `dev` → [`Event::Rotated`].
+    FollowRotation(PathBuf),
 }
 
 impl Effect {

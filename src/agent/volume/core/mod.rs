@@ -32,14 +32,17 @@ use tokio::time::Instant;
 
 use crate::agent::backoff::{Backoff, jitter};
 use crate::agent::config::{RevokePolicy, Selector, VolumeSettings};
-use crate::agent::ports::{AccessClass, AccessError, CloseFailed, PlatformError, Served, SlotRef};
-use crate::agent::status::{LastError, PolicyView, VolumeState, VolumeStatus};
+use crate::agent::ports::{
+    AccessClass, AccessError, CloseFailed, KeyView, PlatformError, RotationReport, Served, SlotRef,
+};
+use crate::agent::status::{LastError, PolicyView, SlotStatus, VolumeState, VolumeStatus};
 
 mod commands;
 mod events;
 mod outcome;
 mod restart;
 mod revoke;
+mod rotation;
 mod shutdown;
 mod slots;
 mod state;
@@ -105,6 +108,15 @@ pub struct Core {
     restarts: u32,
     /// Deaths in a row, each after less than [`STABLE_RUN`] of serving.
     crash_streak: u32,
+    /// When the next round of rotation following is due (at the first access check after
+    /// the volume starts serving, then every `rotation_check`).
+    rotation_due: Instant,
+    /// Unix time of `rotation_due`, published.
+    rotation_due_unix: Option<f64>,
+    /// Every pinned key's current version, as the last round saw it.
+    keys: Vec<KeyView>,
+    /// Versioned key id → Unix time its slot last unwrapped or passed an access check.
+    verified: std::collections::BTreeMap<String, f64>,
     op: Option<Op>,
     pending: Option<Pending>,
     /// The outcome a [`Pending::UnlockSuspended`] answer reports.
@@ -140,6 +152,10 @@ impl Core {
             worker: None,
             restarts: 0,
             crash_streak: 0,
+            rotation_due: now,
+            rotation_due_unix: None,
+            keys: Vec::new(),
+            verified: Default::default(),
             op: None,
             pending: None,
             outcome: None,
@@ -323,7 +339,34 @@ impl Core {
             removed_from_config: !self.configured && !self.runtime,
             opened: self.runtime,
             policy: Some(PolicyView::of(&self.s)),
+            slots: self.slot_statuses(),
+            keys: self.keys.clone(),
+            rotation_next: self
+                .rotation_due_unix
+                .filter(|_| self.s.follow_rotation && self.phase.state() == VolumeState::Serving),
         })));
+    }
+
+    /// The header's slots as `kvcrypt status` shows them.
+    fn slot_statuses(&self) -> Vec<SlotStatus> {
+        let Some(slots) = &self.slots else {
+            return Vec::new();
+        };
+        slots
+            .iter()
+            .map(|s| SlotStatus {
+                key_id: s.key_id.clone(),
+                algorithm: s.algorithm.clone(),
+                verified_at: self.verified.get(&s.key_id).copied(),
+                in_use: self.slot.as_ref().is_some_and(|u| u.key_id == s.key_id),
+                current: self.keys.iter().any(|k| k.current == s.key_id),
+                expires: self
+                    .keys
+                    .iter()
+                    .find(|k| k.current == s.key_id)
+                    .and_then(|k| k.expires),
+            })
+            .collect()
     }
 
     pub(super) fn record_error(&mut self, e: &AccessError, clock: Clock) {
@@ -342,6 +385,8 @@ impl Core {
     /// Starts watching the worker that now serves (a new one, or the same one resumed).
     pub(super) fn serve(&mut self, served: Served, clock: Clock, fx: &mut Vec<Effect>) {
         fx.push(Effect::Watch);
+        // Rotation is followed from the first access check of every serving spell.
+        self.rotation_due = clock.now;
         self.phase = Phase::Serving {
             served,
             since: clock.now,

@@ -53,9 +53,11 @@ impl Core {
                             "volume {}: key slot {} works; using it from now on", self.s.name, slot.key_id);
                     }
                     self.slot = Some(slot.clone());
+                    self.verified.insert(slot.key_id.clone(), clock.unix);
                 }
                 self.accessed(then, r.map(drop), clock, fx);
             }
+            (Op::Rotate, Event::Rotated(r)) => self.rotated(r, clock, fx),
             (Op::CheckStatus, Event::WorkerStatus(r)) => match r {
                 Ok(v) => {
                     self.worker = Some(v);

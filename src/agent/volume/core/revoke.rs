@@ -12,7 +12,13 @@ impl Core {
         match r {
             Ok(()) => {
                 self.record_ok(clock);
-                self.publish(fx);
+                self.next = clock.now + self.interval();
+                if self.rotation_is_due(clock.now) {
+                    self.start_rotation(fx);
+                } else {
+                    self.publish(fx);
+                }
+                return;
             }
             Err(e) => {
                 self.record_error(&e, clock);

@@ -91,6 +91,8 @@ pub(super) enum Op {
         then: AfterAccess,
     },
     CheckStatus,
+    /// A round of rotation following (while serving).
+    Rotate,
     LockSuspend {
         reason: String,
         manual: bool,
