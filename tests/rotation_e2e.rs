@@ -107,6 +107,21 @@ fn a_new_key_version_gets_a_verified_slot_the_old_one_can_be_disabled_and_is_pru
         "{st:?}"
     );
 
+    // What the operator sees.
+    let out = r.lab.kvcrypt().args(["status", "demo"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains(&format!(
+            "/keys/{KEY_NAME}/{new_version} RSA-OAEP-256 (in use, current version, verified"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("rotation:    followed; next lookup"),
+        "{text}"
+    );
+
     // The customer disables the old version: serving goes on without a denied check.
     r.lab
         .emu

@@ -100,6 +100,70 @@ fn ago(t: Option<f64>, now: f64) -> String {
     }
 }
 
+/// "in 3h 20m" (or "3h ago" once past) of a Unix time.
+fn until(t: f64, now: f64) -> String {
+    if t < now {
+        return ago(Some(t), now);
+    }
+    let s = (t - now).round() as u64;
+    format!("in {}", humantime::format_duration(Duration::from_secs(s)))
+}
+
+/// RFC 3339 (UTC, seconds) and "in …" of an expiry.
+fn expiry(exp: i64, now: f64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(exp.max(0) as u64);
+    let word = if (exp as f64) < now {
+        "expired"
+    } else {
+        "expires"
+    };
+    format!(
+        "{word} {} ({})",
+        humantime::format_rfc3339_seconds(at),
+        until(exp as f64, now)
+    )
+}
+
+/// One line per key slot: what it is, whether it is the one in use and when it last worked.
+fn slot_lines(v: &VolumeStatus, now: f64, out: &mut String) {
+    for s in &v.slots {
+        let mut notes = Vec::new();
+        if s.in_use {
+            notes.push("in use".to_owned());
+        }
+        if s.current {
+            notes.push("current version".to_owned());
+        }
+        notes.push(match s.verified_at {
+            Some(t) => format!("verified {}", ago(Some(t), now)),
+            None => "not verified by this agent".to_owned(),
+        });
+        if let Some(exp) = s.expires {
+            notes.push(expiry(exp, now));
+        }
+        out.push_str(&format!(
+            "  slot:        {} {} ({})\n",
+            s.key_id,
+            s.algorithm,
+            notes.join(", ")
+        ));
+    }
+    for k in &v.keys {
+        if !k.enabled {
+            out.push_str(&format!(
+                "  key:         {} current version {} is DISABLED (no slot is added for it)\n",
+                k.key, k.current
+            ));
+        }
+    }
+    if let Some(t) = v.rotation_next {
+        out.push_str(&format!(
+            "  rotation:    followed; next lookup of the keys' current versions {}\n",
+            until(t, now)
+        ));
+    }
+}
+
 /// "fuse (io_uring)", "fuse (dev_fuse)" or "ublk", from a worker's status JSON.
 fn transport_line(worker: &serde_json::Value) -> Option<String> {
     let t = worker.get("transport")?.as_str()?;
@@ -145,6 +209,7 @@ pub fn render_status(vols: &[VolumeStatus], now: f64) -> String {
         if let Some(k) = &v.key_id {
             out.push_str(&format!("  key:         {k}\n"));
         }
+        slot_lines(v, now, &mut out);
         if let Some(p) = &v.policy {
             let policy = match p.revoke_policy {
                 crate::agent::config::RevokePolicy::Suspend => "suspend",
@@ -366,6 +431,49 @@ mod tests {
         assert!(s.contains("transport:   fuse (io_uring)"), "{s}");
         assert!(
             s.contains("key:         https://v.vault.azure.net/keys/k/1"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn status_shows_each_slot_its_expiry_and_the_next_rotation_round() {
+        let mut v = VolumeStatus::new("data");
+        v.state = VolumeState::Serving;
+        v.slots = vec![
+            crate::agent::status::SlotStatus {
+                key_id: "https://v.vault.azure.net/keys/k/1".into(),
+                algorithm: "RSA-OAEP-256".into(),
+                verified_at: Some(1000.0),
+                in_use: false,
+                current: false,
+                expires: None,
+            },
+            crate::agent::status::SlotStatus {
+                key_id: "https://v.vault.azure.net/keys/k/2".into(),
+                algorithm: "RSA-OAEP-256".into(),
+                verified_at: Some(1030.0),
+                in_use: true,
+                current: true,
+                expires: Some(1040 + 3 * 86_400),
+            },
+        ];
+        v.rotation_next = Some(1040.0 + 3600.0);
+        let s = render_status(&[v], 1040.0);
+        assert!(
+            s.contains(
+                "slot:        https://v.vault.azure.net/keys/k/1 RSA-OAEP-256 (verified 40s ago)"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "slot:        https://v.vault.azure.net/keys/k/2 RSA-OAEP-256 (in use, current \
+                 version, verified 10s ago, expires 1970-01-04T00:17:20Z (in 3days))"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains("rotation:    followed; next lookup of the keys' current versions in 1h"),
             "{s}"
         );
     }
