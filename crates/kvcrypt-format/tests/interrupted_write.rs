@@ -82,7 +82,7 @@ fn every_cut_unlocks(
         for round in 0..64 {
             let mut state = disk.clone();
             for s in 0..sectors {
-                if rng.next() % 2 == 0 {
+                if rng.next().is_multiple_of(2) {
                     let r = s * SECTOR..(s + 1) * SECTOR;
                     state[at + r.start..at + r.end].copy_from_slice(&w.bytes[r]);
                 }
