@@ -136,6 +136,8 @@ fn recover_offline_with_the_customer_key_then_rewrap_into_a_new_vault() {
     assert_eq!(r.algorithm, "RSA-OAEP-256");
     assert_eq!(r.wrapped.len(), 384);
     assert!(r.check.is_none());
+    let wrapped = keys.path().join("wrapped.bin");
+    std::fs::write(&wrapped, &r.wrapped).unwrap();
     let dump = cli.run(&["header", "dump", devs]).ok();
     assert!(
         dump.contains("slot 1: recovery (customer-held RSA key")
@@ -148,6 +150,24 @@ fn recover_offline_with_the_customer_key_then_rewrap_into_a_new_vault() {
     let via_vault = cli.dump_master_key(devs);
     let vmk_hex = via_vault.master_key_hex();
     assert_eq!(via_vault.json()["master_key_slot"], 0);
+    // docs/FORMAT.md §3.2 with another implementation: OpenSSL's RSA-OAEP, SHA-256 and
+    // MGF1-SHA-256, empty label, decrypts the slot to the volume key.
+    let plain = openssl(&[
+        "pkeyutl",
+        "-decrypt",
+        "-inkey",
+        rec_sk.to_str().unwrap(),
+        "-in",
+        wrapped.to_str().unwrap(),
+        "-pkeyopt",
+        "rsa_padding_mode:oaep",
+        "-pkeyopt",
+        "rsa_oaep_md:sha256",
+        "-pkeyopt",
+        "rsa_mgf1_md:sha256",
+    ]);
+    let plain_hex: String = plain.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(plain_hex, vmk_hex, "RSA-OAEP-256 of the VMK, as documented");
 
     // The vault is gone, and this machine has no kvcrypt configuration.
     let Kv {
