@@ -184,6 +184,24 @@ fn recover_offline_with_the_customer_key_then_rewrap_into_a_new_vault() {
     let got = recover(&rec_sk, &["--print-dm-crypt", "--json", "--yes"]);
     assert_eq!(got.master_key_hex(), vmk_hex, "recovered the volume key");
     assert_eq!(got.json()["master_key_slot"], 1);
+    // The same key as PKCS#1 ("RSA PRIVATE KEY", `openssl pkey -traditional`).
+    let pkcs1 = keys.path().join("recovery-pkcs1.key");
+    let rec = rec_sk.to_str().unwrap();
+    openssl(&[
+        "pkey",
+        "-in",
+        rec,
+        "-traditional",
+        "-out",
+        pkcs1.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read_to_string(&pkcs1)
+            .unwrap()
+            .contains("BEGIN RSA PRIVATE KEY")
+    );
+    let got1 = recover(&pkcs1, &["--print-dm-crypt", "--json", "--yes"]);
+    assert_eq!(got1.master_key_hex(), vmk_hex);
     let text = recover(&rec_sk, &["--print-dm-crypt", "--yes"]).ok();
     assert!(
         text.contains("master key (unwrapped from slot 1, hex):")
