@@ -286,23 +286,31 @@ fn cases() -> Vec<Case> {
                 HeaderInvalid,
                 HeaderError::UnsupportedVersion {
                     version: 0,
-                    supported: 2,
+                    supported: 3,
                     ..
                 }
             )),
         ),
         c(
-            "version-3.img",
-            || field(OFF_VERSION, &3u16.to_le_bytes()),
+            "version-4.img",
+            || field(OFF_VERSION, &4u16.to_le_bytes()),
             Sized,
             Expect::Err(pat!(
                 HeaderInvalid,
                 HeaderError::UnsupportedVersion {
-                    version: 3,
-                    supported: 2,
+                    version: 4,
+                    supported: 3,
                     ..
                 }
             )),
+        ),
+        c(
+            // Version 3 is the recovery-slot version: a header claiming it without one is not
+            // a header kvcrypt writes (one encoding per content).
+            "v3-without-recovery-slot.img",
+            || field(OFF_VERSION, &3u16.to_le_bytes()),
+            Sized,
+            primary_bad!("format v3 header without a recovery slot"),
         ),
         c(
             "truncated-binary-block.img",
@@ -602,6 +610,28 @@ fn cases() -> Vec<Case> {
             primary_bad!("metadata JSON: invalid type: null, expected a JSON object"),
         ),
         c(
+            // A recovery slot (well-formed, as format v3 has it) in a header that says v2: a v2
+            // reader would not know the provider, so v2 must not carry it.
+            "recovery-slot-in-v2.img",
+            || {
+                json_primary(|s| {
+                    let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
+                    let slots = v["keyslots"].as_array_mut().unwrap();
+                    slots.push(serde_json::json!({
+                        "id": 1,
+                        "provider": "recovery-rsa",
+                        "key_id": format!("sha256:{}", "ab".repeat(32)),
+                        "algorithm": "RSA-OAEP-256",
+                        "wrapped": b64(&[0x5a; 384]),
+                        "created_at": CREATED,
+                    }));
+                    serde_json::to_string_pretty(&v).unwrap()
+                })
+            },
+            Sized,
+            primary_bad!("key slot 1: a recovery-rsa slot in a format v2 header (needs v3)"),
+        ),
+        c(
             "slots-duplicate-id.img",
             || {
                 json_primary(|s| {
@@ -862,18 +892,18 @@ fn cases() -> Vec<Case> {
             },
         ),
         c(
-            "primary-version-3-secondary-valid.img",
+            "primary-version-4-secondary-valid.img",
             || {
                 let mut img = valid();
                 let p = cp(&mut img, HeaderCopy::Primary);
-                put(p, OFF_VERSION, &3u16.to_le_bytes());
+                put(p, OFF_VERSION, &4u16.to_le_bytes());
                 refix(p);
                 trim(img)
             },
             Sized,
             Expect::Opens {
                 used: HeaderCopy::Secondary,
-                damaged: &[(HeaderCopy::Primary, "unsupported version 3")],
+                damaged: &[(HeaderCopy::Primary, "unsupported version 4")],
                 then: Then::Unlocks,
             },
         ),

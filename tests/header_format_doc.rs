@@ -176,3 +176,93 @@ fn document_reproduces_checksum_key_check_and_mac() {
         );
     }
 }
+
+/// docs/FORMAT.md §3.2 and §4 for a v3 header: version 3 in the block and the MAC input, the
+/// recovery slot's exact members, and `lp(check)` of length 0 for it.
+#[test]
+fn document_reproduces_a_v3_header_with_its_recovery_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let vmk = key(3);
+    let p = sized_file(dir.path(), "v3.img", 8 * MIB);
+    let mut h = kvcrypt_format::VolumeHeader::new_for_device(8 * MIB, 4096, "v3", &vmk).unwrap();
+    let mut s0 = slot(1);
+    s0.check = Some(vec![0x11; 40]);
+    h.add_slot(s0);
+    h.add_slot(kvcrypt_format::KeySlot {
+        id: 0,
+        provider: "recovery-rsa".into(),
+        key_id: format!("sha256:{}", "0f".repeat(32)),
+        algorithm: "RSA-OAEP-256".into(),
+        wrapped: vec![0x77; 512],
+        created_at: "2026-11-29T08:30:00Z".into(),
+        check: None,
+    });
+    h.seal(&vmk);
+    kvcrypt_header_io::write(&p, &mut h).unwrap();
+
+    let block = read_at(&p, PRIMARY, 4096);
+    assert_eq!(u16::from_le_bytes([block[8], block[9]]), 3);
+    let md = read_at(&p, PRIMARY + 4096, u64le(&block, 168) as usize);
+    let j: serde_json::Value = serde_json::from_slice(&md).unwrap();
+    let slots = j["keyslots"].as_array().unwrap();
+    let r = slots[1].as_object().unwrap();
+    assert_eq!(
+        r.keys().map(String::as_str).collect::<Vec<_>>(),
+        vec![
+            "algorithm",
+            "created_at",
+            "id",
+            "key_id",
+            "provider",
+            "wrapped"
+        ]
+    );
+    assert_eq!(r["provider"], "recovery-rsa");
+
+    let key_check = hmac(
+        &hkdf32(b"kvcrypt-v1-kdf", vmk.expose(), b"kvcrypt v1 key-check key"),
+        &[b"kvcrypt v1 key check"],
+    );
+    let access_check = hmac(
+        &hkdf32(
+            b"kvcrypt-v1-kdf",
+            vmk.expose(),
+            b"kvcrypt v2 access-check secret",
+        ),
+        &[b"kvcrypt v2 access check"],
+    );
+    let mut input = b"kvcrypt-header-mac-v1".to_vec();
+    input.extend_from_slice(&3u16.to_le_bytes());
+    input.extend_from_slice(&block[24..40]);
+    lp(&mut input, text(&block[40..88]).as_bytes());
+    lp(&mut input, text(&block[88..120]).as_bytes());
+    input.extend_from_slice(&block[120..144]);
+    input.extend_from_slice(&key_check);
+    input.extend_from_slice(&access_check);
+    input.extend_from_slice(&(slots.len() as u32).to_le_bytes());
+    for s in slots {
+        input.extend_from_slice(&(s["id"].as_u64().unwrap() as u32).to_le_bytes());
+        for m in ["provider", "key_id", "algorithm"] {
+            lp(&mut input, s[m].as_str().unwrap().as_bytes());
+        }
+        lp(
+            &mut input,
+            &B64.decode(s["wrapped"].as_str().unwrap()).unwrap(),
+        );
+        lp(&mut input, s["created_at"].as_str().unwrap().as_bytes());
+        let check = s
+            .get("check")
+            .map(|c| B64.decode(c.as_str().unwrap()).unwrap())
+            .unwrap_or_default();
+        lp(&mut input, &check);
+    }
+    let k_mac = hkdf32(
+        b"kvcrypt-v1-kdf",
+        vmk.expose(),
+        b"kvcrypt v1 header-mac key",
+    );
+    assert_eq!(
+        B64.decode(j["mac"]["value"].as_str().unwrap()).unwrap(),
+        hmac(&k_mac, &[&input])
+    );
+}

@@ -275,6 +275,16 @@ impl KeyPort for HostPlatform {
     fn slots(&self, h: &LoadedHeader) -> Vec<SlotRef> {
         h.slots
             .iter()
+            // Only Key Vault slots: the customer-held recovery slot (format v3) is for
+            // `kvcrypt recover` with the customer's private key, never for the agent.
+            .filter(|s| {
+                let vault = s.provider == kvcrypt_format::PROVIDER_AZURE;
+                if !vault {
+                    tracing::debug!(slot = s.id, provider = %s.provider,
+                        "key slot {} ({}) is not a Key Vault slot; not tried", s.id, s.provider);
+                }
+                vault
+            })
             .map(|s| SlotRef {
                 key_id: s.key_id.clone(),
                 algorithm: s.algorithm.clone(),

@@ -51,8 +51,12 @@ pub enum Command {
     Header(HeaderCmd),
     /// Print udev IMPORT{program} properties for a kvcrypt volume (silent, non-zero otherwise).
     Probe(ProbeArgs),
-    /// Add a key slot wrapped by another key (or the latest key version); optionally remove slots.
+    /// Add a key slot wrapped by another key (or the latest key version), or the customer-held
+    /// recovery slot; optionally remove slots.
     Rewrap(RewrapArgs),
+    /// Unlock DEVICE offline with the customer's recovery private key (no vault, no
+    /// configuration), then print what dm-crypt needs or re-wrap the key into a new Key Vault slot.
+    Recover(RecoverArgs),
     /// Measure the XTS engine (MB/s per core), like `cryptsetup benchmark`.
     Benchmark(BenchmarkArgs),
     /// Unlock DEVICE and serve its plaintext as a block device named NAME (handed to the
@@ -113,6 +117,11 @@ pub struct FormatArgs {
     /// not unlock the volume with it until it is pinned.
     #[arg(long)]
     pub allow_unpinned_key: bool,
+    /// Also add a customer-held recovery slot: the volume key wrapped locally (RSA-OAEP-256)
+    /// with this RSA public key (PEM, SPKI "PUBLIC KEY" or PKCS#1 "RSA PUBLIC KEY", 3072 or
+    /// 4096 bits). `kvcrypt recover` opens the volume with the private key, without Key Vault.
+    #[arg(long, value_name = "FILE")]
+    pub recovery_public_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,10 +129,17 @@ pub enum HeaderCmd {
     /// Print the header (both copies' state, key slots).
     Dump(HeaderDumpArgs),
     /// Save both header copies and the metadata area to FILE.
-    Backup { device: PathBuf, file: PathBuf },
+    Backup {
+        /// The kvcrypt volume (block device or image file).
+        device: PathBuf,
+        /// New file to write the raw 1 MiB header area to (created, mode 0600).
+        file: PathBuf,
+    },
     /// Write a header backup from FILE back to DEVICE.
     Restore {
+        /// The device to write the backup's header onto.
         device: PathBuf,
+        /// A file made by `kvcrypt header backup`.
         file: PathBuf,
         /// Do not ask for confirmation.
         #[arg(long)]
@@ -133,6 +149,7 @@ pub enum HeaderCmd {
 
 #[derive(Debug, Args)]
 pub struct HeaderDumpArgs {
+    /// The kvcrypt volume (block device or image file).
     pub device: PathBuf,
     /// Machine-readable output.
     #[arg(long)]
@@ -158,8 +175,10 @@ pub struct ProbeArgs {
 
 #[derive(Debug, Args)]
 pub struct RewrapArgs {
+    /// The kvcrypt volume (block device or image file).
     pub device: PathBuf,
-    /// Key to wrap the new slot with (default: latest version of the key of slot 0).
+    /// Key to wrap the new slot with (default: latest version of the key of slot 0; with
+    /// --recovery-public-key and no --key-id, no Key Vault slot is added).
     #[arg(long)]
     pub key_id: Option<String>,
     /// Wrap algorithm for the new slot.
@@ -175,6 +194,46 @@ pub struct RewrapArgs {
     /// `[vault]`), trusting the key ids on the disk for this command. Only for volumes whose disk you trust.
     #[arg(long)]
     pub allow_unpinned_key: bool,
+    /// Add a customer-held recovery slot for this RSA public key (PEM, SPKI or PKCS#1, 3072 or
+    /// 4096 bits), wrapped locally. Nothing changes if the recovery slot already holds this
+    /// key; a recovery slot of another key is refused unless --replace-recovery is given.
+    #[arg(long, value_name = "FILE")]
+    pub recovery_public_key: Option<PathBuf>,
+    /// Replace the volume's existing recovery slot with one for --recovery-public-key (the old
+    /// private key no longer opens the volume).
+    #[arg(long, requires = "recovery_public_key")]
+    pub replace_recovery: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["print_dm_crypt", "rewrap_key"])))]
+pub struct RecoverArgs {
+    /// The kvcrypt volume (block device, image file or a copy of its header area).
+    pub device: PathBuf,
+    /// The recovery private key (PEM, unencrypted PKCS#8 "PRIVATE KEY" or PKCS#1 "RSA PRIVATE
+    /// KEY") whose public key was given to --recovery-public-key.
+    #[arg(long, value_name = "FILE")]
+    pub private_key: PathBuf,
+    /// Print the volume master key and the dm-crypt command that opens the data with it (the
+    /// output of `header dump --dump-master-key`). Needs no vault and no configuration.
+    #[arg(long)]
+    pub print_dm_crypt: bool,
+    /// Wrap the volume key with this Key Vault key into a new key slot, so the agent and
+    /// `open` unlock the volume again (needs the [vault] configuration; the key must be pinned).
+    #[arg(long, value_name = "KEYID")]
+    pub rewrap_key: Option<String>,
+    /// Wrap algorithm for the new slot (with --rewrap-key).
+    #[arg(long, requires = "rewrap_key")]
+    pub algorithm: Option<String>,
+    /// With --rewrap-key: wrap with a key the configuration does not pin.
+    #[arg(long, requires = "rewrap_key")]
+    pub allow_unpinned_key: bool,
+    /// With --print-dm-crypt: machine-readable output (as `header dump --json`).
+    #[arg(long, requires = "print_dm_crypt")]
+    pub json: bool,
+    /// Do not ask for confirmation (typing YES on the terminal).
+    #[arg(long)]
+    pub yes: bool,
 }
 
 #[derive(Debug, Args)]
@@ -226,6 +285,7 @@ pub struct OpenArgs {
 
 #[derive(Debug, Args)]
 pub struct CloseArgs {
+    /// Name of the served volume (as given to `open`).
     pub name: String,
 }
 
@@ -250,6 +310,7 @@ pub struct UdevNameArgs {
 
 #[derive(Debug, Args)]
 pub struct NameArgs {
+    /// Name of the volume served by the agent.
     pub name: String,
 }
 
@@ -263,6 +324,7 @@ pub struct StatusArgs {
 
 #[derive(Debug, Args)]
 pub struct CompletionsArgs {
+    /// The shell to print completions for.
     pub shell: clap_complete::Shell,
 }
 
@@ -370,7 +432,11 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
     let config = cli.config;
     if matches!(
         cli.command,
-        Command::Format(_) | Command::Header(_) | Command::Rewrap(_) | Command::Open(_)
+        Command::Format(_)
+            | Command::Header(_)
+            | Command::Rewrap(_)
+            | Command::Recover(_)
+            | Command::Open(_)
     ) {
         harden();
     }
@@ -378,6 +444,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
     let holds_keys = match &cli.command {
         Command::Format(_)
         | Command::Rewrap(_)
+        | Command::Recover(_)
         | Command::Open(_)
         | Command::Worker(_)
         | Command::Agent(_) => true,
@@ -392,6 +459,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Header(h) => volume::header(&config, h),
         Command::Probe(a) => volume::probe(a),
         Command::Rewrap(a) => volume::rewrap(&config, a),
+        Command::Recover(a) => volume::recover(&config, a),
         Command::Benchmark(a) => volume::benchmark(a),
         Command::Open(a) => serve::open(&config, a),
         Command::Close(a) => serve::close(a),

@@ -54,6 +54,9 @@ pub enum Exit {
     /// Key memory cannot be locked in RAM (memfd_secret and mlock failed) and swappable key
     /// pages are not allowed (`KVCRYPT_ALLOW_UNLOCKED_KEY_MEMORY=1`).
     KeyMemory = 16,
+    /// A recovery key file (`--recovery-public-key`, `--private-key`) is not an RSA key kvcrypt
+    /// accepts: not PEM, not RSA, encrypted, or a size other than 3072 or 4096 bits.
+    RecoveryKey = 17,
 }
 
 impl Exit {

@@ -110,7 +110,7 @@ pub fn parse_image(
         return Err(HeaderError::UnsupportedVersion {
             path,
             version,
-            supported: layout::VERSION,
+            supported: layout::NEWEST,
         });
     }
     // Truncation with nothing else wrong (the other copy cut off or absent): say so plainly.

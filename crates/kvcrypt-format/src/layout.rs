@@ -13,8 +13,15 @@ pub const VERSION_1: u16 = 1;
 /// checks never unwrap the VMK. A v1 header is read and served as it is; it becomes v2 at its
 /// next sealing write (format, rewrap, slot changes).
 pub const VERSION_2: u16 = 2;
-/// The version every sealing write produces.
+/// Format version 3: v2 plus the customer-held recovery slot (docs/FORMAT.md §3.2). Written
+/// only for a header that has a recovery slot, so volumes without one stay readable by v2
+/// readers.
+pub const VERSION_3: u16 = 3;
+/// The version a sealing write produces for a header without a recovery slot (with one:
+/// [`VERSION_3`], see `recovery::version_for`).
 pub const VERSION: u16 = VERSION_2;
+/// The newest version this crate reads.
+pub const NEWEST: u16 = VERSION_3;
 /// Size of the binary part of a header copy.
 pub const BINARY_HEADER_SIZE: usize = 4096;
 /// Size of one header copy (binary block + metadata area).
@@ -147,7 +154,7 @@ pub fn decode_copy(bytes: &[u8]) -> Result<(RawBinary, &[u8]), DecodeError> {
         return Err(DecodeError::Absent);
     }
     let version = u16_at(bytes, OFF_VERSION);
-    if version != VERSION_1 && version != VERSION_2 {
+    if !(VERSION_1..=NEWEST).contains(&version) {
         return Err(DecodeError::UnsupportedVersion(version));
     }
     if bytes.len() < BINARY_HEADER_SIZE {
@@ -291,9 +298,10 @@ mod tests {
             decode_copy(&bytes[..4097]),
             Err(DecodeError::Truncated(_))
         ));
-        let mut v3 = bytes.clone();
-        v3[8] = 3;
-        assert_eq!(decode_copy(&v3), Err(DecodeError::UnsupportedVersion(3)));
+        // Version 3 (recovery slot) is known; the next one is not.
+        let mut v4 = bytes.clone();
+        v4[8] = 4;
+        assert_eq!(decode_copy(&v4), Err(DecodeError::UnsupportedVersion(4)));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! On-disk volume header, format v1 and v2 (docs/FORMAT.md is the normative description).
+//! On-disk volume header, format v1, v2 and v3 (docs/FORMAT.md is the normative description).
 //!
 //! Two copies of the header live in the first MiB of the device (primary at 0, secondary at
 //! 512 KiB). Each is a 4096-byte binary block followed by a JSON metadata area with the key
@@ -12,7 +12,8 @@
 //! keeps this crate free of file, process and network access.
 //!
 //! Submodules: `layout` (bytes), `metadata` (JSON), `auth` (key check, MAC), `copies` (the
-//! two-copy rules: [`parse_image`], [`plan_write`]).
+//! two-copy rules: [`parse_image`], [`plan_write`]), `recovery` (the customer-held recovery
+//! slot of format v3).
 
 // This crate needs no `unsafe`; the compiler keeps it that way.
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ mod copies;
 pub mod fuzzing;
 pub mod layout;
 mod metadata;
+pub mod recovery;
 
 use std::path::PathBuf;
 
@@ -31,6 +33,7 @@ use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_exit::{Exit, ExitClass};
 
 pub use copies::{CopyWrite, ProbeInfo, WritePlan, check_device_size, parse_image, plan_write};
+pub use recovery::PROVIDER_RECOVERY;
 
 /// The provider name of Azure Key Vault / Managed HSM key slots.
 pub const PROVIDER_AZURE: &str = "azure-keyvault";
@@ -39,11 +42,14 @@ pub const PROVIDER_AZURE: &str = "azure-keyvault";
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeySlot {
     pub id: u32,
-    /// Who can unwrap it (`azure-keyvault`).
+    /// Who can unwrap it (`azure-keyvault`, or `recovery-rsa` for the customer-held recovery
+    /// slot of format v3).
     pub provider: String,
-    /// Full, versioned key id: `https://VAULT/keys/NAME/VERSION`.
+    /// Full, versioned key id: `https://VAULT/keys/NAME/VERSION` (recovery slot: the public
+    /// key's fingerprint `sha256:HEX`).
     pub key_id: String,
-    /// Wrap algorithm (`RSA-OAEP-256`, `RSA-OAEP`, `A256KW`, `CKM_AES_KEY_WRAP`).
+    /// Wrap algorithm (`RSA-OAEP-256`, `RSA-OAEP`, `A256KW`, `CKM_AES_KEY_WRAP`; recovery
+    /// slot: `RSA-OAEP-256`).
     pub algorithm: String,
     /// The wrapped VMK as returned by the provider (base64 in the JSON).
     pub wrapped: Vec<u8>,
@@ -72,7 +78,8 @@ impl std::fmt::Debug for KeySlot {
 /// The decoded volume header (one copy's content).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeHeader {
-    /// Format version of this header: [`layout::VERSION_1`] or [`layout::VERSION_2`].
+    /// Format version of this header: [`layout::VERSION_1`], [`layout::VERSION_2`] or
+    /// [`layout::VERSION_3`] (v2 with a recovery slot).
     pub version: u16,
     pub uuid: uuid::Uuid,
     /// At most 47 bytes of UTF-8, no NUL.
@@ -313,9 +320,10 @@ impl VolumeHeader {
     /// (sealing with a wrong key would lock the volume's real key out).
     ///
     /// Sealing writes the current format version: a v1 header becomes v2 and gains the
-    /// access-check digest (its slots gain access-check slots as the caller wraps them).
+    /// access-check digest (its slots gain access-check slots as the caller wraps them); a
+    /// header with a recovery slot is v3, and becomes v2 again when that slot is removed.
     pub fn seal(&mut self, vmk: &VolumeKey) {
-        self.version = layout::VERSION;
+        self.version = recovery::version_for(&self.slots);
         self.access_check = Some(kdf::access_check_digest(kdf::access_secret(vmk).expose()));
         self.key_check = auth::key_check(vmk);
         self.mac = auth::mac(vmk, self, &self.key_check);
@@ -365,7 +373,9 @@ impl VolumeHeader {
         id
     }
 
-    /// Removes the slot `id`; refuses to remove the last slot (the volume would be unopenable).
+    /// Removes the slot `id`; refuses to remove the last slot (the volume would be unopenable)
+    /// and the last one that is not the recovery slot (the agent never uses the recovery slot,
+    /// so the volume could only be opened by hand with the customer's private key).
     pub fn remove_slot(&mut self, id: u32) -> Result<KeySlot, HeaderError> {
         let pos = self
             .slots
@@ -378,7 +388,20 @@ impl VolumeHeader {
                  be opened again"
             )));
         }
+        let others_usable = self.slots.iter().any(|s| s.id != id && !s.is_recovery());
+        if !self.slots[pos].is_recovery() && !others_usable {
+            return Err(HeaderError::Invalid(format!(
+                "refusing to remove key slot {id}: it is the last Key Vault slot, and only the \
+                 recovery slot would remain (the agent never unlocks with it); add a Key Vault \
+                 slot first (`kvcrypt rewrap --key-id`)"
+            )));
+        }
         Ok(self.slots.remove(pos))
+    }
+
+    /// The customer-held recovery slot, if the header has one (format v3).
+    pub fn recovery_slot(&self) -> Option<&KeySlot> {
+        self.slots.iter().find(|s| s.is_recovery())
     }
 
     /// The stored key-check digest.
@@ -496,6 +519,7 @@ impl VolumeHeader {
         let cipher =
             layout::text_field(&raw.cipher).map_err(|e| Corrupt(format!("cipher: {e}")))?;
         let decoded = metadata::decode(md, raw.version).map_err(Corrupt)?;
+        recovery::check(raw.version, &decoded.slots).map_err(Corrupt)?;
         let h = VolumeHeader {
             version: raw.version,
             uuid: uuid::Uuid::from_bytes(raw.uuid),
@@ -620,6 +644,124 @@ mod tests {
         h.version = layout::VERSION_2;
         let bytes = h.encode_copy(HeaderCopy::Primary, 1).unwrap();
         assert!(VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).is_err());
+    }
+
+    /// A recovery slot as `kvcrypt format --recovery-public-key` makes it (3072-bit key).
+    fn recovery_slot() -> KeySlot {
+        KeySlot {
+            id: 0,
+            provider: PROVIDER_RECOVERY.into(),
+            key_id: recovery::fingerprint(b"customer spki"),
+            algorithm: recovery::RECOVERY_ALGORITHM.into(),
+            wrapped: (0..384u32).map(|i| i as u8).collect(),
+            created_at: "2026-02-01T00:00:00Z".into(),
+            check: None,
+        }
+    }
+
+    fn with_recovery(vmk: &VolumeKey) -> VolumeHeader {
+        let mut h = VolumeHeader::new_for_device(10 << 20, 4096, "rec", vmk).unwrap();
+        h.add_slot(slot(1));
+        h.add_slot(recovery_slot());
+        h.seal(vmk);
+        h
+    }
+
+    #[test]
+    fn recovery_slot_round_trips_in_a_v3_header() {
+        let vmk = key(7);
+        let h = with_recovery(&vmk);
+        assert_eq!(
+            h.version,
+            layout::VERSION_3,
+            "a recovery slot makes the header v3"
+        );
+        let bytes = h.encode_copy(HeaderCopy::Primary, 5).unwrap();
+        assert_eq!(&bytes[8..10], &[3, 0], "written as version 3");
+        let back = VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).unwrap();
+        let mut want = h.clone();
+        want.sequence = 5;
+        assert_eq!(back, want);
+        back.verify_key(&vmk).unwrap();
+        let r = back.recovery_slot().expect("recovery slot");
+        assert_eq!(r.id, 1);
+        assert_eq!(r.recovery_bits(), Some(3072));
+        assert!(r.check.is_none());
+        // Removing it makes the next seal write v2 again (readable by the previous release).
+        let mut h2 = back;
+        h2.remove_slot(1).unwrap();
+        h2.seal(&vmk);
+        assert_eq!(h2.version, layout::VERSION_2);
+        let bytes = h2.encode_copy(HeaderCopy::Primary, 6).unwrap();
+        assert_eq!(&bytes[8..10], &[2, 0]);
+        VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary)
+            .unwrap()
+            .verify_key(&vmk)
+            .unwrap();
+    }
+
+    #[test]
+    fn the_mac_covers_the_recovery_slot() {
+        let vmk = key(8);
+        let h = with_recovery(&vmk);
+        h.verify_key(&vmk).unwrap();
+        let pos = h.slots.iter().position(|s| s.is_recovery()).unwrap();
+        let mut t = h.clone();
+        t.slots[pos].wrapped[100] ^= 1;
+        assert!(matches!(t.verify_key(&vmk), Err(HeaderError::Tampered)));
+        let mut t = h.clone();
+        // Another fingerprint (one hex digit changed): still a well-formed slot, but tampered.
+        let mut id = t.slots[pos].key_id.clone().into_bytes();
+        let last = id.len() - 1;
+        id[last] = if id[last] == b'0' { b'1' } else { b'0' };
+        t.slots[pos].key_id = String::from_utf8(id).unwrap();
+        assert!(matches!(t.verify_key(&vmk), Err(HeaderError::Tampered)));
+        // The same changes through the bytes on disk: the copy decodes, the MAC refuses it.
+        let bytes = t.encode_copy(HeaderCopy::Primary, 2).unwrap();
+        let back = VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).unwrap();
+        assert!(matches!(back.verify_key(&vmk), Err(HeaderError::Tampered)));
+        // Dropping the recovery slot (and the version with it) is tampering too.
+        let mut t = h;
+        t.slots.remove(pos);
+        t.version = layout::VERSION_2;
+        assert!(matches!(t.verify_key(&vmk), Err(HeaderError::Tampered)));
+    }
+
+    #[test]
+    fn a_recovery_slot_needs_version_3_and_version_3_needs_one() {
+        let vmk = key(9);
+        // A v2 header carrying a recovery slot is refused: v2 readers would not know it.
+        let mut h = with_recovery(&vmk);
+        h.version = layout::VERSION_2;
+        let bytes = h.encode_copy(HeaderCopy::Primary, 1).unwrap();
+        let e = VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).unwrap_err();
+        assert!(format!("{e:?}").contains("needs v3"), "{e:?}");
+        // A v3 header without one is refused (one encoding per content).
+        let mut h = VolumeHeader::new_for_device(10 << 20, 4096, "x", &vmk).unwrap();
+        h.add_slot(slot(1));
+        h.seal(&vmk);
+        h.version = layout::VERSION_3;
+        let bytes = h.encode_copy(HeaderCopy::Primary, 1).unwrap();
+        assert!(VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).is_err());
+        // Version 4 is unknown.
+        let mut h = with_recovery(&vmk);
+        h.version = 4;
+        let bytes = h.encode_copy(HeaderCopy::Primary, 1).unwrap();
+        assert!(matches!(
+            VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary),
+            Err(layout::DecodeError::UnsupportedVersion(4))
+        ));
+    }
+
+    #[test]
+    fn the_recovery_slot_never_remains_alone() {
+        let vmk = key(10);
+        let mut h = with_recovery(&vmk);
+        let e = h.remove_slot(0).unwrap_err();
+        assert!(format!("{e}").contains("last Key Vault slot"), "{e}");
+        assert_eq!(h.slots.len(), 2);
+        h.remove_slot(1).unwrap();
+        assert!(h.recovery_slot().is_none());
     }
 
     #[test]

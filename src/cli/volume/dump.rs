@@ -8,7 +8,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use zeroize::Zeroizing;
 
 use kvcrypt_crypto::secmem::VolumeKey;
-use kvcrypt_format::{HeaderCopy, LoadedHeader};
+use kvcrypt_format::{HeaderCopy, KeySlot, LoadedHeader};
 
 fn hex(bytes: &[u8]) -> Zeroizing<String> {
     let mut s = Zeroizing::new(String::with_capacity(bytes.len() * 2));
@@ -38,6 +38,32 @@ pub fn cryptsetup_command(device: &Path, l: &LoadedHeader) -> String {
         l.sector_size,
         device.display()
     )
+}
+
+/// The customer-held recovery slot: what it is and which key pair opens it (the fingerprint
+/// is what `openssl pkey -pubin -in PUB.pem -outform DER | sha256sum` prints).
+fn recovery_text(s: &mut String, slot: &KeySlot) {
+    let _ = writeln!(
+        s,
+        "  slot {}: recovery (customer-held RSA key; never used by the agent)",
+        slot.id
+    );
+    let _ = writeln!(s, "    fingerprint: {}", slot.key_id);
+    let bits = slot
+        .recovery_bits()
+        .map_or_else(|| "unknown".to_string(), |b| format!("{b}-bit RSA"));
+    let _ = writeln!(s, "    key size:    {bits}");
+    let _ = writeln!(
+        s,
+        "    algorithm:   {} (OAEP with SHA-256, MGF1-SHA-256)",
+        slot.algorithm
+    );
+    let _ = writeln!(s, "    wrapped key: {} bytes", slot.wrapped.len());
+    let _ = writeln!(s, "    created at:  {}", slot.created_at);
+    let _ = writeln!(
+        s,
+        "    opens with:  kvcrypt recover DEVICE --private-key FILE"
+    );
 }
 
 /// Zeroizing because with `--dump-master-key` it holds the key.
@@ -74,6 +100,10 @@ pub fn text(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
     let _ = writeln!(s, "  header MAC:    {}", B64.encode(l.mac()));
     let _ = writeln!(s, "key slots:");
     for slot in &l.slots {
+        if slot.is_recovery() {
+            recovery_text(&mut s, slot);
+            continue;
+        }
         let _ = writeln!(s, "  slot {}: {}", slot.id, slot.provider);
         let _ = writeln!(s, "    key id:      {}", slot.key_id);
         let _ = writeln!(s, "    algorithm:   {}", slot.algorithm);
@@ -118,6 +148,8 @@ pub fn json(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
         .map(|s| {
             serde_json::json!({
                 "id": s.id,
+                "kind": if s.is_recovery() { "recovery" } else { "key-vault" },
+                "bits": s.recovery_bits(),
                 "provider": s.provider,
                 "key_id": s.key_id,
                 "algorithm": s.algorithm,

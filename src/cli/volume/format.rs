@@ -1,4 +1,5 @@
-//! `kvcrypt format`: safety checks, VMK generation, first key slot, optional wipe, header write.
+//! `kvcrypt format`: safety checks, VMK generation, first key slot (and the customer-held
+//! recovery slot when asked), optional wipe, header write.
 
 use std::fs::File;
 use std::io::{IsTerminal, Read};
@@ -7,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use rand::RngCore;
 
+use super::recovery_key::RecoveryPublicKey;
 use super::signatures;
 use super::slots::make_slot;
 use crate::cli::CliError;
@@ -27,6 +29,8 @@ pub struct FormatPlan {
     pub wipe: bool,
     /// Show a progress bar for the wipe (only when stderr is a terminal).
     pub progress: bool,
+    /// Also wrap the VMK with the customer's recovery public key (`--recovery-public-key`).
+    pub recovery: Option<RecoveryPublicKey>,
 }
 
 /// Reads a customer-supplied VMK: exactly 64 raw bytes, two different AES-256 halves
@@ -140,6 +144,9 @@ pub fn format_device(
     // Wrap before touching the device: a vault failure leaves it unchanged.
     let slot = make_slot(w, &plan.key_id, plan.algorithm.as_deref(), &vmk)?;
     h.add_slot(slot);
+    if let Some(r) = &plan.recovery {
+        h.add_slot(r.make_slot(&vmk)?);
+    }
     h.seal(&vmk);
     if plan.wipe {
         wipe_data_area(&f, path, &h, &vmk, plan.progress)?;
@@ -214,6 +221,7 @@ mod tests {
             force: false,
             wipe: false,
             progress: false,
+            recovery: None,
         }
     }
 

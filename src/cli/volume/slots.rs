@@ -9,6 +9,9 @@ use kvcrypt_exit::{Context, Failure};
 use kvcrypt_format::{HeaderError, KeySlot, VolumeHeader};
 use kvcrypt_keyvault::{BlockingProvider, PinError, Pins};
 
+use super::recovery_key::RecoveryPublicKey;
+use crate::cli::CliError;
+
 /// Wraps the volume's access-check secret for the slot `key_id`/`algorithm` and proves it
 /// unwraps again ([`crate::keyslots::make_check`], synchronously).
 pub fn make_check(
@@ -44,10 +47,29 @@ pub fn make_slot(
 }
 
 /// For each slot of `h`, the key id to unwrap it with (`None`: not pinned, never tried).
-/// Refuses, before any request, a header none of whose slots names a pinned key.
+/// Refuses, before any request, a header none of whose slots names a pinned key. Only Key
+/// Vault slots take part: the customer-held recovery slot is never sent to a vault (its key
+/// id is a fingerprint), even with `--allow-unpinned-key`.
 pub fn pinned_ids(h: &VolumeHeader, pins: &Pins) -> Result<Vec<Option<String>>, PinError> {
-    let ids: Vec<&str> = h.slots.iter().map(|s| s.key_id.as_str()).collect();
-    let chosen = pins.select(&ids)?;
+    let vault = |s: &KeySlot| s.provider == kvcrypt_format::PROVIDER_AZURE;
+    let ids: Vec<&str> = h
+        .slots
+        .iter()
+        .filter(|s| vault(s))
+        .map(|s| s.key_id.as_str())
+        .collect();
+    let mut selected = pins.select(&ids)?.into_iter();
+    let chosen: Vec<Option<String>> = h
+        .slots
+        .iter()
+        .map(|s| {
+            if vault(s) {
+                selected.next().flatten()
+            } else {
+                None
+            }
+        })
+        .collect();
     for (s, id) in h.slots.iter().zip(&chosen) {
         if id.is_some() && pins.pin_for(&s.key_id).is_none() {
             eprintln!(
@@ -83,6 +105,13 @@ fn unlock_with(
     let mut reasons = Vec::new();
     let mut last: Option<Failure> = None;
     for (s, id) in h.slots.iter().zip(chosen) {
+        if s.is_recovery() {
+            reasons.push(format!(
+                "slot {}: the customer-held recovery slot (only `kvcrypt recover` uses it)",
+                s.id
+            ));
+            continue;
+        }
         if s.provider != kvcrypt_format::PROVIDER_AZURE {
             reasons.push(format!("slot {}: unknown provider {:?}", s.id, s.provider));
             continue;
@@ -126,6 +155,10 @@ pub struct RewrapPlan {
     pub algorithm: Option<String>,
     pub add: bool,
     pub remove: Vec<u32>,
+    /// Add a recovery slot for this public key (wrapped locally, no vault call).
+    pub recovery: Option<RecoveryPublicKey>,
+    /// Replace an existing recovery slot of another key (without it, such a rewrap is refused).
+    pub replace_recovery: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -139,6 +172,10 @@ pub struct RewrapOutcome {
     pub checks_added: Vec<u32>,
     /// Existing slots whose access check could not be made, and why.
     pub checks_failed: Vec<(u32, String)>,
+    /// The recovery slot added.
+    pub recovery_added: Option<u32>,
+    /// Set when no recovery slot was added because this one already holds that public key.
+    pub recovery_present: Option<u32>,
 }
 
 /// Adds/removes slots in `h` and re-seals it. The caller writes it (only if something changed).
@@ -148,7 +185,7 @@ pub fn rewrap(
     plan: &RewrapPlan,
     pins: &Pins,
 ) -> Result<RewrapOutcome, Failure> {
-    if !plan.add && plan.remove.is_empty() {
+    if !plan.add && plan.remove.is_empty() && plan.recovery.is_none() {
         return Err(
             HeaderError::Invalid("nothing to do: --no-add without --remove-slot".into()).into(),
         );
@@ -162,12 +199,53 @@ pub fn rewrap(
         }
     }
     // With an add, a slot for the target key always remains (added, or present and kept).
-    if !plan.add && remove.len() >= h.slots.len() {
+    // The recovery slot does not count: the agent never unlocks with it.
+    let vault_left = h
+        .slots
+        .iter()
+        .filter(|s| !s.is_recovery() && !remove.contains(&s.id))
+        .count();
+    if !plan.add && vault_left == 0 {
         return Err(HeaderError::Invalid(
-            "refusing to remove every key slot: the volume could never be opened again".into(),
+            "refusing to remove every Key Vault slot: the volume could never be opened again \
+             (except by hand with the recovery key)"
+                .into(),
         )
         .into());
     }
+    // The recovery slot: same key → nothing to do; another key → only with --replace-recovery.
+    // Decided before any request, so a refusal costs no vault call.
+    let recovery = match (&plan.recovery, h.recovery_slot()) {
+        (None, _) => None,
+        (Some(r), Some(old)) if old.key_id == r.fingerprint => {
+            if plan.replace_recovery && !remove.contains(&old.id) {
+                remove.push(old.id);
+                Some(r)
+            } else {
+                None
+            }
+        }
+        (Some(r), Some(old)) => {
+            if !plan.replace_recovery && !remove.contains(&old.id) {
+                return Err(CliError::Busy(format!(
+                    "the volume already has a recovery slot (slot {}, {}); pass \
+                     --replace-recovery to replace it with {}, or remove it first \
+                     (--remove-slot {})",
+                    old.id, old.key_id, r.fingerprint, old.id
+                ))
+                .into());
+            }
+            if !remove.contains(&old.id) {
+                remove.push(old.id);
+            }
+            Some(r)
+        }
+        (Some(r), None) => Some(r),
+    };
+    let recovery_present = match (&plan.recovery, recovery) {
+        (Some(_), None) => h.recovery_slot().map(|s| s.id),
+        _ => None,
+    };
     // Before any request: the new slot's key must be pinned too (an explicit one is checked
     // here; the default, the latest version of the first pinned slot's key, is pinned).
     let explicit = plan
@@ -201,7 +279,12 @@ pub fn rewrap(
         removed: Vec::new(),
         checks_added: Vec::new(),
         checks_failed: Vec::new(),
+        recovery_added: None,
+        recovery_present,
     };
+    if let Some(r) = recovery {
+        out.recovery_added = Some(h.add_slot(r.make_slot(&vmk)?));
+    }
     if plan.add {
         let target = match explicit {
             Some(k) => k,
@@ -238,7 +321,11 @@ pub fn rewrap(
     // Slots from before format v2 gain their access check here, so the agent's periodic
     // checks stop unwrapping the VMK. A key that cannot wrap now (wrapKey not permitted,
     // version disabled) keeps its slot as it was: it still unlocks, checks fall back to it.
-    for s in h.slots.iter_mut().filter(|s| s.check.is_none()) {
+    for s in h
+        .slots
+        .iter_mut()
+        .filter(|s| s.check.is_none() && !s.is_recovery())
+    {
         let id = pinned
             .iter()
             .find(|(i, _)| *i == s.id)
@@ -395,6 +482,7 @@ mod tests {
             key_id: Some(OTHER.into()),
             algorithm: Some("RSA-OAEP".into()),
             remove: vec![],
+            ..Default::default()
         };
         let out = rewrap(&mut h, &w, &plan, &pins()).unwrap();
         assert_eq!(out.added, Some(1));
@@ -450,6 +538,79 @@ mod tests {
         assert!(h.slots[0].check.is_some());
         h.verify_key(&k).unwrap();
         h.verify_access_secret(secret.expose()).unwrap();
+    }
+
+    /// A recovery public key file for a fresh 3072-bit key pair; the private key with it.
+    fn recovery_key(dir: &std::path::Path, name: &str) -> (RecoveryPublicKey, rsa::RsaPrivateKey) {
+        use rsa::pkcs8::{EncodePublicKey, LineEnding};
+        let sk = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 3072).unwrap();
+        let p = dir.join(name);
+        let pem = sk
+            .to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap();
+        std::fs::write(&p, pem).unwrap();
+        (RecoveryPublicKey::read(&p).unwrap(), sk)
+    }
+
+    #[test]
+    fn rewrap_adds_replaces_and_never_unlocks_with_the_recovery_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = XorVault::new(&[K1]).blocking();
+        let (mut h, k) = volume(&w);
+        let (r1, sk1) = recovery_key(dir.path(), "r1.pem");
+        let r1_again = RecoveryPublicKey::read(&dir.path().join("r1.pem")).unwrap();
+        let (r2, _) = recovery_key(dir.path(), "r2.pem");
+        let plan = |r, replace| RewrapPlan {
+            recovery: Some(r),
+            replace_recovery: replace,
+            ..Default::default()
+        };
+        let out = rewrap(&mut h, &w, &plan(r1, false), &pins()).unwrap();
+        assert_eq!(out.recovery_added, Some(1));
+        assert_eq!(
+            out.added, None,
+            "no Key Vault slot added with the recovery slot"
+        );
+        assert_eq!(h.version, kvcrypt_format::layout::VERSION_3);
+        h.verify_key(&k).unwrap();
+        let slot = h.recovery_slot().unwrap().clone();
+        let vmk =
+            rsa::RsaPrivateKey::decrypt(&sk1, rsa::Oaep::new::<sha2::Sha256>(), &slot.wrapped)
+                .unwrap();
+        assert_eq!(&vmk[..], &k.expose()[..], "RSA-OAEP-256 of the VMK");
+        // The same public key again: nothing to do.
+        let out = rewrap(&mut h, &w, &plan(r1_again, false), &pins()).unwrap();
+        assert_eq!((out.recovery_added, out.recovery_present), (None, Some(1)));
+        // Another key: refused (exit 10) unless replacing; a refusal changes nothing.
+        let r2b = RecoveryPublicKey::read(&dir.path().join("r2.pem")).unwrap();
+        let e = rewrap(&mut h, &w, &plan(r2b, false), &pins()).unwrap_err();
+        assert_eq!(e.exit(), Exit::Busy, "{e:#}");
+        assert!(format!("{e:#}").contains("--replace-recovery"), "{e:#}");
+        let out = rewrap(&mut h, &w, &plan(r2, true), &pins()).unwrap();
+        assert_eq!(out.recovery_added, Some(2));
+        assert_eq!(out.removed, vec![1]);
+        assert_eq!(h.slots.iter().filter(|s| s.is_recovery()).count(), 1);
+        // Unlock (even trusting unpinned ids) never sends the recovery slot to a vault.
+        let mut open = pins();
+        open.allow_unpinned = true;
+        assert_eq!(pinned_ids(&h, &open).unwrap()[1], None);
+        let (_, id) = unlock(&h, &w, &pins()).unwrap();
+        assert_eq!(id, 0);
+        // Only the recovery slot would be left: refused.
+        let only = RewrapPlan {
+            remove: vec![0],
+            ..Default::default()
+        };
+        assert!(rewrap(&mut h, &w, &only, &pins()).is_err());
+        // Removing the recovery slot makes the header v2 again.
+        let drop_it = RewrapPlan {
+            remove: vec![2],
+            ..Default::default()
+        };
+        rewrap(&mut h, &w, &drop_it, &pins()).unwrap();
+        assert!(h.recovery_slot().is_none());
+        assert_eq!(h.version, kvcrypt_format::layout::VERSION_2);
     }
 
     #[test]
