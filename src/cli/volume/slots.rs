@@ -357,6 +357,7 @@ pub fn rewrap(
 mod tests {
     use super::*;
     use kvcrypt_crypto::kdf;
+    use kvcrypt_exit::Exit;
     use kvcrypt_testkit::provider::XorVault;
 
     const K1: &str = "https://a.vault.azure.net/keys/vol/v1";
