@@ -292,14 +292,33 @@ impl KeyVaultProvider {
         .await
     }
 
-    /// The versioned id of the key's current (latest) version.
+    /// The versioned id of the key's current (latest) version. A disabled latest version is
+    /// refused (`Denied`, code `KeyDisabled`): Key Vault answers GET of a disabled version
+    /// with 200 and `enabled: false`, and a slot must never be wrapped for a version the
+    /// vault will not use.
     pub async fn latest_version(&self, key_id: &str) -> Result<String, KeyError> {
         let id = KeyId::parse(key_id)?;
         let target = self.target(&id, Operation::GetKey);
         self.with_deadline(&target, async {
             let client = self.client(&id)?;
-            let (kid, _) = self.get_key(&client, &id, None, &target).await?;
-            Ok(kid)
+            let key = self.get_key(&client, &id, None, &target).await?;
+            if !key.enabled {
+                return Err(KeyError::Denied(Failure::new(
+                    &target,
+                    None,
+                    Some("KeyDisabled".to_owned()),
+                    false,
+                    format!(
+                        "the latest version of key '{}' in vault {} ({}) is disabled, so it \
+                         cannot wrap new key slots: re-enable it, or rotate the key to a new \
+                         version",
+                        id.name,
+                        id.vault(),
+                        key.kid
+                    ),
+                )));
+            }
+            Ok(key.kid)
         })
         .await
     }
@@ -365,7 +384,7 @@ impl KeyVaultProvider {
         id: &KeyId,
         version: Option<String>,
         target: &Target,
-    ) -> Result<(String, Option<KeyType>), KeyError> {
+    ) -> Result<KeyInfo, KeyError> {
         let slot = FailureSlot::default();
         let response = client
             .get_key(
@@ -386,7 +405,13 @@ impl KeyVaultProvider {
             .key
             .ok_or_else(|| bad_answer(target, "the key has no JWK"))?;
         let kid = self.versioned_kid(id, jwk.kid.as_deref(), target)?;
-        Ok((kid, jwk.kty))
+        Ok(KeyInfo {
+            kid,
+            kty: jwk.kty,
+            // Absent attributes mean enabled: the service always sends them, and a missing
+            // flag must not turn into a refusal.
+            enabled: key.attributes.and_then(|a| a.enabled).unwrap_or(true),
+        })
     }
 
     async fn default_algorithm(
@@ -395,9 +420,10 @@ impl KeyVaultProvider {
         id: &KeyId,
     ) -> Result<WrapAlgorithm, KeyError> {
         let target = self.target(id, Operation::GetKey);
-        let (_, kty) = self
+        let kty = self
             .get_key(client, id, id.version.clone(), &target)
-            .await?;
+            .await?
+            .kty;
         match kty {
             Some(KeyType::Rsa) | Some(KeyType::RsaHsm) => Ok(WrapAlgorithm::RsaOaep256),
             Some(KeyType::Oct) | Some(KeyType::OctHsm) if id.is_managed_hsm() => {
@@ -453,6 +479,15 @@ impl KeyVaultProvider {
             .to_string()),
         }
     }
+}
+
+/// What a GET of a key tells the provider.
+struct KeyInfo {
+    /// Versioned key id.
+    kid: String,
+    kty: Option<KeyType>,
+    /// `attributes.enabled` of that version.
+    enabled: bool,
 }
 
 fn bad_answer(target: &Target, what: &str) -> KeyError {
