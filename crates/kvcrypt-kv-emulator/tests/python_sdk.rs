@@ -1,7 +1,8 @@
 //! An independent, MSAL-based SDK against the emulator: Python's `azure-identity` and
 //! `azure-keyvault-keys` (pinned in tests/python/requirements.txt) run tests/python/
 //! msal_client.py — token via OpenID discovery, MSAL instance discovery, get_key,
-//! CryptographyClient wrap/unwrap, a wrong secret (AADSTS7000215), rotation policies.
+//! CryptographyClient wrap/unwrap, a wrong secret (AADSTS7000215), rotation policies, and a
+//! managed-identity token from the IMDS endpoint (`AZURE_POD_IDENTITY_AUTHORITY_HOST`).
 //!
 //! The test makes its own virtualenv under the Cargo target directory (`pyenv-sdk`, reused
 //! while the requirements are unchanged). Only when pip cannot reach the package registry does
@@ -123,6 +124,9 @@ fn python_sdk_on_msal_works_against_the_emulator() {
     emu.grant(&crypto.client_id, &[Op::Wrap, Op::Unwrap], Some("cmk"))
         .unwrap();
 
+    // A system-assigned managed identity for the IMDS step.
+    emu.create_msi_principal("py-vm", true).unwrap();
+
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/msal_client.py");
     let ca = emu.ca_pem_path();
     let mut child = Command::new(&python)
@@ -141,6 +145,9 @@ fn python_sdk_on_msal_works_against_the_emulator() {
         .env_remove("HTTPS_PROXY")
         .env_remove("https_proxy")
         .env_remove("AZURE_AUTHORITY_HOST")
+        .env_remove("IDENTITY_ENDPOINT")
+        .env_remove("MSI_ENDPOINT")
+        .env_remove("AZURE_CLIENT_ID")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -183,6 +190,7 @@ fn python_sdk_on_msal_works_against_the_emulator() {
     assert_eq!(r["wrapped_len"], 256, "{r}");
     assert_eq!(r["round_trip"], true, "{r}");
     assert_eq!(r["wrong_secret"], "AADSTS7000215", "{r}");
+    assert_eq!(r["imds_token"], true, "{r}");
     assert_eq!(
         r["default_policy"],
         serde_json::json!([["Notify", null, "P30D"]]),

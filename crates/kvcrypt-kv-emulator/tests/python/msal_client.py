@@ -139,4 +139,12 @@ results["set_policy"] = {
     "same_as_update": updated.expires_in == again.expires_in,
 }
 
+# 8. Managed identity, VM (IMDS) flavour: the SDK's IMDS base address can be moved with
+#    AZURE_POD_IDENTITY_AUTHORITY_HOST, so it reaches the emulator's IMDS endpoint.
+os.environ["AZURE_POD_IDENTITY_AUTHORITY_HOST"] = AUTHORITY
+from azure.identity import ManagedIdentityCredential  # noqa: E402  (reads the variable)
+
+mi = ManagedIdentityCredential().get_token(SCOPE)
+results["imds_token"] = bool(mi.token)
+
 print("RESULT " + json.dumps(results), flush=True)
