@@ -969,6 +969,14 @@ mod tests {
             route(&Method::GET, "/keys/k/versions"),
             Some(Route::ListVersions("k".into()))
         );
+        assert_eq!(
+            route(&Method::GET, "/keys/k/rotationpolicy"),
+            Some(Route::GetRotationPolicy("k".into()))
+        );
+        assert_eq!(
+            route(&Method::PUT, "/keys/k/rotationpolicy"),
+            Some(Route::SetRotationPolicy("k".into()))
+        );
         assert_eq!(route(&Method::GET, "/secrets/x"), None);
     }
 

@@ -52,7 +52,8 @@ fn registry_unreachable(pip_output: &str) -> bool {
         "Connection refused",
         "ConnectTimeoutError",
         "Read timed out",
-        "No matching distribution found",
+        // Not "No matching distribution found" alone: a reachable registry without the
+        // pinned version says that too, and that must fail.
     ]
     .iter()
     .any(|s| pip_output.contains(s))

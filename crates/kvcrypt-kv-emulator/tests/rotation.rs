@@ -326,3 +326,33 @@ async fn admin_clock_interface() {
     assert_eq!(s, 400, "{v}");
     assert_eq!(kv.emu.clock().offset_seconds, (8 * DAY) as i64);
 }
+
+#[tokio::test]
+async fn policies_and_the_clock_offset_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || kvcrypt_kv_emulator::EmulatorConfig {
+        state_dir: Some(dir.path().to_owned()),
+        ..Default::default()
+    };
+    let kv = Kv::with(config());
+    kv.emu.create_key("kek", "RSA", Some(2048)).unwrap();
+    kv.rotate_every("kek", days(30), Some(days(60)));
+    kv.advance_clock(days(3));
+    drop(kv);
+
+    let kv = Kv::with(config());
+    assert_eq!(kv.emu.clock().offset_seconds, (3 * DAY) as i64);
+    let c = client(&kv.emu);
+    let (_, t) = admin_principal(&c, &kv.emu).await;
+    let vault = Api::new(&c, &kv.emu, &t, VAULT);
+    let (s, v) = vault.get("/keys/kek/rotationpolicy").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["attributes"]["expiryTime"], "P60D", "{v}");
+    assert_eq!(
+        v["lifetimeActions"][0]["trigger"]["timeAfterCreate"], "P30D",
+        "{v}"
+    );
+    // The policy still drives rotation after the restart.
+    let info = kv.advance_clock(days(28));
+    assert_eq!(info.rotated.len(), 1, "{info:?}");
+}
