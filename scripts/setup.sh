@@ -16,6 +16,7 @@ if [ "${1:-test}" != demo ]; then
     qemu-system-x86 qemu-utils busybox-static cpio xz-utils  # ublk tests inside a qemu VM
     udev systemd                                             # udevadm / systemd-analyze checks
     mmdebstrap                                               # the system test's guest root filesystem
+    python3 python3-venv                                     # the emulator's Python SDK test makes its own venv (pip installs the pinned SDK)
   )
 fi
 missing=()

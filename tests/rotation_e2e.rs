@@ -1,5 +1,6 @@
 //! Rotation following end to end: the real `kvcrypt agent` (FUSE + loop) against the Key Vault
-//! emulator. A new key version appears in the vault; the agent adds a verified slot for it to
+//! emulator. The key's rotation policy comes due on the emulator's clock and the vault makes a
+//! new version; the agent adds a verified slot for it to
 //! both header copies on its own, keeps serving when the customer disables the old version,
 //! prunes the old slot after `rotation_grace`, and the data reads back the same throughout.
 //! Needs root (loop devices, FUSE) — CI is root.
@@ -8,6 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kvcrypt::agent::status::{VolumeState, VolumeStatus};
+use kvcrypt_kv_emulator::RotationPolicy;
 use kvcrypt_lab::lab::{KEY_NAME, LabOptions};
 use kvcrypt_testkit::agent::{Running, T, ready};
 use kvcrypt_testkit::shell::must;
@@ -77,9 +79,21 @@ fn a_new_key_version_gets_a_verified_slot_the_old_one_can_be_disabled_and_is_pru
     let old = slots_on_disk(&image);
     assert_eq!(old.len(), 1, "{old:?}");
 
-    // The customer's key gets a new version (what a rotation policy or `az keyvault key rotate`
-    // does).
-    let new_version = r.lab.emu.create_key(KEY_NAME, "RSA", Some(2048)).unwrap();
+    // The customer's rotation policy (rotate 7 days after creation, versions expire after 90
+    // days) comes due: the emulator's clock is moved 8 days on, and the vault makes the new
+    // version itself.
+    const DAY: u64 = 86_400;
+    r.lab
+        .emu
+        .set_rotation_policy(
+            KEY_NAME,
+            RotationPolicy::rotate_after(Duration::from_secs(7 * DAY))
+                .expires_after(Duration::from_secs(90 * DAY)),
+        )
+        .unwrap();
+    let clock = r.lab.emu.advance_clock(Duration::from_secs(8 * DAY));
+    assert_eq!(clock.rotated.len(), 1, "{clock:?}");
+    let new_version = clock.rotated[0].version.clone();
     wait_for(
         &r,
         Duration::from_secs(15),

@@ -322,9 +322,30 @@ impl KeyVaultProvider {
         .await
     }
 
-    /// The versioned id of the key's current (latest) version.
+    /// The versioned id of the key's current (latest) version. A disabled latest version is
+    /// refused (`Denied`, code `KeyDisabled`): Key Vault answers GET of a disabled version
+    /// with 200 and `enabled: false`, and a slot must never be wrapped for a version the
+    /// vault will not use.
     pub async fn latest_version(&self, key_id: &str) -> Result<String, KeyError> {
-        Ok(self.current_version(key_id).await?.key_id)
+        let info = self.current_version(key_id).await?;
+        if info.enabled {
+            return Ok(info.key_id);
+        }
+        let id = KeyId::parse(key_id)?;
+        let target = self.target(&id, Operation::GetKey);
+        Err(KeyError::Denied(Failure::new(
+            &target,
+            None,
+            Some("KeyDisabled".to_owned()),
+            false,
+            format!(
+                "the latest version of key '{}' in vault {} ({}) is disabled, so it cannot wrap \
+                 new key slots: re-enable it, or rotate the key to a new version",
+                id.name,
+                id.vault(),
+                info.key_id
+            ),
+        )))
     }
 
     /// The key's current (latest) version as Key Vault describes it: its versioned id and

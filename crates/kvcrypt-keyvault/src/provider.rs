@@ -114,6 +114,10 @@ impl KeyProvider for KeyVaultProvider {
     async fn current_version(&self, key_id: &str) -> Result<KeyVersionInfo, KeyError> {
         KeyVaultProvider::current_version(self, key_id).await
     }
+
+    async fn latest_version(&self, key_id: &str) -> Result<String, KeyError> {
+        KeyVaultProvider::latest_version(self, key_id).await
+    }
 }
 
 /// Any [`KeyProvider`], synchronously, for the CLI: owns a current-thread tokio runtime. Do

@@ -3,9 +3,11 @@
 //! log. The same operations back `EmulatorHandle`'s helpers and the CLI's `admin` commands.
 
 use super::Shared;
+use super::clock::{ClockInfo, RotatedKey};
 use super::errors::{Resp, json, no_content};
 use super::keycrypto::Material;
-use super::model::{AuthMode, KeyEntry, KeyVersion, Op, Principal, now, random_hex};
+use super::model::{AuthMode, KeyEntry, KeyVersion, Op, Principal, random_hex};
+use super::rotation::{self, RotationPolicy};
 use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -344,7 +346,7 @@ impl Shared {
             for v in e.versions.iter_mut() {
                 if version.is_none_or(|want| want == v.version) {
                     v.enabled = enabled;
-                    v.updated = now();
+                    v.updated = self.clock.now();
                     hit = true;
                 }
             }
@@ -401,7 +403,7 @@ impl Shared {
         key_ops: Option<Vec<String>>,
     ) -> Result<String, AdminError> {
         let ops = key_ops.unwrap_or_else(|| super::vault::default_ops(kty));
-        let t = now();
+        let t = self.clock.now();
         let version = random_hex(16);
         let v = KeyVersion {
             version: version.clone(),
@@ -421,17 +423,58 @@ impl Shared {
                     "key {name} is soft-deleted; recover or purge it first"
                 )));
             }
-            st.keys
+            let entry = st
+                .keys
                 .entry(name.to_ascii_lowercase())
                 .or_insert_with(|| KeyEntry {
                     name: name.to_string(),
                     versions: Vec::new(),
-                })
-                .versions
-                .push(v);
+                    rotation_policy: None,
+                });
+            entry.versions.push(v);
             Ok(())
         })?;
         Ok(version)
+    }
+
+    /// Validates and stores a rotation policy (keeping its first `created` time).
+    pub fn set_rotation_policy(
+        &self,
+        name: &str,
+        mut policy: RotationPolicy,
+    ) -> Result<RotationPolicy, AdminError> {
+        policy
+            .validate()
+            .map_err(|e| AdminError::BadRequest(e.to_string()))?;
+        let t = self.clock.now();
+        self.mutate(|st| {
+            let e = st
+                .keys
+                .get_mut(&name.to_ascii_lowercase())
+                .ok_or_else(|| AdminError::NotFound(format!("key {name}")))?;
+            policy.created = e.rotation_policy.as_ref().map_or(t, |p| p.created);
+            policy.updated = t;
+            e.rotation_policy = Some(policy.clone());
+            Ok(policy)
+        })
+    }
+
+    pub fn clock_info(&self, rotated: Vec<RotatedKey>) -> ClockInfo {
+        ClockInfo {
+            now: self.clock.now(),
+            offset_seconds: self.clock.offset(),
+            rotated,
+        }
+    }
+
+    /// Moves the emulated clock forward (persisted with the state), then rotates what is due.
+    pub fn advance_clock(&self, seconds: i64) -> ClockInfo {
+        self.mutate(|st| {
+            st.clock_offset = st.clock_offset.saturating_add(seconds.max(0));
+            self.clock.set_offset(st.clock_offset);
+        });
+        let rotated = rotation::run(self);
+        self.clock_info(rotated)
     }
 
     pub fn set_firewall(&self, on: bool) {
@@ -618,6 +661,32 @@ pub async fn handle(
                 shared
                     .set_key_enabled(name, e.version.as_deref(), e.enabled)
                     .map(|_| ok())
+            }
+            ("GET", ["clock"]) => Ok(json(
+                StatusCode::OK,
+                &serde_json::to_value(shared.clock_info(Vec::new())).unwrap_or_default(),
+            )),
+            ("POST", ["clock"]) => {
+                #[derive(Deserialize)]
+                struct C {
+                    advance_seconds: i64,
+                }
+                let c: C = body_json(body)?;
+                if c.advance_seconds < 0 {
+                    // Key times must never run backwards (a version created "in the future"
+                    // would break every ordering the service guarantees).
+                    return Err(AdminError::BadRequest(
+                        "advance_seconds must not be negative: the clock only moves forward".into(),
+                    ));
+                }
+                let s = shared.clone();
+                let info = tokio::task::spawn_blocking(move || s.advance_clock(c.advance_seconds))
+                    .await
+                    .map_err(|e| AdminError::BadRequest(e.to_string()))?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(info).unwrap_or_default(),
+                ))
             }
             ("POST", ["firewall"]) => {
                 #[derive(Deserialize)]

@@ -169,6 +169,12 @@ enum AdminCmd {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
+    /// Show the emulated clock, or move it forward (`--advance SECONDS`), running the
+    /// rotations that become due.
+    Clock {
+        #[arg(long)]
+        advance: Option<u64>,
+    },
     /// Authorization mode: rbac or access-policy.
     Mode {
         #[arg(value_parser = ["rbac", "access-policy"])]
@@ -403,6 +409,14 @@ fn admin_main(a: AdminArgs) -> anyhow::Result<()> {
             (reqwest::Method::POST, "faults".into(), Some(f))
         }
         AdminCmd::ClearFaults => (reqwest::Method::DELETE, "faults".into(), None),
+        AdminCmd::Clock { advance: None } => (reqwest::Method::GET, "clock".into(), None),
+        AdminCmd::Clock {
+            advance: Some(secs),
+        } => (
+            reqwest::Method::POST,
+            "clock".into(),
+            Some(serde_json::json!({ "advance_seconds": secs })),
+        ),
         AdminCmd::Requests { clear } => {
             if clear {
                 (reqwest::Method::DELETE, "requests".into(), None)

@@ -15,10 +15,13 @@
 
 mod admin;
 mod cli;
+mod clock;
+mod discovery;
 mod errors;
 mod identity;
 mod keycrypto;
 mod model;
+mod rotation;
 mod server;
 mod tls;
 mod vault;
@@ -28,7 +31,9 @@ pub use admin::{
     PrincipalKind,
 };
 pub use cli::cli_main;
+pub use clock::{ClockInfo, RotatedKey};
 pub use model::{AuthMode, Op};
+pub use rotation::{Action, IsoDuration, LifetimeAction, PolicyError, RotationPolicy, Trigger};
 
 use model::State;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -114,6 +119,10 @@ pub(crate) struct Shared {
     faults: Mutex<Vec<Fault>>,
     log: Mutex<admin::RequestLog>,
     state_file: Option<PathBuf>,
+    /// The emulated clock key times follow (offset persisted in the state).
+    pub(crate) clock: clock::Clock,
+    /// Serialises automatic rotations (see `rotation::run`).
+    rotation: Mutex<()>,
     pub(crate) tenant_id: String,
     pub(crate) admin_token: String,
     pub(crate) identity_header: String,
@@ -136,6 +145,9 @@ impl Shared {
     }
     pub(crate) fn log(&self) -> MutexGuard<'_, admin::RequestLog> {
         lock(&self.log)
+    }
+    pub(crate) fn rotation_lock(&self) -> MutexGuard<'_, ()> {
+        lock(&self.rotation)
     }
 
     /// Runs `f` on the state and saves it (when persistent) before releasing the lock.
@@ -273,7 +285,10 @@ impl Emulator {
             .map_err(|source| EmulatorError::Bind { addr, source })?
             .port();
 
+        let clock = clock::Clock::new(state.clock_offset);
         let shared = Arc::new(Shared {
+            clock,
+            rotation: Mutex::new(()),
             state: Mutex::new(state),
             faults: Mutex::new(Vec::new()),
             log: Mutex::new(admin::RequestLog::default()),
@@ -441,6 +456,24 @@ impl EmulatorHandle {
         size: Option<usize>,
     ) -> Result<String, AdminError> {
         self.shared.create_key(name, kty, size, None)
+    }
+    /// Sets key `name`'s rotation policy (as `PUT /keys/{name}/rotationpolicy` does, with the
+    /// same validation).
+    pub fn set_rotation_policy(
+        &self,
+        name: &str,
+        policy: RotationPolicy,
+    ) -> Result<(), AdminError> {
+        self.shared.set_rotation_policy(name, policy).map(drop)
+    }
+    /// The emulated clock (Unix seconds) that key times and rotation follow.
+    pub fn clock(&self) -> ClockInfo {
+        self.shared.clock_info(Vec::new())
+    }
+    /// Moves the emulated clock forward by `by` and runs the rotations that are now due
+    /// (blocks while their keys are generated). Returns the clock and the new versions.
+    pub fn advance_clock(&self, by: Duration) -> ClockInfo {
+        self.shared.advance_clock(by.as_secs() as i64)
     }
     pub fn set_firewall(&self, enabled: bool) {
         self.shared.set_firewall(enabled)

@@ -3,6 +3,7 @@
 //! state directory survives restarts.
 
 use super::keycrypto::Material;
+use super::rotation::RotationPolicy;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -49,10 +50,12 @@ pub enum Op {
     Unwrap,
     Encrypt,
     Decrypt,
+    GetRotationPolicy,
+    SetRotationPolicy,
 }
 
 impl Op {
-    pub const ALL: [Op; 13] = [
+    pub const ALL: [Op; 15] = [
         Op::Get,
         Op::List,
         Op::Create,
@@ -66,6 +69,8 @@ impl Op {
         Op::Unwrap,
         Op::Encrypt,
         Op::Decrypt,
+        Op::GetRotationPolicy,
+        Op::SetRotationPolicy,
     ];
 
     /// Parses `unwrap`, `unwrapKey`, `wrapkey`, … and `all` (→ every op).
@@ -82,7 +87,7 @@ impl Op {
                 .find(|op| op.name() == lower || op.policy_name().eq_ignore_ascii_case(&lower))
                 .ok_or_else(|| {
                     format!(
-                        "unknown operation '{part}' (use get, list, create, import, update, delete, recover, purge, rotate, wrap, unwrap, encrypt, decrypt or all)"
+                        "unknown operation '{part}' (use get, list, create, import, update, delete, recover, purge, rotate, wrap, unwrap, encrypt, decrypt, getrotationpolicy, setrotationpolicy or all)"
                     )
                 })?;
             out.push(op);
@@ -105,6 +110,8 @@ impl Op {
             Op::Unwrap => "unwrap",
             Op::Encrypt => "encrypt",
             Op::Decrypt => "decrypt",
+            Op::GetRotationPolicy => "getrotationpolicy",
+            Op::SetRotationPolicy => "setrotationpolicy",
         }
     }
 
@@ -133,6 +140,8 @@ impl Op {
             Op::Unwrap => "Microsoft.KeyVault/vaults/keys/unwrap/action",
             Op::Encrypt => "Microsoft.KeyVault/vaults/keys/encrypt/action",
             Op::Decrypt => "Microsoft.KeyVault/vaults/keys/decrypt/action",
+            Op::GetRotationPolicy => "Microsoft.KeyVault/vaults/keys/rotationpolicy/read",
+            Op::SetRotationPolicy => "Microsoft.KeyVault/vaults/keys/rotationpolicy/write",
         }
     }
 }
@@ -159,6 +168,9 @@ pub struct KeyEntry {
     pub name: String,
     /// Oldest first; the last one is "latest".
     pub versions: Vec<KeyVersion>,
+    /// Set with `PUT /keys/{name}/rotationpolicy`; `None`: the service's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_policy: Option<RotationPolicy>,
 }
 
 impl KeyEntry {
@@ -219,6 +231,9 @@ pub struct State {
     pub tokens: BTreeMap<String, TokenInfo>,
     pub firewall: bool,
     pub mode: AuthMode,
+    /// Seconds the emulated clock is ahead of the wall clock (see `clock.rs`).
+    #[serde(default)]
+    pub clock_offset: i64,
 }
 
 pub const ALL_KEYS: &str = "*";
@@ -263,7 +278,8 @@ impl State {
         scopes.retain(|_, set| !set.is_empty());
     }
 
-    /// Drops expired tokens so the state file does not grow without bound.
+    /// Drops expired tokens so the state file does not grow without bound. Tokens live on the
+    /// wall clock, not the emulated one (see `clock.rs`).
     pub fn prune_tokens(&mut self) {
         let t = now();
         self.tokens.retain(|_, info| info.expires_on > t);

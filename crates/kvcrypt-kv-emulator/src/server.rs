@@ -6,7 +6,7 @@ use super::errors::{
     Resp, empty, foreign_json, html_page, json, server_error, throttled,
     unauthorized_without_challenge, vault_headers,
 };
-use super::{identity, model::now, vault};
+use super::{discovery, identity, model::now, rotation, vault};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
@@ -276,15 +276,20 @@ async fn handle(
         return Ok(admin::handle(&shared, &method, &path, &body).await);
     }
 
+    // Entra ID discovery belongs to the identity side: a token-targeted fault breaks it too,
+    // as an outage of login.microsoftonline.com would.
+    let discovery = discovery::route(&path).filter(|_| method == hyper::Method::GET);
     let is_token = path == "/msi/token"
         || path == "/metadata/identity/oauth2/token"
-        || path.ends_with("/oauth2/v2.0/token");
+        || path.ends_with("/oauth2/v2.0/token")
+        || discovery.is_some();
     let target = if is_token {
         FaultTarget::Token
     } else {
         FaultTarget::Vault
     };
     let key = if is_token { None } else { key_of(&path) };
+    let headers = req.headers().clone();
     let (latency, decision) = decide(&shared, target, key);
     if !latency.is_zero() {
         entry.fault = Some("latency".into());
@@ -296,7 +301,10 @@ async fn handle(
             entry.fault = Some(name);
             entry.status = resp.status().as_u16();
             shared.log().push(entry);
-            return Ok(vault_headers(resp, &uuid::Uuid::new_v4().to_string()));
+            // A fault in the service's own format looks like any other answer of it,
+            // correlation headers included.
+            let resp = vault_headers(resp, &uuid::Uuid::new_v4().to_string());
+            return Ok(echo_correlation(resp, &headers, is_token));
         }
         Decision::RespondForeign(resp, name) => {
             entry.fault = Some(name);
@@ -320,12 +328,14 @@ async fn handle(
         }
     }
 
-    let headers = req.headers().clone();
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(r) => return Ok(r),
     };
-    let resp = if is_token {
+    let resp = if let Some(d) = &discovery {
+        entry.op = Some("discovery".into());
+        echo_correlation(discovery::handle(&shared, d, &host, &query), &headers, true)
+    } else if is_token {
         let out = if path == "/msi/token" && method == hyper::Method::GET {
             identity::msi_token(&shared, &query, &headers, false)
         } else if path == "/metadata/identity/oauth2/token" && method == hyper::Method::GET {
@@ -349,8 +359,16 @@ async fn handle(
         };
         entry.principal = out.principal;
         entry.op = Some("token".into());
-        out.resp
+        echo_correlation(out.resp, &headers, true)
     } else {
+        // Lazy automatic rotation: whatever the emulated clock made due is rotated before
+        // the request sees the keys (the clock also moves only through the admin interface,
+        // which rotates too).
+        let due = rotation::any_due(&shared.state(), shared.clock.now());
+        if due {
+            let s = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || rotation::run(&s)).await;
+        }
         let request_id = uuid::Uuid::new_v4().to_string();
         let out = vault::handle(
             &shared,
@@ -366,13 +384,7 @@ async fn handle(
         .await;
         entry.principal = out.principal;
         entry.op = out.op.map(str::to_string);
-        let mut resp = vault_headers(out.resp, &request_id);
-        // The service echoes the client's request id (the SDK logs it for correlation).
-        if let Some(v) = headers.get("x-ms-client-request-id") {
-            resp.headers_mut()
-                .insert("x-ms-client-request-id", v.clone());
-        }
-        resp
+        echo_correlation(vault_headers(out.resp, &request_id), &headers, false)
     };
     entry.status = resp.status().as_u16();
     shared.log().push(entry);
@@ -380,6 +392,23 @@ async fn handle(
 }
 
 use super::admin;
+
+/// Echoes the client's correlation ids, as the services do (SDKs log them to tie a failure to
+/// the service's own logs): Key Vault and Entra ID echo `x-ms-client-request-id`; Entra ID
+/// also echoes MSAL's `client-request-id`.
+fn echo_correlation(mut resp: Resp, req: &hyper::HeaderMap, token: bool) -> Resp {
+    let names: &[&str] = if token {
+        &["x-ms-client-request-id", "client-request-id"]
+    } else {
+        &["x-ms-client-request-id"]
+    };
+    for name in names {
+        if let Some(v) = req.get(*name) {
+            resp.headers_mut().insert(*name, v.clone());
+        }
+    }
+    resp
+}
 
 async fn read_body(req: Request<Incoming>) -> Result<Vec<u8>, Resp> {
     let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);

@@ -14,6 +14,7 @@ use super::errors::{
 };
 use super::keycrypto::{CryptoError, Material, b64url, b64url_decode};
 use super::model::{DeletedEntry, KeyEntry, KeyVersion, Op, State, now, random_hex};
+use super::rotation::{self, RotationPolicy};
 use hyper::header::HeaderMap;
 use hyper::{Method, StatusCode};
 use serde_json::{Map, Value, json as j};
@@ -44,6 +45,8 @@ enum Route {
     Update(String, Option<String>),
     Delete(String),
     KeyOp(String, Option<String>, Op),
+    GetRotationPolicy(String),
+    SetRotationPolicy(String),
     ListDeleted,
     GetDeleted(String),
     Recover(String),
@@ -63,6 +66,8 @@ impl Route {
             Route::KeyOp(_, _, op) => *op,
             Route::Recover(_) => Op::Recover,
             Route::Purge(_) => Op::Purge,
+            Route::GetRotationPolicy(_) => Op::GetRotationPolicy,
+            Route::SetRotationPolicy(_) => Op::SetRotationPolicy,
         }
     }
 
@@ -79,7 +84,9 @@ impl Route {
             | Route::KeyOp(n, _, _)
             | Route::GetDeleted(n)
             | Route::Recover(n)
-            | Route::Purge(n) => Some(n),
+            | Route::Purge(n)
+            | Route::GetRotationPolicy(n)
+            | Route::SetRotationPolicy(n) => Some(n),
         }
     }
 }
@@ -109,6 +116,8 @@ fn route(method: &Method, path: &str) -> Option<Route> {
             ("GET", 1) => Some(Route::ListKeys),
             ("GET", 2) if segs[1].is_empty() => Some(Route::ListKeys),
             ("GET", 3) if lit(2, "versions") => Some(Route::ListVersions(n(1))),
+            ("GET", 3) if lit(2, "rotationpolicy") => Some(Route::GetRotationPolicy(n(1))),
+            ("PUT", 3) if lit(2, "rotationpolicy") => Some(Route::SetRotationPolicy(n(1))),
             ("POST", 3) if lit(2, "create") => Some(Route::Create(n(1))),
             ("POST", 3) if lit(2, "rotate") => Some(Route::Rotate(n(1))),
             ("POST", 3) => key_action(segs[2]).map(|op| Route::KeyOp(n(1), None, op)),
@@ -223,6 +232,7 @@ pub async fn handle(shared: &Shared, req: Request<'_>) -> Outcome {
         return out;
     };
     out.principal = Some(info.client_id.clone());
+    // Tokens follow the wall clock, not the emulated one (see `clock.rs`).
     if info.expires_on <= now() {
         out.resp = unauthorized(
             &shared.tenant_id,
@@ -496,6 +506,7 @@ fn add_version(shared: &Shared, host: &str, name: &str, version: KeyVersion) -> 
             .or_insert_with(|| KeyEntry {
                 name: name.to_string(),
                 versions: Vec::new(),
+                rotation_policy: None,
             });
         let bundle = key_bundle(host, &entry.name, &version);
         entry.versions.push(version);
@@ -503,8 +514,14 @@ fn add_version(shared: &Shared, host: &str, name: &str, version: KeyVersion) -> 
     })
 }
 
-fn new_version(kty: String, key_ops: Vec<String>, material: Material, attrs: &Attrs) -> KeyVersion {
-    let t = now();
+/// A version created at emulated time `t`.
+fn new_version(
+    kty: String,
+    key_ops: Vec<String>,
+    material: Material,
+    attrs: &Attrs,
+    t: i64,
+) -> KeyVersion {
     KeyVersion {
         version: random_hex(16),
         kty,
@@ -611,7 +628,7 @@ async fn execute(shared: &Shared, route: &Route, req: &Request<'_>) -> OpResult 
             let attrs = parse_attrs(&body)?;
             conflict_if_deleted(&shared.state(), name)?;
             let material = generate(&kty, size).await?;
-            let mut v = new_version(kty, ops, material, &attrs);
+            let mut v = new_version(kty, ops, material, &attrs, shared.clock.now());
             v.tags = parse_tags(&body);
             add_version(shared, host, name, v)
         }
@@ -638,7 +655,7 @@ async fn execute(shared: &Shared, route: &Route, req: &Request<'_>) -> OpResult 
             }
             let ops = parse_key_ops(jwk.get("key_ops"), &kty)?;
             let attrs = parse_attrs(&body)?;
-            let mut v = new_version(kty, ops, material, &attrs);
+            let mut v = new_version(kty, ops, material, &attrs, shared.clock.now());
             v.tags = parse_tags(&body);
             add_version(shared, host, name, v)
         }
@@ -653,24 +670,27 @@ async fn execute(shared: &Shared, route: &Route, req: &Request<'_>) -> OpResult 
                 (v.kty.clone(), v.material.bits(), v.key_ops.clone())
             };
             let material = generate(&kty, bits).await?;
-            let no_attrs = Attrs {
+            let t = shared.clock.now();
+            // An on-demand rotation applies the policy's expiryTime, like a scheduled one.
+            let exp =
+                rotation::policy_expiry(shared.state().keys.get(&name.to_ascii_lowercase()), t);
+            let attrs = Attrs {
                 enabled: None,
                 nbf: None,
-                exp: None,
+                exp: Some(exp),
             };
             add_version(
                 shared,
                 host,
                 name,
-                new_version(kty, ops, material, &no_attrs),
+                new_version(kty, ops, material, &attrs, t),
             )
         }
         Route::Get(name, version) => {
             let st = shared.state();
+            // A disabled version is still readable (public JWK, `enabled: false`): the
+            // service refuses only cryptographic operations on it (see `key_op`).
             let (entry, v) = find(&st, name, version.as_deref())?;
-            if !v.enabled {
-                return Err(disabled("get"));
-            }
             Ok(json(StatusCode::OK, &key_bundle(host, &entry.name, v)))
         }
         Route::Update(name, version) => {
@@ -702,7 +722,7 @@ async fn execute(shared: &Shared, route: &Route, req: &Request<'_>) -> OpResult 
                 if body.get("tags").is_some() {
                     v.tags = parse_tags(&body);
                 }
-                v.updated = now();
+                v.updated = shared.clock.now();
                 Ok(json(StatusCode::OK, &key_bundle(host, &display, v)))
             })
         }
@@ -711,7 +731,7 @@ async fn execute(shared: &Shared, route: &Route, req: &Request<'_>) -> OpResult 
                 .keys
                 .remove(&name.to_ascii_lowercase())
                 .ok_or_else(|| key_not_found(name))?;
-            let t = now();
+            let t = shared.clock.now();
             let d = DeletedEntry {
                 key: entry,
                 deleted_date: t,
@@ -772,7 +792,36 @@ async fn execute(shared: &Shared, route: &Route, req: &Request<'_>) -> OpResult 
         Route::KeyOp(name, version, op) => {
             key_op(shared, host, name, version.as_deref(), *op, req.body)
         }
+        Route::GetRotationPolicy(name) => {
+            let st = shared.state();
+            let (entry, _) = find(&st, name, None)?;
+            Ok(json(
+                StatusCode::OK,
+                &rotation::to_json(entry.rotation_policy.as_ref(), &policy_id(host, entry)),
+            ))
+        }
+        Route::SetRotationPolicy(name) => {
+            let body = parse_body(req.body)?;
+            let policy =
+                RotationPolicy::from_json(&body).map_err(|e| bad_parameter(&e.to_string()))?;
+            let stored = shared
+                .set_rotation_policy(name, policy)
+                .map_err(|e| match e {
+                    super::admin::AdminError::NotFound(_) => key_not_found(name),
+                    super::admin::AdminError::BadRequest(m) => bad_parameter(&m),
+                })?;
+            let st = shared.state();
+            let (entry, _) = find(&st, name, None)?;
+            Ok(json(
+                StatusCode::OK,
+                &rotation::to_json(Some(&stored), &policy_id(host, entry)),
+            ))
+        }
     }
+}
+
+fn policy_id(host: &str, entry: &KeyEntry) -> String {
+    format!("{}/rotationpolicy", kid(host, &entry.name, None))
 }
 
 fn versioned(name: &str, version: Option<&str>) -> String {
@@ -852,7 +901,7 @@ fn key_op(
         ));
     }
     let protecting = matches!(op, Op::Wrap | Op::Encrypt);
-    let t = now();
+    let t = shared.clock.now();
     // Expiry and activation dates only gate *protecting* operations: the real service
     // still unwraps/decrypts with an expired or not-yet-valid key.
     if protecting && v.exp.is_some_and(|exp| exp <= t) {
@@ -919,6 +968,14 @@ mod tests {
         assert_eq!(
             route(&Method::GET, "/keys/k/versions"),
             Some(Route::ListVersions("k".into()))
+        );
+        assert_eq!(
+            route(&Method::GET, "/keys/k/rotationpolicy"),
+            Some(Route::GetRotationPolicy("k".into()))
+        );
+        assert_eq!(
+            route(&Method::PUT, "/keys/k/rotationpolicy"),
+            Some(Route::SetRotationPolicy("k".into()))
         );
         assert_eq!(route(&Method::GET, "/secrets/x"), None);
     }

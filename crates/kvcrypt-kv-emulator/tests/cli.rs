@@ -172,6 +172,11 @@ fn binary_serves_and_admin_subcommands_drive_it() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+    // The emulated clock moves forward only.
+    let (ok, out) = admin(&ready, state, &["clock", "--advance", "86400"]);
+    assert!(ok, "{out}");
+    let clock: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(clock["offset_seconds"], 86400, "{out}");
     drop(emu);
 
     // Restart on the same state: principal, grants and key switches persist.
@@ -189,6 +194,13 @@ fn binary_serves_and_admin_subcommands_drive_it() {
         st["faults"],
         serde_json::json!([]),
         "faults are not persisted"
+    );
+    let (ok, out) = admin(&ready, state, &["clock"]);
+    assert!(ok, "{out}");
+    let clock: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        clock["offset_seconds"], 86400,
+        "the clock offset persists: {out}"
     );
 }
 

@@ -10,10 +10,13 @@ use azure_core::http::{ClientOptions, Transport};
 use azure_identity::{ClientSecretCredential, ClientSecretCredentialOptions};
 use azure_security_keyvault_keys::{KeyClient, KeyClientOptions};
 use kvcrypt_keyvault::{ClientSecretConfig, CredentialConfig, KeyVaultProvider, VaultConfig};
-use kvcrypt_kv_emulator::{Emulator, EmulatorConfig, EmulatorHandle, Op, PrincipalInfo};
+use kvcrypt_kv_emulator::{
+    ClockInfo, Emulator, EmulatorConfig, EmulatorHandle, Op, PrincipalInfo, RotationPolicy,
+};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 pub const VAULT: &str = "myvault.vault.azure.net";
 pub const HSM: &str = "myhsm.managedhsm.azure.net";
@@ -136,6 +139,25 @@ impl Kv {
             .join(format!("kvcrypt-{}-{n}.toml", p.client_id));
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    /// Moves the emulator's clock forward by `by`; the rotations that became due run before
+    /// this returns (their new versions are in the answer).
+    pub fn advance_clock(&self, by: Duration) -> ClockInfo {
+        self.emu.advance_clock(by)
+    }
+
+    /// Gives key `name` a rotation policy: a new version `every` after the latest one's
+    /// creation, expiring `expires_after` its creation when given (the service's minimums
+    /// apply: 7 days, 28 days).
+    pub fn rotate_every(&self, name: &str, every: Duration, expires_after: Option<Duration>) {
+        let mut policy = RotationPolicy::rotate_after(every);
+        if let Some(e) = expires_after {
+            policy = policy.expires_after(e);
+        }
+        self.emu
+            .set_rotation_policy(name, policy)
+            .expect("rotation policy");
     }
 
     /// Total requests the emulator has seen.
@@ -367,6 +389,12 @@ pub mod rest {
         /// POST `path` with an optional JSON body: status and body.
         pub async fn post(&self, path: &str, body: Option<Value>) -> (u16, Value) {
             let (s, _, v) = self.call(Method::POST, path, body).await;
+            (s, v)
+        }
+
+        /// PUT `path` with a JSON body: status and body.
+        pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+            let (s, _, v) = self.call(Method::PUT, path, Some(body)).await;
             (s, v)
         }
 
