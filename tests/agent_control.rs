@@ -41,6 +41,7 @@ impl KeyPort for Scripted {
             algorithm: "RSA-OAEP-256".into(),
             wrapped: vec![9],
             check: Some(vec![8]),
+            share: None,
         }]
     }
 

@@ -91,6 +91,7 @@ mod tests {
             algorithm: ALG.into(),
             wrapped,
             check,
+            share: None,
         }
     }
 

@@ -290,6 +290,7 @@ impl KeyPort for HostPlatform {
                 algorithm: s.algorithm.clone(),
                 wrapped: s.wrapped.clone(),
                 check: s.check.clone(),
+                share: None,
             })
             .collect()
     }

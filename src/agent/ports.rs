@@ -118,6 +118,9 @@ pub struct SlotRef {
     /// volume key, so the VMK never passes through the agent's HTTP stack except to unlock or
     /// resume. `None` for slots of older volumes (checks then unwrap the VMK).
     pub check: Option<Vec<u8>>,
+    /// Split policies (`all`, `k-of-n`): the Shamir share this slot wraps (its x coordinate);
+    /// `wrapped` is then that share, not the VMK. `None` under policy `any`.
+    pub share: Option<u8>,
 }
 
 /// A pinned key's current version, as rotation following last saw it.
@@ -247,6 +250,27 @@ pub trait KeyPort: Send + Sync + 'static {
         h: &Self::Header,
         slot: &SlotRef,
     ) -> impl Future<Output = Result<(), AccessError>> + Send;
+
+    /// How many distinct shares an unlock or an access check needs: 1 under policy `any`
+    /// (every slot wraps the whole volume key), the threshold under `all` / `k-of-n`.
+    fn threshold(&self, h: &Self::Header) -> usize {
+        let _ = h;
+        1
+    }
+
+    /// Split policies: the volume key rebuilt from unwrapped shares (x coordinate, share),
+    /// verified against the header's key check and MAC.
+    fn combine_shares(
+        &self,
+        h: &Self::Header,
+        shares: &[(u8, VolumeKey)],
+    ) -> Result<VolumeKey, AccessError> {
+        let _ = (h, shares);
+        Err(AccessError::new(
+            AccessClass::Misconfigured,
+            "this platform does not combine key shares",
+        ))
+    }
 
     /// Rewrites both header copies of `dev` from `h` when the other copy is damaged or stale
     /// (the winning copy was just proved authentic by the key check and MAC). `Ok(None)`:

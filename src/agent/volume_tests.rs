@@ -96,6 +96,8 @@ struct World {
     rotation_fails: bool,
     /// `exp` of the current key version (Unix seconds), as rotation following reports it.
     expires: Option<i64>,
+    /// A split policy needing this many shares: the `header_ids` slots wrap shares 1, 2, ….
+    split: Option<usize>,
 }
 
 const SLOT_OLD: &str = "https://v.vault.azure.net/keys/k/1";
@@ -193,17 +195,18 @@ impl KeyPort for Fake {
     }
 
     fn slots(&self, _h: &()) -> Vec<SlotRef> {
-        let slot = |k: &str| SlotRef {
+        let w = self.w();
+        let slot = |k: &str, i: usize| SlotRef {
             key_id: k.into(),
             algorithm: "RSA-OAEP-256".into(),
             wrapped: vec![1, 2, 3],
             check: Some(vec![4, 5, 6]),
+            share: w.split.map(|_| i as u8 + 1),
         };
-        let w = self.w();
         match (&w.header_ids, w.rotated) {
-            (Some(ids), _) => ids.iter().map(|k| slot(k)).collect(),
-            (None, true) => vec![slot(SLOT_OLD), slot(SLOT_NEW)],
-            (None, false) => vec![slot(SLOT_OLD)],
+            (Some(ids), _) => ids.iter().enumerate().map(|(i, k)| slot(k, i)).collect(),
+            (None, true) => vec![slot(SLOT_OLD, 0), slot(SLOT_NEW, 0)],
+            (None, false) => vec![slot(SLOT_OLD, 0)],
         }
     }
 
@@ -214,6 +217,30 @@ impl KeyPort for Fake {
                 "access check mismatch",
             )),
             _ => Ok(()),
+        }
+    }
+
+    fn threshold(&self, _h: &()) -> usize {
+        self.w().split.unwrap_or(1)
+    }
+
+    fn combine_shares(
+        &self,
+        _h: &(),
+        shares: &[(u8, VolumeKey)],
+    ) -> Result<VolumeKey, AccessError> {
+        let xs: Vec<String> = shares.iter().map(|(x, _)| x.to_string()).collect();
+        self.ev(format!("combine:{}", xs.join(",")));
+        if shares
+            .iter()
+            .all(|(_, k)| k.expose().iter().all(|b| *b == GOOD))
+        {
+            Ok(VolumeKey::from_slice(&[GOOD; 64]).unwrap())
+        } else {
+            Err(AccessError::new(
+                AccessClass::Misconfigured,
+                "key check mismatch",
+            ))
         }
     }
 
@@ -1893,4 +1920,91 @@ const ROTATION: &[Row] = &[
 #[test]
 fn rotation_following() {
     run_table(ROTATION);
+}
+
+// Three keys in three vaults; the slots wrap shares 1, 2, 3 under split policies.
+const KEY_A: &str = "https://a.vault.azure.net/keys/k/1";
+const KEY_B: &str = "https://b.vault.azure.net/keys/k/1";
+const KEY_C: &str = "https://c.vault.azure.net/keys/k/1";
+
+fn three_vaults(w: &mut World, s: &mut VolumeSettings) {
+    w.header_ids = Some(vec![KEY_A.into(), KEY_B.into(), KEY_C.into()]);
+    s.pins = pinned_to(&[
+        "https://a.vault.azure.net/keys/k",
+        "https://b.vault.azure.net/keys/k",
+        "https://c.vault.azure.net/keys/k",
+    ]);
+}
+
+fn two_of_three(w: &mut World, s: &mut VolumeSettings) {
+    three_vaults(w, s);
+    w.split = Some(2);
+}
+
+fn all_of_two(w: &mut World, s: &mut VolumeSettings) {
+    three_vaults(w, s);
+    w.header_ids = Some(vec![KEY_A.into(), KEY_B.into()]);
+    w.split = Some(2);
+}
+
+fn any_of_two(w: &mut World, s: &mut VolumeSettings) {
+    three_vaults(w, s);
+    w.header_ids = Some(vec![KEY_A.into(), KEY_B.into()]);
+}
+
+fn restore(w: &mut World, key: &str) {
+    w.disabled.retain(|k| k != key);
+}
+
+#[rustfmt::skip]
+const POLICIES: &[Row] = &[
+    // k-of-n: the key is rebuilt from two shares; a check needs two grants; one key revoked
+    // is not a revocation of the volume, two are; one restored, it resumes.
+    row("two_of_three_survives_one_revoked_key_locks_on_two_and_resumes_on_restore", two_of_three, &[
+        Spawn, Wait(Serving, 2000), Expect(&[Seen("combine:1,2"), Worker(Keyed)]),
+        Mark, Sleep(3000), Expect(&[New(&CountIn("check:*", 4, 8))]),
+        Edit(|w| w.disabled.push(KEY_A.into())), Sleep(3000),
+        Expect(&[State(Serving), Worker(Keyed), Count("suspend", 0)]),
+        Edit(|w| w.disabled.push(KEY_B.into())), Wait(Suspended, 5000),
+        Expect(&[Worker(Wiped), Reason("access denied: 1 of the 2 key shares needed were granted")]),
+        Edit(|w| restore(w, KEY_B)), Wait(Serving, 5000),
+        Expect(&[Worker(Keyed), Seen("combine:2,3")]),
+    ]),
+    row("two_of_three_with_every_key_revoked_locks_and_resumes_when_all_return", two_of_three, &[
+        Spawn, Wait(Serving, 2000),
+        Edit(|w| w.disabled = vec![KEY_A.into(), KEY_B.into(), KEY_C.into()]), Wait(Suspended, 5000),
+        Expect(&[Reason("0 of the 2 key shares needed were granted")]),
+        Edit(|w| w.disabled.clear()), Wait(Serving, 5000), Expect(&[Worker(Keyed)]),
+    ]),
+    // A threshold that transient failures could still make up is not a revocation.
+    row("two_of_three_with_the_vaults_down_never_locks", two_of_three, &[
+        Spawn, Wait(Serving, 2000), Vault(Vault::Transient), Sleep(5000),
+        Expect(&[State(Serving), LastError(AccessClass::Transient), Count("suspend", 0)]),
+    ]),
+    // all: dual control; revoking either key locks.
+    row("all_locks_when_either_key_is_revoked", all_of_two, &[
+        Spawn, Wait(Serving, 2000), Expect(&[Seen("combine:1,2")]),
+        Edit(|w| w.disabled.push(KEY_B.into())), Wait(Suspended, 5000),
+        Edit(|w| restore(w, KEY_B)), Wait(Serving, 5000),
+        Edit(|w| w.disabled.push(KEY_A.into())), Wait(Suspended, 5000),
+        Edit(|w| restore(w, KEY_A)), Wait(Serving, 5000), Expect(&[Worker(Keyed)]),
+    ]),
+    // A key that cannot be reached at unlock: the volume is not unlocked with fewer shares.
+    row("all_does_not_unlock_with_one_key_revoked", all_of_two, &[
+        Edit(|w| w.disabled.push(KEY_A.into())), Spawn, WaitFor(&[AnyError], 3000),
+        Expect(&[State(Locked), LastError(AccessClass::Denied), NotSeen("combine:*"), NotSeen("spawn")]),
+        Edit(|w| restore(w, KEY_A)), Wait(Serving, 10_000),
+    ]),
+    // any (the default): one key alone unlocks and grants; only every key revoked locks.
+    row("any_survives_one_revoked_key_and_locks_when_both_are", any_of_two, &[
+        Spawn, Wait(Serving, 2000), Expect(&[NotSeen("combine:*")]),
+        Edit(|w| w.disabled.push(KEY_A.into())), Sleep(3000), Expect(&[State(Serving)]),
+        Edit(|w| w.disabled.push(KEY_B.into())), Wait(Suspended, 5000),
+        Edit(|w| restore(w, KEY_A)), Wait(Serving, 5000),
+    ]),
+];
+
+#[test]
+fn slot_policies() {
+    run_table(POLICIES);
 }

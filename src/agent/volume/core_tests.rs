@@ -29,6 +29,7 @@ fn slot_for(key_id: &str) -> SlotRef {
         algorithm: "RSA-OAEP-256".into(),
         wrapped: vec![1],
         check: Some(vec![2]),
+        share: None,
     }
 }
 

@@ -388,9 +388,11 @@ impl<P: Platform> Shell<P> {
         })
     }
 
-    /// Tries `slots` in order, each within `timeout`, until one works. For [`Want::Key`] the
-    /// unwrapped key must pass the header's key check, and is then kept for the spawn or
-    /// resume that follows.
+    /// Tries `slots` in order, each within `timeout`, until one works — or, under a split
+    /// policy (`all`, `k-of-n`), until the header's threshold of distinct shares has been
+    /// granted. For [`Want::Key`] the unwrapped key (rebuilt from the shares under a split
+    /// policy) must pass the header's key check, and is then kept for the spawn or resume
+    /// that follows.
     async fn access(
         &mut self,
         slots: Vec<SlotRef>,
@@ -403,23 +405,38 @@ impl<P: Platform> Shell<P> {
                 "no header",
             )]);
         };
+        let need = self.p.threshold(h);
         let mut errors = Vec::new();
+        // Split policies: the shares granted so far (x → the unwrapped share for a key,
+        // nothing for a proof), and the first slot that granted one.
+        let mut granted: Vec<(u8, Option<VolumeKey>)> = Vec::new();
+        let mut first: Option<SlotRef> = None;
         for slot in slots {
+            let share = slot.share;
+            if need > 1 && share.is_some_and(|x| granted.iter().any(|(g, _)| *g == x)) {
+                continue; // this share is in hand already (another version of its key)
+            }
             let res = match want {
                 Want::Key => tokio::time::timeout(timeout, self.p.unwrap_key(&slot))
                     .await
                     .map(|r| {
-                        r.and_then(|key| match self.p.verify_key(h, &key) {
-                            Ok(()) => Ok(Some(key)),
-                            // A key that unwraps but fails the key check is not this
-                            // volume's key: never serve with it, and treat it like a denial.
-                            Err(e) => Err(AccessError::new(
-                                AccessClass::Denied,
-                                format!(
-                                    "key unwrapped by {} fails the volume's key check: {}",
-                                    slot.key_id, e.message
-                                ),
-                            )),
+                        r.and_then(|key| {
+                            if need > 1 {
+                                // A share is checked once combined: alone it is no key.
+                                return Ok(Some(key));
+                            }
+                            match self.p.verify_key(h, &key) {
+                                Ok(()) => Ok(Some(key)),
+                                // A key that unwraps but fails the key check is not this
+                                // volume's key: never serve with it, and treat it like a denial.
+                                Err(e) => Err(AccessError::new(
+                                    AccessClass::Denied,
+                                    format!(
+                                        "key unwrapped by {} fails the volume's key check: {}",
+                                        slot.key_id, e.message
+                                    ),
+                                )),
+                            }
                         })
                     }),
                 Want::Proof => tokio::time::timeout(timeout, self.p.check_slot(h, &slot))
@@ -427,18 +444,55 @@ impl<P: Platform> Shell<P> {
                     .map(|r| r.map(|()| None)),
             };
             match res {
-                Err(_) => errors.push(AccessError::new(
-                    AccessClass::Transient,
-                    format!("unwrapKey with {} timed out after {timeout:?}", slot.key_id),
+                Err(_) => errors.push((
+                    share,
+                    AccessError::new(
+                        AccessClass::Transient,
+                        format!("unwrapKey with {} timed out after {timeout:?}", slot.key_id),
+                    ),
                 )),
-                Ok(Err(e)) => errors.push(e),
-                Ok(Ok(key)) => {
+                Ok(Err(e)) => errors.push((share, e)),
+                Ok(Ok(key)) if need <= 1 => {
                     self.key = key;
                     return Ok(slot);
                 }
+                Ok(Ok(key)) => {
+                    granted.push((share.unwrap_or(0), key));
+                    first.get_or_insert(slot);
+                    if granted.len() >= need {
+                        break;
+                    }
+                }
             }
         }
-        Err(errors)
+        if need <= 1 {
+            return Err(errors.into_iter().map(|(_, e)| e).collect());
+        }
+        if granted.len() < need {
+            return Err(vec![short_of_shares(need, granted.len(), &errors)]);
+        }
+        let first = first.expect("a granted share names its slot");
+        if want == Want::Key {
+            let shares: Vec<(u8, VolumeKey)> = granted
+                .into_iter()
+                .filter_map(|(x, k)| k.map(|k| (x, k)))
+                .collect();
+            match self.p.combine_shares(h, &shares) {
+                Ok(key) => self.key = Some(key),
+                // Shares that unwrap but do not rebuild this volume's key: never serve with
+                // them, and treat it like a denial (as a wrong key is).
+                Err(e) => {
+                    return Err(vec![AccessError::new(
+                        AccessClass::Denied,
+                        format!(
+                            "the {need} key shares unwrapped do not rebuild the volume's key: {}",
+                            e.message
+                        ),
+                    )]);
+                }
+            }
+        }
+        Ok(first)
     }
 
     /// A round of rotation following; a header it wrote replaces the one held, and its slots
@@ -520,6 +574,35 @@ impl<P: Platform> Shell<P> {
             )),
         }
     }
+}
+
+/// Fewer than `need` shares were granted: one error for the state machine. Transient while
+/// the shares that failed only transiently could still make up the difference (the volume is
+/// not treated as revoked while a threshold could still be reached); denied once that is
+/// impossible and some key denied; misconfigured otherwise.
+fn short_of_shares(need: usize, got: usize, errors: &[(Option<u8>, AccessError)]) -> AccessError {
+    let mut transient: Vec<Option<u8>> = errors
+        .iter()
+        .filter(|(_, e)| e.class == AccessClass::Transient)
+        .map(|(x, _)| *x)
+        .collect();
+    transient.sort_unstable();
+    transient.dedup();
+    let class = if got + transient.len() >= need {
+        AccessClass::Transient
+    } else if errors.iter().any(|(_, e)| e.class == AccessClass::Denied) {
+        AccessClass::Denied
+    } else {
+        AccessClass::Misconfigured
+    };
+    let reasons: Vec<&str> = errors.iter().map(|(_, e)| e.message.as_str()).collect();
+    AccessError::new(
+        class,
+        format!(
+            "{got} of the {need} key shares needed were granted ({})",
+            reasons.join("; ")
+        ),
+    )
 }
 
 /// A forced close that failed: the worker did not end as asked.
