@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kvcrypt::agent::status::{VolumeState, VolumeStatus};
-use kvcrypt_kv_emulator::RotationPolicy;
+use kvcrypt_kv_emulator::{Op, RotationPolicy};
 use kvcrypt_lab::lab::{KEY_NAME, LabOptions};
 use kvcrypt_testkit::agent::{Running, T, ready};
 use kvcrypt_testkit::shell::must;
@@ -90,6 +90,12 @@ fn a_new_key_version_gets_a_verified_slot_the_old_one_can_be_disabled_and_is_pru
             RotationPolicy::rotate_after(Duration::from_secs(7 * DAY))
                 .expires_after(Duration::from_secs(90 * DAY)),
         )
+        .unwrap();
+    // Reading the policy is a permission of its own (Key Vault Crypto Officer has it): with it
+    // the status can say when Key Vault rotates next.
+    r.lab
+        .emu
+        .grant(&r.lab.principal.client_id, &[Op::GetRotationPolicy], None)
         .unwrap();
     let clock = r.lab.emu.advance_clock(Duration::from_secs(8 * DAY));
     assert_eq!(clock.rotated.len(), 1, "{clock:?}");

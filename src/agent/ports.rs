@@ -134,6 +134,10 @@ pub struct KeyView {
     /// `exp` of the current version (Unix seconds).
     #[serde(default)]
     pub expires: Option<i64>,
+    /// When Key Vault's rotation policy rotates the key next (Unix seconds), when the policy
+    /// could be read (it needs the `getrotationpolicy` permission) and has a `Rotate` action.
+    #[serde(default)]
+    pub next_rotation: Option<i64>,
 }
 
 impl KeyView {
@@ -143,6 +147,7 @@ impl KeyView {
             current: info.key_id.clone(),
             enabled: info.enabled,
             expires: info.expires,
+            next_rotation: None,
         }
     }
 }

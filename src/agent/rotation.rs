@@ -148,7 +148,14 @@ pub async fn follow(
     for key in keys {
         match p.current_version(key).await {
             Ok(info) => {
-                report.keys.push(KeyView::of(key, &info));
+                let mut view = KeyView::of(key, &info);
+                // Read when permitted: a refusal only means the status cannot say when.
+                match p.next_rotation(&info).await {
+                    Ok(at) => view.next_rotation = at,
+                    Err(e) => tracing::debug!(key = %key, error = %e,
+                        "the rotation policy of {key} could not be read: {e}"),
+                }
+                report.keys.push(view);
                 current.insert(key.to_owned(), info);
             }
             Err(e) => report

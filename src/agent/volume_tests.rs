@@ -284,6 +284,7 @@ impl KeyPort for Fake {
                 current: current.into(),
                 enabled: true,
                 expires: w.expires,
+                next_rotation: None,
             }],
             ..Default::default()
         };

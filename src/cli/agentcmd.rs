@@ -149,6 +149,15 @@ fn slot_lines(v: &VolumeStatus, now: f64, out: &mut String) {
         ));
     }
     for k in &v.keys {
+        if let Some(t) = k.next_rotation {
+            let at = std::time::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+            out.push_str(&format!(
+                "  key:         {} is rotated by its Key Vault rotation policy next at {} ({})\n",
+                k.key,
+                humantime::format_rfc3339_seconds(at),
+                until(t as f64, now)
+            ));
+        }
         if !k.enabled {
             out.push_str(&format!(
                 "  key:         {} current version {} is DISABLED (no slot is added for it)\n",
@@ -458,6 +467,13 @@ mod tests {
             },
         ];
         v.rotation_next = Some(1040.0 + 3600.0);
+        v.keys = vec![crate::agent::ports::KeyView {
+            key: "https://v.vault.azure.net/keys/k".into(),
+            current: "https://v.vault.azure.net/keys/k/2".into(),
+            enabled: true,
+            expires: Some(1040 + 3 * 86_400),
+            next_rotation: Some(1040 + 86_400),
+        }];
         let s = render_status(&[v], 1040.0);
         assert!(
             s.contains(
@@ -474,6 +490,13 @@ mod tests {
         );
         assert!(
             s.contains("rotation:    followed; next lookup of the keys' current versions in 1h"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "key:         https://v.vault.azure.net/keys/k is rotated by its Key Vault \
+                 rotation policy next at 1970-01-02T00:17:20Z (in 1day)"
+            ),
             "{s}"
         );
     }

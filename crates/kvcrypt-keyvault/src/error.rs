@@ -31,6 +31,7 @@ pub enum Operation {
     WrapKey,
     UnwrapKey,
     GetKey,
+    GetRotationPolicy,
 }
 
 impl fmt::Display for Operation {
@@ -39,6 +40,7 @@ impl fmt::Display for Operation {
             Operation::WrapKey => "wrapKey",
             Operation::UnwrapKey => "unwrapKey",
             Operation::GetKey => "get",
+            Operation::GetRotationPolicy => "getrotationpolicy",
         })
     }
 }

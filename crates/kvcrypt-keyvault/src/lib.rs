@@ -22,6 +22,7 @@ mod http;
 mod keyid;
 mod pin;
 mod provider;
+mod rotation_policy;
 
 pub use config::{
     AzureCliConfig, ClientCertificateConfig, ClientSecretConfig, CredentialConfig,
@@ -35,7 +36,8 @@ pub use provider::{AccessSecret, BlockingProvider, KeyProvider};
 use azure_core::credentials::TokenCredential;
 use azure_core::http::ClientMethodOptions;
 use azure_security_keyvault_keys::models::{
-    KeyClientGetKeyOptions, KeyClientUnwrapKeyOptions, KeyClientWrapKeyOptions, KeyType,
+    KeyClientGetKeyOptions, KeyClientGetKeyRotationPolicyOptions, KeyClientUnwrapKeyOptions,
+    KeyClientWrapKeyOptions, KeyType,
 };
 use azure_security_keyvault_keys::{KeyClient, KeyClientOptions};
 use base64::Engine as _;
@@ -360,6 +362,62 @@ impl KeyVaultProvider {
         self.with_deadline(&target, async {
             let client = self.client(&id)?;
             Ok(self.get_key(&client, &id, None, &target).await?.info)
+        })
+        .await
+    }
+
+    /// When Key Vault will next rotate the key of `current` by itself (Unix seconds), from
+    /// the key's rotation policy; `Ok(None)` without a `Rotate` action. Needs the
+    /// `getrotationpolicy` permission (Key Vault Crypto Officer has it; a role with only
+    /// get/wrap/unwrap does not): callers treat a refusal as "unknown", never as revocation.
+    pub async fn next_rotation(&self, current: &KeyVersionInfo) -> Result<Option<i64>, KeyError> {
+        let id = KeyId::parse(&current.key_id)?;
+        let id = KeyId {
+            version: None,
+            ..id
+        };
+        let target = self.target(&id, Operation::GetRotationPolicy);
+        self.with_deadline(&target, async {
+            let client = self.client(&id)?;
+            let slot = FailureSlot::default();
+            let response = client
+                .get_key_rotation_policy(
+                    &id.name,
+                    Some(KeyClientGetKeyRotationPolicyOptions {
+                        method_options: ClientMethodOptions {
+                            context: slot.context(),
+                        },
+                    }),
+                )
+                .await
+                .map_err(|e| classify(&e, &target, &slot.take()))?;
+            let policy = response
+                .into_model()
+                .map_err(|e| bad_answer(&target, &format!("unparsable rotation policy: {e}")))?;
+            let triggers: Vec<rotation_policy::RotateTrigger> = policy
+                .lifetime_actions
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|a| {
+                    a.action.as_ref().and_then(|t| t.type_prop)
+                        == Some(
+                            azure_security_keyvault_keys::models::KeyRotationPolicyAction::Rotate,
+                        )
+                })
+                .filter_map(|a| {
+                    let t = a.trigger?;
+                    t.time_after_create
+                        .map(rotation_policy::RotateTrigger::AfterCreate)
+                        .or(t
+                            .time_before_expiry
+                            .map(rotation_policy::RotateTrigger::BeforeExpiry))
+                })
+                .collect();
+            Ok(rotation_policy::next_rotation(
+                &triggers,
+                current.created,
+                current.expires,
+            ))
         })
         .await
     }

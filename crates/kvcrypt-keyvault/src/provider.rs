@@ -70,6 +70,13 @@ pub trait KeyProvider: Send + Sync {
     async fn latest_version(&self, key_id: &str) -> Result<String, KeyError> {
         Ok(self.current_version(key_id).await?.key_id)
     }
+
+    /// When the provider will next rotate the key of `current` by itself (Unix seconds), if
+    /// it has a rotation policy saying so; providers without one answer `None`.
+    async fn next_rotation(&self, current: &KeyVersionInfo) -> Result<Option<i64>, KeyError> {
+        let _ = current;
+        Ok(None)
+    }
 }
 
 /// Azure Key Vault / Managed HSM: the inherent methods, which also serve secrets of any length.
@@ -117,6 +124,10 @@ impl KeyProvider for KeyVaultProvider {
 
     async fn latest_version(&self, key_id: &str) -> Result<String, KeyError> {
         KeyVaultProvider::latest_version(self, key_id).await
+    }
+
+    async fn next_rotation(&self, current: &KeyVersionInfo) -> Result<Option<i64>, KeyError> {
+        KeyVaultProvider::next_rotation(self, current).await
     }
 }
 
