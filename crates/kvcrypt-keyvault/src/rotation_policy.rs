@@ -71,10 +71,13 @@ mod tests {
         let after = RotateTrigger::AfterCreate("P30D".into());
         let before = RotateTrigger::BeforeExpiry("P7D".into());
         assert_eq!(
-            next_rotation(&[after.clone()], Some(0), None),
+            next_rotation(std::slice::from_ref(&after), Some(0), None),
             Some(30 * day)
         );
-        assert_eq!(next_rotation(&[before.clone()], Some(0), None), None);
+        assert_eq!(
+            next_rotation(std::slice::from_ref(&before), Some(0), None),
+            None
+        );
         assert_eq!(
             next_rotation(&[after.clone(), before.clone()], Some(0), Some(20 * day)),
             Some(13 * day)
