@@ -255,7 +255,9 @@ fn key_copy(key: &VolumeKey) -> Result<VolumeKey, PlatformError> {
 }
 
 impl KeyPort for HostPlatform {
-    type Header = LoadedHeader;
+    /// Shared, so a check or a rotation round spawned off the volume task takes a reference,
+    /// not a copy of every slot.
+    type Header = Arc<LoadedHeader>;
 
     fn reload_vault(&self, vault: &VaultConfig) -> Result<(), PlatformError> {
         let new = KeyVaultProvider::new(vault)
@@ -264,15 +266,16 @@ impl KeyPort for HostPlatform {
         Ok(())
     }
 
-    async fn read_header(&self, dev: &Path) -> Result<LoadedHeader, AccessError> {
+    async fn read_header(&self, dev: &Path) -> Result<Arc<LoadedHeader>, AccessError> {
         let d = dev.to_owned();
         blocking(move || kvcrypt_header_io::read(&d))
             .await
             .map_err(|e| AccessError::new(AccessClass::Transient, e.message))?
             .map_err(|e| AccessError::new(AccessClass::Misconfigured, e.to_string()))
+            .map(Arc::new)
     }
 
-    fn slots(&self, h: &LoadedHeader) -> Vec<SlotRef> {
+    fn slots(&self, h: &Arc<LoadedHeader>) -> Vec<SlotRef> {
         h.slots
             .iter()
             // Only Key Vault slots: the customer-held recovery slot (format v3) is for
@@ -295,7 +298,7 @@ impl KeyPort for HostPlatform {
             .collect()
     }
 
-    fn verify_key(&self, h: &LoadedHeader, key: &VolumeKey) -> Result<(), AccessError> {
+    fn verify_key(&self, h: &Arc<LoadedHeader>, key: &VolumeKey) -> Result<(), AccessError> {
         access::verify_key(h, key)
     }
 
@@ -308,10 +311,10 @@ impl KeyPort for HostPlatform {
             .map_err(|e| AccessError::new(AccessClass::Transient, format!("internal: {e}")))?
     }
 
-    async fn check_slot(&self, h: &LoadedHeader, slot: &SlotRef) -> Result<(), AccessError> {
+    async fn check_slot(&self, h: &Arc<LoadedHeader>, slot: &SlotRef) -> Result<(), AccessError> {
         let p = self.provider.borrow().clone();
-        let (header, slot) = (h.header.clone(), slot.clone());
-        tokio::spawn(async move { access::check_slot(p.as_ref(), &header, &slot).await })
+        let (h, slot) = (Arc::clone(h), slot.clone());
+        tokio::spawn(async move { access::check_slot(p.as_ref(), &h.header, &slot).await })
             .await
             .map_err(|e| AccessError::new(AccessClass::Transient, format!("internal: {e}")))?
     }
@@ -319,19 +322,18 @@ impl KeyPort for HostPlatform {
     async fn follow_rotation(
         &self,
         dev: &Path,
-        h: &LoadedHeader,
+        h: &Arc<LoadedHeader>,
         s: &VolumeSettings,
-    ) -> Result<Rotation<LoadedHeader>, PlatformError> {
+    ) -> Result<Rotation<Arc<LoadedHeader>>, PlatformError> {
         let p = self.provider.borrow().clone();
-        let (header, pins, grace) = (h.header.clone(), s.pins.clone(), s.rotation_grace);
+        let (h, pins, grace) = (Arc::clone(h), s.pins.clone(), s.rotation_grace);
         let now = unix_now() as i64;
         // Spawned like the access checks: slow vault calls stay off the volume task's loop.
-        let followed =
-            tokio::spawn(
-                async move { rotation::follow(p.as_ref(), &header, &pins, grace, now).await },
-            )
-            .await
-            .map_err(|e| PlatformError::new(PlatformFailure::Internal, format!("internal: {e}")))?;
+        let followed = tokio::spawn(async move {
+            rotation::follow(p.as_ref(), &h.header, &pins, grace, now).await
+        })
+        .await
+        .map_err(|e| PlatformError::new(PlatformFailure::Internal, format!("internal: {e}")))?;
         let Some(mut new) = followed.header else {
             return Ok(Rotation {
                 header: None,
@@ -353,7 +355,7 @@ impl KeyPort for HostPlatform {
             )
         })?;
         Ok(Rotation {
-            header: Some(written),
+            header: Some(Arc::new(written)),
             report: followed.report,
         })
     }
@@ -361,7 +363,7 @@ impl KeyPort for HostPlatform {
     async fn repair_header(
         &self,
         dev: &Path,
-        h: &LoadedHeader,
+        h: &Arc<LoadedHeader>,
     ) -> Result<Option<String>, PlatformError> {
         if h.damaged.is_empty() {
             return Ok(None);
