@@ -114,5 +114,6 @@ pub async fn make_slot(
         wrapped: wr.wrapped,
         created_at: kvcrypt_format::now_rfc3339(),
         check: Some(check),
+        share: None,
     })
 }

@@ -49,6 +49,7 @@ fn slot(key_id: &str) -> KeySlot {
         wrapped: vec![0xa5; 256],
         created_at: CREATED.into(),
         check: Some(vec![0x3c; 256]),
+        share: None,
     }
 }
 

@@ -196,6 +196,7 @@ fn document_reproduces_a_v3_header_with_its_recovery_slot() {
         wrapped: vec![0x77; 512],
         created_at: "2026-11-29T08:30:00Z".into(),
         check: None,
+        share: None,
     });
     h.seal(&vmk);
     kvcrypt_header_io::write(&p, &mut h).unwrap();
