@@ -242,4 +242,85 @@ fn two_of_three_and_all_lock_and_unlock_as_their_policy_says() {
     assert_eq!(cli.dump_master_key(devs3).master_key_hex(), vmk3);
     enable(&kv, VB, false);
     cli.dump_master_key(devs3).code(5);
+    enable(&kv, VA, true);
+    enable(&kv, VB, true);
+
+    // 2-of-3 with a customer-held recovery slot (v4 with it): the recovery slot wraps the whole
+    // key, so `recover` alone gives the same key; `recover --rewrap-key` would add a whole-key
+    // Key Vault slot to a split header and is refused.
+    let sk = dir.path().join("rec.key");
+    let pk = dir.path().join("rec.pub");
+    let openssl = |args: &[&str]| {
+        let st = std::process::Command::new("openssl")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "openssl {args:?}");
+    };
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:3072",
+        "-out",
+        sk.to_str().unwrap(),
+    ]);
+    openssl(&[
+        "pkey",
+        "-in",
+        sk.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        pk.to_str().unwrap(),
+    ]);
+    let dev4 = kvcrypt_testkit::volume::sized_file(dir.path(), "rec.img", 8 * MIB);
+    let devs4 = dev4.to_str().unwrap();
+    cli.run(&[
+        "format",
+        devs4,
+        "--key-id",
+        &a,
+        "--key-id",
+        &b,
+        "--key-id",
+        &c,
+        "--policy",
+        "k-of-n",
+        "--threshold",
+        "2",
+        "--recovery-public-key",
+        pk.to_str().unwrap(),
+    ])
+    .ok();
+    let l4 = kvcrypt_header_io::read(&dev4).unwrap();
+    assert_eq!(l4.version, 4);
+    let r = l4.recovery_slot().expect("recovery slot");
+    assert_eq!((r.id, r.share), (3, None));
+    let vmk4 = cli.dump_master_key(devs4).master_key_hex();
+    let rec = cli.run(&[
+        "recover",
+        devs4,
+        "--private-key",
+        sk.to_str().unwrap(),
+        "--print-dm-crypt",
+        "--json",
+        "--yes",
+    ]);
+    assert_eq!(rec.master_key_hex(), vmk4);
+    cli.run(&[
+        "recover",
+        devs4,
+        "--private-key",
+        sk.to_str().unwrap(),
+        "--rewrap-key",
+        &a,
+        "--yes",
+    ])
+    .fails(2, "not supported on a split volume");
+    assert_eq!(
+        kvcrypt_header_io::read(&dev4).unwrap().slots.len(),
+        4,
+        "nothing added"
+    );
 }

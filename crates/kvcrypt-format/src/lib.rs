@@ -488,8 +488,26 @@ impl VolumeHeader {
         Ok(())
     }
 
-    /// Builds one encoded copy (`COPY_SIZE` bytes) of this header.
+    /// Builds one encoded copy (`COPY_SIZE` bytes) of this header. Refuses a header whose
+    /// policy and shares break the rules readers apply (docs/FORMAT.md §3.3) — e.g. a whole-key
+    /// slot added to a split header — since writing it would leave a volume no reader opens.
     fn encode_copy(&self, copy: HeaderCopy, sequence: u64) -> Result<Vec<u8>, HeaderError> {
+        let json = policy::to_json(self.policy, &self.slots);
+        policy::decode(self.version, json.as_ref(), &self.slots).map_err(|e| {
+            HeaderError::Invalid(format!(
+                "refusing to write a header readers would refuse: {e} (seal it after changing \
+                 its slots or policy)"
+            ))
+        })?;
+        self.encode_copy_unchecked(copy, sequence)
+    }
+
+    /// [`VolumeHeader::encode_copy`] without the policy rules (tests build refused headers).
+    fn encode_copy_unchecked(
+        &self,
+        copy: HeaderCopy,
+        sequence: u64,
+    ) -> Result<Vec<u8>, HeaderError> {
         self.validate().map_err(HeaderError::Invalid)?;
         let md = metadata::encode(
             &self.slots,
@@ -780,7 +798,7 @@ mod tests {
         // Version 5 is unknown.
         let mut h = with_recovery(&vmk);
         h.version = 5;
-        let bytes = h.encode_copy(HeaderCopy::Primary, 1).unwrap();
+        let bytes = h.encode_copy_unchecked(HeaderCopy::Primary, 1).unwrap();
         assert!(matches!(
             VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary),
             Err(layout::DecodeError::UnsupportedVersion(5))
@@ -881,7 +899,12 @@ mod tests {
     fn readers_refuse_inconsistent_split_headers() {
         let vmk = key(13);
         let refused = |t: VolumeHeader, why: &str| {
-            let bytes = t.encode_copy(HeaderCopy::Primary, 1).unwrap();
+            // The writer refuses such a header too; the reader is tested on its bytes.
+            assert!(matches!(
+                t.encode_copy(HeaderCopy::Primary, 1),
+                Err(HeaderError::Invalid(_))
+            ));
+            let bytes = t.encode_copy_unchecked(HeaderCopy::Primary, 1).unwrap();
             let e = VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).unwrap_err();
             assert!(format!("{e:?}").contains(why), "{why}: {e:?}");
         };

@@ -129,7 +129,8 @@ pub fn text(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
     );
     let _ = writeln!(s, "  {}", cryptsetup_command(device, l));
     if let Some((k, slot)) = mk {
-        if l.policy.is_split() {
+        let from_recovery = l.slots.iter().any(|s| s.id == slot && s.is_recovery());
+        if l.policy.is_split() && !from_recovery {
             let _ = writeln!(
                 s,
                 "master key (combined from {} shares, the first from slot {slot}, hex):",
