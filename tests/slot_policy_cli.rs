@@ -251,11 +251,11 @@ fn two_of_three_and_all_lock_and_unlock_as_their_policy_says() {
     let sk = dir.path().join("rec.key");
     let pk = dir.path().join("rec.pub");
     let openssl = |args: &[&str]| {
-        let st = std::process::Command::new("openssl")
+        let out = std::process::Command::new("openssl")
             .args(args)
-            .status()
+            .output()
             .unwrap();
-        assert!(st.success(), "openssl {args:?}");
+        assert!(out.status.success(), "openssl {args:?}");
     };
     openssl(&[
         "genpkey",
