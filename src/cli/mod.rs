@@ -44,7 +44,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Write a new kvcrypt header to DEVICE, wrapping a fresh volume key with a Key Vault key.
+    /// Write a new kvcrypt header to DEVICE, wrapping a fresh volume key with one or more Key
+    /// Vault keys (--policy any / all / k-of-n says how many of them unlock).
     Format(FormatArgs),
     /// Inspect, back up or restore the volume header.
     #[command(subcommand)]
