@@ -201,26 +201,26 @@ fn truncated_metadata() {
 fn unknown_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (p, _) = formatted(dir.path(), "v.img", 8 * MIB, "data");
-    write_at(&p, PRIMARY + 8, &4u16.to_le_bytes());
-    // Version 4 is the first unknown one (3 is the recovery slot's). One copy of an unknown version: the other (v2) copy is used, the first reported.
+    write_at(&p, PRIMARY + 8, &5u16.to_le_bytes());
+    // Version 5 is the first unknown one (3 is the recovery slot's, 4 the split policies'). One copy of an unknown version: the other (v2) copy is used, the first reported.
     let l = kvcrypt_header_io::read(&p).unwrap();
     assert_eq!(l.used, HeaderCopy::Secondary);
-    assert!(l.damaged[0].reason.contains("unsupported version 4"));
-    write_at(&p, SECONDARY + 8, &4u16.to_le_bytes());
+    assert!(l.damaged[0].reason.contains("unsupported version 5"));
+    write_at(&p, SECONDARY + 8, &5u16.to_le_bytes());
     let e = kvcrypt_header_io::read(&p).unwrap_err();
     assert!(
         matches!(
             e,
             HeaderError::UnsupportedVersion {
-                version: 4,
-                supported: 3,
+                version: 5,
+                supported: 4,
                 ..
             }
         ),
         "{e}"
     );
     assert_eq!(e.exit_class(), Exit::HeaderInvalid);
-    assert!(e.to_string().contains("version 4"));
+    assert!(e.to_string().contains("version 5"));
 }
 
 #[test]

@@ -49,6 +49,7 @@ fn slot(key_id: &str) -> KeySlot {
         wrapped: vec![0xa5; 256],
         created_at: CREATED.into(),
         check: Some(vec![0x3c; 256]),
+        share: None,
     }
 }
 
@@ -164,6 +165,32 @@ fn text48(s: &[u8]) -> [u8; layout::LABEL_FIELD] {
 /// A header sealed with `edit`, primary copy only (for values only a key holder could seal).
 fn sealed_primary(edit: impl FnOnce(&mut VolumeHeader)) -> Vec<u8> {
     let mut img = image(&header_with(edit), SEQ);
+    img.truncate(COPY_SIZE as usize);
+    trim(img)
+}
+
+/// The corpus volume as a 2-of-3 split header (format v4): three share slots (x = 1, 2, 3) in
+/// three vaults, sealed with [`key`].
+fn split_header() -> VolumeHeader {
+    header_with(|h| {
+        h.slots[0].share = Some(1);
+        for x in 2..=3u8 {
+            let mut s = slot(&KEY_ID.replace("corpus.", &format!("corpus{x}.")));
+            s.share = Some(x);
+            h.add_slot(s);
+        }
+        h.policy = kvcrypt_format::SlotPolicy::KOfN { k: 2 };
+    })
+}
+
+/// The split header's JSON edited with `f`, primary copy only.
+fn split_json(f: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let mut img = image(&split_header(), SEQ);
+    edit_json(cp(&mut img, HeaderCopy::Primary), |s| {
+        let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        f(&mut v);
+        serde_json::to_string_pretty(&v).unwrap()
+    });
     img.truncate(COPY_SIZE as usize);
     trim(img)
 }
@@ -286,20 +313,20 @@ fn cases() -> Vec<Case> {
                 HeaderInvalid,
                 HeaderError::UnsupportedVersion {
                     version: 0,
-                    supported: 3,
+                    supported: 4,
                     ..
                 }
             )),
         ),
         c(
-            "version-4.img",
-            || field(OFF_VERSION, &4u16.to_le_bytes()),
+            "version-5.img",
+            || field(OFF_VERSION, &5u16.to_le_bytes()),
             Sized,
             Expect::Err(pat!(
                 HeaderInvalid,
                 HeaderError::UnsupportedVersion {
-                    version: 4,
-                    supported: 3,
+                    version: 5,
+                    supported: 4,
                     ..
                 }
             )),
@@ -311,6 +338,132 @@ fn cases() -> Vec<Case> {
             || field(OFF_VERSION, &3u16.to_le_bytes()),
             Sized,
             primary_bad!("format v3 header without a recovery slot"),
+        ),
+        c(
+            // Format v4 (split policy): the policy member is what makes it v4.
+            "v4-without-policy.img",
+            || field(OFF_VERSION, &4u16.to_le_bytes()),
+            Sized,
+            primary_bad!("format v4 header without a policy member"),
+        ),
+        c(
+            "v4-split-2-of-3.img",
+            || {
+                let mut img = image(&split_header(), SEQ);
+                img.truncate(COPY_SIZE as usize);
+                trim(img)
+            },
+            Sized,
+            Expect::Opens {
+                used: HeaderCopy::Primary,
+                damaged: &[(HeaderCopy::Secondary, "no kvcrypt magic")],
+                then: Then::Unlocks,
+            },
+        ),
+        c(
+            "policy-in-v2.img",
+            || {
+                json_primary(|s| {
+                    let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
+                    v["policy"] = serde_json::json!({"kind": "all", "threshold": 1, "shares": 1});
+                    serde_json::to_string_pretty(&v).unwrap()
+                })
+            },
+            Sized,
+            primary_bad!("a policy member in a format v2 header (split policies need v4)"),
+        ),
+        c(
+            "share-in-v2.img",
+            || {
+                json_primary(|s| {
+                    let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
+                    v["keyslots"][0]["share"] = 1.into();
+                    serde_json::to_string_pretty(&v).unwrap()
+                })
+            },
+            Sized,
+            primary_bad!("key slot 0: a share index in a format v2 header"),
+        ),
+        c(
+            "v4-slot-without-share.img",
+            || split_json(|v| drop(v["keyslots"][1].as_object_mut().unwrap().remove("share"))),
+            Sized,
+            primary_bad!("key slot 1: a slot of a split (k-of-n) header without a share index"),
+        ),
+        c(
+            "v4-share-zero.img",
+            || split_json(|v| v["keyslots"][2]["share"] = 0.into()),
+            Sized,
+            primary_bad!("key slot 2: share index 0"),
+        ),
+        c(
+            "v4-share-256.img",
+            || split_json(|v| v["keyslots"][2]["share"] = 256.into()),
+            Sized,
+            primary_bad!("metadata JSON: invalid value: integer `256`"),
+        ),
+        c(
+            "v4-threshold-zero.img",
+            || split_json(|v| v["policy"]["threshold"] = 0.into()),
+            Sized,
+            primary_bad!("policy threshold 0 outside 1..=3"),
+        ),
+        c(
+            "v4-threshold-above-shares.img",
+            || split_json(|v| v["policy"]["threshold"] = 4.into()),
+            Sized,
+            primary_bad!("policy threshold 4 outside 1..=3"),
+        ),
+        c(
+            "v4-shares-not-distinct-x.img",
+            || split_json(|v| v["keyslots"][2]["share"] = 2.into()),
+            Sized,
+            primary_bad!("policy says 3 shares, the key slots carry 2 distinct share indexes"),
+        ),
+        c(
+            "v4-all-below-every-share.img",
+            || split_json(|v| v["policy"]["kind"] = "all".into()),
+            Sized,
+            primary_bad!("policy all with threshold 2 of 3 shares"),
+        ),
+        c(
+            "v4-unknown-policy-kind.img",
+            || split_json(|v| v["policy"]["kind"] = "any".into()),
+            Sized,
+            primary_bad!("unknown policy kind \"any\""),
+        ),
+        c(
+            "v4-policy-unknown-member.img",
+            || split_json(|v| v["policy"]["weights"] = serde_json::json!([1, 1, 1])),
+            Sized,
+            primary_bad!("unknown field `weights`"),
+        ),
+        c(
+            // Well-formed but not what the key holder sealed: the threshold lowered to 1 (any
+            // one share would "unlock"). The MAC covers the policy.
+            "v4-threshold-lowered.img",
+            || split_json(|v| v["policy"]["threshold"] = 1.into()),
+            Sized,
+            Expect::Opens {
+                used: HeaderCopy::Primary,
+                damaged: &[(HeaderCopy::Secondary, "no kvcrypt magic")],
+                then: Then::KeyFails(pat!(HeaderInvalid, HeaderError::Tampered)),
+            },
+        ),
+        c(
+            "v4-shares-swapped.img",
+            || {
+                split_json(|v| {
+                    v["keyslots"][0]["share"] = 3.into();
+                    v["keyslots"][2]["share"] = 1.into();
+                })
+            },
+            Sized,
+            Expect::Opens {
+                used: HeaderCopy::Primary,
+                damaged: &[(HeaderCopy::Secondary, "no kvcrypt magic")],
+                then: Then::KeyFails(pat!(HeaderInvalid, HeaderError::Tampered)),
+            },
         ),
         c(
             "truncated-binary-block.img",
@@ -892,18 +1045,18 @@ fn cases() -> Vec<Case> {
             },
         ),
         c(
-            "primary-version-4-secondary-valid.img",
+            "primary-version-5-secondary-valid.img",
             || {
                 let mut img = valid();
                 let p = cp(&mut img, HeaderCopy::Primary);
-                put(p, OFF_VERSION, &4u16.to_le_bytes());
+                put(p, OFF_VERSION, &5u16.to_le_bytes());
                 refix(p);
                 trim(img)
             },
             Sized,
             Expect::Opens {
                 used: HeaderCopy::Secondary,
-                damaged: &[(HeaderCopy::Primary, "unsupported version 4")],
+                damaged: &[(HeaderCopy::Primary, "unsupported version 5")],
                 then: Then::Unlocks,
             },
         ),

@@ -196,6 +196,7 @@ fn document_reproduces_a_v3_header_with_its_recovery_slot() {
         wrapped: vec![0x77; 512],
         created_at: "2026-11-29T08:30:00Z".into(),
         check: None,
+        share: None,
     });
     h.seal(&vmk);
     kvcrypt_header_io::write(&p, &mut h).unwrap();
@@ -265,4 +266,134 @@ fn document_reproduces_a_v3_header_with_its_recovery_slot() {
         B64.decode(j["mac"]["value"].as_str().unwrap()).unwrap(),
         hmac(&k_mac, &[&input])
     );
+}
+
+/// docs/FORMAT.md §3.3 and §4 for a v4 (split policy) header: version 4 in the block and the
+/// MAC input, the `policy` member and each slot's `share` exactly as documented, the policy
+/// bytes after `access_check` and each slot's share byte after `lp(check)` in the MAC input,
+/// and — §3.3's Shamir rules, re-implemented here — the shares combine to the VMK.
+#[test]
+fn document_reproduces_a_v4_split_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let vmk = key(4);
+    let p = sized_file(dir.path(), "v4.img", 8 * MIB);
+    let mut h = kvcrypt_format::VolumeHeader::new_for_device(8 * MIB, 4096, "v4", &vmk).unwrap();
+    let shares = kvcrypt_crypto::shamir::split(&vmk, 2, 3).unwrap();
+    for (x, _) in &shares {
+        let mut s = slot(*x);
+        s.key_id = format!("https://v{x}.vault.azure.net/keys/k/{x:032x}");
+        s.check = Some(vec![0x20 + x; 40]);
+        s.share = Some(*x);
+        h.add_slot(s);
+    }
+    h.policy = kvcrypt_format::SlotPolicy::KOfN { k: 2 };
+    h.seal(&vmk);
+    kvcrypt_header_io::write(&p, &mut h).unwrap();
+
+    let block = read_at(&p, PRIMARY, 4096);
+    assert_eq!(u16::from_le_bytes([block[8], block[9]]), 4);
+    let md = read_at(&p, PRIMARY + 4096, u64le(&block, 168) as usize);
+    let j: serde_json::Value = serde_json::from_slice(&md).unwrap();
+    assert_eq!(
+        j.as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        vec!["access_check", "key_check", "keyslots", "mac", "policy"]
+    );
+    let policy = j["policy"].as_object().unwrap();
+    assert_eq!(
+        policy.keys().map(String::as_str).collect::<Vec<_>>(),
+        vec!["kind", "shares", "threshold"]
+    );
+    assert_eq!(
+        (
+            &j["policy"]["kind"],
+            &j["policy"]["threshold"],
+            &j["policy"]["shares"]
+        ),
+        (&"k-of-n".into(), &2.into(), &3.into())
+    );
+    let slots = j["keyslots"].as_array().unwrap();
+    for (i, s) in slots.iter().enumerate() {
+        assert_eq!(s["share"], i + 1);
+    }
+
+    let key_check = hmac(
+        &hkdf32(b"kvcrypt-v1-kdf", vmk.expose(), b"kvcrypt v1 key-check key"),
+        &[b"kvcrypt v1 key check"],
+    );
+    let access_check = hmac(
+        &hkdf32(
+            b"kvcrypt-v1-kdf",
+            vmk.expose(),
+            b"kvcrypt v2 access-check secret",
+        ),
+        &[b"kvcrypt v2 access check"],
+    );
+    let mut input = b"kvcrypt-header-mac-v1".to_vec();
+    input.extend_from_slice(&4u16.to_le_bytes());
+    input.extend_from_slice(&block[24..40]);
+    lp(&mut input, text(&block[40..88]).as_bytes());
+    lp(&mut input, text(&block[88..120]).as_bytes());
+    input.extend_from_slice(&block[120..144]);
+    input.extend_from_slice(&key_check);
+    input.extend_from_slice(&access_check);
+    // §4: policy kind (2 = k-of-n), threshold, shares.
+    input.extend_from_slice(&[2, 2, 3]);
+    input.extend_from_slice(&(slots.len() as u32).to_le_bytes());
+    for s in slots {
+        input.extend_from_slice(&(s["id"].as_u64().unwrap() as u32).to_le_bytes());
+        for m in ["provider", "key_id", "algorithm"] {
+            lp(&mut input, s[m].as_str().unwrap().as_bytes());
+        }
+        lp(
+            &mut input,
+            &B64.decode(s["wrapped"].as_str().unwrap()).unwrap(),
+        );
+        lp(&mut input, s["created_at"].as_str().unwrap().as_bytes());
+        lp(
+            &mut input,
+            &B64.decode(s["check"].as_str().unwrap()).unwrap(),
+        );
+        input.push(s["share"].as_u64().unwrap() as u8);
+    }
+    let k_mac = hkdf32(
+        b"kvcrypt-v1-kdf",
+        vmk.expose(),
+        b"kvcrypt v1 header-mac key",
+    );
+    assert_eq!(
+        B64.decode(j["mac"]["value"].as_str().unwrap()).unwrap(),
+        hmac(&k_mac, &[&input])
+    );
+
+    // §3.3: GF(2^8) mod x^8 + x^4 + x^3 + x + 1, Lagrange at 0 over any 2 of the 3 shares.
+    fn mul(mut a: u8, mut b: u8) -> u8 {
+        let mut p = 0;
+        while b != 0 {
+            if b & 1 == 1 {
+                p ^= a;
+            }
+            a = if a & 0x80 != 0 {
+                (a << 1) ^ 0x1b
+            } else {
+                a << 1
+            };
+            b >>= 1;
+        }
+        p
+    }
+    fn inv(a: u8) -> u8 {
+        (1..=255u8).find(|&b| mul(a, b) == 1).unwrap()
+    }
+    for (i, j2) in [(0usize, 1usize), (0, 2), (1, 2)] {
+        let (xi, yi) = (shares[i].0, shares[i].1.expose());
+        let (xj, yj) = (shares[j2].0, shares[j2].1.expose());
+        let li = mul(xj, inv(xj ^ xi));
+        let lj = mul(xi, inv(xi ^ xj));
+        let secret: Vec<u8> = (0..64).map(|b| mul(li, yi[b]) ^ mul(lj, yj[b])).collect();
+        assert_eq!(&secret[..], &vmk.expose()[..], "shares {xi} and {xj}");
+    }
 }

@@ -44,7 +44,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Write a new kvcrypt header to DEVICE, wrapping a fresh volume key with a Key Vault key.
+    /// Write a new kvcrypt header to DEVICE, wrapping a fresh volume key with one or more Key
+    /// Vault keys (--policy any / all / k-of-n says how many of them unlock).
     Format(FormatArgs),
     /// Inspect, back up or restore the volume header.
     #[command(subcommand)]
@@ -93,8 +94,19 @@ pub struct FormatArgs {
     /// Block device or file to format.
     pub device: PathBuf,
     /// Versioned or versionless Key Vault key id: https://VAULT/keys/NAME[/VERSION].
-    #[arg(long)]
-    pub key_id: String,
+    /// Repeatable: one key slot per key. With --policy all / k-of-n, each key must be in a
+    /// different vault and wraps one share of the volume key.
+    #[arg(long, required = true, value_name = "KEYID")]
+    pub key_id: Vec<String>,
+    /// How many of the keys it takes to unlock: `any` (default; each slot wraps the whole
+    /// volume key, any one key unlocks, the volume locks when every key denies), `all` (the
+    /// key is split: every key is needed, revoking any one locks the volume) or `k-of-n` (split
+    /// with --threshold K: any K keys unlock, the volume locks when fewer than K grant).
+    #[arg(long, value_enum, default_value = "any")]
+    pub policy: volume::PolicyArg,
+    /// With --policy k-of-n: how many keys unlock (1 < K <= number of --key-id).
+    #[arg(long, value_name = "K")]
+    pub threshold: Option<u8>,
     /// Wrap algorithm (default: RSA-OAEP-256 for RSA keys, A256KW / CKM_AES_KEY_WRAP for oct keys).
     #[arg(long)]
     pub algorithm: Option<String>,
@@ -178,13 +190,16 @@ pub struct RewrapArgs {
     /// The kvcrypt volume (block device or image file).
     pub device: PathBuf,
     /// Key to wrap the new slot with (default: latest version of the key of slot 0; with
-    /// --recovery-public-key and no --key-id, no Key Vault slot is added).
+    /// --recovery-public-key and no --key-id, no Key Vault slot is added). Split volumes
+    /// (policy all / k-of-n): refused; without it every share is rewrapped to the latest
+    /// version of its own key (changing a split volume's keys or threshold means re-formatting).
     #[arg(long)]
     pub key_id: Option<String>,
     /// Wrap algorithm for the new slot.
     #[arg(long)]
     pub algorithm: Option<String>,
-    /// Remove this slot after adding the new one (repeatable).
+    /// Remove this slot after adding the new one (repeatable). On a split volume a slot is
+    /// removed only while another slot holds the same share.
     #[arg(long = "remove-slot")]
     pub remove_slot: Vec<u32>,
     /// Only remove slots, add none.

@@ -14,6 +14,8 @@ mod signatures;
 mod slots;
 mod udev;
 
+pub use format::PolicyArg;
+
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
@@ -77,20 +79,27 @@ pub fn format(config: &Path, a: FormatArgs) -> Result<(), Failure> {
         .map(recovery_key::RecoveryPublicKey::read)
         .transpose()?;
     let cfg = load_vault_config(config)?;
-    // Before anything is read, written or asked of a vault: the key must be pinned.
-    kvcrypt_keyvault::KeyId::parse(&a.key_id)?;
+    // Before anything is read, written or asked of a vault: the keys parse, suit the policy
+    // and are pinned.
+    for k in &a.key_id {
+        kvcrypt_keyvault::KeyId::parse(k)?;
+    }
+    let policy = format::slot_policy(a.policy, a.threshold, &a.key_id)?;
     let pins = super::pinning::cli_pins(&cfg, config, a.allow_unpinned_key);
-    let key_id = pins.check_target(&a.key_id)?;
-    if pins.pin_for(&a.key_id).is_none() {
-        eprintln!(
-            "kvcrypt: warning: formatting with {}, which the configuration does not pin \
-             ({}): the agent will not unlock this volume until the key is pinned",
-            a.key_id,
-            super::pinning::ALLOW_FLAG
-        );
+    let mut key_ids = Vec::with_capacity(a.key_id.len());
+    for k in &a.key_id {
+        key_ids.push(pins.check_target(k)?);
+        if pins.pin_for(k).is_none() {
+            eprintln!(
+                "kvcrypt: warning: formatting with {k}, which the configuration does not pin \
+                 ({}): the agent will not unlock this volume until the key is pinned",
+                super::pinning::ALLOW_FLAG
+            );
+        }
     }
     let plan = format::FormatPlan {
-        key_id,
+        key_ids,
+        policy,
         algorithm: a.algorithm,
         label: a.label.unwrap_or_default(),
         sector_size: a.sector_size,
@@ -103,14 +112,22 @@ pub fn format(config: &Path, a: FormatArgs) -> Result<(), Failure> {
     let w = vault_provider(&cfg)?;
     let h = format::format_device(&a.device, &plan, &w)?;
     println!(
-        "Formatted {} as kvcrypt volume {} ({} bytes of data in {}-byte sectors); key slot 0: {} ({})",
+        "Formatted {} as kvcrypt volume {} ({} bytes of data in {}-byte sectors); policy {}",
         a.device.display(),
         h.uuid,
         h.data_length,
         h.sector_size,
-        h.slots[0].key_id,
-        h.slots[0].algorithm
+        h.policy.describe(h.share_count())
     );
+    for s in h.slots.iter().filter(|s| !s.is_recovery()) {
+        match s.share {
+            Some(x) => println!(
+                "key slot {}: {} ({}), share {x}",
+                s.id, s.key_id, s.algorithm
+            ),
+            None => println!("key slot {}: {} ({})", s.id, s.key_id, s.algorithm),
+        }
+    }
     if let Some(r) = h.recovery_slot() {
         print_recovery_added(r);
     }
@@ -331,6 +348,9 @@ pub fn rewrap(config: &Path, a: RewrapArgs) -> Result<(), Failure> {
     let pins = super::pinning::cli_pins(&cfg, config, a.allow_unpinned_key);
     let w = vault_provider(&cfg)?;
     let out = slots::rewrap(&mut l.header, &w, &plan, &pins)?;
+    for (x, why) in &out.shares_failed {
+        eprintln!("warning: share {x} was not rewrapped ({why}); its slots stay as they are");
+    }
     for (id, why) in &out.checks_failed {
         eprintln!(
             "warning: key slot {id} got no access check ({why}); the agent's access checks \
@@ -341,7 +361,20 @@ pub fn rewrap(config: &Path, a: RewrapArgs) -> Result<(), Failure> {
         && out.removed.is_empty()
         && out.checks_added.is_empty()
         && out.recovery_added.is_none()
+        && out.shares_added.is_empty()
     {
+        if l.policy.is_split() {
+            if !out.shares_failed.is_empty() {
+                return Err(Failure::new(
+                    Exit::Failure,
+                    "no share could be rewrapped and nothing else changed (see the warnings)",
+                ));
+            }
+            println!(
+                "Nothing changed: every share is already wrapped by the latest version of its key"
+            );
+            return Ok(());
+        }
         match (out.recovery_present, out.already_present) {
             (Some(id), _) => println!(
                 "Nothing changed: recovery slot {id} already wraps the volume key with that \
@@ -364,6 +397,14 @@ pub fn rewrap(config: &Path, a: RewrapArgs) -> Result<(), Failure> {
         && let Some(s) = l.slots.iter().find(|s| s.id == id)
     {
         print_recovery_added(s);
+    }
+    for (x, id) in &out.shares_added {
+        if let Some(s) = l.slots.iter().find(|s| s.id == *id) {
+            println!(
+                "Added key slot {id}: share {x} wrapped by {} ({})",
+                s.key_id, s.algorithm
+            );
+        }
     }
     for id in &out.removed {
         println!("Removed key slot {id}");

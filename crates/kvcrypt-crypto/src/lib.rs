@@ -7,6 +7,8 @@
 
 pub mod bench;
 pub mod kdf;
+/// Shamir secret sharing of the VMK (split slot policies), in secret memory.
+pub mod shamir;
 #[cfg(target_arch = "x86_64")]
 mod vaes;
 mod xts;

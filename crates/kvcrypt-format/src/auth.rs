@@ -40,6 +40,15 @@ pub fn mac_input(h: &VolumeHeader, key_check: &[u8; 32]) -> Vec<u8> {
         // make the MAC fail, never pass.
         out.extend_from_slice(h.access_check_digest().unwrap_or(&[0; 32]));
     }
+    // v4: the split policy (kind code, threshold, number of shares), so nobody without the
+    // key can lower the threshold or turn a share slot into a whole-key slot.
+    let v4 = h.version >= super::layout::VERSION_4;
+    if v4 {
+        let shares = h.share_count();
+        out.push(h.policy.mac_code());
+        out.push(u8::try_from(h.policy.threshold(shares)).unwrap_or(u8::MAX));
+        out.push(u8::try_from(shares).unwrap_or(u8::MAX));
+    }
     let count = u32::try_from(h.slots.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&count.to_le_bytes());
     for s in &h.slots {
@@ -51,6 +60,10 @@ pub fn mac_input(h: &VolumeHeader, key_check: &[u8; 32]) -> Vec<u8> {
         put_bytes(&mut out, s.created_at.as_bytes());
         if v2 {
             put_bytes(&mut out, s.check.as_deref().unwrap_or(&[]));
+        }
+        if v4 {
+            // 0 = no share (the recovery slot).
+            out.push(s.share.unwrap_or(0));
         }
     }
     out

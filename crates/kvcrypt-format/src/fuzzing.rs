@@ -122,6 +122,7 @@ pub fn seed_inputs() -> Vec<Vec<u8>> {
                 wrapped: vec![n as u8; 40 + 100 * n],
                 created_at: "2026-11-29T08:00:00Z".into(),
                 check: None,
+                share: None,
             });
         }
         h.seal(&vmk);

@@ -17,11 +17,15 @@ pub const VERSION_2: u16 = 2;
 /// only for a header that has a recovery slot, so volumes without one stay readable by v2
 /// readers.
 pub const VERSION_3: u16 = 3;
-/// The version a sealing write produces for a header without a recovery slot (with one:
-/// [`VERSION_3`], see `recovery::version_for`).
+/// Format version 4: a split slot policy (`all` or `k-of-n`, docs/FORMAT.md §3.3), with or
+/// without a recovery slot. Written only for split headers, so `any` volumes stay readable by
+/// v2/v3 readers.
+pub const VERSION_4: u16 = 4;
+/// The version a sealing write produces for a header with policy `any` and without a recovery
+/// slot (with one: [`VERSION_3`]; split: [`VERSION_4`]; see `policy::version_for`).
 pub const VERSION: u16 = VERSION_2;
 /// The newest version this crate reads.
-pub const NEWEST: u16 = VERSION_3;
+pub const NEWEST: u16 = VERSION_4;
 /// Size of the binary part of a header copy.
 pub const BINARY_HEADER_SIZE: usize = 4096;
 /// Size of one header copy (binary block + metadata area).
@@ -298,10 +302,10 @@ mod tests {
             decode_copy(&bytes[..4097]),
             Err(DecodeError::Truncated(_))
         ));
-        // Version 3 (recovery slot) is known; the next one is not.
-        let mut v4 = bytes.clone();
-        v4[8] = 4;
-        assert_eq!(decode_copy(&v4), Err(DecodeError::UnsupportedVersion(4)));
+        // Version 4 (split policy) is known; the next one is not.
+        let mut v5 = bytes.clone();
+        v5[8] = 5;
+        assert_eq!(decode_copy(&v5), Err(DecodeError::UnsupportedVersion(5)));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! On-disk volume header, format v1, v2 and v3 (docs/FORMAT.md is the normative description).
+//! On-disk volume header, format v1 to v4 (docs/FORMAT.md is the normative description).
 //!
 //! Two copies of the header live in the first MiB of the device (primary at 0, secondary at
 //! 512 KiB). Each is a 4096-byte binary block followed by a JSON metadata area with the key
@@ -13,7 +13,7 @@
 //!
 //! Submodules: `layout` (bytes), `metadata` (JSON), `auth` (key check, MAC), `copies` (the
 //! two-copy rules: [`parse_image`], [`plan_write`]), `recovery` (the customer-held recovery
-//! slot of format v3).
+//! slot of format v3), `policy` (split slot policies of format v4: `all`, `k-of-n`).
 
 // This crate needs no `unsafe`; the compiler keeps it that way.
 #![forbid(unsafe_code)]
@@ -24,6 +24,7 @@ mod copies;
 pub mod fuzzing;
 pub mod layout;
 mod metadata;
+pub mod policy;
 pub mod recovery;
 
 use std::path::PathBuf;
@@ -33,6 +34,7 @@ use kvcrypt_crypto::secmem::VolumeKey;
 use kvcrypt_exit::{Exit, ExitClass};
 
 pub use copies::{CopyWrite, ProbeInfo, WritePlan, check_device_size, parse_image, plan_write};
+pub use policy::SlotPolicy;
 pub use recovery::PROVIDER_RECOVERY;
 
 /// The provider name of Azure Key Vault / Managed HSM key slots.
@@ -58,6 +60,11 @@ pub struct KeySlot {
     /// Format v2: the access-check secret wrapped by the same key (`None` in v1 headers and
     /// for slots added before the volume became v2). Access checks unwrap this, never the VMK.
     pub check: Option<Vec<u8>>,
+    /// Format v4 (split policy): the x-coordinate (1..=255) of the Shamir share of the VMK this
+    /// slot wraps — `wrapped` is then the share, not the VMK. `Some` exactly on every Key Vault
+    /// slot of a split header (several slots may carry the same x: one share wrapped by two
+    /// versions of a key after a rotation); `None` otherwise and on the recovery slot.
+    pub share: Option<u8>,
 }
 
 impl std::fmt::Debug for KeySlot {
@@ -71,6 +78,7 @@ impl std::fmt::Debug for KeySlot {
             .field("wrapped_len", &self.wrapped.len())
             .field("created_at", &self.created_at)
             .field("check", &self.check.is_some())
+            .field("share", &self.share)
             .finish()
     }
 }
@@ -78,8 +86,8 @@ impl std::fmt::Debug for KeySlot {
 /// The decoded volume header (one copy's content).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeHeader {
-    /// Format version of this header: [`layout::VERSION_1`], [`layout::VERSION_2`] or
-    /// [`layout::VERSION_3`] (v2 with a recovery slot).
+    /// Format version of this header: [`layout::VERSION_1`], [`layout::VERSION_2`],
+    /// [`layout::VERSION_3`] (v2 with a recovery slot) or [`layout::VERSION_4`] (split policy).
     pub version: u16,
     pub uuid: uuid::Uuid,
     /// At most 47 bytes of UTF-8, no NUL.
@@ -97,6 +105,9 @@ pub struct VolumeHeader {
     /// Incremented by every header write (`kvcrypt_header_io::write`, see [`plan_write`]).
     pub sequence: u64,
     pub slots: Vec<KeySlot>,
+    /// How many slots it takes to unlock (format v4 for `All` / `KOfN`; `Any` before). Every
+    /// Key Vault slot of a split header carries a `share`. MAC-covered: re-seal after a change.
+    pub policy: SlotPolicy,
     key_check: [u8; 32],
     /// Format v2: digest of the access-check secret (`None` exactly in v1 headers).
     access_check: Option<[u8; 32]>,
@@ -306,6 +317,7 @@ impl VolumeHeader {
             data_length,
             sequence: 0,
             slots: Vec::new(),
+            policy: SlotPolicy::Any,
             key_check: [0; 32],
             access_check: None,
             mac: [0; 32],
@@ -321,9 +333,10 @@ impl VolumeHeader {
     ///
     /// Sealing writes the current format version: a v1 header becomes v2 and gains the
     /// access-check digest (its slots gain access-check slots as the caller wraps them); a
-    /// header with a recovery slot is v3, and becomes v2 again when that slot is removed.
+    /// header with a recovery slot is v3, and becomes v2 again when that slot is removed; a
+    /// header with a split policy (`All`, `KOfN`) is v4, recovery slot or not.
     pub fn seal(&mut self, vmk: &VolumeKey) {
-        self.version = recovery::version_for(&self.slots);
+        self.version = policy::version_for(self.policy, &self.slots);
         self.access_check = Some(kdf::access_check_digest(kdf::access_secret(vmk).expose()));
         self.key_check = auth::key_check(vmk);
         self.mac = auth::mac(vmk, self, &self.key_check);
@@ -373,15 +386,25 @@ impl VolumeHeader {
         id
     }
 
-    /// Removes the slot `id`; refuses to remove the last slot (the volume would be unopenable)
-    /// and the last one that is not the recovery slot (the agent never uses the recovery slot,
-    /// so the volume could only be opened by hand with the customer's private key).
+    /// Removes the slot `id`; refuses to remove the last slot (the volume would be unopenable),
+    /// the last one that is not the recovery slot (the agent never uses the recovery slot,
+    /// so the volume could only be opened by hand with the customer's private key) and, in a
+    /// split header, the last slot of a share (the share would be lost for good, and with it
+    /// the volume under `all`, or one share of margin under `k-of-n`).
     pub fn remove_slot(&mut self, id: u32) -> Result<KeySlot, HeaderError> {
         let pos = self
             .slots
             .iter()
             .position(|s| s.id == id)
             .ok_or_else(|| HeaderError::Invalid(format!("no key slot {id}")))?;
+        if let Some(x) = self.slots[pos].share
+            && !self.slots.iter().any(|s| s.id != id && s.share == Some(x))
+        {
+            return Err(HeaderError::Invalid(format!(
+                "refusing to remove key slot {id}: it is the only slot holding share {x} of the                  split ({}) volume key; rewrap that share to a new key version first (`kvcrypt                  rewrap`), or re-format to change the volume's keys",
+                self.policy.describe(self.share_count())
+            )));
+        }
         if self.slots.len() == 1 {
             return Err(HeaderError::Invalid(format!(
                 "refusing to remove key slot {id}: it is the last one and the volume could never \
@@ -397,6 +420,11 @@ impl VolumeHeader {
             )));
         }
         Ok(self.slots.remove(pos))
+    }
+
+    /// Number of distinct shares (x-coordinates) of a split header; 0 for policy `Any`.
+    pub fn share_count(&self) -> usize {
+        policy::share_xs(&self.slots).len()
     }
 
     /// The customer-held recovery slot, if the header has one (format v3).
@@ -460,14 +488,33 @@ impl VolumeHeader {
         Ok(())
     }
 
-    /// Builds one encoded copy (`COPY_SIZE` bytes) of this header.
+    /// Builds one encoded copy (`COPY_SIZE` bytes) of this header. Refuses a header whose
+    /// policy and shares break the rules readers apply (docs/FORMAT.md §3.3) — e.g. a whole-key
+    /// slot added to a split header — since writing it would leave a volume no reader opens.
     fn encode_copy(&self, copy: HeaderCopy, sequence: u64) -> Result<Vec<u8>, HeaderError> {
+        let json = policy::to_json(self.policy, &self.slots);
+        policy::decode(self.version, json.as_ref(), &self.slots).map_err(|e| {
+            HeaderError::Invalid(format!(
+                "refusing to write a header readers would refuse: {e} (seal it after changing \
+                 its slots or policy)"
+            ))
+        })?;
+        self.encode_copy_unchecked(copy, sequence)
+    }
+
+    /// [`VolumeHeader::encode_copy`] without the policy rules (tests build refused headers).
+    fn encode_copy_unchecked(
+        &self,
+        copy: HeaderCopy,
+        sequence: u64,
+    ) -> Result<Vec<u8>, HeaderError> {
         self.validate().map_err(HeaderError::Invalid)?;
         let md = metadata::encode(
             &self.slots,
             &self.key_check,
             self.access_check.as_ref(),
             &self.mac,
+            policy::to_json(self.policy, &self.slots),
         );
         if md.len() as u64 > layout::MAX_METADATA_LEN {
             return Err(HeaderError::Invalid(format!(
@@ -520,6 +567,8 @@ impl VolumeHeader {
             layout::text_field(&raw.cipher).map_err(|e| Corrupt(format!("cipher: {e}")))?;
         let decoded = metadata::decode(md, raw.version).map_err(Corrupt)?;
         recovery::check(raw.version, &decoded.slots).map_err(Corrupt)?;
+        let slot_policy = policy::decode(raw.version, decoded.policy.as_ref(), &decoded.slots)
+            .map_err(Corrupt)?;
         let h = VolumeHeader {
             version: raw.version,
             uuid: uuid::Uuid::from_bytes(raw.uuid),
@@ -531,6 +580,7 @@ impl VolumeHeader {
             data_length: raw.data_length,
             sequence: raw.sequence,
             slots: decoded.slots,
+            policy: slot_policy,
             key_check: decoded.key_check,
             access_check: decoded.access_check,
             mac: decoded.mac,
@@ -557,6 +607,7 @@ mod tests {
             wrapped: vec![n; 256],
             created_at: "2026-01-01T00:00:00Z".into(),
             check: None,
+            share: None,
         }
     }
 
@@ -656,6 +707,7 @@ mod tests {
             wrapped: (0..384u32).map(|i| i as u8).collect(),
             created_at: "2026-02-01T00:00:00Z".into(),
             check: None,
+            share: None,
         }
     }
 
@@ -743,14 +795,158 @@ mod tests {
         h.version = layout::VERSION_3;
         let bytes = h.encode_copy(HeaderCopy::Primary, 1).unwrap();
         assert!(VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).is_err());
-        // Version 4 is unknown.
+        // Version 5 is unknown.
         let mut h = with_recovery(&vmk);
-        h.version = 4;
-        let bytes = h.encode_copy(HeaderCopy::Primary, 1).unwrap();
+        h.version = 5;
+        let bytes = h.encode_copy_unchecked(HeaderCopy::Primary, 1).unwrap();
         assert!(matches!(
             VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary),
-            Err(layout::DecodeError::UnsupportedVersion(4))
+            Err(layout::DecodeError::UnsupportedVersion(5))
         ));
+    }
+
+    /// A 2-of-3 split header: shares 1..=3 in three vaults, share 2 also under a rotated key
+    /// version (slot 3), and a recovery slot.
+    fn split_header(vmk: &VolumeKey, policy: SlotPolicy) -> VolumeHeader {
+        let mut h = VolumeHeader::new_for_device(10 << 20, 4096, "split", vmk).unwrap();
+        for x in 1..=3u8 {
+            let mut s = slot(x);
+            s.key_id = format!("https://v{x}.vault.azure.net/keys/k/1");
+            s.share = Some(x);
+            s.check = Some(vec![x; 40]);
+            h.add_slot(s);
+        }
+        let mut again = slot(9);
+        again.key_id = "https://v2.vault.azure.net/keys/k/2".into();
+        again.share = Some(2);
+        h.add_slot(again);
+        h.add_slot(recovery_slot());
+        h.policy = policy;
+        h.seal(vmk);
+        h
+    }
+
+    #[test]
+    fn split_headers_are_v4_and_round_trip() {
+        let vmk = key(11);
+        for policy in [SlotPolicy::KOfN { k: 2 }, SlotPolicy::All] {
+            let h = split_header(&vmk, policy);
+            assert_eq!(h.version, layout::VERSION_4);
+            assert_eq!(h.share_count(), 3);
+            let bytes = h.encode_copy(HeaderCopy::Primary, 7).unwrap();
+            assert_eq!(&bytes[8..10], &[4, 0], "written as version 4");
+            let back = VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).unwrap();
+            let mut want = h.clone();
+            want.sequence = 7;
+            assert_eq!(back, want);
+            assert_eq!(back.policy, policy);
+            back.verify_key(&vmk).unwrap();
+            let md = String::from_utf8_lossy(&bytes[4096..]).into_owned();
+            assert!(md.contains("\"share\": 2"), "{md}");
+        }
+        // Back to `any` (not something kvcrypt does, but the rule): v3 with the recovery slot.
+        let mut h = split_header(&vmk, SlotPolicy::All);
+        h.policy = SlotPolicy::Any;
+        for s in &mut h.slots {
+            s.share = None;
+        }
+        h.seal(&vmk);
+        assert_eq!(h.version, layout::VERSION_3);
+    }
+
+    #[test]
+    fn the_mac_covers_the_policy_and_every_share() {
+        let vmk = key(12);
+        let h = split_header(&vmk, SlotPolicy::KOfN { k: 2 });
+        h.verify_key(&vmk).unwrap();
+        let tampered = |edit: &dyn Fn(&mut VolumeHeader)| {
+            let mut t = h.clone();
+            edit(&mut t);
+            assert!(matches!(t.verify_key(&vmk), Err(HeaderError::Tampered)));
+        };
+        tampered(&|t| t.policy = SlotPolicy::KOfN { k: 3 });
+        tampered(&|t| t.policy = SlotPolicy::KOfN { k: 1 });
+        tampered(&|t| t.policy = SlotPolicy::All);
+        for i in 0..4 {
+            tampered(&|t| t.slots[i].share = Some(7));
+            tampered(&|t| t.slots[i].share = t.slots[i].share.map(|x| x % 3 + 1));
+        }
+        // The number of shares: a slot of a fourth share added.
+        tampered(&|t| {
+            let mut s = t.slots[0].clone();
+            s.id = 10;
+            s.share = Some(4);
+            t.slots.push(s);
+        });
+        // Dropping the split (policy any, shares gone, version 3): tampering too.
+        tampered(&|t| {
+            t.policy = SlotPolicy::Any;
+            t.version = layout::VERSION_3;
+            for s in &mut t.slots {
+                s.share = None;
+            }
+        });
+        // Through the bytes on disk: a copy with a changed share decodes, the MAC refuses it.
+        let mut t = h.clone();
+        t.slots[0].share = Some(3);
+        t.slots[2].share = Some(1);
+        let bytes = t.encode_copy(HeaderCopy::Primary, 2).unwrap();
+        let back = VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).unwrap();
+        assert!(matches!(back.verify_key(&vmk), Err(HeaderError::Tampered)));
+    }
+
+    #[test]
+    fn readers_refuse_inconsistent_split_headers() {
+        let vmk = key(13);
+        let refused = |t: VolumeHeader, why: &str| {
+            // The writer refuses such a header too; the reader is tested on its bytes.
+            assert!(matches!(
+                t.encode_copy(HeaderCopy::Primary, 1),
+                Err(HeaderError::Invalid(_))
+            ));
+            let bytes = t.encode_copy_unchecked(HeaderCopy::Primary, 1).unwrap();
+            let e = VolumeHeader::decode_copy(&bytes, HeaderCopy::Primary).unwrap_err();
+            assert!(format!("{e:?}").contains(why), "{why}: {e:?}");
+        };
+        let h = split_header(&vmk, SlotPolicy::All);
+        let mut t = h.clone();
+        t.version = layout::VERSION_3;
+        refused(t, "need v4");
+        let mut t = h.clone();
+        t.slots[1].share = None;
+        refused(t, "without a share index");
+        let mut t = h.clone();
+        t.slots[0].share = Some(0);
+        refused(t, "share index 0");
+        let mut t = h.clone();
+        let r = t.slots.iter().position(|s| s.is_recovery()).unwrap();
+        t.slots[r].share = Some(1);
+        refused(t, "recovery slot wraps the whole");
+        // A v4 header without a policy, and a share on a v2 header.
+        let mut t = h.clone();
+        t.policy = SlotPolicy::Any;
+        refused(t, "without a policy");
+        let mut t = VolumeHeader::new_for_device(10 << 20, 4096, "x", &vmk).unwrap();
+        let mut s = slot(1);
+        s.share = Some(1);
+        t.add_slot(s);
+        t.seal(&vmk);
+        refused(t, "share index in a format v2");
+        let mut t = h;
+        t.policy = SlotPolicy::KOfN { k: 4 };
+        refused(t, "outside 1..=3");
+    }
+
+    #[test]
+    fn the_last_slot_of_a_share_stays() {
+        let vmk = key(14);
+        let mut h = split_header(&vmk, SlotPolicy::KOfN { k: 2 });
+        let e = h.remove_slot(0).unwrap_err();
+        assert!(format!("{e}").contains("only slot holding share 1"), "{e}");
+        // Share 2 has two slots (1 and 3): one of them may go, then not the other.
+        h.remove_slot(1).unwrap();
+        assert!(h.remove_slot(3).is_err());
+        assert_eq!(h.share_count(), 3);
     }
 
     #[test]

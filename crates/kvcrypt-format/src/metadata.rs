@@ -37,6 +37,22 @@ pub struct Metadata {
     pub access_check: Option<JsonDigest>,
     #[serde(deserialize_with = "object")]
     pub mac: JsonDigest,
+    /// Format v4 only: the split slot policy.
+    #[serde(
+        default,
+        deserialize_with = "some_object",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub policy: Option<JsonPolicy>,
+}
+
+/// Format v4: `{"kind": "all" | "k-of-n", "threshold": k, "shares": n}` (docs/FORMAT.md §3.3).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonPolicy {
+    pub kind: String,
+    pub threshold: u8,
+    pub shares: u8,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -57,6 +73,13 @@ pub struct JsonSlot {
         skip_serializing_if = "Option::is_none"
     )]
     pub check: Option<String>,
+    /// Format v4 only: the x-coordinate of the Shamir share this slot wraps.
+    #[serde(
+        default,
+        deserialize_with = "some",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub share: Option<u8>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -113,6 +136,8 @@ pub struct Decoded {
     pub key_check: [u8; 32],
     pub access_check: Option<[u8; 32]>,
     pub mac: [u8; 32],
+    /// The v4 `policy` member as found; `policy::decode` checks it against the version.
+    pub policy: Option<JsonPolicy>,
 }
 
 fn digest(d: &JsonDigest, want_alg: &str, what: &str) -> Result<[u8; 32], String> {
@@ -131,6 +156,7 @@ pub fn encode(
     key_check: &[u8; 32],
     access_check: Option<&[u8; 32]>,
     mac: &[u8; 32],
+    policy: Option<JsonPolicy>,
 ) -> Vec<u8> {
     let md = Metadata {
         keyslots: slots
@@ -143,6 +169,7 @@ pub fn encode(
                 wrapped: B64.encode(&s.wrapped),
                 created_at: s.created_at.clone(),
                 check: s.check.as_ref().map(|c| B64.encode(c)),
+                share: s.share,
             })
             .collect(),
         key_check: JsonDigest {
@@ -157,6 +184,7 @@ pub fn encode(
             algorithm: MAC_ALGORITHM.into(),
             value: B64.encode(mac),
         },
+        policy,
     };
     // Serializing plain strings and integers cannot fail; fall back to an empty object rather
     // than panic (the checksum/validation on read would then refuse it loudly).
@@ -212,6 +240,7 @@ pub fn decode(bytes: &[u8], version: u16) -> Result<Decoded, String> {
             wrapped,
             created_at: s.created_at,
             check,
+            share: s.share,
         });
     }
     let access_check = match &md.access_check {
@@ -223,5 +252,6 @@ pub fn decode(bytes: &[u8], version: u16) -> Result<Decoded, String> {
         access_check,
         key_check: digest(&md.key_check, KEY_CHECK_ALGORITHM, "key_check")?,
         mac: digest(&md.mac, MAC_ALGORITHM, "mac")?,
+        policy: md.policy,
     })
 }

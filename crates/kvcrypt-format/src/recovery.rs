@@ -15,7 +15,7 @@
 use sha2::{Digest, Sha256};
 
 use super::KeySlot;
-use super::layout::{VERSION, VERSION_3};
+use super::layout::VERSION_3;
 
 /// The provider name of the recovery slot.
 pub const PROVIDER_RECOVERY: &str = "recovery-rsa";
@@ -63,14 +63,11 @@ impl KeySlot {
     }
 }
 
-/// The version a sealing write gives a header with these slots: v3 exactly when a recovery slot
-/// is present, otherwise the current v2.
+/// The version a sealing write gives a header with these slots and policy `any`: v3 exactly
+/// when a recovery slot is present, otherwise the current v2 (split headers: v4,
+/// `policy::version_for`).
 pub fn version_for(slots: &[KeySlot]) -> u16 {
-    if slots.iter().any(KeySlot::is_recovery) {
-        VERSION_3
-    } else {
-        VERSION
-    }
+    crate::policy::version_for(crate::SlotPolicy::Any, slots)
 }
 
 fn is_fingerprint(key_id: &str) -> bool {
@@ -82,8 +79,8 @@ fn is_fingerprint(key_id: &str) -> bool {
 }
 
 /// The rules of docs/FORMAT.md §3.2 for a decoded header of `version`: no recovery slot before
-/// v3; in v3 exactly one, with exactly the members and values the document gives. The message
-/// names the offending slot.
+/// v3; in v3 exactly one, in v4 (split policy) at most one, with exactly the members and values
+/// the document gives. The message names the offending slot.
 pub(crate) fn check(version: u16, slots: &[KeySlot]) -> Result<(), String> {
     let recovery: Vec<&KeySlot> = slots.iter().filter(|s| s.is_recovery()).collect();
     if version < VERSION_3 {
@@ -96,7 +93,10 @@ pub(crate) fn check(version: u16, slots: &[KeySlot]) -> Result<(), String> {
         };
     }
     match recovery.as_slice() {
-        [] => return Err("format v3 header without a recovery slot".into()),
+        [] if version == VERSION_3 => {
+            return Err("format v3 header without a recovery slot".into());
+        }
+        [] => return Ok(()),
         [_] => {}
         [_, second, ..] => {
             return Err(format!(
@@ -149,6 +149,7 @@ mod tests {
             wrapped: vec![7; bytes],
             created_at: "2026-01-01T00:00:00Z".into(),
             check: None,
+            share: None,
         }
     }
 

@@ -25,6 +25,7 @@ fn slot(version: &str) -> KeySlot {
         wrapped: vec![version.len() as u8; 256],
         created_at: "2026-12-01T00:00:00Z".into(),
         check: Some(vec![9; 256]),
+        share: None,
     }
 }
 

@@ -40,5 +40,6 @@ pub fn slot(n: u8) -> KeySlot {
         wrapped: vec![n; 256],
         created_at: "2026-11-29T08:00:00Z".into(),
         check: None,
+        share: None,
     }
 }

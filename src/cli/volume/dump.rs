@@ -98,6 +98,7 @@ pub fn text(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
         let _ = writeln!(s, "  access check:  {}", B64.encode(d));
     }
     let _ = writeln!(s, "  header MAC:    {}", B64.encode(l.mac()));
+    let _ = writeln!(s, "  policy:        {}", l.policy.describe(l.share_count()));
     let _ = writeln!(s, "key slots:");
     for slot in &l.slots {
         if slot.is_recovery() {
@@ -106,6 +107,13 @@ pub fn text(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
         }
         let _ = writeln!(s, "  slot {}: {}", slot.id, slot.provider);
         let _ = writeln!(s, "    key id:      {}", slot.key_id);
+        if let Some(x) = slot.share {
+            let _ = writeln!(
+                s,
+                "    share:       {x} of {} (wraps one share of the volume key)",
+                l.share_count()
+            );
+        }
         let _ = writeln!(s, "    algorithm:   {}", slot.algorithm);
         let _ = writeln!(s, "    wrapped key: {} bytes", slot.wrapped.len());
         let _ = writeln!(s, "    created at:  {}", slot.created_at);
@@ -121,10 +129,35 @@ pub fn text(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
     );
     let _ = writeln!(s, "  {}", cryptsetup_command(device, l));
     if let Some((k, slot)) = mk {
-        let _ = writeln!(s, "master key (unwrapped from slot {slot}, hex):");
+        let from_recovery = l.slots.iter().any(|s| s.id == slot && s.is_recovery());
+        if l.policy.is_split() && !from_recovery {
+            let _ = writeln!(
+                s,
+                "master key (combined from {} shares, the first from slot {slot}, hex):",
+                l.policy.threshold(l.share_count())
+            );
+        } else {
+            let _ = writeln!(s, "master key (unwrapped from slot {slot}, hex):");
+        }
         let _ = writeln!(s, "  {}", hex(k.expose()).as_str());
     }
     s
+}
+
+/// `{"kind": "any"}`, or for split volumes `{"kind", "threshold", "shares", "text"}`.
+fn policy_json(l: &LoadedHeader) -> serde_json::Value {
+    let n = l.share_count();
+    let text = l.policy.describe(n);
+    if l.policy.is_split() {
+        serde_json::json!({
+            "kind": l.policy.to_string(),
+            "threshold": l.policy.threshold(n),
+            "shares": n,
+            "text": text,
+        })
+    } else {
+        serde_json::json!({ "kind": "any", "text": text })
+    }
 }
 
 /// Zeroizing because with `--dump-master-key` it holds the key.
@@ -156,6 +189,7 @@ pub fn json(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
                 "wrapped": B64.encode(&s.wrapped),
                 "created_at": s.created_at,
                 "check": s.check.as_ref().map(|c| B64.encode(c)),
+                "share": s.share,
             })
         })
         .collect();
@@ -175,6 +209,7 @@ pub fn json(device: &Path, l: &LoadedHeader, mk: Option<(&VolumeKey, u32)>) -> Z
         "key_check": B64.encode(l.key_check_digest()),
         "access_check": l.access_check_digest().map(|d| B64.encode(d)),
         "mac": B64.encode(l.mac()),
+        "policy": policy_json(l),
         "keyslots": slots,
         "dm_crypt": cryptsetup_command(device, l),
     });

@@ -1,5 +1,6 @@
-//! `kvcrypt format`: safety checks, VMK generation, first key slot (and the customer-held
-//! recovery slot when asked), optional wipe, header write.
+//! `kvcrypt format`: safety checks, VMK generation, the key slots (one per `--key-id`: each
+//! wrapping the whole VMK under policy `any`, or one Shamir share of it under `all` / `k-of-n`),
+//! the customer-held recovery slot when asked, optional wipe, header write.
 
 use std::fs::File;
 use std::io::{IsTerminal, Read};
@@ -10,16 +11,20 @@ use rand::RngCore;
 
 use super::recovery_key::RecoveryPublicKey;
 use super::signatures;
-use super::slots::make_slot;
+use super::slots::{make_share_slot, make_slot};
 use crate::cli::CliError;
 use kvcrypt_crypto::XtsCipher;
 use kvcrypt_crypto::secmem::{VMK_LEN, VolumeKey};
 use kvcrypt_exit::{Context, Failure};
-use kvcrypt_format::{HeaderError, VolumeHeader, layout};
+use kvcrypt_format::{HeaderError, SlotPolicy, VolumeHeader, layout};
 
 /// Everything `format` needs besides the key provider.
 pub struct FormatPlan {
-    pub key_id: String,
+    /// The keys (request ids, pinned), one slot each, in slot order; under a split policy key
+    /// `i` wraps share `i + 1`.
+    pub key_ids: Vec<String>,
+    /// `Any` (each slot wraps the VMK) or a split policy checked by [`slot_policy`].
+    pub policy: SlotPolicy,
     pub algorithm: Option<String>,
     pub label: String,
     pub sector_size: u32,
@@ -65,6 +70,85 @@ pub fn read_master_key_file(path: &Path) -> Result<VolumeKey, Failure> {
         .into());
     }
     Ok(vmk)
+}
+
+/// The `--policy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyArg {
+    /// Any one key unlocks (each slot wraps the whole volume key).
+    Any,
+    /// Every key is needed (the volume key is split n-of-n).
+    All,
+    /// Any K of the n keys unlock (needs --threshold K).
+    #[value(name = "k-of-n")]
+    KOfN,
+}
+
+/// The slot policy `--policy`/`--threshold` ask for with these keys, or why not: `all` and
+/// `k-of-n` need 2 to 16 keys, each in a different vault (two shares in one vault would let
+/// that one vault's keys, or its administrator, unlock with fewer independent parties than the
+/// policy promises), and `k-of-n` a threshold 1 < K <= n; `--threshold` belongs to `k-of-n`.
+pub fn slot_policy(
+    policy: PolicyArg,
+    threshold: Option<u8>,
+    key_ids: &[String],
+) -> Result<SlotPolicy, Failure> {
+    let usage = |m: String| -> Failure { CliError::Usage(m).into() };
+    let n = key_ids.len();
+    for (i, k) in key_ids.iter().enumerate() {
+        let v = super::slots::versionless(k).to_ascii_lowercase();
+        if key_ids[..i]
+            .iter()
+            .any(|o| super::slots::versionless(o).to_ascii_lowercase() == v)
+        {
+            return Err(usage(format!("--key-id {k} is given twice")));
+        }
+    }
+    let chosen = match (policy, threshold) {
+        (PolicyArg::Any, None) => return Ok(SlotPolicy::Any),
+        (PolicyArg::All, None) => SlotPolicy::All,
+        (PolicyArg::KOfN, Some(k)) => SlotPolicy::KOfN { k },
+        (PolicyArg::KOfN, None) => {
+            return Err(usage(
+                "--policy k-of-n needs --threshold K (how many of the keys unlock)".into(),
+            ));
+        }
+        (p, Some(_)) => {
+            return Err(usage(format!(
+                "--threshold applies to --policy k-of-n only (not {})",
+                match p {
+                    PolicyArg::Any => "any: one key unlocks",
+                    _ => "all: every key is needed",
+                }
+            )));
+        }
+    };
+    let max = usize::from(kvcrypt_crypto::shamir::MAX_SHARES);
+    if n < 2 || n > max {
+        return Err(usage(format!(
+            "--policy {chosen} needs 2 to {max} --key-id (one per vault), got {n}"
+        )));
+    }
+    if let SlotPolicy::KOfN { k } = chosen
+        && !(2..=n).contains(&usize::from(k))
+    {
+        return Err(usage(format!(
+            "--threshold {k} is out of range: with {n} keys it must be 2 to {n} (1 would be              --policy any)"
+        )));
+    }
+    let mut vaults: Vec<(String, &str)> = Vec::with_capacity(n);
+    for k in key_ids {
+        let vault = kvcrypt_keyvault::KeyId::parse(k)?
+            .vault()
+            .to_ascii_lowercase();
+        if let Some((_, other)) = vaults.iter().find(|(v, _)| *v == vault) {
+            return Err(usage(format!(
+                "--key-id {k} and {other} are in the same vault ({vault}): under --policy                  {chosen} every key must be in a different vault, or that one vault alone                  would hold more than one share and the split would protect nothing"
+            )));
+        }
+        vaults.push((vault, k));
+    }
+    Ok(chosen)
 }
 
 /// A fresh random VMK from the operating system's CSPRNG.
@@ -142,12 +226,36 @@ pub fn format_device(
         },
     )?;
     // Wrap before touching the device: a vault failure leaves it unchanged.
-    let slot = make_slot(w, &plan.key_id, plan.algorithm.as_deref(), &vmk)?;
-    h.add_slot(slot);
+    let algorithm = plan.algorithm.as_deref();
+    let mut split = None;
+    if plan.policy.is_split() {
+        let n = u8::try_from(plan.key_ids.len())
+            .map_err(|_| CliError::Usage("too many --key-id".into()))?;
+        let k = u8::try_from(plan.policy.threshold(plan.key_ids.len()))
+            .map_err(|_| CliError::Usage("threshold out of range".into()))?;
+        let shares = kvcrypt_crypto::shamir::split(&vmk, k, n)
+            .map_err(|e| CliError::Usage(format!("splitting the volume key: {e}")))?;
+        for (key_id, (x, share)) in plan.key_ids.iter().zip(&shares) {
+            h.add_slot(make_share_slot(w, key_id, algorithm, *x, share, &vmk)?);
+        }
+        h.policy = plan.policy;
+        split = Some(shares);
+    } else {
+        for key_id in &plan.key_ids {
+            h.add_slot(make_slot(w, key_id, algorithm, &vmk)?);
+        }
+    }
     if let Some(r) = &plan.recovery {
         h.add_slot(r.make_slot(&vmk)?);
     }
     h.seal(&vmk);
+    // Prove the header as it will be written: its threshold of shares combines to this key
+    // (and passes its key check and MAC), so a split that would not open is never written.
+    if let Some(shares) = &split {
+        let need = h.policy.threshold(h.share_count());
+        let refs: Vec<(u8, &VolumeKey)> = shares.iter().take(need).map(|(x, s)| (*x, s)).collect();
+        crate::keyslots::combine_shares(&h, &refs)?;
+    }
     if plan.wipe {
         wipe_data_area(&f, path, &h, &vmk, plan.progress)?;
     }
@@ -213,7 +321,8 @@ mod tests {
 
     fn plan() -> FormatPlan {
         FormatPlan {
-            key_id: "https://a.vault.azure.net/keys/vol".into(),
+            key_ids: vec!["https://a.vault.azure.net/keys/vol".into()],
+            policy: SlotPolicy::Any,
             algorithm: None,
             label: "test".into(),
             sector_size: 4096,
@@ -264,6 +373,84 @@ mod tests {
             .decrypt_sectors(&mut sector, 5, 512)
             .unwrap();
         assert!(sector.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn policy_flags_are_checked_before_anything_happens() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let a = "https://a.vault.azure.net/keys/k";
+        let b = "https://b.vault.azure.net/keys/k";
+        let c = "https://c.vault.azure.net/keys/k";
+        let a2 = "https://a.vault.azure.net/keys/other";
+        assert_eq!(
+            slot_policy(PolicyArg::Any, None, &ids(&[a])).unwrap(),
+            SlotPolicy::Any
+        );
+        assert_eq!(
+            slot_policy(PolicyArg::Any, None, &ids(&[a, a2])).unwrap(),
+            SlotPolicy::Any
+        );
+        assert_eq!(
+            slot_policy(PolicyArg::All, None, &ids(&[a, b])).unwrap(),
+            SlotPolicy::All
+        );
+        assert_eq!(
+            slot_policy(PolicyArg::KOfN, Some(2), &ids(&[a, b, c])).unwrap(),
+            SlotPolicy::KOfN { k: 2 }
+        );
+        for (p, t, keys, why) in [
+            (PolicyArg::KOfN, None, vec![a, b, c], "needs --threshold"),
+            (PolicyArg::KOfN, Some(1), vec![a, b, c], "out of range"),
+            (PolicyArg::KOfN, Some(4), vec![a, b, c], "out of range"),
+            (PolicyArg::All, Some(2), vec![a, b], "k-of-n only"),
+            (PolicyArg::Any, Some(1), vec![a], "k-of-n only"),
+            (PolicyArg::All, None, vec![a], "needs 2 to 16"),
+            (PolicyArg::KOfN, Some(2), vec![a, a2, b], "same vault"),
+            (PolicyArg::Any, None, vec![a, a], "given twice"),
+        ] {
+            let e = slot_policy(p, t, &ids(&keys)).unwrap_err();
+            assert_eq!(e.exit(), kvcrypt_exit::Exit::Usage, "{e:#}");
+            assert!(format!("{e:#}").contains(why), "{why}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn formats_a_split_volume_that_unlocks_with_its_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = file(dir.path(), 4 << 20);
+        let keys = [
+            "https://a.vault.azure.net/keys/k/1",
+            "https://b.vault.azure.net/keys/k/1",
+            "https://c.vault.azure.net/keys/k/1",
+        ];
+        let vault = XorVault::new(&keys);
+        let w = vault.blocking();
+        let mut pl = plan();
+        pl.key_ids = keys.iter().map(|k| k.to_string()).collect();
+        pl.policy = SlotPolicy::KOfN { k: 2 };
+        let h = format_device(&p, &pl, &w).unwrap();
+        assert_eq!(h.version, layout::VERSION_4);
+        assert_eq!(h.share_count(), 3);
+        let loaded = kvcrypt_header_io::read(&p).unwrap();
+        assert_eq!(loaded.header, h);
+        let pins = kvcrypt_keyvault::Pins::new(
+            keys.iter()
+                .map(|k| {
+                    kvcrypt_keyvault::KeyPin::parse(&super::super::slots::versionless(k)).unwrap()
+                })
+                .collect(),
+            "keys of [vault]",
+        );
+        let (vmk, _) = unlock(&loaded, &w, &pins).unwrap();
+        vault.disable(keys[1]);
+        assert_eq!(unlock(&loaded, &w, &pins).unwrap().0.expose(), vmk.expose());
+        // No slot wraps the volume key itself.
+        for (s, key) in loaded.slots.iter().zip(keys) {
+            let share = w.unwrap(key, &s.algorithm, &s.wrapped);
+            if let Ok(share) = share {
+                assert_ne!(share.expose(), vmk.expose());
+            }
+        }
     }
 
     #[test]

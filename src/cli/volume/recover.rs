@@ -42,6 +42,16 @@ pub fn recover(config: &Path, a: RecoverArgs) -> Result<(), Failure> {
     } else {
         kvcrypt_header_io::read_header_only(&a.device)?
     };
+    if target.is_some() && l.policy.is_split() {
+        // A Key Vault slot of a split volume wraps a share, which the recovery key does not
+        // give (it wraps the whole key); a whole-key slot would break the policy.
+        return Err(crate::cli::CliError::Usage(format!(
+            "--rewrap-key is not supported on a split volume ({}): print the volume key with \
+             --print-dm-crypt and copy the data to a newly formatted volume",
+            l.policy.describe(l.share_count())
+        ))
+        .into());
+    }
     let slot = l.recovery_slot().cloned().ok_or(RecoveryKeyError::NoSlot)?;
     let vmk = {
         let key = RecoveryPrivateKey::read(&a.private_key)?;

@@ -199,6 +199,7 @@ impl RecoveryPublicKey {
             wrapped,
             created_at: kvcrypt_format::now_rfc3339(),
             check: None,
+            share: None,
         })
     }
 }
