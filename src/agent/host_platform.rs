@@ -293,13 +293,32 @@ impl KeyPort for HostPlatform {
                 algorithm: s.algorithm.clone(),
                 wrapped: s.wrapped.clone(),
                 check: s.check.clone(),
-                share: None,
+                share: s.share,
             })
             .collect()
     }
 
     fn verify_key(&self, h: &Arc<LoadedHeader>, key: &VolumeKey) -> Result<(), AccessError> {
         access::verify_key(h, key)
+    }
+
+    fn threshold(&self, h: &Arc<LoadedHeader>) -> usize {
+        let h = &h.header;
+        if h.policy.is_split() {
+            h.policy.threshold(h.share_count())
+        } else {
+            1
+        }
+    }
+
+    fn combine_shares(
+        &self,
+        h: &Arc<LoadedHeader>,
+        shares: &[(u8, VolumeKey)],
+    ) -> Result<VolumeKey, AccessError> {
+        let refs: Vec<(u8, &VolumeKey)> = shares.iter().map(|(x, k)| (*x, k)).collect();
+        crate::keyslots::combine_shares(&h.header, &refs)
+            .map_err(|e| AccessError::new(AccessClass::Misconfigured, e.to_string()))
     }
 
     async fn unwrap_key(&self, slot: &SlotRef) -> Result<VolumeKey, AccessError> {
