@@ -34,7 +34,11 @@ fn sha256(path: &str) -> String {
 /// A lab whose configuration pins the first `n` keys of [`VAULTS`], each in its own vault,
 /// and whose image is formatted with `policy` over them.
 fn split_lab(dir: &Path, n: usize, policy: &[&str]) -> Lab {
-    let lab = Lab::start(dir, Path::new(EXE), &LabOptions::default()).unwrap();
+    split_lab_with(dir, n, policy, LabOptions::default())
+}
+
+fn split_lab_with(dir: &Path, n: usize, policy: &[&str], opts: LabOptions) -> Lab {
+    let lab = Lab::start(dir, Path::new(EXE), &opts).unwrap();
     let port = lab.emu.port();
     let mut keys = Vec::new();
     let mut resolve = vec![
@@ -200,6 +204,95 @@ fn any_survives_one_revoked_vault_and_locks_when_both_revoke() {
     lab.wait_state(VolumeState::Suspended, T).unwrap();
     restore(&lab, 1);
     lab.wait_state(VolumeState::Serving, T).unwrap();
+    assert_eq!(sha256(&bd), before);
+    drop(agent);
+}
+
+/// (key id, share) of every slot in the header on disk.
+fn shares_on_disk(image: &Path) -> Vec<(String, Option<u8>)> {
+    let h = kvcrypt_header_io::read(image).expect("the header on disk reads");
+    assert!(h.damaged.is_empty(), "{:?}", h.damaged);
+    h.header
+        .slots
+        .iter()
+        .map(|s| (s.key_id.clone(), s.share))
+        .collect()
+}
+
+#[test]
+fn two_of_three_follows_a_rotation_of_one_key_with_its_share() {
+    if !ready(EXE) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LabOptions {
+        agent: "check_interval = \"1s\"\ncheck_jitter = 0.0\ncheck_timeout = \"3s\"\n\
+                rotation_check = \"2s\"\nrotation_grace = \"8s\"\n"
+            .into(),
+        ..Default::default()
+    };
+    let lab = split_lab_with(
+        dir.path(),
+        3,
+        &["--policy", "k-of-n", "--threshold", "2"],
+        opts,
+    );
+    let agent = AgentOnDrop {
+        child: Some(lab.spawn_agent(None).unwrap()),
+        run_dir: &lab.run_dir,
+    };
+    let (st, _) = lab.wait_state(VolumeState::Serving, T).unwrap();
+    let bd = st.block_device.unwrap();
+    must(&format!(
+        "dd if=/dev/urandom of={bd} bs=1M count=8 oflag=direct status=none"
+    ));
+    let before = sha256(&bd);
+    let old = shares_on_disk(&lab.image);
+    assert_eq!(old.len(), 3, "{old:?}");
+    let (old_a, share_a) = old
+        .iter()
+        .find(|(k, _)| k.contains("/keys/kek-a/"))
+        .cloned()
+        .unwrap();
+
+    // Key A gets a new version: the agent adds a slot wrapping A's share with it.
+    let v2 = lab.emu.create_key(VAULTS[0].1, "RSA", Some(2048)).unwrap();
+    let t0 = Instant::now();
+    let added = loop {
+        let now = shares_on_disk(&lab.image);
+        if let Some(s) = now.iter().find(|(k, _)| k.ends_with(&v2)) {
+            break s.clone();
+        }
+        assert!(t0.elapsed() < T, "no slot for {v2}: {now:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(added.1, share_a, "the new version wraps the same share");
+
+    // The old version disabled: two keys (A's new version, B or C) still grant.
+    let old_version = old_a.rsplit('/').next().unwrap().to_owned();
+    lab.emu
+        .set_key_enabled(VAULTS[0].1, Some(&old_version), false)
+        .unwrap();
+    stays(&lab, VolumeState::Serving, Duration::from_secs(3));
+    // With B revoked too, A's new version and C make the threshold.
+    revoke(&lab, 1);
+    stays(&lab, VolumeState::Serving, Duration::from_secs(3));
+    restore(&lab, 1);
+
+    // After rotation_grace the old version's slot is pruned; A's share stays in the new slot.
+    let t0 = Instant::now();
+    loop {
+        let now = shares_on_disk(&lab.image);
+        if now.len() == 3 && !now.iter().any(|(k, _)| *k == old_a) {
+            assert!(now.contains(&added), "{now:?}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "not pruned: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(sha256(&bd), before);
     drop(agent);
 }

@@ -32,6 +32,8 @@ pub struct SlotFacts {
     pub algorithm: String,
     /// `created_at` in Unix seconds (`None`: unreadable, never old enough to prune by).
     pub created: Option<i64>,
+    /// Split policies: the share the slot wraps.
+    pub share: Option<u8>,
 }
 
 /// What to change in the header.
@@ -113,6 +115,7 @@ pub fn facts(h: &VolumeHeader, pins: &Pins) -> Vec<SlotFacts> {
                 key_id: id,
                 algorithm: s.algorithm.clone(),
                 created: created_unix(&s.created_at),
+                share: s.share,
             })
         })
         .collect()
@@ -169,6 +172,9 @@ pub async fn follow(
             header: None,
             report,
         };
+    }
+    if h.policy.is_split() {
+        return follow_split(p, h, &slots, &current, plan, report).await;
     }
     // The key, from the slot to be proved first: a current-version slot that unwraps and
     // passes the key check is verified.
@@ -261,6 +267,162 @@ pub async fn follow(
     }
 }
 
+/// [`follow`] for a split header (`all`, `k-of-n`): each slot wraps a share, not the key. The
+/// shares are unwrapped (current versions first, one slot per share) and rebuilt into the key
+/// — which proves every share that took part; a new version's slot wraps its key's share
+/// (same x) with the share proved to unwrap to exactly those bytes; a prune waits until the
+/// current version's slot unwrapped to its proved share.
+async fn follow_split(
+    p: &dyn KeyProvider,
+    h: &VolumeHeader,
+    slots: &[SlotFacts],
+    current: &BTreeMap<String, KeyVersionInfo>,
+    mut plan: Plan,
+    mut report: RotationReport,
+) -> Followed {
+    let unchanged = |report| Followed {
+        header: None,
+        report,
+    };
+    let is_current = |s: &SlotFacts| current.values().any(|c| c.key_id == s.key_id);
+    let mut order: Vec<&SlotFacts> = slots.iter().filter(|s| s.share.is_some()).collect();
+    order.sort_by_key(|s| !is_current(s));
+    // x → (the share, the slot it came from).
+    let mut shares: BTreeMap<u8, (VolumeKey, &SlotFacts)> = BTreeMap::new();
+    for s in order {
+        let Some(x) = s.share else { continue };
+        if shares.contains_key(&x) {
+            continue;
+        }
+        match unwrap_slot_bytes(p, h, s).await {
+            Ok(share) => {
+                shares.insert(x, (share, s));
+            }
+            Err(e) => report.problems.push(e),
+        }
+    }
+    let given: Vec<(u8, &VolumeKey)> = shares.iter().map(|(x, (k, _))| (*x, k)).collect();
+    let (vmk, used) = match keyslots::combine_subsets(h, &given) {
+        Ok(r) => r,
+        Err(e) => {
+            report.problems.push(format!(
+                "the key shares unwrapped ({} of {}) do not rebuild the volume key: {e}; nothing \
+                 changed",
+                given.len(),
+                h.share_count()
+            ));
+            return unchanged(report);
+        }
+    };
+    let proved: Vec<u8> = used.iter().map(|i| given[*i].0).collect();
+    for x in &proved {
+        report.verified.push(shares[x].1.key_id.clone());
+    }
+    // A share outside the subset that rebuilt the key is proved by rebuilding it again with
+    // that share in place of one of the proved ones.
+    let mut good: Vec<u8> = proved.clone();
+    for (x, (share, from)) in &shares {
+        if good.contains(x) {
+            continue;
+        }
+        let mut trial: Vec<(u8, &VolumeKey)> =
+            proved.iter().skip(1).map(|y| (*y, &shares[y].0)).collect();
+        trial.push((*x, share));
+        if keyslots::combine_shares(h, &trial).is_ok() {
+            good.push(*x);
+            report.verified.push(from.key_id.clone());
+        } else {
+            report.problems.push(format!(
+                "slot {} ({}) unwraps to a share that does not rebuild the volume key; not used",
+                from.id, from.key_id
+            ));
+        }
+    }
+    let share_of_key = |key_id: &str| {
+        let key = KeyId::parse(key_id).ok()?.versionless();
+        slots.iter().find(|s| s.key == key).and_then(|s| s.share)
+    };
+    let mut new = h.clone();
+    for (key_id, algorithm) in std::mem::take(&mut plan.add) {
+        let Some(x) = share_of_key(&key_id).filter(|x| good.contains(x)) else {
+            report.problems.push(format!(
+                "not adding a slot for {key_id}: its key's share could not be unwrapped and proved"
+            ));
+            continue;
+        };
+        match keyslots::make_share_slot(p, &key_id, Some(&algorithm), x, &shares[&x].0, &vmk).await
+        {
+            Ok(slot) => {
+                let id = new.add_slot(slot);
+                report.verified.push(key_id.clone());
+                report.added.push((id, key_id));
+            }
+            Err(e) => report
+                .problems
+                .push(format!("adding a slot for {key_id}: {e}")),
+        }
+    }
+    for (old, cur) in std::mem::take(&mut plan.prune) {
+        let Some(n) = slots.iter().find(|s| s.id == cur) else {
+            continue;
+        };
+        let proved_here = n.share.is_some_and(|x| {
+            good.contains(&x) && shares.get(&x).is_some_and(|(_, from)| from.id == n.id)
+        });
+        if !proved_here {
+            let same = match (
+                n.share.and_then(|x| shares.get(&x)),
+                unwrap_slot_bytes(p, h, n).await,
+            ) {
+                (Some((want, _)), Ok(got)) => got.expose() == want.expose(),
+                _ => false,
+            };
+            if !same {
+                report.problems.push(format!(
+                    "not pruning the older slots of {}: its current slot {} did not unwrap to its \
+                     proved share",
+                    n.key, n.id
+                ));
+                continue;
+            }
+            report.verified.push(n.key_id.clone());
+        }
+        if let Ok(KeySlot { id, key_id, .. }) = new.remove_slot(old) {
+            report.pruned.push((id, key_id));
+        }
+    }
+    if report.added.is_empty() && report.pruned.is_empty() {
+        return unchanged(report);
+    }
+    new.seal(&vmk);
+    if let Err(e) = new.verify_key(&vmk) {
+        report.problems.push(format!(
+            "the re-sealed header does not verify ({e}); nothing written"
+        ));
+        report.added.clear();
+        report.pruned.clear();
+        return unchanged(report);
+    }
+    Followed {
+        header: Some(new),
+        report,
+    }
+}
+
+/// Unwraps slot `s` (the whole key or, under a split policy, a share) without checking it.
+async fn unwrap_slot_bytes(
+    p: &dyn KeyProvider,
+    h: &VolumeHeader,
+    s: &SlotFacts,
+) -> Result<VolumeKey, String> {
+    let Some(slot) = h.slots.iter().find(|x| x.id == s.id) else {
+        return Err(format!("slot {} vanished", s.id));
+    };
+    p.unwrap(&s.key_id, &s.algorithm, &slot.wrapped)
+        .await
+        .map_err(|e| format!("slot {} ({}): {e}", s.id, s.key_id))
+}
+
 /// Unwraps the volume key with slot `s` and checks it against the header's key check.
 async fn unwrap_verified(
     p: &dyn KeyProvider,
@@ -292,6 +454,7 @@ mod tests {
             key_id: format!("{K}/{version}"),
             algorithm: "RSA-OAEP-256".into(),
             created: Some(created),
+            share: None,
         }
     }
 
