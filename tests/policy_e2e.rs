@@ -128,6 +128,11 @@ fn two_of_three_survives_one_revoked_vault_locks_on_two_and_resumes() {
         "dd if=/dev/urandom of={bd} bs=1M count=8 oflag=direct status=none"
     ));
     let before = sha256(&bd);
+    let out = lab.kvcrypt().args(["status", "demo"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for x in 1..=3 {
+        assert!(text.contains(&format!("RSA-OAEP-256 (share {x}")), "{text}");
+    }
 
     revoke(&lab, 0);
     stays(&lab, VolumeState::Serving, Duration::from_secs(4));

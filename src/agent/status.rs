@@ -118,6 +118,9 @@ pub struct SlotStatus {
     /// `exp` of its key version, when it is the current one (Unix seconds).
     #[serde(default)]
     pub expires: Option<i64>,
+    /// Split policies: the share it wraps.
+    #[serde(default)]
+    pub share: Option<u8>,
 }
 
 /// The effective policy of a volume, as `kvcrypt status` shows it.

@@ -128,6 +128,9 @@ fn expiry(exp: i64, now: f64) -> String {
 fn slot_lines(v: &VolumeStatus, now: f64, out: &mut String) {
     for s in &v.slots {
         let mut notes = Vec::new();
+        if let Some(x) = s.share {
+            notes.push(format!("share {x}"));
+        }
         if s.in_use {
             notes.push("in use".to_owned());
         }
@@ -456,6 +459,7 @@ mod tests {
                 in_use: false,
                 current: false,
                 expires: None,
+                share: None,
             },
             crate::agent::status::SlotStatus {
                 key_id: "https://v.vault.azure.net/keys/k/2".into(),
@@ -464,6 +468,7 @@ mod tests {
                 in_use: true,
                 current: true,
                 expires: Some(1040 + 3 * 86_400),
+                share: None,
             },
         ];
         v.rotation_next = Some(1040.0 + 3600.0);

@@ -365,6 +365,7 @@ impl Core {
                     .iter()
                     .find(|k| k.current == s.key_id)
                     .and_then(|k| k.expires),
+                share: s.share,
             })
             .collect()
     }
