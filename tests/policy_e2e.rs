@@ -133,6 +133,12 @@ fn two_of_three_survives_one_revoked_vault_locks_on_two_and_resumes() {
     for x in 1..=3 {
         assert!(text.contains(&format!("RSA-OAEP-256 (share {x}")), "{text}");
     }
+    // Both shares that granted are shown as verified, not only the first.
+    let verified = text
+        .lines()
+        .filter(|l| l.contains("(share") && l.contains("verified "))
+        .count();
+    assert!(verified >= 2, "{text}");
 
     revoke(&lab, 0);
     stays(&lab, VolumeState::Serving, Duration::from_secs(4));

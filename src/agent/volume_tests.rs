@@ -1962,7 +1962,8 @@ const POLICIES: &[Row] = &[
     // k-of-n: the key is rebuilt from two shares; a check needs two grants; one key revoked
     // is not a revocation of the volume, two are; one restored, it resumes.
     row("two_of_three_survives_one_revoked_key_locks_on_two_and_resumes_on_restore", two_of_three, &[
-        Spawn, Wait(Serving, 2000), Expect(&[Seen("combine:1,2"), Worker(Keyed)]),
+        Spawn, Wait(Serving, 2000), Expect(&[Seen("combine:1,2"), Worker(Keyed),
+            VerifiedSlots(&[KEY_A, KEY_B])]),
         Mark, Sleep(3000), Expect(&[New(&CountIn("check:*", 4, 8))]),
         Edit(|w| w.disabled.push(KEY_A.into())), Sleep(3000),
         Expect(&[State(Serving), Worker(Keyed), Count("suspend", 0)]),

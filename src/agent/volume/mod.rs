@@ -398,7 +398,7 @@ impl<P: Platform> Shell<P> {
         slots: Vec<SlotRef>,
         want: Want,
         timeout: Duration,
-    ) -> Result<SlotRef, Vec<AccessError>> {
+    ) -> Result<Vec<SlotRef>, Vec<AccessError>> {
         let Some(h) = self.header.as_ref() else {
             return Err(vec![AccessError::new(
                 AccessClass::Misconfigured,
@@ -410,7 +410,7 @@ impl<P: Platform> Shell<P> {
         // Split policies: the shares granted so far (x → the unwrapped share for a key,
         // nothing for a proof), and the first slot that granted one.
         let mut granted: Vec<(u8, Option<VolumeKey>)> = Vec::new();
-        let mut first: Option<SlotRef> = None;
+        let mut granting: Vec<SlotRef> = Vec::new();
         for slot in slots {
             let share = slot.share;
             if need > 1 && share.is_some_and(|x| granted.iter().any(|(g, _)| *g == x)) {
@@ -454,11 +454,11 @@ impl<P: Platform> Shell<P> {
                 Ok(Err(e)) => errors.push((share, e)),
                 Ok(Ok(key)) if need <= 1 => {
                     self.key = key;
-                    return Ok(slot);
+                    return Ok(vec![slot]);
                 }
                 Ok(Ok(key)) => {
                     granted.push((share.unwrap_or(0), key));
-                    first.get_or_insert(slot);
+                    granting.push(slot);
                     if granted.len() >= need {
                         break;
                     }
@@ -471,7 +471,6 @@ impl<P: Platform> Shell<P> {
         if granted.len() < need {
             return Err(vec![short_of_shares(need, granted.len(), &errors)]);
         }
-        let first = first.expect("a granted share names its slot");
         if want == Want::Key {
             let shares: Vec<(u8, VolumeKey)> = granted
                 .into_iter()
@@ -492,7 +491,7 @@ impl<P: Platform> Shell<P> {
                 }
             }
         }
-        Ok(first)
+        Ok(granting)
     }
 
     /// A round of rotation following; a header it wrote replaces the one held, and its slots

@@ -84,9 +84,10 @@ pub enum Event {
     Located(Option<PathBuf>),
     /// The header was read and parsed (the shell keeps it); its key slots in header order.
     HeaderRead(Result<Vec<SlotRef>, AccessError>),
-    /// The slot that worked (for [`Want::Key`] the shell now holds the checked key), or every
-    /// slot's error in the order tried.
-    Access(Result<SlotRef, Vec<AccessError>>),
+    /// The slots that granted — one under policy `any`, the threshold's worth of shares under
+    /// a split policy; the first is the one to try first next time (for [`Want::Key`] the shell
+    /// now holds the checked key) — or every slot's error in the order tried.
+    Access(Result<Vec<SlotRef>, Vec<AccessError>>),
     Spawned(Result<Served, PlatformError>),
     Resumed(Result<(), PlatformError>),
     WorkerStatus(Result<serde_json::Value, PlatformError>),

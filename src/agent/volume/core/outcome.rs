@@ -46,14 +46,21 @@ impl Core {
                 Err(e) => self.accessed(then, Err(e), clock, fx),
             },
             (Op::Access { want: _, then }, Event::Access(r)) => {
-                let r = r.map_err(|errors| combine(&errors));
-                if let Ok(slot) = &r {
+                let r = r.map_err(|errors| combine(&errors)).and_then(|granted| {
+                    let first = granted.first().cloned().ok_or_else(|| {
+                        AccessError::new(AccessClass::Misconfigured, "no slot granted")
+                    })?;
+                    Ok((first, granted))
+                });
+                if let Ok((slot, granted)) = &r {
                     if self.slot.as_ref().is_some_and(|s| s.key_id != slot.key_id) {
                         tracing::info!(volume = %self.s.name, key_id = %slot.key_id,
                             "volume {}: key slot {} works; using it from now on", self.s.name, slot.key_id);
                     }
                     self.slot = Some(slot.clone());
-                    self.verified.insert(slot.key_id.clone(), clock.unix);
+                    for g in granted {
+                        self.verified.insert(g.key_id.clone(), clock.unix);
+                    }
                 }
                 self.accessed(then, r.map(drop), clock, fx);
             }
