@@ -463,16 +463,25 @@ pub fn device_round_trip(name: &str, mode: Option<FuseMode>) {
     assert_eq!(&back[..], &data[..]);
     drop(f);
     let mut dev = dev;
-    dev.close(false).expect("close");
+    let backing_file = format!(
+        "/sys/block/{}/loop/backing_file",
+        bdev.file_name().unwrap().to_str().unwrap()
+    );
+    let before = std::fs::read_to_string(&backing_file).unwrap();
     assert!(
-        !bdev.exists()
-            || std::fs::read_to_string(format!(
-                "/sys/block/{}/size",
-                bdev.file_name().unwrap().to_str().unwrap()
-            ))
-            .map(|s| s.trim() == "0")
-            .unwrap_or(true),
-        "loop device detached"
+        Path::new(before.trim()).starts_with(dir.path()),
+        "served from our FUSE file: {}",
+        before.trim()
+    );
+    dev.close(false).expect("close");
+    // Detached means no longer bound to our FUSE file. Not "size 0": a test running beside
+    // this one may bind the loop number just freed to its own file (seen in CI: "loop device
+    // detached" failed while the other test of this binary attached the same /dev/loopN).
+    let bound = std::fs::read_to_string(&backing_file).unwrap_or_default();
+    assert!(
+        !Path::new(bound.trim()).starts_with(dir.path()),
+        "loop device still bound to our FUSE file after close: {}",
+        bound.trim()
     );
 
     let raw = std::fs::read(&backing).unwrap();
