@@ -243,28 +243,7 @@ pub async fn follow(
             report.pruned.push((id, key_id));
         }
     }
-    if report.added.is_empty() && report.pruned.is_empty() {
-        return Followed {
-            header: None,
-            report,
-        };
-    }
-    new.seal(&vmk);
-    if let Err(e) = new.verify_key(&vmk) {
-        report.problems.push(format!(
-            "the re-sealed header does not verify ({e}); nothing written"
-        ));
-        report.added.clear();
-        report.pruned.clear();
-        return Followed {
-            header: None,
-            report,
-        };
-    }
-    Followed {
-        header: Some(new),
-        report,
-    }
+    sealed(new, &vmk, report)
 }
 
 /// [`follow`] for a split header (`all`, `k-of-n`): each slot wraps a share, not the key. The
@@ -391,17 +370,29 @@ async fn follow_split(
             report.pruned.push((id, key_id));
         }
     }
+    sealed(new, &vmk, report)
+}
+
+/// The end of a round: `new` re-sealed with `vmk` when the round changed a slot (and it
+/// verifies), otherwise nothing to write.
+fn sealed(mut new: VolumeHeader, vmk: &VolumeKey, mut report: RotationReport) -> Followed {
     if report.added.is_empty() && report.pruned.is_empty() {
-        return unchanged(report);
+        return Followed {
+            header: None,
+            report,
+        };
     }
-    new.seal(&vmk);
-    if let Err(e) = new.verify_key(&vmk) {
+    new.seal(vmk);
+    if let Err(e) = new.verify_key(vmk) {
         report.problems.push(format!(
             "the re-sealed header does not verify ({e}); nothing written"
         ));
         report.added.clear();
         report.pruned.clear();
-        return unchanged(report);
+        return Followed {
+            header: None,
+            report,
+        };
     }
     Followed {
         header: Some(new),
@@ -429,13 +420,7 @@ async fn unwrap_verified(
     h: &VolumeHeader,
     s: &SlotFacts,
 ) -> Result<VolumeKey, String> {
-    let Some(slot) = h.slots.iter().find(|x| x.id == s.id) else {
-        return Err(format!("slot {} vanished", s.id));
-    };
-    let vmk = p
-        .unwrap(&s.key_id, &s.algorithm, &slot.wrapped)
-        .await
-        .map_err(|e| format!("slot {} ({}): {e}", s.id, s.key_id))?;
+    let vmk = unwrap_slot_bytes(p, h, s).await?;
     h.verify_key(&vmk)
         .map_err(|e| format!("slot {} ({}): {e}", s.id, s.key_id))?;
     Ok(vmk)
