@@ -91,35 +91,7 @@ pub async fn make_slot(
     algorithm: Option<&str>,
     vmk: &VolumeKey,
 ) -> Result<KeySlot, SlotError> {
-    let wr = p
-        .wrap(key_id, algorithm, vmk)
-        .await
-        .map_err(provider(format!("wrapping the volume key with {key_id}")))?;
-    let back = p
-        .unwrap(&wr.key_id, &wr.algorithm, &wr.wrapped)
-        .await
-        .map_err(provider(format!(
-            "unwrapping the new key slot with {} to verify it",
-            wr.key_id
-        )))?;
-    if back.expose() != vmk.expose() {
-        return Err(SlotError::Inconsistent(format!(
-            "key {} returned a wrapped key that does not unwrap to the volume key; refusing to \
-             store it",
-            wr.key_id
-        )));
-    }
-    let check = make_check(p, &wr.key_id, &wr.algorithm, vmk).await?;
-    Ok(KeySlot {
-        id: 0,
-        provider: kvcrypt_format::PROVIDER_AZURE.into(),
-        key_id: wr.key_id,
-        algorithm: wr.algorithm,
-        wrapped: wr.wrapped,
-        created_at: kvcrypt_format::now_rfc3339(),
-        check: Some(check),
-        share: None,
-    })
+    proved_slot(p, key_id, algorithm, vmk, None, vmk).await
 }
 
 /// Wraps one Shamir share of the VMK (split policies, format v4) into a new slot for share
@@ -134,23 +106,45 @@ pub async fn make_share_slot(
     share: &VolumeKey,
     vmk: &VolumeKey,
 ) -> Result<KeySlot, SlotError> {
+    proved_slot(p, key_id, algorithm, share, Some(x), vmk).await
+}
+
+/// The slot wrapping `secret` (the VMK, or share `share` of it), proved by unwrapping it again,
+/// with the VMK's proved access check.
+async fn proved_slot(
+    p: &dyn KeyProvider,
+    key_id: &str,
+    algorithm: Option<&str>,
+    secret: &VolumeKey,
+    share: Option<u8>,
+    vmk: &VolumeKey,
+) -> Result<KeySlot, SlotError> {
+    let (what, back_what, mismatch) = match share {
+        None => (
+            "the volume key".to_owned(),
+            "the new key slot".to_owned(),
+            "a wrapped key that does not unwrap to the volume key",
+        ),
+        Some(x) => (
+            format!("share {x} of the volume key"),
+            format!("the new slot of share {x}"),
+            "a wrapped share that does not unwrap to what was wrapped",
+        ),
+    };
     let wr = p
-        .wrap(key_id, algorithm, share)
+        .wrap(key_id, algorithm, secret)
         .await
-        .map_err(provider(format!(
-            "wrapping share {x} of the volume key with {key_id}"
-        )))?;
+        .map_err(provider(format!("wrapping {what} with {key_id}")))?;
     let back = p
         .unwrap(&wr.key_id, &wr.algorithm, &wr.wrapped)
         .await
         .map_err(provider(format!(
-            "unwrapping the new slot of share {x} with {} to verify it",
+            "unwrapping {back_what} with {} to verify it",
             wr.key_id
         )))?;
-    if back.expose() != share.expose() {
+    if back.expose() != secret.expose() {
         return Err(SlotError::Inconsistent(format!(
-            "key {} returned a wrapped share that does not unwrap to what was wrapped; refusing \
-             to store it",
+            "key {} returned {mismatch}; refusing to store it",
             wr.key_id
         )));
     }
@@ -163,7 +157,7 @@ pub async fn make_share_slot(
         wrapped: wr.wrapped,
         created_at: kvcrypt_format::now_rfc3339(),
         check: Some(check),
-        share: Some(x),
+        share,
     })
 }
 
