@@ -98,6 +98,117 @@ pub struct VolumeStatus {
     /// Unix time of the next round of rotation following (serving volumes that follow it).
     #[serde(default)]
     pub rotation_next: Option<f64>,
+    /// What the agent did to this volume since it started (the Prometheus counters).
+    #[serde(default)]
+    pub counters: Counters,
+}
+
+/// Upper bounds (seconds) of the access check latency histogram: a Key Vault `unwrapKey`
+/// takes tens of milliseconds when healthy, up to `check_timeout` (10 s) when it is not.
+pub const CHECK_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Monotonic counts kept by the volume's state machine since the agent started (they restart
+/// at zero with the agent, as Prometheus counters may).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Access checks (unlock, periodic, resume) by result.
+    #[serde(default)]
+    pub checks: CheckCounts,
+    /// Latency of the access checks that asked Key Vault (unwrapKey).
+    #[serde(default)]
+    pub check_seconds: Histogram,
+    /// serving → suspended (revocation, `offline_lock_after`, `kvcrypt lock`).
+    #[serde(default)]
+    pub suspensions: u64,
+    /// suspended → serving in place.
+    #[serde(default)]
+    pub resumes: u64,
+    /// → removed (revocation past `hold`, or policy `remove`).
+    #[serde(default)]
+    pub removals: u64,
+}
+
+/// Access check results, one count per [`AccessClass`] and one for success.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckCounts {
+    pub ok: u64,
+    pub denied: u64,
+    pub transient: u64,
+    pub misconfigured: u64,
+    pub not_pinned: u64,
+}
+
+impl CheckCounts {
+    /// Counts one result (`None`: granted).
+    pub fn record(&mut self, failed: Option<AccessClass>) {
+        let n = match failed {
+            None => &mut self.ok,
+            Some(AccessClass::Denied) => &mut self.denied,
+            Some(AccessClass::Transient) => &mut self.transient,
+            Some(AccessClass::Misconfigured) => &mut self.misconfigured,
+            Some(AccessClass::NotPinned) => &mut self.not_pinned,
+        };
+        *n = n.saturating_add(1);
+    }
+
+    /// `(result label, count)`, in a fixed order.
+    pub fn by_result(&self) -> [(&'static str, u64); 5] {
+        [
+            ("ok", self.ok),
+            ("denied", self.denied),
+            ("transient", self.transient),
+            ("misconfigured", self.misconfigured),
+            ("not_pinned", self.not_pinned),
+        ]
+    }
+}
+
+/// A latency histogram over [`CHECK_BUCKETS`] (per-bucket counts, not cumulative).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    /// `buckets[i]`: observations in `(CHECK_BUCKETS[i-1], CHECK_BUCKETS[i]]`; the last entry
+    /// counts those above every bound.
+    pub buckets: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: vec![0; CHECK_BUCKETS.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        let i = CHECK_BUCKETS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(CHECK_BUCKETS.len());
+        if self.buckets.len() != CHECK_BUCKETS.len() + 1 {
+            self.buckets.resize(CHECK_BUCKETS.len() + 1, 0);
+        }
+        self.buckets[i] += 1;
+        self.sum += seconds;
+        self.count += 1;
+    }
+
+    /// Cumulative counts for each bound of [`CHECK_BUCKETS`], then `+Inf` (= `count`).
+    pub fn cumulative(&self) -> Vec<u64> {
+        let mut acc = 0;
+        (0..=CHECK_BUCKETS.len())
+            .map(|i| {
+                acc += self.buckets.get(i).copied().unwrap_or(0);
+                acc
+            })
+            .collect()
+    }
 }
 
 /// One key slot as `kvcrypt status` shows it.
@@ -171,6 +282,7 @@ impl VolumeStatus {
             slots: Vec::new(),
             keys: Vec::new(),
             rotation_next: None,
+            counters: Counters::default(),
         }
     }
 }

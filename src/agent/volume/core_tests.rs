@@ -765,3 +765,79 @@ fn only_unlock_and_resume_ask_for_the_key() {
         })
     ));
 }
+
+/// The counters behind the metrics: every access check by result (the latency of those that
+/// asked the vault, from the step that sent the request to the step of its answer), and each
+/// suspension, resume and removal.
+#[test]
+fn counters_count_checks_and_transitions() {
+    let counters = |steps: Vec<Step>| {
+        let (_, fx, _) = run("counters", settings(), steps);
+        fx.iter()
+            .rev()
+            .find_map(|f| match f {
+                Effect::Publish(st) => Some(st.counters.clone()),
+                _ => None,
+            })
+            .expect("the last step publishes")
+    };
+    // Boot: the unwrap answered after 30 ms.
+    let mut slow_boot = boot();
+    slow_boot.insert(5, Step::Wait(Duration::from_millis(30)));
+    let c = counters(slow_boot);
+    assert_eq!((c.checks.ok, c.checks.denied), (1, 0));
+    assert_eq!(c.check_seconds.count, 1);
+    assert!((c.check_seconds.sum - 0.03).abs() < 1e-9, "{c:?}");
+    // 0.03 s is in the (0.025, 0.05] bucket: cumulative counts 0, 0, 0, 1, …
+    assert_eq!(&c.check_seconds.cumulative()[..4], &[0, 0, 0, 1]);
+    assert_eq!((c.suspensions, c.resumes, c.removals), (0, 0, 0));
+
+    // Revoked, then restored: one denied check, one suspension, one resume.
+    let c = counters(cat(
+        revoked(boot()),
+        vec![
+            e(Event::Tick, "access:key:1"),
+            e(transient(), "publish:suspended"),
+            e(Event::Tick, "access:key:1"),
+            e(Event::Access(Ok(vec![slot(1)])), "resume"),
+            e(Event::Resumed(Ok(())), "watch thaw publish:serving"),
+        ],
+    ));
+    assert_eq!(
+        (
+            c.checks.ok,
+            c.checks.denied,
+            c.checks.transient,
+            c.check_seconds.count
+        ),
+        (2, 1, 1, 4)
+    );
+    assert_eq!((c.suspensions, c.resumes, c.removals), (1, 1, 0));
+
+    // Hold expired: removed.
+    let c = counters(cat(
+        revoked(boot()),
+        vec![
+            Step::Wait(Duration::from_secs(10)),
+            e(Event::Tick, "unwatch hook"),
+            e(Event::HookRan(Ok(())), "force-remove"),
+            e(Event::ForceRemoved(Ok(())), "thaw publish:removed"),
+        ],
+    ));
+    assert_eq!((c.suspensions, c.resumes, c.removals), (1, 0, 1));
+
+    // A header naming no pinned key: counted as not_pinned, with no latency (no request).
+    let c = counters(vec![
+        e(Event::Start { manual: None }, "adopt"),
+        e(Event::Adopted(None), "publish:locked"),
+        e(Event::Tick, "locate:1"),
+        e(Event::Located(dev()), "publish:unlocking read-header"),
+        e(
+            Event::HeaderRead(Ok(vec![slot_for(
+                "https://attacker.vault.azure.net/keys/k/1",
+            )])),
+            "publish:locked",
+        ),
+    ]);
+    assert_eq!((c.checks.not_pinned, c.check_seconds.count), (1, 0));
+}

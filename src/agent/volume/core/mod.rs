@@ -35,7 +35,9 @@ use crate::agent::config::{RevokePolicy, Selector, VolumeSettings};
 use crate::agent::ports::{
     AccessClass, AccessError, CloseFailed, KeyView, PlatformError, RotationReport, Served, SlotRef,
 };
-use crate::agent::status::{LastError, PolicyView, SlotStatus, VolumeState, VolumeStatus};
+use crate::agent::status::{
+    Counters, LastError, PolicyView, SlotStatus, VolumeState, VolumeStatus,
+};
 
 mod commands;
 mod events;
@@ -122,6 +124,11 @@ pub struct Core {
     /// The outcome a [`Pending::UnlockSuspended`] answer reports.
     outcome: Option<Result<String, String>>,
     ended: bool,
+    /// Published for the metrics (checks, latency, suspensions, resumes, removals).
+    counters: Counters,
+    /// When the Key Vault request of the access check under way was sent (its latency is
+    /// measured from the clock of that step to the clock of its outcome).
+    check_sent: Option<Instant>,
 }
 
 pub(super) fn short(d: Duration) -> String {
@@ -160,6 +167,8 @@ impl Core {
             pending: None,
             outcome: None,
             ended: false,
+            counters: Counters::default(),
+            check_sent: None,
         }
     }
 
@@ -344,6 +353,7 @@ impl Core {
             rotation_next: self
                 .rotation_due_unix
                 .filter(|_| self.s.follow_rotation && self.phase.state() == VolumeState::Serving),
+            counters: self.counters.clone(),
         })));
     }
 

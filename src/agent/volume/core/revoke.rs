@@ -80,6 +80,7 @@ impl Core {
         fx: &mut Vec<Effect>,
     ) {
         self.manual = manual;
+        self.counters.suspensions += 1;
         self.phase = Phase::Suspended {
             served,
             since: clock.now,
@@ -135,6 +136,7 @@ impl Core {
     }
 
     pub(super) fn removed(&mut self, reason: String, clock: Clock, fx: &mut Vec<Effect>) {
+        self.counters.removals += 1;
         self.slots = None;
         self.worker = None;
         self.next = self.next_check(self.manual, clock.now);
@@ -179,6 +181,7 @@ impl Core {
                 let bd = served.block_device.clone();
                 self.serve(served, clock, fx);
                 fx.push(Effect::Thaw(bd));
+                self.counters.resumes += 1;
                 self.record_ok(clock);
                 self.manual = false;
                 self.suspended_unix = None;

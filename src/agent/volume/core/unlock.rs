@@ -201,6 +201,7 @@ impl Core {
         match plan_slots(&self.s, slots, self.slot.as_ref()) {
             Ok(slots) => {
                 self.op = Some(Op::Access { want, then });
+                self.check_sent = Some(clock.now);
                 fx.push(Effect::Access {
                     slots,
                     want,
@@ -219,6 +220,15 @@ impl Core {
         clock: Clock,
         fx: &mut Vec<Effect>,
     ) {
+        // Every check counts, also one refused before any request (not pinned, no header);
+        // only those that asked Key Vault have a latency.
+        self.counters
+            .checks
+            .record(r.as_ref().err().map(|e| e.class));
+        if let Some(sent) = self.check_sent.take() {
+            let took = clock.now.saturating_duration_since(sent);
+            self.counters.check_seconds.observe(took.as_secs_f64());
+        }
         match then {
             AfterAccess::Unlock { from, dev } => match r {
                 Ok(()) => {
